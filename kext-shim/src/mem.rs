@@ -1,0 +1,354 @@
+//! Another process's memory: process_vm_readv/writev, /proc/PID/mem, /proc/PID/pagemap
+//! and PAGEMAP_SCAN.
+
+use crate::sys;
+use crate::{Errno, Error, Pid, Result, SysError, PAGE_SIZE};
+use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
+use std::fs::{File, OpenOptions};
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+
+/// The kernel takes at most this many iovecs per process_vm_* call (UIO_MAXIOV).
+pub const MAX_IOV: usize = 1024;
+
+/// Reads `buf.len()` bytes at `addr` of `pid` with process_vm_readv, in as many calls as
+/// it takes. A short read (an unmapped or unreadable page) is an error naming the address.
+pub fn read_remote(pid: Pid, addr: u64, buf: &mut [u8]) -> Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let len = buf.len() - done;
+        let remote = [RemoteIoVec {
+            base: (addr as usize) + done,
+            len,
+        }];
+        let mut local = [IoSliceMut::new(&mut buf[done..])];
+        match process_vm_readv(pid, &mut local, &remote) {
+            Ok(0) => {
+                return Err(Error::Unexpected {
+                    pid: pid.as_raw(),
+                    what: format!(
+                        "process_vm_readv at {:#x}: nothing readable",
+                        addr + done as u64
+                    ),
+                })
+            }
+            Ok(n) => done += n,
+            Err(Errno::EINTR) => continue,
+            Err(e) => {
+                return Err(SysError::new(
+                    format!(
+                        "process_vm_readv pid {pid} at {:#x}+{len:#x}",
+                        addr + done as u64
+                    ),
+                    e,
+                )
+                .into())
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads scattered remote ranges into one local buffer, in order; `ranges` are
+/// (address, length) pairs whose lengths add up to `buf.len()`.
+pub fn read_remote_ranges(pid: Pid, ranges: &[(u64, usize)], buf: &mut [u8]) -> Result<()> {
+    let mut off = 0usize;
+    for chunk in ranges.chunks(MAX_IOV) {
+        let total: usize = chunk.iter().map(|r| r.1).sum();
+        let remote: Vec<RemoteIoVec> = chunk
+            .iter()
+            .map(|&(a, l)| RemoteIoVec {
+                base: a as usize,
+                len: l,
+            })
+            .collect();
+        let mut local = [IoSliceMut::new(&mut buf[off..off + total])];
+        let n = loop {
+            match process_vm_readv(pid, &mut local, &remote) {
+                Err(Errno::EINTR) => continue,
+                r => break r,
+            }
+        }
+        .map_err(|e| {
+            SysError::new(
+                format!("process_vm_readv pid {pid} ({} ranges)", chunk.len()),
+                e,
+            )
+        })?;
+        if n != total {
+            // A partial read stops at the first range that faulted: retry range by range
+            // so the error names it.
+            let mut o = off;
+            for &(a, l) in chunk {
+                read_remote(pid, a, &mut buf[o..o + l])?;
+                o += l;
+            }
+        }
+        off += total;
+    }
+    Ok(())
+}
+
+/// Writes `data` at `addr` of `pid` with process_vm_writev (writable pages only).
+pub fn write_remote(pid: Pid, addr: u64, data: &[u8]) -> Result<()> {
+    write_remote_ranges(pid, &[(addr, data)])
+}
+
+/// Writes each (address, bytes) pair into `pid`, batching up to [`MAX_IOV`] per call.
+pub fn write_remote_ranges(pid: Pid, ranges: &[(u64, &[u8])]) -> Result<()> {
+    for chunk in ranges.chunks(MAX_IOV) {
+        let remote: Vec<RemoteIoVec> = chunk
+            .iter()
+            .map(|&(a, d)| RemoteIoVec {
+                base: a as usize,
+                len: d.len(),
+            })
+            .collect();
+        let local: Vec<IoSlice> = chunk.iter().map(|&(_, d)| IoSlice::new(d)).collect();
+        let total: usize = chunk.iter().map(|r| r.1.len()).sum();
+        let n = loop {
+            match process_vm_writev(pid, &local, &remote) {
+                Err(Errno::EINTR) => continue,
+                r => break r,
+            }
+        }
+        .map_err(|e| {
+            SysError::new(
+                format!("process_vm_writev pid {pid} ({} ranges)", chunk.len()),
+                e,
+            )
+        })?;
+        if n == total {
+            continue;
+        }
+        // A partial write stops inside one range: finish range by range, so a failure
+        // names its address.
+        let mut skip = n;
+        for &(a, d) in chunk {
+            if skip >= d.len() {
+                skip -= d.len();
+                continue;
+            }
+            write_one(pid, a + skip as u64, &d[skip..])?;
+            skip = 0;
+        }
+    }
+    Ok(())
+}
+
+fn write_one(pid: Pid, addr: u64, data: &[u8]) -> Result<()> {
+    let mut done = 0usize;
+    while done < data.len() {
+        let remote = [RemoteIoVec {
+            base: addr as usize + done,
+            len: data.len() - done,
+        }];
+        match process_vm_writev(pid, &[IoSlice::new(&data[done..])], &remote) {
+            Ok(0) => {
+                return Err(Error::Unexpected {
+                    pid: pid.as_raw(),
+                    what: format!(
+                        "process_vm_writev at {:#x}: nothing writable",
+                        addr + done as u64
+                    ),
+                })
+            }
+            Ok(n) => done += n,
+            Err(Errno::EINTR) => continue,
+            Err(e) => {
+                return Err(SysError::new(
+                    format!("process_vm_writev pid {pid} at {:#x}", addr + done as u64),
+                    e,
+                )
+                .into())
+            }
+        }
+    }
+    Ok(())
+}
+
+/// /proc/PID/mem: reaches pages whatever their protection (the kernel uses FOLL_FORCE),
+/// which process_vm_* cannot.
+pub struct ProcMem {
+    pid: Pid,
+    file: File,
+}
+
+impl ProcMem {
+    pub fn open(pid: Pid) -> Result<Self> {
+        let path = format!("/proc/{pid}/mem");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(path, e))?;
+        Ok(Self { pid, file })
+    }
+
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
+        self.file.read_exact_at(buf, addr).map_err(|e| {
+            Error::io(
+                format!("/proc/{}/mem at {addr:#x}+{:#x}", self.pid, buf.len()),
+                e,
+            )
+        })
+    }
+
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<()> {
+        self.file.write_all_at(data, addr).map_err(|e| {
+            Error::io(
+                format!("/proc/{}/mem at {addr:#x}+{:#x}", self.pid, data.len()),
+                e,
+            )
+        })
+    }
+}
+
+/// One page's entry in /proc/PID/pagemap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagemapEntry(pub u64);
+
+impl PagemapEntry {
+    pub fn present(self) -> bool {
+        self.0 & sys::PM_PRESENT != 0
+    }
+    pub fn swapped(self) -> bool {
+        self.0 & sys::PM_SWAP != 0
+    }
+    /// A page-cache or shared-anonymous page rather than a private anonymous one.
+    pub fn file_or_shared(self) -> bool {
+        self.0 & sys::PM_FILE_OR_SHARED != 0
+    }
+    pub fn pfn(self) -> u64 {
+        self.0 & sys::PM_PFN_MASK
+    }
+}
+
+/// /proc/PID/pagemap, read a range at a time.
+pub struct Pagemap {
+    pid: Pid,
+    file: File,
+}
+
+impl Pagemap {
+    pub fn open(pid: Pid) -> Result<Self> {
+        let path = format!("/proc/{pid}/pagemap");
+        let file = File::open(&path).map_err(|e| Error::io(path, e))?;
+        Ok(Self { pid, file })
+    }
+
+    /// The entries of every page in `[start, end)`.
+    pub fn read(&self, start: u64, end: u64) -> Result<Vec<PagemapEntry>> {
+        let n = ((end - start) / PAGE_SIZE) as usize;
+        let mut raw = vec![0u8; n * 8];
+        self.file
+            .read_exact_at(&mut raw, start / PAGE_SIZE * 8)
+            .map_err(|e| Error::io(format!("/proc/{}/pagemap at {start:#x}", self.pid), e))?;
+        Ok(raw
+            .chunks_exact(8)
+            .map(|c| PagemapEntry(u64::from_ne_bytes(c.try_into().expect("8 bytes"))))
+            .collect())
+    }
+
+    /// Page ranges of `[start, end)` matching the PAGEMAP_SCAN categories: each returned
+    /// region is `(start, end, categories)`. Needs Linux 6.7+.
+    pub fn scan(
+        &self,
+        start: u64,
+        end: u64,
+        anyof: u64,
+        ret_mask: u64,
+    ) -> Result<Vec<(u64, u64, u64)>> {
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct Region {
+            start: u64,
+            end: u64,
+            categories: u64,
+        }
+        #[repr(C)]
+        struct Arg {
+            size: u64,
+            flags: u64,
+            start: u64,
+            end: u64,
+            walk_end: u64,
+            vec: u64,
+            vec_len: u64,
+            max_pages: u64,
+            category_inverted: u64,
+            category_mask: u64,
+            category_anyof_mask: u64,
+            return_mask: u64,
+        }
+        let mut out = Vec::new();
+        let mut regions = vec![Region::default(); 512];
+        let mut cursor = start;
+        while cursor < end {
+            let mut arg = Arg {
+                size: std::mem::size_of::<Arg>() as u64,
+                flags: 0,
+                start: cursor,
+                end,
+                walk_end: 0,
+                vec: regions.as_mut_ptr() as u64,
+                vec_len: regions.len() as u64,
+                max_pages: 0,
+                category_inverted: 0,
+                category_mask: 0,
+                category_anyof_mask: anyof,
+                return_mask: ret_mask,
+            };
+            // SAFETY: `arg` is a properly sized pm_scan_arg whose `vec` points at
+            // `regions`, which has room for `vec_len` entries and outlives the call.
+            let n = unsafe { libc::ioctl(self.file.as_raw_fd(), sys::PAGEMAP_SCAN, &mut arg) };
+            if n < 0 {
+                return Err(SysError::new(
+                    format!("ioctl(PAGEMAP_SCAN) pid {} at {cursor:#x}", self.pid),
+                    Errno::last(),
+                )
+                .into());
+            }
+            out.extend(
+                regions[..n as usize]
+                    .iter()
+                    .map(|r| (r.start, r.end, r.categories)),
+            );
+            if arg.walk_end <= cursor {
+                break;
+            }
+            cursor = arg.walk_end;
+        }
+        Ok(out)
+    }
+}
+
+/// The page frame number of the kernel's shared zero page, as our own pagemap shows it,
+/// or None when pagemap hides PFNs from us (no CAP_SYS_ADMIN). Anonymous pages that were
+/// only ever read map it and need not be dumped.
+pub fn zero_pfn() -> Option<u64> {
+    // SAFETY: a fresh private anonymous page that nothing else refers to; we read it once
+    // (which maps the zero page) and unmap it before returning.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            PAGE_SIZE as usize,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        std::ptr::read_volatile(p as *const u8);
+        let addr = p as u64;
+        let e = Pagemap::open(Pid::this())
+            .and_then(|pm| pm.read(addr, addr + PAGE_SIZE))
+            .ok();
+        libc::munmap(p, PAGE_SIZE as usize);
+        let e = *e?.first()?;
+        (e.present() && e.pfn() != 0).then(|| e.pfn())
+    }
+}

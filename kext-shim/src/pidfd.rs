@@ -1,0 +1,22 @@
+//! pidfds: a stable handle on a process, and taking an fd out of another process.
+
+use crate::{check, Pid, Result};
+use std::os::fd::{FromRawFd, OwnedFd};
+
+pub fn pidfd_open(pid: Pid) -> Result<OwnedFd> {
+    // SAFETY: pidfd_open takes no pointers.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    let fd = check(r, || format!("pidfd_open pid {pid}"))?;
+    // SAFETY: the kernel just returned this fd to us and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Duplicates fd `target_fd` of the process behind `pidfd` into this process.
+pub fn pidfd_getfd(pidfd: &OwnedFd, pid: Pid, target_fd: i32) -> Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: pidfd_getfd takes no pointers.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target_fd, 0) };
+    let fd = check(r, || format!("pidfd_getfd fd {target_fd} of pid {pid}"))?;
+    // SAFETY: a fresh fd returned by the kernel, owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}

@@ -1,0 +1,7 @@
+//! Readers of /proc/PID: what a task is, maps, fds, limits, mounts.
+
+mod maps;
+mod misc;
+
+pub use maps::{read_maps, MapEntry};
+pub use misc::*;

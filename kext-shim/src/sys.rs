@@ -1,0 +1,46 @@
+//! Kernel constants that libc does not carry yet (Debian 12's uapi headers predate them),
+//! declared once here.
+
+/// Syscall restart codes a task shows in `rax` when it was stopped inside a syscall.
+pub const ERESTARTSYS: i64 = 512;
+pub const ERESTARTNOINTR: i64 = 513;
+pub const ERESTARTNOHAND: i64 = 514;
+pub const ERESTART_RESTARTBLOCK: i64 = 516;
+
+pub const NT_X86_XSTATE: libc::c_int = 0x202;
+pub const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
+pub const PTRACE_GETSIGMASK: libc::c_uint = 0x420a;
+pub const PTRACE_SETSIGMASK: libc::c_uint = 0x420b;
+pub const PTRACE_PEEKSIGINFO: libc::c_uint = 0x4209;
+pub const PTRACE_PEEKSIGINFO_SHARED: u32 = 1;
+
+pub const RSEQ_FLAG_UNREGISTER: u64 = 1;
+
+pub const PR_SET_MM: u64 = 35;
+pub const PR_SET_MM_MAP: u64 = 14;
+pub const PR_SET_MM_MAP_SIZE: u64 = 15;
+
+pub const ARCH_MAP_VDSO_64: u64 = 0x2003;
+
+pub const CLONE_ARGS_SIZE_VER2: usize = 88;
+
+/// PAGEMAP_SCAN (Linux 6.7+) and its categories.
+pub const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610; // _IOWR('f', 16, struct pm_scan_arg)
+pub const PAGE_IS_WPALLOWED: u64 = 1 << 0;
+pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
+pub const PAGE_IS_FILE: u64 = 1 << 2;
+pub const PAGE_IS_PRESENT: u64 = 1 << 3;
+pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
+pub const PAGE_IS_PFNZERO: u64 = 1 << 5;
+
+pub const UFFD_USER_MODE_ONLY: libc::c_int = 1;
+pub const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+pub const UFFD_API: u64 = 0xaa;
+pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+
+/// Bits of a /proc/PID/pagemap entry.
+pub const PM_PRESENT: u64 = 1 << 63;
+pub const PM_SWAP: u64 = 1 << 62;
+pub const PM_FILE_OR_SHARED: u64 = 1 << 61;
+pub const PM_PFN_MASK: u64 = (1 << 55) - 1;

@@ -1,0 +1,95 @@
+//! Holding a process still for the dump, and letting it go exactly as it was.
+
+use super::{AfterDump, DumpError, Result, StepContext};
+use kext_shim::ptrace::{self, Regs};
+use kext_shim::{Errno, Pid};
+
+const PTRACE_EVENT_STOP: i32 = 128;
+
+/// A seized, stopped process. Dropped without [`release`](Self::release), it gets its
+/// registers back and is detached, so a failed checkpoint leaves it running as before.
+pub struct Frozen {
+    pub pid: Pid,
+    /// Registers at the stop, untouched; what the workload resumes with.
+    pub regs: Regs,
+    /// Set once the stop was seen, so Drop knows it may set registers back.
+    stopped: bool,
+    released: bool,
+}
+
+impl Frozen {
+    pub fn freeze(pid: Pid) -> Result<Self> {
+        let raw = pid.as_raw();
+        ptrace::seize(pid).map_err(|source| match source.errno() {
+            Some(Errno::ESRCH) => DumpError::NoProcess(raw),
+            _ => DumpError::Trace { pid: raw, source },
+        })?;
+        let mut f = Frozen {
+            pid,
+            regs: zero_regs(),
+            stopped: false,
+            released: false,
+        };
+        ptrace::interrupt(pid).step(pid, || "interrupting it".into())?;
+        loop {
+            let (sig, event) =
+                ptrace::wait_stopped(pid).step(pid, || "waiting for it to stop".into())?;
+            if event == PTRACE_EVENT_STOP {
+                break;
+            }
+            // A signal arrived before our interrupt took effect: let it be delivered as
+            // it would have been, then the interrupt stop follows.
+            ptrace::cont(pid, sig).step(pid, || format!("passing signal {sig} on"))?;
+        }
+        f.regs = ptrace::get_regs(pid).step(pid, || "reading registers".into())?;
+        f.stopped = true;
+        Ok(f)
+    }
+
+    /// Lets the workload go after a successful dump.
+    pub fn release(mut self, after: AfterDump) -> Result<()> {
+        let pid = self.pid;
+        self.released = true;
+        match after {
+            AfterDump::Kill => {
+                kext_shim::clone::kill(pid, libc::SIGKILL).step(pid, || "killing it".into())?;
+                // As its tracer we see it die; its parent reaps it.
+                while let Ok(ptrace::Stop::Stopped { .. }) = ptrace::wait(pid) {
+                    let _ = ptrace::cont(pid, 0);
+                }
+                Ok(())
+            }
+            AfterDump::LeaveRunning => {
+                ptrace::set_regs(pid, &self.regs).step(pid, || "restoring registers".into())?;
+                ptrace::detach(pid, 0).step(pid, || "detaching".into())
+            }
+            AfterDump::LeaveStopped => {
+                ptrace::set_regs(pid, &self.regs).step(pid, || "restoring registers".into())?;
+                ptrace::detach(pid, libc::SIGSTOP).step(pid, || "detaching stopped".into())
+            }
+        }
+    }
+}
+
+fn zero_regs() -> Regs {
+    kext_shim::ptrace::regs_from_words(&[0; kext_shim::ptrace::REGS_WORDS])
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        if !self.stopped {
+            // Never seen stopped: nothing of ours to undo; exiting detaches us anyway.
+            let _ = ptrace::detach(self.pid, 0);
+            return;
+        }
+        if let Err(e) = ptrace::set_regs(self.pid, &self.regs) {
+            tracing::error!(pid = self.pid.as_raw(), "putting registers back: {e}");
+        }
+        if let Err(e) = ptrace::detach(self.pid, 0) {
+            tracing::error!(pid = self.pid.as_raw(), "detaching: {e}");
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! The address space: classifying VMAs and copying the pages that only memory holds.
+
+use super::{DumpError, Result, StepContext};
+use crate::image::ImageWriter;
+use crate::model::{FileRef, MmFields, MmImage, Vma, VmaAdvice, VmaKind};
+use kext_shim::mem::{read_remote, zero_pfn, Pagemap, PagemapEntry, ProcMem};
+use kext_shim::procfs::{self, FileIdentity, MapEntry, Stat};
+use kext_shim::{Pid, PAGE_SIZE};
+
+pub fn collect(pid: Pid, maps: &[MapEntry], stat: &Stat, brk: u64) -> Result<MmImage> {
+    let raw = pid.as_raw();
+    let mut files: Vec<FileRef> = Vec::new();
+    let mut vmas = Vec::with_capacity(maps.len());
+    for m in maps {
+        let unsupported = |why: &str| DumpError::Unsupported {
+            pid: raw,
+            what: format!("mapping {:#x}-{:#x} {}: {why}", m.start, m.end, m.path),
+        };
+        if m.path == "[vsyscall]" {
+            continue;
+        }
+        let kind = match m.path.as_str() {
+            "[vdso]" => VmaKind::Vdso,
+            "[vvar]" => VmaKind::Vvar,
+            "[vvar_vclock]" => VmaKind::VvarVclock,
+            _ if m.has_flag("io") || m.has_flag("pf") => {
+                return Err(unsupported(
+                    "device memory (VM_IO/VM_PFNMAP) cannot be dumped",
+                ))
+            }
+            _ if m.inode == 0 => {
+                if m.shared {
+                    VmaKind::SharedAnonymous
+                } else {
+                    VmaKind::Anonymous
+                }
+            }
+            p if m.shared && p.starts_with("/dev/zero") => VmaKind::SharedAnonymous,
+            p if p.starts_with("/SYSV") => {
+                return Err(unsupported("SysV shared memory is not supported yet"))
+            }
+            p if p.starts_with("/memfd:") => {
+                return Err(unsupported("memfd mappings are not supported yet"))
+            }
+            p if p.ends_with(" (deleted)") => {
+                return Err(unsupported("the mapped file was deleted"))
+            }
+            _ => {
+                let link = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+                let ident = FileIdentity::of_path(&link)
+                    .step(pid, || format!("stat of mapped file {}", m.path))?;
+                if ident.ino != m.inode {
+                    return Err(unsupported("the file changed while being dumped"));
+                }
+                match ident.mode & libc::S_IFMT {
+                    libc::S_IFREG => {}
+                    // A private /dev/zero mapping is plain anonymous memory.
+                    libc::S_IFCHR if !m.shared && m.path == "/dev/zero" => {
+                        vmas.push(vma(m, VmaKind::Anonymous));
+                        continue;
+                    }
+                    _ => return Err(unsupported("only regular files can be mapped")),
+                }
+                let idx = match files
+                    .iter()
+                    .position(|f| f.identity.dev == ident.dev && f.identity.ino == ident.ino)
+                {
+                    Some(i) => i,
+                    None => {
+                        files.push(FileRef {
+                            path: m.path.clone(),
+                            identity: ident.into(),
+                        });
+                        files.len() - 1
+                    }
+                };
+                VmaKind::File(idx as u32)
+            }
+        };
+        vmas.push(vma(m, kind));
+    }
+    let exe_link = format!("/proc/{pid}/exe");
+    let exe = FileRef {
+        path: procfs::read_link(&exe_link).step(pid, || "reading exe".into())?,
+        identity: FileIdentity::of_path(&exe_link)
+            .step(pid, || "stat of exe".into())?
+            .into(),
+    };
+    Ok(MmImage {
+        vmas,
+        fields: MmFields {
+            start_code: stat.field(26),
+            end_code: stat.field(27),
+            start_stack: stat.field(28),
+            start_data: stat.field(45),
+            end_data: stat.field(46),
+            start_brk: stat.field(47),
+            brk,
+            arg_start: stat.field(48),
+            arg_end: stat.field(49),
+            env_start: stat.field(50),
+            env_end: stat.field(51),
+        },
+        auxv: procfs::read_auxv(pid).step(pid, || "reading auxv".into())?,
+        exe,
+        files,
+    })
+}
+
+fn vma(m: &MapEntry, kind: VmaKind) -> Vma {
+    Vma {
+        start: m.start,
+        end: m.end,
+        prot: m.prot(),
+        shared: m.shared,
+        kind,
+        offset: m.offset,
+        advice: VmaAdvice {
+            grows_down: m.has_flag("gd"),
+            hugepage: m.has_flag("hg"),
+            no_hugepage: m.has_flag("nh"),
+            dont_dump: m.has_flag("dd"),
+            dont_fork: m.has_flag("dc"),
+            wipe_on_fork: m.has_flag("wf"),
+            mergeable: m.has_flag("mg"),
+        },
+    }
+}
+
+/// Whether a page of this VMA holds data that only memory has.
+fn page_needed(kind: VmaKind, shared: bool, e: PagemapEntry, zero: Option<u64>) -> bool {
+    match kind {
+        VmaKind::Anonymous => e.swapped() || (e.present() && Some(e.pfn()) != zero),
+        VmaKind::SharedAnonymous => e.swapped() || e.present(),
+        // Page-cache pages come back from the file; copies made on write do not.
+        VmaKind::File(_) if !shared => e.swapped() || (e.present() && !e.file_or_shared()),
+        _ => false,
+    }
+}
+
+/// Largest read per call: big enough to amortise the syscall, small enough for cache.
+const READ_PAGES: u64 = 256;
+
+/// Writes every page that only memory holds into the image.
+pub fn dump_pages(pid: Pid, mm: &MmImage, w: &mut ImageWriter) -> Result<()> {
+    let raw = pid.as_raw();
+    let pagemap = Pagemap::open(pid).step(pid, || "opening pagemap".into())?;
+    let zero = zero_pfn();
+    let mut procmem: Option<ProcMem> = None;
+    let mut buf = vec![0u8; (READ_PAGES * PAGE_SIZE) as usize];
+    for v in &mm.vmas {
+        if matches!(v.kind, VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock)
+            || (v.shared && !matches!(v.kind, VmaKind::SharedAnonymous))
+        {
+            continue;
+        }
+        let entries = pagemap.read(v.start, v.end).step(pid, || {
+            format!("reading pagemap of {:#x}-{:#x}", v.start, v.end)
+        })?;
+        let mut i = 0usize;
+        while i < entries.len() {
+            if !page_needed(v.kind, v.shared, entries[i], zero) {
+                i += 1;
+                continue;
+            }
+            let first = i;
+            while i < entries.len()
+                && (i - first) < READ_PAGES as usize
+                && page_needed(v.kind, v.shared, entries[i], zero)
+            {
+                i += 1;
+            }
+            let addr = v.start + first as u64 * PAGE_SIZE;
+            let len = ((i - first) as u64 * PAGE_SIZE) as usize;
+            let data = &mut buf[..len];
+            if v.prot & libc::PROT_READ != 0 {
+                read_remote(pid, addr, data)
+            } else {
+                // process_vm_readv honours protections; /proc/PID/mem does not.
+                if procmem.is_none() {
+                    procmem =
+                        Some(ProcMem::open(pid).step(pid, || "opening /proc/PID/mem".into())?);
+                }
+                procmem.as_ref().expect("just opened").read(addr, data)
+            }
+            .step(pid, || format!("reading memory at {addr:#x}+{len:#x}"))?;
+            w.write_pages(raw, addr, data)
+                .map_err(|source| DumpError::Image { pid: raw, source })?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! Checkpoint: freeze a process, describe it as a [`Snapshot`], write the image, then
+//! kill it, leave it running or leave it stopped.
+//!
+//! The workload is sacred: until the image is complete and synced, every failure puts its
+//! registers back and detaches, so it resumes exactly where it was.
+
+mod fds;
+mod freeze;
+mod mm;
+mod parasite;
+mod task;
+
+use crate::image::{Compression, ImageError, ImageWriter, WriteStats, FORMAT_VERSION};
+use crate::model::{Inventory, Snapshot};
+use freeze::Frozen;
+use kext_shim::Pid;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// What happens to the workload once its image is safely written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AfterDump {
+    /// Killed, as CRIU does by default: the image is now the workload.
+    #[default]
+    Kill,
+    LeaveRunning,
+    LeaveStopped,
+}
+
+#[derive(Debug, Clone)]
+pub struct CheckpointOptions {
+    pub pid: i32,
+    pub dir: PathBuf,
+    pub after: AfterDump,
+    /// The workload's stdio (a terminal or pipes of the caller) is outside the image and
+    /// will be rebound to the restorer's own.
+    pub shell_job: bool,
+    pub compression: Compression,
+}
+
+/// What a checkpoint did and how long each step took.
+#[derive(Debug, Clone)]
+pub struct CheckpointReport {
+    pub pid: i32,
+    pub stats: WriteStats,
+    /// From the freeze to the moment the workload was released (killed or resumed).
+    pub frozen_for: Duration,
+    pub steps: Vec<(&'static str, Duration)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DumpError {
+    #[error("pid {0}: no such process")]
+    NoProcess(i32),
+    #[error("pid {pid}: cannot checkpoint {what}")]
+    Refused { pid: i32, what: String },
+    #[error("pid {pid}: cannot trace it: {source}")]
+    Trace {
+        pid: i32,
+        #[source]
+        source: kext_shim::Error,
+    },
+    #[error("pid {pid}: {step}: {source}")]
+    Kernel {
+        pid: i32,
+        step: String,
+        #[source]
+        source: kext_shim::Error,
+    },
+    #[error("pid {pid}: unsupported: {what}")]
+    Unsupported { pid: i32, what: String },
+    #[error("pid {pid}: writing the image: {source}")]
+    Image {
+        pid: i32,
+        #[source]
+        source: ImageError,
+    },
+}
+
+impl DumpError {
+    /// The process exit code `mcr checkpoint` uses for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            DumpError::NoProcess(_) => 3,
+            DumpError::Trace { .. } | DumpError::Refused { .. } => 4,
+            DumpError::Unsupported { .. } => 5,
+            DumpError::Image { .. } => 6,
+            DumpError::Kernel { .. } => 1,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, DumpError>;
+
+/// Adds the pid and step to a kext-shim error.
+pub(crate) trait StepContext<T> {
+    fn step(self, pid: Pid, step: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> StepContext<T> for kext_shim::Result<T> {
+    fn step(self, pid: Pid, step: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| DumpError::Kernel {
+            pid: pid.as_raw(),
+            step: step(),
+            source,
+        })
+    }
+}
+
+/// Checkpoints process `opts.pid` into `opts.dir`.
+pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
+    let pid = Pid::from_raw(opts.pid);
+    let raw = opts.pid;
+    let mut steps = Vec::new();
+    let t0 = Instant::now();
+    task::precheck(pid)?;
+    let writer = ImageWriter::create(&opts.dir, opts.compression)
+        .map_err(|source| DumpError::Image { pid: raw, source })?;
+
+    let t_freeze = Instant::now();
+    let mut frozen = Frozen::freeze(pid)?;
+    steps.push(("freeze", t_freeze.elapsed()));
+
+    let result = (|| {
+        let t = Instant::now();
+        let process = task::collect(&mut frozen, opts.shell_job)?;
+        steps.push(("collect state", t.elapsed()));
+        let t = Instant::now();
+        let mut writer = writer;
+        mm::dump_pages(pid, &process.mm, &mut writer)?;
+        steps.push(("dump pages", t.elapsed()));
+        let t = Instant::now();
+        let snapshot = Snapshot {
+            inventory: inventory(raw, opts),
+            processes: vec![process],
+        };
+        let stats = writer
+            .finish(&snapshot)
+            .map_err(|source| DumpError::Image { pid: raw, source })?;
+        steps.push(("write image", t.elapsed()));
+        Ok(stats)
+    })();
+    // On failure `frozen` is dropped here, which resumes the workload untouched.
+    let stats = result?;
+    let t = Instant::now();
+    frozen.release(opts.after)?;
+    steps.push(("release", t.elapsed()));
+    let frozen_for = t_freeze.elapsed();
+    steps.push(("total", t0.elapsed()));
+    Ok(CheckpointReport {
+        pid: raw,
+        stats,
+        frozen_for,
+        steps,
+    })
+}
+
+fn inventory(pid: i32, opts: &CheckpointOptions) -> Inventory {
+    let uts = nix::sys::utsname::uname().ok();
+    let mut features = vec!["single-process".to_string()];
+    if opts.compression != Compression::None {
+        features.push("zstd-pages".into());
+    }
+    Inventory {
+        format_version: FORMAT_VERSION as u32,
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        kernel_release: uts
+            .as_ref()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        arch: std::env::consts::ARCH.into(),
+        root_pid: pid,
+        page_size: kext_shim::PAGE_SIZE as u32,
+        features,
+        frozen_at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        shell_job: opts.shell_job,
+    }
+}

@@ -1,0 +1,173 @@
+//! Page chunks: a run of consecutive pages of one process, raw or zstd-compressed.
+//!
+//! ```text
+//! chunk := pid i32 | codec u16 | reserved u16 | addr u64 | n_pages u32 | reserved u32 | data
+//! ```
+//! `data` is `n_pages * 4096` bytes when raw, a zstd frame otherwise. Zero and absent
+//! pages are never stored: restore leaves them to the kernel's zero fill or to the file.
+
+use super::frame::corrupt;
+use super::Result;
+use kext_shim::PAGE_SIZE;
+
+pub const CHUNK_HEADER_LEN: usize = 24;
+/// Pages per chunk: large enough to amortise framing, small enough to compress in cache
+/// and to skip compression chunk by chunk when it does not pay.
+pub const CHUNK_PAGES: usize = 256;
+
+const CODEC_RAW: u16 = 0;
+const CODEC_ZSTD: u16 = 1;
+
+/// How page data is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Zstd(i32),
+}
+
+impl Compression {
+    /// The level `--compress fast` means: zstd's fastest standard level.
+    pub const FAST: Compression = Compression::Zstd(1);
+
+    /// Parses `none`, `fast` or a zstd level (1..=19).
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "none" => Ok(Compression::None),
+            "fast" => Ok(Compression::FAST),
+            n => match n.parse::<i32>() {
+                Ok(l) if (1..=19).contains(&l) => Ok(Compression::Zstd(l)),
+                _ => Err(format!("{s:?}: expected none, fast or a zstd level 1..19")),
+            },
+        }
+    }
+}
+
+/// One decoded chunk header with its (possibly compressed) data.
+#[derive(Debug, Clone, Copy)]
+pub struct PageChunk<'a> {
+    pub pid: i32,
+    pub addr: u64,
+    pub n_pages: u32,
+    pub compressed: bool,
+    pub data: &'a [u8],
+}
+
+impl PageChunk<'_> {
+    pub fn len_bytes(&self) -> usize {
+        self.n_pages as usize * PAGE_SIZE as usize
+    }
+
+    /// The raw page bytes: borrowed when stored raw, decompressed into `buf` otherwise.
+    pub fn pages<'b>(&'b self, buf: &'b mut Vec<u8>) -> std::result::Result<&'b [u8], String> {
+        if !self.compressed {
+            return Ok(self.data);
+        }
+        buf.clear();
+        buf.reserve(self.len_bytes());
+        zstd::stream::copy_decode(self.data, &mut *buf).map_err(|e| e.to_string())?;
+        if buf.len() != self.len_bytes() {
+            return Err(format!(
+                "decompressed to {} bytes, expected {}",
+                buf.len(),
+                self.len_bytes()
+            ));
+        }
+        Ok(&buf[..])
+    }
+}
+
+/// Encodes a chunk header.
+pub fn chunk_header(pid: i32, addr: u64, n_pages: u32, compressed: bool) -> [u8; CHUNK_HEADER_LEN] {
+    let mut h = [0u8; CHUNK_HEADER_LEN];
+    h[..4].copy_from_slice(&pid.to_le_bytes());
+    let codec = if compressed { CODEC_ZSTD } else { CODEC_RAW };
+    h[4..6].copy_from_slice(&codec.to_le_bytes());
+    h[8..16].copy_from_slice(&addr.to_le_bytes());
+    h[16..20].copy_from_slice(&n_pages.to_le_bytes());
+    h
+}
+
+/// Compresses `raw` if that saves at least an eighth; None when raw storage is better.
+pub fn compress(raw: &[u8], c: Compression) -> Option<Vec<u8>> {
+    let Compression::Zstd(level) = c else {
+        return None;
+    };
+    let out = zstd::bulk::compress(raw, level).ok()?;
+    (out.len() < raw.len() - raw.len() / 8).then_some(out)
+}
+
+/// Decodes and checks a chunk payload (the frame crc was already checked).
+pub fn parse_chunk<'a>(path: &str, offset: u64, payload: &'a [u8]) -> Result<PageChunk<'a>> {
+    if payload.len() < CHUNK_HEADER_LEN {
+        return Err(corrupt(path, offset, "page chunk shorter than its header"));
+    }
+    let h = &payload[..CHUNK_HEADER_LEN];
+    let pid = i32::from_le_bytes(h[..4].try_into().expect("4 bytes"));
+    let codec = u16::from_le_bytes([h[4], h[5]]);
+    let addr = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
+    let n_pages = u32::from_le_bytes(h[16..20].try_into().expect("4 bytes"));
+    let data = &payload[CHUNK_HEADER_LEN..];
+    let chunk = PageChunk {
+        pid,
+        addr,
+        n_pages,
+        compressed: codec == CODEC_ZSTD,
+        data,
+    };
+    if codec != CODEC_RAW && codec != CODEC_ZSTD {
+        return Err(corrupt(
+            path,
+            offset,
+            &format!("unknown page codec {codec}"),
+        ));
+    }
+    if addr % PAGE_SIZE != 0
+        || n_pages == 0
+        || addr.checked_add(n_pages as u64 * PAGE_SIZE).is_none()
+    {
+        return Err(corrupt(
+            path,
+            offset,
+            &format!("bad page run {addr:#x} x {n_pages}"),
+        ));
+    }
+    if !chunk.compressed && data.len() != chunk.len_bytes() {
+        return Err(corrupt(
+            path,
+            offset,
+            &format!("raw chunk holds {} bytes for {n_pages} pages", data.len()),
+        ));
+    }
+    Ok(chunk)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compresses_only_when_it_pays() {
+        let zeros = vec![0u8; 65536];
+        assert!(compress(&zeros, Compression::FAST).is_some());
+        let mut x = 0x9e3779b97f4a7c15u64;
+        let noise: Vec<u8> = (0..65536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        assert!(compress(&noise, Compression::FAST).is_none());
+        assert!(compress(&zeros, Compression::None).is_none());
+    }
+
+    #[test]
+    fn parses_levels() {
+        assert_eq!(Compression::parse("none").unwrap(), Compression::None);
+        assert_eq!(Compression::parse("fast").unwrap(), Compression::Zstd(1));
+        assert_eq!(Compression::parse("9").unwrap(), Compression::Zstd(9));
+        assert!(Compression::parse("0").is_err());
+        assert!(Compression::parse("fastest").is_err());
+    }
+}

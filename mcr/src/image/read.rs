@@ -1,0 +1,144 @@
+//! Reading an image directory, checking all of it first.
+
+use super::frame::{check_file, corrupt, FrameKind, FILE_CORE, FILE_INVENTORY, FILE_PAGES};
+use super::pages::{parse_chunk, PageChunk};
+use super::{codec, ImageError, Result, KNOWN_FEATURES};
+use crate::model::{Inventory, ProcessImage, Snapshot};
+use kext_shim::filemap::{map_readonly, Mmap};
+use std::path::{Path, PathBuf};
+
+/// A checked image: the snapshot decoded, the pages file mapped and every chunk indexed.
+pub struct Image {
+    pub dir: PathBuf,
+    pub snapshot: Snapshot,
+    pages: Mmap,
+    /// (payload offset, payload length) of each page chunk, in file order.
+    chunks: Vec<(usize, usize)>,
+}
+
+fn io(path: &Path, source: std::io::Error) -> ImageError {
+    ImageError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+impl Image {
+    /// Opens and checks the image in `dir`: magic, version, every frame's crc, every
+    /// record, every chunk header. Nothing is trusted before all of it passed.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let inv_path = dir.join(FILE_INVENTORY.0);
+        let inv_bytes = std::fs::read(&inv_path).map_err(|e| io(&inv_path, e))?;
+        let p = inv_path.display().to_string();
+        let frames = check_file(&p, &inv_bytes, FILE_INVENTORY)?;
+        let [f] = frames[..] else {
+            return Err(corrupt(
+                &p,
+                0,
+                &format!("{} records, expected 1", frames.len()),
+            ));
+        };
+        if f.kind != FrameKind::Inventory {
+            return Err(corrupt(&p, f.offset, "first record is not an inventory"));
+        }
+        let inventory: Inventory =
+            codec::decode(f.payload).map_err(|e| corrupt(&p, f.offset, &e))?;
+        if let Some(u) = inventory
+            .features
+            .iter()
+            .find(|x| !KNOWN_FEATURES.contains(&x.as_str()))
+        {
+            return Err(ImageError::UnknownFeature(u.clone()));
+        }
+
+        let core_path = dir.join(FILE_CORE.0);
+        let core_bytes = std::fs::read(&core_path).map_err(|e| io(&core_path, e))?;
+        let p = core_path.display().to_string();
+        let mut processes = Vec::new();
+        for f in check_file(&p, &core_bytes, FILE_CORE)? {
+            if f.kind != FrameKind::Process {
+                return Err(corrupt(
+                    &p,
+                    f.offset,
+                    &format!("unexpected {:?} record", f.kind),
+                ));
+            }
+            let proc_: ProcessImage =
+                codec::decode(f.payload).map_err(|e| corrupt(&p, f.offset, &e))?;
+            processes.push(proc_);
+        }
+        if !processes.iter().any(|x| x.pid == inventory.root_pid) {
+            return Err(corrupt(
+                &p,
+                0,
+                &format!("no record for root pid {}", inventory.root_pid),
+            ));
+        }
+
+        let pages_path = dir.join(FILE_PAGES.0);
+        let file = std::fs::File::open(&pages_path).map_err(|e| io(&pages_path, e))?;
+        let p = pages_path.display().to_string();
+        let pages = map_readonly(&file, &p).map_err(|e| ImageError::Io {
+            path: p.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let mut chunks = Vec::new();
+        for f in check_file(&p, &pages, FILE_PAGES)? {
+            if f.kind != FrameKind::PageChunk {
+                return Err(corrupt(
+                    &p,
+                    f.offset,
+                    &format!("unexpected {:?} record", f.kind),
+                ));
+            }
+            let c = parse_chunk(&p, f.offset, f.payload)?;
+            let owner = processes.iter().find(|x| x.pid == c.pid).ok_or_else(|| {
+                corrupt(
+                    &p,
+                    f.offset,
+                    &format!("pages of pid {} that the image lacks", c.pid),
+                )
+            })?;
+            let end = c.addr + c.len_bytes() as u64;
+            if !owner
+                .mm
+                .vmas
+                .iter()
+                .any(|v| v.start <= c.addr && end <= v.end)
+            {
+                return Err(corrupt(
+                    &p,
+                    f.offset,
+                    &format!(
+                        "pages {:#x}..{end:#x} of pid {} lie outside its VMAs",
+                        c.addr, c.pid
+                    ),
+                ));
+            }
+            chunks.push((f.offset as usize, f.payload.len()));
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            snapshot: Snapshot {
+                inventory,
+                processes,
+            },
+            pages,
+            chunks,
+        })
+    }
+
+    /// Every page chunk, in file order.
+    pub fn chunks(&self) -> impl Iterator<Item = PageChunk<'_>> + '_ {
+        let p = self.dir.join(FILE_PAGES.0).display().to_string();
+        self.chunks.iter().map(move |&(off, len)| {
+            parse_chunk(&p, off as u64, &self.pages[off..off + len])
+                .expect("chunks were checked when the image was opened")
+        })
+    }
+
+    /// Page chunks of one process.
+    pub fn chunks_of(&self, pid: i32) -> impl Iterator<Item = PageChunk<'_>> + '_ {
+        self.chunks().filter(move |c| c.pid == pid)
+    }
+}

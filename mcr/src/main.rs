@@ -1,0 +1,266 @@
+#![forbid(unsafe_code)]
+//! The `mcr` command line.
+
+use clap::{Parser, Subcommand};
+use mcr::dump::{AfterDump, CheckpointOptions};
+use mcr::image::{Compression, Image};
+use mcr::restore::RestoreOptions;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+mod demo;
+
+#[derive(Parser)]
+#[command(
+    name = "mcr",
+    version,
+    about = "Checkpoint and restore Linux processes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Freeze a process, write its image, then kill it (or leave it running or stopped).
+    Checkpoint {
+        /// The process to checkpoint.
+        #[arg(short = 't', long = "tree")]
+        pid: i32,
+        /// Images directory: created 0700, or an empty one.
+        #[arg(short = 'D', long = "images-dir")]
+        dir: PathBuf,
+        #[arg(long, conflicts_with = "leave_stopped")]
+        leave_running: bool,
+        #[arg(long)]
+        leave_stopped: bool,
+        /// The process's stdio (terminal, pipes) belongs to the caller and is rebound at restore.
+        #[arg(long)]
+        shell_job: bool,
+        /// Page compression: none, fast, or a zstd level 1..19.
+        #[arg(long, default_value = "fast", value_parser = Compression::parse)]
+        compress: Compression,
+        /// Print the report as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bring a process back from an image, with the same pid.
+    Restore {
+        #[arg(short = 'D', long = "images-dir")]
+        dir: PathBuf,
+        /// Chroot the process here and reopen its files under it.
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// Return once the process runs instead of waiting for it to exit.
+        #[arg(short = 'd', long)]
+        detach: bool,
+        /// Write the restored pid here.
+        #[arg(long)]
+        pidfile: Option<PathBuf>,
+        /// Bind the process's outside stdio to ours.
+        #[arg(long)]
+        shell_job: bool,
+        /// Print the report as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print an image.
+    Show {
+        #[arg(short = 'D', long = "images-dir")]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Probe every kernel feature the engine uses.
+    Check {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a sample workload, checkpoint it, kill it, restore it, and report.
+    Demo {
+        /// Memory the sample workload keeps, in MiB.
+        #[arg(long, default_value_t = 64)]
+        mib: usize,
+    },
+    /// The sample workload `demo` runs (not for direct use).
+    #[command(hide = true)]
+    DemoWorkload {
+        #[arg(long, default_value_t = 64)]
+        mib: usize,
+    },
+}
+
+fn steps_json(steps: &[(&'static str, Duration)]) -> serde_json::Value {
+    steps
+        .iter()
+        .map(|(n, d)| serde_json::json!({"step": n, "ms": d.as_secs_f64() * 1e3}))
+        .collect()
+}
+
+fn steps_text(steps: &[(&'static str, Duration)]) -> String {
+    steps
+        .iter()
+        .map(|(n, d)| format!("{n} {:.2} ms", d.as_secs_f64() * 1e3))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn fail(e: &dyn std::error::Error, code: i32) -> ExitCode {
+    let mut msg = format!("mcr: error: {e}");
+    let mut src = e.source();
+    while let Some(s) = src {
+        // thiserror's transparent and `{source}` messages often repeat the cause.
+        let t = s.to_string();
+        if !msg.contains(&t) {
+            msg.push_str(&format!(": {t}"));
+        }
+        src = s.source();
+    }
+    eprintln!("{msg}");
+    ExitCode::from(code as u8)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MCR_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Checkpoint {
+            pid,
+            dir,
+            leave_running,
+            leave_stopped,
+            shell_job,
+            compress,
+            json,
+        } => {
+            let after = if leave_running {
+                AfterDump::LeaveRunning
+            } else if leave_stopped {
+                AfterDump::LeaveStopped
+            } else {
+                AfterDump::Kill
+            };
+            let opts = CheckpointOptions {
+                pid,
+                dir,
+                after,
+                shell_job,
+                compression: compress,
+            };
+            match mcr::dump::checkpoint(&opts) {
+                Ok(r) => {
+                    if json {
+                        let v = serde_json::json!({
+                            "pid": r.pid,
+                            "pages": r.stats.pages,
+                            "raw_bytes": r.stats.raw_bytes,
+                            "stored_bytes": r.stats.stored_bytes,
+                            "frozen_ms": r.frozen_for.as_secs_f64() * 1e3,
+                            "steps": steps_json(&r.steps),
+                        });
+                        println!("{v}");
+                    } else {
+                        eprintln!(
+                            "mcr: checkpointed pid {}: {} pages ({:.1} MiB, {:.1} MiB stored), frozen {:.2} ms; {}",
+                            r.pid,
+                            r.stats.pages,
+                            r.stats.raw_bytes as f64 / (1 << 20) as f64,
+                            r.stats.stored_bytes as f64 / (1 << 20) as f64,
+                            r.frozen_for.as_secs_f64() * 1e3,
+                            steps_text(&r.steps)
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e, e.exit_code()),
+            }
+        }
+        Cmd::Restore {
+            dir,
+            root,
+            detach,
+            pidfile,
+            shell_job,
+            json,
+        } => {
+            let mut opts = RestoreOptions::new(dir);
+            opts.root = root;
+            opts.shell_job = shell_job;
+            let r = match mcr::restore::restore(&opts) {
+                Ok(r) => r,
+                Err(e) => return fail(&e, e.exit_code()),
+            };
+            if let Some(p) = pidfile {
+                if let Err(e) = std::fs::write(&p, format!("{}\n", r.pid)) {
+                    eprintln!("mcr: warning: writing pidfile {}: {e}", p.display());
+                }
+            }
+            if json {
+                let v = serde_json::json!({"pid": r.pid, "pages": r.pages, "steps": steps_json(&r.steps)});
+                println!("{v}");
+            } else {
+                eprintln!(
+                    "mcr: restored pid {}: {} pages; {}",
+                    r.pid,
+                    r.pages,
+                    steps_text(&r.steps)
+                );
+            }
+            if detach {
+                return ExitCode::SUCCESS;
+            }
+            // Like `criu restore` without -d: stay the parent and pass its exit on.
+            match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(r.pid), None) {
+                Ok(nix::sys::wait::WaitStatus::Exited(_, c)) => ExitCode::from(c as u8),
+                Ok(nix::sys::wait::WaitStatus::Signaled(_, s, _)) => ExitCode::from(128 + s as u8),
+                _ => ExitCode::SUCCESS,
+            }
+        }
+        Cmd::Show { dir, json } => match Image::open(&dir) {
+            Ok(img) => {
+                if json {
+                    println!("{}", mcr::show::json(&img));
+                } else {
+                    print!("{}", mcr::show::text(&img));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e, 6),
+        },
+        Cmd::Check { json } => {
+            let (features, ok) = mcr::check::run();
+            if json {
+                let v: Vec<_> = features
+                    .iter()
+                    .map(|f| serde_json::json!({"feature": f.name, "required": f.required, "present": f.present, "detail": f.detail}))
+                    .collect();
+                println!("{}", serde_json::json!({"ok": ok, "features": v}));
+            } else {
+                print!("{}", mcr::check::render(&features));
+                println!(
+                    "{}",
+                    if ok {
+                        "Looks good."
+                    } else {
+                        "Required features are missing."
+                    }
+                );
+            }
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Cmd::Demo { mib } => demo::run(mib),
+        Cmd::DemoWorkload { mib } => demo::workload(mib),
+    }
+}

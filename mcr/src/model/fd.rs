@@ -1,0 +1,36 @@
+//! Open file descriptors.
+
+use super::FileRef;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FdEntry {
+    pub fd: i32,
+    /// open(2) flags without O_CLOEXEC.
+    pub flags: u32,
+    pub cloexec: bool,
+    pub kind: FdKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FdKind {
+    /// A regular file, reopened by path at its offset.
+    Regular {
+        file: FileRef,
+        pos: u64,
+    },
+    Directory {
+        file: FileRef,
+    },
+    /// A character device (/dev/null, /dev/zero, ...), reopened by path.
+    CharDevice {
+        file: FileRef,
+        pos: u64,
+    },
+    /// Something outside the dumped tree (a shell job's terminal or pipe), identified by
+    /// the kernel's name for it (`pipe:[1234]`, `/dev/pts/3`). Restore binds it to an fd
+    /// the restorer was given.
+    External {
+        key: String,
+    },
+}

@@ -1,0 +1,85 @@
+//! An address space: its VMAs, the mm fields the kernel keeps about it, and where its
+//! pages went in the image.
+
+use super::FileRef;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmImage {
+    pub vmas: Vec<Vma>,
+    pub fields: MmFields,
+    /// The auxiliary vector, as (type, value) words ending with AT_NULL.
+    pub auxv: Vec<u64>,
+    pub exe: FileRef,
+    /// Files backing mappings; `VmaKind::File` indexes into this table.
+    pub files: Vec<FileRef>,
+}
+
+/// The fields PR_SET_MM_MAP sets back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct MmFields {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vma {
+    pub start: u64,
+    pub end: u64,
+    /// PROT_* bits.
+    pub prot: i32,
+    pub shared: bool,
+    pub kind: VmaKind,
+    /// Offset into the backing file, in bytes.
+    pub offset: u64,
+    /// Advice and flags to re-apply (MADV_* semantics).
+    pub advice: VmaAdvice,
+}
+
+impl Vma {
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    pub fn writable(&self) -> bool {
+        self.prot & libc::PROT_WRITE != 0
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmaKind {
+    /// Private anonymous memory (including `[heap]` and `[stack]`, told by the mm fields).
+    Anonymous,
+    /// MAP_SHARED|MAP_ANONYMOUS memory (shmem that nothing names).
+    SharedAnonymous,
+    /// A file mapping; the index is into `MmImage::files`.
+    File(u32),
+    Vdso,
+    Vvar,
+    VvarVclock,
+}
+
+/// VmFlags worth carrying over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct VmaAdvice {
+    pub grows_down: bool,
+    pub hugepage: bool,
+    pub no_hugepage: bool,
+    pub dont_dump: bool,
+    pub dont_fork: bool,
+    pub wipe_on_fork: bool,
+    pub mergeable: bool,
+}

@@ -1,0 +1,78 @@
+//! The workload model: plain data describing a frozen process tree.
+//!
+//! Dump fills it, restore reads it, the image codec writes and reads it. No I/O here.
+
+mod fd;
+mod mm;
+mod task;
+
+pub use fd::*;
+pub use mm::*;
+pub use task::*;
+
+use serde::{Deserialize, Serialize};
+
+/// What an image holds besides its pages: the processes and their state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub inventory: Inventory,
+    pub processes: Vec<ProcessImage>,
+}
+
+/// Who wrote an image, where, and what it needs to be read back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inventory {
+    pub format_version: u32,
+    pub tool_version: String,
+    pub kernel_release: String,
+    pub arch: String,
+    /// The pid the dump was asked for: the root of the tree.
+    pub root_pid: i32,
+    pub page_size: u32,
+    /// Features the image uses; a reader refuses one it does not know.
+    pub features: Vec<String>,
+    /// Wall-clock time of the freeze, in milliseconds since the epoch.
+    pub frozen_at_ms: u64,
+    /// How the process tree was stopped for the dump.
+    pub shell_job: bool,
+}
+
+/// A file the image refers to, and what it looked like at dump time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRef {
+    /// Absolute path as seen from the dumper's root.
+    pub path: String,
+    pub identity: FileIdentity,
+}
+
+/// Enough of `stat` to tell whether a file is still the one that was dumped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct FileIdentity {
+    pub dev: u64,
+    pub ino: u64,
+    pub mode: u32,
+    pub rdev: u64,
+    pub size: u64,
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
+}
+
+impl From<kext_shim::procfs::FileIdentity> for FileIdentity {
+    fn from(f: kext_shim::procfs::FileIdentity) -> Self {
+        Self {
+            dev: f.dev,
+            ino: f.ino,
+            mode: f.mode,
+            rdev: f.rdev,
+            size: f.size,
+            mtime_sec: (f.mtime_ns.div_euclid(1_000_000_000)) as i64,
+            mtime_nsec: (f.mtime_ns.rem_euclid(1_000_000_000)) as u32,
+        }
+    }
+}
+
+impl FileIdentity {
+    pub fn file_type(&self) -> u32 {
+        self.mode & libc::S_IFMT
+    }
+}

@@ -1,0 +1,91 @@
+//! A process and its threads: CPU state, signals, credentials, limits.
+
+use super::{FdEntry, FileRef, MmImage};
+use serde::{Deserialize, Serialize};
+
+/// One process of the tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessImage {
+    pub pid: i32,
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    pub comm: String,
+    pub creds: Creds,
+    pub threads: Vec<ThreadImage>,
+    pub mm: MmImage,
+    pub fds: Vec<FdEntry>,
+    pub cwd: FileRef,
+    /// The process's root directory, as a path from the dumper's root ("/" if not chrooted).
+    pub root: String,
+    pub umask: u32,
+    pub personality: u32,
+    /// (soft, hard) per RLIMIT_*, in kernel order; u64::MAX is unlimited.
+    pub rlimits: Vec<(u64, u64)>,
+    /// Index n holds the action of signal n+1.
+    pub sigactions: Vec<SigAction>,
+    /// Signals queued for the whole process, as raw siginfo.
+    pub shared_pending: Vec<Siginfo>,
+}
+
+/// Real, effective, saved and filesystem ids, plus supplementary groups.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Creds {
+    pub uids: [u32; 4],
+    pub gids: [u32; 4],
+    pub groups: Vec<u32>,
+}
+
+/// One thread: registers, FPU, and per-thread signal state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadImage {
+    pub tid: i32,
+    /// `user_regs_struct` words as taken at the stop, before any restart fix-up.
+    pub regs: Vec<u64>,
+    /// The whole XSAVE area (standard format), set back whole.
+    pub xstate: Vec<u8>,
+    pub blocked: u64,
+    pub pending: Vec<Siginfo>,
+    pub altstack: AltStack,
+    pub rseq: Option<Rseq>,
+}
+
+/// A raw 128-byte siginfo, as the kernel queues it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Siginfo(pub Vec<u8>);
+
+impl Siginfo {
+    pub fn signo(&self) -> i32 {
+        i32::from_ne_bytes([self.0[0], self.0[1], self.0[2], self.0[3]])
+    }
+}
+
+/// The kernel's `struct sigaction` for x86_64 (handler, flags, restorer, mask).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SigAction {
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+impl SigAction {
+    pub fn is_default(&self) -> bool {
+        *self == SigAction::default()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct AltStack {
+    pub sp: u64,
+    pub flags: i32,
+    pub size: u64,
+}
+
+/// A registered rseq area.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rseq {
+    pub area: u64,
+    pub size: u32,
+    pub signature: u32,
+}

@@ -1,0 +1,694 @@
+//! Rebuilding the stub into the dumped process by syscall injection.
+//!
+//! Order matters: rseq goes first (its area is about to vanish), then a scratch page the
+//! injector can live in, then the stub's own memory, then the image's. Files are used by
+//! number before the fd table is rearranged; credentials go last among privileged calls;
+//! the scratch page is unmapped from inside itself, and the registers set after that.
+
+use super::files::FdNumbers;
+use super::stub::Stub;
+use super::{RestoreError, Result, StepContext};
+use crate::image::Image;
+use crate::model::{ProcessImage, Vma, VmaKind};
+use kext_shim::inject::{find_syscall_insn, Injector};
+use kext_shim::mem::{read_remote, write_remote_ranges, ProcMem};
+use kext_shim::procfs::{self, MapEntry, Status};
+use kext_shim::{ptrace, sys, PAGE_SIZE};
+use std::time::{Duration, Instant};
+
+const SCRATCH_PAGES: u64 = 2;
+
+/// The three vDSO parts, as (name, kind) in their kernel order.
+const VDSO_PARTS: [(&str, VmaKind); 3] = [
+    ("[vvar]", VmaKind::Vvar),
+    ("[vvar_vclock]", VmaKind::VvarVclock),
+    ("[vdso]", VmaKind::Vdso),
+];
+
+/// Refuses an image whose vDSO does not match this kernel's, before any process exists.
+pub fn check_vdso_layout(p: &ProcessImage) -> Result<()> {
+    let ours =
+        procfs::read_maps(kext_shim::Pid::this()).step(p.pid, || "reading our own maps".into())?;
+    for (name, kind) in VDSO_PARTS {
+        let theirs = p.mm.vmas.iter().find(|v| v.kind == kind).map(Vma::len);
+        let mine = ours.iter().find(|m| m.path == name).map(MapEntry::len);
+        if theirs.is_some() && theirs != mine {
+            return Err(RestoreError::Incompatible {
+                pid: p.pid,
+                what: format!(
+                    "{name} is {} KiB in the image but {} KiB on this kernel",
+                    theirs.unwrap_or(0) / 1024,
+                    mine.unwrap_or(0) / 1024
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Lowest address at or above `from` where `len` bytes (plus a guard page each side)
+/// touch none of `used`.
+fn find_gap(used: &[(u64, u64)], len: u64, from: u64) -> Option<u64> {
+    let mut v: Vec<(u64, u64)> = used.to_vec();
+    v.sort_unstable();
+    let mut cand = from;
+    for &(s, e) in &v {
+        if e + PAGE_SIZE <= cand {
+            continue;
+        }
+        if cand + len + PAGE_SIZE <= s {
+            return Some(cand);
+        }
+        cand = cand.max(e + PAGE_SIZE);
+    }
+    (cand + len < 0x7fff_f000_0000).then_some(cand)
+}
+
+struct Ctx<'a> {
+    pid: i32,
+    inj: Injector,
+    /// Writable scratch memory in the stub, for syscall arguments.
+    data: u64,
+    mem: ProcMem,
+    steps: &'a mut Vec<(&'static str, Duration)>,
+}
+
+impl Ctx<'_> {
+    fn call(&mut self, nr: i64, args: [u64; 6], what: impl Fn() -> String + Clone) -> Result<u64> {
+        let w = what.clone();
+        self.inj.call(nr, args, what).step(self.pid, w)
+    }
+
+    /// Puts `bytes` in the scratch data page and returns its address.
+    fn put(&mut self, bytes: &[u8]) -> Result<u64> {
+        debug_assert!(bytes.len() as u64 <= PAGE_SIZE);
+        self.mem
+            .write(self.data, bytes)
+            .step(self.pid, || "writing syscall arguments".into())?;
+        Ok(self.data)
+    }
+
+    fn timed<T>(
+        &mut self,
+        name: &'static str,
+        f: impl FnOnce(&mut Self) -> Result<T>,
+    ) -> Result<T> {
+        let t = Instant::now();
+        let r = f(self)?;
+        self.steps.push((name, t.elapsed()));
+        Ok(r)
+    }
+}
+
+pub fn rebuild(
+    stub: &Stub,
+    p: &ProcessImage,
+    image: &Image,
+    fds: &FdNumbers,
+    steps: &mut Vec<(&'static str, Duration)>,
+    pages: &mut u64,
+) -> Result<()> {
+    let pid = stub.pid;
+    let raw = pid.as_raw();
+    let regs0 = ptrace::get_regs(pid).step(raw, || "reading the new process's registers".into())?;
+    // Nothing may be delivered while the process is half-built.
+    ptrace::set_sigmask(pid, !0).step(raw, || "blocking signals".into())?;
+    let maps = procfs::read_maps(pid).step(raw, || "reading the new process's maps".into())?;
+    let vdso =
+        maps.iter()
+            .find(|m| m.path == "[vdso]")
+            .ok_or_else(|| RestoreError::Incompatible {
+                pid: raw,
+                what: "this kernel gives processes no [vdso]".into(),
+            })?;
+    let mut bytes = vec![0u8; vdso.len() as usize];
+    read_remote(pid, vdso.start, &mut bytes).step(raw, || "reading [vdso]".into())?;
+    let ip = find_syscall_insn(&bytes, vdso.start).ok_or_else(|| RestoreError::Incompatible {
+        pid: raw,
+        what: "no syscall instruction in [vdso]".into(),
+    })?;
+    let mem = ProcMem::open(pid).step(raw, || "opening /proc/PID/mem".into())?;
+    let mut cx = Ctx {
+        pid: raw,
+        inj: Injector::new(pid, ip, regs0),
+        data: 0,
+        mem,
+        steps,
+    };
+
+    // The stub inherited our rseq registration; its area is about to be unmapped.
+    let rs = ptrace::rseq_config(pid).step(raw, || "reading rseq".into())?;
+    if rs.area != 0 {
+        cx.call(
+            libc::SYS_rseq,
+            [
+                rs.area,
+                rs.size as u64,
+                sys::RSEQ_FLAG_UNREGISTER,
+                rs.signature as u64,
+                0,
+                0,
+            ],
+            || "rseq unregister".into(),
+        )?;
+    }
+
+    // Scratch: one page holding `syscall`, one for arguments, away from both layouts.
+    let mut used: Vec<(u64, u64)> = maps.iter().map(|m| (m.start, m.end)).collect();
+    used.extend(p.mm.vmas.iter().map(|v| (v.start, v.end)));
+    let scratch = find_gap(&used, SCRATCH_PAGES * PAGE_SIZE, 1 << 32)
+        .or_else(|| find_gap(&used, SCRATCH_PAGES * PAGE_SIZE, 1 << 20))
+        .ok_or_else(|| RestoreError::Incompatible {
+            pid: raw,
+            what: "no room for a scratch page".into(),
+        })?;
+    cx.inj
+        .mmap(
+            scratch,
+            SCRATCH_PAGES * PAGE_SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+        .step(raw, || "mapping the scratch page".into())?;
+    cx.mem
+        .write(scratch, &[0x0f, 0x05, 0xcc, 0xcc])
+        .step(raw, || "writing the syscall instruction".into())?;
+    cx.inj
+        .mprotect(scratch, PAGE_SIZE, libc::PROT_READ | libc::PROT_EXEC)
+        .step(raw, || "protecting the scratch page".into())?;
+    cx.inj.set_syscall_ip(scratch);
+    cx.data = scratch + PAGE_SIZE;
+
+    cx.timed("rebuild memory map", |cx| {
+        teardown(cx, &maps)?;
+        move_vdso(cx, &maps, p, &used, scratch)?;
+        for v in &p.mm.vmas {
+            map_vma(cx, v, fds)?;
+        }
+        Ok(())
+    })?;
+    *pages = cx.timed("fill memory", |cx| fill(cx, p, image))?;
+    cx.timed("restore process state", |cx| {
+        set_mm(cx, p, fds)?;
+        cx.call(libc::SYS_fchdir, [fds.cwd_fd as u64, 0, 0, 0, 0, 0], || {
+            "fchdir to cwd".into()
+        })?;
+        set_rlimits(cx, p)?;
+        set_fds(cx, fds)?;
+        cx.call(libc::SYS_umask, [p.umask as u64, 0, 0, 0, 0, 0], || {
+            "umask".into()
+        })?;
+        cx.call(
+            libc::SYS_personality,
+            [p.personality as u64, 0, 0, 0, 0, 0],
+            || "personality".into(),
+        )?;
+        set_signals(cx, p)?;
+        set_session(cx, p)?;
+        let mut comm = p.comm.as_bytes()[..p.comm.len().min(15)].to_vec();
+        comm.push(0);
+        let addr = cx.put(&comm)?;
+        cx.call(
+            libc::SYS_prctl,
+            [libc::PR_SET_NAME as u64, addr, 0, 0, 0, 0],
+            || "prctl(PR_SET_NAME)".into(),
+        )?;
+        cx.call(
+            libc::SYS_prctl,
+            [libc::PR_SET_PDEATHSIG as u64, 0, 0, 0, 0, 0],
+            || "clearing the parent-death signal".into(),
+        )?;
+        set_creds(cx, p)?;
+        let t = &p.threads[0];
+        if let Some(r) = t.rseq {
+            cx.call(
+                libc::SYS_rseq,
+                [r.area, r.size as u64, 0, r.signature as u64, 0, 0],
+                || format!("rseq register at {:#x}", r.area),
+            )?;
+        }
+        // Last injected call: the scratch page unmaps itself. The single-step trap fires
+        // on the way out of the syscall, before the vanished next instruction is fetched.
+        let r = cx
+            .inj
+            .raw(
+                libc::SYS_munmap,
+                [scratch, SCRATCH_PAGES * PAGE_SIZE, 0, 0, 0, 0],
+            )
+            .step(raw, || "unmapping the scratch page".into())?;
+        if r != 0 {
+            return Err(RestoreError::Kernel {
+                pid: raw,
+                step: "unmapping the scratch page".into(),
+                source: kext_shim::Error::Unexpected {
+                    pid: raw,
+                    what: format!("munmap returned {r}"),
+                },
+            });
+        }
+        let words: [u64; ptrace::REGS_WORDS] =
+            t.regs[..]
+                .try_into()
+                .map_err(|_| RestoreError::Incompatible {
+                    pid: raw,
+                    what: format!(
+                        "{} register words in the image, expected {}",
+                        t.regs.len(),
+                        ptrace::REGS_WORDS
+                    ),
+                })?;
+        let mut regs = ptrace::regs_from_words(&words);
+        ptrace::fixup_syscall_restart(&mut regs);
+        ptrace::set_regs(pid, &regs).step(raw, || "setting registers".into())?;
+        ptrace::set_xstate(pid, &t.xstate).step(raw, || "setting the xsave area".into())?;
+        ptrace::set_sigmask(pid, t.blocked).step(raw, || "setting the signal mask".into())?;
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// Unmaps everything the stub inherited from us except the vDSO parts.
+fn teardown(cx: &mut Ctx, maps: &[MapEntry]) -> Result<()> {
+    for m in maps {
+        if matches!(
+            m.path.as_str(),
+            "[vdso]" | "[vvar]" | "[vvar_vclock]" | "[vsyscall]"
+        ) {
+            continue;
+        }
+        cx.inj.munmap(m.start, m.len()).step(cx.pid, || {
+            format!("unmapping inherited {:#x}-{:#x} {}", m.start, m.end, m.path)
+        })?;
+    }
+    Ok(())
+}
+
+/// Moves the stub's vDSO parts to where the image had them (or drops them if it had
+/// none). mremap keeps them working: the kernel follows the move.
+fn move_vdso(
+    cx: &mut Ctx,
+    maps: &[MapEntry],
+    p: &ProcessImage,
+    used: &[(u64, u64)],
+    scratch: u64,
+) -> Result<()> {
+    let mut moves = Vec::new();
+    for (name, kind) in VDSO_PARTS {
+        let Some(m) = maps.iter().find(|m| m.path == name) else {
+            continue;
+        };
+        match p.mm.vmas.iter().find(|v| v.kind == kind) {
+            Some(v) if v.start != m.start => moves.push((m.start, v.start, m.len())),
+            Some(_) => {}
+            None => cx
+                .inj
+                .munmap(m.start, m.len())
+                .step(cx.pid, || format!("unmapping {name}"))?,
+        }
+    }
+    let overlaps = moves.iter().any(|&(_, to, len)| {
+        moves
+            .iter()
+            .any(|&(from, _, l2)| to < from + l2 && from < to + len)
+    });
+    if overlaps {
+        // Park them out of the way first.
+        let total: u64 = moves.iter().map(|m| m.2).sum();
+        let mut u = used.to_vec();
+        u.push((scratch, scratch + SCRATCH_PAGES * PAGE_SIZE));
+        let mut park = find_gap(&u, total, 1 << 32).ok_or_else(|| RestoreError::Incompatible {
+            pid: cx.pid,
+            what: "no room to move the vDSO".into(),
+        })?;
+        for m in moves.iter_mut() {
+            mremap(cx, m.0, park, m.2)?;
+            m.0 = park;
+            park += m.2;
+        }
+    }
+    for (from, to, len) in moves {
+        mremap(cx, from, to, len)?;
+    }
+    Ok(())
+}
+
+fn mremap(cx: &mut Ctx, from: u64, to: u64, len: u64) -> Result<()> {
+    cx.call(
+        libc::SYS_mremap,
+        [
+            from,
+            len,
+            len,
+            (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
+            to,
+            0,
+        ],
+        || format!("mremap vDSO part {from:#x} -> {to:#x}"),
+    )?;
+    Ok(())
+}
+
+fn map_vma(cx: &mut Ctx, v: &Vma, fds: &FdNumbers) -> Result<()> {
+    let share = if v.shared {
+        libc::MAP_SHARED
+    } else {
+        libc::MAP_PRIVATE
+    };
+    let grow = if v.advice.grows_down {
+        libc::MAP_GROWSDOWN
+    } else {
+        0
+    };
+    let (flags, fd, off) = match v.kind {
+        VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock => return Ok(()),
+        VmaKind::Anonymous | VmaKind::SharedAnonymous => (share | libc::MAP_ANONYMOUS, -1, 0),
+        VmaKind::File(i) => (share, fds.map_fds[i as usize], v.offset),
+    };
+    cx.inj
+        .mmap(
+            v.start,
+            v.len(),
+            v.prot,
+            flags | grow | libc::MAP_FIXED_NOREPLACE,
+            fd,
+            off,
+        )
+        .step(cx.pid, || {
+            format!("recreating mapping {:#x}-{:#x}", v.start, v.end)
+        })?;
+    let a = v.advice;
+    for (on, advice) in [
+        (a.hugepage, libc::MADV_HUGEPAGE),
+        (a.no_hugepage, libc::MADV_NOHUGEPAGE),
+        (a.dont_dump, libc::MADV_DONTDUMP),
+        (a.dont_fork, libc::MADV_DONTFORK),
+        (a.wipe_on_fork, libc::MADV_WIPEONFORK),
+        (a.mergeable, libc::MADV_MERGEABLE),
+    ] {
+        if on {
+            cx.call(
+                libc::SYS_madvise,
+                [v.start, v.len(), advice as u64, 0, 0, 0],
+                || format!("madvise({advice}) on {:#x}-{:#x}", v.start, v.end),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies the image's pages in: process_vm_writev where the mapping is writable,
+/// /proc/PID/mem (which ignores protections) where it is not.
+fn fill(cx: &mut Ctx, p: &ProcessImage, image: &Image) -> Result<u64> {
+    let pid = kext_shim::Pid::from_raw(cx.pid);
+    let mut pages = 0u64;
+    let mut batch: Vec<(u64, &[u8])> = Vec::new();
+    let mut buf = Vec::new();
+    let chunks: Vec<_> = image.chunks_of(p.pid).collect();
+    for c in &chunks {
+        let end = c.addr + c.len_bytes() as u64;
+        let v =
+            p.mm.vmas
+                .iter()
+                .find(|v| v.start <= c.addr && end <= v.end)
+                .expect("checked when the image was opened");
+        pages += c.n_pages as u64;
+        if !c.compressed && v.writable() {
+            batch.push((c.addr, c.data));
+            if batch.len() == kext_shim::mem::MAX_IOV {
+                write_remote_ranges(pid, &batch).step(cx.pid, || "writing pages".into())?;
+                batch.clear();
+            }
+            continue;
+        }
+        let data = c.pages(&mut buf).map_err(|e| {
+            RestoreError::Image(crate::image::ImageError::Corrupt {
+                path: image.dir.join("pages").display().to_string(),
+                offset: 0,
+                what: format!("chunk at {:#x}: {e}", c.addr),
+            })
+        })?;
+        if v.writable() {
+            write_remote_ranges(pid, &[(c.addr, data)])
+        } else {
+            cx.mem.write(c.addr, data)
+        }
+        .step(cx.pid, || format!("writing pages at {:#x}", c.addr))?;
+    }
+    if !batch.is_empty() {
+        write_remote_ranges(pid, &batch).step(cx.pid, || "writing pages".into())?;
+    }
+    Ok(pages)
+}
+
+/// PR_SET_MM_MAP: code/data/brk/stack/arg/env bounds, auxv and the exe link at once.
+fn set_mm(cx: &mut Ctx, p: &ProcessImage, fds: &FdNumbers) -> Result<()> {
+    let f = &p.mm.fields;
+    let auxv_off = 128u64;
+    let auxv: Vec<u8> = p.mm.auxv.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    if auxv.len() as u64 + auxv_off > PAGE_SIZE {
+        return Err(RestoreError::Incompatible {
+            pid: cx.pid,
+            what: format!("auxv of {} bytes is too large", auxv.len()),
+        });
+    }
+    let mut b = Vec::with_capacity(auxv_off as usize + auxv.len());
+    for w in [
+        f.start_code,
+        f.end_code,
+        f.start_data,
+        f.end_data,
+        f.start_brk,
+        f.brk,
+        f.start_stack,
+        f.arg_start,
+        f.arg_end,
+        f.env_start,
+        f.env_end,
+        cx.data + auxv_off,
+    ] {
+        b.extend_from_slice(&w.to_ne_bytes());
+    }
+    b.extend_from_slice(&(auxv.len() as u32).to_ne_bytes());
+    b.extend_from_slice(&(fds.exe_fd as u32).to_ne_bytes());
+    let size = b.len() as u64;
+    b.resize(auxv_off as usize, 0);
+    b.extend_from_slice(&auxv);
+    let addr = cx.put(&b)?;
+    cx.call(
+        libc::SYS_prctl,
+        [sys::PR_SET_MM, sys::PR_SET_MM_MAP, addr, size, 0, 0],
+        || {
+            format!(
+                "prctl(PR_SET_MM_MAP) with brk {:#x} and exe {}",
+                f.brk, p.mm.exe.path
+            )
+        },
+    )?;
+    Ok(())
+}
+
+fn set_rlimits(cx: &mut Ctx, p: &ProcessImage) -> Result<()> {
+    let ours = procfs::read_limits(kext_shim::Pid::from_raw(cx.pid))
+        .step(cx.pid, || "reading limits".into())?;
+    for (res, (&(soft, hard), &(_, cur_hard))) in p.rlimits.iter().zip(ours.iter()).enumerate() {
+        // Without CAP_SYS_RESOURCE a hard limit can only go down.
+        let hard2 = if hard > cur_hard {
+            tracing::warn!(
+                pid = cx.pid,
+                resource = res,
+                "hard limit {hard} exceeds ours ({cur_hard}); keeping ours"
+            );
+            cur_hard
+        } else {
+            hard
+        };
+        let mut b = Vec::new();
+        b.extend_from_slice(&soft.min(hard2).to_ne_bytes());
+        b.extend_from_slice(&hard2.to_ne_bytes());
+        let addr = cx.put(&b)?;
+        cx.call(libc::SYS_prlimit64, [0, res as u64, addr, 0, 0, 0], || {
+            format!("prlimit64 resource {res}")
+        })?;
+    }
+    Ok(())
+}
+
+/// Moves every fd to its number: first everything we need above all numbers in play,
+/// then close the rest, then dup each to its target.
+fn set_fds(cx: &mut Ctx, fds: &FdNumbers) -> Result<()> {
+    let open_now =
+        procfs::list_fds(kext_shim::Pid::from_raw(cx.pid)).step(cx.pid, || "listing fds".into())?;
+    let base = fds
+        .fds
+        .iter()
+        .flat_map(|&(t, s, _)| [t, s])
+        .chain(open_now.iter().copied())
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let mut moved: Vec<(i32, u64)> = Vec::new();
+    for &(_, src, _) in &fds.fds {
+        if moved.iter().any(|&(s, _)| s == src) {
+            continue;
+        }
+        let n = cx.call(
+            libc::SYS_fcntl,
+            [src as u64, libc::F_DUPFD as u64, base as u64, 0, 0, 0],
+            || format!("fcntl(F_DUPFD) of fd {src}"),
+        )?;
+        moved.push((src, n));
+    }
+    cx.call(
+        libc::SYS_close_range,
+        [0, (base - 1) as u64, 0, 0, 0, 0],
+        || "close_range below the parking area".into(),
+    )?;
+    for &(target, src, cloexec) in &fds.fds {
+        let parked = moved
+            .iter()
+            .find(|&&(s, _)| s == src)
+            .expect("parked above")
+            .1;
+        let flag = if cloexec { libc::O_CLOEXEC as u64 } else { 0 };
+        cx.call(
+            libc::SYS_dup3,
+            [parked, target as u64, flag, 0, 0, 0],
+            || format!("dup3 to fd {target}"),
+        )?;
+    }
+    cx.call(
+        libc::SYS_close_range,
+        [base as u64, u32::MAX as u64, 0, 0, 0, 0],
+        || "close_range of the parking area".into(),
+    )?;
+    Ok(())
+}
+
+fn set_signals(cx: &mut Ctx, p: &ProcessImage) -> Result<()> {
+    let pid = kext_shim::Pid::from_raw(cx.pid);
+    let st = Status::read(pid).step(cx.pid, || "reading status".into())?;
+    let ours = st.hex("SigCgt").unwrap_or(!0) | st.hex("SigIgn").unwrap_or(!0);
+    for sig in 1..=64u64 {
+        if sig == libc::SIGKILL as u64 || sig == libc::SIGSTOP as u64 {
+            continue;
+        }
+        let a = p
+            .sigactions
+            .get(sig as usize - 1)
+            .copied()
+            .unwrap_or_default();
+        if a.is_default() && ours & (1 << (sig - 1)) == 0 {
+            continue;
+        }
+        let mut b = Vec::with_capacity(32);
+        for w in [a.handler, a.flags, a.restorer, a.mask] {
+            b.extend_from_slice(&w.to_ne_bytes());
+        }
+        let addr = cx.put(&b)?;
+        cx.call(libc::SYS_rt_sigaction, [sig, addr, 0, 8, 0, 0], || {
+            format!("rt_sigaction({sig})")
+        })?;
+    }
+    let t = &p.threads[0];
+    let s = t.altstack;
+    let disabled = s.flags & libc::SS_DISABLE != 0;
+    let mut b = Vec::with_capacity(24);
+    b.extend_from_slice(&(if disabled { 0 } else { s.sp }).to_ne_bytes());
+    // SS_ONSTACK only reports; SS_AUTODISARM is the one flag to carry.
+    let flags = if disabled {
+        libc::SS_DISABLE
+    } else {
+        s.flags & (1 << 31)
+    };
+    b.extend_from_slice(&flags.to_ne_bytes());
+    b.extend_from_slice(&0u32.to_ne_bytes());
+    b.extend_from_slice(&(if disabled { 0 } else { s.size }).to_ne_bytes());
+    let addr = cx.put(&b)?;
+    cx.call(libc::SYS_sigaltstack, [addr, 0, 0, 0, 0, 0], || {
+        "sigaltstack".into()
+    })?;
+
+    // Queued signals go back in order; every signal is blocked until the registers are
+    // set, so none is delivered early.
+    for si in &p.shared_pending {
+        let addr = cx.put(&si.0)?;
+        cx.call(
+            libc::SYS_rt_sigqueueinfo,
+            [cx.pid as u64, si.signo() as u64, addr, 0, 0, 0],
+            || format!("re-queueing process signal {}", si.signo()),
+        )?;
+    }
+    for si in &t.pending {
+        let addr = cx.put(&si.0)?;
+        cx.call(
+            libc::SYS_rt_tgsigqueueinfo,
+            [cx.pid as u64, cx.pid as u64, si.signo() as u64, addr, 0, 0],
+            || format!("re-queueing thread signal {}", si.signo()),
+        )?;
+    }
+    Ok(())
+}
+
+/// A process that led its session or group leads a new one; otherwise it stays in ours.
+fn set_session(cx: &mut Ctx, p: &ProcessImage) -> Result<()> {
+    if p.sid == p.pid {
+        cx.call(libc::SYS_setsid, [0; 6], || "setsid".into())?;
+    } else if p.pgid == p.pid {
+        cx.call(libc::SYS_setpgid, [0; 6], || "setpgid".into())?;
+    }
+    Ok(())
+}
+
+fn set_creds(cx: &mut Ctx, p: &ProcessImage) -> Result<()> {
+    let c = &p.creds;
+    if c.uids == [0; 4] && c.gids == [0; 4] && c.groups.is_empty() {
+        return Ok(());
+    }
+    let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
+    let addr = cx.put(&groups)?;
+    cx.call(
+        libc::SYS_setgroups,
+        [c.groups.len() as u64, addr, 0, 0, 0, 0],
+        || "setgroups".into(),
+    )?;
+    cx.call(
+        libc::SYS_setresgid,
+        [
+            c.gids[0] as u64,
+            c.gids[1] as u64,
+            c.gids[2] as u64,
+            0,
+            0,
+            0,
+        ],
+        || "setresgid".into(),
+    )?;
+    cx.call(
+        libc::SYS_setresuid,
+        [
+            c.uids[0] as u64,
+            c.uids[1] as u64,
+            c.uids[2] as u64,
+            0,
+            0,
+            0,
+        ],
+        || "setresuid".into(),
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::find_gap;
+
+    #[test]
+    fn gap_skips_used_ranges_with_guards() {
+        let used = [(0x10000, 0x20000), (0x22000, 0x30000)];
+        assert_eq!(find_gap(&used, 0x1000, 0x10000), Some(0x31000));
+        assert_eq!(find_gap(&used, 0x1000, 0x0), Some(0x0));
+        assert_eq!(find_gap(&[], 0x2000, 0x5000), Some(0x5000));
+    }
+}

@@ -1,0 +1,219 @@
+//! Reopening what the process had open or mapped, under the restore root, and checking
+//! each is the file that was dumped. Done before the stub exists, which inherits them.
+
+use super::{RestoreError, Result};
+use crate::model::{FdKind, FileIdentity, FileRef, ProcessImage};
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+/// Files opened for the stub; the stub finds them at the same fd numbers.
+pub struct FilePlan {
+    owned: Vec<OwnedFd>,
+    map_fds: Vec<i32>,
+    exe_fd: i32,
+    cwd_fd: i32,
+    /// (target fd, fd in the stub, close-on-exec)
+    fds: Vec<(i32, i32, bool)>,
+}
+
+/// Just the numbers, once the files themselves were handed to the stub.
+#[derive(Debug, Clone)]
+pub struct FdNumbers {
+    pub map_fds: Vec<i32>,
+    pub exe_fd: i32,
+    pub cwd_fd: i32,
+    pub fds: Vec<(i32, i32, bool)>,
+}
+
+impl FilePlan {
+    pub fn numbers(&self) -> FdNumbers {
+        FdNumbers {
+            map_fds: self.map_fds.clone(),
+            exe_fd: self.exe_fd,
+            cwd_fd: self.cwd_fd,
+            fds: self.fds.clone(),
+        }
+    }
+
+    fn keep(&mut self, f: impl Into<OwnedFd>) -> i32 {
+        let fd: OwnedFd = f.into();
+        let n = fd.as_raw_fd();
+        self.owned.push(fd);
+        n
+    }
+}
+
+/// Flags that only matter at creation, or that we set ourselves.
+const CREATION_FLAGS: i32 =
+    libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY | libc::O_CLOEXEC;
+
+struct Ctx<'a> {
+    pid: i32,
+    root: &'a Path,
+    /// Restoring in place: inode numbers must match too.
+    strict: bool,
+}
+
+impl Ctx<'_> {
+    fn err(&self, what: &str, path: &Path, why: impl Into<String>) -> RestoreError {
+        RestoreError::File {
+            pid: self.pid,
+            what: what.into(),
+            path: path.display().to_string(),
+            why: why.into(),
+        }
+    }
+
+    fn open(&self, what: &str, f: &FileRef, flags: u32) -> Result<File> {
+        let path = self.root.join(f.path.trim_start_matches('/'));
+        let acc = flags as i32 & libc::O_ACCMODE;
+        let mut o = OpenOptions::new();
+        o.read(acc == libc::O_RDONLY || acc == libc::O_RDWR)
+            .write(acc == libc::O_WRONLY || acc == libc::O_RDWR)
+            .custom_flags(flags as i32 & !(CREATION_FLAGS | libc::O_ACCMODE | libc::O_APPEND))
+            .append(flags as i32 & libc::O_APPEND != 0);
+        let file = o
+            .open(&path)
+            .map_err(|e| self.err(what, &path, e.to_string()))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| self.err(what, &path, e.to_string()))?;
+        let now: FileIdentity = kext_shim::procfs::FileIdentity::of_metadata(&meta).into();
+        self.check_identity(what, &path, &f.identity, &now)?;
+        Ok(file)
+    }
+
+    fn check_identity(
+        &self,
+        what: &str,
+        path: &Path,
+        then: &FileIdentity,
+        now: &FileIdentity,
+    ) -> Result<()> {
+        let changed =
+            |why: String| Err(self.err(what, path, format!("changed since the checkpoint: {why}")));
+        if then.file_type() != now.file_type() {
+            return changed(format!(
+                "file type {:o} is now {:o}",
+                then.file_type(),
+                now.file_type()
+            ));
+        }
+        match then.file_type() {
+            libc::S_IFCHR | libc::S_IFBLK if then.rdev != now.rdev => {
+                return changed(format!("device {:#x} is now {:#x}", then.rdev, now.rdev));
+            }
+            libc::S_IFREG => {
+                if then.size != now.size {
+                    return changed(format!("size {} is now {}", then.size, now.size));
+                }
+                if (then.mtime_sec, then.mtime_nsec) != (now.mtime_sec, now.mtime_nsec) {
+                    return changed(format!(
+                        "mtime {}.{:09} is now {}.{:09}",
+                        then.mtime_sec, then.mtime_nsec, now.mtime_sec, now.mtime_nsec
+                    ));
+                }
+            }
+            _ => {}
+        }
+        if self.strict
+            && then.file_type() != libc::S_IFCHR
+            && (then.dev, then.ino) != (now.dev, now.ino)
+        {
+            return changed(format!(
+                "inode {}:{} is now {}:{}",
+                then.dev, then.ino, now.dev, now.ino
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Opens every file the process needs, checking identities. With `shell_job`, fds that
+/// were outside the image are bound to the given stand-ins for 0, 1, 2.
+pub fn open_all(p: &ProcessImage, root: &Path, shell_job: Option<[i32; 3]>) -> Result<FilePlan> {
+    let cx = Ctx {
+        pid: p.pid,
+        root,
+        strict: root == Path::new("/"),
+    };
+    let mut plan = FilePlan {
+        owned: Vec::new(),
+        map_fds: Vec::new(),
+        exe_fd: -1,
+        cwd_fd: -1,
+        fds: Vec::new(),
+    };
+    for f in &p.mm.files {
+        let file = cx.open(&format!("mapped file {}", f.path), f, libc::O_RDONLY as u32)?;
+        let n = plan.keep(file);
+        plan.map_fds.push(n);
+    }
+    let exe = cx.open("executable", &p.mm.exe, libc::O_RDONLY as u32)?;
+    plan.exe_fd = plan.keep(exe);
+    let cwd = cx.open("cwd", &p.cwd, (libc::O_RDONLY | libc::O_DIRECTORY) as u32)?;
+    plan.cwd_fd = plan.keep(cwd);
+
+    for e in &p.fds {
+        let what = format!("fd {}", e.fd);
+        let src = match &e.kind {
+            FdKind::Regular { file, pos } | FdKind::CharDevice { file, pos } => {
+                let mut f = cx.open(&what, file, e.flags)?;
+                // Seeking a character device may be refused (and means nothing then).
+                if matches!(e.kind, FdKind::Regular { .. }) || *pos != 0 {
+                    if let Err(err) = f.seek(SeekFrom::Start(*pos)) {
+                        if matches!(e.kind, FdKind::Regular { .. }) {
+                            return Err(cx.err(
+                                &what,
+                                Path::new(&file.path),
+                                format!("seek to {pos}: {err}"),
+                            ));
+                        }
+                    }
+                }
+                plan.keep(f)
+            }
+            FdKind::Directory { file } => {
+                let f = cx.open(&what, file, e.flags | libc::O_DIRECTORY as u32)?;
+                plan.keep(f)
+            }
+            FdKind::External { key } => {
+                let Some(stdio_fds) = shell_job else {
+                    return Err(cx.err(
+                        &what,
+                        Path::new(key),
+                        "was outside the image (a shell job's stdio); restore with --shell-job",
+                    ));
+                };
+                // The lowest stdio fd that had the same object stands in for it.
+                let stdio = p
+                    .fds
+                    .iter()
+                    .find(|x| {
+                        x.fd <= 2 && matches!(&x.kind, FdKind::External { key: k } if k == key)
+                    })
+                    .map(|x| stdio_fds[x.fd as usize])
+                    .ok_or_else(|| {
+                        cx.err(
+                            &what,
+                            Path::new(key),
+                            "is outside the image and not one of the shell job's stdio",
+                        )
+                    })?;
+                if nix::fcntl::fcntl(stdio, nix::fcntl::FcntlArg::F_GETFD).is_err() {
+                    return Err(cx.err(
+                        &what,
+                        Path::new(key),
+                        format!("stands for our fd {stdio}, which is not open"),
+                    ));
+                }
+                stdio
+            }
+        };
+        plan.fds.push((e.fd, src, e.cloexec));
+    }
+    Ok(plan)
+}

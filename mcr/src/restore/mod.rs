@@ -1,0 +1,192 @@
+//! Restore: bring a process back from an image, with its pid, at the same addresses,
+//! optionally chrooted under another root.
+//!
+//! The controller (this process) forks a stub with clone3 `set_tid`, then rebuilds it
+//! from outside by injecting syscalls (see DESIGN.md): the stub's own memory is unmapped,
+//! every VMA recreated and filled, fds, signals, limits and credentials set, and finally
+//! the registers. A failure at any step kills the stub: nothing half-made survives.
+
+mod build;
+mod files;
+mod stub;
+
+use crate::image::{Image, ImageError};
+use kext_shim::procfs::Stat;
+use kext_shim::Pid;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub dir: PathBuf,
+    /// Chroot the process here and reopen every file under it.
+    pub root: Option<PathBuf>,
+    /// Bind fds that were outside the image (a shell job's stdio) to `stdio`.
+    pub shell_job: bool,
+    /// Our fds that stand for the image's 0, 1, 2 with `shell_job` (normally 0, 1, 2).
+    pub stdio: [i32; 3],
+    /// How long to wait for a pid still held by a zombie before calling it taken.
+    pub pid_wait: Duration,
+}
+
+impl RestoreOptions {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            root: None,
+            shell_job: false,
+            stdio: [0, 1, 2],
+            pid_wait: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A restored, running process (our child) and how long each step took.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    pub pid: i32,
+    pub pages: u64,
+    pub steps: Vec<(&'static str, Duration)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("reading the image: {0}")]
+    Image(#[from] ImageError),
+    #[error("pid {pid} is taken by {by}; it must be free to restore with the same pid")]
+    PidTaken { pid: i32, by: String },
+    #[error("pid {pid}: {what}: {path}: {why}")]
+    File {
+        pid: i32,
+        what: String,
+        path: String,
+        why: String,
+    },
+    #[error("pid {pid}: {what}")]
+    Incompatible { pid: i32, what: String },
+    #[error("pid {pid}: {step}: {source}")]
+    Kernel {
+        pid: i32,
+        step: String,
+        #[source]
+        source: kext_shim::Error,
+    },
+}
+
+impl RestoreError {
+    /// The process exit code `mcr restore` uses for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RestoreError::Image(_) => 6,
+            RestoreError::PidTaken { .. } => 7,
+            RestoreError::File { .. } => 8,
+            RestoreError::Incompatible { .. } => 5,
+            RestoreError::Kernel { .. } => 1,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, RestoreError>;
+
+pub(crate) trait StepContext<T> {
+    fn step(self, pid: i32, step: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> StepContext<T> for kext_shim::Result<T> {
+    fn step(self, pid: i32, step: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| RestoreError::Kernel {
+            pid,
+            step: step(),
+            source,
+        })
+    }
+}
+
+/// Restores the image in `opts.dir`. The process is left running as our child.
+pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
+    let mut steps = Vec::new();
+    let t0 = Instant::now();
+    let image = Image::open(&opts.dir)?;
+    steps.push(("read and check image", t0.elapsed()));
+    let snap = &image.snapshot;
+    let [p] = &snap.processes[..] else {
+        return Err(RestoreError::Incompatible {
+            pid: snap.inventory.root_pid,
+            what: format!(
+                "the image holds {} processes; only one is supported yet",
+                snap.processes.len()
+            ),
+        });
+    };
+    if snap.inventory.arch != std::env::consts::ARCH {
+        return Err(RestoreError::Incompatible {
+            pid: p.pid,
+            what: format!(
+                "the image is for {}, this machine is {}",
+                snap.inventory.arch,
+                std::env::consts::ARCH
+            ),
+        });
+    }
+    let root = match &opts.root {
+        Some(r) => r.canonicalize().map_err(|e| RestoreError::File {
+            pid: p.pid,
+            what: "restore root".into(),
+            path: r.display().to_string(),
+            why: e.to_string(),
+        })?,
+        None => PathBuf::from("/"),
+    };
+    let t = Instant::now();
+    let plan = files::open_all(p, &root, opts.shell_job.then_some(opts.stdio))?;
+    steps.push(("open files", t.elapsed()));
+    build::check_vdso_layout(p)?;
+
+    let t = Instant::now();
+    wait_for_pid(p.pid, opts.pid_wait)?;
+    let chroot = chroot_dir(&root, &p.root);
+    let stub = stub::Stub::spawn(p.pid, chroot)?;
+    // The stub holds its own copies now.
+    let numbers = plan.numbers();
+    drop(plan);
+    steps.push(("create process", t.elapsed()));
+    let mut pages = 0;
+    build::rebuild(&stub, p, &image, &numbers, &mut steps, &mut pages)?;
+    let t = Instant::now();
+    let pid = stub.release()?;
+    steps.push(("resume", t.elapsed()));
+    steps.push(("total", t0.elapsed()));
+    Ok(Restored {
+        pid: pid.as_raw(),
+        pages,
+        steps,
+    })
+}
+
+/// Where the stub chroots: the restore root, then the process's own root inside it.
+fn chroot_dir(root: &Path, proc_root: &str) -> Option<String> {
+    let inner = proc_root.trim_start_matches('/');
+    if root == Path::new("/") && inner.is_empty() {
+        return None;
+    }
+    Some(root.join(inner).display().to_string())
+}
+
+/// Waits while `pid` is held by a zombie (its parent may reap lazily), then insists it
+/// is free.
+fn wait_for_pid(pid: i32, patience: Duration) -> Result<()> {
+    let deadline = Instant::now() + patience;
+    loop {
+        let Ok(stat) = Stat::read(Pid::from_raw(pid)) else {
+            return Ok(());
+        };
+        if stat.state() == 'Z' && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+            continue;
+        }
+        return Err(RestoreError::PidTaken {
+            pid,
+            by: format!("{} (state {})", stat.comm, stat.state()),
+        });
+    }
+}

@@ -1,0 +1,179 @@
+//! `mcr show`: an image for a person (text) or a program (JSON).
+
+use crate::image::Image;
+use crate::model::{FdKind, VmaKind};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+/// Pages stored per (pid, VMA start).
+fn stored_pages(image: &Image) -> BTreeMap<(i32, u64), u64> {
+    let mut m = BTreeMap::new();
+    for p in &image.snapshot.processes {
+        for c in image.chunks_of(p.pid) {
+            if let Some(v) =
+                p.mm.vmas
+                    .iter()
+                    .find(|v| v.start <= c.addr && c.addr < v.end)
+            {
+                *m.entry((p.pid, v.start)).or_insert(0) += c.n_pages as u64;
+            }
+        }
+    }
+    m
+}
+
+pub fn json(image: &Image) -> serde_json::Value {
+    let pages = stored_pages(image);
+    let stored: Vec<_> = pages
+        .iter()
+        .map(|((pid, start), n)| json!({"pid": pid, "vma_start": start, "pages": n}))
+        .collect();
+    json!({
+        "snapshot": image.snapshot,
+        "stored_pages": stored,
+    })
+}
+
+pub fn text(image: &Image) -> String {
+    let s = &image.snapshot;
+    let inv = &s.inventory;
+    let pages = stored_pages(image);
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "image format {} by mcr {} on Linux {} {}; root pid {}; features {}{}",
+        inv.format_version,
+        inv.tool_version,
+        inv.kernel_release,
+        inv.arch,
+        inv.root_pid,
+        inv.features.join(","),
+        if inv.shell_job { "; shell job" } else { "" }
+    );
+    for p in &s.processes {
+        let total: u64 = pages
+            .iter()
+            .filter(|((pid, _), _)| *pid == p.pid)
+            .map(|(_, n)| n)
+            .sum();
+        let _ = writeln!(
+            o,
+            "\nprocess {} ({}) ppid {} pgid {} sid {} uid {} gid {}; {} pages stored ({:.1} MiB)",
+            p.pid,
+            p.comm,
+            p.ppid,
+            p.pgid,
+            p.sid,
+            p.creds.uids[0],
+            p.creds.gids[0],
+            total,
+            total as f64 * 4096.0 / (1 << 20) as f64
+        );
+        let _ = writeln!(
+            o,
+            "  cwd {}  root {}  umask {:03o}  exe {}",
+            p.cwd.path, p.root, p.umask, p.mm.exe.path
+        );
+        for t in &p.threads {
+            let r = |i: usize| t.regs.get(i).copied().unwrap_or(0);
+            let _ = writeln!(
+                o,
+                "  thread {}: rip {:#x} rsp {:#x} orig_rax {} rax {} blocked {:#x} pending {} rseq {}",
+                t.tid,
+                r(16),
+                r(19),
+                r(15) as i64,
+                r(10) as i64,
+                t.blocked,
+                t.pending.len(),
+                t.rseq.map(|x| format!("{:#x}", x.area)).unwrap_or_else(|| "none".into())
+            );
+        }
+        let _ = writeln!(o, "  mappings:");
+        for v in &p.mm.vmas {
+            let prot = format!(
+                "{}{}{}{}",
+                if v.prot & libc::PROT_READ != 0 {
+                    'r'
+                } else {
+                    '-'
+                },
+                if v.writable() { 'w' } else { '-' },
+                if v.prot & libc::PROT_EXEC != 0 {
+                    'x'
+                } else {
+                    '-'
+                },
+                if v.shared { 's' } else { 'p' }
+            );
+            let what = match v.kind {
+                VmaKind::Anonymous
+                    if v.start <= p.mm.fields.start_brk
+                        && p.mm.fields.start_brk < v.end.max(v.start + 1) =>
+                {
+                    "[heap]".to_string()
+                }
+                VmaKind::Anonymous
+                    if v.start <= p.mm.fields.start_stack && p.mm.fields.start_stack < v.end =>
+                {
+                    "[stack]".to_string()
+                }
+                VmaKind::Anonymous => "anonymous".into(),
+                VmaKind::SharedAnonymous => "shared anonymous".into(),
+                VmaKind::File(i) => {
+                    p.mm.files
+                        .get(i as usize)
+                        .map(|f| f.path.clone())
+                        .unwrap_or_default()
+                }
+                VmaKind::Vdso => "[vdso]".into(),
+                VmaKind::Vvar => "[vvar]".into(),
+                VmaKind::VvarVclock => "[vvar_vclock]".into(),
+            };
+            let n = pages.get(&(p.pid, v.start)).copied().unwrap_or(0);
+            let _ = writeln!(
+                o,
+                "    {:016x}-{:016x} {prot} {:>8} pages stored  {what}",
+                v.start, v.end, n
+            );
+        }
+        let _ = writeln!(o, "  fds:");
+        for f in &p.fds {
+            let what = match &f.kind {
+                FdKind::Regular { file, pos } => format!("{} at {pos}", file.path),
+                FdKind::CharDevice { file, .. } => file.path.clone(),
+                FdKind::Directory { file } => format!("{} (directory)", file.path),
+                FdKind::External { key } => format!("{key} (outside the image)"),
+            };
+            let _ = writeln!(
+                o,
+                "    {:>4} flags {:o}{} {what}",
+                f.fd,
+                f.flags,
+                if f.cloexec { " cloexec" } else { "" }
+            );
+        }
+        let handled: Vec<String> = p
+            .sigactions
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| !a.is_default())
+            .map(|(i, a)| match a.handler {
+                0 => format!("{}:default", i + 1),
+                1 => format!("{}:ignore", i + 1),
+                h => format!("{}:{h:#x}", i + 1),
+            })
+            .collect();
+        let _ = writeln!(
+            o,
+            "  signal actions: {}",
+            if handled.is_empty() {
+                "all default".into()
+            } else {
+                handled.join(" ")
+            }
+        );
+    }
+    o
+}

@@ -1,0 +1,175 @@
+/*
+ * files DIR: regular-file offsets, O_APPEND, character devices on odd fd
+ * numbers, a directory fd, close-on-exec, cwd and umask across a checkpoint.
+ * DIR is prepared by the test; DIR/data and DIR/log are created here.
+ */
+#include "common.h"
+
+#include <fcntl.h>
+#include <limits.h>
+#include <sys/stat.h>
+
+#define DATA_BYTES (1u << 20)
+#define DATA_OFF 123457
+#define NULL_FD 57
+
+static int data_fd, log_fd, zero_fd, dir_fd;
+static char dir_real[PATH_MAX];
+/* Identity of each open file at setup, to check the same object is back. */
+static struct stat st_data, st_null, st_zero, st_dir;
+
+static unsigned char pat(size_t off)
+{
+    return (unsigned char)(off * 131 + (off >> 9) + 7);
+}
+
+static void fd_identity(int fd, const struct stat *want, const char *what)
+{
+    struct stat st;
+    if (fstat(fd, &st) != 0)
+        FAIL("fstat(%s): %s", what, strerror(errno));
+    if (st.st_dev != want->st_dev || st.st_ino != want->st_ino ||
+        st.st_rdev != want->st_rdev || (st.st_mode & S_IFMT) != (want->st_mode & S_IFMT))
+        FAIL("%s is not the same file after restore", what);
+}
+
+static void check_flags(int fd, int want_acc, int want_append, int want_cloexec,
+                        const char *what)
+{
+    int fl = fcntl(fd, F_GETFL), fdfl = fcntl(fd, F_GETFD);
+    if (fl < 0 || fdfl < 0)
+        FAIL("fcntl(%s): %s", what, strerror(errno));
+    if ((fl & O_ACCMODE) != want_acc)
+        FAIL("%s access mode %#x want %#x", what, fl & O_ACCMODE, want_acc);
+    if (!!(fl & O_APPEND) != want_append)
+        FAIL("%s O_APPEND is %d want %d", what, !!(fl & O_APPEND), want_append);
+    if (!!(fdfl & FD_CLOEXEC) != want_cloexec)
+        FAIL("%s FD_CLOEXEC is %d want %d", what, !!(fdfl & FD_CLOEXEC), want_cloexec);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2)
+        FAIL("usage: files DIR");
+    const char *dir = argv[1];
+    char path[PATH_MAX + 16];
+    if (!realpath(dir, dir_real))
+        FAIL("setup: realpath(%s): %s", dir, strerror(errno));
+
+    snprintf(path, sizeof path, "%s/data", dir_real);
+    data_fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0644);
+    if (data_fd < 0)
+        FAIL("setup: open data: %s", strerror(errno));
+    unsigned char *buf = malloc(DATA_BYTES);
+    for (size_t i = 0; i < DATA_BYTES; i++)
+        buf[i] = pat(i);
+    if (write(data_fd, buf, DATA_BYTES) != DATA_BYTES)
+        FAIL("setup: write data: %s", strerror(errno));
+    free(buf);
+    if (lseek(data_fd, DATA_OFF, SEEK_SET) != DATA_OFF)
+        FAIL("setup: lseek data: %s", strerror(errno));
+
+    /* Longer than the line written at CHECK: see the O_APPEND test below. */
+    snprintf(path, sizeof path, "%s/log", dir_real);
+    log_fd = open(path, O_WRONLY | O_APPEND | O_CREAT, 0644);
+    const char *line = "files workload started; this line is longer than the check line\n";
+    if (log_fd < 0 || write(log_fd, line, strlen(line)) != (ssize_t)strlen(line))
+        FAIL("setup: log: %s", strerror(errno));
+
+    int n = open("/dev/null", O_RDWR);
+    if (n < 0 || dup2(n, NULL_FD) != NULL_FD)
+        FAIL("setup: /dev/null on fd %d: %s", NULL_FD, strerror(errno));
+    close(n);
+    zero_fd = open("/dev/zero", O_RDONLY | O_CLOEXEC);
+    dir_fd = open(dir_real, O_RDONLY | O_DIRECTORY);
+    if (zero_fd < 0 || dir_fd < 0)
+        FAIL("setup: open /dev/zero or DIR: %s", strerror(errno));
+    if (fstat(data_fd, &st_data) || fstat(NULL_FD, &st_null) ||
+        fstat(zero_fd, &st_zero) || fstat(dir_fd, &st_dir))
+        FAIL("setup: fstat: %s", strerror(errno));
+    if (chdir(dir_real) != 0)
+        FAIL("setup: chdir: %s", strerror(errno));
+    umask(027);
+
+    ready();
+    wait_check();
+
+    fd_identity(data_fd, &st_data, "data fd");
+    fd_identity(NULL_FD, &st_null, "fd 57 (/dev/null)");
+    fd_identity(zero_fd, &st_zero, "/dev/zero fd");
+    fd_identity(dir_fd, &st_dir, "dir fd");
+
+    /* data: offset, content at the offset, and a write that advances it. */
+    off_t off = lseek(data_fd, 0, SEEK_CUR);
+    if (off != DATA_OFF)
+        FAIL("data offset %lld want %d", (long long)off, DATA_OFF);
+    unsigned char chunk[4096];
+    if (read(data_fd, chunk, sizeof chunk) != sizeof chunk)
+        FAIL("read data: %s", strerror(errno));
+    for (size_t i = 0; i < sizeof chunk; i++)
+        if (chunk[i] != pat(DATA_OFF + i))
+            FAIL("data byte at %zu differs", DATA_OFF + i);
+    memset(chunk, 0xA5, 100);
+    if (write(data_fd, chunk, 100) != 100)
+        FAIL("write data: %s", strerror(errno));
+    off = lseek(data_fd, 0, SEEK_CUR);
+    if (off != DATA_OFF + 4096 + 100)
+        FAIL("data offset after read+write %lld want %d", (long long)off,
+             DATA_OFF + 4096 + 100);
+    unsigned char back[100];
+    if (pread(data_fd, back, 100, DATA_OFF + 4096) != 100 || memcmp(back, chunk, 100))
+        FAIL("data write not readable back");
+
+    /*
+     * log: seek to 0 first; with O_APPEND the write still lands at the end
+     * and the size grows by exactly its length.  Without O_APPEND it would
+     * overwrite the (longer) first line and the size would not change.
+     */
+    struct stat s1, s2;
+    const char *cl = "check line\n";
+    if (fstat(log_fd, &s1) != 0)
+        FAIL("fstat log: %s", strerror(errno));
+    lseek(log_fd, 0, SEEK_SET);
+    if (write(log_fd, cl, strlen(cl)) != (ssize_t)strlen(cl))
+        FAIL("write log: %s", strerror(errno));
+    if (fstat(log_fd, &s2) != 0)
+        FAIL("fstat log: %s", strerror(errno));
+    if (s2.st_size != s1.st_size + (off_t)strlen(cl))
+        FAIL("log size %lld -> %lld, not appended", (long long)s1.st_size,
+             (long long)s2.st_size);
+
+    if (write(NULL_FD, "x", 1) != 1)
+        FAIL("write fd %d: %s", NULL_FD, strerror(errno));
+    unsigned char z[256];
+    memset(z, 0xFF, sizeof z);
+    if (read(zero_fd, z, sizeof z) != sizeof z)
+        FAIL("read /dev/zero: %s", strerror(errno));
+    for (size_t i = 0; i < sizeof z; i++)
+        if (z[i])
+            FAIL("/dev/zero gave non-zero byte");
+
+    check_flags(data_fd, O_RDWR, 0, 0, "data fd");
+    check_flags(log_fd, O_WRONLY, 1, 0, "log fd");
+    check_flags(NULL_FD, O_RDWR, 0, 0, "fd 57");
+    check_flags(zero_fd, O_RDONLY, 0, 1, "/dev/zero fd");
+    check_flags(dir_fd, O_RDONLY, 0, 0, "dir fd");
+
+    char cwd[PATH_MAX];
+    if (!getcwd(cwd, sizeof cwd))
+        FAIL("getcwd: %s", strerror(errno));
+    if (strcmp(cwd, dir_real) != 0)
+        FAIL("cwd '%s' want '%s'", cwd, dir_real);
+    mode_t old = umask(0);
+    umask(old);
+    if (old != 027)
+        FAIL("umask %03o want 027", (unsigned)old);
+
+    struct stat sd;
+    if (fstatat(dir_fd, "data", &sd, 0) != 0)
+        FAIL("fstatat(dirfd, data): %s", strerror(errno));
+    if (sd.st_ino != st_data.st_ino)
+        FAIL("fstatat(dirfd, data) finds a different file");
+
+    say("PASS files\n");
+    return 0;
+}
