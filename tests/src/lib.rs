@@ -1,1 +1,342 @@
 #![forbid(unsafe_code)]
+//! Harness for the integration tests: start real workloads, drive `mcr` on them, and
+//! make sure every process a test started dies with it, pass or fail.
+//!
+//! Workloads speak a line protocol on their stdio (see `workloads/README.md`): `READY`
+//! once set up, then `CHECK` from us, answered by `PASS ...` or `FAIL ...`.
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+/// How long any one protocol line may take before the test gives up.
+pub const LINE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The `mcr` binary next to the test binary (target/<profile>/mcr).
+pub fn mcr_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let bin = dir.join("mcr");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build --release -p mcr)",
+        bin.display()
+    );
+    bin
+}
+
+/// A compiled workload program.
+pub fn workload_bin(name: &str) -> PathBuf {
+    Path::new(env!("MCR_WORKLOADS")).join(name)
+}
+
+/// Restored processes are re-parented to us when `mcr restore -d` exits, so that tests
+/// can reap them and read their exit status.
+pub fn become_subreaper() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        nix::sys::prctl::set_child_subreaper(true).expect("PR_SET_CHILD_SUBREAPER");
+        // Fds the test runner inherited (from a CI shell, say) must not leak into the
+        // workloads, whose every fd is dumped.
+        for e in std::fs::read_dir("/proc/self/fd")
+            .expect("/proc/self/fd")
+            .flatten()
+        {
+            if let Some(fd) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) {
+                if fd > 2 {
+                    let _ = nix::fcntl::fcntl(
+                        fd,
+                        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+                    );
+                }
+            }
+        }
+    });
+}
+
+/// Kills every registered pid when dropped, so no workload outlives a failed test.
+#[derive(Default)]
+pub struct Guard {
+    pids: Vec<i32>,
+}
+
+impl Guard {
+    pub fn new() -> Self {
+        become_subreaper();
+        Self::default()
+    }
+
+    pub fn add(&mut self, pid: i32) {
+        self.pids.push(pid);
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        for &p in &self.pids {
+            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+            let _ = waitpid(Pid::from_raw(p), Some(WaitPidFlag::WNOHANG));
+        }
+    }
+}
+
+/// Line reader with a deadline over a child's stdout.
+pub struct Lines {
+    out: ChildStdout,
+    buf: Vec<u8>,
+}
+
+impl Lines {
+    pub fn new(out: ChildStdout) -> Self {
+        Self {
+            out,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The next line without its newline; None on EOF. Panics after `LINE_TIMEOUT`.
+    pub fn next_line(&mut self) -> Option<String> {
+        let deadline = Instant::now() + LINE_TIMEOUT;
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).collect();
+                return Some(String::from_utf8_lossy(&line[..i]).into_owned());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no line from the workload within {LINE_TIMEOUT:?}"
+            );
+            let mut fds = [PollFd::new(self.out.as_fd(), PollFlags::POLLIN)];
+            let ms = PollTimeout::try_from(left.as_millis().min(60_000) as i32).expect("timeout");
+            match poll(&mut fds, ms) {
+                Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+                Ok(_) => {}
+                Err(e) => panic!("poll: {e}"),
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self.out.read(&mut chunk).expect("reading workload stdout");
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Reads lines until one starts with `prefix`; returns it.
+    pub fn expect_prefix(&mut self, prefix: &str) -> String {
+        loop {
+            match self.next_line() {
+                Some(l) if l.starts_with(prefix) => return l,
+                Some(_) => continue,
+                None => panic!("EOF before a line starting with {prefix:?}"),
+            }
+        }
+    }
+}
+
+/// A process the test talks to: a freshly started workload, or a restored one.
+pub struct Proc {
+    pub pid: i32,
+    pub stdin: ChildStdin,
+    pub lines: Lines,
+    /// The std Child when we spawned it directly (so `wait` reaps it).
+    child: Option<Child>,
+}
+
+impl Proc {
+    /// Starts `bin args` with piped stdio in `cwd` and waits for its READY line.
+    pub fn start(guard: &mut Guard, bin: &Path, args: &[&str], cwd: Option<&Path>) -> Proc {
+        become_subreaper();
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(d) = cwd {
+            cmd.current_dir(d);
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
+        let pid = child.id() as i32;
+        guard.add(pid);
+        let stdin = child.stdin.take().expect("stdin");
+        let mut lines = Lines::new(child.stdout.take().expect("stdout"));
+        lines.expect_prefix("READY");
+        Proc {
+            pid,
+            stdin,
+            lines,
+            child: Some(child),
+        }
+    }
+
+    /// Sends a line to the process.
+    pub fn send(&mut self, line: &str) {
+        self.stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .expect("writing to the workload");
+        self.stdin.flush().expect("flushing");
+    }
+
+    /// Sends CHECK and returns the verdict line.
+    pub fn check(&mut self) -> String {
+        self.send("CHECK");
+        self.lines.expect_prefix_any(&["PASS", "FAIL"])
+    }
+
+    /// Waits for the process to end; returns its exit code (128+signal if killed).
+    pub fn wait(&mut self) -> i32 {
+        if let Some(c) = self.child.as_mut() {
+            let st = c.wait().expect("wait");
+            return st.code().unwrap_or_else(|| {
+                use std::os::unix::process::ExitStatusExt;
+                128 + st.signal().unwrap_or(0)
+            });
+        }
+        wait_pid(self.pid)
+    }
+}
+
+impl Lines {
+    fn expect_prefix_any(&mut self, prefixes: &[&str]) -> String {
+        loop {
+            match self.next_line() {
+                Some(l) if prefixes.iter().any(|p| l.starts_with(p)) => return l,
+                Some(_) => continue,
+                None => panic!("EOF before a verdict line"),
+            }
+        }
+    }
+}
+
+/// Reaps `pid` (our child or, as subreaper, our orphaned descendant).
+pub fn wait_pid(pid: i32) -> i32 {
+    loop {
+        match waitpid(Pid::from_raw(pid), None) {
+            Ok(WaitStatus::Exited(_, c)) => return c,
+            Ok(WaitStatus::Signaled(_, s, _)) => return 128 + s as i32,
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => panic!("waitpid {pid}: {e}"),
+        }
+    }
+}
+
+/// Runs `mcr ARGS` to completion and returns its output.
+pub fn mcr(args: &[&str]) -> Output {
+    Command::new(mcr_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running mcr")
+}
+
+/// Asserts `mcr` failed with `code` and a message containing every one of `needles`.
+pub fn assert_fails(out: &Output, code: i32, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "unexpected exit; stderr: {err}"
+    );
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks {n:?}: {err}");
+    }
+    assert!(!err.contains("panicked"), "mcr panicked: {err}");
+}
+
+/// Checkpoints `pid` as a shell job (its stdio are our pipes) and asserts success.
+pub fn checkpoint(pid: i32, dir: &Path, extra: &[&str]) {
+    let pid_s = pid.to_string();
+    let mut args = vec![
+        "checkpoint",
+        "-t",
+        &pid_s,
+        "-D",
+        dir.to_str().expect("utf-8 path"),
+        "--shell-job",
+    ];
+    args.extend_from_slice(extra);
+    let out = mcr(&args);
+    assert!(
+        out.status.success(),
+        "checkpoint of {pid} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Restores the image in `dir` as a shell job with fresh pipes and returns the
+/// restored process, already registered with `guard`.
+pub fn restore(guard: &mut Guard, dir: &Path, extra: &[&str]) -> Proc {
+    become_subreaper();
+    let pidfile = dir.with_extension("pid");
+    // Not a pipe: the restored process inherits this as its stderr and would hold the
+    // pipe open for as long as it lives.
+    let errfile = dir.with_extension("stderr");
+    let errf = std::fs::File::create(&errfile).expect("creating the restore stderr file");
+    let mut cmd = Command::new(mcr_bin());
+    cmd.args(["restore", "-D"])
+        .arg(dir)
+        .args(["--shell-job", "-d", "--pidfile"])
+        .arg(&pidfile)
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(errf);
+    let mut child = cmd.spawn().expect("spawning mcr restore");
+    let stdin = child.stdin.take().expect("stdin");
+    let stdout = child.stdout.take().expect("stdout");
+    let st = child.wait().expect("waiting for mcr restore");
+    let err = std::fs::read_to_string(&errfile).unwrap_or_default();
+    assert!(st.success(), "mcr restore failed: {err}");
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .expect("pidfile")
+        .trim()
+        .parse()
+        .expect("pid in pidfile");
+    guard.add(pid);
+    Proc {
+        pid,
+        stdin,
+        lines: Lines::new(stdout),
+        child: None,
+    }
+}
+
+/// Checkpoint (kill), reap, restore: the usual round trip. Returns the restored process.
+pub fn round_trip(
+    guard: &mut Guard,
+    mut p: Proc,
+    dir: &Path,
+    ckpt_extra: &[&str],
+    restore_extra: &[&str],
+) -> Proc {
+    let pid = p.pid;
+    checkpoint(pid, dir, ckpt_extra);
+    let code = p.wait();
+    assert_eq!(
+        code,
+        128 + libc::SIGKILL,
+        "the checkpointed process should have been killed"
+    );
+    let r = restore(guard, dir, restore_extra);
+    assert_eq!(r.pid, pid, "restored with another pid");
+    r
+}
+
+/// Asserts a verdict line is a PASS.
+pub fn assert_pass(verdict: &str) {
+    assert!(verdict.starts_with("PASS"), "workload verdict: {verdict}");
+}

@@ -1,0 +1,118 @@
+#![forbid(unsafe_code)]
+//! Checkpoint → kill → restore → the workload verifies itself, for each kind of state.
+
+use mcr_tests::*;
+use std::path::Path;
+
+fn run(name: &str, args: &[&str], cwd: Option<&Path>) -> String {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let p = Proc::start(&mut g, &workload_bin(name), args, cwd);
+    let mut r = round_trip(&mut g, p, &tmp.path().join("img"), &[], &[]);
+    let v = r.check();
+    assert_pass(&v);
+    assert_eq!(r.wait(), 0, "{name} exit status after PASS");
+    v
+}
+
+#[test]
+fn counter_keeps_counting() {
+    let v = run("counter", &[], None);
+    eprintln!("{v}");
+}
+
+#[test]
+fn memory_64mib_with_recent_writes_brk_and_mmap_after_restore() {
+    run("memory", &["64"], None);
+}
+
+#[test]
+fn fpu_and_avx_registers_survive_a_blocking_read() {
+    run("fpu", &[], None);
+}
+
+#[test]
+fn files_offsets_append_devices_cwd_umask() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("data");
+    std::fs::create_dir(&dir).expect("mkdir");
+    run("files", &[dir.to_str().expect("utf-8")], None);
+}
+
+#[test]
+fn signals_handlers_altstack_pending_and_limits() {
+    run("signals", &[], None);
+}
+
+#[test]
+fn nanosleep_is_not_cut_short() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let p = Proc::start(&mut g, &workload_bin("sleeper"), &["1500"], None);
+    let mut r = round_trip(&mut g, p, &tmp.path().join("img"), &[], &[]);
+    let slept = r.lines.expect_prefix("SLEPT");
+    let v = r.check();
+    assert_pass(&v);
+    eprintln!("{slept}; {v}");
+}
+
+#[test]
+fn compression_none_and_levels_round_trip() {
+    for level in ["none", "3"] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut g = Guard::new();
+        let p = Proc::start(&mut g, &workload_bin("memory"), &["16"], None);
+        let mut r = round_trip(
+            &mut g,
+            p,
+            &tmp.path().join("img"),
+            &["--compress", level],
+            &[],
+        );
+        assert_pass(&r.check());
+    }
+}
+
+#[test]
+fn leave_running_then_restore_meets_the_taken_pid() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("img");
+    let mut g = Guard::new();
+    let mut p = Proc::start(&mut g, &workload_bin("memory"), &["16"], None);
+    checkpoint(p.pid, &dir, &["--leave-running"]);
+    // The original keeps running and is intact.
+    let out = mcr(&[
+        "restore",
+        "-D",
+        dir.to_str().expect("utf-8"),
+        "--shell-job",
+        "-d",
+    ]);
+    assert_fails(&out, 7, &[&format!("pid {}", p.pid), "taken"]);
+    assert_pass(&p.check());
+    assert_eq!(p.wait(), 0);
+}
+
+#[test]
+fn leave_stopped_stays_stopped_until_continued() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let mut p = Proc::start(&mut g, &workload_bin("counter"), &[], None);
+    checkpoint(p.pid, &tmp.path().join("img"), &["--leave-stopped"]);
+    let st = kext_state(p.pid);
+    assert_eq!(st, 'T', "state after --leave-stopped");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(p.pid),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .expect("SIGCONT");
+    assert_pass(&p.check());
+}
+
+fn kext_state(pid: i32) -> char {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    s[s.rfind(')').expect(")") + 2..]
+        .chars()
+        .next()
+        .expect("state")
+}
