@@ -6,6 +6,7 @@
 
 pub mod check;
 pub mod dump;
+pub mod fault;
 pub mod image;
 pub mod model;
 pub mod restore;

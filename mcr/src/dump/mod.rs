@@ -69,6 +69,8 @@ pub enum DumpError {
     },
     #[error("pid {pid}: unsupported: {what}")]
     Unsupported { pid: i32, what: String },
+    #[error("pid {pid}: fault injected at {point} (MCR_FAULT)")]
+    FaultInjected { pid: i32, point: &'static str },
     #[error("pid {pid}: writing the image: {source}")]
     Image {
         pid: i32,
@@ -85,7 +87,7 @@ impl DumpError {
             DumpError::Trace { .. } | DumpError::Refused { .. } => 4,
             DumpError::Unsupported { .. } => 5,
             DumpError::Image { .. } => 6,
-            DumpError::Kernel { .. } => 1,
+            DumpError::Kernel { .. } | DumpError::FaultInjected { .. } => 1,
         }
     }
 }
@@ -129,6 +131,12 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
         let mut writer = writer;
         mm::dump_pages(pid, &process.mm, &mut writer)?;
         steps.push(("dump pages", t.elapsed()));
+        if crate::fault::armed(crate::fault::DUMP_AFTER_PAGES) {
+            return Err(DumpError::FaultInjected {
+                pid: raw,
+                point: crate::fault::DUMP_AFTER_PAGES,
+            });
+        }
         let t = Instant::now();
         let snapshot = Snapshot {
             inventory: inventory(raw, opts),

@@ -190,6 +190,12 @@ pub fn rebuild(
         Ok(())
     })?;
     *pages = cx.timed("fill memory", |cx| fill(cx, p, image))?;
+    if crate::fault::armed(crate::fault::RESTORE_AFTER_FILL) {
+        return Err(RestoreError::FaultInjected {
+            pid: raw,
+            point: crate::fault::RESTORE_AFTER_FILL,
+        });
+    }
     cx.timed("restore process state", |cx| {
         set_mm(cx, p, fds)?;
         cx.call(libc::SYS_fchdir, [fds.cwd_fd as u64, 0, 0, 0, 0, 0], || {

@@ -62,6 +62,8 @@ pub enum RestoreError {
         path: String,
         why: String,
     },
+    #[error("pid {pid}: fault injected at {point} (MCR_FAULT)")]
+    FaultInjected { pid: i32, point: &'static str },
     #[error("pid {pid}: {what}")]
     Incompatible { pid: i32, what: String },
     #[error("pid {pid}: {step}: {source}")]
@@ -81,7 +83,7 @@ impl RestoreError {
             RestoreError::PidTaken { .. } => 7,
             RestoreError::File { .. } => 8,
             RestoreError::Incompatible { .. } => 5,
-            RestoreError::Kernel { .. } => 1,
+            RestoreError::Kernel { .. } | RestoreError::FaultInjected { .. } => 1,
         }
     }
 }

@@ -1,0 +1,12 @@
+//! Fault injection for tests of the failure paths: `MCR_FAULT=point[,point...]` makes
+//! the named step fail as if the kernel had refused it, so tests can check that a failed
+//! checkpoint leaves the workload running and a failed restore leaves nothing behind.
+
+/// Points that can fail on request.
+pub const DUMP_AFTER_PAGES: &str = "dump-after-pages";
+pub const RESTORE_AFTER_FILL: &str = "restore-after-fill";
+
+/// Whether `point` was asked to fail.
+pub fn armed(point: &str) -> bool {
+    std::env::var("MCR_FAULT").is_ok_and(|v| v.split(',').any(|p| p.trim() == point))
+}

@@ -1,0 +1,235 @@
+#![forbid(unsafe_code)]
+//! Bad input gets a clear error naming the pid, the step and the resource, a non-zero
+//! exit, and loses nothing: the workload keeps running, or nothing half-made survives.
+
+use mcr_tests::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|st| !st[st.rfind(')').unwrap_or(0)..].starts_with(") Z"))
+        .unwrap_or(false)
+}
+
+/// A pid that no process has: one we just created and reaped.
+fn free_pid() -> i32 {
+    let mut c = Command::new("true").spawn().expect("spawning true");
+    let pid = c.id() as i32;
+    c.wait().expect("wait");
+    pid
+}
+
+#[test]
+fn missing_pid() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pid = free_pid();
+    let out = mcr(&["checkpoint", "-t", &pid.to_string(), "-D", s(&tmp.path().join("img"))]);
+    assert_fails(&out, 3, &[&format!("pid {pid}"), "no such process"]);
+    assert!(!tmp.path().join("img").exists(), "no image directory is left behind");
+}
+
+#[test]
+fn kernel_thread_cannot_be_traced() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // pid 2 is kthreadd: a kernel thread, which ptrace refuses.
+    assert_eq!(std::fs::read_to_string("/proc/2/comm").expect("comm").trim(), "kthreadd");
+    let out = mcr(&["checkpoint", "-t", "2", "-D", s(&tmp.path().join("img"))]);
+    assert_fails(&out, 4, &["pid 2", "cannot trace", "PTRACE_SEIZE"]);
+}
+
+#[test]
+fn process_traced_by_someone_else() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let p = Proc::start(&mut g, &workload_bin("counter"), &[], None);
+    nix::sys::ptrace::seize(nix::unistd::Pid::from_raw(p.pid), nix::sys::ptrace::Options::empty()).expect("seize");
+    let out = mcr(&["checkpoint", "-t", &p.pid.to_string(), "-D", s(&tmp.path().join("img"))]);
+    assert_fails(&out, 5, &[&format!("pid {}", p.pid), "traced by pid"]);
+}
+
+/// Starts the memory workload, runs a checkpoint that must fail, checks the workload is
+/// intact afterwards.
+fn failing_checkpoint(dir: &Path, extra: &[&str], env: &[(&str, &str)], code: i32, needles: &[&str]) {
+    let mut g = Guard::new();
+    let mut p = Proc::start(&mut g, &workload_bin("memory"), &["16"], None);
+    let pid = p.pid.to_string();
+    let mut args = vec!["checkpoint", "-t", &pid, "-D", s(dir), "--shell-job"];
+    args.extend_from_slice(extra);
+    let out = Command::new(mcr_bin()).args(&args).envs(env.iter().copied()).output().expect("mcr");
+    let mut n = needles.to_vec();
+    let pid_s = format!("pid {pid}");
+    n.push(&pid_s);
+    assert_fails(&out, code, &n);
+    assert_pass(&p.check());
+    assert_eq!(p.wait(), 0);
+}
+
+#[test]
+fn images_dir_not_empty() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::write(tmp.path().join("something"), "x").expect("write");
+    failing_checkpoint(tmp.path(), &[], &[], 6, &["not empty"]);
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Mount(PathBuf);
+
+impl Mount {
+    fn tmpfs(at: &Path, opts: &str) -> Mount {
+        std::fs::create_dir_all(at).expect("mkdir");
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs", s(at)])
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mount -t tmpfs -o {opts}");
+        Mount(at.to_path_buf())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn images_dir_not_writable() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let m = Mount::tmpfs(&tmp.path().join("ro"), "ro,size=1m");
+    failing_checkpoint(&m.0, &[], &[], 6, &["not writable"]);
+}
+
+#[test]
+fn images_dir_runs_out_of_space() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let m = Mount::tmpfs(&tmp.path().join("small"), "size=2m");
+    let dir = m.0.join("img");
+    failing_checkpoint(&dir, &["--compress", "none"], &[], 6, &["No space left"]);
+    assert!(!dir.exists(), "the partial image is removed");
+}
+
+#[test]
+fn checkpoint_failing_late_leaves_the_workload_running() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("img");
+    failing_checkpoint(&dir, &[], &[("MCR_FAULT", "dump-after-pages")], 1, &["fault injected"]);
+    assert!(!dir.exists(), "the partial image is removed");
+}
+
+/// A checkpointed (killed) counter whose image is in `dir`; returns its pid.
+fn dumped_counter(dir: &Path) -> i32 {
+    let mut g = Guard::new();
+    let mut p = Proc::start(&mut g, &workload_bin("counter"), &[], None);
+    checkpoint(p.pid, dir, &[]);
+    p.wait();
+    p.pid
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("readdir").flatten() {
+        std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+    }
+}
+
+#[test]
+fn corrupt_image_is_refused_before_any_process_exists() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("img");
+    let pid = dumped_counter(&img);
+    for file in ["inventory", "core", "pages"] {
+        let len = std::fs::metadata(img.join(file)).expect("stat").len() as usize;
+        for at in [0, 5, 9, len / 2, len - 1] {
+            let bad = tmp.path().join(format!("bad-{file}-{at}"));
+            copy_dir(&img, &bad);
+            let mut bytes = std::fs::read(bad.join(file)).expect("read");
+            bytes[at] ^= 0x40;
+            std::fs::write(bad.join(file), bytes).expect("write");
+            let out = mcr(&["restore", "-D", s(&bad), "--shell-job", "-d"]);
+            assert_fails(&out, 6, &[file]);
+            assert!(!alive(pid), "a process was created from a corrupt image ({file} byte {at})");
+        }
+    }
+    // The intact image still restores: the refusals above were about the damage.
+    let mut g = Guard::new();
+    let mut r = restore(&mut g, &img, &[]);
+    assert_pass(&r.check());
+}
+
+#[test]
+fn truncated_image_is_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("img");
+    let pid = dumped_counter(&img);
+    let bytes = std::fs::read(img.join("pages")).expect("read");
+    std::fs::write(img.join("pages"), &bytes[..bytes.len() - 20]).expect("write");
+    let out = mcr(&["restore", "-D", s(&img), "--shell-job", "-d"]);
+    assert_fails(&out, 6, &["pages", "truncated"]);
+    assert!(!alive(pid));
+    let out = mcr(&["show", "-D", s(&img)]);
+    assert_fails(&out, 6, &["pages"]);
+}
+
+#[test]
+fn image_from_a_newer_format_is_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("img");
+    let pid = dumped_counter(&img);
+    let mut bytes = std::fs::read(img.join("inventory")).expect("read");
+    bytes[4] = 2;
+    std::fs::write(img.join("inventory"), bytes).expect("write");
+    let out = mcr(&["restore", "-D", s(&img), "--shell-job", "-d"]);
+    assert_fails(&out, 6, &["inventory", "version 2 is newer"]);
+    assert!(!alive(pid));
+}
+
+#[test]
+fn file_missing_under_root() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("img");
+    let pid = dumped_counter(&img);
+    let root = tmp.path().join("emptyroot");
+    std::fs::create_dir(&root).expect("mkdir");
+    let out = mcr(&["restore", "-D", s(&img), "--shell-job", "-d", "--root", s(&root)]);
+    assert_fails(&out, 8, &[&format!("pid {pid}"), "No such file"]);
+    assert!(!alive(pid));
+}
+
+#[test]
+fn file_changed_since_the_checkpoint() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    let img = tmp.path().join("img");
+    let mut g = Guard::new();
+    let mut p = Proc::start(&mut g, &workload_bin("files"), &[s(&data)], None);
+    checkpoint(p.pid, &img, &[]);
+    p.wait();
+    let mut f = std::fs::OpenOptions::new().append(true).open(data.join("data")).expect("open");
+    std::io::Write::write_all(&mut f, b"more").expect("append");
+    let out = mcr(&["restore", "-D", s(&img), "--shell-job", "-d"]);
+    assert_fails(&out, 8, &[&format!("pid {}", p.pid), "data", "changed since the checkpoint"]);
+    assert!(!alive(p.pid));
+}
+
+#[test]
+fn restore_failing_late_kills_what_it_made() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("img");
+    let pid = dumped_counter(&img);
+    let out = Command::new(mcr_bin())
+        .args(["restore", "-D", s(&img), "--shell-job", "-d"])
+        .env("MCR_FAULT", "restore-after-fill")
+        .output()
+        .expect("mcr");
+    assert_fails(&out, 1, &[&format!("pid {pid}"), "fault injected"]);
+    assert!(!alive(pid), "the half-made process survived");
+    let mut g = Guard::new();
+    let mut r = restore(&mut g, &img, &[]);
+    assert_pass(&r.check());
+}
