@@ -157,12 +157,25 @@ pub struct Proc {
 impl Proc {
     /// Starts `bin args` with piped stdio in `cwd` and waits for its READY line.
     pub fn start(guard: &mut Guard, bin: &Path, args: &[&str], cwd: Option<&Path>) -> Proc {
+        Self::start_until(guard, bin, args, cwd, Some("READY"))
+    }
+
+    /// Like [`start`](Self::start), waiting for a line starting with `ready` if given.
+    pub fn start_until(
+        guard: &mut Guard,
+        bin: &Path,
+        args: &[&str],
+        cwd: Option<&Path>,
+        ready: Option<&str>,
+    ) -> Proc {
         become_subreaper();
         let mut cmd = Command::new(bin);
         cmd.args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            // A pipe, never our own stderr: that may be a log file that keeps growing,
+            // which restore would rightly call a changed file.
+            .stderr(Stdio::piped());
         if let Some(d) = cwd {
             cmd.current_dir(d);
         }
@@ -173,7 +186,9 @@ impl Proc {
         guard.add(pid);
         let stdin = child.stdin.take().expect("stdin");
         let mut lines = Lines::new(child.stdout.take().expect("stdout"));
-        lines.expect_prefix("READY");
+        if let Some(ready) = ready {
+            lines.expect_prefix(ready);
+        }
         Proc {
             pid,
             stdin,

@@ -28,16 +28,30 @@ fn free_pid() -> i32 {
 fn missing_pid() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let pid = free_pid();
-    let out = mcr(&["checkpoint", "-t", &pid.to_string(), "-D", s(&tmp.path().join("img"))]);
+    let out = mcr(&[
+        "checkpoint",
+        "-t",
+        &pid.to_string(),
+        "-D",
+        s(&tmp.path().join("img")),
+    ]);
     assert_fails(&out, 3, &[&format!("pid {pid}"), "no such process"]);
-    assert!(!tmp.path().join("img").exists(), "no image directory is left behind");
+    assert!(
+        !tmp.path().join("img").exists(),
+        "no image directory is left behind"
+    );
 }
 
 #[test]
 fn kernel_thread_cannot_be_traced() {
     let tmp = tempfile::tempdir().expect("tempdir");
     // pid 2 is kthreadd: a kernel thread, which ptrace refuses.
-    assert_eq!(std::fs::read_to_string("/proc/2/comm").expect("comm").trim(), "kthreadd");
+    assert_eq!(
+        std::fs::read_to_string("/proc/2/comm")
+            .expect("comm")
+            .trim(),
+        "kthreadd"
+    );
     let out = mcr(&["checkpoint", "-t", "2", "-D", s(&tmp.path().join("img"))]);
     assert_fails(&out, 4, &["pid 2", "cannot trace", "PTRACE_SEIZE"]);
 }
@@ -47,20 +61,40 @@ fn process_traced_by_someone_else() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let mut g = Guard::new();
     let p = Proc::start(&mut g, &workload_bin("counter"), &[], None);
-    nix::sys::ptrace::seize(nix::unistd::Pid::from_raw(p.pid), nix::sys::ptrace::Options::empty()).expect("seize");
-    let out = mcr(&["checkpoint", "-t", &p.pid.to_string(), "-D", s(&tmp.path().join("img"))]);
+    nix::sys::ptrace::seize(
+        nix::unistd::Pid::from_raw(p.pid),
+        nix::sys::ptrace::Options::empty(),
+    )
+    .expect("seize");
+    let out = mcr(&[
+        "checkpoint",
+        "-t",
+        &p.pid.to_string(),
+        "-D",
+        s(&tmp.path().join("img")),
+    ]);
     assert_fails(&out, 5, &[&format!("pid {}", p.pid), "traced by pid"]);
 }
 
 /// Starts the memory workload, runs a checkpoint that must fail, checks the workload is
 /// intact afterwards.
-fn failing_checkpoint(dir: &Path, extra: &[&str], env: &[(&str, &str)], code: i32, needles: &[&str]) {
+fn failing_checkpoint(
+    dir: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    code: i32,
+    needles: &[&str],
+) {
     let mut g = Guard::new();
     let mut p = Proc::start(&mut g, &workload_bin("memory"), &["16"], None);
     let pid = p.pid.to_string();
     let mut args = vec!["checkpoint", "-t", &pid, "-D", s(dir), "--shell-job"];
     args.extend_from_slice(extra);
-    let out = Command::new(mcr_bin()).args(&args).envs(env.iter().copied()).output().expect("mcr");
+    let out = Command::new(mcr_bin())
+        .args(&args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("mcr");
     let mut n = needles.to_vec();
     let pid_s = format!("pid {pid}");
     n.push(&pid_s);
@@ -117,7 +151,13 @@ fn images_dir_runs_out_of_space() {
 fn checkpoint_failing_late_leaves_the_workload_running() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("img");
-    failing_checkpoint(&dir, &[], &[("MCR_FAULT", "dump-after-pages")], 1, &["fault injected"]);
+    failing_checkpoint(
+        &dir,
+        &[],
+        &[("MCR_FAULT", "dump-after-pages")],
+        1,
+        &["fault injected"],
+    );
     assert!(!dir.exists(), "the partial image is removed");
 }
 
@@ -152,7 +192,10 @@ fn corrupt_image_is_refused_before_any_process_exists() {
             std::fs::write(bad.join(file), bytes).expect("write");
             let out = mcr(&["restore", "-D", s(&bad), "--shell-job", "-d"]);
             assert_fails(&out, 6, &[file]);
-            assert!(!alive(pid), "a process was created from a corrupt image ({file} byte {at})");
+            assert!(
+                !alive(pid),
+                "a process was created from a corrupt image ({file} byte {at})"
+            );
         }
     }
     // The intact image still restores: the refusals above were about the damage.
@@ -195,7 +238,15 @@ fn file_missing_under_root() {
     let pid = dumped_counter(&img);
     let root = tmp.path().join("emptyroot");
     std::fs::create_dir(&root).expect("mkdir");
-    let out = mcr(&["restore", "-D", s(&img), "--shell-job", "-d", "--root", s(&root)]);
+    let out = mcr(&[
+        "restore",
+        "-D",
+        s(&img),
+        "--shell-job",
+        "-d",
+        "--root",
+        s(&root),
+    ]);
     assert_fails(&out, 8, &[&format!("pid {pid}"), "No such file"]);
     assert!(!alive(pid));
 }
@@ -210,10 +261,21 @@ fn file_changed_since_the_checkpoint() {
     let mut p = Proc::start(&mut g, &workload_bin("files"), &[s(&data)], None);
     checkpoint(p.pid, &img, &[]);
     p.wait();
-    let mut f = std::fs::OpenOptions::new().append(true).open(data.join("data")).expect("open");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(data.join("data"))
+        .expect("open");
     std::io::Write::write_all(&mut f, b"more").expect("append");
     let out = mcr(&["restore", "-D", s(&img), "--shell-job", "-d"]);
-    assert_fails(&out, 8, &[&format!("pid {}", p.pid), "data", "changed since the checkpoint"]);
+    assert_fails(
+        &out,
+        8,
+        &[
+            &format!("pid {}", p.pid),
+            "data",
+            "changed since the checkpoint",
+        ],
+    );
     assert!(!alive(p.pid));
 }
 

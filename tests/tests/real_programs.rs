@@ -1,0 +1,130 @@
+#![forbid(unsafe_code)]
+//! Programs we did not write, and a restore under another root.
+
+use mcr_tests::*;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const PYTHON_LOOP: &str = r#"
+import select, sys
+N = 200000
+state = {i: i * i for i in range(N)}
+n = 0
+sys.stdout.write("READY\n"); sys.stdout.flush()
+while True:
+    r, _, _ = select.select([sys.stdin], [], [], 0)
+    if r:
+        break
+    n += 1
+    k = n % N
+    state[k] = k * k
+sys.stdin.readline()
+ok = n > 0 and all(state[i] == i * i for i in range(N))
+print(("PASS" if ok else "FAIL") + " python iterations=%d" % n, flush=True)
+"#;
+
+#[test]
+fn python3_interpreter_keeps_its_state() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let p = Proc::start(&mut g, Path::new("python3"), &["-c", PYTHON_LOOP], None);
+    let mut r = round_trip(&mut g, p, &tmp.path().join("img"), &[], &[]);
+    let v = r.check();
+    assert_pass(&v);
+    assert_eq!(r.wait(), 0);
+    eprintln!("{v}");
+}
+
+/// Waits until `pid` sits in clock_nanosleep (syscall 230), read from /proc.
+fn wait_in_nanosleep(pid: i32) {
+    let deadline = Instant::now() + LINE_TIMEOUT;
+    loop {
+        let sc = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+        if sc.split(' ').next() == Some("230") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{pid} never reached nanosleep: {sc}"
+        );
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn coreutils_sleep_still_exits_at_the_right_time() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let t0 = Instant::now();
+    let mut p = Proc::start_until(&mut g, Path::new("sleep"), &["2"], None, None);
+    wait_in_nanosleep(p.pid);
+    let pid = p.pid;
+    checkpoint(pid, &tmp.path().join("img"), &[]);
+    assert_eq!(p.wait(), 128 + libc::SIGKILL);
+    let mut r = restore(&mut g, &tmp.path().join("img"), &[]);
+    assert_eq!(r.pid, pid);
+    assert_eq!(r.wait(), 0, "sleep exit status");
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "sleep 2 ended after {took:?}"
+    );
+    eprintln!("sleep 2 took {took:?} across checkpoint/restore");
+}
+
+/// Copies every file the image needs (from `mcr show --json`) under `root`, keeping
+/// mtimes, as an operator would prepare a mirror of the original root.
+fn mirror_needed_files(img: &Path, root: &Path) {
+    let out = mcr(&["show", "--json", "-D", img.to_str().expect("utf-8")]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    std::fs::create_dir_all(root).expect("mkdir root");
+    // Paths appear as "path":"/..." in the JSON; every one of them is needed.
+    let mut paths: Vec<&str> = text
+        .split("\"path\":\"")
+        .skip(1)
+        .filter_map(|s| s.split('"').next())
+        .collect();
+    paths.sort_unstable();
+    paths.dedup();
+    for p in paths {
+        let meta = std::fs::metadata(p).unwrap_or_else(|e| panic!("{p}: {e}"));
+        if meta.is_dir() {
+            std::fs::create_dir_all(root.join(p.trim_start_matches('/'))).expect("mkdir");
+            continue;
+        }
+        let dest = root.join(p.trim_start_matches('/'));
+        std::fs::create_dir_all(dest.parent().expect("parent")).expect("mkdir");
+        let st = Command::new("cp")
+            .args(["-a", p])
+            .arg(&dest)
+            .status()
+            .expect("cp");
+        assert!(st.success(), "cp -a {p} {}", dest.display());
+    }
+}
+
+#[test]
+fn restore_under_root_into_a_copy_of_the_files() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    let img = tmp.path().join("img");
+    let root = tmp.path().join("root");
+    let mut g = Guard::new();
+    let mut p = Proc::start(
+        &mut g,
+        &workload_bin("files"),
+        &[data.to_str().expect("utf-8"), "--moved"],
+        None,
+    );
+    checkpoint(p.pid, &img, &[]);
+    p.wait();
+    mirror_needed_files(&img, &root);
+    let mut r = restore(&mut g, &img, &["--root", root.to_str().expect("utf-8")]);
+    let seen_root = std::fs::read_link(format!("/proc/{}/root", r.pid)).expect("readlink root");
+    assert_eq!(seen_root, root.canonicalize().expect("canonical root"));
+    assert_pass(&r.check());
+    assert_eq!(r.wait(), 0);
+}
