@@ -3,6 +3,8 @@
 use super::{AfterDump, DumpError, Result, StepContext};
 use kext_shim::ptrace::{self, Regs};
 use kext_shim::{Errno, Pid};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use std::os::fd::AsFd;
 
 const PTRACE_EVENT_STOP: i32 = 128;
 
@@ -52,10 +54,29 @@ impl Frozen {
         self.released = true;
         match after {
             AfterDump::Kill => {
+                // Detach into a group stop and kill it there: it runs no instruction after
+                // its image was taken, and we never reap it (its parent may be waiting).
+                let pidfd = kext_shim::pidfd::pidfd_open(pid).step(pid, || "opening a pidfd".into())?;
+                ptrace::set_regs(pid, &self.regs).step(pid, || "restoring registers".into())?;
+                ptrace::detach(pid, libc::SIGSTOP).step(pid, || "detaching stopped".into())?;
                 kext_shim::clone::kill(pid, libc::SIGKILL).step(pid, || "killing it".into())?;
-                // As its tracer we see it die; its parent reaps it.
-                while let Ok(ptrace::Stop::Stopped { .. }) = ptrace::wait(pid) {
-                    let _ = ptrace::cont(pid, 0);
+                // A pidfd turns readable once the process has exited.
+                let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+                loop {
+                    match poll(&mut fds, PollTimeout::from(5000u16)) {
+                        Err(nix::errno::Errno::EINTR) => continue,
+                        Ok(0) => {
+                            return Err(DumpError::Kernel {
+                                pid: pid.as_raw(),
+                                step: "waiting for it to die".into(),
+                                source: kext_shim::Error::Unexpected {
+                                    pid: pid.as_raw(),
+                                    what: "still alive 5 s after SIGKILL".into(),
+                                },
+                            })
+                        }
+                        _ => break,
+                    }
                 }
                 Ok(())
             }

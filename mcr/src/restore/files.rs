@@ -153,7 +153,19 @@ pub fn open_all(p: &ProcessImage, root: &Path, shell_job: Option<[i32; 3]>) -> R
         plan.map_fds.push(n);
     }
     let exe = cx.open("executable", &p.mm.exe, libc::O_RDONLY as u32)?;
-    plan.exe_fd = plan.keep(exe);
+    // The stub starts as a copy of us, so its exe link already names our binary. When
+    // that is the image's too (mcr restoring an mcr-run workload), leave it: the kernel
+    // refuses to replace an exe link while that file is mapped, even by itself.
+    let ours = std::fs::metadata("/proc/self/exe").ok();
+    let theirs = exe.metadata().ok();
+    let same = match (ours, theirs) {
+        (Some(a), Some(b)) => {
+            use std::os::unix::fs::MetadataExt;
+            (a.dev(), a.ino()) == (b.dev(), b.ino())
+        }
+        _ => false,
+    };
+    plan.exe_fd = if same { -1 } else { plan.keep(exe) };
     let cwd = cx.open("cwd", &p.cwd, (libc::O_RDONLY | libc::O_DIRECTORY) as u32)?;
     plan.cwd_fd = plan.keep(cwd);
 
