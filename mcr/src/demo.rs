@@ -104,9 +104,15 @@ fn close_inherited_fds_on_exec() {
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
         return;
     };
-    for fd in dir.flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()) {
+    for fd in dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+    {
         if fd > 2 {
-            let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+            let _ = nix::fcntl::fcntl(
+                fd,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            );
         }
     }
 }
@@ -141,7 +147,12 @@ fn demo(mib: usize) -> Result<bool, Box<dyn std::error::Error>> {
         compression: Compression::FAST,
     })?;
     child.wait()?;
-    let total = ck.steps.iter().find(|s| s.0 == "total").map(|s| s.1).unwrap_or_default();
+    let total = ck
+        .steps
+        .iter()
+        .find(|s| s.0 == "total")
+        .map(|s| s.1)
+        .unwrap_or_default();
     println!(
         "  checkpoint: {} pages ({:.1} MiB, {:.1} MiB stored) in {} [{}]; pid {pid} killed",
         ck.stats.pages,
@@ -158,8 +169,19 @@ fn demo(mib: usize) -> Result<bool, Box<dyn std::error::Error>> {
     opts.stdio = [in_r.as_raw_fd(), out_w.as_raw_fd(), 2];
     let r = mcr::restore::restore(&opts)?;
     drop((in_r, out_w));
-    let total = r.steps.iter().find(|s| s.0 == "total").map(|s| s.1).unwrap_or_default();
-    println!("  restore: pid {} back with {} pages in {} [{}]", r.pid, r.pages, ms(total), steps(&r.steps));
+    let total = r
+        .steps
+        .iter()
+        .find(|s| s.0 == "total")
+        .map(|s| s.1)
+        .unwrap_or_default();
+    println!(
+        "  restore: pid {} back with {} pages in {} [{}]",
+        r.pid,
+        r.pages,
+        ms(total),
+        steps(&r.steps)
+    );
 
     let mut w = std::fs::File::from(in_w);
     writeln!(w, "CHECK")?;
@@ -167,7 +189,8 @@ fn demo(mib: usize) -> Result<bool, Box<dyn std::error::Error>> {
     BufReader::new(std::fs::File::from(out_r)).read_line(&mut verdict)?;
     let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(r.pid), None)?;
     println!("  workload says: {}", verdict.trim());
-    let ok = verdict.starts_with("PASS") && matches!(status, nix::sys::wait::WaitStatus::Exited(_, 0));
+    let ok =
+        verdict.starts_with("PASS") && matches!(status, nix::sys::wait::WaitStatus::Exited(_, 0));
     println!("mcr demo: {}", if ok { "PASS" } else { "FAIL" });
     Ok(ok)
 }

@@ -168,20 +168,25 @@ impl Proc {
         cwd: Option<&Path>,
         ready: Option<&str>,
     ) -> Proc {
-        become_subreaper();
         let mut cmd = Command::new(bin);
-        cmd.args(args)
-            .stdin(Stdio::piped())
+        cmd.args(args);
+        if let Some(d) = cwd {
+            cmd.current_dir(d);
+        }
+        Self::spawn(guard, cmd, ready)
+    }
+
+    /// Spawns `cmd` with piped stdio and waits for a line starting with `ready` if given.
+    pub fn spawn(guard: &mut Guard, mut cmd: Command, ready: Option<&str>) -> Proc {
+        become_subreaper();
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             // A pipe, never our own stderr: that may be a log file that keeps growing,
             // which restore would rightly call a changed file.
             .stderr(Stdio::piped());
-        if let Some(d) = cwd {
-            cmd.current_dir(d);
-        }
         let mut child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
+            .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
         let pid = child.id() as i32;
         guard.add(pid);
         let stdin = child.stdin.take().expect("stdin");

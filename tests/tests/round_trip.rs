@@ -116,3 +116,65 @@ fn kext_state(pid: i32) -> char {
         .next()
         .expect("state")
 }
+
+/// What /proc says a process is: cmdline, environ, exe, auxv, comm and the mm bounds.
+fn identity(pid: i32) -> Vec<String> {
+    let f = |n: &str| {
+        std::fs::read(format!("/proc/{pid}/{n}"))
+            .map(|b| format!("{n}: {b:?}"))
+            .expect(n)
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let fields: Vec<&str> = stat[stat.rfind(')').expect(")") + 2..].split(' ').collect();
+    // proc(5) numbering: start_code 26, end_code 27, start_stack 28, 45..=51 data/brk/arg/env.
+    let mm: Vec<&str> = [26, 27, 28, 45, 46, 47, 48, 49, 50, 51]
+        .iter()
+        .map(|&n| fields[n - 3])
+        .collect();
+    vec![
+        f("cmdline"),
+        f("environ"),
+        f("auxv"),
+        f("comm"),
+        format!(
+            "exe: {:?}",
+            std::fs::read_link(format!("/proc/{pid}/exe")).expect("exe")
+        ),
+        format!("mm: {mm:?}"),
+    ]
+}
+
+#[test]
+fn identity_cmdline_environ_exe_auxv_and_mm_bounds() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let mut cmd = std::process::Command::new(workload_bin("counter"));
+    cmd.arg("an-argument").env("MCR_TEST_MARK", "kept");
+    let p = Proc::spawn(&mut g, cmd, Some("READY"));
+    let before = identity(p.pid);
+    let mut r = round_trip(&mut g, p, &tmp.path().join("img"), &[], &[]);
+    assert_eq!(identity(r.pid), before);
+    assert_pass(&r.check());
+}
+
+#[test]
+fn unprivileged_credentials_come_back() {
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let mut cmd = std::process::Command::new(workload_bin("counter"));
+    cmd.uid(65534).gid(65534).current_dir("/");
+    let p = Proc::spawn(&mut g, cmd, Some("READY"));
+    let ids = |pid: i32| -> Vec<String> {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        st.lines()
+            .filter(|l| l.starts_with("Uid:") || l.starts_with("Gid:") || l.starts_with("Groups:"))
+            .map(str::to_string)
+            .collect()
+    };
+    let before = ids(p.pid);
+    assert!(before[0].contains("65534"), "{before:?}");
+    let mut r = round_trip(&mut g, p, &tmp.path().join("img"), &[], &[]);
+    assert_eq!(ids(r.pid), before);
+    assert_pass(&r.check());
+}

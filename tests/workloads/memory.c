@@ -6,6 +6,9 @@
  */
 #include "common.h"
 
+#include <signal.h>
+#include <sys/rseq.h>
+
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/mman.h>
@@ -23,6 +26,10 @@ static uint64_t *area;    /* the big anonymous area */
 static size_t npages;
 static uint32_t *gens;    /* per-page generation (small malloc: brk heap) */
 static uint64_t *heap;    /* large malloc: glibc serves it with mmap */
+static uint64_t *shared;  /* MAP_SHARED|MAP_ANONYMOUS */
+static uint64_t *rdonly;  /* written, then made read-only */
+static uint64_t *noaccess; /* written, then made PROT_NONE */
+#define SIDE_BYTES (1u << 20)
 static unsigned char *exe_map;
 static size_t exe_len;
 static char marker[48];
@@ -109,6 +116,28 @@ static void verify_exe_mapping(void)
     free(file);
 }
 
+static void on_usr1(int sig)
+{
+    (void)sig;
+}
+
+/*
+ * glibc registered rseq for this thread; the kernel rewrites the area's cpu_id when a
+ * signal is delivered, but only if the registration survived the restore.
+ */
+static void check_rseq(void)
+{
+    if (__rseq_size == 0)
+        return; /* glibc without rseq: nothing to check */
+    volatile uint32_t *cpu_id =
+        (volatile uint32_t *)((char *)__builtin_thread_pointer() + __rseq_offset + 4);
+    signal(SIGUSR1, on_usr1);
+    *cpu_id = 0xdeadbeef;
+    raise(SIGUSR1);
+    if (*cpu_id == 0xdeadbeef)
+        FAIL("rseq area not updated by the kernel: registration lost");
+}
+
 int main(int argc, char **argv)
 {
     size_t mib = argc > 1 ? strtoul(argv[1], NULL, 10) : 64;
@@ -130,6 +159,18 @@ int main(int argc, char **argv)
     fill(data_arr, ARR_WORDS, 0x44415441ull);
     fill(bss_arr, ARR_WORDS, 0x425353ull);
     setup_exe_mapping();
+
+    /* Memory a restore must fill past its protections, and shmem nobody names. */
+    shared = mmap(NULL, SIDE_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    rdonly = mmap(NULL, SIDE_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    noaccess = mmap(NULL, SIDE_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (shared == MAP_FAILED || rdonly == MAP_FAILED || noaccess == MAP_FAILED)
+        FAIL("setup: side mappings: %s", strerror(errno));
+    fill(shared, SIDE_BYTES / 8, 0x5348415245ull);
+    fill(rdonly, SIDE_BYTES / 8, 0x524f4e4c59ull);
+    fill(noaccess, SIDE_BYTES / 8, 0x4e4f4e45ull);
+    if (mprotect(rdonly, SIDE_BYTES, PROT_READ) || mprotect(noaccess, SIDE_BYTES, PROT_NONE))
+        FAIL("setup: mprotect: %s", strerror(errno));
 
     ready();
 
@@ -166,6 +207,15 @@ int main(int argc, char **argv)
     if ((w = verify(bss_arr, ARR_WORDS, 0x425353ull)) >= 0)
         FAIL(".bss array differs at word %ld", w);
     verify_exe_mapping();
+    if ((w = verify(shared, SIDE_BYTES / 8, 0x5348415245ull)) >= 0)
+        FAIL("shared anonymous mapping differs at word %ld", w);
+    if ((w = verify(rdonly, SIDE_BYTES / 8, 0x524f4e4c59ull)) >= 0)
+        FAIL("read-only mapping differs at word %ld", w);
+    if (mprotect(noaccess, SIDE_BYTES, PROT_READ))
+        FAIL("mprotect(PROT_NONE area): %s", strerror(errno));
+    if ((w = verify(noaccess, SIDE_BYTES / 8, 0x4e4f4e45ull)) >= 0)
+        FAIL("PROT_NONE mapping differs at word %ld", w);
+    check_rseq();
 
     /* Memory management on the restored address space. */
     void *brk_mem = sbrk(4 << 20);

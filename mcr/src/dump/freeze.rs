@@ -56,7 +56,8 @@ impl Frozen {
             AfterDump::Kill => {
                 // Detach into a group stop and kill it there: it runs no instruction after
                 // its image was taken, and we never reap it (its parent may be waiting).
-                let pidfd = kext_shim::pidfd::pidfd_open(pid).step(pid, || "opening a pidfd".into())?;
+                let pidfd =
+                    kext_shim::pidfd::pidfd_open(pid).step(pid, || "opening a pidfd".into())?;
                 ptrace::set_regs(pid, &self.regs).step(pid, || "restoring registers".into())?;
                 ptrace::detach(pid, libc::SIGSTOP).step(pid, || "detaching stopped".into())?;
                 kext_shim::clone::kill(pid, libc::SIGKILL).step(pid, || "killing it".into())?;

@@ -15,6 +15,8 @@ pub struct Answers {
     pub sigactions: Vec<SigAction>,
     pub altstack: AltStack,
     pub brk: u64,
+    /// PR_GET_DUMPABLE: a credential change at restore resets it, so it is set back.
+    pub dumpable: u32,
 }
 
 /// Locates a `syscall` instruction in the process's vDSO.
@@ -94,10 +96,18 @@ fn ask_with(inj: &mut Injector, handled: u64) -> Result<Answers> {
         let brk = inj
             .call(libc::SYS_brk, [0; 6], || "brk(0)".into())
             .step(pid, || "reading brk".into())?;
+        let dumpable = inj
+            .call(
+                libc::SYS_prctl,
+                [libc::PR_GET_DUMPABLE as u64, 0, 0, 0, 0, 0],
+                || "prctl(PR_GET_DUMPABLE)".into(),
+            )
+            .step(pid, || "reading the dumpable flag".into())? as u32;
         Ok(Answers {
             sigactions,
             altstack,
             brk,
+            dumpable,
         })
     })();
     let unmapped = inj

@@ -156,6 +156,7 @@ pub fn collect(frozen: &mut Frozen, shell_job: bool) -> Result<ProcessImage> {
         cwd,
         root,
         umask: status.octal("Umask").step(pid, || "parsing Umask".into())?,
+        dumpable: answers.dumpable,
         personality: procfs::read_personality(pid).step(pid, || "reading personality".into())?,
         rlimits: procfs::read_limits(pid).step(pid, || "reading limits".into())?,
         sigactions: answers.sigactions,

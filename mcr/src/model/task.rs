@@ -20,6 +20,8 @@ pub struct ProcessImage {
     pub root: String,
     pub umask: u32,
     pub personality: u32,
+    /// PR_GET_DUMPABLE (0, 1 or 2).
+    pub dumpable: u32,
     /// (soft, hard) per RLIMIT_*, in kernel order; u64::MAX is unlimited.
     pub rlimits: Vec<(u64, u64)>,
     /// Index n holds the action of signal n+1.

@@ -227,6 +227,11 @@ pub fn rebuild(
             || "clearing the parent-death signal".into(),
         )?;
         set_creds(cx, p)?;
+        cx.call(
+            libc::SYS_prctl,
+            [libc::PR_SET_DUMPABLE as u64, p.dumpable as u64, 0, 0, 0, 0],
+            || format!("prctl(PR_SET_DUMPABLE, {})", p.dumpable),
+        )?;
         let t = &p.threads[0];
         if let Some(r) = t.rseq {
             cx.call(
