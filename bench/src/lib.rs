@@ -1,1 +1,83 @@
 #![forbid(unsafe_code)]
+//! Shared pieces of the benchmarks: the sample workload and where images go.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+
+/// The `mcr` binary next to the bench binary (target/<profile>/mcr).
+pub fn mcr_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>")
+        .join("mcr");
+    assert!(
+        bin.exists(),
+        "{} is missing: cargo build --release -p mcr",
+        bin.display()
+    );
+    bin
+}
+
+/// Images go to tmpfs, as the figures in the README assume.
+pub fn image_root() -> PathBuf {
+    PathBuf::from("/dev/shm")
+}
+
+/// Fds we inherited must not leak into the workload (every fd is dumped).
+pub fn close_inherited_fds_on_exec() {
+    for e in std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .flatten()
+    {
+        if let Some(fd) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) {
+            if fd > 2 {
+                let _ = nix::fcntl::fcntl(
+                    fd,
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+                );
+            }
+        }
+    }
+}
+
+/// `mcr demo-workload`: `mib` MiB of incompressible memory, rewritten continuously.
+pub struct Workload {
+    pub child: Child,
+    pub pid: i32,
+    /// Held open so the workload never sees EOF and keeps running.
+    _stdin: ChildStdin,
+}
+
+impl Workload {
+    pub fn start(mib: usize) -> Workload {
+        close_inherited_fds_on_exec();
+        let mut child = Command::new(mcr_bin())
+            .args(["demo-workload", "--mib", &mib.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawning the workload");
+        let stdin = child.stdin.take().expect("stdin");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().expect("stdout"))
+            .read_line(&mut line)
+            .expect("reading READY");
+        assert_eq!(line.trim(), "READY");
+        Workload {
+            pid: child.id() as i32,
+            child,
+            _stdin: stdin,
+        }
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -9,5 +9,6 @@ pub mod dump;
 pub mod fault;
 pub mod image;
 pub mod model;
+mod par;
 pub mod restore;
 pub mod show;

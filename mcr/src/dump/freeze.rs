@@ -87,7 +87,26 @@ impl Frozen {
             }
             AfterDump::LeaveStopped => {
                 ptrace::set_regs(pid, &self.regs).step(pid, || "restoring registers".into())?;
-                ptrace::detach(pid, libc::SIGSTOP).step(pid, || "detaching stopped".into())
+                ptrace::detach(pid, libc::SIGSTOP).step(pid, || "detaching stopped".into())?;
+                // The stop happens once the task runs again to take SIGSTOP; promise it
+                // has happened by the time we return.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+                while kext_shim::procfs::Stat::read(pid)
+                    .is_ok_and(|s| !matches!(s.state(), 'T' | 't'))
+                {
+                    if std::time::Instant::now() > deadline {
+                        return Err(DumpError::Kernel {
+                            pid: pid.as_raw(),
+                            step: "waiting for it to stop".into(),
+                            source: kext_shim::Error::Unexpected {
+                                pid: pid.as_raw(),
+                                what: "not stopped 2 s after SIGSTOP".into(),
+                            },
+                        });
+                    }
+                    std::thread::sleep(std::time::Duration::from_micros(100));
+                }
+                Ok(())
             }
         }
     }

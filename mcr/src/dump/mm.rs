@@ -1,8 +1,10 @@
 //! The address space: classifying VMAs and copying the pages that only memory holds.
 
 use super::{DumpError, Result, StepContext};
-use crate::image::ImageWriter;
+use crate::image::pages::CHUNK_PAGES;
+use crate::image::{ImageWriter, CHUNK_PREFIX};
 use crate::model::{FileRef, MmFields, MmImage, Vma, VmaAdvice, VmaKind};
+use crate::par;
 use kext_shim::mem::{read_remote, zero_pfn, Pagemap, PagemapEntry, ProcMem};
 use kext_shim::procfs::{self, FileIdentity, MapEntry, Stat};
 use kext_shim::{Pid, PAGE_SIZE};
@@ -138,16 +140,20 @@ fn page_needed(kind: VmaKind, shared: bool, e: PagemapEntry, zero: Option<u64>) 
     }
 }
 
-/// Largest read per call: big enough to amortise the syscall, small enough for cache.
-const READ_PAGES: u64 = 256;
+/// A run of needed pages: at most one chunk, all in one VMA.
+struct Job {
+    addr: u64,
+    pages: usize,
+    readable: bool,
+}
 
-/// Writes every page that only memory holds into the image.
-pub fn dump_pages(pid: Pid, mm: &MmImage, w: &mut ImageWriter) -> Result<()> {
+/// Writes every page that only memory holds into the image, reading and writing on
+/// every core.
+pub fn dump_pages(pid: Pid, mm: &MmImage, w: &ImageWriter) -> Result<()> {
     let raw = pid.as_raw();
     let pagemap = Pagemap::open(pid).step(pid, || "opening pagemap".into())?;
     let zero = zero_pfn();
-    let mut procmem: Option<ProcMem> = None;
-    let mut buf = vec![0u8; (READ_PAGES * PAGE_SIZE) as usize];
+    let mut jobs = Vec::new();
     for v in &mm.vmas {
         if matches!(v.kind, VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock)
             || (v.shared && !matches!(v.kind, VmaKind::SharedAnonymous))
@@ -165,28 +171,40 @@ pub fn dump_pages(pid: Pid, mm: &MmImage, w: &mut ImageWriter) -> Result<()> {
             }
             let first = i;
             while i < entries.len()
-                && (i - first) < READ_PAGES as usize
+                && (i - first) < CHUNK_PAGES
                 && page_needed(v.kind, v.shared, entries[i], zero)
             {
                 i += 1;
             }
-            let addr = v.start + first as u64 * PAGE_SIZE;
-            let len = ((i - first) as u64 * PAGE_SIZE) as usize;
-            let data = &mut buf[..len];
-            if v.prot & libc::PROT_READ != 0 {
-                read_remote(pid, addr, data)
-            } else {
-                // process_vm_readv honours protections; /proc/PID/mem does not.
-                if procmem.is_none() {
-                    procmem =
-                        Some(ProcMem::open(pid).step(pid, || "opening /proc/PID/mem".into())?);
-                }
-                procmem.as_ref().expect("just opened").read(addr, data)
-            }
-            .step(pid, || format!("reading memory at {addr:#x}+{len:#x}"))?;
-            w.write_pages(raw, addr, data)
-                .map_err(|source| DumpError::Image { pid: raw, source })?;
+            jobs.push(Job {
+                addr: v.start + first as u64 * PAGE_SIZE,
+                pages: i - first,
+                readable: v.prot & libc::PROT_READ != 0,
+            });
         }
     }
-    Ok(())
+    let bytes: u64 = jobs.iter().map(|j| j.pages as u64 * PAGE_SIZE).sum();
+    // process_vm_readv honours protections; /proc/PID/mem does not.
+    let procmem = if jobs.iter().any(|j| !j.readable) {
+        Some(ProcMem::open(pid).step(pid, || "opening /proc/PID/mem".into())?)
+    } else {
+        None
+    };
+    par::for_each(
+        &jobs,
+        par::workers_for(bytes),
+        || vec![0u8; CHUNK_PREFIX + CHUNK_PAGES * PAGE_SIZE as usize],
+        |buf, j| {
+            let len = j.pages * PAGE_SIZE as usize;
+            let buf = &mut buf[..CHUNK_PREFIX + len];
+            let data = &mut buf[CHUNK_PREFIX..];
+            match &procmem {
+                Some(m) if !j.readable => m.read(j.addr, data),
+                _ => read_remote(pid, j.addr, data),
+            }
+            .step(pid, || format!("reading memory at {:#x}+{len:#x}", j.addr))?;
+            w.write_chunk(raw, j.addr, buf)
+                .map_err(|source| DumpError::Image { pid: raw, source })
+        },
+    )
 }

@@ -128,8 +128,7 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
         let process = task::collect(&mut frozen, opts.shell_job)?;
         steps.push(("collect state", t.elapsed()));
         let t = Instant::now();
-        let mut writer = writer;
-        mm::dump_pages(pid, &process.mm, &mut writer)?;
+        mm::dump_pages(pid, &process.mm, &writer)?;
         steps.push(("dump pages", t.elapsed()));
         if crate::fault::armed(crate::fault::DUMP_AFTER_PAGES) {
             return Err(DumpError::FaultInjected {

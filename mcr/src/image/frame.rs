@@ -64,12 +64,23 @@ pub struct Frame<'a> {
     pub offset: u64,
 }
 
-/// Checks a whole file: header, every frame's length and crc, and the end frame. Returns
-/// the frames before the end frame.
+/// A frame as found, before its crc was checked.
+struct RawFrame<'a> {
+    at: usize,
+    kind: u16,
+    flags: u16,
+    crc: u32,
+    header: &'a [u8],
+    payload: &'a [u8],
+}
+
+/// Checks a whole file: header, every frame's length and crc (on `workers` threads: a
+/// pages file is mostly crc work), and the end frame. Returns the frames before the end.
 pub fn check_file<'a>(
     path: &str,
     bytes: &'a [u8],
     expect: (&'static str, u16),
+    workers: usize,
 ) -> Result<Vec<Frame<'a>>> {
     if bytes.len() < FILE_HEADER_LEN || &bytes[..4] != MAGIC {
         return Err(ImageError::BadMagic { path: path.into() });
@@ -92,7 +103,7 @@ pub fn check_file<'a>(
             found: kind,
         });
     }
-    let mut frames = Vec::new();
+    let mut raw = Vec::new();
     let mut off = FILE_HEADER_LEN;
     loop {
         if bytes.len() - off < FRAME_HEADER_LEN {
@@ -100,9 +111,6 @@ pub fn check_file<'a>(
         }
         let h = &bytes[off..off + FRAME_HEADER_LEN];
         let len = u32::from_le_bytes(h[..4].try_into().expect("4 bytes")) as usize;
-        let kind = u16::from_le_bytes([h[4], h[5]]);
-        let flags = u16::from_le_bytes([h[6], h[7]]);
-        let crc = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
         let start = off + FRAME_HEADER_LEN;
         if bytes.len() - start < len {
             return Err(corrupt(
@@ -111,46 +119,70 @@ pub fn check_file<'a>(
                 &format!("frame of {len} bytes runs past the end"),
             ));
         }
-        let payload = &bytes[start..start + len];
-        let mut hasher = crc32fast::Hasher::new();
-        hasher.update(&h[..8]);
-        hasher.update(payload);
-        if hasher.finalize() != crc {
-            return Err(corrupt(path, off as u64, "crc mismatch"));
-        }
-        let kind = FrameKind::from_u16(kind)
-            .ok_or_else(|| corrupt(path, off as u64, &format!("unknown frame kind {kind}")))?;
-        if flags != 0 {
-            return Err(corrupt(
-                path,
-                off as u64,
-                &format!("unknown frame flags {flags:#x}"),
-            ));
-        }
+        let f = RawFrame {
+            at: off,
+            kind: u16::from_le_bytes([h[4], h[5]]),
+            flags: u16::from_le_bytes([h[6], h[7]]),
+            crc: u32::from_le_bytes(h[8..12].try_into().expect("4 bytes")),
+            header: &h[..8],
+            payload: &bytes[start..start + len],
+        };
         off = start + len;
-        if kind == FrameKind::End {
-            let count = payload
-                .try_into()
-                .map(u64::from_le_bytes)
-                .map_err(|_| corrupt(path, start as u64, "bad end frame"))?;
-            if count != frames.len() as u64 {
+        let end = f.kind == FrameKind::End as u16;
+        raw.push(f);
+        if end {
+            break;
+        }
+    }
+    crate::par::for_each(
+        &raw,
+        workers,
+        || (),
+        |_, f| {
+            let mut hasher = crc32fast::Hasher::new();
+            hasher.update(f.header);
+            hasher.update(f.payload);
+            if hasher.finalize() == f.crc {
+                Ok(())
+            } else {
+                Err(f.at)
+            }
+        },
+    )
+    .map_err(|at| corrupt(path, at as u64, "crc mismatch"))?;
+    let end = raw.pop().expect("the loop ends on an end frame");
+    let count = <[u8; 8]>::try_from(end.payload)
+        .map(u64::from_le_bytes)
+        .map_err(|_| corrupt(path, end.at as u64, "bad end frame"))?;
+    if count != raw.len() as u64 {
+        return Err(corrupt(
+            path,
+            end.at as u64,
+            &format!("end frame counts {count} frames, found {}", raw.len()),
+        ));
+    }
+    if off != bytes.len() {
+        return Err(corrupt(path, off as u64, "bytes after the end frame"));
+    }
+    raw.into_iter()
+        .map(|f| {
+            let kind = FrameKind::from_u16(f.kind).ok_or_else(|| {
+                corrupt(path, f.at as u64, &format!("unknown frame kind {}", f.kind))
+            })?;
+            if f.flags != 0 {
                 return Err(corrupt(
                     path,
-                    start as u64,
-                    &format!("end frame counts {count} frames, found {}", frames.len()),
+                    f.at as u64,
+                    &format!("unknown frame flags {:#x}", f.flags),
                 ));
             }
-            if off != bytes.len() {
-                return Err(corrupt(path, off as u64, "bytes after the end frame"));
-            }
-            return Ok(frames);
-        }
-        frames.push(Frame {
-            kind,
-            payload,
-            offset: start as u64,
-        });
-    }
+            Ok(Frame {
+                kind,
+                payload: f.payload,
+                offset: (f.at + FRAME_HEADER_LEN) as u64,
+            })
+        })
+        .collect()
 }
 
 pub fn corrupt(path: &str, offset: u64, what: &str) -> ImageError {

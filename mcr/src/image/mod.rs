@@ -23,7 +23,7 @@ mod write;
 pub use frame::{FrameKind, FILE_CORE, FILE_INVENTORY, FILE_PAGES};
 pub use pages::{Compression, PageChunk};
 pub use read::Image;
-pub use write::{ImageWriter, WriteStats};
+pub use write::{ImageWriter, WriteStats, CHUNK_PREFIX};
 
 /// The format this build writes and the newest it reads.
 pub const FORMAT_VERSION: u16 = 1;

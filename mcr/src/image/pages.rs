@@ -87,11 +87,21 @@ pub fn chunk_header(pid: i32, addr: u64, n_pages: u32, compressed: bool) -> [u8;
     h
 }
 
+/// Bytes compressed first to judge whether a chunk is worth compressing at all.
+const SAMPLE: usize = 16 << 10;
+
 /// Compresses `raw` if that saves at least an eighth; None when raw storage is better.
+/// Incompressible memory (most of a real heap) costs only a sample's worth of work.
 pub fn compress(raw: &[u8], c: Compression) -> Option<Vec<u8>> {
     let Compression::Zstd(level) = c else {
         return None;
     };
+    if raw.len() > 4 * SAMPLE {
+        let s = zstd::bulk::compress(&raw[..SAMPLE], level).ok()?;
+        if s.len() >= SAMPLE - SAMPLE / 8 {
+            return None;
+        }
+    }
     let out = zstd::bulk::compress(raw, level).ok()?;
     (out.len() < raw.len() - raw.len() / 8).then_some(out)
 }

@@ -30,7 +30,7 @@ impl Image {
         let inv_path = dir.join(FILE_INVENTORY.0);
         let inv_bytes = std::fs::read(&inv_path).map_err(|e| io(&inv_path, e))?;
         let p = inv_path.display().to_string();
-        let frames = check_file(&p, &inv_bytes, FILE_INVENTORY)?;
+        let frames = check_file(&p, &inv_bytes, FILE_INVENTORY, 1)?;
         let [f] = frames[..] else {
             return Err(corrupt(
                 &p,
@@ -55,7 +55,7 @@ impl Image {
         let core_bytes = std::fs::read(&core_path).map_err(|e| io(&core_path, e))?;
         let p = core_path.display().to_string();
         let mut processes = Vec::new();
-        for f in check_file(&p, &core_bytes, FILE_CORE)? {
+        for f in check_file(&p, &core_bytes, FILE_CORE, 1)? {
             if f.kind != FrameKind::Process {
                 return Err(corrupt(
                     &p,
@@ -83,7 +83,12 @@ impl Image {
             source: std::io::Error::other(e.to_string()),
         })?;
         let mut chunks = Vec::new();
-        for f in check_file(&p, &pages, FILE_PAGES)? {
+        for f in check_file(
+            &p,
+            &pages,
+            FILE_PAGES,
+            crate::par::workers_for(pages.len() as u64),
+        )? {
             if f.kind != FrameKind::PageChunk {
                 return Err(corrupt(
                     &p,

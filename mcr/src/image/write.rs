@@ -1,14 +1,20 @@
 //! Writing an image directory.
 
-use super::frame::{file_header, frame_header, FrameKind, FILE_CORE, FILE_INVENTORY, FILE_PAGES};
-use super::pages::{chunk_header, compress, Compression, CHUNK_PAGES};
+use super::frame::{
+    file_header, frame_header, FrameKind, FILE_CORE, FILE_HEADER_LEN, FILE_INVENTORY, FILE_PAGES,
+    FRAME_HEADER_LEN,
+};
+use super::pages::{chunk_header, compress, Compression, CHUNK_HEADER_LEN, CHUNK_PAGES};
 use super::{codec, ImageError, Result};
 use crate::model::Snapshot;
 use kext_shim::PAGE_SIZE;
 use std::fs::{DirBuilder, File, OpenOptions};
-use std::io::{IoSlice, Write};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 /// What a finished image holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -27,12 +33,19 @@ pub struct ImageWriter {
     dir: PathBuf,
     created_dir: bool,
     pages: Option<File>,
-    pages_frames: u64,
+    /// Where the next chunk goes in the pages file; chunks are self-describing, so
+    /// writers running in parallel just reserve their room here.
+    pages_end: AtomicU64,
+    pages_frames: AtomicU64,
     compression: Compression,
-    stats: WriteStats,
+    stats: Mutex<WriteStats>,
     written: Vec<PathBuf>,
     finished: bool,
 }
+
+/// Room a page buffer keeps in front of its data for the frame and chunk headers, so a
+/// raw chunk goes to the file in one write without being copied.
+pub const CHUNK_PREFIX: usize = FRAME_HEADER_LEN + CHUNK_HEADER_LEN;
 
 fn io(path: &Path, source: std::io::Error) -> ImageError {
     ImageError::Io {
@@ -85,9 +98,10 @@ impl ImageWriter {
             dir: dir.to_path_buf(),
             created_dir,
             pages: None,
-            pages_frames: 0,
+            pages_end: AtomicU64::new(FILE_HEADER_LEN as u64),
+            pages_frames: AtomicU64::new(0),
             compression,
-            stats: WriteStats::default(),
+            stats: Mutex::new(WriteStats::default()),
             written: Vec::new(),
             finished: false,
         };
@@ -115,42 +129,50 @@ impl ImageWriter {
         self.compression
     }
 
-    /// Appends the pages at `addr` of `pid`; `data` is a whole number of pages.
-    pub fn write_pages(&mut self, pid: i32, addr: u64, data: &[u8]) -> Result<()> {
-        debug_assert_eq!(data.len() as u64 % PAGE_SIZE, 0);
-        let chunk_bytes = CHUNK_PAGES * PAGE_SIZE as usize;
-        for (i, raw) in data.chunks(chunk_bytes).enumerate() {
-            let a = addr + (i * chunk_bytes) as u64;
-            let n = (raw.len() as u64 / PAGE_SIZE) as u32;
-            let packed = compress(raw, self.compression);
-            let body: &[u8] = packed.as_deref().unwrap_or(raw);
-            let ch = chunk_header(pid, a, n, packed.is_some());
-            let fh = frame_header(FrameKind::PageChunk, 0, &[&ch, body]);
-            self.write_pages_vectored(&[&fh, &ch, body])?;
-            self.pages_frames += 1;
-            self.stats.chunks += 1;
-            self.stats.pages += n as u64;
-            self.stats.raw_bytes += raw.len() as u64;
-            self.stats.stored_bytes += body.len() as u64;
-            self.stats.compressed_chunks += packed.is_some() as u64;
-        }
+    /// Writes one chunk: `buf` holds [`CHUNK_PREFIX`] spare bytes, then at most
+    /// [`CHUNK_PAGES`] pages read from `addr` of `pid`. Safe to call from several threads.
+    pub fn write_chunk(&self, pid: i32, addr: u64, buf: &mut [u8]) -> Result<()> {
+        let raw_len = buf.len() - CHUNK_PREFIX;
+        debug_assert_eq!(raw_len as u64 % PAGE_SIZE, 0);
+        debug_assert!(raw_len <= CHUNK_PAGES * PAGE_SIZE as usize);
+        let n = (raw_len as u64 / PAGE_SIZE) as u32;
+        let packed = compress(&buf[CHUNK_PREFIX..], self.compression);
+        let path = self.dir.join(FILE_PAGES.0);
+        let f = self.pages.as_ref().expect("pages file open until finish");
+        let ch = chunk_header(pid, addr, n, packed.is_some());
+        let stored = match &packed {
+            Some(body) => {
+                let fh = frame_header(FrameKind::PageChunk, 0, &[&ch, body]);
+                let at = self.reserve(FRAME_HEADER_LEN + CHUNK_HEADER_LEN + body.len());
+                let mut head = [0u8; CHUNK_PREFIX];
+                head[..FRAME_HEADER_LEN].copy_from_slice(&fh);
+                head[FRAME_HEADER_LEN..].copy_from_slice(&ch);
+                f.write_all_at(&head, at)
+                    .and_then(|_| f.write_all_at(body, at + CHUNK_PREFIX as u64))
+                    .map_err(|e| io(&path, e))?;
+                body.len()
+            }
+            None => {
+                let fh = frame_header(FrameKind::PageChunk, 0, &[&ch, &buf[CHUNK_PREFIX..]]);
+                buf[..FRAME_HEADER_LEN].copy_from_slice(&fh);
+                buf[FRAME_HEADER_LEN..CHUNK_PREFIX].copy_from_slice(&ch);
+                let at = self.reserve(buf.len());
+                f.write_all_at(buf, at).map_err(|e| io(&path, e))?;
+                raw_len
+            }
+        };
+        self.pages_frames.fetch_add(1, Ordering::Relaxed);
+        let mut st = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        st.chunks += 1;
+        st.pages += n as u64;
+        st.raw_bytes += raw_len as u64;
+        st.stored_bytes += stored as u64;
+        st.compressed_chunks += packed.is_some() as u64;
         Ok(())
     }
 
-    fn write_pages_vectored(&mut self, parts: &[&[u8]]) -> Result<()> {
-        let path = self.dir.join(FILE_PAGES.0);
-        let f = self.pages.as_mut().expect("pages file open until finish");
-        let mut slices: Vec<IoSlice> = parts.iter().map(|p| IoSlice::new(p)).collect();
-        let mut bufs = &mut slices[..];
-        while !bufs.is_empty() {
-            match f.write_vectored(bufs) {
-                Ok(0) => return Err(io(&path, std::io::ErrorKind::WriteZero.into())),
-                Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io(&path, e)),
-            }
-        }
-        Ok(())
+    fn reserve(&self, len: usize) -> u64 {
+        self.pages_end.fetch_add(len as u64, Ordering::Relaxed)
     }
 
     /// Writes the core and inventory, seals every file with its end frame and syncs them.
@@ -163,9 +185,10 @@ impl ImageWriter {
             v
         };
         let pages_path = self.dir.join(FILE_PAGES.0);
-        let mut pages = self.pages.take().expect("pages file open until finish");
+        let pages = self.pages.take().expect("pages file open until finish");
+        let at = *self.pages_end.get_mut();
         pages
-            .write_all(&end(self.pages_frames))
+            .write_all_at(&end(*self.pages_frames.get_mut()), at)
             .and_then(|_| pages.sync_all())
             .map_err(|e| io(&pages_path, e))?;
         drop(pages);
@@ -190,7 +213,7 @@ impl ImageWriter {
             .and_then(|d| d.sync_all())
             .map_err(|e| io(&self.dir, e))?;
         self.finished = true;
-        Ok(self.stats)
+        Ok(*self.stats.get_mut().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn write_small(&mut self, name: &str, bytes: &[u8]) -> Result<()> {

@@ -95,6 +95,7 @@ impl Ctx<'_> {
     ) -> Result<T> {
         let t = Instant::now();
         let r = f(self)?;
+        tracing::debug!(pid = self.pid, step = name, injected = self.inj.calls(), elapsed = ?t.elapsed());
         self.steps.push((name, t.elapsed()));
         Ok(r)
     }
@@ -410,46 +411,40 @@ fn map_vma(cx: &mut Ctx, v: &Vma, fds: &FdNumbers) -> Result<()> {
 }
 
 /// Copies the image's pages in: process_vm_writev where the mapping is writable,
-/// /proc/PID/mem (which ignores protections) where it is not.
+/// /proc/PID/mem (which ignores protections) where it is not, on every core: the cost
+/// is the first touch of the new pages, which scales with cores.
 fn fill(cx: &mut Ctx, p: &ProcessImage, image: &Image) -> Result<u64> {
     let pid = kext_shim::Pid::from_raw(cx.pid);
-    let mut pages = 0u64;
-    let mut batch: Vec<(u64, &[u8])> = Vec::new();
-    let mut buf = Vec::new();
+    let raw = cx.pid;
     let chunks: Vec<_> = image.chunks_of(p.pid).collect();
-    for c in &chunks {
-        let end = c.addr + c.len_bytes() as u64;
-        let v =
-            p.mm.vmas
-                .iter()
-                .find(|v| v.start <= c.addr && end <= v.end)
-                .expect("checked when the image was opened");
-        pages += c.n_pages as u64;
-        if !c.compressed && v.writable() {
-            batch.push((c.addr, c.data));
-            if batch.len() == kext_shim::mem::MAX_IOV {
-                write_remote_ranges(pid, &batch).step(cx.pid, || "writing pages".into())?;
-                batch.clear();
+    let pages: u64 = chunks.iter().map(|c| c.n_pages as u64).sum();
+    let mem = &cx.mem;
+    crate::par::for_each(
+        &chunks,
+        crate::par::workers_for(pages * PAGE_SIZE),
+        Vec::new,
+        |buf, c| {
+            let end = c.addr + c.len_bytes() as u64;
+            let v =
+                p.mm.vmas
+                    .iter()
+                    .find(|v| v.start <= c.addr && end <= v.end)
+                    .expect("checked when the image was opened");
+            let data = c.pages(buf).map_err(|e| {
+                RestoreError::Image(crate::image::ImageError::Corrupt {
+                    path: image.dir.join("pages").display().to_string(),
+                    offset: 0,
+                    what: format!("chunk at {:#x}: {e}", c.addr),
+                })
+            })?;
+            if v.writable() {
+                write_remote_ranges(pid, &[(c.addr, data)])
+            } else {
+                mem.write(c.addr, data)
             }
-            continue;
-        }
-        let data = c.pages(&mut buf).map_err(|e| {
-            RestoreError::Image(crate::image::ImageError::Corrupt {
-                path: image.dir.join("pages").display().to_string(),
-                offset: 0,
-                what: format!("chunk at {:#x}: {e}", c.addr),
-            })
-        })?;
-        if v.writable() {
-            write_remote_ranges(pid, &[(c.addr, data)])
-        } else {
-            cx.mem.write(c.addr, data)
-        }
-        .step(cx.pid, || format!("writing pages at {:#x}", c.addr))?;
-    }
-    if !batch.is_empty() {
-        write_remote_ranges(pid, &batch).step(cx.pid, || "writing pages".into())?;
-    }
+            .step(raw, || format!("writing pages at {:#x}", c.addr))
+        },
+    )?;
     Ok(pages)
 }
 

@@ -1,0 +1,103 @@
+#![forbid(unsafe_code)]
+//! Checkpoint and restore of one process with 16, 256 and 1024 MiB of incompressible
+//! private memory, images on tmpfs, no compression.
+//!
+//! `cargo bench -p mcr-bench --bench checkpoint_restore`
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode};
+use mcr::dump::{AfterDump, CheckpointOptions};
+use mcr::image::Compression;
+use mcr::restore::RestoreOptions;
+use mcr_bench::{image_root, Workload};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+const SIZES_MIB: [usize; 3] = [16, 256, 1024];
+
+fn checkpoint(c: &mut Criterion) {
+    let mut g = c.benchmark_group("checkpoint");
+    g.sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500));
+    for mib in SIZES_MIB {
+        let w = Workload::start(mib);
+        let dir = tempfile::tempdir_in(image_root()).expect("tempdir");
+        g.bench_with_input(
+            BenchmarkId::from_parameter(format!("{mib}MiB")),
+            &mib,
+            |b, _| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for i in 0..iters {
+                        let img = dir.path().join(format!("img{i}"));
+                        let opts = CheckpointOptions {
+                            pid: w.pid,
+                            dir: img.clone(),
+                            after: AfterDump::LeaveRunning,
+                            shell_job: true,
+                            compression: Compression::None,
+                        };
+                        let t = Instant::now();
+                        mcr::dump::checkpoint(&opts).expect("checkpoint");
+                        total += t.elapsed();
+                        std::fs::remove_dir_all(&img).expect("removing the image");
+                    }
+                    total
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+fn restore(c: &mut Criterion) {
+    let mut g = c.benchmark_group("restore");
+    g.sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500));
+    for mib in SIZES_MIB {
+        let dir = tempfile::tempdir_in(image_root()).expect("tempdir");
+        let img = dir.path().join("img");
+        let mut w = Workload::start(mib);
+        mcr::dump::checkpoint(&CheckpointOptions {
+            pid: w.pid,
+            dir: img.clone(),
+            after: AfterDump::Kill,
+            shell_job: true,
+            compression: Compression::None,
+        })
+        .expect("checkpoint");
+        let _ = w.child.wait();
+        let (in_r, _in_w) = nix::unistd::pipe().expect("pipe");
+        let null = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .expect("/dev/null");
+        let mut opts = RestoreOptions::new(&img);
+        opts.shell_job = true;
+        opts.stdio = [in_r.as_raw_fd(), null.as_raw_fd(), null.as_raw_fd()];
+        g.bench_with_input(
+            BenchmarkId::from_parameter(format!("{mib}MiB")),
+            &mib,
+            |b, _| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let t = Instant::now();
+                        let r = mcr::restore::restore(&opts).expect("restore");
+                        total += t.elapsed();
+                        let pid = nix::unistd::Pid::from_raw(r.pid);
+                        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)
+                            .expect("kill");
+                        nix::sys::wait::waitpid(pid, None).expect("reap");
+                    }
+                    total
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+criterion_group!(benches, checkpoint, restore);
+criterion_main!(benches);

@@ -1,0 +1,90 @@
+//! A small work-sharing loop: page copies are bound by page faults and memcpy, which
+//! scale with cores, so the big copies of dump and restore run on every core.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// Workers for a job of `bytes`: one for small jobs (a thread costs more than it saves),
+/// else one per core, at most four.
+pub fn workers_for(bytes: u64) -> usize {
+    if bytes < 8 << 20 {
+        return 1;
+    }
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(4)
+}
+
+/// Runs `f` on every item, spread over `workers` threads, each with its own state made
+/// by `init`. Stops at the first error and returns it.
+pub fn for_each<T, S, E>(
+    items: &[T],
+    workers: usize,
+    init: impl Fn() -> S + Sync,
+    f: impl Fn(&mut S, &T) -> Result<(), E> + Sync,
+) -> Result<(), E>
+where
+    T: Sync,
+    E: Send,
+{
+    if workers <= 1 || items.len() <= 1 {
+        let mut s = init();
+        return items.iter().try_for_each(|it| f(&mut s, it));
+    }
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let first_err: Mutex<Option<E>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..workers.min(items.len()) {
+            scope.spawn(|| {
+                let mut s = init();
+                while !stop.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(it) = items.get(i) else { break };
+                    if let Err(e) = f(&mut s, it) {
+                        stop.store(true, Ordering::Relaxed);
+                        first_err
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    match first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn visits_every_item_once_and_stops_on_error() {
+        let items: Vec<u64> = (0..1000).collect();
+        let sum = AtomicUsize::new(0);
+        for_each(
+            &items,
+            3,
+            || (),
+            |_, &i| {
+                sum.fetch_add(i as usize, Ordering::Relaxed);
+                Ok::<(), ()>(())
+            },
+        )
+        .unwrap();
+        assert_eq!(sum.into_inner(), 999 * 1000 / 2);
+        let r = for_each(
+            &items,
+            3,
+            || (),
+            |_, &i| if i == 500 { Err(i) } else { Ok(()) },
+        );
+        assert_eq!(r, Err(500));
+    }
+}
