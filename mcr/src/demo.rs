@@ -189,6 +189,12 @@ fn demo(mib: usize) -> Result<bool, Box<dyn std::error::Error>> {
     BufReader::new(std::fs::File::from(out_r)).read_line(&mut verdict)?;
     let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(r.pid), None)?;
     println!("  workload says: {}", verdict.trim());
+    if let Some(p) = verdict.split("longest pause ").nth(1) {
+        println!(
+            "  blackout (longest pause the workload saw, wall clock): {}",
+            p.trim()
+        );
+    }
     let ok =
         verdict.starts_with("PASS") && matches!(status, nix::sys::wait::WaitStatus::Exited(_, 0));
     println!("mcr demo: {}", if ok { "PASS" } else { "FAIL" });

@@ -63,3 +63,143 @@ pub enum ImageError {
 }
 
 pub type Result<T> = std::result::Result<T, ImageError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::*;
+
+    fn process(pid: i32) -> ProcessImage {
+        let file = FileRef {
+            path: "/bin/true".into(),
+            identity: FileIdentity::default(),
+        };
+        ProcessImage {
+            pid,
+            ppid: 1,
+            pgid: pid,
+            sid: pid,
+            comm: "t".into(),
+            creds: Creds::default(),
+            threads: vec![],
+            mm: MmImage {
+                vmas: vec![Vma {
+                    start: 0x10000,
+                    end: 0x20000,
+                    prot: 3,
+                    shared: false,
+                    kind: VmaKind::Anonymous,
+                    offset: 0,
+                    advice: VmaAdvice::default(),
+                }],
+                fields: MmFields::default(),
+                auxv: vec![0, 0],
+                exe: file.clone(),
+                files: vec![],
+            },
+            fds: vec![],
+            cwd: file,
+            root: "/".into(),
+            umask: 0o22,
+            personality: 0,
+            dumpable: 1,
+            rlimits: vec![],
+            sigactions: vec![],
+            shared_pending: vec![],
+        }
+    }
+
+    fn snapshot(pid: i32) -> Snapshot {
+        Snapshot {
+            inventory: Inventory {
+                format_version: FORMAT_VERSION as u32,
+                tool_version: "test".into(),
+                kernel_release: "x".into(),
+                arch: "x86_64".into(),
+                root_pid: pid,
+                page_size: 4096,
+                features: vec!["single-process".into()],
+                frozen_at_ms: 0,
+                shell_job: false,
+            },
+            processes: vec![process(pid)],
+        }
+    }
+
+    fn write(dir: &std::path::Path, c: Compression, pages: &[u8]) {
+        let w = ImageWriter::create(dir, c).unwrap();
+        for (i, p) in pages.chunks(4096 * 4).enumerate() {
+            let mut buf = vec![0u8; CHUNK_PREFIX];
+            buf.extend_from_slice(p);
+            w.write_chunk(7, 0x10000 + (i * 4096 * 4) as u64, &mut buf)
+                .unwrap();
+        }
+        w.finish(&snapshot(7)).unwrap();
+    }
+
+    #[test]
+    fn round_trips_snapshot_and_pages_raw_and_compressed() {
+        let pages: Vec<u8> = (0..16 * 4096)
+            .map(|i| (i / 4096) as u8 ^ (i as u8 & 3))
+            .collect();
+        for c in [Compression::None, Compression::FAST] {
+            let t = tempfile::tempdir().unwrap();
+            let dir = t.path().join("img");
+            write(&dir, c, &pages);
+            let img = Image::open(&dir).unwrap();
+            assert_eq!(img.snapshot, snapshot(7));
+            let mut out = vec![0u8; pages.len()];
+            let mut buf = Vec::new();
+            for ch in img.chunks_of(7) {
+                let off = (ch.addr - 0x10000) as usize;
+                out[off..off + ch.len_bytes()].copy_from_slice(ch.pages(&mut buf).unwrap());
+            }
+            assert_eq!(out, pages);
+        }
+    }
+
+    #[test]
+    fn image_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("img");
+        write(&dir, Compression::None, &[1u8; 4096]);
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        for f in ["inventory", "core", "pages"] {
+            assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+        }
+    }
+
+    #[test]
+    fn every_flipped_byte_is_caught() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("img");
+        write(&dir, Compression::None, &[9u8; 8192]);
+        for f in ["inventory", "core", "pages"] {
+            let orig = std::fs::read(dir.join(f)).unwrap();
+            for i in 0..orig.len() {
+                let mut b = orig.clone();
+                b[i] ^= 1;
+                std::fs::write(dir.join(f), &b).unwrap();
+                assert!(
+                    Image::open(&dir).is_err(),
+                    "{f} byte {i} flipped went unnoticed"
+                );
+            }
+            std::fs::write(dir.join(f), &orig).unwrap();
+        }
+        assert!(Image::open(&dir).is_ok());
+    }
+
+    #[test]
+    fn unknown_feature_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("img");
+        let w = ImageWriter::create(&dir, Compression::None).unwrap();
+        let mut s = snapshot(7);
+        s.inventory.features.push("teleport".into());
+        w.finish(&s).unwrap();
+        assert!(matches!(Image::open(&dir), Err(ImageError::UnknownFeature(f)) if f == "teleport"));
+    }
+}
