@@ -7,11 +7,14 @@
 
 #include <fcntl.h>
 #include <limits.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 
 #define DATA_BYTES (1u << 20)
 #define DATA_OFF 123457
 #define NULL_FD 57
+#define HIGH_FD 900
+#define LOW_NOFILE 100
 
 static int data_fd, log_fd, zero_fd, dir_fd;
 static char dir_real[PATH_MAX];
@@ -95,6 +98,16 @@ int main(int argc, char **argv)
         FAIL("setup: chdir: %s", strerror(errno));
     umask(027);
 
+    /* An fd above a soft RLIMIT_NOFILE lowered after it was opened: legal, and the
+     * restore must still be able to put it back. */
+    if (dup2(NULL_FD, HIGH_FD) != HIGH_FD)
+        FAIL("setup: dup2 to fd %d: %s", HIGH_FD, strerror(errno));
+    struct rlimit rl;
+    getrlimit(RLIMIT_NOFILE, &rl);
+    rl.rlim_cur = LOW_NOFILE;
+    if (setrlimit(RLIMIT_NOFILE, &rl) != 0)
+        FAIL("setup: setrlimit: %s", strerror(errno));
+
     ready();
     wait_check();
 
@@ -142,6 +155,11 @@ int main(int argc, char **argv)
         FAIL("log size %lld -> %lld, not appended", (long long)s1.st_size,
              (long long)s2.st_size);
 
+    if (write(HIGH_FD, "x", 1) != 1)
+        FAIL("write fd %d (above RLIMIT_NOFILE): %s", HIGH_FD, strerror(errno));
+    struct rlimit now;
+    if (getrlimit(RLIMIT_NOFILE, &now) != 0 || now.rlim_cur != LOW_NOFILE)
+        FAIL("RLIMIT_NOFILE soft %lu want %d", (unsigned long)now.rlim_cur, LOW_NOFILE);
     if (write(NULL_FD, "x", 1) != 1)
         FAIL("write fd %d: %s", NULL_FD, strerror(errno));
     unsigned char z[256];

@@ -202,8 +202,11 @@ pub fn rebuild(
         cx.call(libc::SYS_fchdir, [fds.cwd_fd as u64, 0, 0, 0, 0, 0], || {
             "fchdir to cwd".into()
         })?;
-        set_rlimits(cx, p)?;
+        // Every fd number must be allowed while the table is rebuilt; the process's own
+        // limits (perhaps below its highest fd) follow.
+        raise_nofile(cx)?;
         set_fds(cx, fds)?;
+        set_rlimits(cx, p)?;
         cx.call(libc::SYS_umask, [p.umask as u64, 0, 0, 0, 0, 0], || {
             "umask".into()
         })?;
@@ -491,6 +494,20 @@ fn set_mm(cx: &mut Ctx, p: &ProcessImage, fds: &FdNumbers) -> Result<()> {
                 f.brk, p.mm.exe.path
             )
         },
+    )?;
+    Ok(())
+}
+
+fn raise_nofile(cx: &mut Ctx) -> Result<()> {
+    let ours = procfs::read_limits(kext_shim::Pid::from_raw(cx.pid))
+        .step(cx.pid, || "reading limits".into())?;
+    let hard = ours[libc::RLIMIT_NOFILE as usize].1;
+    let b: Vec<u8> = [hard, hard].iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let addr = cx.put(&b)?;
+    cx.call(
+        libc::SYS_prlimit64,
+        [0, libc::RLIMIT_NOFILE as u64, addr, 0, 0, 0],
+        || "raising RLIMIT_NOFILE for the fd table".into(),
     )?;
     Ok(())
 }
