@@ -17,6 +17,8 @@ pub struct Injector {
     syscall_ip: u64,
     template: Regs,
     calls: u64,
+    /// The last ptrace event seen during an injected call, with its message.
+    last_event: Option<(i32, u64)>,
 }
 
 impl Injector {
@@ -27,6 +29,7 @@ impl Injector {
             syscall_ip,
             template,
             calls: 0,
+            last_event: None,
         }
     }
 
@@ -41,6 +44,11 @@ impl Injector {
     /// Moves the injection point, e.g. once the page that held it is going away.
     pub fn set_syscall_ip(&mut self, ip: u64) {
         self.syscall_ip = ip;
+    }
+
+    /// Takes the ptrace event (and its message) the last injected call reported, if any.
+    pub fn take_event(&mut self) -> Option<(i32, u64)> {
+        self.last_event.take()
     }
 
     /// How many syscalls were injected so far.
@@ -63,7 +71,14 @@ impl Injector {
         r.r9 = args[5];
         ptrace::set_regs(self.pid, &r)?;
         ptrace::singlestep(self.pid)?;
-        let (sig, _) = ptrace::wait_stopped(self.pid)?;
+        let (mut sig, mut event) = ptrace::wait_stopped(self.pid)?;
+        // An injected clone stops at PTRACE_EVENT_CLONE inside the syscall (with
+        // PTRACE_O_TRACECLONE); step on to the trap that ends it.
+        while event != 0 {
+            self.last_event = Some((event, ptrace::event_msg(self.pid)?));
+            ptrace::singlestep(self.pid)?;
+            (sig, event) = ptrace::wait_stopped(self.pid)?;
+        }
         if sig != libc::SIGTRAP {
             return Err(Error::Unexpected {
                 pid: self.pid.as_raw(),

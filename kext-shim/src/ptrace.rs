@@ -356,3 +356,46 @@ pub fn traceme_raw() -> libc::c_long {
     // SAFETY: PTRACE_TRACEME takes no pointers.
     unsafe { libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) }
 }
+
+/// Sets ptrace options (PTRACE_O_*) on a tracee in a ptrace stop.
+pub fn set_options(pid: Pid, options: i32) -> Result<()> {
+    ptrace_raw(
+        libc::PTRACE_SETOPTIONS,
+        pid,
+        0,
+        options as usize,
+        "PTRACE_SETOPTIONS",
+    )?;
+    Ok(())
+}
+
+/// The new thread's tid reported with a PTRACE_EVENT_CLONE stop.
+pub fn event_msg(pid: Pid) -> Result<u64> {
+    let mut msg: libc::c_ulong = 0;
+    ptrace_raw(
+        libc::PTRACE_GETEVENTMSG,
+        pid,
+        0,
+        &mut msg as *mut libc::c_ulong as usize,
+        "PTRACE_GETEVENTMSG",
+    )?;
+    Ok(msg as u64)
+}
+
+/// A thread's robust futex list (head address, length), read from outside with
+/// get_robust_list, which needs ptrace access to it.
+pub fn robust_list(tid: Pid) -> Result<(u64, u64)> {
+    let mut head: u64 = 0;
+    let mut len: libc::size_t = 0;
+    // SAFETY: the kernel writes one pointer-sized head and one size_t into our locals.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            tid.as_raw(),
+            &mut head as *mut u64,
+            &mut len as *mut libc::size_t,
+        )
+    };
+    check(r, || format!("get_robust_list tid {tid}"))?;
+    Ok((head, len as u64))
+}

@@ -1,4 +1,5 @@
-//! Holding a process still for the dump, and letting it go exactly as it was.
+//! Holding a process still for the dump, every thread of it, and letting it go exactly
+//! as it was.
 
 use super::{AfterDump, DumpError, Result, StepContext};
 use kext_shim::ptrace::{self, Regs};
@@ -8,58 +9,139 @@ use std::os::fd::AsFd;
 
 const PTRACE_EVENT_STOP: i32 = 128;
 
-/// A seized, stopped process. Dropped without [`release`](Self::release), it gets its
-/// registers back and is detached, so a failed checkpoint leaves it running as before.
+/// One stopped thread and the registers it stopped with (what it resumes with).
+pub struct FrozenThread {
+    pub tid: Pid,
+    pub regs: Regs,
+}
+
+/// A seized process with every thread stopped. Dropped without
+/// [`release`](Self::release), each thread gets its registers back and is detached, so a
+/// failed checkpoint leaves the process running as before.
 pub struct Frozen {
     pub pid: Pid,
-    /// Registers at the stop, untouched; what the workload resumes with.
-    pub regs: Regs,
-    /// Set once the stop was seen, so Drop knows it may set registers back.
-    stopped: bool,
+    /// The thread-group leader first, then the others by tid.
+    pub threads: Vec<FrozenThread>,
+    /// Seized but not yet seen stopped: detached on drop, registers untouched.
+    pending: Vec<Pid>,
     released: bool,
 }
 
 impl Frozen {
+    /// Seizes and stops every thread, re-listing them until no new one appears (a thread
+    /// may clone while we work; a stopped one cannot).
     pub fn freeze(pid: Pid) -> Result<Self> {
-        let raw = pid.as_raw();
-        ptrace::seize(pid).map_err(|source| match source.errno() {
-            Some(Errno::ESRCH) => DumpError::NoProcess(raw),
-            _ => DumpError::Trace { pid: raw, source },
-        })?;
         let mut f = Frozen {
             pid,
-            regs: zero_regs(),
-            stopped: false,
+            threads: Vec::new(),
+            pending: Vec::new(),
             released: false,
         };
-        ptrace::interrupt(pid).step(pid, || "interrupting it".into())?;
         loop {
-            let (sig, event) =
-                ptrace::wait_stopped(pid).step(pid, || "waiting for it to stop".into())?;
-            if event == PTRACE_EVENT_STOP {
+            let tids = kext_shim::procfs::threads(pid).map_err(|e| match e.errno() {
+                Some(Errno::ENOENT) => DumpError::NoProcess(pid.as_raw()),
+                _ => DumpError::Kernel {
+                    pid: pid.as_raw(),
+                    step: "listing threads".into(),
+                    source: e,
+                },
+            })?;
+            let new: Vec<Pid> = tids
+                .into_iter()
+                .map(Pid::from_raw)
+                .filter(|t| !f.threads.iter().any(|x| x.tid == *t))
+                .collect();
+            if new.is_empty() {
                 break;
             }
-            // A signal arrived before our interrupt took effect: let it be delivered as
-            // it would have been, then the interrupt stop follows.
-            ptrace::cont(pid, sig).step(pid, || format!("passing signal {sig} on"))?;
+            for &t in &new {
+                match ptrace::seize(t) {
+                    Ok(()) => f.pending.push(t),
+                    // Exited since we listed it.
+                    Err(e) if e.errno() == Some(Errno::ESRCH) && t != pid => continue,
+                    Err(e) if e.errno() == Some(Errno::ESRCH) => {
+                        return Err(DumpError::NoProcess(pid.as_raw()))
+                    }
+                    Err(source) => {
+                        return Err(DumpError::Trace {
+                            pid: pid.as_raw(),
+                            source,
+                        })
+                    }
+                }
+                ptrace::interrupt(t).step(pid, || format!("interrupting thread {t}"))?;
+            }
+            while let Some(&t) = f.pending.first() {
+                match wait_interrupt_stop(t) {
+                    Ok(()) => {}
+                    Err(_)
+                        if t != pid
+                            && !std::path::Path::new(&format!("/proc/{pid}/task/{t}")).exists() =>
+                    {
+                        f.pending.remove(0);
+                        continue;
+                    }
+                    Err(e) => {
+                        return Err(e).step(pid, || format!("waiting for thread {t} to stop"))
+                    }
+                }
+                let regs =
+                    ptrace::get_regs(t).step(pid, || format!("reading registers of thread {t}"))?;
+                f.pending.remove(0);
+                f.threads.push(FrozenThread { tid: t, regs });
+            }
         }
-        f.regs = ptrace::get_regs(pid).step(pid, || "reading registers".into())?;
-        f.stopped = true;
+        f.threads.sort_by_key(|t| (t.tid != pid, t.tid));
+        if f.threads.first().map(|t| t.tid) != Some(pid) {
+            return Err(DumpError::NoProcess(pid.as_raw()));
+        }
         Ok(f)
     }
 
-    /// Lets the workload go after a successful dump.
+    /// The thread-group leader.
+    pub fn leader(&self) -> &FrozenThread {
+        &self.threads[0]
+    }
+
+    fn restore_regs(&self) -> Result<()> {
+        for t in &self.threads {
+            ptrace::set_regs(t.tid, &t.regs).step(self.pid, || {
+                format!("restoring registers of thread {}", t.tid)
+            })?;
+        }
+        Ok(())
+    }
+
+    fn detach_all(&self) -> Result<()> {
+        for t in &self.threads {
+            ptrace::detach(t.tid, 0).step(self.pid, || format!("detaching thread {}", t.tid))?;
+        }
+        Ok(())
+    }
+
+    /// Lets the process go after a successful dump.
     pub fn release(mut self, after: AfterDump) -> Result<()> {
         let pid = self.pid;
         self.released = true;
+        self.restore_regs()?;
         match after {
+            AfterDump::LeaveRunning => self.detach_all(),
+            AfterDump::LeaveStopped => {
+                // Queued while every thread is still in a ptrace stop: each one takes it
+                // on its way out, before any instruction of its own.
+                kext_shim::clone::kill(pid, libc::SIGSTOP)
+                    .step(pid, || "sending SIGSTOP".into())?;
+                self.detach_all()?;
+                wait_stopped(pid)
+            }
             AfterDump::Kill => {
-                // Detach into a group stop and kill it there: it runs no instruction after
-                // its image was taken, and we never reap it (its parent may be waiting).
+                // Stop it before detaching, then kill it there: it runs no instruction
+                // after its image was taken, and we never reap it (its parent may wait).
                 let pidfd =
                     kext_shim::pidfd::pidfd_open(pid).step(pid, || "opening a pidfd".into())?;
-                ptrace::set_regs(pid, &self.regs).step(pid, || "restoring registers".into())?;
-                ptrace::detach(pid, libc::SIGSTOP).step(pid, || "detaching stopped".into())?;
+                kext_shim::clone::kill(pid, libc::SIGSTOP)
+                    .step(pid, || "sending SIGSTOP".into())?;
+                self.detach_all()?;
                 kext_shim::clone::kill(pid, libc::SIGKILL).step(pid, || "killing it".into())?;
                 // A pidfd turns readable once the process has exited.
                 let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
@@ -67,53 +149,58 @@ impl Frozen {
                     match poll(&mut fds, PollTimeout::from(5000u16)) {
                         Err(nix::errno::Errno::EINTR) => continue,
                         Ok(0) => {
-                            return Err(DumpError::Kernel {
-                                pid: pid.as_raw(),
-                                step: "waiting for it to die".into(),
-                                source: kext_shim::Error::Unexpected {
-                                    pid: pid.as_raw(),
-                                    what: "still alive 5 s after SIGKILL".into(),
-                                },
-                            })
+                            return Err(unexpected(
+                                pid,
+                                "waiting for it to die",
+                                "still alive 5 s after SIGKILL",
+                            ))
                         }
-                        _ => break,
+                        _ => return Ok(()),
                     }
                 }
-                Ok(())
-            }
-            AfterDump::LeaveRunning => {
-                ptrace::set_regs(pid, &self.regs).step(pid, || "restoring registers".into())?;
-                ptrace::detach(pid, 0).step(pid, || "detaching".into())
-            }
-            AfterDump::LeaveStopped => {
-                ptrace::set_regs(pid, &self.regs).step(pid, || "restoring registers".into())?;
-                ptrace::detach(pid, libc::SIGSTOP).step(pid, || "detaching stopped".into())?;
-                // The stop happens once the task runs again to take SIGSTOP; promise it
-                // has happened by the time we return.
-                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-                while kext_shim::procfs::Stat::read(pid)
-                    .is_ok_and(|s| !matches!(s.state(), 'T' | 't'))
-                {
-                    if std::time::Instant::now() > deadline {
-                        return Err(DumpError::Kernel {
-                            pid: pid.as_raw(),
-                            step: "waiting for it to stop".into(),
-                            source: kext_shim::Error::Unexpected {
-                                pid: pid.as_raw(),
-                                what: "not stopped 2 s after SIGSTOP".into(),
-                            },
-                        });
-                    }
-                    std::thread::sleep(std::time::Duration::from_micros(100));
-                }
-                Ok(())
             }
         }
     }
 }
 
-fn zero_regs() -> Regs {
-    kext_shim::ptrace::regs_from_words(&[0; kext_shim::ptrace::REGS_WORDS])
+fn unexpected(pid: Pid, step: &str, what: &str) -> DumpError {
+    DumpError::Kernel {
+        pid: pid.as_raw(),
+        step: step.into(),
+        source: kext_shim::Error::Unexpected {
+            pid: pid.as_raw(),
+            what: what.into(),
+        },
+    }
+}
+
+/// Waits for the PTRACE_INTERRUPT stop, passing on any signal that arrives first.
+fn wait_interrupt_stop(t: Pid) -> kext_shim::Result<()> {
+    loop {
+        let (sig, event) = ptrace::wait_stopped(t)?;
+        if event == PTRACE_EVENT_STOP {
+            return Ok(());
+        }
+        // A signal arrived before our interrupt took effect: deliver it as it would have
+        // been; the interrupt stop follows.
+        ptrace::cont(t, sig)?;
+    }
+}
+
+/// Returns once the group stop has happened (the state reads T).
+fn wait_stopped(pid: Pid) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while kext_shim::procfs::Stat::read(pid).is_ok_and(|s| !matches!(s.state(), 'T' | 't')) {
+        if std::time::Instant::now() > deadline {
+            return Err(unexpected(
+                pid,
+                "waiting for it to stop",
+                "not stopped 2 s after SIGSTOP",
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_micros(100));
+    }
+    Ok(())
 }
 
 impl Drop for Frozen {
@@ -121,16 +208,25 @@ impl Drop for Frozen {
         if self.released {
             return;
         }
-        if !self.stopped {
+        for t in &self.threads {
+            if let Err(e) = ptrace::set_regs(t.tid, &t.regs) {
+                tracing::error!(
+                    pid = self.pid.as_raw(),
+                    tid = t.tid.as_raw(),
+                    "putting registers back: {e}"
+                );
+            }
+            if let Err(e) = ptrace::detach(t.tid, 0) {
+                tracing::error!(
+                    pid = self.pid.as_raw(),
+                    tid = t.tid.as_raw(),
+                    "detaching: {e}"
+                );
+            }
+        }
+        for &t in &self.pending {
             // Never seen stopped: nothing of ours to undo; exiting detaches us anyway.
-            let _ = ptrace::detach(self.pid, 0);
-            return;
-        }
-        if let Err(e) = ptrace::set_regs(self.pid, &self.regs) {
-            tracing::error!(pid = self.pid.as_raw(), "putting registers back: {e}");
-        }
-        if let Err(e) = ptrace::detach(self.pid, 0) {
-            tracing::error!(pid = self.pid.as_raw(), "detaching: {e}");
+            let _ = ptrace::detach(t, 0);
         }
     }
 }

@@ -1,22 +1,31 @@
-//! What only the process itself can tell: signal actions, its alternate signal stack and
-//! its brk. Learned by injecting a few syscalls, with a scratch page that is gone again
-//! before the process resumes, and every signal blocked meanwhile so none is consumed.
+//! What only the process itself can tell: signal actions, each thread's alternate signal
+//! stack and clear_child_tid, its brk and dumpable flag. Learned by injecting a few
+//! syscalls, with a scratch page that is gone again before the process resumes, and
+//! every signal blocked meanwhile so none is consumed.
 
+use super::freeze::Frozen;
 use super::{Result, StepContext};
 use crate::model::{AltStack, SigAction};
 use kext_shim::inject::{find_syscall_insn, Injector};
 use kext_shim::mem::read_remote;
 use kext_shim::procfs::MapEntry;
-use kext_shim::ptrace::{self, Regs};
-use kext_shim::{Pid, PAGE_SIZE};
+use kext_shim::{ptrace, Pid, PAGE_SIZE};
+
+/// Per-thread answers, in the order of `Frozen::threads`.
+pub struct ThreadAnswers {
+    pub altstack: AltStack,
+    /// set_tid_address: the word the kernel clears (and futex-wakes) when the thread
+    /// exits; pthread_join relies on it.
+    pub clear_child_tid: u64,
+}
 
 pub struct Answers {
     /// Index n holds signal n+1.
     pub sigactions: Vec<SigAction>,
-    pub altstack: AltStack,
     pub brk: u64,
     /// PR_GET_DUMPABLE: a credential change at restore resets it, so it is set back.
     pub dumpable: u32,
+    pub threads: Vec<ThreadAnswers>,
 }
 
 /// Locates a `syscall` instruction in the process's vDSO.
@@ -37,21 +46,39 @@ pub fn syscall_ip(pid: Pid, maps: &[MapEntry]) -> Result<u64> {
 }
 
 /// `handled` is the set of signals (bit n-1 for signal n) whose action is not the default.
-pub fn ask(pid: Pid, regs: &Regs, maps: &[MapEntry], handled: u64) -> Result<Answers> {
+pub fn ask(frozen: &Frozen, maps: &[MapEntry], handled: u64) -> Result<Answers> {
+    let pid = frozen.pid;
     let ip = syscall_ip(pid, maps)?;
-    let mask = ptrace::get_sigmask(pid).step(pid, || "reading the signal mask".into())?;
-    ptrace::set_sigmask(pid, !0).step(pid, || "blocking signals for injection".into())?;
-    let mut inj = Injector::new(pid, ip, *regs);
-    let res = ask_with(&mut inj, handled);
-    // Whatever happened, the mask goes back before anything else.
-    let restored = ptrace::set_sigmask(pid, mask).step(pid, || "restoring the signal mask".into());
+    let mut masks = Vec::with_capacity(frozen.threads.len());
+    for t in &frozen.threads {
+        masks.push(
+            ptrace::get_sigmask(t.tid)
+                .step(pid, || format!("reading the signal mask of {}", t.tid))?,
+        );
+    }
+    let res = (|| {
+        for t in &frozen.threads {
+            ptrace::set_sigmask(t.tid, !0).step(pid, || {
+                format!("blocking signals of {} for injection", t.tid)
+            })?;
+        }
+        ask_with(frozen, ip, handled)
+    })();
+    // Whatever happened, the masks go back before anything else.
+    let mut restored = Ok(());
+    for (t, m) in frozen.threads.iter().zip(masks) {
+        if let Err(e) = ptrace::set_sigmask(t.tid, m) {
+            restored = Err(e).step(pid, || format!("restoring the signal mask of {}", t.tid));
+        }
+    }
     let answers = res?;
     restored?;
     Ok(answers)
 }
 
-fn ask_with(inj: &mut Injector, handled: u64) -> Result<Answers> {
-    let pid = inj.pid();
+fn ask_with(frozen: &Frozen, ip: u64, handled: u64) -> Result<Answers> {
+    let pid = frozen.pid;
+    let mut inj = Injector::new(pid, ip, frozen.leader().regs);
     let scratch = inj
         .mmap(
             0,
@@ -62,6 +89,12 @@ fn ask_with(inj: &mut Injector, handled: u64) -> Result<Answers> {
             0,
         )
         .step(pid, || "mapping a scratch page".into())?;
+    let read = |len: usize| -> Result<Vec<u8>> {
+        let mut b = vec![0u8; len];
+        read_remote(pid, scratch, &mut b).step(pid, || "reading the scratch page".into())?;
+        Ok(b)
+    };
+    let word = |b: &[u8], i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().expect("8"));
     let res = (|| {
         let mut sigactions = vec![SigAction::default(); 64];
         for sig in 1..=64u64 {
@@ -72,27 +105,14 @@ fn ask_with(inj: &mut Injector, handled: u64) -> Result<Answers> {
                 format!("rt_sigaction({sig}) query")
             })
             .step(pid, || format!("reading the action of signal {sig}"))?;
-            let mut b = [0u8; 32];
-            read_remote(pid, scratch, &mut b).step(pid, || "reading the scratch page".into())?;
-            let w = |i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().expect("8"));
+            let b = read(32)?;
             sigactions[sig as usize - 1] = SigAction {
-                handler: w(0),
-                flags: w(1),
-                restorer: w(2),
-                mask: w(3),
+                handler: word(&b, 0),
+                flags: word(&b, 1),
+                restorer: word(&b, 2),
+                mask: word(&b, 3),
             };
         }
-        inj.call(libc::SYS_sigaltstack, [0, scratch, 0, 0, 0, 0], || {
-            "sigaltstack query".into()
-        })
-        .step(pid, || "reading the alternate signal stack".into())?;
-        let mut b = [0u8; 24];
-        read_remote(pid, scratch, &mut b).step(pid, || "reading the scratch page".into())?;
-        let altstack = AltStack {
-            sp: u64::from_ne_bytes(b[0..8].try_into().expect("8")),
-            flags: i32::from_ne_bytes(b[8..12].try_into().expect("4")),
-            size: u64::from_ne_bytes(b[16..24].try_into().expect("8")),
-        };
         let brk = inj
             .call(libc::SYS_brk, [0; 6], || "brk(0)".into())
             .step(pid, || "reading brk".into())?;
@@ -103,11 +123,39 @@ fn ask_with(inj: &mut Injector, handled: u64) -> Result<Answers> {
                 || "prctl(PR_GET_DUMPABLE)".into(),
             )
             .step(pid, || "reading the dumpable flag".into())? as u32;
+        let mut threads = Vec::with_capacity(frozen.threads.len());
+        for t in &frozen.threads {
+            let tid = t.tid;
+            let mut ti = Injector::new(tid, ip, t.regs);
+            ti.call(libc::SYS_sigaltstack, [0, scratch, 0, 0, 0, 0], || {
+                "sigaltstack query".into()
+            })
+            .step(pid, || {
+                format!("reading the alternate signal stack of {tid}")
+            })?;
+            let b = read(24)?;
+            let altstack = AltStack {
+                sp: word(&b, 0),
+                flags: i32::from_ne_bytes(b[8..12].try_into().expect("4")),
+                size: word(&b, 2),
+            };
+            ti.call(
+                libc::SYS_prctl,
+                [libc::PR_GET_TID_ADDRESS as u64, scratch, 0, 0, 0, 0],
+                || "prctl(PR_GET_TID_ADDRESS)".into(),
+            )
+            .step(pid, || format!("reading clear_child_tid of {tid}"))?;
+            let clear_child_tid = word(&read(8)?, 0);
+            threads.push(ThreadAnswers {
+                altstack,
+                clear_child_tid,
+            });
+        }
         Ok(Answers {
             sigactions,
-            altstack,
             brk,
             dumpable,
+            threads,
         })
     })();
     let unmapped = inj

@@ -1,6 +1,7 @@
 //! The process as a whole: identity, credentials, limits, signals, threads.
 
-use super::freeze::Frozen;
+use super::freeze::{Frozen, FrozenThread};
+use super::parasite::ThreadAnswers;
 use super::{fds, mm, parasite, DumpError, Result, StepContext};
 use crate::model::{Creds, FileRef, ProcessImage, Rseq, Siginfo, ThreadImage};
 use kext_shim::procfs::{self, FileIdentity, Stat, Status};
@@ -68,17 +69,6 @@ pub fn precheck(pid: Pid) -> Result<()> {
 pub fn collect(frozen: &mut Frozen, shell_job: bool) -> Result<ProcessImage> {
     let pid = frozen.pid;
     let raw = pid.as_raw();
-    let threads = procfs::threads(pid).step(pid, || "listing threads".into())?;
-    if threads.len() != 1 {
-        return Err(DumpError::Unsupported {
-            pid: raw,
-            what: format!(
-                "{} threads (tids {:?}); multi-threaded processes are not supported yet",
-                threads.len(),
-                threads
-            ),
-        });
-    }
     let children = procfs::children(pid).step(pid, || "listing children".into())?;
     if !children.is_empty() {
         return Err(DumpError::Unsupported {
@@ -89,19 +79,15 @@ pub fn collect(frozen: &mut Frozen, shell_job: bool) -> Result<ProcessImage> {
     let status = Status::read(pid).step(pid, || "reading status".into())?;
     let stat = Stat::read(pid).step(pid, || "reading stat".into())?;
 
-    // Per-thread CPU and signal state, read before injection changes anything.
-    let regs = frozen.regs;
-    let xstate = ptrace::get_xstate(pid).step(pid, || "reading the xsave area".into())?;
-    let blocked = ptrace::get_sigmask(pid).step(pid, || "reading the signal mask".into())?;
-    let pending =
-        ptrace::peek_siginfo(pid, false).step(pid, || "reading pending signals".into())?;
     let shared_pending = ptrace::peek_siginfo(pid, true)
         .step(pid, || "reading process-wide pending signals".into())?;
-    let rseq = ptrace::rseq_config(pid).step(pid, || "reading the rseq registration".into())?;
-
     let maps = procfs::read_maps(pid).step(pid, || "reading smaps".into())?;
     let handled = status.hex("SigCgt").unwrap_or(!0) | status.hex("SigIgn").unwrap_or(!0);
-    let answers = parasite::ask(pid, &regs, &maps, handled)?;
+    let answers = parasite::ask(frozen, &maps, handled)?;
+    let mut threads = Vec::with_capacity(frozen.threads.len());
+    for (t, a) in frozen.threads.iter().zip(&answers.threads) {
+        threads.push(thread(pid, t, a)?);
+    }
     let mm = mm::collect(pid, &maps, &stat, answers.brk)?;
     let fds = fds::collect(pid, shell_job)?;
 
@@ -138,19 +124,7 @@ pub fn collect(frozen: &mut Frozen, shell_job: bool) -> Result<ProcessImage> {
                 .map(|g| g as u32)
                 .collect(),
         },
-        threads: vec![ThreadImage {
-            tid: raw,
-            regs: ptrace::regs_to_words(&regs).to_vec(),
-            xstate,
-            blocked,
-            pending: pending.into_iter().map(|s| Siginfo(s.to_vec())).collect(),
-            altstack: answers.altstack,
-            rseq: (rseq.area != 0).then_some(Rseq {
-                area: rseq.area,
-                size: rseq.size,
-                signature: rseq.signature,
-            }),
-        }],
+        threads,
         mm,
         fds,
         cwd,
@@ -164,5 +138,35 @@ pub fn collect(frozen: &mut Frozen, shell_job: bool) -> Result<ProcessImage> {
             .into_iter()
             .map(|s| Siginfo(s.to_vec()))
             .collect(),
+    })
+}
+
+/// One thread's CPU and signal state, as ptrace and the parasite saw it.
+fn thread(pid: Pid, t: &FrozenThread, a: &ThreadAnswers) -> Result<ThreadImage> {
+    let tid = t.tid;
+    let step = |what: &str| format!("reading the {what} of thread {tid}");
+    let rseq = ptrace::rseq_config(tid).step(pid, || step("rseq registration"))?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+        .map(|c| c.trim_end_matches('\n').to_string())
+        .unwrap_or_default();
+    Ok(ThreadImage {
+        tid: tid.as_raw(),
+        comm,
+        regs: ptrace::regs_to_words(&t.regs).to_vec(),
+        xstate: ptrace::get_xstate(tid).step(pid, || step("xsave area"))?,
+        blocked: ptrace::get_sigmask(tid).step(pid, || step("signal mask"))?,
+        pending: ptrace::peek_siginfo(tid, false)
+            .step(pid, || step("pending signals"))?
+            .into_iter()
+            .map(|s| Siginfo(s.to_vec()))
+            .collect(),
+        altstack: a.altstack,
+        rseq: (rseq.area != 0).then_some(Rseq {
+            area: rseq.area,
+            size: rseq.size,
+            signature: rseq.signature,
+        }),
+        clear_child_tid: a.clear_child_tid,
+        robust_list: ptrace::robust_list(tid).step(pid, || step("robust futex list"))?,
     })
 }

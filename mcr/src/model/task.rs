@@ -42,6 +42,7 @@ pub struct Creds {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ThreadImage {
     pub tid: i32,
+    pub comm: String,
     /// `user_regs_struct` words as taken at the stop, before any restart fix-up.
     pub regs: Vec<u64>,
     /// The whole XSAVE area (standard format), set back whole.
@@ -50,6 +51,10 @@ pub struct ThreadImage {
     pub pending: Vec<Siginfo>,
     pub altstack: AltStack,
     pub rseq: Option<Rseq>,
+    /// set_tid_address: cleared and futex-woken by the kernel when the thread exits.
+    pub clear_child_tid: u64,
+    /// set_robust_list: (head, length).
+    pub robust_list: (u64, u64),
 }
 
 /// A raw 128-byte siginfo, as the kernel queues it.

@@ -9,7 +9,7 @@ use super::files::FdNumbers;
 use super::stub::Stub;
 use super::{RestoreError, Result, StepContext};
 use crate::image::Image;
-use crate::model::{ProcessImage, Vma, VmaKind};
+use crate::model::{ProcessImage, ThreadImage, Vma, VmaKind};
 use kext_shim::inject::{find_syscall_insn, Injector};
 use kext_shim::mem::{read_remote, write_remote_ranges, ProcMem};
 use kext_shim::procfs::{self, MapEntry, Status};
@@ -66,7 +66,11 @@ fn find_gap(used: &[(u64, u64)], len: u64, from: u64) -> Option<u64> {
 
 struct Ctx<'a> {
     pid: i32,
+    /// Injects into the thread being worked on: the leader, or another one swapped in
+    /// by `with_thread`.
     inj: Injector,
+    /// The other threads, once created, by their index in the image.
+    others: Vec<(usize, Injector)>,
     /// Writable scratch memory in the stub, for syscall arguments.
     data: u64,
     mem: ProcMem,
@@ -86,6 +90,22 @@ impl Ctx<'_> {
             .write(self.data, bytes)
             .step(self.pid, || "writing syscall arguments".into())?;
         Ok(self.data)
+    }
+
+    /// Runs `f` with the injector of thread `idx` (0 is the leader).
+    fn with_thread<T>(&mut self, idx: usize, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        if idx == 0 {
+            return f(self);
+        }
+        let slot = self
+            .others
+            .iter()
+            .position(|(i, _)| *i == idx)
+            .expect("thread was created");
+        std::mem::swap(&mut self.inj, &mut self.others[slot].1);
+        let r = f(self);
+        std::mem::swap(&mut self.inj, &mut self.others[slot].1);
+        r
     }
 
     fn timed<T>(
@@ -108,7 +128,7 @@ pub fn rebuild(
     fds: &FdNumbers,
     steps: &mut Vec<(&'static str, Duration)>,
     pages: &mut u64,
-) -> Result<()> {
+) -> Result<Vec<kext_shim::Pid>> {
     let pid = stub.pid;
     let raw = pid.as_raw();
     let regs0 = ptrace::get_regs(pid).step(raw, || "reading the new process's registers".into())?;
@@ -132,6 +152,7 @@ pub fn rebuild(
     let mut cx = Ctx {
         pid: raw,
         inj: Injector::new(pid, ip, regs0),
+        others: Vec::new(),
         data: 0,
         mem,
         steps,
@@ -217,33 +238,27 @@ pub fn rebuild(
         )?;
         set_signals(cx, p)?;
         set_session(cx, p)?;
-        let mut comm = p.comm.as_bytes()[..p.comm.len().min(15)].to_vec();
-        comm.push(0);
-        let addr = cx.put(&comm)?;
-        cx.call(
-            libc::SYS_prctl,
-            [libc::PR_SET_NAME as u64, addr, 0, 0, 0, 0],
-            || "prctl(PR_SET_NAME)".into(),
-        )?;
         cx.call(
             libc::SYS_prctl,
             [libc::PR_SET_PDEATHSIG as u64, 0, 0, 0, 0, 0],
             || "clearing the parent-death signal".into(),
         )?;
-        set_creds(cx, p)?;
+        // Threads are cloned from the leader, so they share what it has set so far;
+        // per-thread state follows in each, then credentials (after which clone3 could
+        // no longer choose tids).
+        create_threads(cx, p)?;
+        queue_pending(cx, p)?;
+        for (i, t) in p.threads.iter().enumerate() {
+            cx.with_thread(i, |cx| set_thread_state(cx, t))?;
+        }
+        for i in 0..p.threads.len() {
+            cx.with_thread(i, |cx| set_creds(cx, p))?;
+        }
         cx.call(
             libc::SYS_prctl,
             [libc::PR_SET_DUMPABLE as u64, p.dumpable as u64, 0, 0, 0, 0],
             || format!("prctl(PR_SET_DUMPABLE, {})", p.dumpable),
         )?;
-        let t = &p.threads[0];
-        if let Some(r) = t.rseq {
-            cx.call(
-                libc::SYS_rseq,
-                [r.area, r.size as u64, 0, r.signature as u64, 0, 0],
-                || format!("rseq register at {:#x}", r.area),
-            )?;
-        }
         // Last injected call: the scratch page unmaps itself. The single-step trap fires
         // on the way out of the syscall, before the vanished next instruction is fetched.
         let r = cx
@@ -263,24 +278,130 @@ pub fn rebuild(
                 },
             });
         }
-        let words: [u64; ptrace::REGS_WORDS] =
-            t.regs[..]
-                .try_into()
-                .map_err(|_| RestoreError::Incompatible {
-                    pid: raw,
-                    what: format!(
-                        "{} register words in the image, expected {}",
-                        t.regs.len(),
-                        ptrace::REGS_WORDS
-                    ),
-                })?;
-        let mut regs = ptrace::regs_from_words(&words);
-        ptrace::fixup_syscall_restart(&mut regs);
-        ptrace::set_regs(pid, &regs).step(raw, || "setting registers".into())?;
-        ptrace::set_xstate(pid, &t.xstate).step(raw, || "setting the xsave area".into())?;
-        ptrace::set_sigmask(pid, t.blocked).step(raw, || "setting the signal mask".into())?;
+        for t in &p.threads {
+            set_cpu_state(raw, t)?;
+        }
         Ok(())
     })?;
+    Ok(p.threads
+        .iter()
+        .map(|t| kext_shim::Pid::from_raw(t.tid))
+        .collect())
+}
+
+/// Registers, xsave area and signal mask: the last thing each thread gets.
+fn set_cpu_state(raw: i32, t: &ThreadImage) -> Result<()> {
+    let tid = kext_shim::Pid::from_raw(t.tid);
+    let words: [u64; ptrace::REGS_WORDS] =
+        t.regs[..]
+            .try_into()
+            .map_err(|_| RestoreError::Incompatible {
+                pid: raw,
+                what: format!(
+                    "{} register words for thread {tid} in the image, expected {}",
+                    t.regs.len(),
+                    ptrace::REGS_WORDS
+                ),
+            })?;
+    let mut regs = ptrace::regs_from_words(&words);
+    ptrace::fixup_syscall_restart(&mut regs);
+    ptrace::set_regs(tid, &regs).step(raw, || format!("setting registers of thread {tid}"))?;
+    ptrace::set_xstate(tid, &t.xstate)
+        .step(raw, || format!("setting the xsave area of thread {tid}"))?;
+    ptrace::set_sigmask(tid, t.blocked)
+        .step(raw, || format!("setting the signal mask of thread {tid}"))?;
+    Ok(())
+}
+
+/// Clones every thread but the leader with its own tid. Each stops at birth (we trace
+/// clones), before running an instruction, and waits for its state.
+fn create_threads(cx: &mut Ctx, p: &ProcessImage) -> Result<()> {
+    const FLAGS: u64 = (libc::CLONE_VM
+        | libc::CLONE_FS
+        | libc::CLONE_FILES
+        | libc::CLONE_SIGHAND
+        | libc::CLONE_THREAD
+        | libc::CLONE_SYSVSEM) as u64;
+    for (i, t) in p.threads.iter().enumerate().skip(1) {
+        let tid_at = cx.data + 512;
+        let mut args = Vec::with_capacity(516);
+        // struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal, stack,
+        // stack_size, tls, set_tid, set_tid_size, cgroup.
+        for w in [FLAGS, 0, 0, 0, 0, 0, 0, 0, tid_at, 1, 0] {
+            args.extend_from_slice(&w.to_ne_bytes());
+        }
+        args.resize(512, 0);
+        args.extend_from_slice(&t.tid.to_ne_bytes());
+        let addr = cx.put(&args)?;
+        let got = cx
+            .inj
+            .call(libc::SYS_clone3, [addr, 88, 0, 0, 0, 0], || {
+                format!("clone3 thread {}", t.tid)
+            })
+            .map_err(|e| match e.errno() {
+                Some(kext_shim::Errno::EEXIST) => RestoreError::PidTaken {
+                    pid: t.tid,
+                    by: "another task (needed as a thread id)".into(),
+                },
+                _ => RestoreError::Kernel {
+                    pid: cx.pid,
+                    step: format!("creating thread {}", t.tid),
+                    source: e,
+                },
+            })?;
+        cx.inj.take_event();
+        let tid = kext_shim::Pid::from_raw(got as i32);
+        match ptrace::wait(tid).step(cx.pid, || format!("waiting for new thread {tid}"))? {
+            ptrace::Stop::Stopped { .. } => {}
+            other => {
+                return Err(RestoreError::Kernel {
+                    pid: cx.pid,
+                    step: format!("starting thread {tid}"),
+                    source: kext_shim::Error::Unexpected {
+                        pid: tid.as_raw(),
+                        what: format!("reported {other:?} instead of stopping"),
+                    },
+                })
+            }
+        }
+        let regs =
+            ptrace::get_regs(tid).step(cx.pid, || format!("reading registers of thread {tid}"))?;
+        cx.others
+            .push((i, Injector::new(tid, cx.inj.syscall_ip(), regs)));
+    }
+    Ok(())
+}
+
+/// Per-thread kernel state: robust list, clear_child_tid, alternate stack, rseq, name.
+fn set_thread_state(cx: &mut Ctx, t: &ThreadImage) -> Result<()> {
+    let tid = t.tid;
+    // Always set: the leader inherited ours, which point into memory that is gone.
+    let (head, len) = t.robust_list;
+    let len = if len == 0 { 24 } else { len };
+    cx.call(libc::SYS_set_robust_list, [head, len, 0, 0, 0, 0], || {
+        format!("set_robust_list of thread {tid}")
+    })?;
+    cx.call(
+        libc::SYS_set_tid_address,
+        [t.clear_child_tid, 0, 0, 0, 0, 0],
+        || format!("set_tid_address of thread {tid}"),
+    )?;
+    set_altstack(cx, t)?;
+    if let Some(r) = t.rseq {
+        cx.call(
+            libc::SYS_rseq,
+            [r.area, r.size as u64, 0, r.signature as u64, 0, 0],
+            || format!("rseq register at {:#x} for thread {tid}", r.area),
+        )?;
+    }
+    let mut comm = t.comm.as_bytes()[..t.comm.len().min(15)].to_vec();
+    comm.push(0);
+    let addr = cx.put(&comm)?;
+    cx.call(
+        libc::SYS_prctl,
+        [libc::PR_SET_NAME as u64, addr, 0, 0, 0, 0],
+        || format!("prctl(PR_SET_NAME) of thread {tid}"),
+    )?;
     Ok(())
 }
 
@@ -614,7 +735,10 @@ fn set_signals(cx: &mut Ctx, p: &ProcessImage) -> Result<()> {
             format!("rt_sigaction({sig})")
         })?;
     }
-    let t = &p.threads[0];
+    Ok(())
+}
+
+fn set_altstack(cx: &mut Ctx, t: &ThreadImage) -> Result<()> {
     let s = t.altstack;
     let disabled = s.flags & libc::SS_DISABLE != 0;
     let mut b = Vec::with_capacity(24);
@@ -630,11 +754,14 @@ fn set_signals(cx: &mut Ctx, p: &ProcessImage) -> Result<()> {
     b.extend_from_slice(&(if disabled { 0 } else { s.size }).to_ne_bytes());
     let addr = cx.put(&b)?;
     cx.call(libc::SYS_sigaltstack, [addr, 0, 0, 0, 0, 0], || {
-        "sigaltstack".into()
+        format!("sigaltstack of thread {}", t.tid)
     })?;
+    Ok(())
+}
 
-    // Queued signals go back in order; every signal is blocked until the registers are
-    // set, so none is delivered early.
+/// Queued signals go back in order; every signal is blocked until the registers are
+/// set, so none is delivered early.
+fn queue_pending(cx: &mut Ctx, p: &ProcessImage) -> Result<()> {
     for si in &p.shared_pending {
         let addr = cx.put(&si.0)?;
         cx.call(
@@ -643,13 +770,15 @@ fn set_signals(cx: &mut Ctx, p: &ProcessImage) -> Result<()> {
             || format!("re-queueing process signal {}", si.signo()),
         )?;
     }
-    for si in &t.pending {
-        let addr = cx.put(&si.0)?;
-        cx.call(
-            libc::SYS_rt_tgsigqueueinfo,
-            [cx.pid as u64, cx.pid as u64, si.signo() as u64, addr, 0, 0],
-            || format!("re-queueing thread signal {}", si.signo()),
-        )?;
+    for t in &p.threads {
+        for si in &t.pending {
+            let addr = cx.put(&si.0)?;
+            cx.call(
+                libc::SYS_rt_tgsigqueueinfo,
+                [cx.pid as u64, t.tid as u64, si.signo() as u64, addr, 0, 0],
+                || format!("re-queueing signal {} of thread {}", si.signo(), t.tid),
+            )?;
+        }
     }
     Ok(())
 }

@@ -153,9 +153,9 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     drop(plan);
     steps.push(("create process", t.elapsed()));
     let mut pages = 0;
-    build::rebuild(&stub, p, &image, &numbers, &mut steps, &mut pages)?;
+    let threads = build::rebuild(&stub, p, &image, &numbers, &mut steps, &mut pages)?;
     let t = Instant::now();
-    let pid = stub.release()?;
+    let pid = stub.release(&threads)?;
     steps.push(("resume", t.elapsed()));
     steps.push(("total", t0.elapsed()));
     Ok(Restored {

@@ -39,7 +39,12 @@ impl Stub {
             released: false,
         };
         match ptrace::wait(child).step(pid, || "waiting for the new process to stop".into())? {
-            ptrace::Stop::Stopped { sig, .. } if sig == libc::SIGSTOP => Ok(stub),
+            ptrace::Stop::Stopped { sig, .. } if sig == libc::SIGSTOP => {
+                // Threads it clones are ours from birth; all of it dies if we do.
+                ptrace::set_options(child, libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_EXITKILL)
+                    .step(pid, || "setting ptrace options".into())?;
+                Ok(stub)
+            }
             ptrace::Stop::Exited(120) => Err(RestoreError::File {
                 pid,
                 what: "root".into(),
@@ -57,10 +62,12 @@ impl Stub {
         }
     }
 
-    /// Detaches: the process runs from the registers it was given.
-    pub fn release(mut self) -> Result<Pid> {
+    /// Detaches every thread: the process runs from the registers it was given.
+    pub fn release(mut self, threads: &[Pid]) -> Result<Pid> {
         let pid = self.pid;
-        ptrace::detach(pid, 0).step(pid.as_raw(), || "resuming it".into())?;
+        for &t in threads {
+            ptrace::detach(t, 0).step(pid.as_raw(), || format!("resuming thread {t}"))?;
+        }
         self.released = true;
         Ok(pid)
     }
