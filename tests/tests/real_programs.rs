@@ -36,6 +36,49 @@ fn python3_interpreter_keeps_its_state() {
     eprintln!("{v}");
 }
 
+const PYTHON_THREADS: &str = r#"
+import queue, sys, threading
+q = queue.Queue()
+done = []
+def worker(n):
+    total = 0
+    while True:
+        item = q.get()
+        if item is None:
+            break
+        total += item * n
+    done.append((n, total))
+threads = [threading.Thread(target=worker, args=(n,)) for n in (1, 2, 3)]
+for t in threads:
+    t.start()
+sys.stdout.write("READY\n"); sys.stdout.flush()
+sys.stdin.readline()
+for i in range(3000):
+    q.put(i % 10)
+for _ in threads:
+    q.put(None)
+for t in threads:
+    t.join()
+grand = sum(t for _, t in done)
+ok = len(done) == 3 and grand > 0
+print(("PASS" if ok else "FAIL") + " python threads total=%d" % grand, flush=True)
+"#;
+
+#[test]
+fn python3_threads_and_queue_survive() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let p = Proc::start(&mut g, Path::new("python3"), &["-c", PYTHON_THREADS], None);
+    let threads = std::fs::read_dir(format!("/proc/{}/task", p.pid))
+        .expect("task")
+        .count();
+    assert_eq!(threads, 4, "python should run 4 threads");
+    let mut r = round_trip(&mut g, p, &tmp.path().join("img"), &[], &[]);
+    let v = r.check();
+    assert_pass(&v);
+    assert_eq!(r.wait(), 0);
+}
+
 /// Waits until `pid` sits in clock_nanosleep (syscall 230), read from /proc.
 fn wait_in_nanosleep(pid: i32) {
     let deadline = Instant::now() + LINE_TIMEOUT;

@@ -178,3 +178,9 @@ fn unprivileged_credentials_come_back() {
     assert_eq!(ids(r.pid), before);
     assert_pass(&r.check());
 }
+
+#[test]
+fn four_threads_blocked_in_futex_poll_nanosleep_keep_tids_and_state() {
+    let v = run("threads", &[], None);
+    eprintln!("{v}");
+}
