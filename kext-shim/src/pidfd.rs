@@ -20,3 +20,23 @@ pub fn pidfd_getfd(pidfd: &OwnedFd, pid: Pid, target_fd: i32) -> Result<OwnedFd>
     // SAFETY: a fresh fd returned by the kernel, owned by no one else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
+
+/// Whether fd `fd1` of `pid1` and fd `fd2` of `pid2` are the same open file description
+/// (one offset, one set of flags), as after dup or fork. kcmp needs ptrace access to both.
+pub fn same_file_description(pid1: Pid, fd1: i32, pid2: Pid, fd2: i32) -> Result<bool> {
+    const KCMP_FILE: libc::c_long = 0;
+    // SAFETY: kcmp takes no pointers for KCMP_FILE.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid1.as_raw() as libc::c_long,
+            pid2.as_raw() as libc::c_long,
+            KCMP_FILE,
+            fd1 as libc::c_long,
+            fd2 as libc::c_long,
+        )
+    };
+    Ok(check(r, || {
+        format!("kcmp fd {fd1} of pid {pid1} with fd {fd2} of pid {pid2}")
+    })? == 0)
+}

@@ -335,6 +335,44 @@ pub fn restore(guard: &mut Guard, dir: &Path, extra: &[&str]) -> Proc {
     }
 }
 
+/// `pid` and all its descendants, read from /proc.
+pub fn tree_pids(pid: i32) -> Vec<i32> {
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
+            for t in tasks.flatten() {
+                let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+                out.extend(
+                    kids.split_whitespace()
+                        .filter_map(|k| k.parse::<i32>().ok()),
+                );
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Reaps the killed descendants of a checkpointed tree: as subreaper we inherit them,
+/// and their pids must be free again for the restore.
+fn reap_descendants(pids: &[i32]) {
+    let deadline = Instant::now() + LINE_TIMEOUT;
+    for &p in pids {
+        while Path::new(&format!("/proc/{p}")).exists() {
+            assert!(
+                Instant::now() < deadline,
+                "pid {p} of the dumped tree never went away"
+            );
+            match waitpid(Pid::from_raw(p), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => std::thread::yield_now(),
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
 /// Checkpoint (kill), reap, restore: the usual round trip. Returns the restored process.
 pub fn round_trip(
     guard: &mut Guard,
@@ -344,6 +382,10 @@ pub fn round_trip(
     restore_extra: &[&str],
 ) -> Proc {
     let pid = p.pid;
+    let tree = tree_pids(pid);
+    for &t in &tree[1..] {
+        guard.add(t);
+    }
     checkpoint(pid, dir, ckpt_extra);
     let code = p.wait();
     assert_eq!(
@@ -351,6 +393,7 @@ pub fn round_trip(
         128 + libc::SIGKILL,
         "the checkpointed process should have been killed"
     );
+    reap_descendants(&tree[1..]);
     let r = restore(guard, dir, restore_extra);
     assert_eq!(r.pid, pid, "restored with another pid");
     r

@@ -184,3 +184,12 @@ fn four_threads_blocked_in_futex_poll_nanosleep_keep_tids_and_state() {
     let v = run("threads", &[], None);
     eprintln!("{v}");
 }
+
+#[test]
+fn process_tree_with_groups_sessions_and_a_shared_file_offset() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    let v = run("tree", &[data.to_str().expect("utf-8")], None);
+    eprintln!("{v}");
+}

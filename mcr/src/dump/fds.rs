@@ -1,7 +1,7 @@
 //! The fd table.
 
 use super::{DumpError, Result, StepContext};
-use crate::model::{FdEntry, FdKind, FileRef};
+use crate::model::{FdEntry, FdKind, FileRef, ProcessImage};
 use kext_shim::procfs::{self, FileIdentity};
 use kext_shim::Pid;
 
@@ -76,8 +76,53 @@ pub fn collect(pid: Pid, shell_job: bool) -> Result<Vec<FdEntry>> {
             fd,
             flags,
             cloexec,
+            ofd: 0,
             kind,
         });
     }
     Ok(out)
+}
+
+/// Numbers the open file descriptions of every process of the image: two fds that kcmp
+/// says are one description (dup'd, or inherited through fork) get one number, so that
+/// restore opens the file once and they share an offset again.
+pub fn number_file_descriptions(procs: &mut [ProcessImage]) -> Result<()> {
+    // (identity, pid, fd, number) of every description seen so far.
+    let mut seen: Vec<(crate::model::FileIdentity, i32, i32, u32)> = Vec::new();
+    let mut next = 0u32;
+    for p in procs.iter_mut() {
+        let pid = Pid::from_raw(p.pid);
+        for e in p.fds.iter_mut() {
+            let ident = match &e.kind {
+                FdKind::Regular { file, .. }
+                | FdKind::CharDevice { file, .. }
+                | FdKind::Directory { file } => file.identity,
+                FdKind::External { .. } => continue,
+            };
+            let mut found = None;
+            for &(id, opid, ofd, n) in &seen {
+                if id.dev == ident.dev && id.ino == ident.ino && id.rdev == ident.rdev {
+                    let same = kext_shim::pidfd::same_file_description(
+                        Pid::from_raw(opid),
+                        ofd,
+                        pid,
+                        e.fd,
+                    )
+                    .step(pid, || {
+                        format!("comparing fd {} with fd {ofd} of pid {opid}", e.fd)
+                    })?;
+                    if same {
+                        found = Some(n);
+                        break;
+                    }
+                }
+            }
+            e.ofd = found.unwrap_or_else(|| {
+                next += 1;
+                seen.push((ident, p.pid, e.fd, next));
+                next
+            });
+        }
+    }
+    Ok(())
 }

@@ -230,3 +230,48 @@ impl Drop for Frozen {
         }
     }
 }
+
+/// Every process of a tree, frozen: the root first, each parent before its children.
+pub struct FrozenTree {
+    pub procs: Vec<Frozen>,
+}
+
+impl FrozenTree {
+    /// Freezes `root`, then its children once it can no longer fork, and so on down.
+    pub fn freeze(root: Pid) -> Result<Self> {
+        let mut tree = FrozenTree {
+            procs: vec![Frozen::freeze(root)?],
+        };
+        let mut i = 0;
+        while i < tree.procs.len() {
+            let parent = tree.procs[i].pid;
+            let kids =
+                kext_shim::procfs::children(parent).step(parent, || "listing children".into())?;
+            for k in kids {
+                let kid = Pid::from_raw(k);
+                if kext_shim::procfs::Stat::read(kid).is_ok_and(|s| s.state() == 'Z') {
+                    return Err(DumpError::Unsupported {
+                        pid: root.as_raw(),
+                        what: format!("pid {k}, a child of {parent}, is a zombie not reaped yet; zombies are not supported yet"),
+                    });
+                }
+                tree.procs.push(Frozen::freeze(kid)?);
+            }
+            i += 1;
+        }
+        Ok(tree)
+    }
+
+    /// Lets every process go, children first.
+    pub fn release(self, after: AfterDump) -> Result<()> {
+        let mut first_err = Ok(());
+        for f in self.procs.into_iter().rev() {
+            if let Err(e) = f.release(after) {
+                if first_err.is_ok() {
+                    first_err = Err(e);
+                }
+            }
+        }
+        first_err
+    }
+}

@@ -12,7 +12,7 @@ mod task;
 
 use crate::image::{Compression, ImageError, ImageWriter, WriteStats, FORMAT_VERSION};
 use crate::model::{Inventory, Snapshot};
-use freeze::Frozen;
+use freeze::FrozenTree;
 use kext_shim::Pid;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -120,15 +120,33 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
         .map_err(|source| DumpError::Image { pid: raw, source })?;
 
     let t_freeze = Instant::now();
-    let mut frozen = Frozen::freeze(pid)?;
+    let mut tree = FrozenTree::freeze(pid)?;
     steps.push(("freeze", t_freeze.elapsed()));
 
     let result = (|| {
         let t = Instant::now();
-        let process = task::collect(&mut frozen, opts.shell_job)?;
+        let mut processes = Vec::with_capacity(tree.procs.len());
+        for f in tree.procs.iter_mut() {
+            processes.push(task::collect(f, opts.shell_job)?);
+        }
+        fds::number_file_descriptions(&mut processes)?;
+        if processes.len() > 1 {
+            if let Some(p) = processes.iter().find(|p| {
+                p.mm.vmas
+                    .iter()
+                    .any(|v| v.kind == crate::model::VmaKind::SharedAnonymous)
+            }) {
+                return Err(DumpError::Unsupported {
+                    pid: p.pid,
+                    what: "shared anonymous memory in a process tree is not supported yet".into(),
+                });
+            }
+        }
         steps.push(("collect state", t.elapsed()));
         let t = Instant::now();
-        mm::dump_pages(pid, &process.mm, &writer)?;
+        for p in &processes {
+            mm::dump_pages(Pid::from_raw(p.pid), &p.mm, &writer)?;
+        }
         steps.push(("dump pages", t.elapsed()));
         if crate::fault::armed(crate::fault::DUMP_AFTER_PAGES) {
             return Err(DumpError::FaultInjected {
@@ -138,8 +156,8 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
         }
         let t = Instant::now();
         let snapshot = Snapshot {
-            inventory: inventory(raw, opts),
-            processes: vec![process],
+            inventory: inventory(raw, opts, processes.len()),
+            processes,
         };
         let stats = writer
             .finish(&snapshot)
@@ -147,10 +165,10 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
         steps.push(("write image", t.elapsed()));
         Ok(stats)
     })();
-    // On failure `frozen` is dropped here, which resumes the workload untouched.
+    // On failure `tree` is dropped here, which resumes every process untouched.
     let stats = result?;
     let t = Instant::now();
-    frozen.release(opts.after)?;
+    tree.release(opts.after)?;
     steps.push(("release", t.elapsed()));
     let frozen_for = t_freeze.elapsed();
     steps.push(("total", t0.elapsed()));
@@ -162,9 +180,14 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
     })
 }
 
-fn inventory(pid: i32, opts: &CheckpointOptions) -> Inventory {
+fn inventory(pid: i32, opts: &CheckpointOptions, processes: usize) -> Inventory {
     let uts = nix::sys::utsname::uname().ok();
-    let mut features = vec!["single-process".to_string()];
+    let mut features = vec![if processes > 1 {
+        "process-tree"
+    } else {
+        "single-process"
+    }
+    .to_string()];
     if opts.compression != Compression::None {
         features.push("zstd-pages".into());
     }

@@ -69,13 +69,6 @@ pub fn precheck(pid: Pid) -> Result<()> {
 pub fn collect(frozen: &mut Frozen, shell_job: bool) -> Result<ProcessImage> {
     let pid = frozen.pid;
     let raw = pid.as_raw();
-    let children = procfs::children(pid).step(pid, || "listing children".into())?;
-    if !children.is_empty() {
-        return Err(DumpError::Unsupported {
-            pid: raw,
-            what: format!("it has children {children:?}; process trees are not supported yet"),
-        });
-    }
     let status = Status::read(pid).step(pid, || "reading status".into())?;
     let stat = Stat::read(pid).step(pid, || "reading stat".into())?;
 

@@ -29,7 +29,7 @@ pub use write::{ImageWriter, WriteStats, CHUNK_PREFIX};
 pub const FORMAT_VERSION: u16 = 1;
 
 /// Image features this build understands (see `Inventory::features`).
-pub const KNOWN_FEATURES: &[&str] = &["single-process", "zstd-pages"];
+pub const KNOWN_FEATURES: &[&str] = &["single-process", "process-tree", "zstd-pages"];
 
 /// What went wrong with an image, naming the file and where.
 #[derive(Debug, thiserror::Error)]

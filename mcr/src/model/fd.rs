@@ -9,6 +9,9 @@ pub struct FdEntry {
     /// open(2) flags without O_CLOEXEC.
     pub flags: u32,
     pub cloexec: bool,
+    /// The open file description behind the fd, numbered across the whole image: fds
+    /// with the same number share one offset and one set of flags (dup, fork).
+    pub ofd: u32,
     pub kind: FdKind,
 }
 

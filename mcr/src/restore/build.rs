@@ -10,8 +10,8 @@ use super::stub::Stub;
 use super::{RestoreError, Result, StepContext};
 use crate::image::Image;
 use crate::model::{ProcessImage, ThreadImage, Vma, VmaKind};
-use kext_shim::inject::{find_syscall_insn, Injector};
-use kext_shim::mem::{read_remote, write_remote_ranges, ProcMem};
+use kext_shim::inject::Injector;
+use kext_shim::mem::{write_remote_ranges, ProcMem};
 use kext_shim::procfs::{self, MapEntry, Status};
 use kext_shim::{ptrace, sys, PAGE_SIZE};
 use std::time::{Duration, Instant};
@@ -131,27 +131,13 @@ pub fn rebuild(
 ) -> Result<Vec<kext_shim::Pid>> {
     let pid = stub.pid;
     let raw = pid.as_raw();
-    let regs0 = ptrace::get_regs(pid).step(raw, || "reading the new process's registers".into())?;
     // Nothing may be delivered while the process is half-built.
     ptrace::set_sigmask(pid, !0).step(raw, || "blocking signals".into())?;
     let maps = procfs::read_maps(pid).step(raw, || "reading the new process's maps".into())?;
-    let vdso =
-        maps.iter()
-            .find(|m| m.path == "[vdso]")
-            .ok_or_else(|| RestoreError::Incompatible {
-                pid: raw,
-                what: "this kernel gives processes no [vdso]".into(),
-            })?;
-    let mut bytes = vec![0u8; vdso.len() as usize];
-    read_remote(pid, vdso.start, &mut bytes).step(raw, || "reading [vdso]".into())?;
-    let ip = find_syscall_insn(&bytes, vdso.start).ok_or_else(|| RestoreError::Incompatible {
-        pid: raw,
-        what: "no syscall instruction in [vdso]".into(),
-    })?;
     let mem = ProcMem::open(pid).step(raw, || "opening /proc/PID/mem".into())?;
     let mut cx = Ctx {
         pid: raw,
-        inj: Injector::new(pid, ip, regs0),
+        inj: super::stub::fresh_injector(pid)?,
         others: Vec::new(),
         data: 0,
         mem,
@@ -237,7 +223,6 @@ pub fn rebuild(
             || "personality".into(),
         )?;
         set_signals(cx, p)?;
-        set_session(cx, p)?;
         cx.call(
             libc::SYS_prctl,
             [libc::PR_SET_PDEATHSIG as u64, 0, 0, 0, 0, 0],
@@ -783,12 +768,29 @@ fn queue_pending(cx: &mut Ctx, p: &ProcessImage) -> Result<()> {
     Ok(())
 }
 
-/// A process that led its session or group leads a new one; otherwise it stays in ours.
-fn set_session(cx: &mut Ctx, p: &ProcessImage) -> Result<()> {
-    if p.sid == p.pid {
-        cx.call(libc::SYS_setsid, [0; 6], || "setsid".into())?;
-    } else if p.pgid == p.pid {
-        cx.call(libc::SYS_setpgid, [0; 6], || "setpgid".into())?;
+/// Session and process group, set while the stub is fresh and before it forks its
+/// children, which inherit them. A leader of its session or group makes a new one; a
+/// member joins the group of its leader in the image if that exists by now; otherwise
+/// it stays in ours (a shell job's group, say).
+pub fn early_init(inj: &mut Injector, p: &ProcessImage, procs: &[ProcessImage]) -> Result<()> {
+    let pid = p.pid;
+    let call = |inj: &mut Injector, nr: i64, a: [u64; 6], what: &'static str| {
+        inj.call(nr, a, || what.into()).step(pid, || what.into())
+    };
+    if p.sid == pid {
+        call(inj, libc::SYS_setsid, [0; 6], "setsid")?;
+    } else if p.pgid == pid {
+        call(inj, libc::SYS_setpgid, [0; 6], "setpgid")?;
+    } else if procs.iter().any(|q| q.pid == p.pgid) {
+        let now = call(inj, libc::SYS_getpgid, [0; 6], "getpgid")?;
+        if now != p.pgid as u64 {
+            call(
+                inj,
+                libc::SYS_setpgid,
+                [0, p.pgid as u64, 0, 0, 0, 0],
+                "setpgid to its group",
+            )?;
+        }
     }
     Ok(())
 }

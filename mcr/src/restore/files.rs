@@ -3,20 +3,21 @@
 
 use super::{RestoreError, Result};
 use crate::model::{FdKind, FileIdentity, FileRef, ProcessImage};
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-/// Files opened for the stub; the stub finds them at the same fd numbers.
+/// Files opened for the stubs of a whole tree; each stub finds them at the same fd
+/// numbers (the root stub inherits them from us, its children from it).
 pub struct FilePlan {
     owned: Vec<OwnedFd>,
-    map_fds: Vec<i32>,
-    exe_fd: i32,
-    cwd_fd: i32,
-    /// (target fd, fd in the stub, close-on-exec)
-    fds: Vec<(i32, i32, bool)>,
+    /// Open file description number (see `FdEntry::ofd`) -> our fd: opened once, so the
+    /// processes that shared it share it again.
+    ofds: BTreeMap<u32, i32>,
+    per_process: Vec<FdNumbers>,
 }
 
 /// Just the numbers, once the files themselves were handed to the stub.
@@ -29,13 +30,9 @@ pub struct FdNumbers {
 }
 
 impl FilePlan {
-    pub fn numbers(&self) -> FdNumbers {
-        FdNumbers {
-            map_fds: self.map_fds.clone(),
-            exe_fd: self.exe_fd,
-            cwd_fd: self.cwd_fd,
-            fds: self.fds.clone(),
-        }
+    /// Per process, in image order.
+    pub fn numbers(&self) -> Vec<FdNumbers> {
+        self.per_process.clone()
     }
 
     fn keep(&mut self, f: impl Into<OwnedFd>) -> i32 {
@@ -132,16 +129,38 @@ impl Ctx<'_> {
     }
 }
 
-/// Opens every file the process needs, checking identities. With `shell_job`, fds that
-/// were outside the image are bound to the given stand-ins for 0, 1, 2.
-pub fn open_all(p: &ProcessImage, root: &Path, shell_job: Option<[i32; 3]>) -> Result<FilePlan> {
+/// Opens every file the processes need, checking identities. With `shell_job`, fds
+/// that were outside the image are bound to the given stand-ins for 0, 1, 2.
+pub fn open_all(
+    procs: &[ProcessImage],
+    root: &Path,
+    shell_job: Option<[i32; 3]>,
+) -> Result<FilePlan> {
+    let mut plan = FilePlan {
+        owned: Vec::new(),
+        ofds: BTreeMap::new(),
+        per_process: Vec::new(),
+    };
+    for p in procs {
+        let n = open_process(&mut plan, procs, p, root, shell_job)?;
+        plan.per_process.push(n);
+    }
+    Ok(plan)
+}
+
+fn open_process(
+    plan: &mut FilePlan,
+    procs: &[ProcessImage],
+    p: &ProcessImage,
+    root: &Path,
+    shell_job: Option<[i32; 3]>,
+) -> Result<FdNumbers> {
     let cx = Ctx {
         pid: p.pid,
         root,
         strict: root == Path::new("/"),
     };
-    let mut plan = FilePlan {
-        owned: Vec::new(),
+    let mut nums = FdNumbers {
         map_fds: Vec::new(),
         exe_fd: -1,
         cwd_fd: -1,
@@ -150,7 +169,7 @@ pub fn open_all(p: &ProcessImage, root: &Path, shell_job: Option<[i32; 3]>) -> R
     for f in &p.mm.files {
         let file = cx.open(&format!("mapped file {}", f.path), f, libc::O_RDONLY as u32)?;
         let n = plan.keep(file);
-        plan.map_fds.push(n);
+        nums.map_fds.push(n);
     }
     let exe = cx.open("executable", &p.mm.exe, libc::O_RDONLY as u32)?;
     // The stub starts as a copy of us, so its exe link already names our binary. When
@@ -165,12 +184,16 @@ pub fn open_all(p: &ProcessImage, root: &Path, shell_job: Option<[i32; 3]>) -> R
         }
         _ => false,
     };
-    plan.exe_fd = if same { -1 } else { plan.keep(exe) };
+    nums.exe_fd = if same { -1 } else { plan.keep(exe) };
     let cwd = cx.open("cwd", &p.cwd, (libc::O_RDONLY | libc::O_DIRECTORY) as u32)?;
-    plan.cwd_fd = plan.keep(cwd);
+    nums.cwd_fd = plan.keep(cwd);
 
     for e in &p.fds {
         let what = format!("fd {}", e.fd);
+        if let Some(&n) = plan.ofds.get(&e.ofd) {
+            nums.fds.push((e.fd, n, e.cloexec));
+            continue;
+        }
         let src = match &e.kind {
             FdKind::Regular { file, pos } | FdKind::CharDevice { file, pos } => {
                 let mut f = cx.open(&what, file, e.flags)?;
@@ -200,10 +223,11 @@ pub fn open_all(p: &ProcessImage, root: &Path, shell_job: Option<[i32; 3]>) -> R
                         "was outside the image (a shell job's stdio); restore with --shell-job",
                     ));
                 };
-                // The lowest stdio fd that had the same object stands in for it.
-                let stdio = p
-                    .fds
-                    .iter()
+                // The lowest stdio fd that had the same object stands in for it (in
+                // this process, else in any process of the tree).
+                let stdio = std::iter::once(p)
+                    .chain(procs.iter())
+                    .flat_map(|q| q.fds.iter())
                     .find(|x| {
                         x.fd <= 2 && matches!(&x.kind, FdKind::External { key: k } if k == key)
                     })
@@ -225,7 +249,10 @@ pub fn open_all(p: &ProcessImage, root: &Path, shell_job: Option<[i32; 3]>) -> R
                 stdio
             }
         };
-        plan.fds.push((e.fd, src, e.cloexec));
+        if !matches!(e.kind, FdKind::External { .. }) {
+            plan.ofds.insert(e.ofd, src);
+        }
+        nums.fds.push((e.fd, src, e.cloexec));
     }
-    Ok(plan)
+    Ok(nums)
 }

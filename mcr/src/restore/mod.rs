@@ -111,18 +111,24 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let image = Image::open(&opts.dir)?;
     steps.push(("read and check image", t0.elapsed()));
     let snap = &image.snapshot;
-    let [p] = &snap.processes[..] else {
+    let procs = &snap.processes;
+    let Some(p0) = procs.first() else {
         return Err(RestoreError::Incompatible {
             pid: snap.inventory.root_pid,
-            what: format!(
-                "the image holds {} processes; only one is supported yet",
-                snap.processes.len()
-            ),
+            what: "the image holds no process".into(),
         });
     };
+    for (i, p) in procs.iter().enumerate().skip(1) {
+        if !procs[..i].iter().any(|q| q.pid == p.ppid) {
+            return Err(RestoreError::Incompatible {
+                pid: p.pid,
+                what: format!("its parent {} does not come before it in the image", p.ppid),
+            });
+        }
+    }
     if snap.inventory.arch != std::env::consts::ARCH {
         return Err(RestoreError::Incompatible {
-            pid: p.pid,
+            pid: p0.pid,
             what: format!(
                 "the image is for {}, this machine is {}",
                 snap.inventory.arch,
@@ -132,7 +138,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     }
     let root = match &opts.root {
         Some(r) => r.canonicalize().map_err(|e| RestoreError::File {
-            pid: p.pid,
+            pid: p0.pid,
             what: "restore root".into(),
             path: r.display().to_string(),
             why: e.to_string(),
@@ -140,26 +146,50 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         None => PathBuf::from("/"),
     };
     let t = Instant::now();
-    let plan = files::open_all(p, &root, opts.shell_job.then_some(opts.stdio))?;
+    let plan = files::open_all(procs, &root, opts.shell_job.then_some(opts.stdio))?;
     steps.push(("open files", t.elapsed()));
-    build::check_vdso_layout(p)?;
+    build::check_vdso_layout(p0)?;
 
     let t = Instant::now();
-    wait_for_pid(p.pid, opts.pid_wait)?;
-    let chroot = chroot_dir(&root, &p.root);
-    let stub = stub::Stub::spawn(p.pid, chroot)?;
-    // The stub holds its own copies now.
+    for p in procs {
+        for t in &p.threads {
+            wait_for_pid(t.tid, opts.pid_wait)?;
+        }
+    }
+    // The whole tree as fresh stubs first, each forked by its parent after that parent
+    // took its session and group, so the children inherit them.
+    let mut stubs = vec![stub::Stub::spawn(p0.pid, chroot_dir(&root, &p0.root))?];
+    build::early_init(&mut stub::fresh_injector(stubs[0].pid)?, p0, procs)?;
+    for p in &procs[1..] {
+        let parent = procs
+            .iter()
+            .position(|q| q.pid == p.ppid)
+            .expect("checked above");
+        let mut inj = stub::fresh_injector(stubs[parent].pid)?;
+        let child = stubs[parent].fork_child(&mut inj, p.pid)?;
+        build::early_init(&mut stub::fresh_injector(child.pid)?, p, procs)?;
+        stubs.push(child);
+    }
+    // The stubs hold their own copies now.
     let numbers = plan.numbers();
     drop(plan);
-    steps.push(("create process", t.elapsed()));
+    steps.push(("create processes", t.elapsed()));
     let mut pages = 0;
-    let threads = build::rebuild(&stub, p, &image, &numbers, &mut steps, &mut pages)?;
+    let mut threads = Vec::new();
+    for ((stub, p), nums) in stubs.iter().zip(procs).zip(&numbers) {
+        threads.push(build::rebuild(
+            stub, p, &image, nums, &mut steps, &mut pages,
+        )?);
+    }
     let t = Instant::now();
-    let pid = stub.release(&threads)?;
+    // Children first: a parent never runs while a child of its is still half-made.
+    for (stub, th) in stubs.into_iter().zip(threads).rev() {
+        stub.release(&th)?;
+    }
     steps.push(("resume", t.elapsed()));
     steps.push(("total", t0.elapsed()));
     Ok(Restored {
-        pid: pid.as_raw(),
+        pid: p0.pid,
         pages,
         steps,
     })

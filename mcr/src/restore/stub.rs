@@ -3,7 +3,9 @@
 
 use super::{RestoreError, Result, StepContext};
 use kext_shim::clone::{spawn_stub, StubSpec};
-use kext_shim::{ptrace, Errno, Pid};
+use kext_shim::inject::{find_syscall_insn, Injector};
+use kext_shim::mem::{read_remote, ProcMem};
+use kext_shim::{procfs, ptrace, Errno, Pid};
 
 pub struct Stub {
     pub pid: Pid,
@@ -41,8 +43,11 @@ impl Stub {
         match ptrace::wait(child).step(pid, || "waiting for the new process to stop".into())? {
             ptrace::Stop::Stopped { sig, .. } if sig == libc::SIGSTOP => {
                 // Threads it clones are ours from birth; all of it dies if we do.
-                ptrace::set_options(child, libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_EXITKILL)
-                    .step(pid, || "setting ptrace options".into())?;
+                ptrace::set_options(
+                    child,
+                    libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACEFORK | libc::PTRACE_O_EXITKILL,
+                )
+                .step(pid, || "setting ptrace options".into())?;
                 Ok(stub)
             }
             ptrace::Stop::Exited(120) => Err(RestoreError::File {
@@ -80,5 +85,88 @@ impl Drop for Stub {
         }
         let _ = kext_shim::clone::kill(self.pid, libc::SIGKILL);
         let _ = nix::sys::wait::waitpid(self.pid, Some(nix::sys::wait::WaitPidFlag::__WALL));
+    }
+}
+
+/// An injector for a stub that is still a copy of us: it goes through the `syscall`
+/// instruction of the stub's own vDSO.
+pub fn fresh_injector(pid: Pid) -> Result<Injector> {
+    let raw = pid.as_raw();
+    let maps = procfs::read_maps(pid).step(raw, || "reading the new process's maps".into())?;
+    let vdso =
+        maps.iter()
+            .find(|m| m.path == "[vdso]")
+            .ok_or_else(|| RestoreError::Incompatible {
+                pid: raw,
+                what: "this kernel gives processes no [vdso]".into(),
+            })?;
+    let mut bytes = vec![0u8; vdso.len() as usize];
+    read_remote(pid, vdso.start, &mut bytes).step(raw, || "reading [vdso]".into())?;
+    let ip = find_syscall_insn(&bytes, vdso.start).ok_or_else(|| RestoreError::Incompatible {
+        pid: raw,
+        what: "no syscall instruction in [vdso]".into(),
+    })?;
+    let regs = ptrace::get_regs(pid).step(raw, || "reading the new process's registers".into())?;
+    Ok(Injector::new(pid, ip, regs))
+}
+
+impl Stub {
+    /// Forks a child stub with pid `pid` from this (still fresh) stub, so that the child's
+    /// parent is this process. It stops at birth, traced by us like its parent.
+    pub fn fork_child(&self, inj: &mut Injector, pid: i32) -> Result<Stub> {
+        let raw = self.pid.as_raw();
+        // clone_args and the tid go below the stub's stack pointer: it is a copy of our
+        // own stack, mapped and unused there.
+        let regs = ptrace::get_regs(self.pid).step(raw, || "reading registers".into())?;
+        let at = (regs.rsp - 1024) & !15;
+        let mut args = Vec::with_capacity(96);
+        // flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls,
+        // set_tid, set_tid_size, cgroup
+        for w in [0, 0, 0, 0, libc::SIGCHLD as u64, 0, 0, 0, at + 88, 1, 0] {
+            args.extend_from_slice(&w.to_ne_bytes());
+        }
+        args.extend_from_slice(&(pid as u64).to_ne_bytes());
+        ProcMem::open(self.pid)
+            .and_then(|m| m.write(at, &args))
+            .step(raw, || "writing clone3 arguments".into())?;
+        let child = inj
+            .call(libc::SYS_clone3, [at, 88, 0, 0, 0, 0], || {
+                format!("clone3 of child {pid}")
+            })
+            .map_err(|e| match e.errno() {
+                Some(Errno::EEXIST) => RestoreError::PidTaken {
+                    pid,
+                    by: "another process".into(),
+                },
+                _ => RestoreError::Kernel {
+                    pid: raw,
+                    step: format!("forking child {pid}"),
+                    source: e,
+                },
+            })?;
+        inj.take_event();
+        let child = Pid::from_raw(child as i32);
+        let stub = Stub {
+            pid: child,
+            released: false,
+        };
+        match ptrace::wait(child).step(pid, || "waiting for the new child to stop".into())? {
+            ptrace::Stop::Stopped { .. } => {
+                ptrace::set_options(
+                    child,
+                    libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACEFORK | libc::PTRACE_O_EXITKILL,
+                )
+                .step(pid, || "setting ptrace options".into())?;
+                Ok(stub)
+            }
+            other => Err(RestoreError::Kernel {
+                pid,
+                step: "starting the new child".into(),
+                source: kext_shim::Error::Unexpected {
+                    pid,
+                    what: format!("reported {other:?} instead of stopping"),
+                },
+            }),
+        }
     }
 }

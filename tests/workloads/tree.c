@@ -1,0 +1,189 @@
+/*
+ * tree DIR: a process tree across process groups and sessions, sharing one open file.
+ *
+ *   P (the test's child) ── A ── A1   A1 leads its own session (setsid)
+ *                        └─ B          B leads its own process group
+ *
+ * Every process keeps a memory pattern and the ids it started with, and waits in
+ * sigsuspend. On CHECK, P wakes A and B; A wakes A1. Each checks its pid, parent, group,
+ * session and memory, appends its letter through the fd all of them inherited from P
+ * (one open file description, one offset), and exits 0 or with a code saying what
+ * differed. P reaps its children (wait4 on restored children), checks their exit codes
+ * and that DIR/shared holds each letter once: separate offsets would overwrite.
+ */
+#include "common.h"
+
+#include <fcntl.h>
+#include <limits.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+
+#define AREA_WORDS (256 * 1024) /* 2 MiB per process */
+
+static uint64_t *area;
+static int shared_fd;
+static pid_t my_pid, my_ppid, my_pgid, my_sid;
+
+static void on_usr1(int sig)
+{
+    (void)sig;
+}
+
+static void remember(uint64_t seed)
+{
+    my_pid = getpid();
+    my_ppid = getppid();
+    my_pgid = getpgid(0);
+    my_sid = getsid(0);
+    area = malloc(AREA_WORDS * sizeof *area);
+    if (!area)
+        _exit(20);
+    for (size_t i = 0; i < AREA_WORDS; i++)
+        area[i] = mix64(seed * AREA_WORDS + i);
+}
+
+/* 0 if this process is still itself, else a code naming what differs. */
+static int verify(uint64_t seed)
+{
+    if (getpid() != my_pid)
+        return 11;
+    if (getppid() != my_ppid)
+        return 12;
+    if (getpgid(0) != my_pgid)
+        return 13;
+    if (getsid(0) != my_sid)
+        return 14;
+    for (size_t i = 0; i < AREA_WORDS; i++)
+        if (area[i] != mix64(seed * AREA_WORDS + i))
+            return 15;
+    return 0;
+}
+
+/* Waits, without sleeping, until `pid` is parked in rt_sigsuspend (syscall 130). */
+static void wait_parked(pid_t pid)
+{
+    char path[64], buf[64];
+    snprintf(path, sizeof path, "/proc/%d/syscall", pid);
+    for (;;) {
+        int fd = open(path, O_RDONLY);
+        ssize_t n = fd >= 0 ? read(fd, buf, sizeof buf - 1) : -1;
+        if (fd >= 0)
+            close(fd);
+        if (n > 0) {
+            buf[n] = 0;
+            if (strncmp(buf, "130 ", 4) == 0)
+                return;
+        }
+        sched_yield();
+    }
+}
+
+static void park(void)
+{
+    sigset_t none;
+    sigemptyset(&none);
+    sigsuspend(&none);
+}
+
+static int append(char c)
+{
+    return write(shared_fd, &c, 1) == 1 ? 0 : 16;
+}
+
+static int reap(pid_t pid)
+{
+    int st;
+    if (waitpid(pid, &st, 0) != pid)
+        return 17;
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 18;
+}
+
+/* A child's life: pattern, park, verify, append, exit. */
+static void child(uint64_t seed, char letter, pid_t (*spawn)(void))
+{
+    remember(seed);
+    pid_t kid = spawn ? spawn() : 0;
+    if (kid)
+        wait_parked(kid);
+    park();
+    int r = verify(seed);
+    if (!r)
+        r = append(letter);
+    if (!r && kid) {
+        kill(kid, SIGUSR1);
+        r = reap(kid);
+        if (r)
+            r += 100; /* the grandchild's code, told apart */
+    }
+    _exit(r);
+}
+
+static pid_t spawn_a1(void)
+{
+    pid_t p = fork();
+    if (p == 0) {
+        if (setsid() < 0)
+            _exit(21);
+        child(3, 'a', NULL);
+    }
+    return p;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2)
+        FAIL("usage: tree DIR");
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/shared", argv[1]);
+    shared_fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0644);
+    if (shared_fd < 0 || write(shared_fd, "P", 1) != 1)
+        FAIL("setup: %s: %s", path, strerror(errno));
+
+    /* SIGUSR1 stays blocked except inside sigsuspend, so no wake-up is ever lost. */
+    sigset_t usr1;
+    sigemptyset(&usr1);
+    sigaddset(&usr1, SIGUSR1);
+    sigprocmask(SIG_BLOCK, &usr1, NULL);
+    signal(SIGUSR1, on_usr1);
+
+    remember(0);
+    pid_t a = fork();
+    if (a == 0)
+        child(1, 'A', spawn_a1);
+    pid_t b = fork();
+    if (b == 0) {
+        if (setpgid(0, 0) < 0)
+            _exit(22);
+        child(2, 'B', NULL);
+    }
+    if (a < 0 || b < 0)
+        FAIL("setup: fork: %s", strerror(errno));
+    wait_parked(a);
+    wait_parked(b);
+
+    ready();
+    wait_check();
+
+    int r = verify(0);
+    if (r)
+        FAIL("parent: verify code %d", r);
+    kill(a, SIGUSR1);
+    int ra = reap(a);
+    kill(b, SIGUSR1);
+    int rb = reap(b);
+    if (ra || rb)
+        FAIL("children exit codes: A %d, B %d", ra, rb);
+
+    char got[8] = {0};
+    ssize_t n = pread(shared_fd, got, sizeof got - 1, 0);
+    struct stat st;
+    fstat(shared_fd, &st);
+    if (n != 4 || st.st_size != 4 || !strchr(got, 'P') || !strchr(got, 'A') ||
+        !strchr(got, 'a') || !strchr(got, 'B'))
+        FAIL("shared file holds '%s' (%lld bytes): the offset was not shared", got,
+             (long long)st.st_size);
+    say("PASS tree pids=%d,%d,%d shared=%s\n", getpid(), a, b, got);
+    return 0;
+}
