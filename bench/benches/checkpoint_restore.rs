@@ -14,11 +14,20 @@ use std::time::{Duration, Instant};
 
 const SIZES_MIB: [usize; 3] = [16, 256, 1024];
 
-fn checkpoint(c: &mut Criterion) {
-    let mut g = c.benchmark_group("checkpoint");
+/// Each iteration takes milliseconds to a second: ten flat samples are plenty.
+fn group<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut g = c.benchmark_group(name);
     g.sampling_mode(SamplingMode::Flat)
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500));
+    g
+}
+
+fn checkpoint(c: &mut Criterion) {
+    let mut g = group(c, "checkpoint");
     for mib in SIZES_MIB {
         let w = Workload::start(mib);
         let dir = tempfile::tempdir_in(image_root()).expect("tempdir");
@@ -51,10 +60,7 @@ fn checkpoint(c: &mut Criterion) {
 }
 
 fn restore(c: &mut Criterion) {
-    let mut g = c.benchmark_group("restore");
-    g.sampling_mode(SamplingMode::Flat)
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(500));
+    let mut g = group(c, "restore");
     for mib in SIZES_MIB {
         let dir = tempfile::tempdir_in(image_root()).expect("tempdir");
         let img = dir.path().join("img");

@@ -26,23 +26,6 @@ pub fn image_root() -> PathBuf {
     PathBuf::from("/dev/shm")
 }
 
-/// Fds we inherited must not leak into the workload (every fd is dumped).
-pub fn close_inherited_fds_on_exec() {
-    for e in std::fs::read_dir("/proc/self/fd")
-        .expect("/proc/self/fd")
-        .flatten()
-    {
-        if let Some(fd) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) {
-            if fd > 2 {
-                let _ = nix::fcntl::fcntl(
-                    fd,
-                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-                );
-            }
-        }
-    }
-}
-
 /// `mcr demo-workload`: `mib` MiB of incompressible memory, rewritten continuously.
 pub struct Workload {
     pub child: Child,
@@ -53,7 +36,7 @@ pub struct Workload {
 
 impl Workload {
     pub fn start(mib: usize) -> Workload {
-        close_inherited_fds_on_exec();
+        kext_shim::procfs::cloexec_inherited_fds().expect("marking inherited fds close-on-exec");
         let mut child = Command::new(mcr_bin())
             .args(["demo-workload", "--mib", &mib.to_string()])
             .stdin(Stdio::piped())

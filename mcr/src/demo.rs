@@ -87,6 +87,13 @@ fn steps(s: &[(&'static str, Duration)]) -> String {
         .join(", ")
 }
 
+fn total(s: &[(&'static str, Duration)]) -> Duration {
+    s.iter()
+        .find(|s| s.0 == "total")
+        .map(|s| s.1)
+        .unwrap_or_default()
+}
+
 pub fn run(mib: usize) -> ExitCode {
     match demo(mib) {
         Ok(true) => ExitCode::SUCCESS,
@@ -98,27 +105,8 @@ pub fn run(mib: usize) -> ExitCode {
     }
 }
 
-/// Fds we inherited (from a CI shell, say) must not leak into the workload, whose every
-/// fd is dumped.
-fn close_inherited_fds_on_exec() {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return;
-    };
-    for fd in dir
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-    {
-        if fd > 2 {
-            let _ = nix::fcntl::fcntl(
-                fd,
-                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-            );
-        }
-    }
-}
-
 fn demo(mib: usize) -> Result<bool, Box<dyn std::error::Error>> {
-    close_inherited_fds_on_exec();
+    kext_shim::procfs::cloexec_inherited_fds()?;
     // The restored workload is our child: no reparenting needed to reap it.
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().join("image");
@@ -147,18 +135,12 @@ fn demo(mib: usize) -> Result<bool, Box<dyn std::error::Error>> {
         compression: Compression::FAST,
     })?;
     child.wait()?;
-    let total = ck
-        .steps
-        .iter()
-        .find(|s| s.0 == "total")
-        .map(|s| s.1)
-        .unwrap_or_default();
     println!(
         "  checkpoint: {} pages ({:.1} MiB, {:.1} MiB stored) in {} [{}]; pid {pid} killed",
         ck.stats.pages,
         ck.stats.raw_bytes as f64 / (1 << 20) as f64,
         ck.stats.stored_bytes as f64 / (1 << 20) as f64,
-        ms(total),
+        ms(total(&ck.steps)),
         steps(&ck.steps)
     );
 
@@ -169,17 +151,11 @@ fn demo(mib: usize) -> Result<bool, Box<dyn std::error::Error>> {
     opts.stdio = [in_r.as_raw_fd(), out_w.as_raw_fd(), 2];
     let r = mcr::restore::restore(&opts)?;
     drop((in_r, out_w));
-    let total = r
-        .steps
-        .iter()
-        .find(|s| s.0 == "total")
-        .map(|s| s.1)
-        .unwrap_or_default();
     println!(
         "  restore: pid {} back with {} pages in {} [{}]",
         r.pid,
         r.pages,
-        ms(total),
+        ms(total(&r.steps)),
         steps(&r.steps)
     );
 

@@ -48,19 +48,7 @@ pub fn become_subreaper() {
         nix::sys::prctl::set_child_subreaper(true).expect("PR_SET_CHILD_SUBREAPER");
         // Fds the test runner inherited (from a CI shell, say) must not leak into the
         // workloads, whose every fd is dumped.
-        for e in std::fs::read_dir("/proc/self/fd")
-            .expect("/proc/self/fd")
-            .flatten()
-        {
-            if let Some(fd) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) {
-                if fd > 2 {
-                    let _ = nix::fcntl::fcntl(
-                        fd,
-                        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-                    );
-                }
-            }
-        }
+        kext_shim::procfs::cloexec_inherited_fds().expect("marking inherited fds close-on-exec");
     });
 }
 

@@ -312,6 +312,26 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Marks every fd above 2 that this process inherited close-on-exec, so that programs
+/// it starts (workloads to be checkpointed, whose every fd is dumped) get only stdio.
+pub fn cloexec_inherited_fds() -> Result<()> {
+    let path = "/proc/self/fd";
+    let dir = std::fs::read_dir(path).map_err(|e| Error::io(path, e))?;
+    for fd in dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+    {
+        if fd > 2 {
+            // The fd of the directory listing itself is gone by now: EBADF is fine.
+            let _ = nix::fcntl::fcntl(
+                fd,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Children of every thread of `pid` (from /proc/PID/task/*/children).
 pub fn children(pid: Pid) -> Result<Vec<i32>> {
     let mut out = Vec::new();

@@ -339,14 +339,11 @@ fn create_threads(cx: &mut Ctx, p: &ProcessImage) -> Result<()> {
         match ptrace::wait(tid).step(cx.pid, || format!("waiting for new thread {tid}"))? {
             ptrace::Stop::Stopped { .. } => {}
             other => {
-                return Err(RestoreError::Kernel {
-                    pid: cx.pid,
-                    step: format!("starting thread {tid}"),
-                    source: kext_shim::Error::Unexpected {
-                        pid: tid.as_raw(),
-                        what: format!("reported {other:?} instead of stopping"),
-                    },
-                })
+                return Err(super::stub::not_stopped(
+                    cx.pid,
+                    &format!("thread {tid}"),
+                    other,
+                ))
             }
         }
         let regs =

@@ -43,11 +43,8 @@ impl Stub {
         match ptrace::wait(child).step(pid, || "waiting for the new process to stop".into())? {
             ptrace::Stop::Stopped { sig, .. } if sig == libc::SIGSTOP => {
                 // Threads it clones are ours from birth; all of it dies if we do.
-                ptrace::set_options(
-                    child,
-                    libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACEFORK | libc::PTRACE_O_EXITKILL,
-                )
-                .step(pid, || "setting ptrace options".into())?;
+                ptrace::set_options(child, STUB_OPTIONS)
+                    .step(pid, || "setting ptrace options".into())?;
                 Ok(stub)
             }
             ptrace::Stop::Exited(120) => Err(RestoreError::File {
@@ -56,14 +53,7 @@ impl Stub {
                 path: chroot.unwrap_or_default(),
                 why: "cannot chroot there".into(),
             }),
-            other => Err(RestoreError::Kernel {
-                pid,
-                step: "starting the new process".into(),
-                source: kext_shim::Error::Unexpected {
-                    pid,
-                    what: format!("reported {other:?} instead of stopping"),
-                },
-            }),
+            other => Err(not_stopped(pid, "the new process", other)),
         }
     }
 
@@ -87,6 +77,23 @@ impl Drop for Stub {
         let _ = nix::sys::wait::waitpid(self.pid, Some(nix::sys::wait::WaitPidFlag::__WALL));
     }
 }
+
+/// A new task reported something other than its birth stop.
+pub fn not_stopped(pid: i32, what: &str, got: ptrace::Stop) -> RestoreError {
+    RestoreError::Kernel {
+        pid,
+        step: format!("starting {what}"),
+        source: kext_shim::Error::Unexpected {
+            pid,
+            what: format!("reported {got:?} instead of stopping"),
+        },
+    }
+}
+
+/// Options every stub is traced with: the tasks it clones or forks are ours from birth,
+/// and all of them die if we do.
+pub const STUB_OPTIONS: i32 =
+    libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACEFORK | libc::PTRACE_O_EXITKILL;
 
 /// An injector for a stub that is still a copy of us: it goes through the `syscall`
 /// instruction of the stub's own vDSO.
@@ -152,21 +159,11 @@ impl Stub {
         };
         match ptrace::wait(child).step(pid, || "waiting for the new child to stop".into())? {
             ptrace::Stop::Stopped { .. } => {
-                ptrace::set_options(
-                    child,
-                    libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACEFORK | libc::PTRACE_O_EXITKILL,
-                )
-                .step(pid, || "setting ptrace options".into())?;
+                ptrace::set_options(child, STUB_OPTIONS)
+                    .step(pid, || "setting ptrace options".into())?;
                 Ok(stub)
             }
-            other => Err(RestoreError::Kernel {
-                pid,
-                step: "starting the new child".into(),
-                source: kext_shim::Error::Unexpected {
-                    pid,
-                    what: format!("reported {other:?} instead of stopping"),
-                },
-            }),
+            other => Err(not_stopped(pid, "the new child", other)),
         }
     }
 }
