@@ -11,6 +11,7 @@ pub mod filemap;
 pub mod inject;
 pub mod mem;
 pub mod pidfd;
+pub mod pipe;
 pub mod probe;
 pub mod procfs;
 pub mod ptrace;

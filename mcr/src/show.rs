@@ -145,6 +145,12 @@ pub fn text(image: &Image) -> String {
                 FdKind::CharDevice { file, .. } => file.path.clone(),
                 FdKind::Directory { file } => format!("{} (directory)", file.path),
                 FdKind::External { key } => format!("{key} (outside the image)"),
+                FdKind::Pipe { ino, read_end } => {
+                    format!(
+                        "pipe:[{ino}] {} end",
+                        if *read_end { "read" } else { "write" }
+                    )
+                }
             };
             let _ = writeln!(
                 o,

@@ -79,6 +79,36 @@ fn python3_threads_and_queue_survive() {
     assert_eq!(r.wait(), 0);
 }
 
+/// sha256 of 1 GiB of "y\n", as `yes | head -c 1G | sha256sum` prints it.
+const YES_1G_SHA256: &str = "d18e25082e4fcac81874c54428fad07ff6346942d33770fee2d806f5b8251940";
+
+#[test]
+fn shell_pipeline_loses_and_doubles_no_byte() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let p = Proc::start_until(
+        &mut g,
+        Path::new("sh"),
+        &["-c", "yes | head -c 1G | sha256sum"],
+        None,
+        None,
+    );
+    // Mid-stream: the shell and its three children all exist, bytes are flowing.
+    let deadline = Instant::now() + LINE_TIMEOUT;
+    while tree_pids(p.pid).len() < 4 {
+        assert!(Instant::now() < deadline, "the pipeline never started");
+        std::thread::yield_now();
+    }
+    let mut r = round_trip(&mut g, p, &tmp.path().join("img"), &[], &[]);
+    let line = r.lines.next_line().expect("sha256sum output");
+    assert_eq!(
+        line.split_whitespace().next(),
+        Some(YES_1G_SHA256),
+        "digest after restore"
+    );
+    assert_eq!(r.wait(), 0, "sh exit status");
+}
+
 /// Waits until `pid` sits in clock_nanosleep (syscall 230), read from /proc.
 fn wait_in_nanosleep(pid: i32) {
     let deadline = Instant::now() + LINE_TIMEOUT;

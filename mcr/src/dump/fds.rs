@@ -1,9 +1,10 @@
 //! The fd table.
 
 use super::{DumpError, Result, StepContext};
-use crate::model::{FdEntry, FdKind, FileRef, ProcessImage};
+use crate::model::{FdEntry, FdKind, FileRef, PipeImage, ProcessImage};
 use kext_shim::procfs::{self, FileIdentity};
 use kext_shim::Pid;
+use std::collections::BTreeMap;
 
 /// Terminal majors: /dev/tty*, /dev/console and ptmx (4, 5), Unix98 pty slaves (136-143).
 fn is_terminal(rdev: u64) -> bool {
@@ -65,6 +66,12 @@ pub fn collect(pid: Pid, shell_job: bool) -> Result<Vec<FdEntry>> {
                 file: file(),
                 pos: info.pos,
             },
+            // An anonymous pipe: whether it is inside the image is decided for the whole
+            // tree, once every process's fds are known (see `resolve_pipes`).
+            libc::S_IFIFO if link.starts_with("pipe:[") => FdKind::Pipe {
+                ino: ident.ino,
+                read_end: flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32,
+            },
             libc::S_IFIFO | libc::S_IFSOCK => external(&mut stdio_keys).ok_or_else(|| {
                 unsupported(
                     "pipes and sockets are supported only as a shell job's stdio (--shell-job)",
@@ -87,21 +94,37 @@ pub fn collect(pid: Pid, shell_job: bool) -> Result<Vec<FdEntry>> {
 /// says are one description (dup'd, or inherited through fork) get one number, so that
 /// restore opens the file once and they share an offset again.
 pub fn number_file_descriptions(procs: &mut [ProcessImage]) -> Result<()> {
-    // (identity, pid, fd, number) of every description seen so far.
-    let mut seen: Vec<(crate::model::FileIdentity, i32, i32, u32)> = Vec::new();
+    // Every description seen so far, with one fd that holds it.
+    struct Seen {
+        /// (dev, ino, rdev) for files, (MAX, ino, end) for pipes.
+        object: (u64, u64, u64),
+        pid: i32,
+        fd: i32,
+        number: u32,
+    }
+    let mut seen: Vec<Seen> = Vec::new();
     let mut next = 0u32;
     for p in procs.iter_mut() {
         let pid = Pid::from_raw(p.pid);
         for e in p.fds.iter_mut() {
-            let ident = match &e.kind {
+            let object = match &e.kind {
                 FdKind::Regular { file, .. }
                 | FdKind::CharDevice { file, .. }
-                | FdKind::Directory { file } => file.identity,
+                | FdKind::Directory { file } => {
+                    (file.identity.dev, file.identity.ino, file.identity.rdev)
+                }
+                FdKind::Pipe { ino, read_end } => (u64::MAX, *ino, *read_end as u64),
                 FdKind::External { .. } => continue,
             };
             let mut found = None;
-            for &(id, opid, ofd, n) in &seen {
-                if id.dev == ident.dev && id.ino == ident.ino && id.rdev == ident.rdev {
+            for &Seen {
+                object: obj,
+                pid: opid,
+                fd: ofd,
+                number: n,
+            } in &seen
+            {
+                if obj == object {
                     let same = kext_shim::pidfd::same_file_description(
                         Pid::from_raw(opid),
                         ofd,
@@ -119,10 +142,85 @@ pub fn number_file_descriptions(procs: &mut [ProcessImage]) -> Result<()> {
             }
             e.ofd = found.unwrap_or_else(|| {
                 next += 1;
-                seen.push((ident, p.pid, e.fd, next));
+                seen.push(Seen {
+                    object,
+                    pid: p.pid,
+                    fd: e.fd,
+                    number: next,
+                });
                 next
             });
         }
     }
     Ok(())
+}
+
+/// Decides, for the whole tree, what each pipe is. With both ends inside, it is part of
+/// the image: its capacity and the bytes in flight are read (without taking them) from
+/// one reader. With one end outside, it belongs to whoever started the job: a shell
+/// job's stdio, rebound at restore; anything else is refused, naming it.
+pub fn resolve_pipes(procs: &mut [ProcessImage], shell_job: bool) -> Result<Vec<PipeImage>> {
+    /// Who holds a pipe's ends: a (pid, fd) reading it, and whether anyone writes.
+    #[derive(Default)]
+    struct Ends {
+        reader: Option<(i32, i32)>,
+        writer: bool,
+    }
+    let mut ends: BTreeMap<u64, Ends> = BTreeMap::new();
+    for p in procs.iter() {
+        for e in &p.fds {
+            if let FdKind::Pipe { ino, read_end } = e.kind {
+                let s = ends.entry(ino).or_default();
+                if read_end {
+                    s.reader.get_or_insert((p.pid, e.fd));
+                } else {
+                    s.writer = true;
+                }
+            }
+        }
+    }
+    let mut pipes = Vec::new();
+    for (&ino, ends) in &ends {
+        if let (Some((pid, fd)), true) = (ends.reader, ends.writer) {
+            let (cap, data) = kext_shim::pipe::peek(Pid::from_raw(pid), fd)
+                .step(Pid::from_raw(pid), || {
+                    format!("reading what is in flight in pipe:[{ino}] (fd {fd})")
+                })?;
+            pipes.push(PipeImage {
+                ino,
+                capacity: cap as u32,
+                data,
+            });
+            continue;
+        }
+        let key = format!("pipe:[{ino}]");
+        let is_stdio = procs.iter().any(|p| {
+            p.fds
+                .iter()
+                .any(|e| e.fd <= 2 && matches!(e.kind, FdKind::Pipe { ino: i, .. } if i == ino))
+        });
+        for p in procs.iter_mut() {
+            for e in p.fds.iter_mut() {
+                if !matches!(e.kind, FdKind::Pipe { ino: i, .. } if i == ino) {
+                    continue;
+                }
+                if !(shell_job && is_stdio) {
+                    return Err(DumpError::Unsupported {
+                        pid: p.pid,
+                        what: format!(
+                            "fd {} is {key}, whose other end is outside the tree{}",
+                            e.fd,
+                            if shell_job {
+                                ""
+                            } else {
+                                "; if it is the job's stdio, dump it as a shell job (--shell-job)"
+                            }
+                        ),
+                    });
+                }
+                e.kind = FdKind::External { key: key.clone() };
+            }
+        }
+    }
+    Ok(pipes)
 }

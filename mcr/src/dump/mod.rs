@@ -129,6 +129,7 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
         for f in tree.procs.iter_mut() {
             processes.push(task::collect(f, opts.shell_job)?);
         }
+        let pipes = fds::resolve_pipes(&mut processes, opts.shell_job)?;
         fds::number_file_descriptions(&mut processes)?;
         if processes.len() > 1 {
             if let Some(p) = processes.iter().find(|p| {
@@ -158,6 +159,7 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
         let snapshot = Snapshot {
             inventory: inventory(raw, opts, processes.len()),
             processes,
+            pipes,
         };
         let stats = writer
             .finish(&snapshot)

@@ -16,6 +16,7 @@ pub enum FrameKind {
     Inventory = 1,
     Process = 2,
     PageChunk = 3,
+    Pipe = 4,
     End = 0xffff,
 }
 
@@ -25,6 +26,7 @@ impl FrameKind {
             1 => Self::Inventory,
             2 => Self::Process,
             3 => Self::PageChunk,
+            4 => Self::Pipe,
             0xffff => Self::End,
             _ => return None,
         })

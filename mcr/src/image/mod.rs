@@ -123,6 +123,11 @@ mod tests {
                 shell_job: false,
             },
             processes: vec![process(pid)],
+            pipes: vec![PipeImage {
+                ino: 9,
+                capacity: 65536,
+                data: b"in flight".to_vec(),
+            }],
         }
     }
 

@@ -3,7 +3,7 @@
 use super::frame::{check_file, corrupt, FrameKind, FILE_CORE, FILE_INVENTORY, FILE_PAGES};
 use super::pages::{parse_chunk, PageChunk};
 use super::{codec, ImageError, Result, KNOWN_FEATURES};
-use crate::model::{Inventory, ProcessImage, Snapshot};
+use crate::model::{Inventory, PipeImage, ProcessImage, Snapshot};
 use kext_shim::filemap::{map_readonly, Mmap};
 use std::path::{Path, PathBuf};
 
@@ -54,18 +54,18 @@ impl Image {
         let core_path = dir.join(FILE_CORE.0);
         let core_bytes = std::fs::read(&core_path).map_err(|e| io(&core_path, e))?;
         let p = core_path.display().to_string();
-        let mut processes = Vec::new();
+        let mut processes: Vec<ProcessImage> = Vec::new();
+        let mut pipes: Vec<PipeImage> = Vec::new();
         for f in check_file(&p, &core_bytes, FILE_CORE, 1)? {
-            if f.kind != FrameKind::Process {
-                return Err(corrupt(
-                    &p,
-                    f.offset,
-                    &format!("unexpected {:?} record", f.kind),
-                ));
+            match f.kind {
+                FrameKind::Process => {
+                    processes.push(codec::decode(f.payload).map_err(|e| corrupt(&p, f.offset, &e))?)
+                }
+                FrameKind::Pipe => {
+                    pipes.push(codec::decode(f.payload).map_err(|e| corrupt(&p, f.offset, &e))?)
+                }
+                k => return Err(corrupt(&p, f.offset, &format!("unexpected {k:?} record"))),
             }
-            let proc_: ProcessImage =
-                codec::decode(f.payload).map_err(|e| corrupt(&p, f.offset, &e))?;
-            processes.push(proc_);
         }
         if !processes.iter().any(|x| x.pid == inventory.root_pid) {
             return Err(corrupt(
@@ -127,6 +127,7 @@ impl Image {
             snapshot: Snapshot {
                 inventory,
                 processes,
+                pipes,
             },
             pages,
             chunks,

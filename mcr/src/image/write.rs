@@ -197,7 +197,10 @@ impl ImageWriter {
         for p in &snap.processes {
             push_record(&mut core, FrameKind::Process, &codec::encode(p));
         }
-        core.extend_from_slice(&end(snap.processes.len() as u64));
+        for p in &snap.pipes {
+            push_record(&mut core, FrameKind::Pipe, &codec::encode(p));
+        }
+        core.extend_from_slice(&end((snap.processes.len() + snap.pipes.len()) as u64));
         self.write_small(FILE_CORE.0, &core)?;
 
         // The inventory goes last: an image without one was never finished.

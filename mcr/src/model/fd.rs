@@ -30,10 +30,24 @@ pub enum FdKind {
         file: FileRef,
         pos: u64,
     },
+    /// One end of a pipe whose both ends are inside the image; `ino` names the pipe
+    /// (see `Snapshot::pipes`).
+    Pipe {
+        ino: u64,
+        read_end: bool,
+    },
     /// Something outside the dumped tree (a shell job's terminal or pipe), identified by
     /// the kernel's name for it (`pipe:[1234]`, `/dev/pts/3`). Restore binds it to an fd
     /// the restorer was given.
     External {
         key: String,
     },
+}
+
+/// A pipe with both ends in the image, and what was in flight in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipeImage {
+    pub ino: u64,
+    pub capacity: u32,
+    pub data: Vec<u8>,
 }

@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
     pub inventory: Inventory,
+    /// Parents before their children; the first is the root of the tree.
     pub processes: Vec<ProcessImage>,
+    pub pipes: Vec<PipeImage>,
 }
 
 /// Who wrote an image, where, and what it needs to be read back.

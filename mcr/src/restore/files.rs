@@ -2,7 +2,7 @@
 //! each is the file that was dumped. Done before the stub exists, which inherits them.
 
 use super::{RestoreError, Result};
-use crate::model::{FdKind, FileIdentity, FileRef, ProcessImage};
+use crate::model::{FdKind, FileIdentity, FileRef, PipeImage, ProcessImage};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
@@ -17,6 +17,8 @@ pub struct FilePlan {
     /// Open file description number (see `FdEntry::ofd`) -> our fd: opened once, so the
     /// processes that shared it share it again.
     ofds: BTreeMap<u32, i32>,
+    /// Pipe inode -> (our read end, our write end), refilled with what was in flight.
+    pipes: BTreeMap<u64, (i32, i32)>,
     per_process: Vec<FdNumbers>,
 }
 
@@ -133,14 +135,35 @@ impl Ctx<'_> {
 /// that were outside the image are bound to the given stand-ins for 0, 1, 2.
 pub fn open_all(
     procs: &[ProcessImage],
+    pipes: &[PipeImage],
     root: &Path,
     shell_job: Option<[i32; 3]>,
 ) -> Result<FilePlan> {
     let mut plan = FilePlan {
         owned: Vec::new(),
         ofds: BTreeMap::new(),
+        pipes: BTreeMap::new(),
         per_process: Vec::new(),
     };
+    for pipe in pipes {
+        let pid = procs.first().map(|p| p.pid).unwrap_or(0);
+        let err = |why: String| RestoreError::File {
+            pid,
+            what: "pipe".into(),
+            path: format!("pipe:[{}]", pipe.ino),
+            why,
+        };
+        let (r, w) = nix::unistd::pipe().map_err(|e| err(e.to_string()))?;
+        kext_shim::pipe::set_capacity(&w, pipe.capacity as usize)
+            .map_err(|e| err(e.to_string()))?;
+        // Never more than the capacity it came from: this cannot block.
+        let mut f = std::fs::File::from(w);
+        std::io::Write::write_all(&mut f, &pipe.data)
+            .map_err(|e| err(format!("refilling: {e}")))?;
+        let rn = plan.keep(r);
+        let wn = plan.keep(OwnedFd::from(f));
+        plan.pipes.insert(pipe.ino, (rn, wn));
+    }
     for p in procs {
         let n = open_process(&mut plan, procs, p, root, shell_job)?;
         plan.per_process.push(n);
@@ -214,6 +237,17 @@ fn open_process(
             FdKind::Directory { file } => {
                 let f = cx.open(&what, file, e.flags | libc::O_DIRECTORY as u32)?;
                 plan.keep(f)
+            }
+            FdKind::Pipe { ino, read_end } => {
+                let pipe = format!("pipe:[{ino}]");
+                let &(r, w) = plan.pipes.get(ino).ok_or_else(|| {
+                    cx.err(&what, Path::new(&pipe), "is not among the image's pipes")
+                })?;
+                let end = if *read_end { r } else { w };
+                let fl = nix::fcntl::OFlag::from_bits_truncate(e.flags as i32 & libc::O_NONBLOCK);
+                nix::fcntl::fcntl(end, nix::fcntl::FcntlArg::F_SETFL(fl))
+                    .map_err(|err| cx.err(&what, Path::new(&pipe), format!("F_SETFL: {err}")))?;
+                end
             }
             FdKind::External { key } => {
                 let Some(stdio_fds) = shell_job else {

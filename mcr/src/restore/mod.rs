@@ -146,7 +146,12 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         None => PathBuf::from("/"),
     };
     let t = Instant::now();
-    let plan = files::open_all(procs, &root, opts.shell_job.then_some(opts.stdio))?;
+    let plan = files::open_all(
+        procs,
+        &snap.pipes,
+        &root,
+        opts.shell_job.then_some(opts.stdio),
+    )?;
     steps.push(("open files", t.elapsed()));
     build::check_vdso_layout(p0)?;
 
