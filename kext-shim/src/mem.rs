@@ -352,3 +352,82 @@ pub fn zero_pfn() -> Option<u64> {
         (e.present() && e.pfn() != 0).then(|| e.pfn())
     }
 }
+
+/// A MAP_SHARED|MAP_ANONYMOUS region of our own: a shared memory object that processes
+/// forked from us inherit, and can map again elsewhere with mremap.
+pub struct SharedRegion {
+    addr: u64,
+    len: usize,
+}
+
+impl SharedRegion {
+    /// Maps `len` bytes at exactly `addr` (which must be free).
+    pub fn map_at(addr: u64, len: usize) -> Result<Self> {
+        // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping; a fresh shared
+        // anonymous region aliases nothing of ours.
+        let p = unsafe {
+            libc::mmap(
+                addr as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(
+                SysError::new(format!("mmap shared {addr:#x}+{len:#x}"), Errno::last()).into(),
+            );
+        }
+        if p as u64 != addr {
+            // Kernels before 4.17 ignore MAP_FIXED_NOREPLACE and may place it elsewhere.
+            // SAFETY: unmapping the region we were just given.
+            unsafe { libc::munmap(p, len) };
+            return Err(SysError::new(format!("mmap shared at {addr:#x}"), Errno::EEXIST).into());
+        }
+        Ok(Self { addr, len })
+    }
+
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the region is mapped read-write for `len` bytes for as long as `self`
+        // lives, and `&mut self` makes this the only reference to it here.
+        unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u8, self.len) }
+    }
+}
+
+impl Drop for SharedRegion {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the region we mapped; no slice of it outlives `self`.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
+
+/// Byte ranges holding data in a file (SEEK_DATA/SEEK_HOLE), up to `size`.
+pub fn data_ranges(file: &File, size: u64) -> Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos = 0i64;
+    while (pos as u64) < size {
+        // SAFETY: lseek takes no pointers.
+        let start = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if start < 0 {
+            if Errno::last() == Errno::ENXIO {
+                break;
+            }
+            return Err(SysError::new("lseek(SEEK_DATA)", Errno::last()).into());
+        }
+        // SAFETY: as above.
+        let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+        if end < 0 {
+            return Err(SysError::new("lseek(SEEK_HOLE)", Errno::last()).into());
+        }
+        out.push((start as u64, (end as u64).min(size)));
+        pos = end;
+    }
+    Ok(out)
+}

@@ -120,7 +120,7 @@ pub fn text(image: &Image) -> String {
                     "[stack]".to_string()
                 }
                 VmaKind::Anonymous => "anonymous".into(),
-                VmaKind::SharedAnonymous => "shared anonymous".into(),
+                VmaKind::SharedAnonymous { shmem } => format!("shared anonymous (shmem {shmem})"),
                 VmaKind::File(i) => {
                     p.mm.files
                         .get(i as usize)

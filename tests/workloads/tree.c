@@ -4,6 +4,7 @@
  *   P (the test's child) ── A ── A1   A1 leads its own session (setsid)
  *                        └─ B          B leads its own process group
  *
+ * P maps shared anonymous memory before forking, so all four share one object.
  * Every process keeps a memory pattern and the ids it started with, and waits in
  * sigsuspend. On CHECK, P wakes A and B; A wakes A1. Each checks its pid, parent, group,
  * session and memory, appends its letter through the fd all of them inherited from P
@@ -17,6 +18,7 @@
 #include <limits.h>
 #include <sched.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 
@@ -24,6 +26,9 @@
 
 static uint64_t *area;
 static int shared_fd;
+/* MAP_SHARED|MAP_ANONYMOUS, made before the forks: one object in every process. */
+#define SHM_WORDS (16 * 512)
+static volatile uint64_t *shm;
 static pid_t my_pid, my_ppid, my_pgid, my_sid;
 
 static void on_usr1(int sig)
@@ -89,6 +94,11 @@ static void park(void)
 
 static int append(char c)
 {
+    /* The shared page must still hold the parent's pattern, and take our letter. */
+    for (size_t i = 64; i < SHM_WORDS; i++)
+        if (shm[i] != mix64(0x5348 + i))
+            return 19;
+    shm[c & 63] = (uint64_t)c;
     return write(shared_fd, &c, 1) == 1 ? 0 : 16;
 }
 
@@ -148,6 +158,11 @@ int main(int argc, char **argv)
     sigprocmask(SIG_BLOCK, &usr1, NULL);
     signal(SIGUSR1, on_usr1);
 
+    shm = mmap(NULL, SHM_WORDS * 8, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (shm == MAP_FAILED)
+        FAIL("setup: mmap shared: %s", strerror(errno));
+    for (size_t i = 64; i < SHM_WORDS; i++)
+        shm[i] = mix64(0x5348 + i);
     remember(0);
     pid_t a = fork();
     if (a == 0)
@@ -162,6 +177,9 @@ int main(int argc, char **argv)
         FAIL("setup: fork: %s", strerror(errno));
     wait_parked(a);
     wait_parked(b);
+    /* Drop our page-table entries for the last page: its data lives on in the shared
+     * object, which is what a checkpoint must read, not our page tables. */
+    madvise((void *)(shm + SHM_WORDS - 512), 4096, MADV_DONTNEED);
 
     ready();
     wait_check();
@@ -175,6 +193,9 @@ int main(int argc, char **argv)
     int rb = reap(b);
     if (ra || rb)
         FAIL("children exit codes: A %d, B %d", ra, rb);
+
+    if (shm['A' & 63] != 'A' || shm['B' & 63] != 'B' || shm['a' & 63] != 'a')
+        FAIL("shared memory lacks the children's letters: the object was not shared");
 
     char got[8] = {0};
     ssize_t n = pread(shared_fd, got, sizeof got - 1, 0);

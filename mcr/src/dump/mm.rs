@@ -3,11 +3,14 @@
 use super::{DumpError, Result, StepContext};
 use crate::image::pages::CHUNK_PAGES;
 use crate::image::{ImageWriter, CHUNK_PREFIX};
-use crate::model::{FileRef, MmFields, MmImage, Vma, VmaAdvice, VmaKind};
+use crate::model::{
+    FileRef, MmFields, MmImage, ProcessImage, ShmemObject, Vma, VmaAdvice, VmaKind,
+};
 use crate::par;
-use kext_shim::mem::{read_remote, zero_pfn, Pagemap, PagemapEntry, ProcMem};
+use kext_shim::mem::{data_ranges, read_remote, zero_pfn, Pagemap, PagemapEntry, ProcMem};
 use kext_shim::procfs::{self, FileIdentity, MapEntry, Stat};
 use kext_shim::{Pid, PAGE_SIZE};
+use std::os::unix::fs::FileExt;
 
 pub fn collect(pid: Pid, maps: &[MapEntry], stat: &Stat, brk: u64) -> Result<MmImage> {
     let raw = pid.as_raw();
@@ -30,14 +33,10 @@ pub fn collect(pid: Pid, maps: &[MapEntry], stat: &Stat, brk: u64) -> Result<MmI
                     "device memory (VM_IO/VM_PFNMAP) cannot be dumped",
                 ))
             }
-            _ if m.inode == 0 => {
-                if m.shared {
-                    VmaKind::SharedAnonymous
-                } else {
-                    VmaKind::Anonymous
-                }
+            _ if m.inode == 0 && !m.shared => VmaKind::Anonymous,
+            p if m.shared && (m.inode == 0 || p.starts_with("/dev/zero")) => {
+                VmaKind::SharedAnonymous { shmem: m.inode }
             }
-            p if m.shared && p.starts_with("/dev/zero") => VmaKind::SharedAnonymous,
             p if p.starts_with("/SYSV") => {
                 return Err(unsupported("SysV shared memory is not supported yet"))
             }
@@ -133,7 +132,6 @@ fn vma(m: &MapEntry, kind: VmaKind) -> Vma {
 fn page_needed(kind: VmaKind, shared: bool, e: PagemapEntry, zero: Option<u64>) -> bool {
     match kind {
         VmaKind::Anonymous => e.swapped() || (e.present() && Some(e.pfn()) != zero),
-        VmaKind::SharedAnonymous => e.swapped() || e.present(),
         // Page-cache pages come back from the file; copies made on write do not.
         VmaKind::File(_) if !shared => e.swapped() || (e.present() && !e.file_or_shared()),
         _ => false,
@@ -155,9 +153,9 @@ pub fn dump_pages(pid: Pid, mm: &MmImage, w: &ImageWriter) -> Result<()> {
     let zero = zero_pfn();
     let mut jobs = Vec::new();
     for v in &mm.vmas {
-        if matches!(v.kind, VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock)
-            || (v.shared && !matches!(v.kind, VmaKind::SharedAnonymous))
-        {
+        // Shared memory is dumped once per object (see `dump_shared_memory`); shared
+        // file mappings live in their files.
+        if matches!(v.kind, VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock) || v.shared {
             continue;
         }
         let entries = pagemap.read(v.start, v.end).step(pid, || {
@@ -207,4 +205,54 @@ pub fn dump_pages(pid: Pid, mm: &MmImage, w: &ImageWriter) -> Result<()> {
                 .map_err(|source| DumpError::Image { pid: raw, source })
         },
     )
+}
+
+/// Dumps every shared anonymous memory object of the tree once, from the object itself
+/// (through /proc/PID/map_files), so pages no process has mapped right now are kept too.
+/// Chunks are owned by `-1 - index`.
+pub fn dump_shared_memory(procs: &[ProcessImage], w: &ImageWriter) -> Result<Vec<ShmemObject>> {
+    let mut objects: Vec<ShmemObject> = Vec::new();
+    let mut buf = vec![0u8; CHUNK_PREFIX + CHUNK_PAGES * PAGE_SIZE as usize];
+    for p in procs {
+        let pid = Pid::from_raw(p.pid);
+        for v in &p.mm.vmas {
+            let VmaKind::SharedAnonymous { shmem } = v.kind else {
+                continue;
+            };
+            if objects.iter().any(|o| o.ino == shmem) {
+                continue;
+            }
+            let link = format!("/proc/{pid}/map_files/{:x}-{:x}", v.start, v.end);
+            let file = std::fs::File::open(&link)
+                .map_err(|e| kext_shim::Error::io(&link, e))
+                .step(pid, || format!("opening shared memory at {:#x}", v.start))?;
+            let size = file
+                .metadata()
+                .map_err(|e| kext_shim::Error::io(&link, e))
+                .step(pid, || "stat of shared memory".into())?
+                .len();
+            let owner = -1 - objects.len() as i32;
+            objects.push(ShmemObject { ino: shmem, size });
+            let ranges =
+                data_ranges(&file, size).step(pid, || format!("finding the data of {link}"))?;
+            for (start, end) in ranges {
+                let (start, end) = (
+                    start & !(PAGE_SIZE - 1),
+                    (end + PAGE_SIZE - 1) & !(PAGE_SIZE - 1),
+                );
+                let mut at = start;
+                while at < end {
+                    let len = (end - at).min(CHUNK_PAGES as u64 * PAGE_SIZE) as usize;
+                    let b = &mut buf[..CHUNK_PREFIX + len];
+                    file.read_exact_at(&mut b[CHUNK_PREFIX..], at)
+                        .map_err(|e| kext_shim::Error::io(&link, e))
+                        .step(pid, || format!("reading shared memory at offset {at:#x}"))?;
+                    w.write_chunk(owner, at, b)
+                        .map_err(|source| DumpError::Image { pid: p.pid, source })?;
+                    at += len as u64;
+                }
+            }
+        }
+    }
+    Ok(objects)
 }

@@ -131,23 +131,12 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
         }
         let pipes = fds::resolve_pipes(&mut processes, opts.shell_job)?;
         fds::number_file_descriptions(&mut processes)?;
-        if processes.len() > 1 {
-            if let Some(p) = processes.iter().find(|p| {
-                p.mm.vmas
-                    .iter()
-                    .any(|v| v.kind == crate::model::VmaKind::SharedAnonymous)
-            }) {
-                return Err(DumpError::Unsupported {
-                    pid: p.pid,
-                    what: "shared anonymous memory in a process tree is not supported yet".into(),
-                });
-            }
-        }
         steps.push(("collect state", t.elapsed()));
         let t = Instant::now();
         for p in &processes {
             mm::dump_pages(Pid::from_raw(p.pid), &p.mm, &writer)?;
         }
+        let shmem = mm::dump_shared_memory(&processes, &writer)?;
         steps.push(("dump pages", t.elapsed()));
         if crate::fault::armed(crate::fault::DUMP_AFTER_PAGES) {
             return Err(DumpError::FaultInjected {
@@ -160,6 +149,7 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
             inventory: inventory(raw, opts, processes.len()),
             processes,
             pipes,
+            shmem,
         };
         let stats = writer
             .finish(&snapshot)

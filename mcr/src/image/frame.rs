@@ -17,6 +17,7 @@ pub enum FrameKind {
     Process = 2,
     PageChunk = 3,
     Pipe = 4,
+    Shmem = 5,
     End = 0xffff,
 }
 
@@ -27,6 +28,7 @@ impl FrameKind {
             2 => Self::Process,
             3 => Self::PageChunk,
             4 => Self::Pipe,
+            5 => Self::Shmem,
             0xffff => Self::End,
             _ => return None,
         })

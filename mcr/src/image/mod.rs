@@ -128,6 +128,7 @@ mod tests {
                 capacity: 65536,
                 data: b"in flight".to_vec(),
             }],
+            shmem: vec![ShmemObject { ino: 3, size: 8192 }],
         }
     }
 

@@ -3,7 +3,7 @@
 use super::frame::{check_file, corrupt, FrameKind, FILE_CORE, FILE_INVENTORY, FILE_PAGES};
 use super::pages::{parse_chunk, PageChunk};
 use super::{codec, ImageError, Result, KNOWN_FEATURES};
-use crate::model::{Inventory, PipeImage, ProcessImage, Snapshot};
+use crate::model::{Inventory, PipeImage, ProcessImage, ShmemObject, Snapshot};
 use kext_shim::filemap::{map_readonly, Mmap};
 use std::path::{Path, PathBuf};
 
@@ -56,6 +56,7 @@ impl Image {
         let p = core_path.display().to_string();
         let mut processes: Vec<ProcessImage> = Vec::new();
         let mut pipes: Vec<PipeImage> = Vec::new();
+        let mut shmem: Vec<ShmemObject> = Vec::new();
         for f in check_file(&p, &core_bytes, FILE_CORE, 1)? {
             match f.kind {
                 FrameKind::Process => {
@@ -63,6 +64,9 @@ impl Image {
                 }
                 FrameKind::Pipe => {
                     pipes.push(codec::decode(f.payload).map_err(|e| corrupt(&p, f.offset, &e))?)
+                }
+                FrameKind::Shmem => {
+                    shmem.push(codec::decode(f.payload).map_err(|e| corrupt(&p, f.offset, &e))?)
                 }
                 k => return Err(corrupt(&p, f.offset, &format!("unexpected {k:?} record"))),
             }
@@ -97,6 +101,25 @@ impl Image {
                 ));
             }
             let c = parse_chunk(&p, f.offset, f.payload)?;
+            let end = c.addr + c.len_bytes() as u64;
+            if c.pid < 0 {
+                let ok = shmem
+                    .get((-1 - c.pid) as usize)
+                    .is_some_and(|o| end <= (o.size + 4095) & !4095);
+                if !ok {
+                    return Err(corrupt(
+                        &p,
+                        f.offset,
+                        &format!(
+                            "pages {:#x}..{end:#x} of shared memory object {} lie outside it",
+                            c.addr,
+                            -1 - c.pid
+                        ),
+                    ));
+                }
+                chunks.push((f.offset as usize, f.payload.len()));
+                continue;
+            }
             let owner = processes.iter().find(|x| x.pid == c.pid).ok_or_else(|| {
                 corrupt(
                     &p,
@@ -104,7 +127,6 @@ impl Image {
                     &format!("pages of pid {} that the image lacks", c.pid),
                 )
             })?;
-            let end = c.addr + c.len_bytes() as u64;
             if !owner
                 .mm
                 .vmas
@@ -128,6 +150,7 @@ impl Image {
                 inventory,
                 processes,
                 pipes,
+                shmem,
             },
             pages,
             chunks,

@@ -200,7 +200,11 @@ impl ImageWriter {
         for p in &snap.pipes {
             push_record(&mut core, FrameKind::Pipe, &codec::encode(p));
         }
-        core.extend_from_slice(&end((snap.processes.len() + snap.pipes.len()) as u64));
+        for o in &snap.shmem {
+            push_record(&mut core, FrameKind::Shmem, &codec::encode(o));
+        }
+        let records = snap.processes.len() + snap.pipes.len() + snap.shmem.len();
+        core.extend_from_slice(&end(records as u64));
         self.write_small(FILE_CORE.0, &core)?;
 
         // The inventory goes last: an image without one was never finished.

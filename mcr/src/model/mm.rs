@@ -63,8 +63,11 @@ impl Vma {
 pub enum VmaKind {
     /// Private anonymous memory (including `[heap]` and `[stack]`, told by the mm fields).
     Anonymous,
-    /// MAP_SHARED|MAP_ANONYMOUS memory (shmem that nothing names).
-    SharedAnonymous,
+    /// MAP_SHARED|MAP_ANONYMOUS memory: a shmem object that nothing names, maybe shared
+    /// with other processes of the tree; `shmem` is its inode (see `Snapshot::shmem`).
+    SharedAnonymous {
+        shmem: u64,
+    },
     /// A file mapping; the index is into `MmImage::files`.
     File(u32),
     Vdso,
@@ -82,4 +85,11 @@ pub struct VmaAdvice {
     pub dont_fork: bool,
     pub wipe_on_fork: bool,
     pub mergeable: bool,
+}
+
+/// A shared anonymous memory object: its pages are stored once, whoever maps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShmemObject {
+    pub ino: u64,
+    pub size: u64,
 }

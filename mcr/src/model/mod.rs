@@ -19,6 +19,8 @@ pub struct Snapshot {
     /// Parents before their children; the first is the root of the tree.
     pub processes: Vec<ProcessImage>,
     pub pipes: Vec<PipeImage>,
+    /// Page chunks owned by `-1 - i` hold the pages of object `i`.
+    pub shmem: Vec<ShmemObject>,
 }
 
 /// Who wrote an image, where, and what it needs to be read back.

@@ -6,6 +6,7 @@
 //! the scratch page is unmapped from inside itself, and the registers set after that.
 
 use super::files::FdNumbers;
+use super::shared::Placement;
 use super::stub::Stub;
 use super::{RestoreError, Result, StepContext};
 use crate::image::Image;
@@ -48,7 +49,7 @@ pub fn check_vdso_layout(p: &ProcessImage) -> Result<()> {
 
 /// Lowest address at or above `from` where `len` bytes (plus a guard page each side)
 /// touch none of `used`.
-fn find_gap(used: &[(u64, u64)], len: u64, from: u64) -> Option<u64> {
+pub(crate) fn find_gap(used: &[(u64, u64)], len: u64, from: u64) -> Option<u64> {
     let mut v: Vec<(u64, u64)> = used.to_vec();
     v.sort_unstable();
     let mut cand = from;
@@ -126,6 +127,7 @@ pub fn rebuild(
     p: &ProcessImage,
     image: &Image,
     fds: &FdNumbers,
+    shared: &Placement,
     steps: &mut Vec<(&'static str, Duration)>,
     pages: &mut u64,
 ) -> Result<Vec<kext_shim::Pid>> {
@@ -190,10 +192,17 @@ pub fn rebuild(
     cx.data = scratch + PAGE_SIZE;
 
     cx.timed("rebuild memory map", |cx| {
-        teardown(cx, &maps)?;
+        teardown(cx, &maps, shared)?;
         move_vdso(cx, &maps, p, &used, scratch)?;
         for v in &p.mm.vmas {
-            map_vma(cx, v, fds)?;
+            map_vma(cx, v, fds, shared)?;
+        }
+        // Every part of the shared objects this process had is mapped again: the
+        // inherited whole ones go.
+        for &(_, base, len) in shared {
+            cx.inj
+                .munmap(base, len)
+                .step(cx.pid, || format!("unmapping shared object at {base:#x}"))?;
         }
         Ok(())
     })?;
@@ -387,13 +396,17 @@ fn set_thread_state(cx: &mut Ctx, t: &ThreadImage) -> Result<()> {
     Ok(())
 }
 
-/// Unmaps everything the stub inherited from us except the vDSO parts.
-fn teardown(cx: &mut Ctx, maps: &[MapEntry]) -> Result<()> {
+/// Unmaps everything the stub inherited from us except the vDSO parts and the shared
+/// memory objects prepared for the image.
+fn teardown(cx: &mut Ctx, maps: &[MapEntry], shared: &Placement) -> Result<()> {
     for m in maps {
         if matches!(
             m.path.as_str(),
             "[vdso]" | "[vvar]" | "[vvar_vclock]" | "[vsyscall]"
-        ) {
+        ) || shared
+            .iter()
+            .any(|&(_, b, l)| m.start >= b && m.end <= b + l)
+        {
             continue;
         }
         cx.inj.munmap(m.start, m.len()).step(cx.pid, || {
@@ -468,7 +481,7 @@ fn mremap(cx: &mut Ctx, from: u64, to: u64, len: u64) -> Result<()> {
     Ok(())
 }
 
-fn map_vma(cx: &mut Ctx, v: &Vma, fds: &FdNumbers) -> Result<()> {
+fn map_vma(cx: &mut Ctx, v: &Vma, fds: &FdNumbers, shared: &Placement) -> Result<()> {
     let share = if v.shared {
         libc::MAP_SHARED
     } else {
@@ -479,11 +492,38 @@ fn map_vma(cx: &mut Ctx, v: &Vma, fds: &FdNumbers) -> Result<()> {
     } else {
         0
     };
-    let (flags, fd, off) = match v.kind {
-        VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock => return Ok(()),
-        VmaKind::Anonymous | VmaKind::SharedAnonymous => (share | libc::MAP_ANONYMOUS, -1, 0),
-        VmaKind::File(i) => (share, fds.map_fds[i as usize], v.offset),
-    };
+    let (flags, fd, off) =
+        match v.kind {
+            VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock => return Ok(()),
+            VmaKind::Anonymous => (share | libc::MAP_ANONYMOUS, -1, 0),
+            VmaKind::SharedAnonymous { shmem } => {
+                let &(_, base, _) = shared.iter().find(|o| o.0 == shmem).ok_or_else(|| {
+                    RestoreError::Incompatible {
+                        pid: cx.pid,
+                        what: format!("shared memory object {shmem} is missing from the image"),
+                    }
+                })?;
+                cx.call(
+                    libc::SYS_mremap,
+                    [
+                        base + v.offset,
+                        0,
+                        v.len(),
+                        (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
+                        v.start,
+                        0,
+                    ],
+                    || format!("mapping shared object {shmem} at {:#x}", v.start),
+                )?;
+                if v.prot != libc::PROT_READ | libc::PROT_WRITE {
+                    cx.inj
+                        .mprotect(v.start, v.len(), v.prot)
+                        .step(cx.pid, || format!("protecting {:#x}-{:#x}", v.start, v.end))?;
+                }
+                return advise(cx, v);
+            }
+            VmaKind::File(i) => (share, fds.map_fds[i as usize], v.offset),
+        };
     cx.inj
         .mmap(
             v.start,
@@ -496,6 +536,11 @@ fn map_vma(cx: &mut Ctx, v: &Vma, fds: &FdNumbers) -> Result<()> {
         .step(cx.pid, || {
             format!("recreating mapping {:#x}-{:#x}", v.start, v.end)
         })?;
+    advise(cx, v)
+}
+
+/// Re-applies the VMA's madvise flags.
+fn advise(cx: &mut Ctx, v: &Vma) -> Result<()> {
     let a = v.advice;
     for (on, advice) in [
         (a.hugepage, libc::MADV_HUGEPAGE),

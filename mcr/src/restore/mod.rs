@@ -8,6 +8,7 @@
 
 mod build;
 mod files;
+mod shared;
 mod stub;
 
 use crate::image::{Image, ImageError};
@@ -163,6 +164,8 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     }
     // The whole tree as fresh stubs first, each forked by its parent after that parent
     // took its session and group, so the children inherit them.
+    let objects = shared::prepare(&image)?;
+    let placement = shared::placement(&objects);
     let mut stubs = vec![stub::Stub::spawn(p0.pid, chroot_dir(&root, &p0.root))?];
     build::early_init(&mut stub::fresh_injector(stubs[0].pid)?, p0, procs)?;
     for p in &procs[1..] {
@@ -178,12 +181,13 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     // The stubs hold their own copies now.
     let numbers = plan.numbers();
     drop(plan);
+    drop(objects);
     steps.push(("create processes", t.elapsed()));
     let mut pages = 0;
     let mut threads = Vec::new();
     for ((stub, p), nums) in stubs.iter().zip(procs).zip(&numbers) {
         threads.push(build::rebuild(
-            stub, p, &image, nums, &mut steps, &mut pages,
+            stub, p, &image, nums, &placement, &mut steps, &mut pages,
         )?);
     }
     let t = Instant::now();
