@@ -4,7 +4,8 @@
  *   P (the test's child) ── A ── A1   A1 leads its own session (setsid)
  *                        └─ B          B leads its own process group
  *
- * P maps shared anonymous memory before forking, so all four share one object.
+ * P maps shared anonymous memory before forking, so all four share one object. A fifth
+ * child exits at once with 42 and stays a zombie until CHECK, when P reaps it.
  * Every process keeps a memory pattern and the ids it started with, and waits in
  * sigsuspend. On CHECK, P wakes A and B; A wakes A1. Each checks its pid, parent, group,
  * session and memory, appends its letter through the fd all of them inherited from P
@@ -173,7 +174,12 @@ int main(int argc, char **argv)
             _exit(22);
         child(2, 'B', NULL);
     }
-    if (a < 0 || b < 0)
+    /* A zombie: exited with 42, not reaped until CHECK. */
+    pid_t z = fork();
+    if (z == 0)
+        _exit(42);
+    siginfo_t zi;
+    if (a < 0 || b < 0 || z < 0 || waitid(P_PID, z, &zi, WEXITED | WNOWAIT) != 0)
         FAIL("setup: fork: %s", strerror(errno));
     wait_parked(a);
     wait_parked(b);
@@ -193,6 +199,9 @@ int main(int argc, char **argv)
     int rb = reap(b);
     if (ra || rb)
         FAIL("children exit codes: A %d, B %d", ra, rb);
+    int zs;
+    if (waitpid(z, &zs, 0) != z || !WIFEXITED(zs) || WEXITSTATUS(zs) != 42)
+        FAIL("zombie %d: status %#x, want exit 42", z, zs);
 
     if (shm['A' & 63] != 'A' || shm['B' & 63] != 'B' || shm['a' & 63] != 'a')
         FAIL("shared memory lacks the children's letters: the object was not shared");

@@ -2,6 +2,7 @@
 //! as it was.
 
 use super::{AfterDump, DumpError, Result, StepContext};
+use crate::model::ZombieImage;
 use kext_shim::ptrace::{self, Regs};
 use kext_shim::{Errno, Pid};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -234,6 +235,8 @@ impl Drop for Frozen {
 /// Every process of a tree, frozen: the root first, each parent before its children.
 pub struct FrozenTree {
     pub procs: Vec<Frozen>,
+    /// Children that exited and were not reaped: they cannot be frozen, only described.
+    pub zombies: Vec<ZombieImage>,
 }
 
 impl FrozenTree {
@@ -241,6 +244,7 @@ impl FrozenTree {
     pub fn freeze(root: Pid) -> Result<Self> {
         let mut tree = FrozenTree {
             procs: vec![Frozen::freeze(root)?],
+            zombies: Vec::new(),
         };
         let mut i = 0;
         while i < tree.procs.len() {
@@ -249,11 +253,18 @@ impl FrozenTree {
                 kext_shim::procfs::children(parent).step(parent, || "listing children".into())?;
             for k in kids {
                 let kid = Pid::from_raw(k);
-                if kext_shim::procfs::Stat::read(kid).is_ok_and(|s| s.state() == 'Z') {
-                    return Err(DumpError::Unsupported {
-                        pid: root.as_raw(),
-                        what: format!("pid {k}, a child of {parent}, is a zombie not reaped yet; zombies are not supported yet"),
+                let stat =
+                    kext_shim::procfs::Stat::read(kid).step(kid, || "reading stat".into())?;
+                if stat.state() == 'Z' {
+                    // Field 52 is the status waitpid will report.
+                    tree.zombies.push(ZombieImage {
+                        pid: k,
+                        ppid: parent.as_raw(),
+                        pgid: stat.field(5) as i32,
+                        sid: stat.field(6) as i32,
+                        status: stat.field(52) as i32,
                     });
+                    continue;
                 }
                 tree.procs.push(Frozen::freeze(kid)?);
             }

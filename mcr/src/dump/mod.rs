@@ -150,6 +150,7 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
             processes,
             pipes,
             shmem,
+            zombies: tree.zombies.clone(),
         };
         let stats = writer
             .finish(&snapshot)

@@ -18,6 +18,7 @@ pub enum FrameKind {
     PageChunk = 3,
     Pipe = 4,
     Shmem = 5,
+    Zombie = 6,
     End = 0xffff,
 }
 
@@ -29,6 +30,7 @@ impl FrameKind {
             3 => Self::PageChunk,
             4 => Self::Pipe,
             5 => Self::Shmem,
+            6 => Self::Zombie,
             0xffff => Self::End,
             _ => return None,
         })

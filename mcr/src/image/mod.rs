@@ -129,6 +129,13 @@ mod tests {
                 data: b"in flight".to_vec(),
             }],
             shmem: vec![ShmemObject { ino: 3, size: 8192 }],
+            zombies: vec![ZombieImage {
+                pid: 8,
+                ppid: 7,
+                pgid: 7,
+                sid: 7,
+                status: 42 << 8,
+            }],
         }
     }
 

@@ -3,7 +3,7 @@
 use super::frame::{check_file, corrupt, FrameKind, FILE_CORE, FILE_INVENTORY, FILE_PAGES};
 use super::pages::{parse_chunk, PageChunk};
 use super::{codec, ImageError, Result, KNOWN_FEATURES};
-use crate::model::{Inventory, PipeImage, ProcessImage, ShmemObject, Snapshot};
+use crate::model::{Inventory, PipeImage, ProcessImage, ShmemObject, Snapshot, ZombieImage};
 use kext_shim::filemap::{map_readonly, Mmap};
 use std::path::{Path, PathBuf};
 
@@ -57,6 +57,7 @@ impl Image {
         let mut processes: Vec<ProcessImage> = Vec::new();
         let mut pipes: Vec<PipeImage> = Vec::new();
         let mut shmem: Vec<ShmemObject> = Vec::new();
+        let mut zombies: Vec<ZombieImage> = Vec::new();
         for f in check_file(&p, &core_bytes, FILE_CORE, 1)? {
             match f.kind {
                 FrameKind::Process => {
@@ -67,6 +68,9 @@ impl Image {
                 }
                 FrameKind::Shmem => {
                     shmem.push(codec::decode(f.payload).map_err(|e| corrupt(&p, f.offset, &e))?)
+                }
+                FrameKind::Zombie => {
+                    zombies.push(codec::decode(f.payload).map_err(|e| corrupt(&p, f.offset, &e))?)
                 }
                 k => return Err(corrupt(&p, f.offset, &format!("unexpected {k:?} record"))),
             }
@@ -151,6 +155,7 @@ impl Image {
                 processes,
                 pipes,
                 shmem,
+                zombies,
             },
             pages,
             chunks,

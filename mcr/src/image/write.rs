@@ -203,7 +203,11 @@ impl ImageWriter {
         for o in &snap.shmem {
             push_record(&mut core, FrameKind::Shmem, &codec::encode(o));
         }
-        let records = snap.processes.len() + snap.pipes.len() + snap.shmem.len();
+        for z in &snap.zombies {
+            push_record(&mut core, FrameKind::Zombie, &codec::encode(z));
+        }
+        let records =
+            snap.processes.len() + snap.pipes.len() + snap.shmem.len() + snap.zombies.len();
         core.extend_from_slice(&end(records as u64));
         self.write_small(FILE_CORE.0, &core)?;
 

@@ -21,6 +21,8 @@ pub struct Snapshot {
     pub pipes: Vec<PipeImage>,
     /// Page chunks owned by `-1 - i` hold the pages of object `i`.
     pub shmem: Vec<ShmemObject>,
+    /// After the processes: each one's parent is among them.
+    pub zombies: Vec<ZombieImage>,
 }
 
 /// Who wrote an image, where, and what it needs to be read back.

@@ -96,3 +96,14 @@ pub struct Rseq {
     pub size: u32,
     pub signature: u32,
 }
+
+/// A child that has exited but was not reaped yet: its parent will want its status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZombieImage {
+    pub pid: i32,
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    /// The status waitpid will report (exit code << 8, or the killing signal).
+    pub status: i32,
+}

@@ -814,27 +814,45 @@ fn queue_pending(cx: &mut Ctx, p: &ProcessImage) -> Result<()> {
 /// children, which inherit them. A leader of its session or group makes a new one; a
 /// member joins the group of its leader in the image if that exists by now; otherwise
 /// it stays in ours (a shell job's group, say).
-pub fn early_init(inj: &mut Injector, p: &ProcessImage, procs: &[ProcessImage]) -> Result<()> {
-    let pid = p.pid;
+pub fn early_init(inj: &mut Injector, ids: Ids, procs: &[ProcessImage]) -> Result<()> {
+    let Ids { pid, pgid, sid } = ids;
     let call = |inj: &mut Injector, nr: i64, a: [u64; 6], what: &'static str| {
         inj.call(nr, a, || what.into()).step(pid, || what.into())
     };
-    if p.sid == pid {
+    if sid == pid {
         call(inj, libc::SYS_setsid, [0; 6], "setsid")?;
-    } else if p.pgid == pid {
+    } else if pgid == pid {
         call(inj, libc::SYS_setpgid, [0; 6], "setpgid")?;
-    } else if procs.iter().any(|q| q.pid == p.pgid) {
+    } else if procs.iter().any(|q| q.pid == pgid) {
         let now = call(inj, libc::SYS_getpgid, [0; 6], "getpgid")?;
-        if now != p.pgid as u64 {
+        if now != pgid as u64 {
             call(
                 inj,
                 libc::SYS_setpgid,
-                [0, p.pgid as u64, 0, 0, 0, 0],
+                [0, pgid as u64, 0, 0, 0, 0],
                 "setpgid to its group",
             )?;
         }
     }
     Ok(())
+}
+
+/// A process's place in the job-control world.
+#[derive(Debug, Clone, Copy)]
+pub struct Ids {
+    pub pid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+}
+
+impl From<&ProcessImage> for Ids {
+    fn from(p: &ProcessImage) -> Self {
+        Ids {
+            pid: p.pid,
+            pgid: p.pgid,
+            sid: p.sid,
+        }
+    }
 }
 
 fn set_creds(cx: &mut Ctx, p: &ProcessImage) -> Result<()> {

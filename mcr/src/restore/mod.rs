@@ -162,12 +162,15 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
             wait_for_pid(t.tid, opts.pid_wait)?;
         }
     }
+    for z in &snap.zombies {
+        wait_for_pid(z.pid, opts.pid_wait)?;
+    }
     // The whole tree as fresh stubs first, each forked by its parent after that parent
     // took its session and group, so the children inherit them.
     let objects = shared::prepare(&image)?;
     let placement = shared::placement(&objects);
     let mut stubs = vec![stub::Stub::spawn(p0.pid, chroot_dir(&root, &p0.root))?];
-    build::early_init(&mut stub::fresh_injector(stubs[0].pid)?, p0, procs)?;
+    build::early_init(&mut stub::fresh_injector(stubs[0].pid)?, p0.into(), procs)?;
     for p in &procs[1..] {
         let parent = procs
             .iter()
@@ -175,8 +178,27 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
             .expect("checked above");
         let mut inj = stub::fresh_injector(stubs[parent].pid)?;
         let child = stubs[parent].fork_child(&mut inj, p.pid)?;
-        build::early_init(&mut stub::fresh_injector(child.pid)?, p, procs)?;
+        build::early_init(&mut stub::fresh_injector(child.pid)?, p.into(), procs)?;
         stubs.push(child);
+    }
+    // Zombies: forked by their parent like any child, then ended with their status.
+    for z in &snap.zombies {
+        let parent = procs.iter().position(|q| q.pid == z.ppid).ok_or_else(|| {
+            RestoreError::Incompatible {
+                pid: z.pid,
+                what: format!("zombie {} has no parent {} in the image", z.pid, z.ppid),
+            }
+        })?;
+        let mut inj = stub::fresh_injector(stubs[parent].pid)?;
+        let zs = stubs[parent].fork_child(&mut inj, z.pid)?;
+        let mut zinj = stub::fresh_injector(zs.pid)?;
+        let ids = build::Ids {
+            pid: z.pid,
+            pgid: z.pgid,
+            sid: z.sid,
+        };
+        build::early_init(&mut zinj, ids, procs)?;
+        zs.die_as(&mut zinj, z.status)?;
     }
     // The stubs hold their own copies now.
     let numbers = plan.numbers();

@@ -167,3 +167,59 @@ impl Stub {
         }
     }
 }
+
+impl Stub {
+    /// Ends this fresh stub the way the zombie it stands for ended, leaving a zombie with
+    /// that status for its parent to reap. We, its tracer, see it die but do not reap it.
+    pub fn die_as(mut self, inj: &mut Injector, status: i32) -> Result<()> {
+        let pid = self.pid;
+        let raw = pid.as_raw();
+        let mut regs = ptrace::get_regs(pid).step(raw, || "reading registers".into())?;
+        regs.rip = inj.syscall_ip();
+        regs.orig_rax = u64::MAX;
+        let signal = status & 0x7f;
+        if signal == 0 {
+            regs.rax = libc::SYS_exit_group as u64;
+            regs.rdi = ((status >> 8) & 0xff) as u64;
+        } else {
+            // No core file from a stand-in: RLIMIT_CORE 0, written below its stack.
+            let at = (regs.rsp - 1024) & !15;
+            ProcMem::open(pid)
+                .and_then(|m| m.write(at, &[0u8; 16]))
+                .step(raw, || "writing prlimit arguments".into())?;
+            inj.call(
+                libc::SYS_prlimit64,
+                [0, libc::RLIMIT_CORE as u64, at, 0, 0, 0],
+                || "prlimit64(RLIMIT_CORE, 0)".into(),
+            )
+            .step(raw, || "dropping the core limit".into())?;
+            // SIG_DFL: a zeroed kernel sigaction.
+            ProcMem::open(pid)
+                .and_then(|m| m.write(at, &[0u8; 32]))
+                .step(raw, || "writing sigaction arguments".into())?;
+            inj.call(
+                libc::SYS_rt_sigaction,
+                [signal as u64, at, 0, 8, 0, 0],
+                || format!("rt_sigaction({signal}, SIG_DFL)"),
+            )
+            .step(raw, || "resetting the signal".into())?;
+            ptrace::set_sigmask(pid, 0).step(raw, || "unblocking signals".into())?;
+            regs.rax = libc::SYS_kill as u64;
+            regs.rdi = raw as u64;
+            regs.rsi = signal as u64;
+        }
+        ptrace::set_regs(pid, &regs).step(raw, || "setting registers".into())?;
+        ptrace::cont(pid, 0).step(raw, || "letting it end".into())?;
+        loop {
+            match ptrace::wait(pid).step(raw, || "waiting for it to end".into())? {
+                // The signal it sends itself stops it for us first; pass it on.
+                ptrace::Stop::Stopped { sig, .. } => {
+                    ptrace::cont(pid, sig).step(raw, || format!("delivering signal {sig}"))?
+                }
+                _ => break,
+            }
+        }
+        self.released = true;
+        Ok(())
+    }
+}
