@@ -13,12 +13,12 @@ state = {i: i * i for i in range(N)}
 n = 0
 sys.stdout.write("READY\n"); sys.stdout.flush()
 while True:
-    r, _, _ = select.select([sys.stdin], [], [], 0)
-    if r:
-        break
     n += 1
     k = n % N
     state[k] = k * k
+    r, _, _ = select.select([sys.stdin], [], [], 0)
+    if r:
+        break
 sys.stdin.readline()
 ok = n > 0 and all(state[i] == i * i for i in range(N))
 print(("PASS" if ok else "FAIL") + " python iterations=%d" % n, flush=True)

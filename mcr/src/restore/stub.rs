@@ -210,14 +210,11 @@ impl Stub {
         }
         ptrace::set_regs(pid, &regs).step(raw, || "setting registers".into())?;
         ptrace::cont(pid, 0).step(raw, || "letting it end".into())?;
-        loop {
-            match ptrace::wait(pid).step(raw, || "waiting for it to end".into())? {
-                // The signal it sends itself stops it for us first; pass it on.
-                ptrace::Stop::Stopped { sig, .. } => {
-                    ptrace::cont(pid, sig).step(raw, || format!("delivering signal {sig}"))?
-                }
-                _ => break,
-            }
+        // The signal it sends itself stops it for us first; pass it on.
+        while let ptrace::Stop::Stopped { sig, .. } =
+            ptrace::wait(pid).step(raw, || "waiting for it to end".into())?
+        {
+            ptrace::cont(pid, sig).step(raw, || format!("delivering signal {sig}"))?;
         }
         self.released = true;
         Ok(())
