@@ -6,6 +6,7 @@
 //! how to restore it. Every `unsafe` block of the project lives in this crate and carries a
 //! `// SAFETY:` comment.
 
+pub mod anon;
 pub mod clone;
 pub mod filemap;
 pub mod inject;

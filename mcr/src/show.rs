@@ -145,6 +145,27 @@ pub fn text(image: &Image) -> String {
                 FdKind::CharDevice { file, .. } => file.path.clone(),
                 FdKind::Directory { file } => format!("{} (directory)", file.path),
                 FdKind::External { key } => format!("{key} (outside the image)"),
+                FdKind::EventFd { count, semaphore } => {
+                    format!(
+                        "eventfd count {count}{}",
+                        if *semaphore { " (semaphore)" } else { "" }
+                    )
+                }
+                FdKind::TimerFd {
+                    clockid,
+                    value_ns,
+                    interval_ns,
+                    ticks,
+                } => format!(
+                    "timerfd clock {clockid}, next in {:.3} s, every {:.3} s, {ticks} unread",
+                    *value_ns as f64 / 1e9,
+                    *interval_ns as f64 / 1e9
+                ),
+                FdKind::SignalFd { mask } => format!("signalfd mask {mask:#x}"),
+                FdKind::Epoll { targets } => format!(
+                    "epoll watching fds {:?}",
+                    targets.iter().map(|t| t.fd).collect::<Vec<_>>()
+                ),
                 FdKind::Pipe { ino, read_end } => {
                     format!(
                         "pipe:[{ino}] {} end",

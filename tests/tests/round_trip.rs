@@ -193,3 +193,9 @@ fn process_tree_with_groups_sessions_and_a_shared_file_offset() {
     let v = run("tree", &[data.to_str().expect("utf-8")], None);
     eprintln!("{v}");
 }
+
+#[test]
+fn eventfd_timerfd_signalfd_and_epoll_come_back_with_their_state() {
+    let v = run("objects", &[], None);
+    eprintln!("{v}");
+}

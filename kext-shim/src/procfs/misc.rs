@@ -132,12 +132,17 @@ pub struct FdInfo {
     pub ino: u64,
     /// Every other `key: value` line, for object-specific fields (eventfd-count, ...).
     pub extra: BTreeMap<String, String>,
+    /// The whole text, for objects with repeated lines (an epoll's `tfd:` lines).
+    pub text: String,
 }
 
 pub fn read_fdinfo(pid: Pid, fd: i32) -> Result<FdInfo> {
     let path = format!("/proc/{pid}/fdinfo/{fd}");
     let text = read(&path)?;
-    let mut info = FdInfo::default();
+    let mut info = FdInfo {
+        text: text.clone(),
+        ..FdInfo::default()
+    };
     for line in text.lines() {
         let Some((k, v)) = line.split_once(':') else {
             continue;

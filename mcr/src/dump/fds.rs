@@ -1,7 +1,7 @@
 //! The fd table.
 
 use super::{DumpError, Result, StepContext};
-use crate::model::{FdEntry, FdKind, FileRef, PipeImage, ProcessImage};
+use crate::model::{EpollTarget, FdEntry, FdKind, FileRef, PipeImage, ProcessImage};
 use kext_shim::procfs::{self, FileIdentity};
 use kext_shim::Pid;
 use std::collections::BTreeMap;
@@ -48,7 +48,7 @@ pub fn collect(pid: Pid, shell_job: bool) -> Result<Vec<FdEntry>> {
         };
         let kind = match ident.mode & libc::S_IFMT {
             _ if link.starts_with("anon_inode:") => {
-                return Err(unsupported("this kind of object is not supported yet"))
+                anon_object(&link, &info).map_err(|why| unsupported(&why))?
             }
             libc::S_IFREG => {
                 if link.ends_with(" (deleted)") {
@@ -114,6 +114,11 @@ pub fn number_file_descriptions(procs: &mut [ProcessImage]) -> Result<()> {
                     (file.identity.dev, file.identity.ino, file.identity.rdev)
                 }
                 FdKind::Pipe { ino, read_end } => (u64::MAX, *ino, *read_end as u64),
+                // One anon inode serves every eventfd (and the like): kcmp tells them apart.
+                FdKind::EventFd { .. }
+                | FdKind::TimerFd { .. }
+                | FdKind::SignalFd { .. }
+                | FdKind::Epoll { .. } => (u64::MAX - 1, 0, 0),
                 FdKind::External { .. } => continue,
             };
             let mut found = None;
@@ -223,4 +228,74 @@ pub fn resolve_pipes(procs: &mut [ProcessImage], shell_job: bool) -> Result<Vec<
         }
     }
     Ok(pipes)
+}
+
+/// eventfd, timerfd, signalfd and epoll, read from their fdinfo.
+fn anon_object(
+    link: &str,
+    info: &kext_shim::procfs::FdInfo,
+) -> std::result::Result<FdKind, String> {
+    let field = |k: &str| {
+        info.extra
+            .get(k)
+            .map(String::as_str)
+            .ok_or(format!("fdinfo lacks {k}"))
+    };
+    let hex = |k: &str| {
+        field(k)
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).map_err(|_| format!("bad {k}: {v}")))
+    };
+    let dec = |k: &str| {
+        field(k).and_then(|v| v.trim().parse::<u64>().map_err(|_| format!("bad {k}: {v}")))
+    };
+    // "(sec, nsec)"
+    let pair = |k: &str| -> std::result::Result<u64, String> {
+        let v = field(k)?;
+        let (a, b) = v
+            .trim_matches(|c| c == '(' || c == ')' || c == ' ')
+            .split_once(',')
+            .ok_or(format!("bad {k}: {v}"))?;
+        let n = |x: &str| x.trim().parse::<u64>().map_err(|_| format!("bad {k}: {v}"));
+        Ok(n(a)? * 1_000_000_000 + n(b)?)
+    };
+    match link {
+        "anon_inode:[eventfd]" => Ok(FdKind::EventFd {
+            count: hex("eventfd-count")?,
+            semaphore: dec("eventfd-semaphore").unwrap_or(0) != 0,
+        }),
+        "anon_inode:[timerfd]" => Ok(FdKind::TimerFd {
+            clockid: dec("clockid")? as i32,
+            value_ns: pair("it_value")?,
+            interval_ns: pair("it_interval")?,
+            ticks: dec("ticks")?,
+        }),
+        "anon_inode:[signalfd]" => Ok(FdKind::SignalFd {
+            mask: hex("sigmask")?,
+        }),
+        "anon_inode:[eventpoll]" => {
+            let mut targets = Vec::new();
+            for line in info.text.lines().filter(|l| l.starts_with("tfd:")) {
+                // tfd: %8d events: %8x data: %16llx  pos:... ino:... sdev:...
+                let w: Vec<&str> = line.split_whitespace().collect();
+                let get = |name: &str| {
+                    w.iter()
+                        .position(|x| *x == name)
+                        .and_then(|i| w.get(i + 1))
+                        .copied()
+                };
+                let bad = || format!("bad epoll line: {line}");
+                targets.push(EpollTarget {
+                    fd: get("tfd:").and_then(|v| v.parse().ok()).ok_or_else(bad)?,
+                    events: get("events:")
+                        .and_then(|v| u32::from_str_radix(v, 16).ok())
+                        .ok_or_else(bad)?,
+                    data: get("data:")
+                        .and_then(|v| u64::from_str_radix(v, 16).ok())
+                        .ok_or_else(bad)?,
+                });
+            }
+            Ok(FdKind::Epoll { targets })
+        }
+        _ => Err("this kind of object is not supported yet".into()),
+    }
 }

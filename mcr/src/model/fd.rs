@@ -36,6 +36,24 @@ pub enum FdKind {
         ino: u64,
         read_end: bool,
     },
+    EventFd {
+        count: u64,
+        semaphore: bool,
+    },
+    /// Time left to the next expiry and the period, in ns; expirations not yet read.
+    TimerFd {
+        clockid: i32,
+        value_ns: u64,
+        interval_ns: u64,
+        ticks: u64,
+    },
+    SignalFd {
+        mask: u64,
+    },
+    /// An epoll instance and its interest list, by the fd numbers its owner used.
+    Epoll {
+        targets: Vec<EpollTarget>,
+    },
     /// Something outside the dumped tree (a shell job's terminal or pipe), identified by
     /// the kernel's name for it (`pipe:[1234]`, `/dev/pts/3`). Restore binds it to an fd
     /// the restorer was given.
@@ -50,4 +68,12 @@ pub struct PipeImage {
     pub ino: u64,
     pub capacity: u32,
     pub data: Vec<u8>,
+}
+
+/// One fd an epoll instance watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpollTarget {
+    pub fd: i32,
+    pub events: u32,
+    pub data: u64,
 }

@@ -222,6 +222,7 @@ pub fn rebuild(
         // limits (perhaps below its highest fd) follow.
         raise_nofile(cx)?;
         set_fds(cx, fds)?;
+        fill_epolls(cx, fds)?;
         set_rlimits(cx, p)?;
         cx.call(libc::SYS_umask, [p.umask as u64, 0, 0, 0, 0, 0], || {
             "umask".into()
@@ -734,6 +735,32 @@ fn set_fds(cx: &mut Ctx, fds: &FdNumbers) -> Result<()> {
         [base as u64, u32::MAX as u64, 0, 0, 0, 0],
         || "close_range of the parking area".into(),
     )?;
+    Ok(())
+}
+
+/// Adds each epoll's interest list from inside the process, now that every fd has its
+/// number. struct epoll_event is packed on x86_64: events u32, then data u64.
+fn fill_epolls(cx: &mut Ctx, fds: &FdNumbers) -> Result<()> {
+    for (epfd, targets) in &fds.epolls {
+        for t in targets {
+            let mut ev = Vec::with_capacity(12);
+            ev.extend_from_slice(&t.events.to_ne_bytes());
+            ev.extend_from_slice(&t.data.to_ne_bytes());
+            let addr = cx.put(&ev)?;
+            cx.call(
+                libc::SYS_epoll_ctl,
+                [
+                    *epfd as u64,
+                    libc::EPOLL_CTL_ADD as u64,
+                    t.fd as u64,
+                    addr,
+                    0,
+                    0,
+                ],
+                || format!("epoll_ctl(ADD) of fd {} to epoll fd {epfd}", t.fd),
+            )?;
+        }
+    }
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 //! each is the file that was dumped. Done before the stub exists, which inherits them.
 
 use super::{RestoreError, Result};
-use crate::model::{FdKind, FileIdentity, FileRef, PipeImage, ProcessImage};
+use crate::model::{EpollTarget, FdKind, FileIdentity, FileRef, PipeImage, ProcessImage};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
@@ -29,6 +29,8 @@ pub struct FdNumbers {
     pub exe_fd: i32,
     pub cwd_fd: i32,
     pub fds: Vec<(i32, i32, bool)>,
+    /// Epoll instances this process fills: (its fd number, what it watches).
+    pub epolls: Vec<(i32, Vec<EpollTarget>)>,
 }
 
 impl FilePlan {
@@ -188,6 +190,7 @@ fn open_process(
         exe_fd: -1,
         cwd_fd: -1,
         fds: Vec::new(),
+        epolls: Vec::new(),
     };
     for f in &p.mm.files {
         let file = cx.open(&format!("mapped file {}", f.path), f, libc::O_RDONLY as u32)?;
@@ -213,6 +216,7 @@ fn open_process(
 
     for e in &p.fds {
         let what = format!("fd {}", e.fd);
+        let nonblock = e.flags as i32 & libc::O_NONBLOCK;
         if let Some(&n) = plan.ofds.get(&e.ofd) {
             nums.fds.push((e.fd, n, e.cloexec));
             continue;
@@ -237,6 +241,35 @@ fn open_process(
             FdKind::Directory { file } => {
                 let f = cx.open(&what, file, e.flags | libc::O_DIRECTORY as u32)?;
                 plan.keep(f)
+            }
+            FdKind::EventFd { count, semaphore } => {
+                let fl = if *semaphore { libc::EFD_SEMAPHORE } else { 0 } | nonblock;
+                plan.keep(
+                    kext_shim::anon::eventfd(*count, fl)
+                        .map_err(|err| cx.err(&what, Path::new("eventfd"), err.to_string()))?,
+                )
+            }
+            FdKind::TimerFd {
+                clockid,
+                value_ns,
+                interval_ns,
+                ticks,
+            } => plan.keep(
+                kext_shim::anon::timerfd(*clockid, nonblock, *value_ns, *interval_ns, *ticks)
+                    .map_err(|err| cx.err(&what, Path::new("timerfd"), err.to_string()))?,
+            ),
+            FdKind::SignalFd { mask } => plan.keep(
+                kext_shim::anon::signalfd(*mask, nonblock)
+                    .map_err(|err| cx.err(&what, Path::new("signalfd"), err.to_string()))?,
+            ),
+            FdKind::Epoll { targets } => {
+                // Its interest list is added inside the process, by the fd numbers it
+                // used: epoll keys its entries by (file, fd number).
+                nums.epolls.push((e.fd, targets.clone()));
+                plan.keep(
+                    kext_shim::anon::epoll(0)
+                        .map_err(|err| cx.err(&what, Path::new("epoll"), err.to_string()))?,
+                )
             }
             FdKind::Pipe { ino, read_end } => {
                 let pipe = format!("pipe:[{ino}]");

@@ -1,0 +1,89 @@
+//! Kernel objects behind anon_inode fds that restore recreates: eventfd, timerfd,
+//! signalfd, epoll.
+
+use crate::{check, Result, SysError};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+fn owned(r: libc::c_long, what: impl FnOnce() -> String) -> Result<OwnedFd> {
+    let fd = check(r, what)?;
+    // SAFETY: a fresh fd the kernel just returned, owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// eventfd with its counter; `flags` are EFD_* (EFD_SEMAPHORE, EFD_NONBLOCK).
+pub fn eventfd(count: u64, flags: i32) -> Result<OwnedFd> {
+    if count > u32::MAX as u64 {
+        // eventfd(2) takes a 32-bit start value; add the rest by writing.
+        let fd = eventfd(0, flags)?;
+        nix::unistd::write(&fd, &count.to_ne_bytes())
+            .map_err(|e| SysError::new("write to eventfd", e))?;
+        return Ok(fd);
+    }
+    // SAFETY: eventfd2 takes no pointers.
+    owned(
+        unsafe { libc::syscall(libc::SYS_eventfd2, count as libc::c_uint, flags) },
+        || format!("eventfd({count})"),
+    )
+}
+
+/// A timerfd on `clockid`, armed relative to now (0 leaves it disarmed), with `ticks`
+/// expirations already counted and not yet read.
+pub fn timerfd(
+    clockid: i32,
+    flags: i32,
+    value_ns: u64,
+    interval_ns: u64,
+    ticks: u64,
+) -> Result<OwnedFd> {
+    // SAFETY: timerfd_create takes no pointers.
+    let fd = owned(
+        unsafe { libc::syscall(libc::SYS_timerfd_create, clockid, flags) },
+        || format!("timerfd_create(clock {clockid})"),
+    )?;
+    let ts = |ns: u64| libc::timespec {
+        tv_sec: (ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+    };
+    let spec = libc::itimerspec {
+        it_interval: ts(interval_ns),
+        it_value: ts(value_ns),
+    };
+    // SAFETY: `spec` is a valid itimerspec; the old value is not asked for.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_timerfd_settime,
+            fd.as_raw_fd(),
+            0,
+            &spec,
+            std::ptr::null_mut::<libc::itimerspec>(),
+        )
+    };
+    check(r, || "timerfd_settime".into())?;
+    if ticks > 0 {
+        // TFD_IOC_SET_TICKS = _IOW('T', 0, u64)
+        const TFD_IOC_SET_TICKS: libc::c_ulong = 0x4008_5400;
+        // SAFETY: the ioctl reads one u64 from `ticks`.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), TFD_IOC_SET_TICKS, &ticks) };
+        check(r as libc::c_long, || format!("TFD_IOC_SET_TICKS {ticks}"))?;
+    }
+    Ok(fd)
+}
+
+/// A signalfd for the signals in `mask` (bit n-1 for signal n).
+pub fn signalfd(mask: u64, flags: i32) -> Result<OwnedFd> {
+    // SAFETY: the kernel reads an 8-byte sigset from `mask`.
+    owned(
+        unsafe { libc::syscall(libc::SYS_signalfd4, -1, &mask as *const u64, 8usize, flags) },
+        || format!("signalfd({mask:#x})"),
+    )
+}
+
+/// An empty epoll instance; its interest list is filled by the process that owns the
+/// target fds.
+pub fn epoll(flags: i32) -> Result<OwnedFd> {
+    // SAFETY: epoll_create1 takes no pointers.
+    owned(
+        unsafe { libc::syscall(libc::SYS_epoll_create1, flags) },
+        || "epoll_create1".into(),
+    )
+}

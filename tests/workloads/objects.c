@@ -1,0 +1,85 @@
+/*
+ * objects: kernel objects behind anon_inode fds, across a checkpoint.
+ *
+ * - an eventfd holding 5 (non-blocking) and a semaphore eventfd holding 3;
+ * - a periodic timerfd (every 20 ms) and a one-shot timerfd armed for 30 s;
+ * - a signalfd for SIGUSR1, which is blocked and pending;
+ * - an epoll watching the eventfd (data 0xabc) and stdin (data 0x0).
+ * After CHECK each object must be back with its state: the counters, the epoll
+ * reporting the eventfd with its data, the timers still armed with what is left,
+ * and the pending signal readable from the signalfd.
+ */
+#include "common.h"
+
+#include <signal.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/signalfd.h>
+#include <sys/timerfd.h>
+
+int main(void)
+{
+    int ev = eventfd(5, EFD_NONBLOCK);
+    int sem = eventfd(3, EFD_SEMAPHORE);
+    int tick = timerfd_create(CLOCK_MONOTONIC, 0);
+    int once = timerfd_create(CLOCK_REALTIME, TFD_NONBLOCK);
+    struct itimerspec every = {{0, 20 * 1000 * 1000}, {0, 20 * 1000 * 1000}};
+    struct itimerspec later = {{0, 0}, {30, 0}};
+    if (ev < 0 || sem < 0 || tick < 0 || once < 0 || timerfd_settime(tick, 0, &every, NULL) ||
+        timerfd_settime(once, 0, &later, NULL))
+        FAIL("setup: eventfd/timerfd: %s", strerror(errno));
+
+    sigset_t usr1;
+    sigemptyset(&usr1);
+    sigaddset(&usr1, SIGUSR1);
+    sigprocmask(SIG_BLOCK, &usr1, NULL);
+    int sfd = signalfd(-1, &usr1, SFD_NONBLOCK);
+    if (sfd < 0 || raise(SIGUSR1))
+        FAIL("setup: signalfd: %s", strerror(errno));
+
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event e1 = {.events = EPOLLIN, .data.u64 = 0xabc};
+    struct epoll_event e0 = {.events = EPOLLIN, .data.u64 = 0};
+    if (ep < 0 || epoll_ctl(ep, EPOLL_CTL_ADD, ev, &e1) || epoll_ctl(ep, EPOLL_CTL_ADD, 0, &e0))
+        FAIL("setup: epoll: %s", strerror(errno));
+
+    ready();
+    wait_check();
+
+    /* The epoll first: the eventfd must be reported, with its data. */
+    struct epoll_event got[4];
+    int n = epoll_wait(ep, got, 4, 0), found = 0;
+    for (int i = 0; i < n; i++)
+        if (got[i].data.u64 == 0xabc && (got[i].events & EPOLLIN))
+            found = 1;
+        else if (got[i].data.u64 != 0) /* stdin (data 0) may be at EOF: fine */
+            FAIL("epoll_wait reported unknown data %#llx", (unsigned long long)got[i].data.u64);
+    if (!found)
+        FAIL("epoll_wait (%d events) did not report the eventfd with its data", n);
+    uint64_t v = 0;
+    if (read(ev, &v, 8) != 8 || v != 5)
+        FAIL("eventfd holds %llu, want 5", (unsigned long long)v);
+    if (read(ev, &v, 8) != -1 || errno != EAGAIN)
+        FAIL("eventfd lost O_NONBLOCK or was not emptied");
+    for (int i = 0; i < 3; i++)
+        if (read(sem, &v, 8) != 8 || v != 1)
+            FAIL("semaphore eventfd read %d gave %llu", i, (unsigned long long)v);
+
+    /* A blocking read of the periodic timer returns once it has fired. */
+    if (read(tick, &v, 8) != 8 || v < 1)
+        FAIL("periodic timerfd read %llu expirations", (unsigned long long)v);
+    struct itimerspec left;
+    if (timerfd_gettime(tick, &left) || left.it_interval.tv_nsec != 20 * 1000 * 1000)
+        FAIL("periodic timerfd lost its interval");
+    if (timerfd_gettime(once, &left) || left.it_value.tv_sec >= 30 ||
+        (left.it_value.tv_sec == 0 && left.it_value.tv_nsec == 0))
+        FAIL("one-shot timerfd has %lld.%09ld s left, want (0, 30)", (long long)left.it_value.tv_sec,
+             left.it_value.tv_nsec);
+
+    struct signalfd_siginfo si;
+    if (read(sfd, &si, sizeof si) != sizeof si || si.ssi_signo != SIGUSR1)
+        FAIL("signalfd did not deliver the pending SIGUSR1");
+
+    say("PASS objects timer_left=%llds\n", (long long)left.it_value.tv_sec);
+    return 0;
+}
