@@ -36,9 +36,22 @@ pub struct Workload {
 
 impl Workload {
     pub fn start(mib: usize) -> Workload {
+        Self::start_tree(mib, 1, 1)
+    }
+
+    /// A tree of `procs` processes with `threads` threads each, `mib` MiB per process.
+    pub fn start_tree(mib: usize, procs: usize, threads: usize) -> Workload {
         kext_shim::procfs::cloexec_inherited_fds().expect("marking inherited fds close-on-exec");
         let mut child = Command::new(mcr_bin())
-            .args(["demo-workload", "--mib", &mib.to_string()])
+            .args([
+                "demo-workload",
+                "--mib",
+                &mib.to_string(),
+                "--procs",
+                &procs.to_string(),
+                "--threads",
+                &threads.to_string(),
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -62,5 +75,32 @@ impl Drop for Workload {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// `pid` and its descendants, parents first.
+pub fn tree_pids(pid: i32) -> Vec<i32> {
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        out.extend(
+            kext_shim::procfs::children(nix::unistd::Pid::from_raw(out[i])).unwrap_or_default(),
+        );
+        i += 1;
+    }
+    out
+}
+
+/// Kills a restored tree and reaps what is ours to reap (we are its subreaper).
+pub fn kill_tree(pid: i32) {
+    let pids = tree_pids(pid);
+    for &p in &pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    for &p in &pids {
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(p), None);
     }
 }

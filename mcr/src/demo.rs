@@ -21,7 +21,66 @@ fn word(page: usize, gen: u32, i: usize) -> u64 {
 /// The sample workload: rewrites pages of `mib` MiB in a pseudo-random order, checks
 /// stdin between batches, and on `CHECK` verifies every page and reports the longest
 /// pause it saw between two batches (its blackout), on the wall clock.
-pub fn workload(mib: usize) -> ExitCode {
+pub fn workload(mib: usize, procs: usize, threads: usize, child: bool) -> ExitCode {
+    // The rest of the tree: children that only keep writing (for benchmarks of trees).
+    let mut kids = Vec::new();
+    if !child {
+        let me = std::env::current_exe().ok();
+        for _ in 1..procs {
+            let Some(exe) = me.as_ref() else { break };
+            let spawned = std::process::Command::new(exe)
+                .args([
+                    "demo-workload",
+                    "--child",
+                    "--mib",
+                    &mib.to_string(),
+                    "--threads",
+                    &threads.to_string(),
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn();
+            match spawned {
+                Ok(c) => kids.push(c),
+                Err(_) => return ExitCode::from(1),
+            }
+        }
+    }
+    // Threads beyond the first own a share each and rewrite it forever.
+    let share = mib / threads.max(1);
+    for t in 1..threads.max(1) {
+        std::thread::spawn(move || {
+            let mut mem = vec![0u64; (share.max(1) << 20) / 8];
+            let mut x = 0x9e37_79b9u64 + t as u64;
+            loop {
+                for chunk in mem.chunks_mut(PAGE_WORDS) {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    chunk.fill(x);
+                }
+            }
+        });
+    }
+    if child {
+        let mut mem = vec![0u64; (share.max(1) << 20) / 8];
+        let mut x = 1u64;
+        loop {
+            for chunk in mem.chunks_mut(PAGE_WORDS) {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                chunk.fill(x);
+            }
+        }
+    }
+    let code = verified_workload(share.max(1));
+    for mut k in kids {
+        let _ = k.kill();
+        let _ = k.wait();
+    }
+    code
+}
+
+/// The demo's own process: writes `mib` MiB and verifies it on CHECK.
+fn verified_workload(mib: usize) -> ExitCode {
     let pages = mib.max(1) * 256;
     let mut mem = vec![0u64; pages * PAGE_WORDS];
     let mut gens = vec![0u32; pages];

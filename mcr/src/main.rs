@@ -87,8 +87,18 @@ enum Cmd {
     /// The sample workload `demo` runs (not for direct use).
     #[command(hide = true)]
     DemoWorkload {
+        /// Memory per process, in MiB.
         #[arg(long, default_value_t = 64)]
         mib: usize,
+        /// Processes in the tree (this one and its children).
+        #[arg(long, default_value_t = 1)]
+        procs: usize,
+        /// Threads per process, each rewriting its share of the memory.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Run as one of the children: no protocol, just keep writing.
+        #[arg(long)]
+        child: bool,
     },
 }
 
@@ -261,6 +271,11 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Demo { mib } => demo::run(mib),
-        Cmd::DemoWorkload { mib } => demo::workload(mib),
+        Cmd::DemoWorkload {
+            mib,
+            procs,
+            threads,
+            child,
+        } => demo::workload(mib, procs, threads, child),
     }
 }

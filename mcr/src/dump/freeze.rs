@@ -29,57 +29,68 @@ pub struct Frozen {
 }
 
 impl Frozen {
-    /// Seizes and stops every thread, re-listing them until no new one appears (a thread
-    /// may clone while we work; a stopped one cannot).
-    pub fn freeze(pid: Pid) -> Result<Self> {
+    /// Seizes and interrupts every thread listed now, without waiting for the stops, so
+    /// that a whole tree's threads stop at once instead of one after another.
+    pub fn start(pid: Pid) -> Result<Self> {
         let mut f = Frozen {
             pid,
             threads: Vec::new(),
             pending: Vec::new(),
             released: false,
         };
-        loop {
-            let tids = kext_shim::procfs::threads(pid).map_err(|e| match e.errno() {
-                Some(Errno::ENOENT) => DumpError::NoProcess(pid.as_raw()),
-                _ => DumpError::Kernel {
-                    pid: pid.as_raw(),
-                    step: "listing threads".into(),
-                    source: e,
-                },
-            })?;
-            let new: Vec<Pid> = tids
-                .into_iter()
-                .map(Pid::from_raw)
-                .filter(|t| !f.threads.iter().any(|x| x.tid == *t))
-                .collect();
-            if new.is_empty() {
-                break;
-            }
-            for &t in &new {
-                match ptrace::seize(t) {
-                    Ok(()) => f.pending.push(t),
-                    // Exited since we listed it.
-                    Err(e) if e.errno() == Some(Errno::ESRCH) && t != pid => continue,
-                    Err(e) if e.errno() == Some(Errno::ESRCH) => {
-                        return Err(DumpError::NoProcess(pid.as_raw()))
-                    }
-                    Err(source) => {
-                        return Err(DumpError::Trace {
-                            pid: pid.as_raw(),
-                            source,
-                        })
-                    }
+        f.interrupt_new()?;
+        Ok(f)
+    }
+
+    /// Seizes and interrupts threads not seen yet; says whether there were any.
+    fn interrupt_new(&mut self) -> Result<bool> {
+        let pid = self.pid;
+        let tids = kext_shim::procfs::threads(pid).map_err(|e| match e.errno() {
+            Some(Errno::ENOENT) => DumpError::NoProcess(pid.as_raw()),
+            _ => DumpError::Kernel {
+                pid: pid.as_raw(),
+                step: "listing threads".into(),
+                source: e,
+            },
+        })?;
+        let new: Vec<Pid> = tids
+            .into_iter()
+            .map(Pid::from_raw)
+            .filter(|t| !self.threads.iter().any(|x| x.tid == *t) && !self.pending.contains(t))
+            .collect();
+        for &t in &new {
+            match ptrace::seize(t) {
+                Ok(()) => self.pending.push(t),
+                // Exited since we listed it.
+                Err(e) if e.errno() == Some(Errno::ESRCH) && t != pid => continue,
+                Err(e) if e.errno() == Some(Errno::ESRCH) => {
+                    return Err(DumpError::NoProcess(pid.as_raw()))
                 }
-                ptrace::interrupt(t).step(pid, || format!("interrupting thread {t}"))?;
+                Err(source) => {
+                    return Err(DumpError::Trace {
+                        pid: pid.as_raw(),
+                        source,
+                    })
+                }
             }
-            while let Some(&t) = f.pending.first() {
+            ptrace::interrupt(t).step(pid, || format!("interrupting thread {t}"))?;
+        }
+        Ok(!new.is_empty())
+    }
+
+    /// Waits for every interrupted thread to stop, then re-lists the threads until no
+    /// new one appears (a thread may clone while we work; a stopped one cannot).
+    pub fn settle(&mut self) -> Result<()> {
+        let pid = self.pid;
+        loop {
+            while let Some(&t) = self.pending.first() {
                 match wait_interrupt_stop(t) {
                     Ok(()) => {}
                     Err(_)
                         if t != pid
                             && !std::path::Path::new(&format!("/proc/{pid}/task/{t}")).exists() =>
                     {
-                        f.pending.remove(0);
+                        self.pending.remove(0);
                         continue;
                     }
                     Err(e) => {
@@ -88,15 +99,18 @@ impl Frozen {
                 }
                 let regs =
                     ptrace::get_regs(t).step(pid, || format!("reading registers of thread {t}"))?;
-                f.pending.remove(0);
-                f.threads.push(FrozenThread { tid: t, regs });
+                self.pending.remove(0);
+                self.threads.push(FrozenThread { tid: t, regs });
+            }
+            if !self.interrupt_new()? {
+                break;
             }
         }
-        f.threads.sort_by_key(|t| (t.tid != pid, t.tid));
-        if f.threads.first().map(|t| t.tid) != Some(pid) {
+        self.threads.sort_by_key(|t| (t.tid != pid, t.tid));
+        if self.threads.first().map(|t| t.tid) != Some(pid) {
             return Err(DumpError::NoProcess(pid.as_raw()));
         }
-        Ok(f)
+        Ok(())
     }
 
     /// The thread-group leader.
@@ -175,6 +189,32 @@ fn unexpected(pid: Pid, step: &str, what: &str) -> DumpError {
     }
 }
 
+/// `root` and its descendants as /proc lists them now, parents first (racy while they
+/// run; the freeze re-checks once they are stopped).
+fn descendants(root: Pid) -> Vec<Pid> {
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        // Zombies cannot be seized: the re-listing records them.
+        let kids = kext_shim::procfs::children(out[i]).unwrap_or_default();
+        out.extend(kids.into_iter().map(Pid::from_raw).filter(|&k| alive(k)));
+        i += 1;
+    }
+    out
+}
+
+/// Parent-first order of the frozen processes, from their (now final) children lists.
+fn descendants_of_frozen(root: Pid, procs: &[Frozen]) -> Vec<Pid> {
+    descendants(root)
+        .into_iter()
+        .filter(|p| procs.iter().any(|f| f.pid == *p))
+        .collect()
+}
+
+fn alive(pid: Pid) -> bool {
+    kext_shim::procfs::Stat::read(pid).is_ok_and(|s| s.state() != 'Z')
+}
+
 /// Waits for the PTRACE_INTERRUPT stop, passing on any signal that arrives first.
 fn wait_interrupt_stop(t: Pid) -> kext_shim::Result<()> {
     loop {
@@ -240,36 +280,77 @@ pub struct FrozenTree {
 }
 
 impl FrozenTree {
-    /// Freezes `root`, then its children once it can no longer fork, and so on down.
+    /// Freezes `root` and every descendant. All threads of every process known are
+    /// interrupted before any stop is waited for: on a loaded machine an interrupted
+    /// thread stops only when it next gets a CPU, and it gets one soonest when every
+    /// thread that could run instead is stopping too. Once the known processes are
+    /// stopped (and so cannot fork), their children are listed again and any new one is
+    /// frozen the same way, until none appears.
     pub fn freeze(root: Pid) -> Result<Self> {
         let mut tree = FrozenTree {
-            procs: vec![Frozen::freeze(root)?],
+            procs: Vec::new(),
             zombies: Vec::new(),
         };
-        let mut i = 0;
-        while i < tree.procs.len() {
-            let parent = tree.procs[i].pid;
-            let kids =
-                kext_shim::procfs::children(parent).step(parent, || "listing children".into())?;
-            for k in kids {
-                let kid = Pid::from_raw(k);
-                let stat =
-                    kext_shim::procfs::Stat::read(kid).step(kid, || "reading stat".into())?;
-                if stat.state() == 'Z' {
-                    // Field 52 is the status waitpid will report.
-                    tree.zombies.push(ZombieImage {
-                        pid: k,
-                        ppid: parent.as_raw(),
-                        pgid: stat.field(5) as i32,
-                        sid: stat.field(6) as i32,
-                        status: stat.field(52) as i32,
-                    });
-                    continue;
+        let mut wave = descendants(root);
+        while !wave.is_empty() {
+            let first = tree.procs.len();
+            let t = std::time::Instant::now();
+            for &p in &wave {
+                match Frozen::start(p) {
+                    Ok(f) => tree.procs.push(f),
+                    // A descendant that exited meanwhile: its parent's re-listing below
+                    // finds it as a zombie, or not at all.
+                    Err(DumpError::NoProcess(_)) if p != root => {}
+                    Err(e) => return Err(e),
                 }
-                tree.procs.push(Frozen::freeze(kid)?);
             }
-            i += 1;
+            let interrupted = t.elapsed();
+            let mut i = first;
+            while i < tree.procs.len() {
+                match tree.procs[i].settle() {
+                    Ok(()) => i += 1,
+                    Err(_) if tree.procs[i].pid != root && !alive(tree.procs[i].pid) => {
+                        tree.procs.remove(i);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            tracing::debug!(processes = wave.len(), ?interrupted, stopped = ?t.elapsed(), "froze");
+            // Every process is stopped now: its children list is final.
+            let mut next = Vec::new();
+            for f in &tree.procs {
+                let parent = f.pid;
+                let kids = kext_shim::procfs::children(parent)
+                    .step(parent, || "listing children".into())?;
+                for k in kids {
+                    let kid = Pid::from_raw(k);
+                    if tree.procs.iter().any(|f| f.pid == kid)
+                        || tree.zombies.iter().any(|z| z.pid == k)
+                    {
+                        continue;
+                    }
+                    let stat =
+                        kext_shim::procfs::Stat::read(kid).step(kid, || "reading stat".into())?;
+                    if stat.state() == 'Z' {
+                        // Field 52 is the status waitpid will report.
+                        tree.zombies.push(ZombieImage {
+                            pid: k,
+                            ppid: parent.as_raw(),
+                            pgid: stat.field(5) as i32,
+                            sid: stat.field(6) as i32,
+                            status: stat.field(52) as i32,
+                        });
+                    } else {
+                        next.extend(descendants(kid));
+                    }
+                }
+            }
+            wave = next;
         }
+        // Parents before children, as restore forks them.
+        let order = descendants_of_frozen(root, &tree.procs);
+        tree.procs
+            .sort_by_key(|f| order.iter().position(|&p| p == f.pid).unwrap_or(usize::MAX));
         Ok(tree)
     }
 

@@ -1,0 +1,92 @@
+#![forbid(unsafe_code)]
+//! A tree of 8 processes x 4 threads with 32 MiB each: checkpoint, restore, and the
+//! freeze alone (from the first seize to every thread of every process stopped).
+//!
+//! `cargo bench -p mcr-bench --bench tree`
+
+use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
+use mcr::dump::{AfterDump, CheckpointOptions, CheckpointReport};
+use mcr::image::Compression;
+use mcr::restore::RestoreOptions;
+use mcr_bench::{image_root, kill_tree, Workload};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+const PROCS: usize = 8;
+const THREADS: usize = 4;
+const MIB: usize = 32;
+
+fn step(r: &CheckpointReport, name: &str) -> Duration {
+    r.steps
+        .iter()
+        .find(|s| s.0 == name)
+        .map(|s| s.1)
+        .unwrap_or_default()
+}
+
+fn tree(c: &mut Criterion) {
+    nix::sys::prctl::set_child_subreaper(true).expect("PR_SET_CHILD_SUBREAPER");
+    let mut g = c.benchmark_group("tree_8x4x32MiB");
+    g.sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500));
+    let w = Workload::start_tree(MIB, PROCS, THREADS);
+    let dir = tempfile::tempdir_in(image_root()).expect("tempdir");
+    let dump = |i: u64, after| {
+        let img = dir.path().join(format!("img{i}"));
+        let r = mcr::dump::checkpoint(&CheckpointOptions {
+            pid: w.pid,
+            dir: img.clone(),
+            after,
+            shell_job: true,
+            compression: Compression::None,
+        })
+        .expect("checkpoint");
+        (img, r)
+    };
+    for (name, pick) in [("checkpoint", "total"), ("freeze", "freeze")] {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for i in 0..iters {
+                    let (img, r) = dump(i, AfterDump::LeaveRunning);
+                    total += step(&r, pick);
+                    std::fs::remove_dir_all(img).expect("removing the image");
+                }
+                total
+            })
+        });
+    }
+    let pids = mcr_bench::tree_pids(w.pid);
+    assert_eq!(pids.len(), PROCS, "the workload tree");
+    let (img, _) = dump(u64::MAX, AfterDump::Kill);
+    drop(w);
+    // Its children were reparented to us (the subreaper) when it was killed.
+    for p in pids {
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(p), None);
+    }
+    let (in_r, _in_w) = nix::unistd::pipe().expect("pipe");
+    let null = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .expect("/dev/null");
+    let mut opts = RestoreOptions::new(&img);
+    opts.shell_job = true;
+    opts.stdio = [in_r.as_raw_fd(), null.as_raw_fd(), null.as_raw_fd()];
+    g.bench_function("restore", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let t = Instant::now();
+                let r = mcr::restore::restore(&opts).expect("restore");
+                total += t.elapsed();
+                kill_tree(r.pid);
+            }
+            total
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, tree);
+criterion_main!(benches);
