@@ -1,6 +1,8 @@
 #![forbid(unsafe_code)]
-//! A tree of 8 processes x 4 threads with 32 MiB each: checkpoint, restore, and the
-//! freeze alone (from the first seize to every thread of every process stopped).
+//! Process trees and multi-threaded processes: checkpoint, restore, and the freeze alone
+//! (from the first seize to every thread of every process stopped). Shapes: a parent
+//! and two children with 64 MiB each, one 4-thread process with 256 MiB, and 8
+//! processes x 4 threads with 32 MiB each.
 //!
 //! `cargo bench -p mcr-bench --bench tree`
 
@@ -12,9 +14,8 @@ use mcr_bench::{image_root, kill_tree, Workload};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-const PROCS: usize = 8;
-const THREADS: usize = 4;
-const MIB: usize = 32;
+/// (processes, threads per process, MiB per process)
+const SHAPES: [(usize, usize, usize); 3] = [(3, 1, 64), (1, 4, 256), (8, 4, 32)];
 
 fn step(r: &CheckpointReport, name: &str) -> Duration {
     r.steps
@@ -24,13 +25,19 @@ fn step(r: &CheckpointReport, name: &str) -> Duration {
         .unwrap_or_default()
 }
 
-fn tree(c: &mut Criterion) {
+fn trees(c: &mut Criterion) {
     nix::sys::prctl::set_child_subreaper(true).expect("PR_SET_CHILD_SUBREAPER");
-    let mut g = c.benchmark_group("tree_8x4x32MiB");
+    for (procs, threads, mib) in SHAPES {
+        tree(c, procs, threads, mib);
+    }
+}
+
+fn tree(c: &mut Criterion, procs: usize, threads: usize, mib: usize) {
+    let mut g = c.benchmark_group(format!("tree_{procs}x{threads}x{mib}MiB"));
     g.sampling_mode(SamplingMode::Flat)
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500));
-    let w = Workload::start_tree(MIB, PROCS, THREADS);
+    let w = Workload::start_tree(mib, procs, threads);
     let dir = tempfile::tempdir_in(image_root()).expect("tempdir");
     let dump = |i: u64, after| {
         let img = dir.path().join(format!("img{i}"));
@@ -58,7 +65,7 @@ fn tree(c: &mut Criterion) {
         });
     }
     let pids = mcr_bench::tree_pids(w.pid);
-    assert_eq!(pids.len(), PROCS, "the workload tree");
+    assert_eq!(pids.len(), procs, "the workload tree");
     let (img, _) = dump(u64::MAX, AfterDump::Kill);
     drop(w);
     // Its children were reparented to us (the subreaper) when it was killed.
@@ -88,5 +95,5 @@ fn tree(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, tree);
+criterion_group!(benches, trees);
 criterion_main!(benches);

@@ -168,17 +168,3 @@ pub fn probe_set_tid() -> std::result::Result<(), Errno> {
         (_, e) => Err(e),
     }
 }
-
-/// The calling thread's nice value (per-thread on Linux).
-pub fn nice() -> i32 {
-    // SAFETY: getpriority takes no pointers; -1 is a valid result, so errno is not read.
-    unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
-}
-
-/// Sets the calling thread's nice value; lowering it needs CAP_SYS_NICE.
-pub fn set_nice(n: i32) -> Result<()> {
-    // SAFETY: setpriority takes no pointers.
-    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, n) };
-    check(r as libc::c_long, || format!("setpriority({n})"))?;
-    Ok(())
-}

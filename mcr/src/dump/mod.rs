@@ -119,10 +119,6 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
     let writer = ImageWriter::create(&opts.dir, opts.compression)
         .map_err(|source| DumpError::Image { pid: raw, source })?;
 
-    // While the workload is stopped we are its critical path: on a loaded machine a
-    // controller at the default priority waits for CPU behind the very threads it is
-    // stopping. Best effort: without CAP_SYS_NICE it simply runs as it was.
-    let _boost = Boost::new();
     let t_freeze = Instant::now();
     let mut tree = FrozenTree::freeze(pid)?;
     steps.push(("freeze", t_freeze.elapsed()));
@@ -175,24 +171,6 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
         frozen_for,
         steps,
     })
-}
-
-/// Raises the calling thread's priority for as long as it lives.
-struct Boost(Option<i32>);
-
-impl Boost {
-    fn new() -> Self {
-        let before = kext_shim::clone::nice();
-        Boost(kext_shim::clone::set_nice(-20).ok().map(|_| before))
-    }
-}
-
-impl Drop for Boost {
-    fn drop(&mut self) {
-        if let Some(n) = self.0 {
-            let _ = kext_shim::clone::set_nice(n);
-        }
-    }
 }
 
 fn inventory(pid: i32, opts: &CheckpointOptions, processes: usize) -> Inventory {
