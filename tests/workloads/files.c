@@ -7,6 +7,7 @@
 
 #include <fcntl.h>
 #include <limits.h>
+#include <sys/file.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 
@@ -37,6 +38,30 @@ static void fd_identity(int fd, const struct stat *want, const char *what)
     if ((!moved && !same_inode) ||
         st.st_rdev != want->st_rdev || (st.st_mode & S_IFMT) != (want->st_mode & S_IFMT))
         FAIL("%s is not the same file after restore", what);
+}
+
+/*
+ * Whether a lock we took is held: asked through a new open file description of the
+ * same file, which conflicts with it (no /proc needed: this may run in a chroot).
+ * kind 'f' is our flock, 'p' our POSIX lock on [start, start+len), 'o' an OFD lock.
+ */
+static int holds_lock(const char *name, char kind, off_t start, off_t len)
+{
+    char path[PATH_MAX + 16];
+    snprintf(path, sizeof path, "%s/%s", dir_real, name);
+    int t = open(path, O_RDWR);
+    if (t < 0)
+        return 0;
+    int held;
+    if (kind == 'f') {
+        held = flock(t, LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK;
+    } else {
+        struct flock q = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = start, .l_len = len};
+        held = fcntl(t, F_OFD_GETLK, &q) == 0 && q.l_type == F_WRLCK && q.l_start == start &&
+               q.l_len == len && q.l_pid == (kind == 'p' ? getpid() : -1);
+    }
+    close(t);
+    return held;
 }
 
 static void check_flags(int fd, int want_acc, int want_append, int want_cloexec,
@@ -107,6 +132,12 @@ int main(int argc, char **argv)
     rl.rlim_cur = LOW_NOFILE;
     if (setrlimit(RLIMIT_NOFILE, &rl) != 0)
         FAIL("setup: setrlimit: %s", strerror(errno));
+
+    /* Locks: a flock and a POSIX range lock on data, an OFD lock on log. */
+    struct flock range = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 100, .l_len = 50};
+    struct flock whole = {.l_type = F_WRLCK, .l_whence = SEEK_SET};
+    if (flock(data_fd, LOCK_EX) || fcntl(data_fd, F_SETLK, &range) || fcntl(log_fd, F_OFD_SETLK, &whole))
+        FAIL("setup: locks: %s", strerror(errno));
 
     ready();
     wait_check();
@@ -191,6 +222,15 @@ int main(int argc, char **argv)
         FAIL("fstatat(dirfd, data): %s", strerror(errno));
     if (!moved && sd.st_ino != st_data.st_ino)
         FAIL("fstatat(dirfd, data) finds a different file");
+
+    /* POSIX first: closing any fd of a file drops the process's POSIX locks on it,
+     * and each check opens and closes one. */
+    if (!holds_lock("data", 'p', 100, 50))
+        FAIL("the POSIX lock on data bytes 100-149 is not held");
+    if (!holds_lock("data", 'f', 0, 0))
+        FAIL("the flock on data is not held");
+    if (!holds_lock("log", 'o', 0, 0))
+        FAIL("the OFD lock on log is not held");
 
     say("PASS files\n");
     return 0;

@@ -1,7 +1,9 @@
 //! The fd table.
 
 use super::{DumpError, Result, StepContext};
-use crate::model::{EpollTarget, FdEntry, FdKind, FileRef, PipeImage, ProcessImage};
+use crate::model::{
+    EpollTarget, FdEntry, FdKind, FileLock, FileRef, LockKind, PipeImage, ProcessImage,
+};
 use kext_shim::procfs::{self, FileIdentity};
 use kext_shim::Pid;
 use std::collections::BTreeMap;
@@ -79,12 +81,14 @@ pub fn collect(pid: Pid, shell_job: bool) -> Result<Vec<FdEntry>> {
             })?,
             _ => return Err(unsupported("this kind of file is not supported")),
         };
+        let locks = parse_locks(&info.text).map_err(|why| unsupported(&why))?;
         out.push(FdEntry {
             fd,
             flags,
             cloexec,
             ofd: 0,
             kind,
+            locks,
         });
     }
     Ok(out)
@@ -298,4 +302,37 @@ fn anon_object(
         }
         _ => Err("this kind of object is not supported yet".into()),
     }
+}
+
+/// The `lock:` lines of an fdinfo: `lock:\t1: FLOCK  ADVISORY  WRITE 27570 fe:00:123 0 EOF`.
+/// Lines with `->` are waiters, not holders.
+fn parse_locks(fdinfo: &str) -> std::result::Result<Vec<FileLock>, String> {
+    let mut out = Vec::new();
+    for line in fdinfo
+        .lines()
+        .filter(|l| l.starts_with("lock:") && !l.contains("->"))
+    {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let bad = || format!("cannot read its lock: {line}");
+        if w.len() < 9 {
+            return Err(bad());
+        }
+        let kind = match w[2] {
+            "FLOCK" => LockKind::Flock,
+            "OFDLCK" => LockKind::Ofd,
+            "POSIX" => LockKind::Posix,
+            other => return Err(format!("holds a {other} lock, which is not supported yet")),
+        };
+        out.push(FileLock {
+            kind,
+            write: w[4] == "WRITE",
+            start: w[7].parse().map_err(|_| bad())?,
+            end: if w[8] == "EOF" {
+                None
+            } else {
+                Some(w[8].parse().map_err(|_| bad())?)
+            },
+        });
+    }
+    Ok(out)
 }

@@ -13,6 +13,26 @@ pub struct FdEntry {
     /// with the same number share one offset and one set of flags (dup, fork).
     pub ofd: u32,
     pub kind: FdKind,
+    /// Locks held through this fd (flock and OFD locks belong to its open file
+    /// description, POSIX locks to the process).
+    pub locks: Vec<FileLock>,
+}
+
+/// A lock on a file, as /proc/PID/fdinfo shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileLock {
+    pub kind: LockKind,
+    pub write: bool,
+    pub start: u64,
+    /// Last byte locked; None to the end of the file.
+    pub end: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockKind {
+    Flock,
+    Ofd,
+    Posix,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -10,7 +10,7 @@ use super::shared::Placement;
 use super::stub::Stub;
 use super::{RestoreError, Result, StepContext};
 use crate::image::Image;
-use crate::model::{ProcessImage, ThreadImage, Vma, VmaKind};
+use crate::model::{LockKind, ProcessImage, ThreadImage, Vma, VmaKind};
 use kext_shim::inject::Injector;
 use kext_shim::mem::{write_remote_ranges, ProcMem};
 use kext_shim::procfs::{self, MapEntry, Status};
@@ -223,6 +223,7 @@ pub fn rebuild(
         raise_nofile(cx)?;
         set_fds(cx, fds)?;
         fill_epolls(cx, fds)?;
+        take_locks(cx, fds)?;
         set_rlimits(cx, p)?;
         cx.call(libc::SYS_umask, [p.umask as u64, 0, 0, 0, 0, 0], || {
             "umask".into()
@@ -759,6 +760,65 @@ fn fill_epolls(cx: &mut Ctx, fds: &FdNumbers) -> Result<()> {
                 ],
                 || format!("epoll_ctl(ADD) of fd {} to epoll fd {epfd}", t.fd),
             )?;
+        }
+    }
+    Ok(())
+}
+
+/// Takes every lock the process held again, without waiting: one held by somebody
+/// else now is an error, not a hang.
+fn take_locks(cx: &mut Ctx, fds: &FdNumbers) -> Result<()> {
+    for &(fd, l) in &fds.locks {
+        let what = || format!("taking its {:?} lock on fd {fd} again", l.kind);
+        let r = match l.kind {
+            LockKind::Flock => {
+                let op = if l.write {
+                    libc::LOCK_EX
+                } else {
+                    libc::LOCK_SH
+                } | libc::LOCK_NB;
+                cx.inj
+                    .raw(libc::SYS_flock, [fd as u64, op as u64, 0, 0, 0, 0])
+                    .step(cx.pid, what)?
+            }
+            LockKind::Ofd | LockKind::Posix => {
+                // struct flock: l_type i16, l_whence i16, pad, l_start i64, l_len i64,
+                // l_pid i32, pad.
+                let mut b = [0u8; 32];
+                let ty = if l.write {
+                    libc::F_WRLCK
+                } else {
+                    libc::F_RDLCK
+                } as i16;
+                b[0..2].copy_from_slice(&ty.to_ne_bytes());
+                b[2..4].copy_from_slice(&(libc::SEEK_SET as i16).to_ne_bytes());
+                b[8..16].copy_from_slice(&(l.start as i64).to_ne_bytes());
+                let len = l.end.map(|e| e + 1 - l.start).unwrap_or(0);
+                b[16..24].copy_from_slice(&(len as i64).to_ne_bytes());
+                let addr = cx.put(&b)?;
+                let cmd = if l.kind == LockKind::Ofd {
+                    libc::F_OFD_SETLK
+                } else {
+                    libc::F_SETLK
+                };
+                cx.inj
+                    .raw(libc::SYS_fcntl, [fd as u64, cmd as u64, addr, 0, 0, 0])
+                    .step(cx.pid, what)?
+            }
+        };
+        if r < 0 {
+            let errno = kext_shim::Errno::from_raw(-r as i32);
+            return Err(RestoreError::File {
+                pid: cx.pid,
+                what: format!("fd {fd}"),
+                path: format!("/proc/{}/fd/{fd}", cx.pid),
+                why: match errno {
+                    kext_shim::Errno::EAGAIN | kext_shim::Errno::EACCES => {
+                        format!("its {:?} lock is held by another process now", l.kind)
+                    }
+                    e => format!("cannot take its {:?} lock again: {e}", l.kind),
+                },
+            });
         }
     }
     Ok(())

@@ -2,7 +2,9 @@
 //! each is the file that was dumped. Done before the stub exists, which inherits them.
 
 use super::{RestoreError, Result};
-use crate::model::{EpollTarget, FdKind, FileIdentity, FileRef, PipeImage, ProcessImage};
+use crate::model::{
+    EpollTarget, FdKind, FileIdentity, FileLock, FileRef, LockKind, PipeImage, ProcessImage,
+};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
@@ -31,6 +33,9 @@ pub struct FdNumbers {
     pub fds: Vec<(i32, i32, bool)>,
     /// Epoll instances this process fills: (its fd number, what it watches).
     pub epolls: Vec<(i32, Vec<EpollTarget>)>,
+    /// Locks this process takes again: (its fd number, the lock). A flock or OFD lock
+    /// goes with the first holder of its open file description only.
+    pub locks: Vec<(i32, FileLock)>,
 }
 
 impl FilePlan {
@@ -191,6 +196,7 @@ fn open_process(
         cwd_fd: -1,
         fds: Vec::new(),
         epolls: Vec::new(),
+        locks: Vec::new(),
     };
     for f in &p.mm.files {
         let file = cx.open(&format!("mapped file {}", f.path), f, libc::O_RDONLY as u32)?;
@@ -217,6 +223,12 @@ fn open_process(
     for e in &p.fds {
         let what = format!("fd {}", e.fd);
         let nonblock = e.flags as i32 & libc::O_NONBLOCK;
+        let shared = plan.ofds.contains_key(&e.ofd);
+        for l in &e.locks {
+            if l.kind == LockKind::Posix || !shared {
+                nums.locks.push((e.fd, *l));
+            }
+        }
         if let Some(&n) = plan.ofds.get(&e.ofd) {
             nums.fds.push((e.fd, n, e.cloexec));
             continue;
