@@ -45,6 +45,7 @@ fn checkpoint(c: &mut Criterion) {
                             after: AfterDump::LeaveRunning,
                             shell_job: true,
                             compression: Compression::None,
+                            freeze_cgroup: None,
                         };
                         let t = Instant::now();
                         mcr::dump::checkpoint(&opts).expect("checkpoint");
@@ -71,6 +72,7 @@ fn restore(c: &mut Criterion) {
             after: AfterDump::Kill,
             shell_job: true,
             compression: Compression::None,
+            freeze_cgroup: None,
         })
         .expect("checkpoint");
         let _ = w.child.wait();

@@ -47,6 +47,7 @@ fn tree(c: &mut Criterion, procs: usize, threads: usize, mib: usize) {
             after,
             shell_job: true,
             compression: Compression::None,
+            freeze_cgroup: None,
         })
         .expect("checkpoint");
         (img, r)

@@ -192,6 +192,7 @@ fn demo(mib: usize) -> Result<bool, Box<dyn std::error::Error>> {
         after: AfterDump::Kill,
         shell_job: true,
         compression: Compression::FAST,
+        freeze_cgroup: None,
     })?;
     child.wait()?;
     println!(

@@ -39,6 +39,9 @@ enum Cmd {
         /// The process's stdio (terminal, pipes) belongs to the caller and is rebound at restore.
         #[arg(long)]
         shell_job: bool,
+        /// Freeze through this cgroup v2 directory (it must hold the tree and nothing else).
+        #[arg(long)]
+        freeze_cgroup: Option<PathBuf>,
         /// Page compression: none, fast, or a zstd level 1..19.
         #[arg(long, default_value = "fast", value_parser = Compression::parse)]
         compress: Compression,
@@ -149,6 +152,7 @@ fn main() -> ExitCode {
             leave_stopped,
             shell_job,
             compress,
+            freeze_cgroup,
             json,
         } => {
             let after = if leave_running {
@@ -164,6 +168,7 @@ fn main() -> ExitCode {
                 after,
                 shell_job,
                 compression: compress,
+                freeze_cgroup,
             };
             match mcr::dump::checkpoint(&opts) {
                 Ok(r) => {
@@ -174,6 +179,7 @@ fn main() -> ExitCode {
                             "raw_bytes": r.stats.raw_bytes,
                             "stored_bytes": r.stats.stored_bytes,
                             "frozen_ms": r.frozen_for.as_secs_f64() * 1e3,
+                            "freezer": r.freezer,
                             "steps": steps_json(&r.steps),
                         });
                         println!("{v}");

@@ -199,3 +199,54 @@ fn eventfd_timerfd_signalfd_and_epoll_come_back_with_their_state() {
     let v = run("objects", &[], None);
     eprintln!("{v}");
 }
+
+/// A cgroup v2 directory of our own, removed when dropped (once empty).
+struct Cgroup(std::path::PathBuf);
+
+impl Cgroup {
+    fn new(name: &str) -> Cgroup {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        let mount = mounts
+            .lines()
+            .find(|l| l.split(" - ").nth(1).is_some_and(|t| t.starts_with("cgroup2 ")))
+            .and_then(|l| l.split(' ').nth(4))
+            .expect("cgroup2 is mounted");
+        let dir = std::path::Path::new(mount).join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir(&dir).expect("creating a cgroup");
+        Cgroup(dir)
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn a_tree_alone_in_its_cgroup_is_frozen_through_it() {
+    for explicit in [false, true] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cg = Cgroup::new(if explicit { "mcr-test-explicit" } else { "mcr-test-auto" });
+        let mut g = Guard::new();
+        let mut p = Proc::start(&mut g, &workload_bin("threads"), &[], None);
+        std::fs::write(cg.0.join("cgroup.procs"), p.pid.to_string()).expect("moving the workload");
+        let img = tmp.path().join("img");
+        let pid = p.pid.to_string();
+        let mut args = vec!["checkpoint", "-t", &pid, "-D", img.to_str().expect("utf-8"), "--shell-job", "--json"];
+        let cgdir = cg.0.to_str().expect("utf-8").to_string();
+        if explicit {
+            args.extend(["--freeze-cgroup", &cgdir]);
+        }
+        let out = mcr(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let report = String::from_utf8_lossy(&out.stdout);
+        assert!(report.contains("\"freezer\":\"cgroup\""), "{report}");
+        p.wait();
+        let frozen = std::fs::read_to_string(cg.0.join("cgroup.freeze")).expect("cgroup.freeze");
+        assert_eq!(frozen.trim(), "0", "the cgroup is thawed");
+        let mut r = restore(&mut g, &img, &[]);
+        assert_pass(&r.check());
+        assert_eq!(r.wait(), 0);
+    }
+}

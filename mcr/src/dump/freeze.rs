@@ -191,7 +191,7 @@ fn unexpected(pid: Pid, step: &str, what: &str) -> DumpError {
 
 /// `root` and its descendants as /proc lists them now, parents first (racy while they
 /// run; the freeze re-checks once they are stopped).
-fn descendants(root: Pid) -> Vec<Pid> {
+pub fn descendants(root: Pid) -> Vec<Pid> {
     let mut out = vec![root];
     let mut i = 0;
     while i < out.len() {

@@ -4,6 +4,7 @@
 //! The workload is sacred: until the image is complete and synced, every failure puts its
 //! registers back and detaches, so it resumes exactly where it was.
 
+mod cgroup;
 mod fds;
 mod freeze;
 mod mm;
@@ -36,6 +37,9 @@ pub struct CheckpointOptions {
     /// will be rebound to the restorer's own.
     pub shell_job: bool,
     pub compression: Compression,
+    /// Freeze through this cgroup v2 directory (which must hold the tree and nothing
+    /// else). Without it, the tree's own cgroup is used when it holds nothing else.
+    pub freeze_cgroup: Option<PathBuf>,
 }
 
 /// What a checkpoint did and how long each step took.
@@ -46,6 +50,8 @@ pub struct CheckpointReport {
     /// From the freeze to the moment the workload was released (killed or resumed).
     pub frozen_for: Duration,
     pub steps: Vec<(&'static str, Duration)>,
+    /// How the tree was stopped: "cgroup" or "ptrace".
+    pub freezer: &'static str,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +126,23 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
         .map_err(|source| DumpError::Image { pid: raw, source })?;
 
     let t_freeze = Instant::now();
+    let cgroup = match &opts.freeze_cgroup {
+        Some(dir) => Some(dir.clone()),
+        None => cgroup::alone_in(pid, &freeze::descendants(pid)),
+    };
+    let frozen_cgroup = cgroup
+        .as_deref()
+        .map(|d| cgroup::CgroupFreeze::freeze(pid, d))
+        .transpose()?;
     let mut tree = FrozenTree::freeze(pid)?;
+    // Every thread is in a ptrace stop now, which holds it after the thaw.
+    let freezer = match frozen_cgroup {
+        Some(c) => {
+            c.thaw()?;
+            "cgroup"
+        }
+        None => "ptrace",
+    };
     steps.push(("freeze", t_freeze.elapsed()));
 
     let result = (|| {
@@ -170,6 +192,7 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
         stats,
         frozen_for,
         steps,
+        freezer,
     })
 }
 
