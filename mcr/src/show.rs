@@ -121,6 +121,7 @@ pub fn text(image: &Image) -> String {
                 }
                 VmaKind::Anonymous => "anonymous".into(),
                 VmaKind::SharedAnonymous { shmem } => format!("shared anonymous (shmem {shmem})"),
+                VmaKind::Memfd { ino } => format!("memfd (inode {ino})"),
                 VmaKind::File(i) => {
                     p.mm.files
                         .get(i as usize)
@@ -145,6 +146,7 @@ pub fn text(image: &Image) -> String {
                 FdKind::CharDevice { file, .. } => file.path.clone(),
                 FdKind::Directory { file } => format!("{} (directory)", file.path),
                 FdKind::External { key } => format!("{key} (outside the image)"),
+                FdKind::Memfd { ino, pos } => format!("memfd (inode {ino}) at {pos}"),
                 FdKind::EventFd { count, semaphore } => {
                     format!(
                         "eventfd count {count}{}",

@@ -208,7 +208,11 @@ impl Cgroup {
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
         let mount = mounts
             .lines()
-            .find(|l| l.split(" - ").nth(1).is_some_and(|t| t.starts_with("cgroup2 ")))
+            .find(|l| {
+                l.split(" - ")
+                    .nth(1)
+                    .is_some_and(|t| t.starts_with("cgroup2 "))
+            })
             .and_then(|l| l.split(' ').nth(4))
             .expect("cgroup2 is mounted");
         let dir = std::path::Path::new(mount).join(format!("{name}-{}", std::process::id()));
@@ -227,19 +231,35 @@ impl Drop for Cgroup {
 fn a_tree_alone_in_its_cgroup_is_frozen_through_it() {
     for explicit in [false, true] {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let cg = Cgroup::new(if explicit { "mcr-test-explicit" } else { "mcr-test-auto" });
+        let cg = Cgroup::new(if explicit {
+            "mcr-test-explicit"
+        } else {
+            "mcr-test-auto"
+        });
         let mut g = Guard::new();
         let mut p = Proc::start(&mut g, &workload_bin("threads"), &[], None);
         std::fs::write(cg.0.join("cgroup.procs"), p.pid.to_string()).expect("moving the workload");
         let img = tmp.path().join("img");
         let pid = p.pid.to_string();
-        let mut args = vec!["checkpoint", "-t", &pid, "-D", img.to_str().expect("utf-8"), "--shell-job", "--json"];
+        let mut args = vec![
+            "checkpoint",
+            "-t",
+            &pid,
+            "-D",
+            img.to_str().expect("utf-8"),
+            "--shell-job",
+            "--json",
+        ];
         let cgdir = cg.0.to_str().expect("utf-8").to_string();
         if explicit {
             args.extend(["--freeze-cgroup", &cgdir]);
         }
         let out = mcr(&args);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let report = String::from_utf8_lossy(&out.stdout);
         assert!(report.contains("\"freezer\":\"cgroup\""), "{report}");
         p.wait();

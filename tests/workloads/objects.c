@@ -4,15 +4,21 @@
  * - an eventfd holding 5 (non-blocking) and a semaphore eventfd holding 3;
  * - a periodic timerfd (every 20 ms) and a one-shot timerfd armed for 30 s;
  * - a signalfd for SIGUSR1, which is blocked and pending;
- * - an epoll watching the eventfd (data 0xabc) and stdin (data 0x0).
+ * - an epoll watching the eventfd (data 0xabc) and stdin (data 0x0);
+ * - a sealed memfd of 100 KiB, open at offset 777, mapped shared and privately (with a
+ *   copy-on-write change in the private mapping).
  * After CHECK each object must be back with its state: the counters, the epoll
  * reporting the eventfd with its data, the timers still armed with what is left,
  * and the pending signal readable from the signalfd.
  */
 #include "common.h"
 
+#define MEMFD_BYTES (100 * 1024)
+
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/epoll.h>
+#include <sys/mman.h>
 #include <sys/eventfd.h>
 #include <sys/signalfd.h>
 #include <sys/timerfd.h>
@@ -43,8 +49,37 @@ int main(void)
     if (ep < 0 || epoll_ctl(ep, EPOLL_CTL_ADD, ev, &e1) || epoll_ctl(ep, EPOLL_CTL_ADD, 0, &e0))
         FAIL("setup: epoll: %s", strerror(errno));
 
+    int mfd = memfd_create("mcr-test", MFD_ALLOW_SEALING);
+    static unsigned char pat[MEMFD_BYTES];
+    for (size_t i = 0; i < sizeof pat; i++)
+        pat[i] = (unsigned char)(i * 7 + 3);
+    if (mfd < 0 || write(mfd, pat, sizeof pat) != (ssize_t)sizeof pat || lseek(mfd, 777, SEEK_SET) != 777)
+        FAIL("setup: memfd: %s", strerror(errno));
+    unsigned char *msh = mmap(NULL, MEMFD_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0);
+    unsigned char *mpv = mmap(NULL, MEMFD_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE, mfd, 0);
+    if (msh == MAP_FAILED || mpv == MAP_FAILED || fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW))
+        FAIL("setup: memfd mappings or seals: %s", strerror(errno));
+    mpv[5] = 0xee; /* copy-on-write: private to this mapping */
+
     ready();
     wait_check();
+
+    /* The memfd: offset, contents, one object behind the fd and the shared mapping. */
+    if (lseek(mfd, 0, SEEK_CUR) != 777)
+        FAIL("memfd offset is not 777");
+    if (fcntl(mfd, F_GET_SEALS) != (F_SEAL_SHRINK | F_SEAL_GROW))
+        FAIL("memfd seals %#x", fcntl(mfd, F_GET_SEALS));
+    static unsigned char back[MEMFD_BYTES];
+    if (pread(mfd, back, sizeof back, 0) != (ssize_t)sizeof back || memcmp(back, pat, sizeof pat))
+        FAIL("memfd contents differ");
+    if (memcmp(msh, pat, sizeof pat))
+        FAIL("shared memfd mapping differs");
+    msh[100] = 0x55;
+    unsigned char b = 0;
+    if (pread(mfd, &b, 1, 100) != 1 || b != 0x55)
+        FAIL("the shared mapping and the fd are not one memfd");
+    if (mpv[5] != 0xee || mpv[6] != pat[6])
+        FAIL("private memfd mapping lost its copy-on-write page");
 
     /* The epoll first: the eventfd must be reported, with its data. */
     struct epoll_event got[4];

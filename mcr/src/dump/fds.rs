@@ -52,6 +52,10 @@ pub fn collect(pid: Pid, shell_job: bool) -> Result<Vec<FdEntry>> {
             _ if link.starts_with("anon_inode:") => {
                 anon_object(&link, &info).map_err(|why| unsupported(&why))?
             }
+            libc::S_IFREG if link.starts_with("/memfd:") => FdKind::Memfd {
+                ino: ident.ino,
+                pos: info.pos,
+            },
             libc::S_IFREG => {
                 if link.ends_with(" (deleted)") {
                     return Err(unsupported("the file was deleted"));
@@ -118,6 +122,7 @@ pub fn number_file_descriptions(procs: &mut [ProcessImage]) -> Result<()> {
                     (file.identity.dev, file.identity.ino, file.identity.rdev)
                 }
                 FdKind::Pipe { ino, read_end } => (u64::MAX, *ino, *read_end as u64),
+                FdKind::Memfd { ino, .. } => (u64::MAX - 2, *ino, 0),
                 // One anon inode serves every eventfd (and the like): kcmp tells them apart.
                 FdKind::EventFd { .. }
                 | FdKind::TimerFd { .. }

@@ -4,7 +4,7 @@ use super::{DumpError, Result, StepContext};
 use crate::image::pages::CHUNK_PAGES;
 use crate::image::{ImageWriter, CHUNK_PREFIX};
 use crate::model::{
-    FileRef, MmFields, MmImage, ProcessImage, ShmemObject, Vma, VmaAdvice, VmaKind,
+    FdKind, FileRef, Memfd, MmFields, MmImage, ProcessImage, ShmemObject, Vma, VmaAdvice, VmaKind,
 };
 use crate::par;
 use kext_shim::mem::{data_ranges, read_remote, zero_pfn, Pagemap, PagemapEntry, ProcMem};
@@ -40,9 +40,7 @@ pub fn collect(pid: Pid, maps: &[MapEntry], stat: &Stat, brk: u64) -> Result<MmI
             p if p.starts_with("/SYSV") => {
                 return Err(unsupported("SysV shared memory is not supported yet"))
             }
-            p if p.starts_with("/memfd:") => {
-                return Err(unsupported("memfd mappings are not supported yet"))
-            }
+            p if p.starts_with("/memfd:") => VmaKind::Memfd { ino: m.inode },
             p if p.ends_with(" (deleted)") => {
                 return Err(unsupported("the mapped file was deleted"))
             }
@@ -133,7 +131,9 @@ fn page_needed(kind: VmaKind, shared: bool, e: PagemapEntry, zero: Option<u64>) 
     match kind {
         VmaKind::Anonymous => e.swapped() || (e.present() && Some(e.pfn()) != zero),
         // Page-cache pages come back from the file; copies made on write do not.
-        VmaKind::File(_) if !shared => e.swapped() || (e.present() && !e.file_or_shared()),
+        VmaKind::File(_) | VmaKind::Memfd { .. } if !shared => {
+            e.swapped() || (e.present() && !e.file_or_shared())
+        }
         _ => false,
     }
 }
@@ -207,50 +207,118 @@ pub fn dump_pages(pid: Pid, mm: &MmImage, w: &ImageWriter) -> Result<()> {
     )
 }
 
-/// Dumps every shared anonymous memory object of the tree once, from the object itself
-/// (through /proc/PID/map_files), so pages no process has mapped right now are kept too.
-/// Chunks are owned by `-1 - index`.
+/// Where to read a shared memory object from: a path that opens it.
+struct Source {
+    pid: Pid,
+    ino: u64,
+    path: String,
+    /// The memfd name, for memfds.
+    memfd: Option<String>,
+}
+
+/// The memfd name in a `/memfd:NAME (deleted)` link or maps path.
+fn memfd_name(path: &str) -> String {
+    path.trim_start_matches("/memfd:")
+        .trim_end_matches(" (deleted)")
+        .to_string()
+}
+
+/// Dumps every shared memory object of the tree once (anonymous shared memory and
+/// memfds, mapped or only open), from the object itself, so pages no process has
+/// mapped right now are kept too. Chunks are owned by `-1 - index`.
 pub fn dump_shared_memory(procs: &[ProcessImage], w: &ImageWriter) -> Result<Vec<ShmemObject>> {
-    let mut objects: Vec<ShmemObject> = Vec::new();
-    let mut buf = vec![0u8; CHUNK_PREFIX + CHUNK_PAGES * PAGE_SIZE as usize];
+    let mut sources: Vec<Source> = Vec::new();
     for p in procs {
         let pid = Pid::from_raw(p.pid);
         for v in &p.mm.vmas {
-            let VmaKind::SharedAnonymous { shmem } = v.kind else {
-                continue;
+            let (ino, memfd) = match v.kind {
+                VmaKind::SharedAnonymous { shmem } => (shmem, None),
+                VmaKind::Memfd { ino } => (ino, Some(String::new())),
+                _ => continue,
             };
-            if objects.iter().any(|o| o.ino == shmem) {
-                continue;
+            let path = format!("/proc/{pid}/map_files/{:x}-{:x}", v.start, v.end);
+            let memfd =
+                memfd.map(|_| memfd_name(&kext_shim::procfs::read_link(&path).unwrap_or_default()));
+            sources.push(Source {
+                pid,
+                ino,
+                path,
+                memfd,
+            });
+        }
+        for e in &p.fds {
+            if let FdKind::Memfd { ino, .. } = e.kind {
+                let path = format!("/proc/{pid}/fd/{}", e.fd);
+                let name = memfd_name(&kext_shim::procfs::read_link(&path).unwrap_or_default());
+                sources.push(Source {
+                    pid,
+                    ino,
+                    path,
+                    memfd: Some(name),
+                });
             }
-            let link = format!("/proc/{pid}/map_files/{:x}-{:x}", v.start, v.end);
-            let file = std::fs::File::open(&link)
-                .map_err(|e| kext_shim::Error::io(&link, e))
-                .step(pid, || format!("opening shared memory at {:#x}", v.start))?;
-            let size = file
-                .metadata()
-                .map_err(|e| kext_shim::Error::io(&link, e))
-                .step(pid, || "stat of shared memory".into())?
-                .len();
-            let owner = -1 - objects.len() as i32;
-            objects.push(ShmemObject { ino: shmem, size });
-            let ranges =
-                data_ranges(&file, size).step(pid, || format!("finding the data of {link}"))?;
-            for (start, end) in ranges {
-                let (start, end) = (
-                    start & !(PAGE_SIZE - 1),
-                    (end + PAGE_SIZE - 1) & !(PAGE_SIZE - 1),
-                );
-                let mut at = start;
-                while at < end {
-                    let len = (end - at).min(CHUNK_PAGES as u64 * PAGE_SIZE) as usize;
-                    let b = &mut buf[..CHUNK_PREFIX + len];
-                    file.read_exact_at(&mut b[CHUNK_PREFIX..], at)
-                        .map_err(|e| kext_shim::Error::io(&link, e))
-                        .step(pid, || format!("reading shared memory at offset {at:#x}"))?;
-                    w.write_chunk(owner, at, b)
-                        .map_err(|source| DumpError::Image { pid: p.pid, source })?;
-                    at += len as u64;
-                }
+        }
+    }
+    let mut objects: Vec<ShmemObject> = Vec::new();
+    let mut buf = vec![0u8; CHUNK_PREFIX + CHUNK_PAGES * PAGE_SIZE as usize];
+    for src in &sources {
+        if objects.iter().any(|o| o.ino == src.ino) {
+            continue;
+        }
+        let (pid, link) = (src.pid, &src.path);
+        let file = std::fs::File::open(link)
+            .map_err(|e| kext_shim::Error::io(link, e))
+            .step(pid, || format!("opening shared memory {link}"))?;
+        let size = file
+            .metadata()
+            .map_err(|e| kext_shim::Error::io(link, e))
+            .step(pid, || "stat of shared memory".into())?
+            .len();
+        let memfd = match &src.memfd {
+            None => None,
+            Some(name) => {
+                let seals = nix::fcntl::fcntl(
+                    std::os::fd::AsRawFd::as_raw_fd(&file),
+                    nix::fcntl::FcntlArg::F_GET_SEALS,
+                )
+                .map_err(|e| kext_shim::SysError::new(format!("F_GET_SEALS on {link}"), e).into())
+                .step(pid, || "reading memfd seals".into())?;
+                Some(Memfd {
+                    name: name.clone(),
+                    seals: seals as u32,
+                })
+            }
+        };
+        let owner = -1 - objects.len() as i32;
+        objects.push(ShmemObject {
+            ino: src.ino,
+            size,
+            memfd,
+        });
+        let ranges =
+            data_ranges(&file, size).step(pid, || format!("finding the data of {link}"))?;
+        for (start, end) in ranges {
+            let (start, end) = (
+                start & !(PAGE_SIZE - 1),
+                (end + PAGE_SIZE - 1) & !(PAGE_SIZE - 1),
+            );
+            let mut at = start;
+            while at < end {
+                let len = (end - at).min(CHUNK_PAGES as u64 * PAGE_SIZE) as usize;
+                let b = &mut buf[..CHUNK_PREFIX + len];
+                // The last page may run past the end of a memfd: the rest reads as zeros.
+                let data = &mut b[CHUNK_PREFIX..];
+                data.fill(0);
+                let want = ((size.saturating_sub(at)) as usize).min(len);
+                file.read_exact_at(&mut data[..want], at)
+                    .map_err(|e| kext_shim::Error::io(link, e))
+                    .step(pid, || format!("reading shared memory at offset {at:#x}"))?;
+                w.write_chunk(owner, at, b)
+                    .map_err(|source| DumpError::Image {
+                        pid: pid.as_raw(),
+                        source,
+                    })?;
+                at += len as u64;
             }
         }
     }

@@ -128,7 +128,14 @@ mod tests {
                 capacity: 65536,
                 data: b"in flight".to_vec(),
             }],
-            shmem: vec![ShmemObject { ino: 3, size: 8192 }],
+            shmem: vec![ShmemObject {
+                ino: 3,
+                size: 8192,
+                memfd: Some(Memfd {
+                    name: "m".into(),
+                    seals: 1,
+                }),
+            }],
             zombies: vec![ZombieImage {
                 pid: 8,
                 ppid: 7,

@@ -56,6 +56,11 @@ pub enum FdKind {
         ino: u64,
         read_end: bool,
     },
+    /// A memfd (see `Snapshot::shmem`), at its offset.
+    Memfd {
+        ino: u64,
+        pos: u64,
+    },
     EventFd {
         count: u64,
         semaphore: bool,

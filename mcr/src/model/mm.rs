@@ -68,6 +68,10 @@ pub enum VmaKind {
     SharedAnonymous {
         shmem: u64,
     },
+    /// A mapping of a memfd (see `Snapshot::shmem`, which holds its pages).
+    Memfd {
+        ino: u64,
+    },
     /// A file mapping; the index is into `MmImage::files`.
     File(u32),
     Vdso,
@@ -88,8 +92,17 @@ pub struct VmaAdvice {
 }
 
 /// A shared anonymous memory object: its pages are stored once, whoever maps it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShmemObject {
     pub ino: u64,
     pub size: u64,
+    /// Set when the object is a memfd rather than anonymous shared memory.
+    pub memfd: Option<Memfd>,
+}
+
+/// What makes a memfd one: its name and its seals (F_SEAL_*).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Memfd {
+    pub name: String,
+    pub seals: u32,
 }

@@ -6,7 +6,7 @@
 //! the scratch page is unmapped from inside itself, and the registers set after that.
 
 use super::files::FdNumbers;
-use super::shared::Placement;
+use super::shared::{Backing, Placement};
 use super::stub::Stub;
 use super::{RestoreError, Result, StepContext};
 use crate::image::Image;
@@ -199,10 +199,12 @@ pub fn rebuild(
         }
         // Every part of the shared objects this process had is mapped again: the
         // inherited whole ones go.
-        for &(_, base, len) in shared {
-            cx.inj
-                .munmap(base, len)
-                .step(cx.pid, || format!("unmapping shared object at {base:#x}"))?;
+        for placed in shared {
+            if let Backing::Region { base, len } = placed.at {
+                cx.inj
+                    .munmap(base, len)
+                    .step(cx.pid, || format!("unmapping shared object at {base:#x}"))?;
+            }
         }
         Ok(())
     })?;
@@ -405,10 +407,10 @@ fn teardown(cx: &mut Ctx, maps: &[MapEntry], shared: &Placement) -> Result<()> {
         if matches!(
             m.path.as_str(),
             "[vdso]" | "[vvar]" | "[vvar_vclock]" | "[vsyscall]"
-        ) || shared
-            .iter()
-            .any(|&(_, b, l)| m.start >= b && m.end <= b + l)
-        {
+        ) || shared.iter().any(|p| match p.at {
+            Backing::Region { base, len } => m.start >= base && m.end <= base + len,
+            Backing::Memfd { .. } => false,
+        }) {
             continue;
         }
         cx.inj.munmap(m.start, m.len()).step(cx.pid, || {
@@ -494,38 +496,49 @@ fn map_vma(cx: &mut Ctx, v: &Vma, fds: &FdNumbers, shared: &Placement) -> Result
     } else {
         0
     };
-    let (flags, fd, off) =
-        match v.kind {
-            VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock => return Ok(()),
-            VmaKind::Anonymous => (share | libc::MAP_ANONYMOUS, -1, 0),
-            VmaKind::SharedAnonymous { shmem } => {
-                let &(_, base, _) = shared.iter().find(|o| o.0 == shmem).ok_or_else(|| {
-                    RestoreError::Incompatible {
-                        pid: cx.pid,
-                        what: format!("shared memory object {shmem} is missing from the image"),
-                    }
+    let (flags, fd, off) = match v.kind {
+        VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock => return Ok(()),
+        VmaKind::Anonymous => (share | libc::MAP_ANONYMOUS, -1, 0),
+        VmaKind::Memfd { ino } => {
+            let fd =
+                super::shared::memfd_fd(shared, ino).ok_or_else(|| RestoreError::Incompatible {
+                    pid: cx.pid,
+                    what: format!("memfd {ino} is missing from the image"),
                 })?;
-                cx.call(
-                    libc::SYS_mremap,
-                    [
-                        base + v.offset,
-                        0,
-                        v.len(),
-                        (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
-                        v.start,
-                        0,
-                    ],
-                    || format!("mapping shared object {shmem} at {:#x}", v.start),
-                )?;
-                if v.prot != libc::PROT_READ | libc::PROT_WRITE {
-                    cx.inj
-                        .mprotect(v.start, v.len(), v.prot)
-                        .step(cx.pid, || format!("protecting {:#x}-{:#x}", v.start, v.end))?;
-                }
-                return advise(cx, v);
+            (share, fd, v.offset)
+        }
+        VmaKind::SharedAnonymous { shmem } => {
+            let base = shared
+                .iter()
+                .find_map(|p| match p.at {
+                    Backing::Region { base, .. } if p.ino == shmem => Some(base),
+                    _ => None,
+                })
+                .ok_or_else(|| RestoreError::Incompatible {
+                    pid: cx.pid,
+                    what: format!("shared memory object {shmem} is missing from the image"),
+                })?;
+            cx.call(
+                libc::SYS_mremap,
+                [
+                    base + v.offset,
+                    0,
+                    v.len(),
+                    (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
+                    v.start,
+                    0,
+                ],
+                || format!("mapping shared object {shmem} at {:#x}", v.start),
+            )?;
+            if v.prot != libc::PROT_READ | libc::PROT_WRITE {
+                cx.inj
+                    .mprotect(v.start, v.len(), v.prot)
+                    .step(cx.pid, || format!("protecting {:#x}-{:#x}", v.start, v.end))?;
             }
-            VmaKind::File(i) => (share, fds.map_fds[i as usize], v.offset),
-        };
+            return advise(cx, v);
+        }
+        VmaKind::File(i) => (share, fds.map_fds[i as usize], v.offset),
+    };
     cx.inj
         .mmap(
             v.start,

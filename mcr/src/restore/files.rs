@@ -1,6 +1,7 @@
 //! Reopening what the process had open or mapped, under the restore root, and checking
 //! each is the file that was dumped. Done before the stub exists, which inherits them.
 
+use super::shared::Placement;
 use super::{RestoreError, Result};
 use crate::model::{
     EpollTarget, FdKind, FileIdentity, FileLock, FileRef, LockKind, PipeImage, ProcessImage,
@@ -143,6 +144,7 @@ impl Ctx<'_> {
 pub fn open_all(
     procs: &[ProcessImage],
     pipes: &[PipeImage],
+    placement: &Placement,
     root: &Path,
     shell_job: Option<[i32; 3]>,
 ) -> Result<FilePlan> {
@@ -172,7 +174,7 @@ pub fn open_all(
         plan.pipes.insert(pipe.ino, (rn, wn));
     }
     for p in procs {
-        let n = open_process(&mut plan, procs, p, root, shell_job)?;
+        let n = open_process(&mut plan, procs, p, placement, root, shell_job)?;
         plan.per_process.push(n);
     }
     Ok(plan)
@@ -182,6 +184,7 @@ fn open_process(
     plan: &mut FilePlan,
     procs: &[ProcessImage],
     p: &ProcessImage,
+    placement: &Placement,
     root: &Path,
     shell_job: Option<[i32; 3]>,
 ) -> Result<FdNumbers> {
@@ -252,6 +255,24 @@ fn open_process(
             }
             FdKind::Directory { file } => {
                 let f = cx.open(&what, file, e.flags | libc::O_DIRECTORY as u32)?;
+                plan.keep(f)
+            }
+            FdKind::Memfd { ino, pos } => {
+                let name = format!("memfd (inode {ino})");
+                let fd = super::shared::memfd_fd(placement, *ino)
+                    .ok_or_else(|| cx.err(&what, Path::new(&name), "is missing from the image"))?;
+                // A new open file description of the same memfd, with this fd's flags.
+                let acc = e.flags as i32 & libc::O_ACCMODE;
+                let mut f = OpenOptions::new()
+                    .read(acc != libc::O_WRONLY)
+                    .write(acc != libc::O_RDONLY)
+                    .custom_flags(e.flags as i32 & libc::O_NONBLOCK)
+                    .append(e.flags as i32 & libc::O_APPEND != 0)
+                    .open(format!("/proc/self/fd/{fd}"))
+                    .map_err(|err| cx.err(&what, Path::new(&name), err.to_string()))?;
+                f.seek(SeekFrom::Start(*pos)).map_err(|err| {
+                    cx.err(&what, Path::new(&name), format!("seek to {pos}: {err}"))
+                })?;
                 plan.keep(f)
             }
             FdKind::EventFd { count, semaphore } => {

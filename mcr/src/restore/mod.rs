@@ -147,9 +147,13 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         None => PathBuf::from("/"),
     };
     let t = Instant::now();
+    // Shared memory objects and memfds first: fds of memfds are reopened from them.
+    let objects = shared::prepare(&image)?;
+    let placement = shared::placement(&objects);
     let plan = files::open_all(
         procs,
         &snap.pipes,
+        &placement,
         &root,
         opts.shell_job.then_some(opts.stdio),
     )?;
@@ -167,8 +171,6 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     }
     // The whole tree as fresh stubs first, each forked by its parent after that parent
     // took its session and group, so the children inherit them.
-    let objects = shared::prepare(&image)?;
-    let placement = shared::placement(&objects);
     let mut stubs = vec![stub::Stub::spawn(p0.pid, chroot_dir(&root, &p0.root))?];
     build::early_init(&mut stub::fresh_injector(stubs[0].pid)?, p0.into(), procs)?;
     for p in &procs[1..] {

@@ -8,25 +8,61 @@ use super::{RestoreError, Result, StepContext};
 use crate::image::Image;
 use kext_shim::mem::SharedRegion;
 use kext_shim::{procfs, Pid, PAGE_SIZE};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 
-/// One object, mapped in this process (and so in the stubs forked from it).
+/// One object, alive in this process (and so in the stubs forked from it).
 pub struct SharedObject {
     pub ino: u64,
-    pub len: u64,
-    region: SharedRegion,
+    backing: Owned,
 }
 
-impl SharedObject {
-    pub fn base(&self) -> u64 {
-        self.region.addr()
-    }
+enum Owned {
+    /// Anonymous shared memory, mapped here.
+    Region { region: SharedRegion, len: u64 },
+    /// A memfd, open here.
+    Memfd(OwnedFd),
 }
 
-/// Where each object lives in the stubs: (inode, base, length).
-pub type Placement = Vec<(u64, u64, u64)>;
+/// Where an object is in the stubs.
+#[derive(Debug, Clone, Copy)]
+pub struct Placed {
+    pub ino: u64,
+    pub at: Backing,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Backing {
+    /// Mapped at `base` for `len` bytes; processes map their parts with mremap.
+    Region { base: u64, len: u64 },
+    /// Open as fd `fd`; processes map it and reopen it through /proc/self/fd.
+    Memfd { fd: i32 },
+}
+
+pub type Placement = Vec<Placed>;
 
 pub fn placement(objects: &[SharedObject]) -> Placement {
-    objects.iter().map(|o| (o.ino, o.base(), o.len)).collect()
+    objects
+        .iter()
+        .map(|o| Placed {
+            ino: o.ino,
+            at: match &o.backing {
+                Owned::Region { region, len } => Backing::Region {
+                    base: region.addr(),
+                    len: *len,
+                },
+                Owned::Memfd(fd) => Backing::Memfd { fd: fd.as_raw_fd() },
+            },
+        })
+        .collect()
+}
+
+/// The memfd of `ino`, as an fd number the stubs share.
+pub fn memfd_fd(placement: &Placement, ino: u64) -> Option<i32> {
+    placement.iter().find_map(|p| match p.at {
+        Backing::Memfd { fd } if p.ino == ino => Some(fd),
+        _ => None,
+    })
 }
 
 /// Maps every object of the image at an address no process of the image uses, and
@@ -44,6 +80,43 @@ pub fn prepare(image: &Image) -> Result<Vec<SharedObject>> {
     }
     let mut objects = Vec::with_capacity(snap.shmem.len());
     for (i, o) in snap.shmem.iter().enumerate() {
+        let owner = -1 - i as i32;
+        let mut buf = Vec::new();
+        let chunk_err = |addr: u64, e: String| {
+            RestoreError::Image(crate::image::ImageError::Corrupt {
+                path: image.dir.join("pages").display().to_string(),
+                offset: 0,
+                what: format!("shared memory chunk at {addr:#x}: {e}"),
+            })
+        };
+        if let Some(m) = &o.memfd {
+            let fd = make_memfd(root, o.ino, &m.name, o.size)?;
+            let file = std::fs::File::from(fd);
+            for c in image.chunks().filter(|c| c.pid == owner) {
+                let data = c.pages(&mut buf).map_err(|e| chunk_err(c.addr, e))?;
+                // Pages run to a page boundary; the memfd ends where it ended.
+                let n = (o.size.saturating_sub(c.addr) as usize).min(data.len());
+                file.write_all_at(&data[..n], c.addr)
+                    .step_io(root, || format!("filling memfd {}", m.name))?;
+            }
+            if m.seals != 0 {
+                nix::fcntl::fcntl(
+                    file.as_raw_fd(),
+                    nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::from_bits_truncate(
+                        m.seals as i32,
+                    )),
+                )
+                .map_err(|e| {
+                    kext_shim::SysError::new(format!("sealing memfd {}", m.name), e).into()
+                })
+                .step(root, || "sealing a memfd".into())?;
+            }
+            objects.push(SharedObject {
+                ino: o.ino,
+                backing: Owned::Memfd(file.into()),
+            });
+            continue;
+        }
         let len = (o.size + PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
         let base = find_gap(&used, len.max(PAGE_SIZE), 1 << 32).ok_or_else(|| {
             RestoreError::Incompatible {
@@ -55,23 +128,41 @@ pub fn prepare(image: &Image) -> Result<Vec<SharedObject>> {
         let mut region = SharedRegion::map_at(base, len.max(PAGE_SIZE) as usize)
             .step(root, || format!("creating shared memory object {}", o.ino))?;
         let mem = region.as_mut_slice();
-        let owner = -1 - i as i32;
-        let mut buf = Vec::new();
         for c in image.chunks().filter(|c| c.pid == owner) {
-            let data = c.pages(&mut buf).map_err(|e| {
-                RestoreError::Image(crate::image::ImageError::Corrupt {
-                    path: image.dir.join("pages").display().to_string(),
-                    offset: 0,
-                    what: format!("shared memory chunk at {:#x}: {e}", c.addr),
-                })
-            })?;
+            let data = c.pages(&mut buf).map_err(|e| chunk_err(c.addr, e))?;
             mem[c.addr as usize..c.addr as usize + data.len()].copy_from_slice(data);
         }
         objects.push(SharedObject {
             ino: o.ino,
-            len,
-            region,
+            backing: Owned::Region { region, len },
         });
     }
     Ok(objects)
+}
+
+fn make_memfd(pid: i32, ino: u64, name: &str, size: u64) -> Result<OwnedFd> {
+    let cname = std::ffi::CString::new(name).unwrap_or_default();
+    let fd =
+        nix::sys::memfd::memfd_create(&cname, nix::sys::memfd::MemFdCreateFlag::MFD_ALLOW_SEALING)
+            .map_err(|e| {
+                kext_shim::SysError::new(format!("memfd_create({name:?}) for inode {ino}"), e)
+                    .into()
+            })
+            .step(pid, || "recreating a memfd".into())?;
+    nix::unistd::ftruncate(&fd, size as i64)
+        .map_err(|e| kext_shim::SysError::new(format!("ftruncate memfd {name:?}"), e).into())
+        .step(pid, || "sizing a memfd".into())?;
+    Ok(fd)
+}
+
+trait StepIo<T> {
+    fn step_io(self, pid: i32, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> StepIo<T> for std::io::Result<T> {
+    fn step_io(self, pid: i32, what: impl FnOnce() -> String) -> Result<T> {
+        let w = what();
+        self.map_err(|e| kext_shim::Error::io(w.clone(), e))
+            .step(pid, || w)
+    }
 }
