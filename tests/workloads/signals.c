@@ -9,6 +9,8 @@
  */
 #include "common.h"
 
+#include <sys/time.h>
+
 #include <signal.h>
 #include <sys/personality.h>
 #include <sys/resource.h>
@@ -116,6 +118,11 @@ int main(void)
     if (pers == -1 || personality((unsigned long)pers | ADDR_NO_RANDOMIZE) == -1)
         FAIL("setup: personality: %s", strerror(errno));
 
+    /* Interval timers: a real one far off, a virtual one with a period. */
+    struct itimerval real = {{0, 0}, {30, 0}}, virt = {{1, 0}, {100, 0}};
+    if (setitimer(ITIMER_REAL, &real, NULL) || setitimer(ITIMER_VIRTUAL, &virt, NULL))
+        FAIL("setup: setitimer: %s", strerror(errno));
+
     ready();
     wait_check();
 
@@ -187,6 +194,15 @@ int main(void)
     pers = personality(0xffffffff);
     if (pers == -1 || !(pers & ADDR_NO_RANDOMIZE))
         FAIL("personality %#x lacks ADDR_NO_RANDOMIZE", (unsigned)pers);
+
+    struct itimerval now;
+    if (getitimer(ITIMER_REAL, &now) || now.it_value.tv_sec >= 30 ||
+        (now.it_value.tv_sec == 0 && now.it_value.tv_usec == 0))
+        FAIL("ITIMER_REAL has %ld s left, want (0, 30)", (long)now.it_value.tv_sec);
+    if (getitimer(ITIMER_VIRTUAL, &now) || now.it_interval.tv_sec != 1 || now.it_value.tv_sec == 0)
+        FAIL("ITIMER_VIRTUAL lost (interval %ld s, left %ld s)", (long)now.it_interval.tv_sec,
+             (long)now.it_value.tv_sec);
+    setitimer(ITIMER_REAL, &(struct itimerval){0}, NULL);
 
     say("PASS signals\n");
     return 0;

@@ -80,7 +80,7 @@ pub fn collect(pid: Pid, shell_job: bool) -> Result<Vec<FdEntry>> {
             },
             libc::S_IFIFO | libc::S_IFSOCK => external(&mut stdio_keys).ok_or_else(|| {
                 unsupported(
-                    "pipes and sockets are supported only as a shell job's stdio (--shell-job)",
+                    "sockets and named pipes are not supported yet, except as a shell job's stdio (--shell-job)",
                 )
             })?,
             _ => return Err(unsupported("this kind of file is not supported")),

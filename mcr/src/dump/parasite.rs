@@ -25,6 +25,8 @@ pub struct Answers {
     pub brk: u64,
     /// PR_GET_DUMPABLE: a credential change at restore resets it, so it is set back.
     pub dumpable: u32,
+    /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF as (interval, value) in microseconds.
+    pub itimers: [(u64, u64); 3],
     pub threads: Vec<ThreadAnswers>,
 }
 
@@ -123,6 +125,18 @@ fn ask_with(frozen: &Frozen, ip: u64, handled: u64) -> Result<Answers> {
                 || "prctl(PR_GET_DUMPABLE)".into(),
             )
             .step(pid, || "reading the dumpable flag".into())? as u32;
+        let mut itimers = [(0u64, 0u64); 3];
+        for (which, slot) in itimers.iter_mut().enumerate() {
+            inj.call(
+                libc::SYS_getitimer,
+                [which as u64, scratch, 0, 0, 0, 0],
+                || format!("getitimer({which})"),
+            )
+            .step(pid, || format!("reading interval timer {which}"))?;
+            let b = read(32)?;
+            let us = |i: usize| word(&b, i) * 1_000_000 + word(&b, i + 1);
+            *slot = (us(0), us(2));
+        }
         let mut threads = Vec::with_capacity(frozen.threads.len());
         for t in &frozen.threads {
             let tid = t.tid;
@@ -155,6 +169,7 @@ fn ask_with(frozen: &Frozen, ip: u64, handled: u64) -> Result<Answers> {
             sigactions,
             brk,
             dumpable,
+            itimers,
             threads,
         })
     })();

@@ -69,6 +69,13 @@ pub fn precheck(pid: Pid) -> Result<()> {
 pub fn collect(frozen: &mut Frozen, shell_job: bool) -> Result<ProcessImage> {
     let pid = frozen.pid;
     let raw = pid.as_raw();
+    let timers = std::fs::read_to_string(format!("/proc/{pid}/timers")).unwrap_or_default();
+    if let Some(id) = timers.lines().find_map(|l| l.strip_prefix("ID: ")) {
+        return Err(DumpError::Unsupported {
+            pid: raw,
+            what: format!("POSIX timer {id} (timer_create) is not supported yet"),
+        });
+    }
     let status = Status::read(pid).step(pid, || "reading status".into())?;
     let stat = Stat::read(pid).step(pid, || "reading stat".into())?;
 
@@ -124,6 +131,7 @@ pub fn collect(frozen: &mut Frozen, shell_job: bool) -> Result<ProcessImage> {
         root,
         umask: status.octal("Umask").step(pid, || "parsing Umask".into())?,
         dumpable: answers.dumpable,
+        itimers: answers.itimers,
         personality: procfs::read_personality(pid).step(pid, || "reading personality".into())?,
         rlimits: procfs::read_limits(pid).step(pid, || "reading limits".into())?,
         sigactions: answers.sigactions,

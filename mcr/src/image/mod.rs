@@ -103,6 +103,7 @@ mod tests {
             umask: 0o22,
             personality: 0,
             dumpable: 1,
+            itimers: [(0, 0); 3],
             rlimits: vec![],
             sigactions: vec![],
             shared_pending: vec![],

@@ -22,6 +22,9 @@ pub struct ProcessImage {
     pub personality: u32,
     /// PR_GET_DUMPABLE (0, 1 or 2).
     pub dumpable: u32,
+    /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF as (interval, time left) in
+    /// microseconds; the time left counts from the restore.
+    pub itimers: [(u64, u64); 3],
     /// (soft, hard) per RLIMIT_*, in kernel order; u64::MAX is unlimited.
     pub rlimits: Vec<(u64, u64)>,
     /// Index n holds the action of signal n+1.

@@ -244,6 +244,7 @@ pub fn rebuild(
         // Threads are cloned from the leader, so they share what it has set so far;
         // per-thread state follows in each, then credentials (after which clone3 could
         // no longer choose tids).
+        set_itimers(cx, p)?;
         create_threads(cx, p)?;
         queue_pending(cx, p)?;
         for (i, t) in p.threads.iter().enumerate() {
@@ -883,6 +884,31 @@ fn set_altstack(cx: &mut Ctx, t: &ThreadImage) -> Result<()> {
     cx.call(libc::SYS_sigaltstack, [addr, 0, 0, 0, 0, 0], || {
         format!("sigaltstack of thread {}", t.tid)
     })?;
+    Ok(())
+}
+
+/// Interval timers, armed for the time they had left.
+fn set_itimers(cx: &mut Ctx, p: &ProcessImage) -> Result<()> {
+    for (which, &(interval, value)) in p.itimers.iter().enumerate() {
+        if value == 0 && interval == 0 {
+            continue;
+        }
+        let mut b = Vec::with_capacity(32);
+        for w in [
+            interval / 1_000_000,
+            interval % 1_000_000,
+            value / 1_000_000,
+            value % 1_000_000,
+        ] {
+            b.extend_from_slice(&w.to_ne_bytes());
+        }
+        let addr = cx.put(&b)?;
+        cx.call(
+            libc::SYS_setitimer,
+            [which as u64, addr, 0, 0, 0, 0],
+            || format!("setitimer({which})"),
+        )?;
+    }
     Ok(())
 }
 
