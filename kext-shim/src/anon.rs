@@ -87,3 +87,39 @@ pub fn epoll(flags: i32) -> Result<OwnedFd> {
         || "epoll_create1".into(),
     )
 }
+
+/// A connected pair of unix sockets of `kind` (SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET).
+pub fn socketpair(kind: i32) -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0i32; 2];
+    // SAFETY: the kernel writes two fds into `fds`.
+    let r = unsafe { libc::socketpair(libc::AF_UNIX, kind, 0, fds.as_mut_ptr()) };
+    check(r as libc::c_long, || format!("socketpair(AF_UNIX, {kind})"))?;
+    // SAFETY: two fresh fds the kernel just returned, owned by no one else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Sends `messages` on `fd` (a stream's pieces back to back; datagrams one by one).
+pub fn send_all(fd: &OwnedFd, messages: &[Vec<u8>], stream: bool) -> Result<()> {
+    for m in messages {
+        let mut off = 0;
+        loop {
+            // SAFETY: sending from our own buffer of the stated length.
+            let n = unsafe {
+                libc::send(
+                    fd.as_raw_fd(),
+                    m[off..].as_ptr().cast(),
+                    m.len() - off,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            let n = check(n as libc::c_long, || {
+                format!("send of {} bytes", m.len() - off)
+            })? as usize;
+            off += n;
+            if !stream || off >= m.len() {
+                break;
+            }
+        }
+    }
+    Ok(())
+}

@@ -147,6 +147,9 @@ pub fn text(image: &Image) -> String {
                 FdKind::Directory { file } => format!("{} (directory)", file.path),
                 FdKind::External { key } => format!("{key} (outside the image)"),
                 FdKind::Memfd { ino, pos } => format!("memfd (inode {ino}) at {pos}"),
+                FdKind::UnixSocket { ino } => {
+                    format!("unix socket:[{ino}] (pair inside the image)")
+                }
                 FdKind::EventFd { count, semaphore } => {
                     format!(
                         "eventfd count {count}{}",

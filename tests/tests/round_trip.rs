@@ -270,3 +270,9 @@ fn a_tree_alone_in_its_cgroup_is_frozen_through_it() {
         assert_eq!(r.wait(), 0);
     }
 }
+
+#[test]
+fn unix_socket_pairs_keep_what_is_queued_and_message_boundaries() {
+    let v = run("sockets", &[], None);
+    eprintln!("{v}");
+}

@@ -3,6 +3,7 @@
 use super::{DumpError, Result, StepContext};
 use crate::model::{
     EpollTarget, FdEntry, FdKind, FileLock, FileRef, LockKind, PipeImage, ProcessImage,
+    UnixSocketImage,
 };
 use kext_shim::procfs::{self, FileIdentity};
 use kext_shim::Pid;
@@ -78,10 +79,11 @@ pub fn collect(pid: Pid, shell_job: bool) -> Result<Vec<FdEntry>> {
                 ino: ident.ino,
                 read_end: flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32,
             },
+            // A socket: which ones the image can hold is decided for the whole tree too
+            // (see `resolve_sockets`).
+            libc::S_IFSOCK if link.starts_with("socket:[") => FdKind::UnixSocket { ino: ident.ino },
             libc::S_IFIFO | libc::S_IFSOCK => external(&mut stdio_keys).ok_or_else(|| {
-                unsupported(
-                    "sockets and named pipes are not supported yet, except as a shell job's stdio (--shell-job)",
-                )
+                unsupported("named pipes are not supported yet, except as a shell job's stdio (--shell-job)")
             })?,
             _ => return Err(unsupported("this kind of file is not supported")),
         };
@@ -123,6 +125,7 @@ pub fn number_file_descriptions(procs: &mut [ProcessImage]) -> Result<()> {
                 }
                 FdKind::Pipe { ino, read_end } => (u64::MAX, *ino, *read_end as u64),
                 FdKind::Memfd { ino, .. } => (u64::MAX - 2, *ino, 0),
+                FdKind::UnixSocket { ino } => (u64::MAX - 3, *ino, 0),
                 // One anon inode serves every eventfd (and the like): kcmp tells them apart.
                 FdKind::EventFd { .. }
                 | FdKind::TimerFd { .. }
@@ -207,34 +210,13 @@ pub fn resolve_pipes(procs: &mut [ProcessImage], shell_job: bool) -> Result<Vec<
             });
             continue;
         }
-        let key = format!("pipe:[{ino}]");
-        let is_stdio = procs.iter().any(|p| {
-            p.fds
-                .iter()
-                .any(|e| e.fd <= 2 && matches!(e.kind, FdKind::Pipe { ino: i, .. } if i == ino))
-        });
-        for p in procs.iter_mut() {
-            for e in p.fds.iter_mut() {
-                if !matches!(e.kind, FdKind::Pipe { ino: i, .. } if i == ino) {
-                    continue;
-                }
-                if !(shell_job && is_stdio) {
-                    return Err(DumpError::Unsupported {
-                        pid: p.pid,
-                        what: format!(
-                            "fd {} is {key}, whose other end is outside the tree{}",
-                            e.fd,
-                            if shell_job {
-                                ""
-                            } else {
-                                "; if it is the job's stdio, dump it as a shell job (--shell-job)"
-                            }
-                        ),
-                    });
-                }
-                e.kind = FdKind::External { key: key.clone() };
-            }
-        }
+        externalize(
+            procs,
+            shell_job,
+            &format!("pipe:[{ino}]"),
+            "whose other end is outside the tree",
+            |k| matches!(k, FdKind::Pipe { ino: i, .. } if *i == ino),
+        )?;
     }
     Ok(pipes)
 }
@@ -340,4 +322,108 @@ fn parse_locks(fdinfo: &str) -> std::result::Result<Vec<FileLock>, String> {
         });
     }
     Ok(out)
+}
+
+/// Turns every fd matching `is_it` into the shell job's: allowed when dumping a shell job
+/// and the object is one of the job's stdio, refused by name otherwise.
+fn externalize(
+    procs: &mut [ProcessImage],
+    shell_job: bool,
+    key: &str,
+    why: &str,
+    is_it: impl Fn(&FdKind) -> bool,
+) -> Result<()> {
+    let is_stdio = procs
+        .iter()
+        .any(|p| p.fds.iter().any(|e| e.fd <= 2 && is_it(&e.kind)));
+    for p in procs.iter_mut() {
+        for e in p.fds.iter_mut().filter(|e| is_it(&e.kind)) {
+            if !(shell_job && is_stdio) {
+                return Err(DumpError::Unsupported {
+                    pid: p.pid,
+                    what: format!(
+                        "fd {} is {key}, {why}{}",
+                        e.fd,
+                        if shell_job || !is_stdio {
+                            ""
+                        } else {
+                            "; it is the job's stdio: dump it as a shell job (--shell-job)"
+                        }
+                    ),
+                });
+            }
+            e.kind = FdKind::External {
+                key: key.to_string(),
+            };
+        }
+    }
+    Ok(())
+}
+
+/// Decides, for the whole tree, what each socket is. A connected, unnamed pair of unix
+/// sockets with both ends inside is part of the image, with what is queued on each end
+/// (peeked, never taken). Anything else is a shell job's stdio or refused by name.
+pub fn resolve_sockets(
+    procs: &mut [ProcessImage],
+    shell_job: bool,
+) -> Result<Vec<UnixSocketImage>> {
+    let mut holders: BTreeMap<u64, (i32, i32)> = BTreeMap::new();
+    for p in procs.iter() {
+        for e in &p.fds {
+            if let FdKind::UnixSocket { ino } = e.kind {
+                holders.entry(ino).or_insert((p.pid, e.fd));
+            }
+        }
+    }
+    if holders.is_empty() {
+        return Ok(Vec::new());
+    }
+    let root = procs.first().map(|p| p.pid).unwrap_or(0);
+    let all = kext_shim::unix::unix_sockets().step(Pid::from_raw(root), || {
+        "listing unix sockets (sock_diag)".into()
+    })?;
+    let mut out = Vec::new();
+    for (&ino, &(pid, fd)) in &holders {
+        let key = format!("socket:[{ino}]");
+        let why = match all.get(&ino) {
+            None => {
+                "a socket of a family not supported yet (only unix socket pairs are)".to_string()
+            }
+            Some(s) if s.state == 10 => format!("a listening unix socket{}", name_of(s)),
+            Some(s) if s.name.is_some() => format!("a unix socket bound to {}", name_of(s)),
+            Some(s) => match s.peer {
+                Some(peer) if holders.contains_key(&peer) => {
+                    let stream = s.kind == libc::SOCK_STREAM;
+                    let queue = kext_shim::unix::peek_queue(Pid::from_raw(pid), fd, stream)
+                        .step(Pid::from_raw(pid), || {
+                            format!("reading what is queued on fd {fd} ({key})")
+                        })?;
+                    out.push(UnixSocketImage {
+                        ino,
+                        peer,
+                        kind: s.kind,
+                        queue,
+                    });
+                    continue;
+                }
+                Some(_) => "a unix socket whose peer is outside the tree".to_string(),
+                None => "an unconnected unix socket".to_string(),
+            },
+        };
+        externalize(
+            procs,
+            shell_job,
+            &key,
+            &why,
+            |k| matches!(k, FdKind::UnixSocket { ino: i } if *i == ino),
+        )?;
+    }
+    Ok(out)
+}
+
+fn name_of(s: &kext_shim::unix::UnixSocket) -> String {
+    s.name
+        .as_deref()
+        .map(|n| format!(" ({n})"))
+        .unwrap_or_default()
 }

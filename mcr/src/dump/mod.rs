@@ -152,6 +152,7 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
             processes.push(task::collect(f, opts.shell_job)?);
         }
         let pipes = fds::resolve_pipes(&mut processes, opts.shell_job)?;
+        let unix = fds::resolve_sockets(&mut processes, opts.shell_job)?;
         fds::number_file_descriptions(&mut processes)?;
         steps.push(("collect state", t.elapsed()));
         let t = Instant::now();
@@ -173,6 +174,7 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
             pipes,
             shmem,
             zombies: tree.zombies.clone(),
+            unix,
         };
         let stats = writer
             .finish(&snapshot)

@@ -19,6 +19,7 @@ pub enum FrameKind {
     Pipe = 4,
     Shmem = 5,
     Zombie = 6,
+    UnixSocket = 7,
     End = 0xffff,
 }
 
@@ -31,6 +32,7 @@ impl FrameKind {
             4 => Self::Pipe,
             5 => Self::Shmem,
             6 => Self::Zombie,
+            7 => Self::UnixSocket,
             0xffff => Self::End,
             _ => return None,
         })

@@ -144,6 +144,12 @@ mod tests {
                 sid: 7,
                 status: 42 << 8,
             }],
+            unix: vec![UnixSocketImage {
+                ino: 10,
+                peer: 11,
+                kind: libc::SOCK_DGRAM,
+                queue: vec![b"one".to_vec(), vec![]],
+            }],
         }
     }
 

@@ -3,7 +3,9 @@
 use super::frame::{check_file, corrupt, FrameKind, FILE_CORE, FILE_INVENTORY, FILE_PAGES};
 use super::pages::{parse_chunk, PageChunk};
 use super::{codec, ImageError, Result, KNOWN_FEATURES};
-use crate::model::{Inventory, PipeImage, ProcessImage, ShmemObject, Snapshot, ZombieImage};
+use crate::model::{
+    Inventory, PipeImage, ProcessImage, ShmemObject, Snapshot, UnixSocketImage, ZombieImage,
+};
 use kext_shim::filemap::{map_readonly, Mmap};
 use std::path::{Path, PathBuf};
 
@@ -58,6 +60,7 @@ impl Image {
         let mut pipes: Vec<PipeImage> = Vec::new();
         let mut shmem: Vec<ShmemObject> = Vec::new();
         let mut zombies: Vec<ZombieImage> = Vec::new();
+        let mut unix: Vec<UnixSocketImage> = Vec::new();
         for f in check_file(&p, &core_bytes, FILE_CORE, 1)? {
             match f.kind {
                 FrameKind::Process => {
@@ -71,6 +74,9 @@ impl Image {
                 }
                 FrameKind::Zombie => {
                     zombies.push(codec::decode(f.payload).map_err(|e| corrupt(&p, f.offset, &e))?)
+                }
+                FrameKind::UnixSocket => {
+                    unix.push(codec::decode(f.payload).map_err(|e| corrupt(&p, f.offset, &e))?)
                 }
                 k => return Err(corrupt(&p, f.offset, &format!("unexpected {k:?} record"))),
             }
@@ -156,6 +162,7 @@ impl Image {
                 pipes,
                 shmem,
                 zombies,
+                unix,
             },
             pages,
             chunks,

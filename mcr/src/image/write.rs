@@ -206,8 +206,14 @@ impl ImageWriter {
         for z in &snap.zombies {
             push_record(&mut core, FrameKind::Zombie, &codec::encode(z));
         }
-        let records =
-            snap.processes.len() + snap.pipes.len() + snap.shmem.len() + snap.zombies.len();
+        for u in &snap.unix {
+            push_record(&mut core, FrameKind::UnixSocket, &codec::encode(u));
+        }
+        let records = snap.processes.len()
+            + snap.pipes.len()
+            + snap.shmem.len()
+            + snap.zombies.len()
+            + snap.unix.len();
         core.extend_from_slice(&end(records as u64));
         self.write_small(FILE_CORE.0, &core)?;
 

@@ -56,6 +56,11 @@ pub enum FdKind {
         ino: u64,
         read_end: bool,
     },
+    /// One end of a connected pair of unix sockets, both ends inside the image (see
+    /// `Snapshot::unix`).
+    UnixSocket {
+        ino: u64,
+    },
     /// A memfd (see `Snapshot::shmem`), at its offset.
     Memfd {
         ino: u64,
@@ -101,4 +106,16 @@ pub struct EpollTarget {
     pub fd: i32,
     pub events: u32,
     pub data: u64,
+}
+
+/// One end of a connected, unnamed pair of unix sockets, with what was waiting to be
+/// read on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnixSocketImage {
+    pub ino: u64,
+    pub peer: u64,
+    /// SOCK_STREAM, SOCK_DGRAM or SOCK_SEQPACKET.
+    pub kind: i32,
+    /// Messages (a stream's bytes, in pieces) queued for this end to read.
+    pub queue: Vec<Vec<u8>>,
 }

@@ -23,6 +23,7 @@ pub struct Snapshot {
     pub shmem: Vec<ShmemObject>,
     /// After the processes: each one's parent is among them.
     pub zombies: Vec<ZombieImage>,
+    pub unix: Vec<UnixSocketImage>,
 }
 
 /// Who wrote an image, where, and what it needs to be read back.

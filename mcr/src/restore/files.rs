@@ -5,6 +5,7 @@ use super::shared::Placement;
 use super::{RestoreError, Result};
 use crate::model::{
     EpollTarget, FdKind, FileIdentity, FileLock, FileRef, LockKind, PipeImage, ProcessImage,
+    UnixSocketImage,
 };
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -22,6 +23,8 @@ pub struct FilePlan {
     ofds: BTreeMap<u32, i32>,
     /// Pipe inode -> (our read end, our write end), refilled with what was in flight.
     pipes: BTreeMap<u64, (i32, i32)>,
+    /// Unix socket inode -> our end of the pair made for it, refilled.
+    sockets: BTreeMap<u64, i32>,
     per_process: Vec<FdNumbers>,
 }
 
@@ -144,6 +147,7 @@ impl Ctx<'_> {
 pub fn open_all(
     procs: &[ProcessImage],
     pipes: &[PipeImage],
+    unix: &[UnixSocketImage],
     placement: &Placement,
     root: &Path,
     shell_job: Option<[i32; 3]>,
@@ -152,8 +156,35 @@ pub fn open_all(
         owned: Vec::new(),
         ofds: BTreeMap::new(),
         pipes: BTreeMap::new(),
+        sockets: BTreeMap::new(),
         per_process: Vec::new(),
     };
+    for u in unix {
+        if plan.sockets.contains_key(&u.ino) {
+            continue;
+        }
+        let pid = procs.first().map(|p| p.pid).unwrap_or(0);
+        let err = |why: String| RestoreError::File {
+            pid,
+            what: "unix socket pair".into(),
+            path: format!("socket:[{}]", u.ino),
+            why,
+        };
+        let peer = unix
+            .iter()
+            .find(|x| x.ino == u.peer)
+            .ok_or_else(|| err("its peer is not in the image".into()))?;
+        let (a, b) = kext_shim::anon::socketpair(u.kind).map_err(|e| err(e.to_string()))?;
+        // What waits on one end was sent from the other.
+        kext_shim::anon::send_all(&b, &u.queue, u.kind == libc::SOCK_STREAM)
+            .map_err(|e| err(format!("refilling: {e}")))?;
+        kext_shim::anon::send_all(&a, &peer.queue, u.kind == libc::SOCK_STREAM)
+            .map_err(|e| err(format!("refilling: {e}")))?;
+        let an = plan.keep(a);
+        let bn = plan.keep(b);
+        plan.sockets.insert(u.ino, an);
+        plan.sockets.insert(u.peer, bn);
+    }
     for pipe in pipes {
         let pid = procs.first().map(|p| p.pid).unwrap_or(0);
         let err = |why: String| RestoreError::File {
@@ -256,6 +287,16 @@ fn open_process(
             FdKind::Directory { file } => {
                 let f = cx.open(&what, file, e.flags | libc::O_DIRECTORY as u32)?;
                 plan.keep(f)
+            }
+            FdKind::UnixSocket { ino } => {
+                let name = format!("socket:[{ino}]");
+                let &fd = plan.sockets.get(ino).ok_or_else(|| {
+                    cx.err(&what, Path::new(&name), "is not among the image's sockets")
+                })?;
+                let fl = nix::fcntl::OFlag::from_bits_truncate(e.flags as i32 & libc::O_NONBLOCK);
+                nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(fl))
+                    .map_err(|err| cx.err(&what, Path::new(&name), format!("F_SETFL: {err}")))?;
+                fd
             }
             FdKind::Memfd { ino, pos } => {
                 let name = format!("memfd (inode {ino})");

@@ -153,6 +153,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let plan = files::open_all(
         procs,
         &snap.pipes,
+        &snap.unix,
         &placement,
         &root,
         opts.shell_job.then_some(opts.stdio),

@@ -1,0 +1,195 @@
+//! Unix sockets: what sock_diag says of them (type, state, name, peer), and reading
+//! what is queued on one without taking it.
+
+use crate::pidfd::{pidfd_getfd, pidfd_open};
+use crate::{check, Errno, Pid, Result, SysError};
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// One unix socket, as sock_diag reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixSocket {
+    pub ino: u64,
+    /// SOCK_STREAM, SOCK_DGRAM or SOCK_SEQPACKET.
+    pub kind: i32,
+    /// TCP-style state: 1 established, 7 unconnected, 10 listening.
+    pub state: u8,
+    /// Bound name: a path, or `@name` for the abstract namespace.
+    pub name: Option<String>,
+    pub peer: Option<u64>,
+}
+
+const NETLINK_SOCK_DIAG: i32 = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLMSG_DONE: u16 = 3;
+const NLMSG_ERROR: u16 = 2;
+const UDIAG_SHOW_NAME: u32 = 1;
+const UDIAG_SHOW_PEER: u32 = 4;
+const UNIX_DIAG_NAME: u16 = 0;
+const UNIX_DIAG_PEER: u16 = 2;
+
+fn u16_at(b: &[u8], i: usize) -> u16 {
+    u16::from_ne_bytes([b[i], b[i + 1]])
+}
+
+fn u32_at(b: &[u8], i: usize) -> u32 {
+    u32::from_ne_bytes(b[i..i + 4].try_into().expect("4 bytes"))
+}
+
+/// Every unix socket of the network namespace, by inode.
+pub fn unix_sockets() -> Result<BTreeMap<u64, UnixSocket>> {
+    // SAFETY: socket takes no pointers.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        )
+    };
+    check(fd as libc::c_long, || "socket(NETLINK_SOCK_DIAG)".into())?;
+    // SAFETY: a fresh fd the kernel just returned, owned by no one else.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // nlmsghdr (16) + unix_diag_req (24)
+    let mut req = [0u8; 40];
+    req[0..4].copy_from_slice(&40u32.to_ne_bytes());
+    req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req[6..8].copy_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    req[16] = libc::AF_UNIX as u8;
+    req[20..24].copy_from_slice(&u32::MAX.to_ne_bytes()); // every state
+    req[28..32].copy_from_slice(&(UDIAG_SHOW_NAME | UDIAG_SHOW_PEER).to_ne_bytes());
+    req[32..40].copy_from_slice(&[0xff; 8]);
+    // SAFETY: sending our own buffer of the stated length.
+    let n = unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
+    check(n as libc::c_long, || "send(sock_diag request)".into())?;
+    let mut out = BTreeMap::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        // SAFETY: receiving into our own buffer of the stated length.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let n = check(n as libc::c_long, || "recv(sock_diag)".into())? as usize;
+        let mut off = 0;
+        while off + 16 <= n {
+            let len = u32_at(&buf, off) as usize;
+            let ty = u16_at(&buf, off + 4);
+            if len < 16 || off + len > n {
+                break;
+            }
+            if ty == NLMSG_DONE {
+                return Ok(out);
+            }
+            if ty == NLMSG_ERROR {
+                let errno = -(u32_at(&buf, off + 16) as i32);
+                return Err(SysError::new("sock_diag dump", Errno::from_raw(errno)).into());
+            }
+            let m = &buf[off + 16..off + len];
+            if m.len() >= 16 {
+                let mut s = UnixSocket {
+                    ino: u32_at(m, 4) as u64,
+                    kind: m[1] as i32,
+                    state: m[2],
+                    name: None,
+                    peer: None,
+                };
+                let mut a = 16;
+                while a + 4 <= m.len() {
+                    let alen = u16_at(m, a) as usize;
+                    let aty = u16_at(m, a + 2);
+                    if alen < 4 || a + alen > m.len() {
+                        break;
+                    }
+                    let data = &m[a + 4..a + alen];
+                    match aty {
+                        UNIX_DIAG_NAME if !data.is_empty() => {
+                            s.name = Some(if data[0] == 0 {
+                                format!("@{}", String::from_utf8_lossy(&data[1..]))
+                            } else {
+                                String::from_utf8_lossy(data)
+                                    .trim_end_matches('\0')
+                                    .to_string()
+                            })
+                        }
+                        UNIX_DIAG_PEER if data.len() >= 4 => s.peer = Some(u32_at(data, 0) as u64),
+                        _ => {}
+                    }
+                    a += (alen + 3) & !3;
+                }
+                out.insert(s.ino, s);
+            }
+            off += (len + 3) & !3;
+        }
+    }
+}
+
+/// The messages queued for reading on fd `fd` of `pid` (a stream's bytes as one), left
+/// in place: they are peeked with SO_PEEK_OFF walking the queue, which is put back to
+/// off after. Refuses sockets with file descriptors in flight.
+pub fn peek_queue(pid: Pid, fd: i32, stream: bool) -> Result<Vec<Vec<u8>>> {
+    let pidfd = pidfd_open(pid)?;
+    let s = pidfd_getfd(&pidfd, pid, fd)?;
+    let raw = s.as_raw_fd();
+    let set_peek_off = |v: i32| -> Result<()> {
+        // SAFETY: setsockopt reads one int.
+        let r = unsafe {
+            libc::setsockopt(
+                raw,
+                libc::SOL_SOCKET,
+                libc::SO_PEEK_OFF,
+                (&v as *const i32).cast(),
+                4,
+            )
+        };
+        check(r as libc::c_long, || {
+            format!("SO_PEEK_OFF on fd {fd} of pid {pid}")
+        })
+        .map(|_| ())
+    };
+    set_peek_off(0)?;
+    let res = (|| {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut cmsg = [0u8; 256];
+        loop {
+            let mut iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            };
+            // SAFETY: msghdr points at our iovec and control buffer, both live.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = cmsg.as_mut_ptr().cast();
+            msg.msg_controllen = cmsg.len();
+            // SAFETY: recvmsg fills the buffers msg points at, within their lengths.
+            let n = unsafe { libc::recvmsg(raw, &mut msg, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+            if n < 0 {
+                let e = Errno::last();
+                if e == Errno::EAGAIN {
+                    return Ok(out);
+                }
+                return Err(SysError::new(format!("peeking fd {fd} of pid {pid}"), e).into());
+            }
+            if msg.msg_controllen > 0 {
+                return Err(crate::Error::Unexpected {
+                    pid: pid.as_raw(),
+                    what: format!("fd {fd} has file descriptors or credentials in flight"),
+                });
+            }
+            if n == 0 && stream {
+                return Ok(out);
+            }
+            if n == 0 {
+                // An empty datagram does not move the peek offset: we could not get past it.
+                return Err(crate::Error::Unexpected {
+                    pid: pid.as_raw(),
+                    what: format!("fd {fd} has an empty datagram queued, which cannot be read in place"),
+                });
+            }
+            out.push(buf[..n as usize].to_vec());
+        }
+    })();
+    let reset = set_peek_off(-1);
+    let q = res?;
+    reset?;
+    Ok(q)
+}
