@@ -182,7 +182,9 @@ pub fn peek_queue(pid: Pid, fd: i32, stream: bool) -> Result<Vec<Vec<u8>>> {
                 // An empty datagram does not move the peek offset: we could not get past it.
                 return Err(crate::Error::Unexpected {
                     pid: pid.as_raw(),
-                    what: format!("fd {fd} has an empty datagram queued, which cannot be read in place"),
+                    what: format!(
+                        "fd {fd} has an empty datagram queued, which cannot be read in place"
+                    ),
                 });
             }
             out.push(buf[..n as usize].to_vec());

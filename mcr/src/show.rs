@@ -147,6 +147,13 @@ pub fn text(image: &Image) -> String {
                 FdKind::Directory { file } => format!("{} (directory)", file.path),
                 FdKind::External { key } => format!("{key} (outside the image)"),
                 FdKind::Memfd { ino, pos } => format!("memfd (inode {ino}) at {pos}"),
+                FdKind::Fifo { file, read_end } => {
+                    format!(
+                        "fifo {} {} end",
+                        file.path,
+                        if *read_end { "read" } else { "write" }
+                    )
+                }
                 FdKind::UnixSocket { ino } => {
                     format!("unix socket:[{ino}] (pair inside the image)")
                 }

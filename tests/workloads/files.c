@@ -17,7 +17,7 @@
 #define HIGH_FD 900
 #define LOW_NOFILE 100
 
-static int data_fd, log_fd, zero_fd, dir_fd;
+static int data_fd, log_fd, zero_fd, dir_fd, fifo_r, fifo_w;
 static char dir_real[PATH_MAX];
 /* Identity of each open file at setup, to check the same object is back. */
 static struct stat st_data, st_null, st_zero, st_dir;
@@ -133,6 +133,17 @@ int main(int argc, char **argv)
     if (setrlimit(RLIMIT_NOFILE, &rl) != 0)
         FAIL("setup: setrlimit: %s", strerror(errno));
 
+    /* A named pipe with both ends open here and 300 bytes in flight. */
+    snprintf(path, sizeof path, "%s/fifo", dir_real);
+    if (mkfifo(path, 0600) != 0)
+        FAIL("setup: mkfifo: %s", strerror(errno));
+    fifo_r = open(path, O_RDONLY | O_NONBLOCK);
+    fifo_w = open(path, O_WRONLY);
+    char in_flight[300];
+    memset(in_flight, 'f', sizeof in_flight);
+    if (fifo_r < 0 || fifo_w < 0 || write(fifo_w, in_flight, sizeof in_flight) != (ssize_t)sizeof in_flight)
+        FAIL("setup: fifo: %s", strerror(errno));
+
     /* Locks: a flock and a POSIX range lock on data, an OFD lock on log. */
     struct flock range = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 100, .l_len = 50};
     struct flock whole = {.l_type = F_WRLCK, .l_whence = SEEK_SET};
@@ -222,6 +233,14 @@ int main(int argc, char **argv)
         FAIL("fstatat(dirfd, data): %s", strerror(errno));
     if (!moved && sd.st_ino != st_data.st_ino)
         FAIL("fstatat(dirfd, data) finds a different file");
+
+    char fb[512];
+    ssize_t fn = read(fifo_r, fb, sizeof fb);
+    if (fn != 300 || fb[0] != 'f' || fb[299] != 'f')
+        FAIL("fifo gave %zd bytes, want the 300 in flight", fn);
+    if (write(fifo_w, "x", 1) != 1 || read(fifo_r, fb, 1) != 1 || fb[0] != 'x')
+        FAIL("fifo ends are not one pipe after restore");
+    check_flags(fifo_r, O_RDONLY, 0, 0, "fifo read end");
 
     /* POSIX first: closing any fd of a file drops the process's POSIX locks on it,
      * and each check opens and closes one. */

@@ -82,8 +82,12 @@ pub fn collect(pid: Pid, shell_job: bool) -> Result<Vec<FdEntry>> {
             // A socket: which ones the image can hold is decided for the whole tree too
             // (see `resolve_sockets`).
             libc::S_IFSOCK if link.starts_with("socket:[") => FdKind::UnixSocket { ino: ident.ino },
-            libc::S_IFIFO | libc::S_IFSOCK => external(&mut stdio_keys).ok_or_else(|| {
-                unsupported("named pipes are not supported yet, except as a shell job's stdio (--shell-job)")
+            libc::S_IFIFO => FdKind::Fifo {
+                file: file(),
+                read_end: flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32,
+            },
+            libc::S_IFSOCK => external(&mut stdio_keys).ok_or_else(|| {
+                unsupported("this socket is not supported yet, except as a shell job's stdio")
             })?,
             _ => return Err(unsupported("this kind of file is not supported")),
         };
@@ -124,6 +128,9 @@ pub fn number_file_descriptions(procs: &mut [ProcessImage]) -> Result<()> {
                     (file.identity.dev, file.identity.ino, file.identity.rdev)
                 }
                 FdKind::Pipe { ino, read_end } => (u64::MAX, *ino, *read_end as u64),
+                FdKind::Fifo { file, read_end } => {
+                    (u64::MAX - 4, file.identity.ino, *read_end as u64)
+                }
                 FdKind::Memfd { ino, .. } => (u64::MAX - 2, *ino, 0),
                 FdKind::UnixSocket { ino } => (u64::MAX - 3, *ino, 0),
                 // One anon inode serves every eventfd (and the like): kcmp tells them apart.
@@ -184,9 +191,18 @@ pub fn resolve_pipes(procs: &mut [ProcessImage], shell_job: bool) -> Result<Vec<
         writer: bool,
     }
     let mut ends: BTreeMap<u64, Ends> = BTreeMap::new();
+    let mut fifos: BTreeMap<u64, FileRef> = BTreeMap::new();
     for p in procs.iter() {
         for e in &p.fds {
-            if let FdKind::Pipe { ino, read_end } = e.kind {
+            let (ino, read_end) = match &e.kind {
+                FdKind::Pipe { ino, read_end } => (*ino, *read_end),
+                FdKind::Fifo { file, read_end } => {
+                    fifos.insert(file.identity.ino, file.clone());
+                    (file.identity.ino, *read_end)
+                }
+                _ => continue,
+            };
+            {
                 let s = ends.entry(ino).or_default();
                 if read_end {
                     s.reader.get_or_insert((p.pid, e.fd));
@@ -205,17 +221,26 @@ pub fn resolve_pipes(procs: &mut [ProcessImage], shell_job: bool) -> Result<Vec<
                 })?;
             pipes.push(PipeImage {
                 ino,
+                fifo: fifos.get(&ino).cloned(),
                 capacity: cap as u32,
                 data,
             });
             continue;
         }
+        let key = fifos
+            .get(&ino)
+            .map(|f| f.path.clone())
+            .unwrap_or_else(|| format!("pipe:[{ino}]"));
         externalize(
             procs,
             shell_job,
-            &format!("pipe:[{ino}]"),
+            &key,
             "whose other end is outside the tree",
-            |k| matches!(k, FdKind::Pipe { ino: i, .. } if *i == ino),
+            |k| match k {
+                FdKind::Pipe { ino: i, .. } => *i == ino,
+                FdKind::Fifo { file, .. } => file.identity.ino == ino,
+                _ => false,
+            },
         )?;
     }
     Ok(pipes)

@@ -126,6 +126,7 @@ mod tests {
             processes: vec![process(pid)],
             pipes: vec![PipeImage {
                 ino: 9,
+                fifo: None,
                 capacity: 65536,
                 data: b"in flight".to_vec(),
             }],

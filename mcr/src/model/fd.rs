@@ -56,6 +56,12 @@ pub enum FdKind {
         ino: u64,
         read_end: bool,
     },
+    /// A named pipe, reopened by path; like a pipe, its bytes in flight are in
+    /// `Snapshot::pipes` when both ends are inside the image.
+    Fifo {
+        file: FileRef,
+        read_end: bool,
+    },
     /// One end of a connected pair of unix sockets, both ends inside the image (see
     /// `Snapshot::unix`).
     UnixSocket {
@@ -96,6 +102,8 @@ pub enum FdKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PipeImage {
     pub ino: u64,
+    /// The named pipe on disk, for a FIFO.
+    pub fifo: Option<FileRef>,
     pub capacity: u32,
     pub data: Vec<u8>,
 }

@@ -9,7 +9,7 @@ use crate::model::{
 };
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{Seek, SeekFrom};
+use std::io::{Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -187,6 +187,23 @@ pub fn open_all(
     }
     for pipe in pipes {
         let pid = procs.first().map(|p| p.pid).unwrap_or(0);
+        if let Some(f) = &pipe.fifo {
+            // A named pipe: opened read-write without blocking, which keeps it alive
+            // (and lets the writers open without a reader), then refilled.
+            let cx = Ctx {
+                pid,
+                root,
+                strict: root == Path::new("/"),
+            };
+            let keeper = cx.open("fifo", f, (libc::O_RDWR | libc::O_NONBLOCK) as u32)?;
+            kext_shim::pipe::set_capacity(&keeper, pipe.capacity as usize)
+                .map_err(|e| cx.err("fifo", Path::new(&f.path), e.to_string()))?;
+            (&keeper)
+                .write_all(&pipe.data)
+                .map_err(|e| cx.err("fifo", Path::new(&f.path), format!("refilling: {e}")))?;
+            plan.keep(keeper);
+            continue;
+        }
         let err = |why: String| RestoreError::File {
             pid,
             what: "pipe".into(),
@@ -286,6 +303,16 @@ fn open_process(
             }
             FdKind::Directory { file } => {
                 let f = cx.open(&what, file, e.flags | libc::O_DIRECTORY as u32)?;
+                plan.keep(f)
+            }
+            FdKind::Fifo { file, .. } => {
+                // Never blocks (the keeper above is a reader and a writer); the fd gets
+                // its own flags back after.
+                let f = cx.open(&what, file, e.flags | libc::O_NONBLOCK as u32)?;
+                let fl = nix::fcntl::OFlag::from_bits_truncate(e.flags as i32 & libc::O_NONBLOCK);
+                nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(fl)).map_err(
+                    |err| cx.err(&what, Path::new(&file.path), format!("F_SETFL: {err}")),
+                )?;
                 plan.keep(f)
             }
             FdKind::UnixSocket { ino } => {
