@@ -56,6 +56,13 @@ pub fn probe_all() -> Vec<Feature> {
     out.push(feature("pidfd_open and pidfd_getfd", true, probe_pidfd()));
     out.push(feature("vDSO", true, probe_vdso()));
     out.push(feature("cgroup v2 freezer", false, probe_cgroup_freeze()));
+    out.push(feature(
+        "sock_diag for unix sockets",
+        false,
+        crate::unix::unix_sockets()
+            .map(|m| format!("{} sockets", m.len()))
+            .map_err(|e| e.to_string()),
+    ));
     out
 }
 
