@@ -276,3 +276,25 @@ fn unix_socket_pairs_keep_what_is_queued_and_message_boundaries() {
     let v = run("sockets", &[], None);
     eprintln!("{v}");
 }
+
+/// What a restore makes must itself be a faithful process: dump it again.
+#[test]
+fn restored_processes_can_be_checkpointed_and_restored_again() {
+    for name in ["tree", "threads", "objects", "sockets"] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data = tmp.path().join("data");
+        std::fs::create_dir(&data).expect("mkdir");
+        let args: &[&str] = if name == "tree" {
+            &[data.to_str().expect("utf-8")]
+        } else {
+            &[]
+        };
+        let mut g = Guard::new();
+        let p = Proc::start(&mut g, &workload_bin(name), args, None);
+        let r1 = round_trip(&mut g, p, &tmp.path().join("img1"), &[], &[]);
+        let mut r2 = round_trip(&mut g, r1, &tmp.path().join("img2"), &[], &[]);
+        let v = r2.check();
+        assert!(v.starts_with("PASS"), "{name} after two round trips: {v}");
+        assert_eq!(r2.wait(), 0);
+    }
+}
