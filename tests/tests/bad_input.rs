@@ -295,21 +295,3 @@ fn restore_failing_late_kills_what_it_made() {
     let mut r = restore(&mut g, &img, &[]);
     assert_pass(&r.check());
 }
-
-#[test]
-fn posix_timers_are_refused_by_name_and_the_workload_keeps_running() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let mut g = Guard::new();
-    let mut p = Proc::start(&mut g, &workload_bin("counter"), &["posix-timer"], None);
-    let pid = p.pid.to_string();
-    let out = mcr(&[
-        "checkpoint",
-        "-t",
-        &pid,
-        "-D",
-        s(&tmp.path().join("img")),
-        "--shell-job",
-    ]);
-    assert_fails(&out, 5, &[&format!("pid {pid}"), "POSIX timer"]);
-    assert_pass(&p.check());
-}

@@ -23,12 +23,8 @@ static int64_t now_us(void)
     return (int64_t)t.tv_sec * 1000000 + t.tv_nsec / 1000;
 }
 
-int main(int argc, char **argv)
+int main(void)
 {
-    /* `counter posix-timer`: also own a POSIX timer (for the refusal test). */
-    timer_t timer;
-    if (argc > 1 && strcmp(argv[1], "posix-timer") == 0 && timer_create(CLOCK_MONOTONIC, NULL, &timer))
-        FAIL("setup: timer_create: %s", strerror(errno));
     say("PID %d\n", (int)getpid());
     for (int i = 0; i < 1 << 20; i++) /* warm-up: READY value is not 0 */
         counter++;

@@ -10,6 +10,9 @@
 #include "common.h"
 
 #include <sys/time.h>
+#include <time.h>
+
+static timer_t ptimer, qtimer;
 
 #include <signal.h>
 #include <sys/personality.h>
@@ -123,6 +126,15 @@ int main(void)
     if (setitimer(ITIMER_REAL, &real, NULL) || setitimer(ITIMER_VIRTUAL, &virt, NULL))
         FAIL("setup: setitimer: %s", strerror(errno));
 
+    /* POSIX timers: one signalling SIGRTMIN+5 with a value in 30 s, one silent and periodic. */
+    struct sigevent ev = {.sigev_notify = SIGEV_SIGNAL, .sigev_signo = SIGRTMIN + 5};
+    ev.sigev_value.sival_int = 77;
+    struct sigevent quiet = {.sigev_notify = SIGEV_NONE};
+    struct itimerspec in30 = {{0, 0}, {30, 0}}, every2 = {{2, 0}, {60, 0}};
+    if (timer_create(CLOCK_MONOTONIC, &ev, &ptimer) || timer_create(CLOCK_REALTIME, &quiet, &qtimer) ||
+        timer_settime(ptimer, 0, &in30, NULL) || timer_settime(qtimer, 0, &every2, NULL))
+        FAIL("setup: timer_create: %s", strerror(errno));
+
     ready();
     wait_check();
 
@@ -203,6 +215,13 @@ int main(void)
         FAIL("ITIMER_VIRTUAL lost (interval %ld s, left %ld s)", (long)now.it_interval.tv_sec,
              (long)now.it_value.tv_sec);
     setitimer(ITIMER_REAL, &(struct itimerval){0}, NULL);
+    struct itimerspec left;
+    if (timer_gettime(ptimer, &left) || left.it_value.tv_sec >= 30 ||
+        (left.it_value.tv_sec == 0 && left.it_value.tv_nsec == 0))
+        FAIL("POSIX timer %p has %ld s left, want (0, 30)", (void *)ptimer, (long)left.it_value.tv_sec);
+    if (timer_gettime(qtimer, &left) || left.it_interval.tv_sec != 2)
+        FAIL("silent POSIX timer lost its 2 s period");
+    timer_delete(ptimer);
 
     say("PASS signals\n");
     return 0;

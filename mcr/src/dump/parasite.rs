@@ -27,6 +27,8 @@ pub struct Answers {
     pub dumpable: u32,
     /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF as (interval, value) in microseconds.
     pub itimers: [(u64, u64); 3],
+    /// (interval, time left) in ns of each POSIX timer asked about, in order.
+    pub posix_timers: Vec<(u64, u64)>,
     pub threads: Vec<ThreadAnswers>,
 }
 
@@ -48,7 +50,7 @@ pub fn syscall_ip(pid: Pid, maps: &[MapEntry]) -> Result<u64> {
 }
 
 /// `handled` is the set of signals (bit n-1 for signal n) whose action is not the default.
-pub fn ask(frozen: &Frozen, maps: &[MapEntry], handled: u64) -> Result<Answers> {
+pub fn ask(frozen: &Frozen, maps: &[MapEntry], handled: u64, timers: &[i32]) -> Result<Answers> {
     let pid = frozen.pid;
     let ip = syscall_ip(pid, maps)?;
     let mut masks = Vec::with_capacity(frozen.threads.len());
@@ -64,7 +66,7 @@ pub fn ask(frozen: &Frozen, maps: &[MapEntry], handled: u64) -> Result<Answers> 
                 format!("blocking signals of {} for injection", t.tid)
             })?;
         }
-        ask_with(frozen, ip, handled)
+        ask_with(frozen, ip, handled, timers)
     })();
     // Whatever happened, the masks go back before anything else.
     let mut restored = Ok(());
@@ -78,7 +80,7 @@ pub fn ask(frozen: &Frozen, maps: &[MapEntry], handled: u64) -> Result<Answers> 
     Ok(answers)
 }
 
-fn ask_with(frozen: &Frozen, ip: u64, handled: u64) -> Result<Answers> {
+fn ask_with(frozen: &Frozen, ip: u64, handled: u64, timers: &[i32]) -> Result<Answers> {
     let pid = frozen.pid;
     let mut inj = Injector::new(pid, ip, frozen.leader().regs);
     let scratch = inj
@@ -137,6 +139,18 @@ fn ask_with(frozen: &Frozen, ip: u64, handled: u64) -> Result<Answers> {
             let us = |i: usize| word(&b, i) * 1_000_000 + word(&b, i + 1);
             *slot = (us(0), us(2));
         }
+        let mut posix_timers = Vec::with_capacity(timers.len());
+        for &id in timers {
+            inj.call(
+                libc::SYS_timer_gettime,
+                [id as u64, scratch, 0, 0, 0, 0],
+                || format!("timer_gettime({id})"),
+            )
+            .step(pid, || format!("reading POSIX timer {id}"))?;
+            let b = read(32)?;
+            let ns = |i: usize| word(&b, i) * 1_000_000_000 + word(&b, i + 1);
+            posix_timers.push((ns(0), ns(2)));
+        }
         let mut threads = Vec::with_capacity(frozen.threads.len());
         for t in &frozen.threads {
             let tid = t.tid;
@@ -170,6 +184,7 @@ fn ask_with(frozen: &Frozen, ip: u64, handled: u64) -> Result<Answers> {
             brk,
             dumpable,
             itimers,
+            posix_timers,
             threads,
         })
     })();

@@ -3,7 +3,7 @@
 use super::freeze::{Frozen, FrozenThread};
 use super::parasite::ThreadAnswers;
 use super::{fds, mm, parasite, DumpError, Result, StepContext};
-use crate::model::{Creds, FileRef, ProcessImage, Rseq, Siginfo, ThreadImage};
+use crate::model::{Creds, FileRef, PosixTimer, ProcessImage, Rseq, Siginfo, ThreadImage};
 use kext_shim::procfs::{self, FileIdentity, Stat, Status};
 use kext_shim::{ptrace, Errno, Pid};
 
@@ -69,13 +69,7 @@ pub fn precheck(pid: Pid) -> Result<()> {
 pub fn collect(frozen: &mut Frozen, shell_job: bool) -> Result<ProcessImage> {
     let pid = frozen.pid;
     let raw = pid.as_raw();
-    let timers = std::fs::read_to_string(format!("/proc/{pid}/timers")).unwrap_or_default();
-    if let Some(id) = timers.lines().find_map(|l| l.strip_prefix("ID: ")) {
-        return Err(DumpError::Unsupported {
-            pid: raw,
-            what: format!("POSIX timer {id} (timer_create) is not supported yet"),
-        });
-    }
+    let mut posix_timers = read_posix_timers(pid)?;
     let status = Status::read(pid).step(pid, || "reading status".into())?;
     let stat = Stat::read(pid).step(pid, || "reading stat".into())?;
 
@@ -83,7 +77,12 @@ pub fn collect(frozen: &mut Frozen, shell_job: bool) -> Result<ProcessImage> {
         .step(pid, || "reading process-wide pending signals".into())?;
     let maps = procfs::read_maps(pid).step(pid, || "reading smaps".into())?;
     let handled = status.hex("SigCgt").unwrap_or(!0) | status.hex("SigIgn").unwrap_or(!0);
-    let answers = parasite::ask(frozen, &maps, handled)?;
+    let ids: Vec<i32> = posix_timers.iter().map(|t| t.id).collect();
+    let answers = parasite::ask(frozen, &maps, handled, &ids)?;
+    for (t, &(interval_ns, value_ns)) in posix_timers.iter_mut().zip(&answers.posix_timers) {
+        t.interval_ns = interval_ns;
+        t.value_ns = value_ns;
+    }
     let mut threads = Vec::with_capacity(frozen.threads.len());
     for (t, a) in frozen.threads.iter().zip(&answers.threads) {
         threads.push(thread(pid, t, a)?);
@@ -132,6 +131,7 @@ pub fn collect(frozen: &mut Frozen, shell_job: bool) -> Result<ProcessImage> {
         umask: status.octal("Umask").step(pid, || "parsing Umask".into())?,
         dumpable: answers.dumpable,
         itimers: answers.itimers,
+        posix_timers,
         personality: procfs::read_personality(pid).step(pid, || "reading personality".into())?,
         rlimits: procfs::read_limits(pid).step(pid, || "reading limits".into())?,
         sigactions: answers.sigactions,
@@ -170,4 +170,65 @@ fn thread(pid: Pid, t: &FrozenThread, a: &ThreadAnswers) -> Result<ThreadImage> 
         clear_child_tid: a.clear_child_tid,
         robust_list: ptrace::robust_list(tid).step(pid, || step("robust futex list"))?,
     })
+}
+
+/// /proc/PID/timers: `ID:`, `signal: SIGNO/VALUE`, `notify: KIND/pid.N`, `ClockID:`.
+fn read_posix_timers(pid: Pid) -> Result<Vec<PosixTimer>> {
+    let path = format!("/proc/{pid}/timers");
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let mut out: Vec<PosixTimer> = Vec::new();
+    let bad = |line: &str| DumpError::Kernel {
+        pid: pid.as_raw(),
+        step: "reading its POSIX timers".into(),
+        source: kext_shim::Error::Parse {
+            path: path.clone(),
+            what: "timers line",
+            line: line.into(),
+        },
+    };
+    for line in text.lines() {
+        let (k, v) = line.split_once(':').ok_or_else(|| bad(line))?;
+        let v = v.trim();
+        if k == "ID" {
+            out.push(PosixTimer {
+                id: v.parse().map_err(|_| bad(line))?,
+                clock: 0,
+                signo: 0,
+                value: 0,
+                notify: 0,
+                tid: 0,
+                interval_ns: 0,
+                value_ns: 0,
+            });
+            continue;
+        }
+        let t = out.last_mut().ok_or_else(|| bad(line))?;
+        match k {
+            "signal" => {
+                let (s, val) = v.split_once('/').ok_or_else(|| bad(line))?;
+                t.signo = s.parse().map_err(|_| bad(line))?;
+                t.value = u64::from_str_radix(val, 16).map_err(|_| bad(line))?;
+            }
+            "notify" => {
+                let (kind, who) = v.split_once('/').ok_or_else(|| bad(line))?;
+                t.notify = match kind {
+                    "signal" => 0,
+                    "none" => 1,
+                    "thread" => 4,
+                    _ => return Err(bad(line)),
+                };
+                let n = who
+                    .rsplit('.')
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                if t.notify == 4 {
+                    t.tid = n;
+                }
+            }
+            "ClockID" => t.clock = v.parse().map_err(|_| bad(line))?,
+            _ => {}
+        }
+    }
+    Ok(out)
 }

@@ -104,6 +104,7 @@ mod tests {
             personality: 0,
             dumpable: 1,
             itimers: [(0, 0); 3],
+            posix_timers: vec![],
             rlimits: vec![],
             sigactions: vec![],
             shared_pending: vec![],

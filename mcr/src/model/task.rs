@@ -25,6 +25,8 @@ pub struct ProcessImage {
     /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF as (interval, time left) in
     /// microseconds; the time left counts from the restore.
     pub itimers: [(u64, u64); 3],
+    /// timer_create timers, with their ids.
+    pub posix_timers: Vec<PosixTimer>,
     /// (soft, hard) per RLIMIT_*, in kernel order; u64::MAX is unlimited.
     pub rlimits: Vec<(u64, u64)>,
     /// Index n holds the action of signal n+1.
@@ -109,4 +111,21 @@ pub struct ZombieImage {
     pub sid: i32,
     /// The status waitpid will report (exit code << 8, or the killing signal).
     pub status: i32,
+}
+
+/// A POSIX timer (timer_create): its id, clock, how it notifies, and when it fires next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PosixTimer {
+    pub id: i32,
+    pub clock: i32,
+    pub signo: i32,
+    /// sigev_value, handed to the signal handler.
+    pub value: u64,
+    /// SIGEV_SIGNAL (0), SIGEV_NONE (1) or SIGEV_THREAD_ID (4).
+    pub notify: i32,
+    /// The thread signalled, for SIGEV_THREAD_ID.
+    pub tid: i32,
+    /// Period and time left, in ns; time left counts from the restore.
+    pub interval_ns: u64,
+    pub value_ns: u64,
 }

@@ -246,6 +246,8 @@ pub fn rebuild(
         // no longer choose tids).
         set_itimers(cx, p)?;
         create_threads(cx, p)?;
+        // After the threads: a timer may signal one of them.
+        set_posix_timers(cx, p)?;
         queue_pending(cx, p)?;
         for (i, t) in p.threads.iter().enumerate() {
             cx.with_thread(i, |cx| set_thread_state(cx, t))?;
@@ -909,6 +911,59 @@ fn set_itimers(cx: &mut Ctx, p: &ProcessImage) -> Result<()> {
             || format!("setitimer({which})"),
         )?;
     }
+    Ok(())
+}
+
+/// POSIX timers with their ids (PR_TIMER_CREATE_RESTORE_IDS makes timer_create take
+/// the id it is given), armed for the time they had left.
+fn set_posix_timers(cx: &mut Ctx, p: &ProcessImage) -> Result<()> {
+    const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
+    if p.posix_timers.is_empty() {
+        return Ok(());
+    }
+    cx.call(
+        libc::SYS_prctl,
+        [PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0, 0],
+        || "prctl(PR_TIMER_CREATE_RESTORE_IDS, on)".into(),
+    )?;
+    for t in &p.posix_timers {
+        // struct sigevent: sigev_value u64, sigev_signo i32, sigev_notify i32, then the
+        // union whose first int is the thread id; the timer id goes after it.
+        let mut b = vec![0u8; 64];
+        b[0..8].copy_from_slice(&t.value.to_ne_bytes());
+        b[8..12].copy_from_slice(&t.signo.to_ne_bytes());
+        b[12..16].copy_from_slice(&t.notify.to_ne_bytes());
+        b[16..20].copy_from_slice(&t.tid.to_ne_bytes());
+        b.extend_from_slice(&t.id.to_ne_bytes());
+        let ev = cx.put(&b)?;
+        cx.call(
+            libc::SYS_timer_create,
+            [t.clock as u64, ev, ev + 64, 0, 0, 0],
+            || format!("timer_create with id {}", t.id),
+        )?;
+        if t.value_ns != 0 {
+            let mut its = Vec::with_capacity(32);
+            for w in [
+                t.interval_ns / 1_000_000_000,
+                t.interval_ns % 1_000_000_000,
+                t.value_ns / 1_000_000_000,
+                t.value_ns % 1_000_000_000,
+            ] {
+                its.extend_from_slice(&w.to_ne_bytes());
+            }
+            let a = cx.put(&its)?;
+            cx.call(
+                libc::SYS_timer_settime,
+                [t.id as u64, 0, a, 0, 0, 0],
+                || format!("timer_settime of timer {}", t.id),
+            )?;
+        }
+    }
+    cx.call(
+        libc::SYS_prctl,
+        [PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0, 0],
+        || "prctl(PR_TIMER_CREATE_RESTORE_IDS, off)".into(),
+    )?;
     Ok(())
 }
 
