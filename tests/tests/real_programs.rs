@@ -201,3 +201,32 @@ fn restore_under_root_into_a_copy_of_the_files() {
     assert_pass(&r.check());
     assert_eq!(r.wait(), 0);
 }
+
+#[test]
+fn a_bash_job_tree_waits_for_its_restored_child() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    // A subshell reading the job's stdin (through fd 3: bash gives background jobs
+    // /dev/null otherwise), and bash in `wait` for it.
+    let script = "exec 3<&0; (read line <&3; echo \"child got $line\") & echo READY; wait; echo parent done";
+    let p = Proc::start(&mut g, Path::new("bash"), &["-c", script], None);
+    let deadline = Instant::now() + LINE_TIMEOUT;
+    while tree_pids(p.pid).len() < 2 || !in_syscall(tree_pids(p.pid)[1], 0) {
+        assert!(
+            Instant::now() < deadline,
+            "the subshell never blocked in read"
+        );
+        std::thread::yield_now();
+    }
+    let mut r = round_trip(&mut g, p, &tmp.path().join("img"), &[], &[]);
+    r.send("CHECK");
+    assert_eq!(r.lines.next_line().as_deref(), Some("child got CHECK"));
+    assert_eq!(r.lines.next_line().as_deref(), Some("parent done"));
+    assert_eq!(r.wait(), 0);
+}
+
+/// Whether `pid` sits in syscall `nr` (from /proc/PID/syscall).
+fn in_syscall(pid: i32, nr: u32) -> bool {
+    let sc = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+    sc.split(' ').next() == Some(&nr.to_string())
+}
