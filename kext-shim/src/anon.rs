@@ -123,3 +123,52 @@ pub fn send_all(fd: &OwnedFd, messages: &[Vec<u8>], stream: bool) -> Result<()> 
     }
     Ok(())
 }
+
+/// The path of a file named by a file handle (as inotify's fdinfo shows them), looked up
+/// through `mount_dir`, a directory of the same filesystem. Needs CAP_DAC_READ_SEARCH.
+pub fn path_of_handle(mount_dir: &str, handle_type: i32, handle: &[u8]) -> Result<String> {
+    let dir = std::fs::File::open(mount_dir).map_err(|e| crate::Error::io(mount_dir, e))?;
+    // struct file_handle: handle_bytes u32, handle_type i32, then the bytes.
+    let mut fh = Vec::with_capacity(8 + handle.len());
+    fh.extend_from_slice(&(handle.len() as u32).to_ne_bytes());
+    fh.extend_from_slice(&handle_type.to_ne_bytes());
+    fh.extend_from_slice(handle);
+    // SAFETY: `fh` is a complete struct file_handle of the length it declares.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            dir.as_raw_fd(),
+            fh.as_ptr(),
+            libc::O_PATH | libc::O_CLOEXEC,
+        )
+    };
+    let fd = owned(r, || format!("open_by_handle_at under {mount_dir}"))?;
+    let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    crate::procfs::read_link(&link)
+}
+
+/// A new inotify instance.
+pub fn inotify(flags: i32) -> Result<OwnedFd> {
+    // SAFETY: inotify_init1 takes no pointers.
+    owned(
+        unsafe { libc::syscall(libc::SYS_inotify_init1, flags) },
+        || "inotify_init1".into(),
+    )
+}
+
+/// Adds a watch and returns its watch descriptor.
+pub fn inotify_add(fd: &OwnedFd, path: &str, mask: u32) -> Result<i32> {
+    let c = std::ffi::CString::new(path).map_err(|_| crate::Error::Unexpected {
+        pid: 0,
+        what: format!("path {path:?} has a NUL byte"),
+    })?;
+    // SAFETY: a NUL-terminated path that outlives the call.
+    let r = unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c.as_ptr(), mask) };
+    check(r as libc::c_long, || format!("inotify_add_watch {path}")).map(|w| w as i32)
+}
+
+pub fn inotify_rm(fd: &OwnedFd, wd: i32) -> Result<()> {
+    // SAFETY: inotify_rm_watch takes no pointers.
+    let r = unsafe { libc::inotify_rm_watch(fd.as_raw_fd(), wd) };
+    check(r as libc::c_long, || format!("inotify_rm_watch {wd}")).map(|_| ())
+}

@@ -174,6 +174,10 @@ pub fn text(image: &Image) -> String {
                     *interval_ns as f64 / 1e9
                 ),
                 FdKind::SignalFd { mask } => format!("signalfd mask {mask:#x}"),
+                FdKind::Inotify { watches } => format!(
+                    "inotify watching {:?}",
+                    watches.iter().map(|w| w.path.as_str()).collect::<Vec<_>>()
+                ),
                 FdKind::Epoll { targets } => format!(
                     "epoll watching fds {:?}",
                     targets.iter().map(|t| t.fd).collect::<Vec<_>>()

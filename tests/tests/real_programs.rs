@@ -208,7 +208,8 @@ fn a_bash_job_tree_waits_for_its_restored_child() {
     let mut g = Guard::new();
     // A subshell reading the job's stdin (through fd 3: bash gives background jobs
     // /dev/null otherwise), and bash in `wait` for it.
-    let script = "exec 3<&0; (read line <&3; echo \"child got $line\") & echo READY; wait; echo parent done";
+    let script =
+        "exec 3<&0; (read line <&3; echo \"child got $line\") & echo READY; wait; echo parent done";
     let p = Proc::start(&mut g, Path::new("bash"), &["-c", script], None);
     let deadline = Instant::now() + LINE_TIMEOUT;
     while tree_pids(p.pid).len() < 2 || !in_syscall(tree_pids(p.pid)[1], 0) {

@@ -2,8 +2,8 @@
 
 use super::{DumpError, Result, StepContext};
 use crate::model::{
-    EpollTarget, FdEntry, FdKind, FileLock, FileRef, LockKind, PipeImage, ProcessImage,
-    UnixSocketImage,
+    EpollTarget, FdEntry, FdKind, FileLock, FileRef, InotifyWatch, LockKind, PipeImage,
+    ProcessImage, UnixSocketImage,
 };
 use kext_shim::procfs::{self, FileIdentity};
 use kext_shim::Pid;
@@ -51,7 +51,7 @@ pub fn collect(pid: Pid, shell_job: bool) -> Result<Vec<FdEntry>> {
         };
         let kind = match ident.mode & libc::S_IFMT {
             _ if link.starts_with("anon_inode:") => {
-                anon_object(&link, &info).map_err(|why| unsupported(&why))?
+                anon_object(pid, fd, &link, &info).map_err(|why| unsupported(&why))?
             }
             libc::S_IFREG if link.starts_with("/memfd:") => FdKind::Memfd {
                 ino: ident.ino,
@@ -134,7 +134,8 @@ pub fn number_file_descriptions(procs: &mut [ProcessImage]) -> Result<()> {
                 FdKind::Memfd { ino, .. } => (u64::MAX - 2, *ino, 0),
                 FdKind::UnixSocket { ino } => (u64::MAX - 3, *ino, 0),
                 // One anon inode serves every eventfd (and the like): kcmp tells them apart.
-                FdKind::EventFd { .. }
+                FdKind::Inotify { .. }
+                | FdKind::EventFd { .. }
                 | FdKind::TimerFd { .. }
                 | FdKind::SignalFd { .. }
                 | FdKind::Epoll { .. } => (u64::MAX - 1, 0, 0),
@@ -248,6 +249,8 @@ pub fn resolve_pipes(procs: &mut [ProcessImage], shell_job: bool) -> Result<Vec<
 
 /// eventfd, timerfd, signalfd and epoll, read from their fdinfo.
 fn anon_object(
+    pid: Pid,
+    fd: i32,
     link: &str,
     info: &kext_shim::procfs::FdInfo,
 ) -> std::result::Result<FdKind, String> {
@@ -311,6 +314,9 @@ fn anon_object(
                 });
             }
             Ok(FdKind::Epoll { targets })
+        }
+        "anon_inode:inotify" => {
+            inotify(pid, fd, &info.text).map(|watches| FdKind::Inotify { watches })
         }
         _ => Err("this kind of object is not supported yet".into()),
     }
@@ -451,4 +457,52 @@ fn name_of(s: &kext_shim::unix::UnixSocket) -> String {
         .as_deref()
         .map(|n| format!(" ({n})"))
         .unwrap_or_default()
+}
+
+/// An inotify instance's watches, from its fdinfo: each names its file by a handle,
+/// opened again through a mount of its filesystem to learn the path.
+fn inotify(pid: Pid, fd: i32, fdinfo: &str) -> std::result::Result<Vec<InotifyWatch>, String> {
+    let theirs = kext_shim::pidfd::pidfd_open(pid)
+        .and_then(|p| kext_shim::pidfd::pidfd_getfd(&p, pid, fd))
+        .map_err(|e| e.to_string())?;
+    if kext_shim::pipe::bytes_queued(&theirs).map_err(|e| e.to_string())? > 0 {
+        return Err("inotify events are waiting to be read; they cannot be kept yet".into());
+    }
+    let mounts = procfs::read_mountinfo(Pid::this()).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for line in fdinfo.lines().filter(|l| l.starts_with("inotify ")) {
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .ok_or_else(|| format!("bad inotify line: {line}"))
+        };
+        let hex = |k: &str| {
+            field(k)
+                .and_then(|v| u64::from_str_radix(v, 16).map_err(|_| format!("bad {k} in {line}")))
+        };
+        let sdev = hex("sdev:")?;
+        let (major, minor) = ((sdev >> 20) as u32, (sdev & 0xfffff) as u32);
+        let mount = mounts
+            .iter()
+            .find(|m| m.dev_major == major && m.dev_minor == minor)
+            .ok_or_else(|| format!("no mount of device {major}:{minor} for an inotify watch"))?;
+        let handle = field("f_handle:")?;
+        let bytes: Vec<u8> = (0..handle.len() / 2)
+            .map(|i| u8::from_str_radix(&handle[2 * i..2 * i + 2], 16))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| format!("bad handle in {line}"))?;
+        let path = kext_shim::anon::path_of_handle(
+            &mount.mount_point,
+            hex("fhandle-type:")? as i32,
+            &bytes,
+        )
+        .map_err(|e| format!("finding the file of an inotify watch: {e}"))?;
+        out.push(InotifyWatch {
+            wd: hex("wd:")? as i32,
+            path,
+            mask: hex("mask:")? as u32,
+        });
+    }
+    out.sort_by_key(|w| w.wd);
+    Ok(out)
 }

@@ -83,6 +83,10 @@ pub enum FdKind {
         interval_ns: u64,
         ticks: u64,
     },
+    /// An inotify instance and its watches (by watch descriptor, which restore keeps).
+    Inotify {
+        watches: Vec<InotifyWatch>,
+    },
     SignalFd {
         mask: u64,
     },
@@ -126,4 +130,12 @@ pub struct UnixSocketImage {
     pub kind: i32,
     /// Messages (a stream's bytes, in pieces) queued for this end to read.
     pub queue: Vec<Vec<u8>>,
+}
+
+/// One inotify watch: its descriptor, the path watched and the event mask.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InotifyWatch {
+    pub wd: i32,
+    pub path: String,
+    pub mask: u32,
 }

@@ -359,6 +359,41 @@ fn open_process(
                 kext_shim::anon::timerfd(*clockid, nonblock, *value_ns, *interval_ns, *ticks)
                     .map_err(|err| cx.err(&what, Path::new("timerfd"), err.to_string()))?,
             ),
+            FdKind::Inotify { watches } => {
+                let ino = kext_shim::anon::inotify(libc::O_NONBLOCK)
+                    .map_err(|err| cx.err(&what, Path::new("inotify"), err.to_string()))?;
+                for w in watches {
+                    let path = root.join(w.path.trim_start_matches('/'));
+                    let p = path.display().to_string();
+                    // Descriptors are handed out in increasing order: take and drop
+                    // ones until the watch gets the number it had.
+                    loop {
+                        let got = kext_shim::anon::inotify_add(&ino, &p, w.mask)
+                            .map_err(|err| cx.err(&what, &path, err.to_string()))?;
+                        if got == w.wd {
+                            break;
+                        }
+                        if got > w.wd {
+                            return Err(cx.err(
+                                &what,
+                                &path,
+                                format!("watch descriptor {got} came back instead of {}", w.wd),
+                            ));
+                        }
+                        kext_shim::anon::inotify_rm(&ino, got)
+                            .map_err(|err| cx.err(&what, &path, err.to_string()))?;
+                    }
+                }
+                // The watches dropped on the way each queued an IN_IGNORED: read them off,
+                // then give the fd its own blocking mode.
+                let mut junk = [0u8; 4096];
+                while nix::unistd::read(ino.as_raw_fd(), &mut junk).is_ok_and(|n| n > 0) {}
+                let fl = nix::fcntl::OFlag::from_bits_truncate(nonblock);
+                nix::fcntl::fcntl(ino.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(fl)).map_err(
+                    |err| cx.err(&what, Path::new("inotify"), format!("F_SETFL: {err}")),
+                )?;
+                plan.keep(ino)
+            }
             FdKind::SignalFd { mask } => plan.keep(
                 kext_shim::anon::signalfd(*mask, nonblock)
                     .map_err(|err| cx.err(&what, Path::new("signalfd"), err.to_string()))?,
