@@ -8,8 +8,11 @@
 
 mod build;
 mod files;
+mod memory;
 mod shared;
+mod state;
 mod stub;
+mod threads;
 
 use crate::image::{Image, ImageError};
 use kext_shim::procfs::Stat;
@@ -159,7 +162,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         opts.shell_job.then_some(opts.stdio),
     )?;
     steps.push(("open files", t.elapsed()));
-    build::check_vdso_layout(p0)?;
+    memory::check_vdso_layout(p0)?;
 
     let t = Instant::now();
     for p in procs {
@@ -173,7 +176,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     // The whole tree as fresh stubs first, each forked by its parent after that parent
     // took its session and group, so the children inherit them.
     let mut stubs = vec![stub::Stub::spawn(p0.pid, chroot_dir(&root, &p0.root))?];
-    build::early_init(&mut stub::fresh_injector(stubs[0].pid)?, p0.into(), procs)?;
+    state::early_init(&mut stub::fresh_injector(stubs[0].pid)?, p0.into(), procs)?;
     for p in &procs[1..] {
         let parent = procs
             .iter()
@@ -181,7 +184,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
             .expect("checked above");
         let mut inj = stub::fresh_injector(stubs[parent].pid)?;
         let child = stubs[parent].fork_child(&mut inj, p.pid)?;
-        build::early_init(&mut stub::fresh_injector(child.pid)?, p.into(), procs)?;
+        state::early_init(&mut stub::fresh_injector(child.pid)?, p.into(), procs)?;
         stubs.push(child);
     }
     // Zombies: forked by their parent like any child, then ended with their status.
@@ -195,12 +198,12 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         let mut inj = stub::fresh_injector(stubs[parent].pid)?;
         let zs = stubs[parent].fork_child(&mut inj, z.pid)?;
         let mut zinj = stub::fresh_injector(zs.pid)?;
-        let ids = build::Ids {
+        let ids = state::Ids {
             pid: z.pid,
             pgid: z.pgid,
             sid: z.sid,
         };
-        build::early_init(&mut zinj, ids, procs)?;
+        state::early_init(&mut zinj, ids, procs)?;
         zs.die_as(&mut zinj, z.status)?;
     }
     // The stubs hold their own copies now.

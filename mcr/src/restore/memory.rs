@@ -1,0 +1,301 @@
+//! The address space: the stub's own memory goes, the vDSO moves to where the image
+//! had it, every VMA is made again and filled, and the mm fields are set.
+
+use super::build::{find_gap, Ctx, SCRATCH_PAGES};
+use super::files::FdNumbers;
+use super::shared::{Backing, Placement};
+use super::{RestoreError, Result, StepContext};
+use crate::image::Image;
+use crate::model::{ProcessImage, Vma, VmaKind};
+use kext_shim::mem::write_remote_ranges;
+use kext_shim::procfs::{self, MapEntry};
+use kext_shim::{sys, PAGE_SIZE};
+
+/// The three vDSO parts, as (name, kind) in their kernel order.
+pub(super) const VDSO_PARTS: [(&str, VmaKind); 3] = [
+    ("[vvar]", VmaKind::Vvar),
+    ("[vvar_vclock]", VmaKind::VvarVclock),
+    ("[vdso]", VmaKind::Vdso),
+];
+
+/// Refuses an image whose vDSO does not match this kernel's, before any process exists.
+pub(super) fn check_vdso_layout(p: &ProcessImage) -> Result<()> {
+    let ours =
+        procfs::read_maps(kext_shim::Pid::this()).step(p.pid, || "reading our own maps".into())?;
+    for (name, kind) in VDSO_PARTS {
+        let theirs = p.mm.vmas.iter().find(|v| v.kind == kind).map(Vma::len);
+        let mine = ours.iter().find(|m| m.path == name).map(MapEntry::len);
+        if theirs.is_some() && theirs != mine {
+            return Err(RestoreError::Incompatible {
+                pid: p.pid,
+                what: format!(
+                    "{name} is {} KiB in the image but {} KiB on this kernel",
+                    theirs.unwrap_or(0) / 1024,
+                    mine.unwrap_or(0) / 1024
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Unmaps everything the stub inherited from us except the vDSO parts and the shared
+/// memory objects prepared for the image.
+pub(super) fn teardown(cx: &mut Ctx, maps: &[MapEntry], shared: &Placement) -> Result<()> {
+    for m in maps {
+        if matches!(
+            m.path.as_str(),
+            "[vdso]" | "[vvar]" | "[vvar_vclock]" | "[vsyscall]"
+        ) || shared.iter().any(|p| match p.at {
+            Backing::Region { base, len } => m.start >= base && m.end <= base + len,
+            Backing::Memfd { .. } => false,
+        }) {
+            continue;
+        }
+        cx.inj.munmap(m.start, m.len()).step(cx.pid, || {
+            format!("unmapping inherited {:#x}-{:#x} {}", m.start, m.end, m.path)
+        })?;
+    }
+    Ok(())
+}
+
+/// Moves the stub's vDSO parts to where the image had them (or drops them if it had
+/// none). mremap keeps them working: the kernel follows the move.
+pub(super) fn move_vdso(
+    cx: &mut Ctx,
+    maps: &[MapEntry],
+    p: &ProcessImage,
+    used: &[(u64, u64)],
+    scratch: u64,
+) -> Result<()> {
+    let mut moves = Vec::new();
+    for (name, kind) in VDSO_PARTS {
+        let Some(m) = maps.iter().find(|m| m.path == name) else {
+            continue;
+        };
+        match p.mm.vmas.iter().find(|v| v.kind == kind) {
+            Some(v) if v.start != m.start => moves.push((m.start, v.start, m.len())),
+            Some(_) => {}
+            None => cx
+                .inj
+                .munmap(m.start, m.len())
+                .step(cx.pid, || format!("unmapping {name}"))?,
+        }
+    }
+    let overlaps = moves.iter().any(|&(_, to, len)| {
+        moves
+            .iter()
+            .any(|&(from, _, l2)| to < from + l2 && from < to + len)
+    });
+    if overlaps {
+        // Park them out of the way first.
+        let total: u64 = moves.iter().map(|m| m.2).sum();
+        let mut u = used.to_vec();
+        u.push((scratch, scratch + SCRATCH_PAGES * PAGE_SIZE));
+        let mut park = find_gap(&u, total, 1 << 32).ok_or_else(|| RestoreError::Incompatible {
+            pid: cx.pid,
+            what: "no room to move the vDSO".into(),
+        })?;
+        for m in moves.iter_mut() {
+            mremap(cx, m.0, park, m.2)?;
+            m.0 = park;
+            park += m.2;
+        }
+    }
+    for (from, to, len) in moves {
+        mremap(cx, from, to, len)?;
+    }
+    Ok(())
+}
+
+pub(super) fn mremap(cx: &mut Ctx, from: u64, to: u64, len: u64) -> Result<()> {
+    cx.call(
+        libc::SYS_mremap,
+        [
+            from,
+            len,
+            len,
+            (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
+            to,
+            0,
+        ],
+        || format!("mremap vDSO part {from:#x} -> {to:#x}"),
+    )?;
+    Ok(())
+}
+
+pub(super) fn map_vma(cx: &mut Ctx, v: &Vma, fds: &FdNumbers, shared: &Placement) -> Result<()> {
+    let share = if v.shared {
+        libc::MAP_SHARED
+    } else {
+        libc::MAP_PRIVATE
+    };
+    let grow = if v.advice.grows_down {
+        libc::MAP_GROWSDOWN
+    } else {
+        0
+    };
+    let (flags, fd, off) = match v.kind {
+        VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock => return Ok(()),
+        VmaKind::Anonymous => (share | libc::MAP_ANONYMOUS, -1, 0),
+        VmaKind::Memfd { ino } => {
+            let fd =
+                super::shared::memfd_fd(shared, ino).ok_or_else(|| RestoreError::Incompatible {
+                    pid: cx.pid,
+                    what: format!("memfd {ino} is missing from the image"),
+                })?;
+            (share, fd, v.offset)
+        }
+        VmaKind::SharedAnonymous { shmem } => {
+            let base = shared
+                .iter()
+                .find_map(|p| match p.at {
+                    Backing::Region { base, .. } if p.ino == shmem => Some(base),
+                    _ => None,
+                })
+                .ok_or_else(|| RestoreError::Incompatible {
+                    pid: cx.pid,
+                    what: format!("shared memory object {shmem} is missing from the image"),
+                })?;
+            cx.call(
+                libc::SYS_mremap,
+                [
+                    base + v.offset,
+                    0,
+                    v.len(),
+                    (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
+                    v.start,
+                    0,
+                ],
+                || format!("mapping shared object {shmem} at {:#x}", v.start),
+            )?;
+            if v.prot != libc::PROT_READ | libc::PROT_WRITE {
+                cx.inj
+                    .mprotect(v.start, v.len(), v.prot)
+                    .step(cx.pid, || format!("protecting {:#x}-{:#x}", v.start, v.end))?;
+            }
+            return advise(cx, v);
+        }
+        VmaKind::File(i) => (share, fds.map_fds[i as usize], v.offset),
+    };
+    cx.inj
+        .mmap(
+            v.start,
+            v.len(),
+            v.prot,
+            flags | grow | libc::MAP_FIXED_NOREPLACE,
+            fd,
+            off,
+        )
+        .step(cx.pid, || {
+            format!("recreating mapping {:#x}-{:#x}", v.start, v.end)
+        })?;
+    advise(cx, v)
+}
+
+/// Re-applies the VMA's madvise flags.
+pub(super) fn advise(cx: &mut Ctx, v: &Vma) -> Result<()> {
+    let a = v.advice;
+    for (on, advice) in [
+        (a.hugepage, libc::MADV_HUGEPAGE),
+        (a.no_hugepage, libc::MADV_NOHUGEPAGE),
+        (a.dont_dump, libc::MADV_DONTDUMP),
+        (a.dont_fork, libc::MADV_DONTFORK),
+        (a.wipe_on_fork, libc::MADV_WIPEONFORK),
+        (a.mergeable, libc::MADV_MERGEABLE),
+    ] {
+        if on {
+            cx.call(
+                libc::SYS_madvise,
+                [v.start, v.len(), advice as u64, 0, 0, 0],
+                || format!("madvise({advice}) on {:#x}-{:#x}", v.start, v.end),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies the image's pages in: process_vm_writev where the mapping is writable,
+/// /proc/PID/mem (which ignores protections) where it is not, on every core: the cost
+/// is the first touch of the new pages, which scales with cores.
+pub(super) fn fill(cx: &mut Ctx, p: &ProcessImage, image: &Image) -> Result<u64> {
+    let pid = kext_shim::Pid::from_raw(cx.pid);
+    let raw = cx.pid;
+    let chunks: Vec<_> = image.chunks_of(p.pid).collect();
+    let pages: u64 = chunks.iter().map(|c| c.n_pages as u64).sum();
+    let mem = &cx.mem;
+    crate::par::for_each(
+        &chunks,
+        crate::par::workers_for(pages * PAGE_SIZE),
+        Vec::new,
+        |buf, c| {
+            let end = c.addr + c.len_bytes() as u64;
+            let v =
+                p.mm.vmas
+                    .iter()
+                    .find(|v| v.start <= c.addr && end <= v.end)
+                    .expect("checked when the image was opened");
+            let data = c.pages(buf).map_err(|e| {
+                RestoreError::Image(crate::image::ImageError::Corrupt {
+                    path: image.dir.join("pages").display().to_string(),
+                    offset: 0,
+                    what: format!("chunk at {:#x}: {e}", c.addr),
+                })
+            })?;
+            if v.writable() {
+                write_remote_ranges(pid, &[(c.addr, data)])
+            } else {
+                mem.write(c.addr, data)
+            }
+            .step(raw, || format!("writing pages at {:#x}", c.addr))
+        },
+    )?;
+    Ok(pages)
+}
+
+/// PR_SET_MM_MAP: code/data/brk/stack/arg/env bounds, auxv and the exe link at once.
+pub(super) fn set_mm(cx: &mut Ctx, p: &ProcessImage, fds: &FdNumbers) -> Result<()> {
+    let f = &p.mm.fields;
+    let auxv_off = 128u64;
+    let auxv: Vec<u8> = p.mm.auxv.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    if auxv.len() as u64 + auxv_off > PAGE_SIZE {
+        return Err(RestoreError::Incompatible {
+            pid: cx.pid,
+            what: format!("auxv of {} bytes is too large", auxv.len()),
+        });
+    }
+    let mut b = Vec::with_capacity(auxv_off as usize + auxv.len());
+    for w in [
+        f.start_code,
+        f.end_code,
+        f.start_data,
+        f.end_data,
+        f.start_brk,
+        f.brk,
+        f.start_stack,
+        f.arg_start,
+        f.arg_end,
+        f.env_start,
+        f.env_end,
+        cx.data + auxv_off,
+    ] {
+        b.extend_from_slice(&w.to_ne_bytes());
+    }
+    b.extend_from_slice(&(auxv.len() as u32).to_ne_bytes());
+    b.extend_from_slice(&(fds.exe_fd as u32).to_ne_bytes());
+    let size = b.len() as u64;
+    b.resize(auxv_off as usize, 0);
+    b.extend_from_slice(&auxv);
+    let addr = cx.put(&b)?;
+    cx.call(
+        libc::SYS_prctl,
+        [sys::PR_SET_MM, sys::PR_SET_MM_MAP, addr, size, 0, 0],
+        || {
+            format!(
+                "prctl(PR_SET_MM_MAP) with brk {:#x} and exe {}",
+                f.brk, p.mm.exe.path
+            )
+        },
+    )?;
+    Ok(())
+}
