@@ -5,7 +5,8 @@
  * - a periodic timerfd (every 20 ms) and a one-shot timerfd armed for 30 s;
  * - a signalfd for SIGUSR1, which is blocked and pending;
  * - an epoll watching the eventfd (data 0xabc) and stdin (data 0x0);
- * - an inotify instance with watch descriptors 2 and 3 (1 removed);
+ * - an inotify instance with watch descriptors 2 and 3 (1 removed) on a directory of
+ *   its own and its cwd;
  * - a sealed memfd of 100 KiB, open at offset 777, mapped shared and privately (with a
  *   copy-on-write change in the private mapping).
  * After CHECK each object must be back with its state: the counters, the epoll
@@ -63,13 +64,17 @@ int main(void)
         FAIL("setup: memfd mappings or seals: %s", strerror(errno));
     mpv[5] = 0xee; /* copy-on-write: private to this mapping */
 
-    /* inotify: watch descriptors 2 and 3 (1 was removed), on /tmp and the cwd. */
+    /* inotify: watch descriptors 2 and 3 (1 was removed), on a directory of our own
+     * (nothing else makes events there) and the cwd. */
+    static char watched[] = "/tmp/mcr-objects-XXXXXX";
+    if (!mkdtemp(watched))
+        FAIL("setup: mkdtemp: %s", strerror(errno));
     int ino = inotify_init1(IN_NONBLOCK);
-    int w1 = inotify_add_watch(ino, "/tmp", IN_CREATE);
+    int w1 = inotify_add_watch(ino, watched, IN_CREATE);
     int w2 = inotify_add_watch(ino, ".", IN_ATTRIB);
     if (ino < 0 || w1 != 1 || w2 != 2 || inotify_rm_watch(ino, w1))
         FAIL("setup: inotify: %s", strerror(errno));
-    int w3 = inotify_add_watch(ino, "/tmp", IN_CREATE | IN_DELETE);
+    int w3 = inotify_add_watch(ino, watched, IN_CREATE | IN_DELETE);
     if (w3 != 3)
         FAIL("setup: inotify third watch is %d", w3);
     /* The IN_IGNORED event of the removed watch is read now: nothing may wait in it. */
@@ -80,9 +85,9 @@ int main(void)
     ready();
     wait_check();
 
-    /* inotify: the /tmp watch is still number 3 and reports; number 2 still exists. */
+    /* inotify: the directory's watch is still number 3 and reports; 2 still exists. */
     char tmpname[64];
-    snprintf(tmpname, sizeof tmpname, "/tmp/mcr-inotify-%d", getpid());
+    snprintf(tmpname, sizeof tmpname, "%s/file", watched);
     int t = open(tmpname, O_CREAT | O_WRONLY, 0600);
     if (t < 0)
         FAIL("creating %s: %s", tmpname, strerror(errno));
@@ -94,6 +99,7 @@ int main(void)
         FAIL("inotify: no IN_CREATE from watch 3 (read %zd, wd %d)", evlen, evlen > 0 ? e->wd : -1);
     if (inotify_rm_watch(ino, 2) != 0)
         FAIL("inotify watch 2 is gone");
+    rmdir(watched);
 
     /* The memfd: offset, contents, one object behind the fd and the shared mapping. */
     if (lseek(mfd, 0, SEEK_CUR) != 777)
