@@ -7,9 +7,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode};
 use mcr::dump::{AfterDump, CheckpointOptions};
 use mcr::image::Compression;
-use mcr::restore::RestoreOptions;
-use mcr_bench::{image_root, Workload};
-use std::os::fd::AsRawFd;
+use mcr_bench::{image_root, RestoreTarget, Workload};
 use std::time::{Duration, Instant};
 
 const SIZES_MIB: [usize; 3] = [16, 256, 1024];
@@ -76,32 +74,11 @@ fn restore(c: &mut Criterion) {
         })
         .expect("checkpoint");
         let _ = w.child.wait();
-        let (in_r, _in_w) = nix::unistd::pipe().expect("pipe");
-        let null = std::fs::OpenOptions::new()
-            .write(true)
-            .open("/dev/null")
-            .expect("/dev/null");
-        let mut opts = RestoreOptions::new(&img);
-        opts.shell_job = true;
-        opts.stdio = [in_r.as_raw_fd(), null.as_raw_fd(), null.as_raw_fd()];
+        let target = RestoreTarget::new(&img);
         g.bench_with_input(
             BenchmarkId::from_parameter(format!("{mib}MiB")),
             &mib,
-            |b, _| {
-                b.iter_custom(|iters| {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        let t = Instant::now();
-                        let r = mcr::restore::restore(&opts).expect("restore");
-                        total += t.elapsed();
-                        let pid = nix::unistd::Pid::from_raw(r.pid);
-                        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)
-                            .expect("kill");
-                        nix::sys::wait::waitpid(pid, None).expect("reap");
-                    }
-                    total
-                })
-            },
+            |b, _| b.iter_custom(|iters| target.time(iters)),
         );
     }
     g.finish();

@@ -9,10 +9,8 @@
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
 use mcr::dump::{AfterDump, CheckpointOptions, CheckpointReport};
 use mcr::image::Compression;
-use mcr::restore::RestoreOptions;
-use mcr_bench::{image_root, kill_tree, Workload};
-use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant};
+use mcr_bench::{image_root, RestoreTarget, Workload};
+use std::time::Duration;
 
 /// (processes, threads per process, MiB per process)
 const SHAPES: [(usize, usize, usize); 3] = [(3, 1, 64), (1, 4, 256), (8, 4, 32)];
@@ -73,26 +71,8 @@ fn tree(c: &mut Criterion, procs: usize, threads: usize, mib: usize) {
     for p in pids {
         let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(p), None);
     }
-    let (in_r, _in_w) = nix::unistd::pipe().expect("pipe");
-    let null = std::fs::OpenOptions::new()
-        .write(true)
-        .open("/dev/null")
-        .expect("/dev/null");
-    let mut opts = RestoreOptions::new(&img);
-    opts.shell_job = true;
-    opts.stdio = [in_r.as_raw_fd(), null.as_raw_fd(), null.as_raw_fd()];
-    g.bench_function("restore", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let t = Instant::now();
-                let r = mcr::restore::restore(&opts).expect("restore");
-                total += t.elapsed();
-                kill_tree(r.pid);
-            }
-            total
-        })
-    });
+    let target = RestoreTarget::new(&img);
+    g.bench_function("restore", |b| b.iter_custom(|iters| target.time(iters)));
     g.finish();
 }
 

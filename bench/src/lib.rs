@@ -104,3 +104,42 @@ pub fn kill_tree(pid: i32) {
         let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(p), None);
     }
 }
+
+/// What a restore benchmark restores into: the image's shell-job stdio bound to a pipe we
+/// keep open (so the workload never sees EOF) and /dev/null.
+pub struct RestoreTarget {
+    pub opts: mcr::restore::RestoreOptions,
+    _stdin: (std::os::fd::OwnedFd, std::os::fd::OwnedFd),
+    _null: std::fs::File,
+}
+
+impl RestoreTarget {
+    pub fn new(img: &std::path::Path) -> RestoreTarget {
+        use std::os::fd::AsRawFd;
+        let stdin = nix::unistd::pipe().expect("pipe");
+        let null = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .expect("/dev/null");
+        let mut opts = mcr::restore::RestoreOptions::new(img);
+        opts.shell_job = true;
+        opts.stdio = [stdin.0.as_raw_fd(), null.as_raw_fd(), null.as_raw_fd()];
+        RestoreTarget {
+            opts,
+            _stdin: stdin,
+            _null: null,
+        }
+    }
+
+    /// Restores `iters` times, timing only the restores; each restored tree is killed.
+    pub fn time(&self, iters: u64) -> std::time::Duration {
+        let mut total = std::time::Duration::ZERO;
+        for _ in 0..iters {
+            let t = std::time::Instant::now();
+            let r = mcr::restore::restore(&self.opts).expect("restore");
+            total += t.elapsed();
+            kill_tree(r.pid);
+        }
+        total
+    }
+}

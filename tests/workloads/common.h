@@ -15,6 +15,8 @@
 
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -117,6 +119,24 @@ static inline uint64_t mix64(uint64_t x)
     x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
     x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
     return x ^ (x >> 31);
+}
+
+/* Waits, without sleeping, until `pid` sits in syscall `nr` (from /proc/PID/syscall):
+ * how a parent knows its child is parked, e.g. in rt_sigsuspend (130). */
+static inline void wait_in_syscall(pid_t pid, int nr)
+{
+    char path[64], buf[64], want[16];
+    snprintf(path, sizeof path, "/proc/%d/syscall", (int)pid);
+    int wl = snprintf(want, sizeof want, "%d ", nr);
+    for (;;) {
+        int fd = open(path, O_RDONLY);
+        ssize_t n = fd >= 0 ? read(fd, buf, sizeof buf - 1) : -1;
+        if (fd >= 0)
+            close(fd);
+        if (n > wl && strncmp(buf, want, (size_t)wl) == 0)
+            return;
+        sched_yield();
+    }
 }
 
 #endif

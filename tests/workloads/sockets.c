@@ -89,17 +89,7 @@ int main(void)
     if (send(sp[0], "seq-one", 7, 0) != 7 || send(sp[0], "seq-two", 7, 0) != 7)
         FAIL("setup: seqpacket send: %s", strerror(errno));
     /* Ready once the child has sent its part and parked in sigsuspend (syscall 130). */
-    char path[64], sc[32];
-    snprintf(path, sizeof path, "/proc/%d/syscall", c);
-    for (;;) {
-        int f = open(path, O_RDONLY);
-        ssize_t n = f >= 0 ? read(f, sc, sizeof sc - 1) : -1;
-        if (f >= 0)
-            close(f);
-        if (n > 4 && strncmp(sc, "130 ", 4) == 0)
-            break;
-        sched_yield();
-    }
+    wait_in_syscall(c, 130);
 
     ready();
     wait_check();

@@ -67,23 +67,10 @@ static int verify(uint64_t seed)
     return 0;
 }
 
-/* Waits, without sleeping, until `pid` is parked in rt_sigsuspend (syscall 130). */
+/* Parked: in rt_sigsuspend (syscall 130). */
 static void wait_parked(pid_t pid)
 {
-    char path[64], buf[64];
-    snprintf(path, sizeof path, "/proc/%d/syscall", pid);
-    for (;;) {
-        int fd = open(path, O_RDONLY);
-        ssize_t n = fd >= 0 ? read(fd, buf, sizeof buf - 1) : -1;
-        if (fd >= 0)
-            close(fd);
-        if (n > 0) {
-            buf[n] = 0;
-            if (strncmp(buf, "130 ", 4) == 0)
-                return;
-        }
-        sched_yield();
-    }
+    wait_in_syscall(pid, 130);
 }
 
 static void park(void)
