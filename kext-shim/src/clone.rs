@@ -26,6 +26,8 @@ pub struct StubSpec {
     pub pid: i32,
     /// Directory to chroot into before stopping (already resolved by the caller).
     pub chroot: Option<String>,
+    /// CLONE_NEW* flags: namespaces the stub starts (uts, ipc).
+    pub namespaces: u64,
 }
 
 /// Forks a restore stub with pid `spec.pid`: a copy of the calling process that chroots as
@@ -49,6 +51,7 @@ pub fn spawn_stub(spec: &StubSpec) -> Result<Pid> {
     let tids = [spec.pid];
     // pid 0 means any pid (used by probes).
     let args = CloneArgs {
+        flags: spec.namespaces,
         exit_signal: libc::SIGCHLD as u64,
         set_tid: if spec.pid > 0 {
             tids.as_ptr() as u64
@@ -167,4 +170,85 @@ pub fn probe_set_tid() -> std::result::Result<(), Errno> {
         (_, Errno::EEXIST) => Ok(()),
         (_, e) => Err(e),
     }
+}
+
+/// The namespace `pid` is in, of kind `kind` (`uts`, `ipc`, ...), as its /proc link
+/// names it (`uts:[4026531838]`).
+pub fn namespace(pid: Pid, kind: &str) -> Result<String> {
+    crate::procfs::read_link(&format!("/proc/{pid}/ns/{kind}"))
+}
+
+/// How many SysV IPC objects (shared memory, semaphores, message queues) the ipc
+/// namespace of `pid` holds: read from a short-lived thread that joins it.
+pub fn sysv_objects(pid: Pid) -> Result<usize> {
+    let path = format!("/proc/{pid}/ns/ipc");
+    let ns = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns takes no pointers; it changes this thread's ipc namespace
+            // only, and the thread ends right after.
+            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWIPC) };
+            check(r as libc::c_long, || {
+                format!("setns into the ipc namespace of {pid}")
+            })?;
+            let mut n = 0;
+            for f in [
+                "/proc/sysvipc/shm",
+                "/proc/sysvipc/sem",
+                "/proc/sysvipc/msg",
+            ] {
+                let t = std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?;
+                n += t.lines().count().saturating_sub(1);
+            }
+            Ok(n)
+        })
+        .join()
+        .unwrap_or_else(|_| {
+            Err(Error::Unexpected {
+                pid: pid.as_raw(),
+                what: "ipc probe thread panicked".into(),
+            })
+        })
+    })
+}
+
+/// The host and domain names in the uts namespace of `pid`, read from a short-lived
+/// thread that joins it.
+pub fn uts_names(pid: Pid) -> Result<(String, String)> {
+    let path = format!("/proc/{pid}/ns/uts");
+    let ns = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns takes no pointers; it changes this thread's uts namespace
+            // only, and the thread ends right after.
+            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWUTS) };
+            check(r as libc::c_long, || {
+                format!("setns into the uts namespace of {pid}")
+            })?;
+            // SAFETY: uname fills the struct we hand it.
+            let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+            // SAFETY: as above; `u` outlives the call.
+            check(unsafe { libc::uname(&mut u) } as libc::c_long, || {
+                "uname".into()
+            })?;
+            let s = |f: &[libc::c_char]| {
+                let b: Vec<u8> = f
+                    .iter()
+                    .take_while(|&&c| c != 0)
+                    .map(|&c| c as u8)
+                    .collect();
+                String::from_utf8_lossy(&b).into_owned()
+            };
+            Ok((s(&u.nodename), s(&u.domainname)))
+        })
+        .join()
+        .unwrap_or_else(|_| {
+            Err(Error::Unexpected {
+                pid: pid.as_raw(),
+                what: "uts probe thread panicked".into(),
+            })
+        })
+    })
 }

@@ -295,3 +295,27 @@ fn restore_failing_late_kills_what_it_made() {
     let mut r = restore(&mut g, &img, &[]);
     assert_pass(&r.check());
 }
+
+#[test]
+fn a_network_namespace_of_its_own_is_refused_and_the_workload_keeps_running() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let mut cmd = Command::new("unshare");
+    cmd.arg("--net").arg(workload_bin("counter"));
+    let mut p = Proc::spawn(&mut g, cmd, Some("READY"));
+    let pid = p.pid.to_string();
+    let out = mcr(&[
+        "checkpoint",
+        "-t",
+        &pid,
+        "-D",
+        s(&tmp.path().join("img")),
+        "--shell-job",
+    ]);
+    assert_fails(
+        &out,
+        5,
+        &[&format!("pid {pid}"), "net namespace of its own"],
+    );
+    assert_pass(&p.check());
+}

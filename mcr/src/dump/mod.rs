@@ -151,6 +151,7 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
         for f in tree.procs.iter_mut() {
             processes.push(task::collect(f, opts.shell_job)?);
         }
+        processes[0].namespaces = task::namespaces(&processes)?;
         let pipes = fds::resolve_pipes(&mut processes, opts.shell_job)?;
         let unix = fds::resolve_sockets(&mut processes, opts.shell_job)?;
         fds::number_file_descriptions(&mut processes)?;

@@ -3,7 +3,9 @@
 use super::freeze::{Frozen, FrozenThread};
 use super::parasite::ThreadAnswers;
 use super::{fds, mm, parasite, DumpError, Result, StepContext};
-use crate::model::{Creds, FileRef, PosixTimer, ProcessImage, Rseq, Siginfo, ThreadImage};
+use crate::model::{
+    Creds, FileRef, Namespaces, PosixTimer, ProcessImage, Rseq, Siginfo, ThreadImage,
+};
 use kext_shim::procfs::{self, FileIdentity, Stat, Status};
 use kext_shim::{ptrace, Errno, Pid};
 
@@ -132,6 +134,7 @@ pub fn collect(frozen: &mut Frozen, shell_job: bool) -> Result<ProcessImage> {
         dumpable: answers.dumpable,
         itimers: answers.itimers,
         posix_timers,
+        namespaces: Namespaces::default(),
         personality: procfs::read_personality(pid).step(pid, || "reading personality".into())?,
         rlimits: procfs::read_limits(pid).step(pid, || "reading limits".into())?,
         sigactions: answers.sigactions,
@@ -228,6 +231,52 @@ fn read_posix_timers(pid: Pid) -> Result<Vec<PosixTimer>> {
             }
             "ClockID" => t.clock = v.parse().map_err(|_| bad(line))?,
             _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Which namespaces the tree has of its own. uts and ipc are made again at restore (ipc
+/// only while it holds no SysV object); a tree in its own pid, mount or network
+/// namespace, or spread over several, is refused by name.
+pub fn namespaces(procs: &[ProcessImage]) -> Result<Namespaces> {
+    let me = Pid::this();
+    let root = Pid::from_raw(procs[0].pid);
+    let ns = |pid: Pid, kind: &str| {
+        kext_shim::clone::namespace(pid, kind).step(pid, || format!("reading its {kind} namespace"))
+    };
+    let mut out = Namespaces::default();
+    for kind in ["uts", "ipc", "pid", "mnt", "net"] {
+        let theirs = ns(root, kind)?;
+        for p in &procs[1..] {
+            if ns(Pid::from_raw(p.pid), kind)? != theirs {
+                return Err(DumpError::Unsupported {
+                    pid: p.pid,
+                    what: format!("it is in another {kind} namespace than the root of the tree; nested namespaces are not supported yet"),
+                });
+            }
+        }
+        if theirs == ns(me, kind)? {
+            continue;
+        }
+        match kind {
+            "uts" => out.uts = Some(kext_shim::clone::uts_names(root).step(root, || "reading its host name".into())?),
+            "ipc" => {
+                let n = kext_shim::clone::sysv_objects(root).step(root, || "counting its SysV IPC objects".into())?;
+                if n > 0 {
+                    return Err(DumpError::Unsupported {
+                        pid: root.as_raw(),
+                        what: format!("its ipc namespace holds {n} SysV IPC objects, which are not supported yet"),
+                    });
+                }
+                out.ipc = true;
+            }
+            _ => {
+                return Err(DumpError::Unsupported {
+                    pid: root.as_raw(),
+                    what: format!("it lives in a {kind} namespace of its own ({theirs}), which is not supported yet"),
+                })
+            }
         }
     }
     Ok(out)

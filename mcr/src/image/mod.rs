@@ -105,6 +105,7 @@ mod tests {
             dumpable: 1,
             itimers: [(0, 0); 3],
             posix_timers: vec![],
+            namespaces: Namespaces::default(),
             rlimits: vec![],
             sigactions: vec![],
             shared_pending: vec![],

@@ -27,6 +27,8 @@ pub struct ProcessImage {
     pub itimers: [(u64, u64); 3],
     /// timer_create timers, with their ids.
     pub posix_timers: Vec<PosixTimer>,
+    /// Namespaces of its own that the tree lives in (set on the root only).
+    pub namespaces: Namespaces,
     /// (soft, hard) per RLIMIT_*, in kernel order; u64::MAX is unlimited.
     pub rlimits: Vec<(u64, u64)>,
     /// Index n holds the action of signal n+1.
@@ -128,4 +130,13 @@ pub struct PosixTimer {
     /// Period and time left, in ns; time left counts from the restore.
     pub interval_ns: u64,
     pub value_ns: u64,
+}
+
+/// The namespaces a tree had of its own, made again around it at restore.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Namespaces {
+    /// Host and domain name, when it had its own uts namespace.
+    pub uts: Option<(String, String)>,
+    /// It had its own ipc namespace (and no SysV object in it).
+    pub ipc: bool,
 }

@@ -175,8 +175,22 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     }
     // The whole tree as fresh stubs first, each forked by its parent after that parent
     // took its session and group, so the children inherit them.
-    let mut stubs = vec![stub::Stub::spawn(p0.pid, chroot_dir(&root, &p0.root))?];
-    state::early_init(&mut stub::fresh_injector(stubs[0].pid)?, p0.into(), procs)?;
+    let ns = &p0.namespaces;
+    let flags = if ns.uts.is_some() {
+        libc::CLONE_NEWUTS as u64
+    } else {
+        0
+    } | if ns.ipc { libc::CLONE_NEWIPC as u64 } else { 0 };
+    let mut stubs = vec![stub::Stub::spawn(
+        p0.pid,
+        chroot_dir(&root, &p0.root),
+        flags,
+    )?];
+    let mut inj = stub::fresh_injector(stubs[0].pid)?;
+    if let Some((host, domain)) = &ns.uts {
+        stubs[0].set_uts(&mut inj, host, domain)?;
+    }
+    state::early_init(&mut inj, p0.into(), procs)?;
     for p in &procs[1..] {
         let parent = procs
             .iter()

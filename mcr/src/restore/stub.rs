@@ -13,10 +13,12 @@ pub struct Stub {
 }
 
 impl Stub {
-    pub fn spawn(pid: i32, chroot: Option<String>) -> Result<Stub> {
+    /// `namespaces` are CLONE_NEW* flags for namespaces the stub starts.
+    pub fn spawn(pid: i32, chroot: Option<String>, namespaces: u64) -> Result<Stub> {
         let spec = StubSpec {
             pid,
             chroot: chroot.clone(),
+            namespaces,
         };
         let child = spawn_stub(&spec).map_err(|e| match e.errno() {
             Some(Errno::EEXIST) => RestoreError::PidTaken {
@@ -217,6 +219,28 @@ impl Stub {
             ptrace::cont(pid, sig).step(raw, || format!("delivering signal {sig}"))?;
         }
         self.released = true;
+        Ok(())
+    }
+}
+
+impl Stub {
+    /// Names the new uts namespace this fresh stub started, from inside it.
+    pub fn set_uts(&self, inj: &mut Injector, hostname: &str, domainname: &str) -> Result<()> {
+        let raw = self.pid.as_raw();
+        let regs = ptrace::get_regs(self.pid).step(raw, || "reading registers".into())?;
+        let at = (regs.rsp - 1024) & !15;
+        let mem = ProcMem::open(self.pid).step(raw, || "opening /proc/PID/mem".into())?;
+        for (nr, name, what) in [
+            (libc::SYS_sethostname, hostname, "sethostname"),
+            (libc::SYS_setdomainname, domainname, "setdomainname"),
+        ] {
+            mem.write(at, name.as_bytes())
+                .step(raw, || format!("writing the {what} argument"))?;
+            inj.call(nr, [at, name.len() as u64, 0, 0, 0, 0], || {
+                format!("{what}({name:?})")
+            })
+            .step(raw, || format!("naming its uts namespace ({what})"))?;
+        }
         Ok(())
     }
 }
