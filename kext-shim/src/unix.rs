@@ -17,6 +17,9 @@ pub struct UnixSocket {
     /// Bound name: a path, or `@name` for the abstract namespace.
     pub name: Option<String>,
     pub peer: Option<u64>,
+    /// For a listener: connections waiting to be accepted, and the backlog it was given.
+    pub pending: u32,
+    pub backlog: u32,
 }
 
 const NETLINK_SOCK_DIAG: i32 = 4;
@@ -27,6 +30,8 @@ const UDIAG_SHOW_NAME: u32 = 1;
 const UDIAG_SHOW_PEER: u32 = 4;
 const UNIX_DIAG_NAME: u16 = 0;
 const UNIX_DIAG_PEER: u16 = 2;
+const UDIAG_SHOW_RQLEN: u32 = 0x10;
+const UNIX_DIAG_RQLEN: u16 = 4;
 
 fn u16_at(b: &[u8], i: usize) -> u16 {
     u16::from_ne_bytes([b[i], b[i + 1]])
@@ -57,7 +62,8 @@ pub fn unix_sockets() -> Result<BTreeMap<u64, UnixSocket>> {
     req[8..12].copy_from_slice(&1u32.to_ne_bytes());
     req[16] = libc::AF_UNIX as u8;
     req[20..24].copy_from_slice(&u32::MAX.to_ne_bytes()); // every state
-    req[28..32].copy_from_slice(&(UDIAG_SHOW_NAME | UDIAG_SHOW_PEER).to_ne_bytes());
+    req[28..32]
+        .copy_from_slice(&(UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN).to_ne_bytes());
     req[32..40].copy_from_slice(&[0xff; 8]);
     // SAFETY: sending our own buffer of the stated length.
     let n = unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
@@ -90,6 +96,8 @@ pub fn unix_sockets() -> Result<BTreeMap<u64, UnixSocket>> {
                     state: m[2],
                     name: None,
                     peer: None,
+                    pending: 0,
+                    backlog: 0,
                 };
                 let mut a = 16;
                 while a + 4 <= m.len() {
@@ -110,6 +118,10 @@ pub fn unix_sockets() -> Result<BTreeMap<u64, UnixSocket>> {
                             })
                         }
                         UNIX_DIAG_PEER if data.len() >= 4 => s.peer = Some(u32_at(data, 0) as u64),
+                        UNIX_DIAG_RQLEN if data.len() >= 8 => {
+                            s.pending = u32_at(data, 0);
+                            s.backlog = u32_at(data, 4);
+                        }
                         _ => {}
                     }
                     a += (alen + 3) & !3;
@@ -194,4 +206,55 @@ pub fn peek_queue(pid: Pid, fd: i32, stream: bool) -> Result<Vec<Vec<u8>>> {
     let q = res?;
     reset?;
     Ok(q)
+}
+
+/// A unix socket of `kind` bound to `name` (a path, or `@name` in the abstract
+/// namespace) and listening with `backlog`. A stale socket file at the path (left by the
+/// listener this one replaces) is removed first.
+pub fn listen(kind: i32, name: &str, backlog: u32) -> Result<OwnedFd> {
+    // SAFETY: socket takes no pointers.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, kind | libc::SOCK_CLOEXEC, 0) };
+    check(fd as libc::c_long, || "socket(AF_UNIX)".into())?;
+    // SAFETY: a fresh fd the kernel just returned, owned by no one else.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_un is plain data; zeroed is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let (bytes, abstract_) = match name.strip_prefix('@') {
+        Some(n) => (n.as_bytes(), true),
+        None => (name.as_bytes(), false),
+    };
+    let off = usize::from(abstract_);
+    if bytes.len() + off >= addr.sun_path.len() {
+        return Err(crate::Error::Unexpected {
+            pid: 0,
+            what: format!("socket name {name:?} is too long"),
+        });
+    }
+    for (i, &b) in bytes.iter().enumerate() {
+        addr.sun_path[i + off] = b as libc::c_char;
+    }
+    if !abstract_ {
+        if let Ok(m) = std::fs::symlink_metadata(name) {
+            use std::os::unix::fs::FileTypeExt;
+            if m.file_type().is_socket() {
+                let _ = std::fs::remove_file(name);
+            }
+        }
+    }
+    let len =
+        std::mem::size_of::<libc::sa_family_t>() + off + bytes.len() + usize::from(!abstract_);
+    // SAFETY: `addr` is a sockaddr_un and `len` does not exceed it.
+    let r = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len as libc::socklen_t,
+        )
+    };
+    check(r as libc::c_long, || format!("bind to {name}"))?;
+    // SAFETY: listen takes no pointers.
+    let r = unsafe { libc::listen(sock.as_raw_fd(), backlog as i32) };
+    check(r as libc::c_long, || format!("listen on {name}"))?;
+    Ok(sock)
 }

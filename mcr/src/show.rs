@@ -154,6 +154,9 @@ pub fn text(image: &Image) -> String {
                         if *read_end { "read" } else { "write" }
                     )
                 }
+                FdKind::UnixListener { name, backlog, .. } => {
+                    format!("unix socket listening on {name} (backlog {backlog})")
+                }
                 FdKind::UnixSocket { ino } => {
                     format!("unix socket:[{ino}] (pair inside the image)")
                 }

@@ -2,14 +2,19 @@
  * sockets: a parent and a child joined by three unix socket pairs (stream, datagram,
  * seqpacket), with data queued in both directions when the checkpoint lands. After
  * CHECK the child reads what waited for it, message by message where boundaries
- * matter, and answers; the parent reads what waited for it and reaps the child.
+ * matter, and answers; the parent reads what waited for it and reaps the child. The
+ * parent also listens on a path and on an abstract name, and after CHECK connects to
+ * both listeners it restored and exchanges a message through each.
  */
 #include "common.h"
 
 #include <fcntl.h>
+#include <stddef.h>
 #include <sched.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 
 static int recv_exact(int fd, char *buf, size_t len)
@@ -30,6 +35,34 @@ static int all_are(const char *b, size_t n, char c)
         if (b[i] != c)
             return 0;
     return 1;
+}
+
+/* Binds and listens on `name` (a leading '@' means the abstract namespace). */
+static int listener(int type, const char *name, struct sockaddr_un *a, socklen_t *len)
+{
+    memset(a, 0, sizeof *a);
+    a->sun_family = AF_UNIX;
+    int abs = name[0] == '@';
+    strncpy(a->sun_path + abs, name + abs, sizeof a->sun_path - 2);
+    *len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + strlen(name) + !abs);
+    int fd = socket(AF_UNIX, type, 0);
+    if (fd < 0 || bind(fd, (struct sockaddr *)a, *len) || listen(fd, 4))
+        return -1;
+    return fd;
+}
+
+/* Connects to a listener, accepts, and passes "ping" through: 0 if it worked. */
+static int ping(int type, int lfd, const struct sockaddr_un *a, socklen_t len)
+{
+    int c = socket(AF_UNIX, type, 0);
+    if (c < 0 || connect(c, (const struct sockaddr *)a, len))
+        return -1;
+    int s = accept(lfd, NULL, NULL);
+    char b[8] = {0};
+    int ok = s >= 0 && write(c, "ping", 4) == 4 && read(s, b, sizeof b) == 4 && memcmp(b, "ping", 4) == 0;
+    close(c);
+    close(s);
+    return ok ? 0 : -1;
 }
 
 static void on_usr1(int s)
@@ -66,6 +99,15 @@ int main(void)
     if (socketpair(AF_UNIX, SOCK_STREAM, 0, st) || socketpair(AF_UNIX, SOCK_DGRAM, 0, dg) ||
         socketpair(AF_UNIX, SOCK_SEQPACKET, 0, sp))
         FAIL("setup: socketpair: %s", strerror(errno));
+    char lpath[64], aname[64];
+    snprintf(lpath, sizeof lpath, "/tmp/mcr-listen-%d.sock", (int)getpid());
+    snprintf(aname, sizeof aname, "@mcr-listen-%d", (int)getpid());
+    struct sockaddr_un la, aa;
+    socklen_t llen, alen;
+    int lfd = listener(SOCK_STREAM, lpath, &la, &llen);
+    int afd = listener(SOCK_SEQPACKET, aname, &aa, &alen);
+    if (lfd < 0 || afd < 0 || chmod(lpath, 0640))
+        FAIL("setup: listening sockets: %s", strerror(errno));
     sigset_t usr1;
     sigemptyset(&usr1);
     sigaddset(&usr1, SIGUSR1);
@@ -102,6 +144,14 @@ int main(void)
         FAIL("child exit status %#x", status);
     if (recv_exact(st[0], buf, 4) || memcmp(buf, "done", 4))
         FAIL("no answer from the child");
+    struct stat ls;
+    if (stat(lpath, &ls) || (ls.st_mode & 0777) != 0640)
+        FAIL("listening socket file mode %o, want 640", (unsigned)(ls.st_mode & 0777));
+    if (ping(SOCK_STREAM, lfd, &la, llen))
+        FAIL("the listener on %s does not take connections: %s", lpath, strerror(errno));
+    if (ping(SOCK_SEQPACKET, afd, &aa, alen))
+        FAIL("the abstract listener does not take connections: %s", strerror(errno));
+    unlink(lpath);
     say("PASS sockets\n");
     return 0;
 }

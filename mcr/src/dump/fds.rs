@@ -133,6 +133,7 @@ pub fn number_file_descriptions(procs: &mut [ProcessImage]) -> Result<()> {
                 }
                 FdKind::Memfd { ino, .. } => (u64::MAX - 2, *ino, 0),
                 FdKind::UnixSocket { ino } => (u64::MAX - 3, *ino, 0),
+                FdKind::UnixListener { ino, .. } => (u64::MAX - 5, *ino, 0),
                 // One anon inode serves every eventfd (and the like): kcmp tells them apart.
                 FdKind::Inotify { .. }
                 | FdKind::EventFd { .. }
@@ -420,7 +421,38 @@ pub fn resolve_sockets(
             None => {
                 "a socket of a family not supported yet (only unix socket pairs are)".to_string()
             }
-            Some(s) if s.state == 10 => format!("a listening unix socket{}", name_of(s)),
+            Some(s) if s.state == 10 && s.pending > 0 => format!(
+                "a listening unix socket{} with {} connections waiting to be accepted",
+                name_of(s),
+                s.pending
+            ),
+            Some(s) if s.state == 10 && s.name.is_some() => {
+                let name = s.name.clone().unwrap_or_default();
+                let mode = if name.starts_with('@') {
+                    0
+                } else {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::metadata(&name)
+                        .map(|m| m.permissions().mode())
+                        .unwrap_or(0)
+                };
+                let listener = FdKind::UnixListener {
+                    ino,
+                    kind: s.kind,
+                    name,
+                    backlog: s.backlog,
+                    mode,
+                };
+                for p in procs.iter_mut() {
+                    for e in p.fds.iter_mut() {
+                        if matches!(e.kind, FdKind::UnixSocket { ino: i } if i == ino) {
+                            e.kind = listener.clone();
+                        }
+                    }
+                }
+                continue;
+            }
+            Some(s) if s.state == 10 => "an unnamed listening unix socket".to_string(),
             Some(s) if s.name.is_some() => format!("a unix socket bound to {}", name_of(s)),
             Some(s) => match s.peer {
                 Some(peer) if holders.contains_key(&peer) => {

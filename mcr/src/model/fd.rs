@@ -62,6 +62,15 @@ pub enum FdKind {
         file: FileRef,
         read_end: bool,
     },
+    /// A listening unix socket bound to `name` (a path, or `@name` for the abstract
+    /// namespace), with no connection waiting; `mode` is its socket file's.
+    UnixListener {
+        ino: u64,
+        kind: i32,
+        name: String,
+        backlog: u32,
+        mode: u32,
+    },
     /// One end of a connected pair of unix sockets, both ends inside the image (see
     /// `Snapshot::unix`).
     UnixSocket {

@@ -315,6 +315,32 @@ fn open_process(
                 )?;
                 plan.keep(f)
             }
+            FdKind::UnixListener {
+                kind,
+                name,
+                backlog,
+                mode,
+                ..
+            } => {
+                let at = match name.strip_prefix('@') {
+                    Some(_) => name.clone(),
+                    None => root
+                        .join(name.trim_start_matches('/'))
+                        .display()
+                        .to_string(),
+                };
+                let sock = kext_shim::unix::listen(*kind, &at, *backlog)
+                    .map_err(|err| cx.err(&what, Path::new(&at), err.to_string()))?;
+                if *mode != 0 {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(&at, std::fs::Permissions::from_mode(*mode & 0o7777))
+                        .map_err(|err| cx.err(&what, Path::new(&at), format!("chmod: {err}")))?;
+                }
+                let fl = nix::fcntl::OFlag::from_bits_truncate(e.flags as i32 & libc::O_NONBLOCK);
+                nix::fcntl::fcntl(sock.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(fl))
+                    .map_err(|err| cx.err(&what, Path::new(&at), format!("F_SETFL: {err}")))?;
+                plan.keep(sock)
+            }
             FdKind::UnixSocket { ino } => {
                 let name = format!("socket:[{ino}]");
                 let &fd = plan.sockets.get(ino).ok_or_else(|| {
