@@ -178,77 +178,71 @@ pub fn namespace(pid: Pid, kind: &str) -> Result<String> {
     crate::procfs::read_link(&format!("/proc/{pid}/ns/{kind}"))
 }
 
-/// How many SysV IPC objects (shared memory, semaphores, message queues) the ipc
-/// namespace of `pid` holds: read from a short-lived thread that joins it.
-pub fn sysv_objects(pid: Pid) -> Result<usize> {
-    let path = format!("/proc/{pid}/ns/ipc");
+/// Runs `f` on a short-lived thread that has joined the `kind` namespace (`ipc`, `uts`)
+/// of `pid`: namespaces of those kinds are per thread, so ours stay as they are.
+fn in_namespace_of<T: Send>(
+    pid: Pid,
+    kind: &str,
+    flag: libc::c_int,
+    f: impl FnOnce() -> Result<T> + Send,
+) -> Result<T> {
+    let path = format!("/proc/{pid}/ns/{kind}");
     let ns = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
     std::thread::scope(|s| {
         s.spawn(|| {
             use std::os::fd::AsRawFd;
-            // SAFETY: setns takes no pointers; it changes this thread's ipc namespace
-            // only, and the thread ends right after.
-            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWIPC) };
+            // SAFETY: setns takes no pointers; it changes this thread's namespace only,
+            // and the thread ends right after.
+            let r = unsafe { libc::setns(ns.as_raw_fd(), flag) };
             check(r as libc::c_long, || {
-                format!("setns into the ipc namespace of {pid}")
+                format!("setns into the {kind} namespace of {pid}")
             })?;
-            let mut n = 0;
-            for f in [
-                "/proc/sysvipc/shm",
-                "/proc/sysvipc/sem",
-                "/proc/sysvipc/msg",
-            ] {
-                let t = std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?;
-                n += t.lines().count().saturating_sub(1);
-            }
-            Ok(n)
+            f()
         })
         .join()
         .unwrap_or_else(|_| {
             Err(Error::Unexpected {
                 pid: pid.as_raw(),
-                what: "ipc probe thread panicked".into(),
+                what: format!("{kind} namespace probe panicked"),
             })
         })
     })
 }
 
-/// The host and domain names in the uts namespace of `pid`, read from a short-lived
-/// thread that joins it.
+/// How many SysV IPC objects (shared memory, semaphores, message queues) the ipc
+/// namespace of `pid` holds.
+pub fn sysv_objects(pid: Pid) -> Result<usize> {
+    in_namespace_of(pid, "ipc", libc::CLONE_NEWIPC, || {
+        let mut n = 0;
+        for f in [
+            "/proc/sysvipc/shm",
+            "/proc/sysvipc/sem",
+            "/proc/sysvipc/msg",
+        ] {
+            let t = std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?;
+            n += t.lines().count().saturating_sub(1);
+        }
+        Ok(n)
+    })
+}
+
+/// The host and domain names in the uts namespace of `pid`.
 pub fn uts_names(pid: Pid) -> Result<(String, String)> {
-    let path = format!("/proc/{pid}/ns/uts");
-    let ns = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            use std::os::fd::AsRawFd;
-            // SAFETY: setns takes no pointers; it changes this thread's uts namespace
-            // only, and the thread ends right after.
-            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWUTS) };
-            check(r as libc::c_long, || {
-                format!("setns into the uts namespace of {pid}")
-            })?;
-            // SAFETY: uname fills the struct we hand it.
-            let mut u: libc::utsname = unsafe { std::mem::zeroed() };
-            // SAFETY: as above; `u` outlives the call.
-            check(unsafe { libc::uname(&mut u) } as libc::c_long, || {
-                "uname".into()
-            })?;
-            let s = |f: &[libc::c_char]| {
-                let b: Vec<u8> = f
-                    .iter()
-                    .take_while(|&&c| c != 0)
-                    .map(|&c| c as u8)
-                    .collect();
-                String::from_utf8_lossy(&b).into_owned()
-            };
-            Ok((s(&u.nodename), s(&u.domainname)))
-        })
-        .join()
-        .unwrap_or_else(|_| {
-            Err(Error::Unexpected {
-                pid: pid.as_raw(),
-                what: "uts probe thread panicked".into(),
-            })
-        })
+    in_namespace_of(pid, "uts", libc::CLONE_NEWUTS, || {
+        // SAFETY: utsname is plain data; zeroed is a valid value.
+        let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+        // SAFETY: uname fills `u`, which outlives the call.
+        check(unsafe { libc::uname(&mut u) } as libc::c_long, || {
+            "uname".into()
+        })?;
+        let s = |f: &[libc::c_char]| {
+            let b: Vec<u8> = f
+                .iter()
+                .take_while(|&&c| c != 0)
+                .map(|&c| c as u8)
+                .collect();
+            String::from_utf8_lossy(&b).into_owned()
+        };
+        Ok((s(&u.nodename), s(&u.domainname)))
     })
 }
