@@ -221,5 +221,53 @@ pub fn text(image: &Image) -> String {
             }
         );
     }
+    for (i, obj) in s.shmem.iter().enumerate() {
+        let owner = -1 - i as i32;
+        let stored: u64 = image
+            .chunks()
+            .filter(|c| c.pid == owner)
+            .map(|c| c.n_pages as u64)
+            .sum();
+        let what = match &obj.memfd {
+            Some(m) => format!("memfd {:?} (seals {:#x})", m.name, m.seals),
+            None => "shared anonymous memory".into(),
+        };
+        let _ = writeln!(
+            o,
+            "\n{what}, inode {}: {} bytes, {stored} pages stored",
+            obj.ino, obj.size
+        );
+    }
+    for p in &s.pipes {
+        let name = p
+            .fifo
+            .as_ref()
+            .map(|f| f.path.clone())
+            .unwrap_or_else(|| format!("pipe:[{}]", p.ino));
+        let _ = writeln!(
+            o,
+            "\n{name}: capacity {}, {} bytes in flight",
+            p.capacity,
+            p.data.len()
+        );
+    }
+    for u in &s.unix {
+        let bytes: usize = u.queue.iter().map(Vec::len).sum();
+        let _ = writeln!(
+            o,
+            "\nunix socket:[{}] (peer {}, type {}): {} messages, {bytes} bytes queued",
+            u.ino,
+            u.peer,
+            u.kind,
+            u.queue.len()
+        );
+    }
+    for z in &s.zombies {
+        let _ = writeln!(
+            o,
+            "\nzombie {} (child of {}): wait status {:#x}",
+            z.pid, z.ppid, z.status
+        );
+    }
     o
 }
