@@ -115,11 +115,6 @@ fn stub_child(root: Option<&CString>, parent: libc::c_long) -> ! {
     }
 }
 
-/// Whether `pid` is free right now (racy, for messages only).
-pub fn pid_in_use(pid: i32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
-}
-
 /// The kernel's pid_max.
 pub fn pid_max() -> Result<i32> {
     let p = "/proc/sys/kernel/pid_max";

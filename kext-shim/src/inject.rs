@@ -2,7 +2,7 @@
 //! with the arguments, single-step over it, read `rax` back. 17.7 µs a call here.
 
 use crate::ptrace::{self, Regs};
-use crate::{Errno, PAGE_SIZE};
+use crate::Errno;
 use crate::{Error, Pid, Result, SysError};
 
 /// The x86_64 `syscall` instruction.
@@ -151,9 +151,4 @@ pub fn find_syscall_insn(bytes: &[u8], base: u64) -> Option<u64> {
         .windows(2)
         .position(|w| w == SYSCALL_INSN)
         .map(|i| base + i as u64)
-}
-
-/// Rounds up to a page boundary.
-pub fn page_align(n: u64) -> u64 {
-    (n + PAGE_SIZE - 1) & !(PAGE_SIZE - 1)
 }

@@ -134,12 +134,14 @@ pub fn number_file_descriptions(procs: &mut [ProcessImage]) -> Result<()> {
                 FdKind::Memfd { ino, .. } => (u64::MAX - 2, *ino, 0),
                 FdKind::UnixSocket { ino } => (u64::MAX - 3, *ino, 0),
                 FdKind::UnixListener { ino, .. } => (u64::MAX - 5, *ino, 0),
-                // One anon inode serves every eventfd (and the like): kcmp tells them apart.
-                FdKind::Inotify { .. }
-                | FdKind::EventFd { .. }
-                | FdKind::TimerFd { .. }
-                | FdKind::SignalFd { .. }
-                | FdKind::Epoll { .. } => (u64::MAX - 1, 0, 0),
+                // One anon inode serves every eventfd (and the like): kcmp tells them apart,
+                // but only within one kind, so a process full of them is not compared
+                // pairwise across kinds while it is frozen.
+                FdKind::Inotify { .. } => (u64::MAX - 1, 0, 0),
+                FdKind::EventFd { .. } => (u64::MAX - 1, 1, 0),
+                FdKind::TimerFd { .. } => (u64::MAX - 1, 2, 0),
+                FdKind::SignalFd { .. } => (u64::MAX - 1, 3, 0),
+                FdKind::Epoll { .. } => (u64::MAX - 1, 4, 0),
                 FdKind::External { .. } => continue,
             };
             let mut found = None;

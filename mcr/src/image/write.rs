@@ -125,10 +125,6 @@ impl ImageWriter {
         Ok(f)
     }
 
-    pub fn compression(&self) -> Compression {
-        self.compression
-    }
-
     /// Writes one chunk: `buf` holds [`CHUNK_PREFIX`] spare bytes, then at most
     /// [`CHUNK_PAGES`] pages read from `addr` of `pid`. Safe to call from several threads.
     pub fn write_chunk(&self, pid: i32, addr: u64, buf: &mut [u8]) -> Result<()> {
