@@ -72,7 +72,13 @@ pub fn spawn_stub(spec: &StubSpec) -> Result<Pid> {
     };
     if r == 0 {
         // Child: only raw syscalls from here, no allocation or locks (another thread of
-        // the parent may have held them at fork time).
+        // the parent may have held them at fork time). In a new pid namespace our
+        // parent lives outside it and getppid() says 0.
+        let parent = if spec.namespaces & libc::CLONE_NEWPID as u64 != 0 {
+            0
+        } else {
+            parent
+        };
         stub_child(root.as_ref(), parent);
     }
     check(r, || {
@@ -112,6 +118,44 @@ fn stub_child(root: Option<&CString>, parent: libc::c_long) -> ! {
         }
         libc::syscall(libc::SYS_exit_group, code);
         libc::abort()
+    }
+}
+
+/// The address of what the init of a restored tree's new pid namespace runs, for a
+/// stub (a copy of us, so the address holds there too) to be pointed at with its first
+/// argument the pid, in the namespace, of the tree's root.
+pub fn pidns_init_entry() -> u64 {
+    pidns_init as *const () as u64
+}
+
+/// Reaps every child and orphan of the namespace; when the tree's root ends, ends the
+/// same way (exit code, or 128 + signal), which takes what is left of the namespace
+/// with it, as for any pid namespace whose init dies.
+extern "C" fn pidns_init(root: libc::c_long) -> ! {
+    // SAFETY: raw syscalls with a status word on our own stack. This runs in a stub that
+    // is a fork of mcr, on a stack and thread-local area copied from it.
+    unsafe {
+        let mut status: libc::c_int = 0;
+        loop {
+            let r = libc::syscall(
+                libc::SYS_wait4,
+                -1 as libc::c_long,
+                &mut status as *mut libc::c_int,
+                libc::__WALL,
+                0 as libc::c_long,
+            );
+            if r == root {
+                let sig = status & 0x7f;
+                let code = if sig == 0 {
+                    (status >> 8) & 0xff
+                } else {
+                    128 + sig
+                };
+                libc::syscall(libc::SYS_exit_group, code as libc::c_long);
+            } else if r < 0 && *libc::__errno_location() != libc::EINTR {
+                libc::syscall(libc::SYS_exit_group, 0 as libc::c_long);
+            }
+        }
     }
 }
 

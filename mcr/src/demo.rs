@@ -223,7 +223,7 @@ fn demo(mib: usize) -> Result<bool, Box<dyn std::error::Error>> {
     writeln!(w, "CHECK")?;
     let mut verdict = String::new();
     BufReader::new(std::fs::File::from(out_r)).read_line(&mut verdict)?;
-    let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(r.pid), None)?;
+    let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(r.child), None)?;
     println!("  workload says: {}", verdict.trim());
     if let Some(p) = verdict.split("longest pause ").nth(1) {
         println!(

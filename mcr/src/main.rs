@@ -65,6 +65,10 @@ enum Cmd {
         /// Bind the process's outside stdio to ours.
         #[arg(long)]
         shell_job: bool,
+        /// Restore into a new pid namespace, where the tree keeps its pids whatever
+        /// runs here; an init of ours is its pid 1 unless the tree's root was one.
+        #[arg(long)]
+        pidns: bool,
         /// Print the report as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -205,11 +209,13 @@ fn main() -> ExitCode {
             detach,
             pidfile,
             shell_job,
+            pidns,
             json,
         } => {
             let mut opts = RestoreOptions::new(dir);
             opts.root = root;
             opts.shell_job = shell_job;
+            opts.pidns = pidns;
             let r = match mcr::restore::restore(&opts) {
                 Ok(r) => r,
                 Err(e) => return fail(&e, e.exit_code()),
@@ -234,7 +240,7 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             // Like `criu restore` without -d: stay the parent and pass its exit on.
-            match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(r.pid), None) {
+            match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(r.child), None) {
                 Ok(nix::sys::wait::WaitStatus::Exited(_, c)) => ExitCode::from(c as u8),
                 Ok(nix::sys::wait::WaitStatus::Signaled(_, s, _)) => ExitCode::from(128 + s as u8),
                 _ => ExitCode::SUCCESS,

@@ -298,34 +298,3 @@ fn restored_processes_can_be_checkpointed_and_restored_again() {
         assert_eq!(r2.wait(), 0);
     }
 }
-
-#[test]
-fn own_uts_and_ipc_namespaces_are_made_again_with_the_host_name() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let mut g = Guard::new();
-    let counter = workload_bin("counter");
-    let script = format!("hostname mcr-test-host && exec {}", counter.display());
-    let mut cmd = std::process::Command::new("unshare");
-    cmd.args(["--uts", "--ipc", "sh", "-c", &script]);
-    let p = Proc::spawn(&mut g, cmd, Some("READY"));
-    let ours = std::fs::read_link("/proc/self/ns/uts").expect("our uts ns");
-    let mut r = round_trip(&mut g, p, &tmp.path().join("img"), &[], &[]);
-    for kind in ["uts", "ipc"] {
-        let theirs = std::fs::read_link(format!("/proc/{}/ns/{kind}", r.pid)).expect("ns link");
-        let mine = std::fs::read_link(format!("/proc/self/ns/{kind}")).expect("ns link");
-        assert_ne!(
-            theirs, mine,
-            "the restored process shares our {kind} namespace"
-        );
-    }
-    assert_ne!(
-        std::fs::read_link(format!("/proc/{}/ns/uts", r.pid)).expect("ns"),
-        ours
-    );
-    let out = std::process::Command::new("nsenter")
-        .args(["-t", &r.pid.to_string(), "-u", "hostname"])
-        .output()
-        .expect("nsenter");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "mcr-test-host");
-    assert_pass(&r.check());
-}

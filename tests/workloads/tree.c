@@ -1,5 +1,8 @@
 /*
- * tree DIR: a process tree across process groups and sessions, sharing one open file.
+ * tree DIR [own-session]: a process tree across process groups and sessions, sharing
+ * one open file. With own-session, P leads a session of its own and does not check its
+ * parent: the tree then holds every id it uses, and can move to a new pid namespace
+ * (whose init becomes P's parent).
  *
  *   P (the test's child) ── A ── A1   A1 leads its own session (setsid)
  *                        └─ B          B leads its own process group
@@ -31,6 +34,8 @@ static int shared_fd;
 #define SHM_WORDS (16 * 512)
 static volatile uint64_t *shm;
 static pid_t my_pid, my_ppid, my_pgid, my_sid;
+/* P's parent is outside the tree and may change (own-session mode). */
+static int skip_ppid;
 
 static void on_usr1(int sig)
 {
@@ -55,7 +60,7 @@ static int verify(uint64_t seed)
 {
     if (getpid() != my_pid)
         return 11;
-    if (getppid() != my_ppid)
+    if (!skip_ppid && getppid() != my_ppid)
         return 12;
     if (getpgid(0) != my_pgid)
         return 13;
@@ -101,6 +106,7 @@ static int reap(pid_t pid)
 /* A child's life: pattern, park, verify, append, exit. */
 static void child(uint64_t seed, char letter, pid_t (*spawn)(void))
 {
+    skip_ppid = 0;
     remember(seed);
     pid_t kid = spawn ? spawn() : 0;
     if (kid)
@@ -132,7 +138,12 @@ static pid_t spawn_a1(void)
 int main(int argc, char **argv)
 {
     if (argc < 2)
-        FAIL("usage: tree DIR");
+        FAIL("usage: tree DIR [own-session]");
+    if (argc > 2 && strcmp(argv[2], "own-session") == 0) {
+        if (setsid() < 0)
+            FAIL("setup: setsid: %s", strerror(errno));
+        skip_ppid = 1;
+    }
     char path[PATH_MAX];
     snprintf(path, sizeof path, "%s/shared", argv[1]);
     shared_fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0644);

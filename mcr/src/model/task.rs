@@ -139,4 +139,7 @@ pub struct Namespaces {
     pub uts: Option<(String, String)>,
     /// It had its own ipc namespace (and no SysV object in it).
     pub ipc: bool,
+    /// It had a pid namespace of its own: every pid in the image is as it saw them
+    /// there (the root is 1 when it was that namespace's init).
+    pub pid: bool,
 }

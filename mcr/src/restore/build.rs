@@ -44,7 +44,11 @@ pub(crate) fn find_gap(used: &[(u64, u64)], len: u64, from: u64) -> Option<u64> 
 }
 
 pub(super) struct Ctx<'a> {
+    /// The process as we see it (ptrace, /proc).
     pub(super) pid: i32,
+    /// Its pid as it sees itself, which syscalls made inside it take: the image's.
+    /// Different from `pid` in a new pid namespace.
+    pub(super) vpid: i32,
     /// Injects into the thread being worked on: the leader, or another one swapped in
     /// by `with_thread`.
     pub(super) inj: Injector,
@@ -96,6 +100,15 @@ impl Ctx<'_> {
         r
     }
 
+    /// Every thread as we see it, leader first, in image order.
+    fn host_tids(&self) -> Vec<kext_shim::Pid> {
+        let mut v = vec![kext_shim::Pid::from_raw(self.pid)];
+        let mut others: Vec<_> = self.others.iter().map(|(i, j)| (*i, j.pid())).collect();
+        others.sort_unstable_by_key(|(i, _)| *i);
+        v.extend(others.into_iter().map(|(_, t)| t));
+        v
+    }
+
     pub(super) fn timed<T>(
         &mut self,
         name: &'static str,
@@ -126,6 +139,7 @@ pub fn rebuild(
     let mem = ProcMem::open(pid).step(raw, || "opening /proc/PID/mem".into())?;
     let mut cx = Ctx {
         pid: raw,
+        vpid: p.pid,
         inj: super::stub::fresh_injector(pid)?,
         others: Vec::new(),
         data: 0,
@@ -266,15 +280,12 @@ pub fn rebuild(
                 },
             });
         }
-        for t in &p.threads {
-            set_cpu_state(raw, t)?;
+        let tids = cx.host_tids();
+        for (t, &tid) in p.threads.iter().zip(&tids) {
+            set_cpu_state(raw, tid, t)?;
         }
-        Ok(())
-    })?;
-    Ok(p.threads
-        .iter()
-        .map(|t| kext_shim::Pid::from_raw(t.tid))
-        .collect())
+        Ok(tids)
+    })
 }
 
 #[cfg(test)]

@@ -31,6 +31,9 @@ pub struct RestoreOptions {
     pub stdio: [i32; 3],
     /// How long to wait for a pid still held by a zombie before calling it taken.
     pub pid_wait: Duration,
+    /// Restore into a new pid namespace even if the tree had none of its own: its pids
+    /// are then free whatever runs here.
+    pub pidns: bool,
 }
 
 impl RestoreOptions {
@@ -41,6 +44,7 @@ impl RestoreOptions {
             shell_job: false,
             stdio: [0, 1, 2],
             pid_wait: Duration::from_secs(2),
+            pidns: false,
         }
     }
 }
@@ -48,7 +52,11 @@ impl RestoreOptions {
 /// A restored, running process (our child) and how long each step took.
 #[derive(Debug, Clone)]
 pub struct Restored {
+    /// The tree's root, as we see it.
     pub pid: i32,
+    /// Our child, whose end is the tree's end: the root, or the init of the new pid
+    /// namespace made for it (which ends the way the root does).
+    pub child: i32,
     pub pages: u64,
     pub steps: Vec<(&'static str, Duration)>,
 }
@@ -165,31 +173,50 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     memory::check_vdso_layout(p0)?;
 
     let t = Instant::now();
-    for p in procs {
-        for t in &p.threads {
-            wait_for_pid(t.tid, opts.pid_wait)?;
+    let ns = &p0.namespaces;
+    let new_pidns = ns.pid || opts.pidns;
+    if !new_pidns {
+        for p in procs {
+            for t in &p.threads {
+                wait_for_pid(t.tid, opts.pid_wait)?;
+            }
         }
-    }
-    for z in &snap.zombies {
-        wait_for_pid(z.pid, opts.pid_wait)?;
+        for z in &snap.zombies {
+            wait_for_pid(z.pid, opts.pid_wait)?;
+        }
     }
     // The whole tree as fresh stubs first, each forked by its parent after that parent
     // took its session and group, so the children inherit them.
-    let ns = &p0.namespaces;
     let flags = if ns.uts.is_some() {
         libc::CLONE_NEWUTS as u64
     } else {
         0
-    } | if ns.ipc { libc::CLONE_NEWIPC as u64 } else { 0 };
-    let mut stubs = vec![stub::Stub::spawn(
-        p0.pid,
+    } | if ns.ipc { libc::CLONE_NEWIPC as u64 } else { 0 }
+        | if new_pidns {
+            libc::CLONE_NEWPID as u64
+        } else {
+            0
+        };
+    // In a new pid namespace the first process is its pid 1: the root itself when it
+    // was an init, otherwise an init of ours that forks the root with its pid.
+    let first = stub::Stub::spawn(
+        if new_pidns { 0 } else { p0.pid },
         chroot_dir(&root, &p0.root),
         flags,
-    )?];
-    let mut inj = stub::fresh_injector(stubs[0].pid)?;
+    )?;
+    let mut inj = stub::fresh_injector(first.pid)?;
     if let Some((host, domain)) = &ns.uts {
-        stubs[0].set_uts(&mut inj, host, domain)?;
+        first.set_uts(&mut inj, host, domain)?;
     }
+    let mut init = None;
+    let mut stubs = if new_pidns && p0.pid != 1 {
+        let root = first.fork_child(&mut inj, p0.pid)?;
+        init = Some((first, inj));
+        inj = stub::fresh_injector(root.pid)?;
+        vec![root]
+    } else {
+        vec![first]
+    };
     state::early_init(&mut inj, p0.into(), procs)?;
     for p in &procs[1..] {
         let parent = procs
@@ -218,7 +245,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
             sid: z.sid,
         };
         state::early_init(&mut zinj, ids, procs)?;
-        zs.die_as(&mut zinj, z.status)?;
+        zs.die_as(&mut zinj, z.pid, z.status)?;
     }
     // The stubs hold their own copies now.
     let numbers = plan.numbers();
@@ -233,14 +260,29 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         )?);
     }
     let t = Instant::now();
+    let root_pid = stubs[0].pid.as_raw();
     // Children first: a parent never runs while a child of its is still half-made.
     for (stub, th) in stubs.into_iter().zip(threads).rev() {
         stub.release(&th)?;
     }
+    let child = match init {
+        Some((init, mut inj)) => {
+            let inherited: Vec<(u64, u64)> = placement
+                .iter()
+                .filter_map(|placed| match placed.at {
+                    shared::Backing::Region { base, len } => Some((base, len)),
+                    _ => None,
+                })
+                .collect();
+            init.run_as_init(&mut inj, p0.pid, &inherited)?.as_raw()
+        }
+        None => root_pid,
+    };
     steps.push(("resume", t.elapsed()));
     steps.push(("total", t0.elapsed()));
     Ok(Restored {
-        pid: p0.pid,
+        pid: root_pid,
+        child,
         pages,
         steps,
     })

@@ -297,7 +297,7 @@ pub(super) fn queue_pending(cx: &mut Ctx, p: &ProcessImage) -> Result<()> {
         let addr = cx.put(&si.0)?;
         cx.call(
             libc::SYS_rt_sigqueueinfo,
-            [cx.pid as u64, si.signo() as u64, addr, 0, 0, 0],
+            [cx.vpid as u64, si.signo() as u64, addr, 0, 0, 0],
             || format!("re-queueing process signal {}", si.signo()),
         )?;
     }
@@ -306,7 +306,7 @@ pub(super) fn queue_pending(cx: &mut Ctx, p: &ProcessImage) -> Result<()> {
             let addr = cx.put(&si.0)?;
             cx.call(
                 libc::SYS_rt_tgsigqueueinfo,
-                [cx.pid as u64, t.tid as u64, si.signo() as u64, addr, 0, 0],
+                [cx.vpid as u64, t.tid as u64, si.signo() as u64, addr, 0, 0],
                 || format!("re-queueing signal {} of thread {}", si.signo(), t.tid),
             )?;
         }

@@ -153,8 +153,12 @@ impl Stub {
                     source: e,
                 },
             })?;
-        inj.take_event();
-        let child = Pid::from_raw(child as i32);
+        // The event names the child as we see it; clone3's result is its pid in its
+        // own namespace, which differs in a new pid namespace.
+        let child = match inj.take_event() {
+            Some((_, msg)) => Pid::from_raw(msg as i32),
+            None => Pid::from_raw(child as i32),
+        };
         let stub = Stub {
             pid: child,
             released: false,
@@ -173,7 +177,7 @@ impl Stub {
 impl Stub {
     /// Ends this fresh stub the way the zombie it stands for ended, leaving a zombie with
     /// that status for its parent to reap. We, its tracer, see it die but do not reap it.
-    pub fn die_as(mut self, inj: &mut Injector, status: i32) -> Result<()> {
+    pub fn die_as(mut self, inj: &mut Injector, vpid: i32, status: i32) -> Result<()> {
         let pid = self.pid;
         let raw = pid.as_raw();
         let mut regs = ptrace::get_regs(pid).step(raw, || "reading registers".into())?;
@@ -207,7 +211,7 @@ impl Stub {
             .step(raw, || "resetting the signal".into())?;
             ptrace::set_sigmask(pid, 0).step(raw, || "unblocking signals".into())?;
             regs.rax = libc::SYS_kill as u64;
-            regs.rdi = raw as u64;
+            regs.rdi = vpid as u64;
             regs.rsi = signal as u64;
         }
         ptrace::set_regs(pid, &regs).step(raw, || "setting registers".into())?;
@@ -242,5 +246,50 @@ impl Stub {
             .step(raw, || format!("naming its uts namespace ({what})"))?;
         }
         Ok(())
+    }
+}
+
+impl Stub {
+    /// Turns this fresh stub, pid 1 of the tree's new pid namespace and parent of its
+    /// root, into the namespace's init: it lets go of everything it inherited from us
+    /// (fds, shared objects, the parent-death signal) and reaps until the root, pid
+    /// `root` in the namespace, ends, then ends the same way.
+    pub fn run_as_init(
+        mut self,
+        inj: &mut Injector,
+        root: i32,
+        inherited: &[(u64, u64)],
+    ) -> Result<Pid> {
+        let pid = self.pid;
+        let raw = pid.as_raw();
+        inj.call(
+            libc::SYS_close_range,
+            [0, u32::MAX as u64, 0, 0, 0, 0],
+            || "close_range of every fd".into(),
+        )
+        .step(raw, || {
+            "closing the fds the namespace init inherited".into()
+        })?;
+        for &(base, len) in inherited {
+            inj.munmap(base, len)
+                .step(raw, || format!("unmapping shared object at {base:#x}"))?;
+        }
+        inj.call(
+            libc::SYS_prctl,
+            [libc::PR_SET_PDEATHSIG as u64, 0, 0, 0, 0, 0],
+            || "clearing the parent-death signal".into(),
+        )
+        .step(raw, || "letting the namespace init outlive us".into())?;
+        ptrace::set_sigmask(pid, 0).step(raw, || "unblocking signals".into())?;
+        let mut regs = ptrace::get_regs(pid).step(raw, || "reading registers".into())?;
+        regs.rip = kext_shim::clone::pidns_init_entry();
+        regs.rdi = root as u64;
+        // As if just called: the stack 16-aligned before the return address.
+        regs.rsp = ((regs.rsp - 4096) & !15) - 8;
+        regs.orig_rax = u64::MAX;
+        ptrace::set_regs(pid, &regs).step(raw, || "setting registers".into())?;
+        ptrace::detach(pid, 0).step(raw, || "starting the namespace init".into())?;
+        self.released = true;
+        Ok(pid)
     }
 }

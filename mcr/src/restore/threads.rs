@@ -9,8 +9,7 @@ use kext_shim::inject::Injector;
 use kext_shim::ptrace;
 
 /// Registers, xsave area and signal mask: the last thing each thread gets.
-pub(super) fn set_cpu_state(raw: i32, t: &ThreadImage) -> Result<()> {
-    let tid = kext_shim::Pid::from_raw(t.tid);
+pub(super) fn set_cpu_state(raw: i32, tid: kext_shim::Pid, t: &ThreadImage) -> Result<()> {
     let words: [u64; ptrace::REGS_WORDS] =
         t.regs[..]
             .try_into()
@@ -68,8 +67,12 @@ pub(super) fn create_threads(cx: &mut Ctx, p: &ProcessImage) -> Result<()> {
                     source: e,
                 },
             })?;
-        cx.inj.take_event();
-        let tid = kext_shim::Pid::from_raw(got as i32);
+        // Ours to trace by the tid we see, which the event reports; clone3 returned
+        // the one the process sees.
+        let tid = match cx.inj.take_event() {
+            Some((_, msg)) => kext_shim::Pid::from_raw(msg as i32),
+            None => kext_shim::Pid::from_raw(got as i32),
+        };
         match ptrace::wait(tid).step(cx.pid, || format!("waiting for new thread {tid}"))? {
             ptrace::Stop::Stopped { .. } => {}
             other => {
