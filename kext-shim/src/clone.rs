@@ -26,8 +26,159 @@ pub struct StubSpec {
     pub pid: i32,
     /// Directory to chroot into before stopping (already resolved by the caller).
     pub chroot: Option<String>,
-    /// CLONE_NEW* flags: namespaces the stub starts (uts, ipc).
+    /// CLONE_NEW* flags: namespaces the stub starts (uts, ipc, pid, mnt).
     pub namespaces: u64,
+    /// With CLONE_NEWNS: what the stub mounts, in order, before its chroot.
+    pub mounts: Vec<MountOp>,
+}
+
+/// One step of setting up a new mount namespace, done by the stub itself at birth
+/// (before it stops), so that a fresh proc belongs to its pid namespace.
+#[derive(Debug, Clone)]
+pub enum MountOp {
+    /// mount(2) as given.
+    Mount {
+        source: Option<String>,
+        target: String,
+        fs_type: Option<String>,
+        flags: u64,
+        data: Option<String>,
+    },
+    /// umount2(target, MNT_DETACH); a target that is not a mount (any more) is fine.
+    Detach(String),
+    /// Makes `dir` (a mount point) the root: pivot_root there and detach the old root.
+    PivotRoot(String),
+}
+
+impl std::fmt::Display for MountOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MountOp::Mount {
+                source,
+                target,
+                fs_type,
+                flags,
+                data,
+            } => write!(
+                f,
+                "mount({}, {target}, {}, {flags:#x}, {})",
+                source.as_deref().unwrap_or("none"),
+                fs_type.as_deref().unwrap_or("none"),
+                data.as_deref().unwrap_or("")
+            ),
+            MountOp::Detach(t) => write!(f, "umount2({t}, MNT_DETACH)"),
+            MountOp::PivotRoot(d) => write!(f, "pivot_root into {d}"),
+        }
+    }
+}
+
+/// [`MountOp`] with its strings ready for raw syscalls in the child.
+enum RawMountOp {
+    Mount([Option<CString>; 4], u64),
+    Detach(CString),
+    PivotRoot(CString),
+}
+
+fn cstring(s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| Error::Unexpected {
+        pid: 0,
+        what: format!("path {s:?} has a NUL byte"),
+    })
+}
+
+impl RawMountOp {
+    fn new(op: &MountOp) -> Result<Self> {
+        let opt = |s: &Option<String>| s.as_deref().map(cstring).transpose();
+        Ok(match op {
+            MountOp::Mount {
+                source,
+                target,
+                fs_type,
+                flags,
+                data,
+            } => RawMountOp::Mount(
+                [
+                    opt(source)?,
+                    Some(cstring(target)?),
+                    opt(fs_type)?,
+                    opt(data)?,
+                ],
+                *flags,
+            ),
+            MountOp::Detach(t) => RawMountOp::Detach(cstring(t)?),
+            MountOp::PivotRoot(d) => RawMountOp::PivotRoot(cstring(d)?),
+        })
+    }
+
+    /// Runs in the child: raw syscalls only. Returns 0 or an errno.
+    fn run(&self) -> i32 {
+        let p = |s: &Option<CString>| s.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+        // SAFETY: every pointer is a NUL-terminated string (or null) that lives in the
+        // child's copy of our memory for the duration of the call.
+        unsafe {
+            let r = match self {
+                RawMountOp::Mount(a, flags) => libc::syscall(
+                    libc::SYS_mount,
+                    p(&a[0]),
+                    p(&a[1]),
+                    p(&a[2]),
+                    *flags as libc::c_ulong,
+                    p(&a[3]),
+                ),
+                RawMountOp::Detach(t) => {
+                    let r = libc::syscall(libc::SYS_umount2, t.as_ptr(), libc::MNT_DETACH);
+                    let e = *libc::__errno_location();
+                    if r != 0 && (e == libc::EINVAL || e == libc::ENOENT) {
+                        0
+                    } else {
+                        r
+                    }
+                }
+                RawMountOp::PivotRoot(d) => {
+                    if libc::syscall(libc::SYS_chdir, d.as_ptr()) != 0
+                        || libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) != 0
+                        || libc::syscall(libc::SYS_umount2, c".".as_ptr(), libc::MNT_DETACH) != 0
+                    {
+                        -1
+                    } else {
+                        libc::syscall(libc::SYS_chdir, c"/".as_ptr())
+                    }
+                }
+            };
+            if r == 0 {
+                0
+            } else {
+                *libc::__errno_location()
+            }
+        }
+    }
+}
+
+/// How the birth of a stub went wrong before it could stop: the mount step that
+/// failed (index into [`StubSpec::mounts`]) and its errno. Read after the stub exited
+/// with [`MOUNT_FAILED`].
+pub struct StubReport(std::os::fd::OwnedFd);
+
+/// The exit code of a stub whose mount setup failed.
+pub const MOUNT_FAILED: i32 = 124;
+
+impl StubReport {
+    pub fn mount_failure(&self) -> Option<(usize, Errno)> {
+        let mut b = [0u8; 8];
+        // SAFETY: reads into a local buffer from an fd we own.
+        let n = unsafe {
+            libc::read(
+                std::os::fd::AsRawFd::as_raw_fd(&self.0),
+                b.as_mut_ptr().cast(),
+                8,
+            )
+        };
+        (n == 8).then(|| {
+            let i = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
+            let e = i32::from_ne_bytes([b[4], b[5], b[6], b[7]]);
+            (i, Errno::from_raw(e))
+        })
+    }
 }
 
 /// Forks a restore stub with pid `spec.pid`: a copy of the calling process that chroots as
@@ -36,7 +187,7 @@ pub struct StubSpec {
 /// is inherited, which is how restore hands files to the stub.
 ///
 /// Fails with EEXIST when the pid is taken and EINVAL when it is above pid_max.
-pub fn spawn_stub(spec: &StubSpec) -> Result<Pid> {
+pub fn spawn_stub(spec: &StubSpec) -> Result<(Pid, StubReport)> {
     let root = spec
         .chroot
         .as_deref()
@@ -47,6 +198,23 @@ pub fn spawn_stub(spec: &StubSpec) -> Result<Pid> {
             })
         })
         .transpose()?;
+    let mounts = spec
+        .mounts
+        .iter()
+        .map(RawMountOp::new)
+        .collect::<Result<Vec<_>>>()?;
+    let mut ends = [0; 2];
+    // SAFETY: pipe2 fills the two ints of `ends`.
+    let r = unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    check(r as libc::c_long, || "pipe2 for the stub's report".into())?;
+    // SAFETY: both fds were just created and are owned by nothing else.
+    let (report, tell) = unsafe {
+        use std::os::fd::FromRawFd;
+        (
+            std::os::fd::OwnedFd::from_raw_fd(ends[0]),
+            std::os::fd::OwnedFd::from_raw_fd(ends[1]),
+        )
+    };
     let parent = std::process::id() as libc::c_long;
     let tids = [spec.pid];
     // pid 0 means any pid (used by probes).
@@ -79,19 +247,39 @@ pub fn spawn_stub(spec: &StubSpec) -> Result<Pid> {
         } else {
             parent
         };
-        stub_child(root.as_ref(), parent);
+        stub_child(
+            root.as_ref(),
+            parent,
+            &mounts,
+            std::os::fd::AsRawFd::as_raw_fd(&tell),
+        );
     }
     check(r, || {
         format!("clone3(set_tid={}) for the restore stub", spec.pid)
     })?;
-    Ok(Pid::from_raw(r as i32))
+    Ok((Pid::from_raw(r as i32), StubReport(report)))
 }
 
-fn stub_child(root: Option<&CString>, parent: libc::c_long) -> ! {
+fn stub_child(
+    root: Option<&CString>,
+    parent: libc::c_long,
+    mounts: &[RawMountOp],
+    tell: libc::c_int,
+) -> ! {
     // SAFETY: plain syscalls on values that live in this (copied) address space; the
     // child never returns into Rust code that could observe a half-forked state.
     unsafe {
         let mut code = 0;
+        for (i, op) in mounts.iter().enumerate() {
+            let e = op.run();
+            if e != 0 {
+                let mut b = [0u8; 8];
+                b[..4].copy_from_slice(&(i as u32).to_ne_bytes());
+                b[4..].copy_from_slice(&e.to_ne_bytes());
+                libc::write(tell, b.as_ptr().cast(), 8);
+                libc::syscall(libc::SYS_exit_group, MOUNT_FAILED as libc::c_long);
+            }
+        }
         if let Some(root) = root {
             if libc::syscall(libc::SYS_chroot, root.as_ptr()) != 0
                 || libc::syscall(libc::SYS_chdir, c"/".as_ptr()) != 0

@@ -77,7 +77,7 @@ fn probe_tracee() -> Vec<Feature> {
         ("process_vm_readv", true),
         ("/proc/PID/mem and pagemap", true),
     ];
-    let stub = match spawn_stub(&StubSpec::default()) {
+    let stub = match spawn_stub(&StubSpec::default()).map(|(pid, _)| pid) {
         Ok(p) => p,
         Err(e) => {
             return names

@@ -69,6 +69,10 @@ enum Cmd {
         /// runs here; an init of ours is its pid 1 unless the tree's root was one.
         #[arg(long)]
         pidns: bool,
+        /// Restore into a new mount namespace whose root is --root (pivot_root), with a
+        /// proc of its own under --pidns.
+        #[arg(long)]
+        mntns: bool,
         /// Print the report as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -210,12 +214,14 @@ fn main() -> ExitCode {
             pidfile,
             shell_job,
             pidns,
+            mntns,
             json,
         } => {
             let mut opts = RestoreOptions::new(dir);
             opts.root = root;
             opts.shell_job = shell_job;
             opts.pidns = pidns;
+            opts.mntns = mntns;
             let r = match mcr::restore::restore(&opts) {
                 Ok(r) => r,
                 Err(e) => return fail(&e, e.exit_code()),

@@ -51,6 +51,9 @@ pub fn text(image: &Image) -> String {
         inv.features.join(","),
         if inv.shell_job { "; shell job" } else { "" }
     );
+    if let Some(p0) = s.processes.first() {
+        namespaces(&mut o, &p0.namespaces);
+    }
     for p in &s.processes {
         let total: u64 = pages
             .iter()
@@ -270,4 +273,46 @@ pub fn text(image: &Image) -> String {
         );
     }
     o
+}
+
+fn namespaces(o: &mut String, ns: &crate::model::Namespaces) {
+    let mut own = Vec::new();
+    if ns.pid {
+        own.push("pid".to_string());
+    }
+    if let Some(m) = &ns.mnt {
+        own.push(format!(
+            "mnt ({} mounts of its own, {} removed)",
+            m.mounts.len(),
+            m.detached.len()
+        ));
+    }
+    if let Some((host, _)) = &ns.uts {
+        own.push(format!("uts (host name {host})"));
+    }
+    if ns.ipc {
+        own.push("ipc".into());
+    }
+    if own.is_empty() {
+        return;
+    }
+    let _ = writeln!(o, "namespaces of its own: {}", own.join(", "));
+    for m in ns.mnt.iter().flat_map(|m| &m.mounts) {
+        let what = match &m.source {
+            crate::model::MountSource::Fresh {
+                fs_type, options, ..
+            } => format!("new {fs_type} {options}"),
+            crate::model::MountSource::Bind { from } => format!("bind of {from}"),
+        };
+        let _ = writeln!(
+            o,
+            "  mount {}: {} flags {:#x}",
+            m.target,
+            what.trim(),
+            m.flags
+        );
+    }
+    for d in ns.mnt.iter().flat_map(|m| &m.detached) {
+        let _ = writeln!(o, "  unmounted {d}");
+    }
 }

@@ -103,3 +103,152 @@ fn own_uts_and_ipc_namespaces_are_made_again_with_the_host_name() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "mcr-test-host");
     assert_pass(&r.check());
 }
+
+#[test]
+fn the_init_of_a_pid_namespace_and_its_tree_come_back_as_one() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    let mut g = Guard::new();
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--pid", "--fork", "--mount-proc"])
+        .arg(workload_bin("tree"))
+        .args([data.to_str().expect("utf-8"), "own-session"]);
+    let mut outer = Proc::spawn(&mut g, cmd, Some("READY"));
+    let tree = tree_pids(outer.pid);
+    for &t in &tree[1..] {
+        g.add(t);
+    }
+    let root = tree[1];
+    assert_eq!(ns_pids(root)[1..], [1]);
+    let img = tmp.path().join("img");
+    checkpoint(root, &img, &[]);
+    outer.wait();
+    let out = mcr(&["show", "-D", img.to_str().expect("utf-8")]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("process 1 (tree) ppid 0 pgid 1 sid 1"),
+        "{shown}"
+    );
+    let mut r = restore(&mut g, &img, &[]);
+    assert_eq!(
+        ns_pids(r.pid)[1..],
+        [1],
+        "the root is the namespace's init again"
+    );
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{}/ns/pid", r.pid)).expect("ns"),
+        std::fs::read_link("/proc/self/ns/pid").expect("ns")
+    );
+    // Its /proc is its own namespace's again: pid 1 there is the tree's root.
+    let stat = std::fs::read_to_string(format!("/proc/{}/root/proc/1/stat", r.pid))
+        .expect("their /proc/1/stat");
+    assert!(stat.starts_with("1 (tree)"), "{stat}");
+    let v = r.check();
+    assert_pass(&v);
+    assert!(v.contains("pids=1,"), "{v}");
+    assert_eq!(r.wait(), 0);
+}
+
+/// `counter` as the init of new pid and mount namespaces, after `setup` ran there.
+fn counter_in_own_namespaces(g: &mut Guard, setup: &str) -> (Proc, i32) {
+    let script = format!("{setup} && exec {}", workload_bin("counter").display());
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args([
+        "--mount",
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let outer = Proc::spawn(g, cmd, Some("READY"));
+    let root = tree_pids(outer.pid)[1];
+    g.add(root);
+    (outer, root)
+}
+
+#[test]
+fn a_mount_namespace_comes_back_with_its_binds_and_file_systems() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    std::fs::create_dir(&a).expect("mkdir");
+    std::fs::create_dir(&b).expect("mkdir");
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).expect("mkdir");
+    let mut g = Guard::new();
+    let setup = format!(
+        "mount --bind {} {} && mount -t tmpfs -o size=1m,mode=700 scratch {}",
+        a.display(),
+        b.display(),
+        mnt.display()
+    );
+    let (mut outer, root) = counter_in_own_namespaces(&mut g, &setup);
+    let img = tmp.path().join("img");
+    checkpoint(root, &img, &[]);
+    outer.wait();
+    let out = mcr(&["show", "-D", img.to_str().expect("utf-8")]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains(&format!("mount {}: bind of {}", b.display(), a.display())),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(&format!("mount {}: new tmpfs", mnt.display())),
+        "{shown}"
+    );
+    let mut r = restore(&mut g, &img, &[]);
+    // The bind shows what we write on its source; the tmpfs is there with its options.
+    std::fs::write(a.join("note"), "through the bind").expect("write");
+    let seen = std::fs::read_to_string(format!("/proc/{}/root{}/note", r.pid, b.display()))
+        .expect("the bind inside");
+    assert_eq!(seen, "through the bind");
+    let mounts = std::fs::read_to_string(format!("/proc/{}/mountinfo", r.pid)).expect("mountinfo");
+    let line = mounts
+        .lines()
+        .find(|l| l.split(' ').nth(4) == mnt.to_str())
+        .unwrap_or_else(|| panic!("no tmpfs at {}: {mounts}", mnt.display()));
+    assert!(
+        line.contains("tmpfs scratch") && line.contains("size=1024k") && line.contains("mode=700"),
+        "{line}"
+    );
+    assert!(!std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("ours")
+        .contains(mnt.to_str().expect("utf-8")));
+    assert_pass(&r.check());
+    assert_eq!(r.wait(), 0);
+}
+
+#[test]
+fn a_tmpfs_holding_files_is_refused_and_the_workload_runs_on() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).expect("mkdir");
+    let mut g = Guard::new();
+    let setup = format!(
+        "mount -t tmpfs scratch {0} && echo kept > {0}/file",
+        mnt.display()
+    );
+    let (mut outer, root) = counter_in_own_namespaces(&mut g, &setup);
+    let img = tmp.path().join("img");
+    let out = mcr(&[
+        "checkpoint",
+        "-t",
+        &root.to_string(),
+        "-D",
+        img.to_str().expect("utf-8"),
+        "--shell-job",
+    ]);
+    assert_fails(
+        &out,
+        5,
+        &[
+            &format!("pid {root}"),
+            mnt.to_str().expect("utf-8"),
+            "holding files",
+        ],
+    );
+    assert_pass(&outer.check());
+    assert_eq!(outer.wait(), 0);
+}

@@ -2,7 +2,7 @@
 //! Programs we did not write, and a restore under another root.
 
 use mcr_tests::*;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -181,13 +181,59 @@ fn mirror_needed_files(img: &Path, root: &Path) {
 #[test]
 fn restore_under_root_into_a_copy_of_the_files() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let data = tmp.path().join("data");
-    std::fs::create_dir(&data).expect("mkdir");
-    let img = tmp.path().join("img");
-    let root = tmp.path().join("root");
     let mut g = Guard::new();
+    let (mut r, root) = files_restored_under_root(&mut g, tmp.path(), &[]);
+    let seen_root = std::fs::read_link(format!("/proc/{}/root", r.pid)).expect("readlink root");
+    assert_eq!(seen_root, root);
+    assert_pass(&r.check());
+    assert_eq!(r.wait(), 0);
+}
+
+#[test]
+fn restore_into_a_new_mount_namespace_rooted_at_the_copy() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let (mut r, root) = files_restored_under_root(&mut g, tmp.path(), &["--mntns", "--pidns"]);
+    let init = parent_of(r.pid);
+    g.add(init);
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).expect("mnt ns");
+    assert_ne!(ns(&r.pid.to_string()), ns("self"));
+    // Pivoted, not chrooted: the copy is its whole world, with a proc of its own whose
+    // pid 1 is the namespace's init.
+    let mounts = std::fs::read_to_string(format!("/proc/{}/mountinfo", r.pid)).expect("mountinfo");
+    let top = mounts.lines().next().expect("a mount");
+    assert!(top.contains(root.to_str().expect("utf-8")), "{top}");
+    assert!(
+        !mounts.lines().any(|l| l.split(' ').nth(4) == Some("/tmp")),
+        "our mounts are still there: {mounts}"
+    );
+    let init_stat = std::fs::read_to_string(format!("/proc/{}/root/proc/1/stat", r.pid))
+        .expect("/proc/1/stat inside");
+    assert!(init_stat.starts_with("1 "), "{init_stat}");
+    assert_pass(&r.check());
+    assert_eq!(wait_pid(init), 0, "the init ends as the root did");
+}
+
+fn parent_of(pid: i32) -> i32 {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after = &st[st.rfind(')').expect("comm") + 2..];
+    after
+        .split(' ')
+        .nth(1)
+        .expect("ppid")
+        .parse()
+        .expect("ppid")
+}
+
+/// The `files` workload, checkpointed, the files it needs copied under a new root in
+/// `tmp`, and restored there with `extra` options. Returns it and the canonical root.
+fn files_restored_under_root(g: &mut Guard, tmp: &Path, extra: &[&str]) -> (Proc, PathBuf) {
+    let data = tmp.join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    let img = tmp.join("img");
+    let root = tmp.join("root");
     let mut p = Proc::start(
-        &mut g,
+        g,
         &workload_bin("files"),
         &[data.to_str().expect("utf-8"), "--moved"],
         None,
@@ -195,11 +241,11 @@ fn restore_under_root_into_a_copy_of_the_files() {
     checkpoint(p.pid, &img, &[]);
     p.wait();
     mirror_needed_files(&img, &root);
-    let mut r = restore(&mut g, &img, &["--root", root.to_str().expect("utf-8")]);
-    let seen_root = std::fs::read_link(format!("/proc/{}/root", r.pid)).expect("readlink root");
-    assert_eq!(seen_root, root.canonicalize().expect("canonical root"));
-    assert_pass(&r.check());
-    assert_eq!(r.wait(), 0);
+    std::fs::create_dir_all(root.join("proc")).expect("mkdir proc");
+    let mut args = vec!["--root", root.to_str().expect("utf-8")];
+    args.extend_from_slice(extra);
+    let r = restore(g, &img, &args);
+    (r, root.canonicalize().expect("canonical root"))
 }
 
 #[test]

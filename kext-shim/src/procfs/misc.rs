@@ -267,6 +267,8 @@ pub struct MountInfo {
     pub options: String,
     pub fs_type: String,
     pub source: String,
+    /// The file system's own options (`rw,size=1024k,mode=755`).
+    pub super_options: String,
 }
 
 pub fn read_mountinfo(pid: Pid) -> Result<Vec<MountInfo>> {
@@ -292,6 +294,7 @@ pub fn read_mountinfo(pid: Pid) -> Result<Vec<MountInfo>> {
                 options: f[5].to_string(),
                 fs_type: g[0].to_string(),
                 source: unescape(g[1]),
+                super_options: g.get(2).unwrap_or(&"").to_string(),
             })
         })
         .collect()

@@ -147,7 +147,8 @@ struct Job {
 
 /// Writes every page that only memory holds into the image, reading and writing on
 /// every core.
-pub fn dump_pages(pid: Pid, mm: &MmImage, w: &ImageWriter) -> Result<()> {
+/// `owner` names the process in the image (its pid as the tree sees it).
+pub fn dump_pages(pid: Pid, owner: i32, mm: &MmImage, w: &ImageWriter) -> Result<()> {
     let raw = pid.as_raw();
     let pagemap = Pagemap::open(pid).step(pid, || "opening pagemap".into())?;
     let zero = zero_pfn();
@@ -201,7 +202,7 @@ pub fn dump_pages(pid: Pid, mm: &MmImage, w: &ImageWriter) -> Result<()> {
                 _ => read_remote(pid, j.addr, data),
             }
             .step(pid, || format!("reading memory at {:#x}+{len:#x}", j.addr))?;
-            w.write_chunk(raw, j.addr, buf)
+            w.write_chunk(owner, j.addr, buf)
                 .map_err(|source| DumpError::Image { pid: raw, source })
         },
     )

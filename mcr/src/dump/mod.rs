@@ -8,7 +8,9 @@ mod cgroup;
 mod fds;
 mod freeze;
 mod mm;
+mod mntns;
 mod parasite;
+mod pidns;
 mod task;
 
 use crate::image::{Compression, ImageError, ImageWriter, WriteStats, FORMAT_VERSION};
@@ -155,12 +157,22 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
         let pipes = fds::resolve_pipes(&mut processes, opts.shell_job)?;
         let unix = fds::resolve_sockets(&mut processes, opts.shell_job)?;
         fds::number_file_descriptions(&mut processes)?;
+        let mut zombies = tree.zombies.clone();
+        let view = processes[0]
+            .namespaces
+            .pid
+            .then(|| pidns::PidView::read(&processes, &zombies))
+            .transpose()?;
         steps.push(("collect state", t.elapsed()));
         let t = Instant::now();
         for p in &processes {
-            mm::dump_pages(Pid::from_raw(p.pid), &p.mm, &writer)?;
+            let owner = view.as_ref().map_or(p.pid, |v| v.pid(p.pid));
+            mm::dump_pages(Pid::from_raw(p.pid), owner, &p.mm, &writer)?;
         }
         let shmem = mm::dump_shared_memory(&processes, &writer)?;
+        if let Some(v) = &view {
+            v.translate(&mut processes, &mut zombies);
+        }
         steps.push(("dump pages", t.elapsed()));
         if crate::fault::armed(crate::fault::DUMP_AFTER_PAGES) {
             return Err(DumpError::FaultInjected {
@@ -170,11 +182,11 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
         }
         let t = Instant::now();
         let snapshot = Snapshot {
-            inventory: inventory(raw, opts, processes.len()),
+            inventory: inventory(processes[0].pid, opts, processes.len()),
             processes,
             pipes,
             shmem,
-            zombies: tree.zombies.clone(),
+            zombies,
             unix,
         };
         let stats = writer

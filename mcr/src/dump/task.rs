@@ -271,6 +271,8 @@ pub fn namespaces(procs: &[ProcessImage]) -> Result<Namespaces> {
                 }
                 out.ipc = true;
             }
+            "pid" => out.pid = true,
+            "mnt" => out.mnt = Some(super::mntns::describe(root)?),
             _ => {
                 return Err(DumpError::Unsupported {
                     pid: root.as_raw(),

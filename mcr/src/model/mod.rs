@@ -33,7 +33,8 @@ pub struct Inventory {
     pub tool_version: String,
     pub kernel_release: String,
     pub arch: String,
-    /// The pid the dump was asked for: the root of the tree.
+    /// The root of the tree: the pid the dump was asked for, or its number in the
+    /// tree's own pid namespace if it had one.
     pub root_pid: i32,
     pub page_size: u32,
     /// Features the image uses; a reader refuses one it does not know.

@@ -142,4 +142,38 @@ pub struct Namespaces {
     /// It had a pid namespace of its own: every pid in the image is as it saw them
     /// there (the root is 1 when it was that namespace's init).
     pub pid: bool,
+    /// Its own mount namespace, as the difference from the dumper's.
+    pub mnt: Option<MountNs>,
+}
+
+/// A mount namespace, told as what it had beyond the one of the process that dumped it
+/// (which a new namespace at restore starts as a copy of) and what it had removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountNs {
+    /// Mount points it had unmounted, detached again.
+    pub detached: Vec<String>,
+    /// Mounts it had that the dumper lacked, parents first.
+    pub mounts: Vec<MountSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountSpec {
+    /// Where, as the tree sees it.
+    pub target: String,
+    pub source: MountSource,
+    /// MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC and the atime flags it had.
+    pub flags: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MountSource {
+    /// A new instance of a file system that holds nothing to keep (proc, sysfs,
+    /// mqueue, cgroup2, devpts, an empty tmpfs), with its source name and options.
+    Fresh {
+        fs_type: String,
+        device: String,
+        options: String,
+    },
+    /// A bind mount of this path of the dumper's.
+    Bind { from: String },
 }

@@ -15,6 +15,8 @@ mod stub;
 mod threads;
 
 use crate::image::{Image, ImageError};
+use crate::model::{MountNs, MountSource};
+use kext_shim::clone::MountOp;
 use kext_shim::procfs::Stat;
 use kext_shim::Pid;
 use std::path::{Path, PathBuf};
@@ -34,6 +36,9 @@ pub struct RestoreOptions {
     /// Restore into a new pid namespace even if the tree had none of its own: its pids
     /// are then free whatever runs here.
     pub pidns: bool,
+    /// Restore into a new mount namespace even if the tree had none of its own; its
+    /// root is `root`, pivoted into rather than chrooted.
+    pub mntns: bool,
 }
 
 impl RestoreOptions {
@@ -45,6 +50,7 @@ impl RestoreOptions {
             stdio: [0, 1, 2],
             pid_wait: Duration::from_secs(2),
             pidns: false,
+            mntns: false,
         }
     }
 }
@@ -197,13 +203,20 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         } else {
             0
         };
+    let new_mntns = ns.mnt.is_some() || opts.mntns;
+    let (flags, mounts, chroot) = if new_mntns {
+        (
+            flags | libc::CLONE_NEWNS as u64,
+            mount_plan(&root, ns.mnt.as_ref(), new_pidns),
+            // Pivoted into the restore root: only the process's own chroot is left.
+            chroot_dir(Path::new("/"), &p0.root),
+        )
+    } else {
+        (flags, Vec::new(), chroot_dir(&root, &p0.root))
+    };
     // In a new pid namespace the first process is its pid 1: the root itself when it
     // was an init, otherwise an init of ours that forks the root with its pid.
-    let first = stub::Stub::spawn(
-        if new_pidns { 0 } else { p0.pid },
-        chroot_dir(&root, &p0.root),
-        flags,
-    )?;
+    let first = stub::Stub::spawn(if new_pidns { 0 } else { p0.pid }, chroot, flags, mounts)?;
     let mut inj = stub::fresh_injector(first.pid)?;
     if let Some((host, domain)) = &ns.uts {
         first.set_uts(&mut inj, host, domain)?;
@@ -286,6 +299,95 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         pages,
         steps,
     })
+}
+
+/// How the first stub makes its new mount namespace: nothing of it propagates back to
+/// ours; the tree's mounts are made again under `root` (binds from under `root` too, as
+/// files are reopened there), with a proc of its own for a new pid namespace; then
+/// `root` becomes the root.
+fn mount_plan(root: &Path, mnt: Option<&MountNs>, fresh_proc: bool) -> Vec<MountOp> {
+    let under = |t: &str| root.join(t.trim_start_matches('/')).display().to_string();
+    let mount =
+        |source: Option<&str>, target: String, fs: Option<&str>, flags, data: Option<&str>| {
+            MountOp::Mount {
+                source: source.map(String::from),
+                target,
+                fs_type: fs.map(String::from),
+                flags,
+                data: data.filter(|d| !d.is_empty()).map(String::from),
+            }
+        };
+    let mut ops = vec![mount(
+        None,
+        "/".into(),
+        None,
+        libc::MS_REC | libc::MS_PRIVATE,
+        None,
+    )];
+    let pivot = root != Path::new("/");
+    if pivot {
+        let r = root.display().to_string();
+        ops.push(mount(
+            Some(&r),
+            r.clone(),
+            None,
+            libc::MS_BIND | libc::MS_REC,
+            None,
+        ));
+    }
+    let mut has_proc = false;
+    if let Some(mnt) = mnt {
+        ops.extend(mnt.detached.iter().map(|d| MountOp::Detach(under(d))));
+        for m in &mnt.mounts {
+            match &m.source {
+                MountSource::Fresh {
+                    fs_type,
+                    device,
+                    options,
+                } => {
+                    has_proc |= fs_type == "proc" && m.target == "/proc";
+                    ops.push(mount(
+                        Some(device),
+                        under(&m.target),
+                        Some(fs_type),
+                        m.flags,
+                        Some(options),
+                    ));
+                }
+                MountSource::Bind { from } => {
+                    ops.push(mount(
+                        Some(&under(from)),
+                        under(&m.target),
+                        None,
+                        libc::MS_BIND | libc::MS_REC,
+                        None,
+                    ));
+                    if m.flags != 0 {
+                        ops.push(mount(
+                            None,
+                            under(&m.target),
+                            None,
+                            libc::MS_REMOUNT | libc::MS_BIND | m.flags,
+                            None,
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if fresh_proc && !has_proc && root.join("proc").is_dir() {
+        ops.push(mount(
+            Some("proc"),
+            under("/proc"),
+            Some("proc"),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            None,
+        ));
+    }
+    if pivot {
+        ops.push(MountOp::PivotRoot(root.display().to_string()));
+    }
+    ops
 }
 
 /// Where the stub chroots: the restore root, then the process's own root inside it.

@@ -2,7 +2,7 @@
 //! [`Stub::release`], it is killed and reaped: a failed restore leaves nothing behind.
 
 use super::{RestoreError, Result, StepContext};
-use kext_shim::clone::{spawn_stub, StubSpec};
+use kext_shim::clone::{spawn_stub, MountOp, StubSpec, MOUNT_FAILED};
 use kext_shim::inject::{find_syscall_insn, Injector};
 use kext_shim::mem::{read_remote, ProcMem};
 use kext_shim::{procfs, ptrace, Errno, Pid};
@@ -14,13 +14,20 @@ pub struct Stub {
 
 impl Stub {
     /// `namespaces` are CLONE_NEW* flags for namespaces the stub starts.
-    pub fn spawn(pid: i32, chroot: Option<String>, namespaces: u64) -> Result<Stub> {
+    /// `mounts` set up its new mount namespace (with CLONE_NEWNS).
+    pub fn spawn(
+        pid: i32,
+        chroot: Option<String>,
+        namespaces: u64,
+        mounts: Vec<MountOp>,
+    ) -> Result<Stub> {
         let spec = StubSpec {
             pid,
             chroot: chroot.clone(),
             namespaces,
+            mounts,
         };
-        let child = spawn_stub(&spec).map_err(|e| match e.errno() {
+        let (child, report) = spawn_stub(&spec).map_err(|e| match e.errno() {
             Some(Errno::EEXIST) => RestoreError::PidTaken {
                 pid,
                 by: "another process".into(),
@@ -55,6 +62,20 @@ impl Stub {
                 path: chroot.unwrap_or_default(),
                 why: "cannot chroot there".into(),
             }),
+            ptrace::Stop::Exited(MOUNT_FAILED) => {
+                let (i, errno) = report
+                    .mount_failure()
+                    .unwrap_or((usize::MAX, kext_shim::Errno::UnknownErrno));
+                let op = spec
+                    .mounts
+                    .get(i)
+                    .map_or_else(|| "a mount".into(), |m| m.to_string());
+                Err(RestoreError::Kernel {
+                    pid,
+                    step: "setting up its mount namespace".into(),
+                    source: kext_shim::SysError::new(op, errno).into(),
+                })
+            }
             other => Err(not_stopped(pid, "the new process", other)),
         }
     }
