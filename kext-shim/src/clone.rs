@@ -407,7 +407,7 @@ pub fn namespace(pid: Pid, kind: &str) -> Result<String> {
 
 /// Runs `f` on a short-lived thread that has joined the `kind` namespace (`ipc`, `uts`)
 /// of `pid`: namespaces of those kinds are per thread, so ours stay as they are.
-fn in_namespace_of<T: Send>(
+pub(crate) fn in_namespace_of<T: Send>(
     pid: Pid,
     kind: &str,
     flag: libc::c_int,
@@ -433,23 +433,6 @@ fn in_namespace_of<T: Send>(
                 what: format!("{kind} namespace probe panicked"),
             })
         })
-    })
-}
-
-/// How many SysV IPC objects (shared memory, semaphores, message queues) the ipc
-/// namespace of `pid` holds.
-pub fn sysv_objects(pid: Pid) -> Result<usize> {
-    in_namespace_of(pid, "ipc", libc::CLONE_NEWIPC, || {
-        let mut n = 0;
-        for f in [
-            "/proc/sysvipc/shm",
-            "/proc/sysvipc/sem",
-            "/proc/sysvipc/msg",
-        ] {
-            let t = std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?;
-            n += t.lines().count().saturating_sub(1);
-        }
-        Ok(n)
     })
 }
 

@@ -17,6 +17,7 @@ pub mod probe;
 pub mod procfs;
 pub mod ptrace;
 pub mod sys;
+pub mod sysv;
 pub mod unix;
 
 pub use nix::errno::Errno;

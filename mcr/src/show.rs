@@ -125,6 +125,7 @@ pub fn text(image: &Image) -> String {
                 VmaKind::Anonymous => "anonymous".into(),
                 VmaKind::SharedAnonymous { shmem } => format!("shared anonymous (shmem {shmem})"),
                 VmaKind::Memfd { ino } => format!("memfd (inode {ino})"),
+                VmaKind::SysvShm { id } => format!("SysV shared memory segment {id}"),
                 VmaKind::File(i) => {
                     p.mm.files
                         .get(i as usize)
@@ -231,9 +232,13 @@ pub fn text(image: &Image) -> String {
             .filter(|c| c.pid == owner)
             .map(|c| c.n_pages as u64)
             .sum();
-        let what = match &obj.memfd {
-            Some(m) => format!("memfd {:?} (seals {:#x})", m.name, m.seals),
-            None => "shared anonymous memory".into(),
+        let what = match (&obj.memfd, &obj.sysv) {
+            (Some(m), _) => format!("memfd {:?} (seals {:#x})", m.name, m.seals),
+            (None, Some(p)) => format!(
+                "SysV shared memory segment {} (key {:#x}, owner {}:{}, mode {:o})",
+                p.id, p.key, p.uid, p.gid, p.mode
+            ),
+            (None, None) => "shared anonymous memory".into(),
         };
         let _ = writeln!(
             o,
@@ -290,8 +295,12 @@ fn namespaces(o: &mut String, ns: &crate::model::Namespaces) {
     if let Some((host, _)) = &ns.uts {
         own.push(format!("uts (host name {host})"));
     }
-    if ns.ipc {
-        own.push("ipc".into());
+    if let Some(ipc) = &ns.ipc {
+        own.push(format!(
+            "ipc ({} semaphore sets, {} message queues)",
+            ipc.sem.len(),
+            ipc.msg.len()
+        ));
     }
     if own.is_empty() {
         return;
@@ -314,5 +323,23 @@ fn namespaces(o: &mut String, ns: &crate::model::Namespaces) {
     }
     for d in ns.mnt.iter().flat_map(|m| &m.detached) {
         let _ = writeln!(o, "  unmounted {d}");
+    }
+    for s in ns.ipc.iter().flat_map(|i| &i.sem) {
+        let _ = writeln!(
+            o,
+            "  semaphore set {} (key {:#x}, mode {:o}): {:?}",
+            s.perm.id, s.perm.key, s.perm.mode, s.values
+        );
+    }
+    for q in ns.ipc.iter().flat_map(|i| &i.msg) {
+        let bytes: usize = q.messages.iter().map(|(_, t)| t.len()).sum();
+        let _ = writeln!(
+            o,
+            "  message queue {} (key {:#x}, mode {:o}): {} messages, {bytes} bytes",
+            q.perm.id,
+            q.perm.key,
+            q.perm.mode,
+            q.messages.len()
+        );
     }
 }

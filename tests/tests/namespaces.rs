@@ -252,3 +252,75 @@ fn a_tmpfs_holding_files_is_refused_and_the_workload_runs_on() {
     assert_pass(&outer.check());
     assert_eq!(outer.wait(), 0);
 }
+
+#[test]
+fn sysv_segments_semaphores_and_queues_of_its_ipc_namespace_come_back_with_their_ids() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.arg("--ipc").arg(workload_bin("sysv"));
+    let outer = Proc::spawn(&mut g, cmd, Some("READY"));
+    // unshare execs the workload: same process.
+    let img = tmp.path().join("img");
+    let mut r = round_trip(&mut g, outer, &img, &[], &[]);
+    let out = mcr(&["show", "-D", img.to_str().expect("utf-8")]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "SysV shared memory segment 0 (key 0x5157",
+        "semaphore set 0 (key 0x5345, mode 600): [5, 0, 42]",
+        "message queue 0 (key 0x4d53, mode 600): 3 messages, 303 bytes",
+    ] {
+        assert!(shown.contains(want), "{want:?} not in: {shown}");
+    }
+    let v = r.check();
+    assert_pass(&v);
+    assert_eq!(r.wait(), 0);
+}
+
+#[test]
+fn sysv_memory_of_the_hosts_ipc_namespace_is_refused_by_name() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    // Without unshare --ipc the workload's objects are the host's.
+    remove_host_objects();
+    let mut p = Proc::start(&mut g, &workload_bin("sysv"), &[], None);
+    let tree = tree_pids(p.pid);
+    for &t in &tree[1..] {
+        g.add(t);
+    }
+    let img = tmp.path().join("img");
+    let out = mcr(&[
+        "checkpoint",
+        "-t",
+        &p.pid.to_string(),
+        "-D",
+        img.to_str().expect("utf-8"),
+        "--shell-job",
+    ]);
+    assert_fails(
+        &out,
+        5,
+        &[
+            &format!("pid {}", p.pid),
+            "SysV shared memory segment",
+            "unshare --ipc",
+        ],
+    );
+    assert_pass(&p.check());
+    assert_eq!(p.wait(), 0);
+    remove_host_objects();
+}
+
+/// The host-namespace run leaves its keyed objects behind (they outlive processes).
+fn remove_host_objects() {
+    for (kind, key) in [
+        ("-M", "0x5157"),
+        ("-M", "0x5158"),
+        ("-S", "0x5345"),
+        ("-Q", "0x4d53"),
+    ] {
+        let _ = std::process::Command::new("ipcrm")
+            .args([kind, key])
+            .status();
+    }
+}

@@ -33,12 +33,11 @@ pub fn collect(pid: Pid, maps: &[MapEntry], stat: &Stat, brk: u64) -> Result<MmI
                     "device memory (VM_IO/VM_PFNMAP) cannot be dumped",
                 ))
             }
+            // Before the anonymous kinds: the first segment's id (its inode) is 0.
+            p if p.starts_with("/SYSV") && m.shared => VmaKind::SysvShm { id: m.inode as i32 },
             _ if m.inode == 0 && !m.shared => VmaKind::Anonymous,
             p if m.shared && (m.inode == 0 || p.starts_with("/dev/zero")) => {
                 VmaKind::SharedAnonymous { shmem: m.inode }
-            }
-            p if p.starts_with("/SYSV") => {
-                return Err(unsupported("SysV shared memory is not supported yet"))
             }
             p if p.starts_with("/memfd:") => VmaKind::Memfd { ino: m.inode },
             p if p.ends_with(" (deleted)") => {
@@ -295,6 +294,7 @@ pub fn dump_shared_memory(procs: &[ProcessImage], w: &ImageWriter) -> Result<Vec
             ino: src.ino,
             size,
             memfd,
+            sysv: None,
         });
         let ranges =
             data_ranges(&file, size).step(pid, || format!("finding the data of {link}"))?;

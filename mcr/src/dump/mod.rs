@@ -7,6 +7,7 @@
 mod cgroup;
 mod fds;
 mod freeze;
+mod ipc;
 mod mm;
 mod mntns;
 mod parasite;
@@ -154,6 +155,9 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
             processes.push(task::collect(f, opts.shell_job)?);
         }
         processes[0].namespaces = task::namespaces(&processes)?;
+        if processes[0].namespaces.ipc.is_none() {
+            ipc::refuse_host_segments(&processes)?;
+        }
         let pipes = fds::resolve_pipes(&mut processes, opts.shell_job)?;
         let unix = fds::resolve_sockets(&mut processes, opts.shell_job)?;
         fds::number_file_descriptions(&mut processes)?;
@@ -169,7 +173,10 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
             let owner = view.as_ref().map_or(p.pid, |v| v.pid(p.pid));
             mm::dump_pages(Pid::from_raw(p.pid), owner, &p.mm, &writer)?;
         }
-        let shmem = mm::dump_shared_memory(&processes, &writer)?;
+        let mut shmem = mm::dump_shared_memory(&processes, &writer)?;
+        if let Some(ns) = &mut processes[0].namespaces.ipc {
+            *ns = ipc::dump(pid, &mut shmem, &writer)?;
+        }
         if let Some(v) = &view {
             v.translate(&mut processes, &mut zombies);
         }

@@ -236,9 +236,8 @@ fn read_posix_timers(pid: Pid) -> Result<Vec<PosixTimer>> {
     Ok(out)
 }
 
-/// Which namespaces the tree has of its own. uts and ipc are made again at restore (ipc
-/// only while it holds no SysV object); a tree in its own pid, mount or network
-/// namespace, or spread over several, is refused by name.
+/// Which namespaces the tree has of its own, all made again at restore but the network
+/// one, which is refused by name, as is a tree spread over several of a kind.
 pub fn namespaces(procs: &[ProcessImage]) -> Result<Namespaces> {
     let me = Pid::this();
     let root = Pid::from_raw(procs[0].pid);
@@ -261,16 +260,8 @@ pub fn namespaces(procs: &[ProcessImage]) -> Result<Namespaces> {
         }
         match kind {
             "uts" => out.uts = Some(kext_shim::clone::uts_names(root).step(root, || "reading its host name".into())?),
-            "ipc" => {
-                let n = kext_shim::clone::sysv_objects(root).step(root, || "counting its SysV IPC objects".into())?;
-                if n > 0 {
-                    return Err(DumpError::Unsupported {
-                        pid: root.as_raw(),
-                        what: format!("its ipc namespace holds {n} SysV IPC objects, which are not supported yet"),
-                    });
-                }
-                out.ipc = true;
-            }
+            // Its objects are read with the pages (see `ipc::dump`).
+            "ipc" => out.ipc = Some(Default::default()),
             "pid" => out.pid = true,
             "mnt" => out.mnt = Some(super::mntns::describe(root)?),
             _ => {

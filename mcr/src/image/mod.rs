@@ -135,6 +135,7 @@ mod tests {
             shmem: vec![ShmemObject {
                 ino: 3,
                 size: 8192,
+                sysv: None,
                 memfd: Some(Memfd {
                     name: "m".into(),
                     seals: 1,

@@ -72,6 +72,11 @@ pub enum VmaKind {
     Memfd {
         ino: u64,
     },
+    /// An attached SysV shared memory segment of the tree's ipc namespace (see
+    /// `Snapshot::shmem`, which holds its pages).
+    SysvShm {
+        id: i32,
+    },
     /// A file mapping; the index is into `MmImage::files`.
     File(u32),
     Vdso,
@@ -98,6 +103,18 @@ pub struct ShmemObject {
     pub size: u64,
     /// Set when the object is a memfd rather than anonymous shared memory.
     pub memfd: Option<Memfd>,
+    /// Set when it is a SysV shared memory segment (`ino` is then its id).
+    pub sysv: Option<SysvPerm>,
+}
+
+/// A SysV IPC object's key, id, owner and mode (SHM_DEST and SHM_LOCKED kept).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SysvPerm {
+    pub key: i32,
+    pub id: i32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
 }
 
 /// What makes a memfd one: its name and its seals (F_SEAL_*).

@@ -137,13 +137,36 @@ pub struct PosixTimer {
 pub struct Namespaces {
     /// Host and domain name, when it had its own uts namespace.
     pub uts: Option<(String, String)>,
-    /// It had its own ipc namespace (and no SysV object in it).
-    pub ipc: bool,
+    /// Its own ipc namespace, with its semaphores, message queues and limits (its
+    /// shared memory segments are in `Snapshot::shmem`).
+    pub ipc: Option<IpcNs>,
     /// It had a pid namespace of its own: every pid in the image is as it saw them
     /// there (the root is 1 when it was that namespace's init).
     pub pid: bool,
     /// Its own mount namespace, as the difference from the dumper's.
     pub mnt: Option<MountNs>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpcNs {
+    /// (name under /proc/sys/kernel, value): shmmax, msgmnb, sem, ...
+    pub limits: Vec<(String, String)>,
+    pub sem: Vec<SysvSem>,
+    pub msg: Vec<SysvMsg>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SysvSem {
+    pub perm: super::SysvPerm,
+    pub values: Vec<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SysvMsg {
+    pub perm: super::SysvPerm,
+    pub qbytes: u64,
+    /// (mtype, text), oldest first.
+    pub messages: Vec<(i64, Vec<u8>)>,
 }
 
 /// A mount namespace, told as what it had beyond the one of the process that dumped it

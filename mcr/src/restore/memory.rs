@@ -39,6 +39,50 @@ pub(super) fn check_vdso_layout(p: &ProcessImage) -> Result<()> {
     Ok(())
 }
 
+/// A SysV segment attached where the kernel likes, the part this VMA had moved into
+/// place (mremap of a shared mapping with an old size of 0 makes another mapping of the
+/// same pages, still an attach of the segment), then the temporary attach dropped. This
+/// copes with VMAs split by mprotect or partly unmapped.
+fn attach_sysv(cx: &mut Ctx, v: &Vma, id: i32) -> Result<()> {
+    let flags = if v.writable() { 0 } else { libc::SHM_RDONLY }
+        | if v.prot & libc::PROT_EXEC != 0 {
+            libc::SHM_EXEC
+        } else {
+            0
+        };
+    let at = cx.call(
+        libc::SYS_shmat,
+        [id as u64, 0, flags as u64, 0, 0, 0],
+        || format!("shmat of SysV segment {id}"),
+    )?;
+    cx.call(
+        libc::SYS_mremap,
+        [
+            at + v.offset,
+            0,
+            v.len(),
+            (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
+            v.start,
+            0,
+        ],
+        || format!("placing SysV segment {id} at {:#x}", v.start),
+    )?;
+    cx.call(libc::SYS_shmdt, [at, 0, 0, 0, 0, 0], || {
+        format!("dropping the temporary attach of SysV segment {id}")
+    })?;
+    let attached = if v.writable() {
+        libc::PROT_READ | libc::PROT_WRITE
+    } else {
+        libc::PROT_READ
+    } | (v.prot & libc::PROT_EXEC);
+    if v.prot != attached {
+        cx.inj
+            .mprotect(v.start, v.len(), v.prot)
+            .step(cx.pid, || format!("protecting {:#x}-{:#x}", v.start, v.end))?;
+    }
+    advise(cx, v)
+}
+
 /// Unmaps everything the stub inherited from us except the vDSO parts and the shared
 /// memory objects prepared for the image.
 pub(super) fn teardown(cx: &mut Ctx, maps: &[MapEntry], shared: &Placement) -> Result<()> {
@@ -176,6 +220,7 @@ pub(super) fn map_vma(cx: &mut Ctx, v: &Vma, fds: &FdNumbers, shared: &Placement
             }
             return advise(cx, v);
         }
+        VmaKind::SysvShm { id } => return attach_sysv(cx, v, id),
         VmaKind::File(i) => (share, fds.map_fds[i as usize], v.offset),
     };
     cx.inj

@@ -197,12 +197,15 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         libc::CLONE_NEWUTS as u64
     } else {
         0
-    } | if ns.ipc { libc::CLONE_NEWIPC as u64 } else { 0 }
-        | if new_pidns {
-            libc::CLONE_NEWPID as u64
-        } else {
-            0
-        };
+    } | if ns.ipc.is_some() {
+        libc::CLONE_NEWIPC as u64
+    } else {
+        0
+    } | if new_pidns {
+        libc::CLONE_NEWPID as u64
+    } else {
+        0
+    };
     let new_mntns = ns.mnt.is_some() || opts.mntns;
     let (flags, mounts, chroot) = if new_mntns {
         (
@@ -217,6 +220,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     // In a new pid namespace the first process is its pid 1: the root itself when it
     // was an init, otherwise an init of ours that forks the root with its pid.
     let first = stub::Stub::spawn(if new_pidns { 0 } else { p0.pid }, chroot, flags, mounts)?;
+    let sysv = shared::make_sysv(&image, first.pid)?;
     let mut inj = stub::fresh_injector(first.pid)?;
     if let Some((host, domain)) = &ns.uts {
         first.set_uts(&mut inj, host, domain)?;
@@ -271,6 +275,11 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         threads.push(build::rebuild(
             stub, p, &image, nums, &placement, &mut steps, &mut pages,
         )?);
+    }
+    if let Some(objects) = &sysv {
+        kext_shim::sysv::remove_marked(stubs[0].pid, objects).step(p0.pid, || {
+            "removing SysV segments marked for removal".into()
+        })?;
     }
     let t = Instant::now();
     let root_pid = stubs[0].pid.as_raw();

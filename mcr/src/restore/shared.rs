@@ -80,6 +80,10 @@ pub fn prepare(image: &Image) -> Result<Vec<SharedObject>> {
     }
     let mut objects = Vec::with_capacity(snap.shmem.len());
     for (i, o) in snap.shmem.iter().enumerate() {
+        if o.sysv.is_some() {
+            // Made in the tree's new ipc namespace instead (see `make_sysv`).
+            continue;
+        }
         let owner = -1 - i as i32;
         let mut buf = Vec::new();
         let chunk_err = |addr: u64, e: String| {
@@ -138,6 +142,79 @@ pub fn prepare(image: &Image) -> Result<Vec<SharedObject>> {
         });
     }
     Ok(objects)
+}
+
+/// Makes the SysV objects of the tree's ipc namespace again, with their ids, in the new
+/// ipc namespace of `pid`, segments filled from the image. Returns them, for the
+/// segments marked for removal to be removed once attached again.
+pub fn make_sysv(image: &Image, pid: Pid) -> Result<Option<kext_shim::sysv::Objects>> {
+    let snap = &image.snapshot;
+    let root = snap.inventory.root_pid;
+    let Some(ns) = snap
+        .processes
+        .first()
+        .and_then(|p| p.namespaces.ipc.as_ref())
+    else {
+        return Ok(None);
+    };
+    let perm = |p: &crate::model::SysvPerm| kext_shim::sysv::Perm {
+        key: p.key,
+        id: p.id,
+        uid: p.uid,
+        gid: p.gid,
+        mode: p.mode,
+    };
+    let segments: Vec<usize> = (0..snap.shmem.len())
+        .filter(|&i| snap.shmem[i].sysv.is_some())
+        .collect();
+    let objects = kext_shim::sysv::Objects {
+        shm: segments
+            .iter()
+            .map(|&i| {
+                let o = &snap.shmem[i];
+                kext_shim::sysv::Shm {
+                    perm: perm(o.sysv.as_ref().expect("filtered")),
+                    size: o.size,
+                }
+            })
+            .collect(),
+        sem: ns
+            .sem
+            .iter()
+            .map(|s| kext_shim::sysv::Sem {
+                perm: perm(&s.perm),
+                values: s.values.clone(),
+            })
+            .collect(),
+        msg: ns
+            .msg
+            .iter()
+            .map(|q| kext_shim::sysv::Msg {
+                perm: perm(&q.perm),
+                qbytes: q.qbytes,
+                messages: q.messages.clone(),
+            })
+            .collect(),
+        limits: ns.limits.clone(),
+    };
+    let mut buf = Vec::new();
+    kext_shim::sysv::create(pid, &objects, |i, mem| {
+        let owner = -1 - segments[i] as i32;
+        for c in image.chunks().filter(|c| c.pid == owner) {
+            let data = c
+                .pages(&mut buf)
+                .map_err(|e| kext_shim::Error::Unexpected {
+                    pid: root,
+                    what: format!("SysV segment chunk at {:#x}: {e}", c.addr),
+                })?;
+            let at = c.addr as usize;
+            let n = mem.len().saturating_sub(at).min(data.len());
+            mem[at..at + n].copy_from_slice(&data[..n]);
+        }
+        Ok(())
+    })
+    .step(root, || "making its SysV IPC objects again".into())?;
+    Ok(Some(objects))
 }
 
 fn make_memfd(pid: i32, ino: u64, name: &str, size: u64) -> Result<OwnedFd> {
