@@ -39,7 +39,8 @@ enum Cmd {
         /// The process's stdio (terminal, pipes) belongs to the caller and is rebound at restore.
         #[arg(long)]
         shell_job: bool,
-        /// Freeze through this cgroup v2 directory (it must hold the tree and nothing else).
+        /// Freeze through this cgroup v2 directory or v1 freezer cgroup (it must hold the
+        /// tree and nothing else); by default the tree's own, when it is alone there.
         #[arg(long)]
         freeze_cgroup: Option<PathBuf>,
         /// Page compression: none, fast, or a zstd level 1..19.

@@ -200,21 +200,34 @@ fn eventfd_timerfd_signalfd_and_epoll_come_back_with_their_state() {
     eprintln!("{v}");
 }
 
-/// A cgroup v2 directory of our own, removed when dropped (once empty).
+/// A cgroup directory of our own (v2, or in the v1 freezer hierarchy), removed when
+/// dropped (once empty).
 struct Cgroup(std::path::PathBuf);
 
 impl Cgroup {
     fn new(name: &str) -> Cgroup {
+        Self::under(name, |fs, _| fs == "cgroup2")
+    }
+
+    fn new_v1_freezer(name: &str) -> Cgroup {
+        Self::under(name, |fs, opts| {
+            fs == "cgroup" && opts.split(',').any(|o| o == "freezer")
+        })
+    }
+
+    /// In the first mount whose (fs type, super options) `pick` accepts.
+    fn under(name: &str, pick: impl Fn(&str, &str) -> bool) -> Cgroup {
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
         let mount = mounts
             .lines()
             .find(|l| {
-                l.split(" - ")
-                    .nth(1)
-                    .is_some_and(|t| t.starts_with("cgroup2 "))
+                l.split(" - ").nth(1).is_some_and(|t| {
+                    let f: Vec<&str> = t.split(' ').collect();
+                    f.len() > 2 && pick(f[0], f[2])
+                })
             })
             .and_then(|l| l.split(' ').nth(4))
-            .expect("cgroup2 is mounted");
+            .expect("the cgroup hierarchy is mounted");
         let dir = std::path::Path::new(mount).join(format!("{name}-{}", std::process::id()));
         std::fs::create_dir(&dir).expect("creating a cgroup");
         Cgroup(dir)
@@ -225,6 +238,57 @@ impl Drop for Cgroup {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir(&self.0);
     }
+}
+
+#[test]
+fn a_tree_alone_in_a_v1_freezer_cgroup_is_frozen_through_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    let cg = Cgroup::new_v1_freezer("mcr-test-v1");
+    let mut g = Guard::new();
+    // The whole tree is born in the cgroup: the parent joins it before it forks.
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec {} {}",
+        cg.0.display(),
+        workload_bin("tree").display(),
+        data.display()
+    );
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", &script]);
+    let mut p = Proc::spawn(&mut g, cmd, Some("READY"));
+    let tree = tree_pids(p.pid);
+    for &t in &tree[1..] {
+        g.add(t);
+    }
+    let img = tmp.path().join("img");
+    let pid = p.pid.to_string();
+    let out = mcr(&[
+        "checkpoint",
+        "-t",
+        &pid,
+        "-D",
+        img.to_str().expect("utf-8"),
+        "--shell-job",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("\"freezer\":\"cgroup-v1\""), "{report}");
+    let state = std::fs::read_to_string(cg.0.join("freezer.state")).expect("freezer.state");
+    assert_eq!(state.trim(), "THAWED");
+    p.wait();
+    // Its killed children are ours to reap (we are their subreaper).
+    for &t in &tree[1..] {
+        wait_pid(t);
+    }
+    let mut r = restore(&mut g, &img, &[]);
+    assert_pass(&r.check());
+    assert_eq!(r.wait(), 0);
 }
 
 #[test]

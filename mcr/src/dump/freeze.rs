@@ -286,12 +286,16 @@ impl FrozenTree {
     /// thread that could run instead is stopping too. Once the known processes are
     /// stopped (and so cannot fork), their children are listed again and any new one is
     /// frozen the same way, until none appears.
-    pub fn freeze(root: Pid) -> Result<Self> {
+    ///
+    /// `interrupted` runs once, after the first wave is interrupted and before any stop
+    /// is waited for (a v1 freezer is thawed there).
+    pub fn freeze(root: Pid, mut interrupted: impl FnMut() -> Result<()>) -> Result<Self> {
         let mut tree = FrozenTree {
             procs: Vec::new(),
             zombies: Vec::new(),
         };
         let mut wave = descendants(root);
+        let mut first_wave = true;
         while !wave.is_empty() {
             let first = tree.procs.len();
             let t = std::time::Instant::now();
@@ -303,6 +307,9 @@ impl FrozenTree {
                     Err(DumpError::NoProcess(_)) if p != root => {}
                     Err(e) => return Err(e),
                 }
+            }
+            if std::mem::take(&mut first_wave) {
+                interrupted()?;
             }
             let interrupted = t.elapsed();
             let mut i = first;

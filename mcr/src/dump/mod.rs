@@ -40,8 +40,9 @@ pub struct CheckpointOptions {
     /// will be rebound to the restorer's own.
     pub shell_job: bool,
     pub compression: Compression,
-    /// Freeze through this cgroup v2 directory (which must hold the tree and nothing
-    /// else). Without it, the tree's own cgroup is used when it holds nothing else.
+    /// Freeze through this cgroup v2 directory or v1 freezer cgroup (which must hold the
+    /// tree and nothing else). Without it, the tree's own cgroup is used when it holds
+    /// nothing else.
     pub freeze_cgroup: Option<PathBuf>,
 }
 
@@ -133,16 +134,22 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
         Some(dir) => Some(dir.clone()),
         None => cgroup::alone_in(pid, &freeze::descendants(pid)),
     };
-    let frozen_cgroup = cgroup
+    let mut frozen_cgroup = cgroup
         .as_deref()
         .map(|d| cgroup::CgroupFreeze::freeze(pid, d))
         .transpose()?;
-    let mut tree = FrozenTree::freeze(pid)?;
+    let mut tree = FrozenTree::freeze(pid, || match &mut frozen_cgroup {
+        Some(c) if c.version() == cgroup::Version::V1 => c.thaw(),
+        _ => Ok(()),
+    })?;
     // Every thread is in a ptrace stop now, which holds it after the thaw.
     let freezer = match frozen_cgroup {
-        Some(c) => {
+        Some(mut c) => {
             c.thaw()?;
-            "cgroup"
+            match c.version() {
+                cgroup::Version::V1 => "cgroup-v1",
+                cgroup::Version::V2 => "cgroup",
+            }
         }
         None => "ptrace",
     };
