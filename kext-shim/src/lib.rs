@@ -16,6 +16,7 @@ pub mod pipe;
 pub mod probe;
 pub mod procfs;
 pub mod ptrace;
+pub mod pty;
 pub mod sys;
 pub mod sysv;
 pub mod unix;

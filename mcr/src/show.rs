@@ -149,6 +149,8 @@ pub fn text(image: &Image) -> String {
                 FdKind::Regular { file, pos } => format!("{} at {pos}", file.path),
                 FdKind::CharDevice { file, .. } => file.path.clone(),
                 FdKind::Directory { file } => format!("{} (directory)", file.path),
+                FdKind::PtyMaster { index } => format!("pty {index} master"),
+                FdKind::PtySlave { path, .. } => format!("{path} (pty slave)"),
                 FdKind::External { key } => format!("{key} (outside the image)"),
                 FdKind::Memfd { ino, pos } => format!("memfd (inode {ino}) at {pos}"),
                 FdKind::Fifo { file, read_end } => {
@@ -268,6 +270,24 @@ pub fn text(image: &Image) -> String {
             u.peer,
             u.kind,
             u.queue.len()
+        );
+    }
+    for t in &s.ptys {
+        let _ = writeln!(
+            o,
+            "\npty {} (through {}): {}x{}{}{}{}",
+            t.index,
+            t.ptmx,
+            t.winsize[1],
+            t.winsize[0],
+            if t.locked { ", locked" } else { "" },
+            if t.packet { ", packet mode" } else { "" },
+            match t.session {
+                Some((leader, fg)) => {
+                    format!(", terminal of session {leader} (foreground group {fg})")
+                }
+                None => String::new(),
+            }
         );
     }
     for z in &s.zombies {

@@ -319,3 +319,36 @@ fn a_network_namespace_of_its_own_is_refused_and_the_workload_keeps_running() {
     );
     assert_pass(&p.check());
 }
+
+#[test]
+fn a_pty_with_bytes_in_flight_is_refused_and_the_workload_runs_on() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let script = "import os, pty, sys\n\
+                  m, s = pty.openpty()\n\
+                  os.write(m, b'typed ahead\\n')\n\
+                  print('READY', flush=True)\n\
+                  sys.stdin.readline()\n\
+                  print('PASS' if os.read(s, 100) == b'typed ahead\\n' else 'FAIL', flush=True)\n";
+    let mut p = Proc::start(&mut g, Path::new("python3"), &["-c", script], None);
+    let img = tmp.path().join("img");
+    let out = mcr(&[
+        "checkpoint",
+        "-t",
+        &p.pid.to_string(),
+        "-D",
+        img.to_str().expect("utf-8"),
+        "--shell-job",
+    ]);
+    assert_fails(
+        &out,
+        5,
+        &[
+            &format!("pid {}", p.pid),
+            "master of pty",
+            "bytes in flight",
+        ],
+    );
+    assert_pass(&p.check());
+    assert_eq!(p.wait(), 0);
+}

@@ -277,3 +277,60 @@ fn in_syscall(pid: i32, nr: u32) -> bool {
     let sc = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
     sc.split(' ').next() == Some(&nr.to_string())
 }
+
+/// The controlling terminal of `pid` as a pty index, from /proc/PID/stat (tty_nr).
+fn ctty_pts(pid: i32) -> Option<u32> {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &st[st.rfind(')')? + 2..];
+    let tty: u64 = after.split(' ').nth(4)?.parse().ok()?;
+    let (major, minor) = ((tty >> 8) & 0xfff, (tty & 0xff) | ((tty >> 12) & 0xfff00));
+    (major == 136).then_some(minor as u32)
+}
+
+#[test]
+fn a_shell_job_on_a_terminal_comes_back_on_the_restorers_terminal() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let counter = workload_bin("counter");
+    // script gives the job a pty; sh, the session leader, stays outside the dump.
+    let job = format!("sh -c '{}; echo job over'", counter.display());
+    let mut cmd = Command::new("script");
+    cmd.args(["-qfec", &job, "/dev/null"]);
+    let mut outer = Proc::spawn(&mut g, cmd, Some("READY"));
+    let pid = *tree_pids(outer.pid)
+        .iter()
+        .find(|&&p| std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e == counter))
+        .expect("the counter under script");
+    g.add(pid);
+    let before = ctty_pts(pid).expect("the job has a pty as its terminal");
+    let img = tmp.path().join("img");
+    checkpoint(pid, &img, &[]);
+    outer.lines.expect_prefix("job over");
+    assert_eq!(outer.wait(), 0);
+
+    // Restored from another terminal (not the same one again: the old index is held
+    // now), the job's stdio and terminal are that one.
+    let _hold = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/ptmx")
+        .expect("opening a pty");
+    let restore = format!(
+        "{} restore --shell-job -D {}",
+        mcr_bin().display(),
+        img.display()
+    );
+    let mut cmd = Command::new("script");
+    cmd.args(["-qfec", &restore, "/dev/null"]);
+    let mut r = Proc::spawn(&mut g, cmd, Some("mcr: restored pid"));
+    let now = ctty_pts(pid).expect("the restored job has a pty as its terminal");
+    let fd0 = std::fs::read_link(format!("/proc/{pid}/fd/0")).expect("fd 0");
+    assert_eq!(
+        fd0,
+        Path::new(&format!("/dev/pts/{now}")),
+        "stdio is the new terminal"
+    );
+    assert_ne!(now, before);
+    assert_pass(&r.check());
+    assert_eq!(r.wait(), 0, "mcr restore passes the job's exit code on");
+}

@@ -362,3 +362,9 @@ fn restored_processes_can_be_checkpointed_and_restored_again() {
         assert_eq!(r2.wait(), 0);
     }
 }
+
+#[test]
+fn a_pty_pair_inside_the_tree_keeps_its_index_settings_and_session() {
+    let v = run("pty", &[], None);
+    eprintln!("{v}");
+}

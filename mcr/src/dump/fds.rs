@@ -15,6 +15,25 @@ fn is_terminal(rdev: u64) -> bool {
     major == 4 || major == 5 || (136..=143).contains(&major)
 }
 
+/// The pty multiplexer, /dev/ptmx or a devpts's ptmx: each open is a new pty's master.
+fn is_ptmx(rdev: u64) -> bool {
+    nix::sys::stat::major(rdev) == 5 && nix::sys::stat::minor(rdev) == 2
+}
+
+/// A Unix98 pty slave (`/dev/pts/N`): its index.
+pub(super) fn pty_slave_index(rdev: u64, path: &str) -> Option<u32> {
+    let major = nix::sys::stat::major(rdev);
+    if !(136..=143).contains(&major) {
+        return None;
+    }
+    path.rsplit('/')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .or(Some(
+            ((major - 136) * 256 + nix::sys::stat::minor(rdev)) as u32,
+        ))
+}
+
 pub fn collect(pid: Pid, shell_job: bool) -> Result<Vec<FdEntry>> {
     let raw = pid.as_raw();
     let fds = procfs::list_fds(pid).step(pid, || "listing fds".into())?;
@@ -67,6 +86,24 @@ pub fn collect(pid: Pid, shell_job: bool) -> Result<Vec<FdEntry>> {
                 }
             }
             libc::S_IFDIR => FdKind::Directory { file: file() },
+            // Whether a pty is inside the image is decided for the whole tree (see
+            // `pty::resolve`).
+            libc::S_IFCHR if is_ptmx(ident.rdev) => FdKind::PtyMaster {
+                index: info
+                    .extra
+                    .get("tty-index")
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| unsupported("a pty master without a tty-index"))?,
+            },
+            libc::S_IFCHR if pty_slave_index(ident.rdev, &link).is_some() => {
+                if fd <= 2 {
+                    stdio_keys.push(link.clone());
+                }
+                FdKind::PtySlave {
+                    index: pty_slave_index(ident.rdev, &link).unwrap_or_default(),
+                    path: link.clone(),
+                }
+            }
             libc::S_IFCHR if is_terminal(ident.rdev) => external(&mut stdio_keys)
                 .ok_or_else(|| unsupported("a terminal; dump it as a shell job (--shell-job)"))?,
             libc::S_IFCHR => FdKind::CharDevice {
@@ -142,6 +179,8 @@ pub fn number_file_descriptions(procs: &mut [ProcessImage]) -> Result<()> {
                 FdKind::TimerFd { .. } => (u64::MAX - 1, 2, 0),
                 FdKind::SignalFd { .. } => (u64::MAX - 1, 3, 0),
                 FdKind::Epoll { .. } => (u64::MAX - 1, 4, 0),
+                FdKind::PtyMaster { index } => (u64::MAX - 6, *index as u64, 0),
+                FdKind::PtySlave { index, .. } => (u64::MAX - 7, *index as u64, 0),
                 FdKind::External { .. } => continue,
             };
             let mut found = None;

@@ -12,6 +12,7 @@ mod mm;
 mod mntns;
 mod parasite;
 mod pidns;
+mod pty;
 mod task;
 
 use crate::image::{Compression, ImageError, ImageWriter, WriteStats, FORMAT_VERSION};
@@ -167,6 +168,7 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
         }
         let pipes = fds::resolve_pipes(&mut processes, opts.shell_job)?;
         let unix = fds::resolve_sockets(&mut processes, opts.shell_job)?;
+        let mut ptys = pty::resolve(&mut processes, opts.shell_job)?;
         fds::number_file_descriptions(&mut processes)?;
         let mut zombies = tree.zombies.clone();
         let view = processes[0]
@@ -185,7 +187,7 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
             *ns = ipc::dump(pid, &mut shmem, &writer)?;
         }
         if let Some(v) = &view {
-            v.translate(&mut processes, &mut zombies);
+            v.translate(&mut processes, &mut zombies, &mut ptys);
         }
         steps.push(("dump pages", t.elapsed()));
         if crate::fault::armed(crate::fault::DUMP_AFTER_PAGES) {
@@ -202,6 +204,7 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
             shmem,
             zombies,
             unix,
+            ptys,
         };
         let stats = writer
             .finish(&snapshot)

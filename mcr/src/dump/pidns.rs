@@ -3,7 +3,7 @@
 //! one gives back.
 
 use super::{Result, StepContext};
-use crate::model::{ProcessImage, ZombieImage};
+use crate::model::{ProcessImage, PtyImage, ZombieImage};
 use kext_shim::procfs::Status;
 use kext_shim::Pid;
 use std::collections::HashMap;
@@ -57,7 +57,18 @@ impl PidView {
 
     /// Rewrites every pid of the description in the tree's numbers. A parent outside
     /// the tree (the root's) is 0, as the namespace sees it.
-    pub fn translate(&self, procs: &mut [ProcessImage], zombies: &mut [ZombieImage]) {
+    pub fn translate(
+        &self,
+        procs: &mut [ProcessImage],
+        zombies: &mut [ZombieImage],
+        ptys: &mut [PtyImage],
+    ) {
+        for t in ptys.iter_mut() {
+            if let Some((leader, fg)) = &mut t.session {
+                *leader = self.pid(*leader);
+                *fg = self.pid(*fg);
+            }
+        }
         for p in procs.iter_mut() {
             (p.pgid, p.sid) = self.ids[&p.pid];
             p.pid = self.pid(p.pid);

@@ -20,6 +20,7 @@ pub enum FrameKind {
     Shmem = 5,
     Zombie = 6,
     UnixSocket = 7,
+    Pty = 8,
     End = 0xffff,
 }
 
@@ -33,6 +34,7 @@ impl FrameKind {
             5 => Self::Shmem,
             6 => Self::Zombie,
             7 => Self::UnixSocket,
+            8 => Self::Pty,
             0xffff => Self::End,
             _ => return None,
         })

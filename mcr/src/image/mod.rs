@@ -154,6 +154,16 @@ mod tests {
                 kind: libc::SOCK_DGRAM,
                 queue: vec![b"one".to_vec(), vec![]],
             }],
+            ptys: vec![PtyImage {
+                index: 3,
+                ptmx: "/dev/ptmx".into(),
+                termios: vec![1; 44],
+                master_termios: vec![2; 44],
+                winsize: [24, 80, 0, 0],
+                locked: false,
+                packet: true,
+                session: Some((7, 8)),
+            }],
         }
     }
 

@@ -4,7 +4,8 @@ use super::frame::{check_file, corrupt, FrameKind, FILE_CORE, FILE_INVENTORY, FI
 use super::pages::{parse_chunk, PageChunk};
 use super::{codec, ImageError, Result, KNOWN_FEATURES};
 use crate::model::{
-    Inventory, PipeImage, ProcessImage, ShmemObject, Snapshot, UnixSocketImage, ZombieImage,
+    Inventory, PipeImage, ProcessImage, PtyImage, ShmemObject, Snapshot, UnixSocketImage,
+    ZombieImage,
 };
 use kext_shim::filemap::{map_readonly, Mmap};
 use std::path::{Path, PathBuf};
@@ -61,6 +62,7 @@ impl Image {
         let mut shmem: Vec<ShmemObject> = Vec::new();
         let mut zombies: Vec<ZombieImage> = Vec::new();
         let mut unix: Vec<UnixSocketImage> = Vec::new();
+        let mut ptys: Vec<PtyImage> = Vec::new();
         for f in check_file(&p, &core_bytes, FILE_CORE, 1)? {
             match f.kind {
                 FrameKind::Process => {
@@ -77,6 +79,9 @@ impl Image {
                 }
                 FrameKind::UnixSocket => {
                     unix.push(codec::decode(f.payload).map_err(|e| corrupt(&p, f.offset, &e))?)
+                }
+                FrameKind::Pty => {
+                    ptys.push(codec::decode(f.payload).map_err(|e| corrupt(&p, f.offset, &e))?)
                 }
                 k => return Err(corrupt(&p, f.offset, &format!("unexpected {k:?} record"))),
             }
@@ -163,6 +168,7 @@ impl Image {
                 shmem,
                 zombies,
                 unix,
+                ptys,
             },
             pages,
             chunks,

@@ -205,11 +205,15 @@ impl ImageWriter {
         for u in &snap.unix {
             push_record(&mut core, FrameKind::UnixSocket, &codec::encode(u));
         }
+        for t in &snap.ptys {
+            push_record(&mut core, FrameKind::Pty, &codec::encode(t));
+        }
         let records = snap.processes.len()
             + snap.pipes.len()
             + snap.shmem.len()
             + snap.zombies.len()
-            + snap.unix.len();
+            + snap.unix.len()
+            + snap.ptys.len();
         core.extend_from_slice(&end(records as u64));
         self.write_small(FILE_CORE.0, &core)?;
 

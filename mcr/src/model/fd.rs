@@ -103,6 +103,16 @@ pub enum FdKind {
     Epoll {
         targets: Vec<EpollTarget>,
     },
+    /// The master of a pseudo-terminal inside the image (see `Snapshot::ptys`).
+    PtyMaster {
+        index: u32,
+    },
+    /// A slave of a pseudo-terminal whose master is inside the image, reopened by its
+    /// path (`/dev/pts/N`).
+    PtySlave {
+        index: u32,
+        path: String,
+    },
     /// Something outside the dumped tree (a shell job's terminal or pipe), identified by
     /// the kernel's name for it (`pipe:[1234]`, `/dev/pts/3`). Restore binds it to an fd
     /// the restorer was given.
@@ -139,6 +149,25 @@ pub struct UnixSocketImage {
     pub kind: i32,
     /// Messages (a stream's bytes, in pieces) queued for this end to read.
     pub queue: Vec<Vec<u8>>,
+}
+
+/// A pseudo-terminal with its master inside the image: made again with its index, so
+/// that `/dev/pts/N` names it still.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtyImage {
+    pub index: u32,
+    /// The multiplexer its master was opened through (`/dev/ptmx`).
+    pub ptmx: String,
+    /// The slave's `struct termios2`, and the master's.
+    pub termios: Vec<u8>,
+    pub master_termios: Vec<u8>,
+    /// rows, cols, xpixel, ypixel.
+    pub winsize: [u16; 4],
+    pub locked: bool,
+    pub packet: bool,
+    /// The session it is the controlling terminal of (its leader's pid), and that
+    /// session's foreground process group.
+    pub session: Option<(i32, i32)>,
 }
 
 /// One inotify watch: its descriptor, the path watched and the event mask.

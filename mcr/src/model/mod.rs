@@ -24,6 +24,7 @@ pub struct Snapshot {
     /// After the processes: each one's parent is among them.
     pub zombies: Vec<ZombieImage>,
     pub unix: Vec<UnixSocketImage>,
+    pub ptys: Vec<PtyImage>,
 }
 
 /// Who wrote an image, where, and what it needs to be read back.

@@ -9,8 +9,8 @@ use super::files::FdNumbers;
 use super::memory::{fill, map_vma, move_vdso, set_mm, teardown};
 use super::shared::{Backing, Placement};
 use super::state::{
-    fill_epolls, queue_pending, raise_nofile, set_creds, set_fds, set_itimers, set_posix_timers,
-    set_rlimits, set_signals, take_locks,
+    fill_epolls, queue_pending, raise_nofile, set_creds, set_fds, set_foreground, set_itimers,
+    set_posix_timers, set_rlimits, set_signals, take_locks,
 };
 use super::stub::Stub;
 use super::threads::{create_threads, set_cpu_state, set_thread_state};
@@ -224,6 +224,8 @@ pub fn rebuild(
         // Every fd number must be allowed while the table is rebuilt; the process's own
         // limits (perhaps below its highest fd) follow.
         raise_nofile(cx)?;
+        // While the stub still has our fds: a slave of its terminal to act on it with.
+        set_foreground(cx, fds)?;
         set_fds(cx, fds)?;
         fill_epolls(cx, fds)?;
         take_locks(cx, fds)?;

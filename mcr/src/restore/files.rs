@@ -5,7 +5,7 @@ use super::shared::Placement;
 use super::{RestoreError, Result};
 use crate::model::{
     EpollTarget, FdKind, FileIdentity, FileLock, FileRef, LockKind, PipeImage, ProcessImage,
-    UnixSocketImage,
+    PtyImage, UnixSocketImage,
 };
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -25,6 +25,8 @@ pub struct FilePlan {
     pipes: BTreeMap<u64, (i32, i32)>,
     /// Unix socket inode -> our end of the pair made for it, refilled.
     sockets: BTreeMap<u64, i32>,
+    /// Pty index -> (our master, a slave of ours if it is a session's terminal).
+    ptys: BTreeMap<u32, (i32, Option<i32>)>,
     per_process: Vec<FdNumbers>,
 }
 
@@ -40,6 +42,9 @@ pub struct FdNumbers {
     /// Locks this process takes again: (its fd number, the lock). A flock or OFD lock
     /// goes with the first holder of its open file description only.
     pub locks: Vec<(i32, FileLock)>,
+    /// For a session leader whose controlling terminal is a pty of the image: a slave of
+    /// it (our fd number, which the stub inherited) and the foreground process group.
+    pub ctty: Option<(i32, i32)>,
 }
 
 impl FilePlan {
@@ -148,6 +153,7 @@ pub fn open_all(
     procs: &[ProcessImage],
     pipes: &[PipeImage],
     unix: &[UnixSocketImage],
+    ptys: &[PtyImage],
     placement: &Placement,
     root: &Path,
     shell_job: Option<[i32; 3]>,
@@ -157,8 +163,41 @@ pub fn open_all(
         ofds: BTreeMap::new(),
         pipes: BTreeMap::new(),
         sockets: BTreeMap::new(),
+        ptys: BTreeMap::new(),
         per_process: Vec::new(),
     };
+    let pid = procs.first().map(|p| p.pid).unwrap_or(0);
+    for t in ptys {
+        let ptmx = root.join(t.ptmx.trim_start_matches('/'));
+        let err = |why: String| RestoreError::File {
+            pid,
+            what: format!("pty {}", t.index),
+            path: ptmx.display().to_string(),
+            why,
+        };
+        let master = kext_shim::pty::open_index(&ptmx.display().to_string(), t.index)
+            .map_err(|e| err(e.to_string()))?;
+        kext_shim::pty::set_locked(&master, false).map_err(|e| err(e.to_string()))?;
+        let slave_path = root.join(pty_slave_path(&t.ptmx, t.index).trim_start_matches('/'));
+        let slave = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(&slave_path)
+            .map_err(|e| err(format!("opening {}: {e}", slave_path.display())))?;
+        kext_shim::pty::apply_state(
+            &master,
+            &slave,
+            &t.termios,
+            &t.master_termios,
+            t.winsize,
+            t.packet,
+        )
+        .map_err(|e| err(e.to_string()))?;
+        let m = plan.keep(master);
+        let s = t.session.map(|_| plan.keep(slave));
+        plan.ptys.insert(t.index, (m, s));
+    }
     for u in unix {
         if plan.sockets.contains_key(&u.ino) {
             continue;
@@ -222,10 +261,38 @@ pub fn open_all(
         plan.pipes.insert(pipe.ino, (rn, wn));
     }
     for p in procs {
-        let n = open_process(&mut plan, procs, p, placement, root, shell_job)?;
+        let mut n = open_process(&mut plan, procs, p, placement, root, shell_job)?;
+        n.ctty = ptys.iter().find_map(|t| match t.session {
+            Some((leader, fg)) if leader == p.pid => plan.ptys[&t.index].1.map(|s| (s, fg)),
+            _ => None,
+        });
         plan.per_process.push(n);
     }
+    // Slaves are open now: a pty that was locked is locked again.
+    for t in ptys.iter().filter(|t| t.locked) {
+        let (m, _) = plan.ptys[&t.index];
+        let master = plan
+            .owned
+            .iter()
+            .find(|o| o.as_raw_fd() == m)
+            .expect("the plan owns its ptys");
+        kext_shim::pty::set_locked(master, true).map_err(|e| RestoreError::File {
+            pid,
+            what: format!("pty {}", t.index),
+            path: t.ptmx.clone(),
+            why: e.to_string(),
+        })?;
+    }
     Ok(plan)
+}
+
+/// The slave of pty `index` next to the multiplexer it was made through: `/dev/pts/N`
+/// for `/dev/ptmx`, `DIR/N` for a devpts's own `DIR/ptmx`.
+fn pty_slave_path(ptmx: &str, index: u32) -> String {
+    match ptmx.strip_suffix("/ptmx") {
+        Some(dir) if dir.ends_with("/pts") => format!("{dir}/{index}"),
+        _ => format!("/dev/pts/{index}"),
+    }
 }
 
 fn open_process(
@@ -248,6 +315,7 @@ fn open_process(
         fds: Vec::new(),
         epolls: Vec::new(),
         locks: Vec::new(),
+        ctty: None,
     };
     for f in &p.mm.files {
         let file = cx.open(&format!("mapped file {}", f.path), f, libc::O_RDONLY as u32)?;
@@ -443,6 +511,29 @@ fn open_process(
                 nix::fcntl::fcntl(end, nix::fcntl::FcntlArg::F_SETFL(fl))
                     .map_err(|err| cx.err(&what, Path::new(&pipe), format!("F_SETFL: {err}")))?;
                 end
+            }
+            FdKind::PtyMaster { index } => {
+                let name = format!("pty {index}");
+                let &(m, _) = plan.ptys.get(index).ok_or_else(|| {
+                    cx.err(&what, Path::new(&name), "is not among the image's ptys")
+                })?;
+                let fl = nix::fcntl::OFlag::from_bits_truncate(e.flags as i32 & libc::O_NONBLOCK);
+                nix::fcntl::fcntl(m, nix::fcntl::FcntlArg::F_SETFL(fl))
+                    .map_err(|err| cx.err(&what, Path::new(&name), format!("F_SETFL: {err}")))?;
+                m
+            }
+            FdKind::PtySlave { path, .. } => {
+                let at = root.join(path.trim_start_matches('/'));
+                let acc = e.flags as i32 & libc::O_ACCMODE;
+                let f = OpenOptions::new()
+                    .read(acc != libc::O_WRONLY)
+                    .write(acc != libc::O_RDONLY)
+                    .custom_flags(
+                        e.flags as i32 & !(CREATION_FLAGS | libc::O_ACCMODE) | libc::O_NOCTTY,
+                    )
+                    .open(&at)
+                    .map_err(|err| cx.err(&what, &at, err.to_string()))?;
+                plan.keep(f)
             }
             FdKind::External { key } => {
                 let Some(stdio_fds) = shell_job else {

@@ -171,11 +171,13 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         procs,
         &snap.pipes,
         &snap.unix,
+        &snap.ptys,
         &placement,
         &root,
         opts.shell_job.then_some(opts.stdio),
     )?;
     steps.push(("open files", t.elapsed()));
+    let numbers = plan.numbers();
     memory::check_vdso_layout(p0)?;
 
     let t = Instant::now();
@@ -235,14 +237,17 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         vec![first]
     };
     state::early_init(&mut inj, p0.into(), procs)?;
-    for p in &procs[1..] {
+    state::take_ctty(&mut inj, p0.pid, &numbers[0])?;
+    for (i, p) in procs.iter().enumerate().skip(1) {
         let parent = procs
             .iter()
             .position(|q| q.pid == p.ppid)
             .expect("checked above");
         let mut inj = stub::fresh_injector(stubs[parent].pid)?;
         let child = stubs[parent].fork_child(&mut inj, p.pid)?;
-        state::early_init(&mut stub::fresh_injector(child.pid)?, p.into(), procs)?;
+        let mut cinj = stub::fresh_injector(child.pid)?;
+        state::early_init(&mut cinj, p.into(), procs)?;
+        state::take_ctty(&mut cinj, p.pid, &numbers[i])?;
         stubs.push(child);
     }
     // Zombies: forked by their parent like any child, then ended with their status.
@@ -265,7 +270,6 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         zs.die_as(&mut zinj, z.pid, z.status)?;
     }
     // The stubs hold their own copies now.
-    let numbers = plan.numbers();
     drop(plan);
     drop(objects);
     steps.push(("create processes", t.elapsed()));

@@ -397,3 +397,36 @@ pub(super) fn set_creds(cx: &mut Ctx, p: &ProcessImage) -> Result<()> {
     )?;
     Ok(())
 }
+
+/// A session leader takes its pty as controlling terminal again, right after it made
+/// its session and before it forks: a process gets its terminal at fork, from its
+/// parent, so the rest of the session must come after.
+pub(super) fn take_ctty(inj: &mut Injector, pid: i32, fds: &FdNumbers) -> Result<()> {
+    let Some((slave, _)) = fds.ctty else {
+        return Ok(());
+    };
+    inj.call(
+        libc::SYS_ioctl,
+        [slave as u64, libc::TIOCSCTTY, 0, 0, 0, 0],
+        || "ioctl(TIOCSCTTY) on its terminal".into(),
+    )
+    .step(pid, || "taking its controlling terminal".into())?;
+    Ok(())
+}
+
+/// The session leader gives its terminal back its foreground process group, once every
+/// group of the tree exists.
+pub(super) fn set_foreground(cx: &mut Ctx, fds: &FdNumbers) -> Result<()> {
+    let Some((slave, fg)) = fds.ctty else {
+        return Ok(());
+    };
+    if fg > 0 {
+        let addr = cx.put(&fg.to_ne_bytes())?;
+        cx.call(
+            libc::SYS_ioctl,
+            [slave as u64, libc::TIOCSPGRP, addr, 0, 0, 0],
+            || format!("ioctl(TIOCSPGRP, {fg}) on its terminal"),
+        )?;
+    }
+    Ok(())
+}
