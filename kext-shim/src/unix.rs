@@ -18,8 +18,12 @@ pub struct UnixSocket {
     pub name: Option<String>,
     pub peer: Option<u64>,
     /// For a listener: connections waiting to be accepted, and the backlog it was given.
+    /// For any other socket: bytes (or for a datagram socket, the first message's)
+    /// waiting to be read, and bytes sent not yet taken by the peer.
     pub pending: u32,
     pub backlog: u32,
+    /// For a listener: the waiting connections' own sockets, oldest first.
+    pub icons: Vec<u64>,
 }
 
 const NETLINK_SOCK_DIAG: i32 = 4;
@@ -30,6 +34,8 @@ const UDIAG_SHOW_NAME: u32 = 1;
 const UDIAG_SHOW_PEER: u32 = 4;
 const UNIX_DIAG_NAME: u16 = 0;
 const UNIX_DIAG_PEER: u16 = 2;
+const UDIAG_SHOW_ICONS: u32 = 8;
+const UNIX_DIAG_ICONS: u16 = 3;
 const UDIAG_SHOW_RQLEN: u32 = 0x10;
 const UNIX_DIAG_RQLEN: u16 = 4;
 
@@ -62,8 +68,9 @@ pub fn unix_sockets() -> Result<BTreeMap<u64, UnixSocket>> {
     req[8..12].copy_from_slice(&1u32.to_ne_bytes());
     req[16] = libc::AF_UNIX as u8;
     req[20..24].copy_from_slice(&u32::MAX.to_ne_bytes()); // every state
-    req[28..32]
-        .copy_from_slice(&(UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN).to_ne_bytes());
+    req[28..32].copy_from_slice(
+        &(UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN | UDIAG_SHOW_ICONS).to_ne_bytes(),
+    );
     req[32..40].copy_from_slice(&[0xff; 8]);
     // SAFETY: sending our own buffer of the stated length.
     let n = unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
@@ -98,6 +105,7 @@ pub fn unix_sockets() -> Result<BTreeMap<u64, UnixSocket>> {
                     peer: None,
                     pending: 0,
                     backlog: 0,
+                    icons: Vec::new(),
                 };
                 let mut a = 16;
                 while a + 4 <= m.len() {
@@ -118,6 +126,9 @@ pub fn unix_sockets() -> Result<BTreeMap<u64, UnixSocket>> {
                             })
                         }
                         UNIX_DIAG_PEER if data.len() >= 4 => s.peer = Some(u32_at(data, 0) as u64),
+                        UNIX_DIAG_ICONS => {
+                            s.icons = data.chunks_exact(4).map(|c| u32_at(c, 0) as u64).collect()
+                        }
                         UNIX_DIAG_RQLEN if data.len() >= 8 => {
                             s.pending = u32_at(data, 0);
                             s.backlog = u32_at(data, 4);
@@ -208,15 +219,17 @@ pub fn peek_queue(pid: Pid, fd: i32, stream: bool) -> Result<Vec<Vec<u8>>> {
     Ok(q)
 }
 
-/// A unix socket of `kind` bound to `name` (a path, or `@name` in the abstract
-/// namespace) and listening with `backlog`. A stale socket file at the path (left by the
-/// listener this one replaces) is removed first.
-pub fn listen(kind: i32, name: &str, backlog: u32) -> Result<OwnedFd> {
+/// A new unix socket of `kind` (close-on-exec).
+pub fn socket(kind: i32) -> Result<OwnedFd> {
     // SAFETY: socket takes no pointers.
     let fd = unsafe { libc::socket(libc::AF_UNIX, kind | libc::SOCK_CLOEXEC, 0) };
     check(fd as libc::c_long, || "socket(AF_UNIX)".into())?;
     // SAFETY: a fresh fd the kernel just returned, owned by no one else.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `name` (a path, or `@name` in the abstract namespace) as a sockaddr_un and its length.
+fn sockaddr(name: &str) -> Result<(libc::sockaddr_un, libc::socklen_t)> {
     // SAFETY: sockaddr_un is plain data; zeroed is a valid value.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
@@ -234,7 +247,16 @@ pub fn listen(kind: i32, name: &str, backlog: u32) -> Result<OwnedFd> {
     for (i, &b) in bytes.iter().enumerate() {
         addr.sun_path[i + off] = b as libc::c_char;
     }
-    if !abstract_ {
+    let len =
+        std::mem::size_of::<libc::sa_family_t>() + off + bytes.len() + usize::from(!abstract_);
+    Ok((addr, len as libc::socklen_t))
+}
+
+/// Binds `sock` to `name`. A stale socket file at the path (left by the socket this one
+/// replaces) is removed first.
+pub fn bind(sock: &OwnedFd, name: &str) -> Result<()> {
+    let (addr, len) = sockaddr(name)?;
+    if !name.starts_with('@') {
         if let Ok(m) = std::fs::symlink_metadata(name) {
             use std::os::unix::fs::FileTypeExt;
             if m.file_type().is_socket() {
@@ -242,19 +264,76 @@ pub fn listen(kind: i32, name: &str, backlog: u32) -> Result<OwnedFd> {
             }
         }
     }
-    let len =
-        std::mem::size_of::<libc::sa_family_t>() + off + bytes.len() + usize::from(!abstract_);
     // SAFETY: `addr` is a sockaddr_un and `len` does not exceed it.
     let r = unsafe {
         libc::bind(
             sock.as_raw_fd(),
             (&addr as *const libc::sockaddr_un).cast(),
-            len as libc::socklen_t,
+            len,
         )
     };
-    check(r as libc::c_long, || format!("bind to {name}"))?;
+    check(r as libc::c_long, || format!("bind to {name}")).map(|_| ())
+}
+
+/// A unix socket of `kind` bound to `name` and listening with `backlog`.
+pub fn listen(kind: i32, name: &str, backlog: u32) -> Result<OwnedFd> {
+    let sock = socket(kind)?;
+    bind(&sock, name)?;
     // SAFETY: listen takes no pointers.
     let r = unsafe { libc::listen(sock.as_raw_fd(), backlog as i32) };
     check(r as libc::c_long, || format!("listen on {name}"))?;
     Ok(sock)
+}
+
+/// Connects `sock` to `name`; for a stream or seqpacket listener the connection waits
+/// in its queue until accepted (the socket must not block: a full queue is an error).
+pub fn connect(sock: &OwnedFd, name: &str) -> Result<()> {
+    let (addr, len) = sockaddr(name)?;
+    // SAFETY: `addr` is a sockaddr_un and `len` does not exceed it.
+    let r = unsafe {
+        libc::connect(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    };
+    check(r as libc::c_long, || format!("connect to {name}")).map(|_| ())
+}
+
+/// Takes the oldest waiting connection off `listener`.
+pub fn accept(listener: &OwnedFd) -> Result<OwnedFd> {
+    // SAFETY: accept4 may take null address pointers.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    check(fd as libc::c_long, || "accept4".into())?;
+    // SAFETY: a fresh fd the kernel just returned, owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sends each of `messages` to the socket bound to `name`, from a fresh unnamed socket
+/// of `kind`.
+pub fn send_to(kind: i32, name: &str, messages: &[Vec<u8>]) -> Result<()> {
+    let sock = socket(kind)?;
+    let (addr, len) = sockaddr(name)?;
+    for m in messages {
+        // SAFETY: sending our own buffer to `addr`, a sockaddr_un of length `len`.
+        let r = unsafe {
+            libc::sendto(
+                sock.as_raw_fd(),
+                m.as_ptr().cast(),
+                m.len(),
+                libc::MSG_DONTWAIT,
+                (&addr as *const libc::sockaddr_un).cast(),
+                len,
+            )
+        };
+        check(r as libc::c_long, || format!("sendto {name}"))?;
+    }
+    Ok(())
 }

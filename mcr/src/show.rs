@@ -1,7 +1,7 @@
 //! `mcr show`: an image for a person (text) or a program (JSON).
 
 use crate::image::Image;
-use crate::model::{FdKind, VmaKind};
+use crate::model::{FdKind, SocketLink, VmaKind};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -263,12 +263,34 @@ pub fn text(image: &Image) -> String {
     }
     for u in &s.unix {
         let bytes: usize = u.queue.iter().map(Vec::len).sum();
+        let link = match &u.link {
+            SocketLink::Unconnected => "unconnected".to_string(),
+            SocketLink::Pair { peer } => format!("paired with socket:[{peer}]"),
+            SocketLink::Client {
+                listener,
+                accepted: Some(a),
+            } => format!("connected to listener socket:[{listener}], accepted as socket:[{a}]"),
+            SocketLink::Client {
+                listener,
+                accepted: None,
+            } => format!("waiting in the queue of listener socket:[{listener}]"),
+            SocketLink::Accepted { client } => format!("accepted from socket:[{client}]"),
+            SocketLink::ConnectedTo { name } => format!("connected to {name}"),
+        };
+        let kind = match u.kind {
+            libc::SOCK_STREAM => "stream",
+            libc::SOCK_DGRAM => "dgram",
+            libc::SOCK_SEQPACKET => "seqpacket",
+            _ => "unknown type",
+        };
         let _ = writeln!(
             o,
-            "\nunix socket:[{}] (peer {}, type {}): {} messages, {bytes} bytes queued",
+            "\nunix {kind} socket:[{}]{}: {link}; {} messages, {bytes} bytes queued",
             u.ino,
-            u.peer,
-            u.kind,
+            u.name
+                .as_deref()
+                .map(|n| format!(" bound to {n}"))
+                .unwrap_or_default(),
             u.queue.len()
         );
     }

@@ -352,3 +352,65 @@ fn a_pty_with_bytes_in_flight_is_refused_and_the_workload_runs_on() {
     assert_pass(&p.check());
     assert_eq!(p.wait(), 0);
 }
+
+/// A python workload with a unix socket of `kind` connected to `path` (ours).
+fn connected_to_us(g: &mut Guard, kind: &str, path: &Path, send: &str) -> Proc {
+    let script = format!(
+        "import socket, sys\n\
+         s = socket.socket(socket.AF_UNIX, socket.{kind})\n\
+         s.connect({path:?})\n\
+         s.send(b'{send}')\n\
+         print('READY', flush=True)\n\
+         sys.stdin.readline()\n\
+         s.send(b'after')\n\
+         print('PASS', flush=True)\n",
+        path = s(path)
+    );
+    Proc::start(g, Path::new("python3"), &["-c", &script], None)
+}
+
+#[test]
+fn a_stream_socket_connected_outside_the_tree_is_refused_by_name() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("ours.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+    let mut g = Guard::new();
+    let mut p = connected_to_us(&mut g, "SOCK_STREAM", &path, "before");
+    let (mut conn, _) = listener.accept().expect("accept");
+    let img = tmp.path().join("img");
+    let out = mcr(&[
+        "checkpoint",
+        "-t",
+        &p.pid.to_string(),
+        "-D",
+        s(&img),
+        "--shell-job",
+    ]);
+    assert_fails(
+        &out,
+        5,
+        &[&format!("pid {}", p.pid), "peer", "outside the tree"],
+    );
+    assert_pass(&p.check());
+    let mut got = String::new();
+    std::io::Read::read_to_string(&mut conn, &mut got).expect("read");
+    assert_eq!(got, "beforeafter", "the connection carried on untouched");
+    assert_eq!(p.wait(), 0);
+}
+
+#[test]
+fn a_datagram_socket_connected_outside_is_connected_again_by_name() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("log.sock");
+    let ours = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+    let mut g = Guard::new();
+    let p = connected_to_us(&mut g, "SOCK_DGRAM", &path, "before");
+    let mut buf = [0u8; 16];
+    let n = ours.recv(&mut buf).expect("recv");
+    assert_eq!(&buf[..n], b"before");
+    let mut r = round_trip(&mut g, p, &tmp.path().join("img"), &[], &[]);
+    assert_pass(&r.check());
+    let n = ours.recv(&mut buf).expect("recv");
+    assert_eq!(&buf[..n], b"after", "the restored socket sends to us again");
+    assert_eq!(r.wait(), 0);
+}

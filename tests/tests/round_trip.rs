@@ -368,3 +368,10 @@ fn a_pty_pair_inside_the_tree_keeps_its_index_settings_and_session() {
     let v = run("pty", &[], None);
     eprintln!("{v}");
 }
+
+#[test]
+fn unix_sockets_accepted_waiting_bound_and_connected_by_name() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let v = run("usock", &[tmp.path().to_str().expect("utf-8")], None);
+    eprintln!("{v}");
+}

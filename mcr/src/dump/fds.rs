@@ -3,7 +3,7 @@
 use super::{DumpError, Result, StepContext};
 use crate::model::{
     EpollTarget, FdEntry, FdKind, FileLock, FileRef, InotifyWatch, LockKind, PipeImage,
-    ProcessImage, UnixSocketImage,
+    ProcessImage,
 };
 use kext_shim::procfs::{self, FileIdentity};
 use kext_shim::Pid;
@@ -399,7 +399,7 @@ fn parse_locks(fdinfo: &str) -> std::result::Result<Vec<FileLock>, String> {
 
 /// Turns every fd matching `is_it` into the shell job's: allowed when dumping a shell job
 /// and the object is one of the job's stdio, refused by name otherwise.
-fn externalize(
+pub(super) fn externalize(
     procs: &mut [ProcessImage],
     shell_job: bool,
     key: &str,
@@ -431,105 +431,6 @@ fn externalize(
         }
     }
     Ok(())
-}
-
-/// Decides, for the whole tree, what each socket is. A connected, unnamed pair of unix
-/// sockets with both ends inside is part of the image, with what is queued on each end
-/// (peeked, never taken). Anything else is a shell job's stdio or refused by name.
-pub fn resolve_sockets(
-    procs: &mut [ProcessImage],
-    shell_job: bool,
-) -> Result<Vec<UnixSocketImage>> {
-    let mut holders: BTreeMap<u64, (i32, i32)> = BTreeMap::new();
-    for p in procs.iter() {
-        for e in &p.fds {
-            if let FdKind::UnixSocket { ino } = e.kind {
-                holders.entry(ino).or_insert((p.pid, e.fd));
-            }
-        }
-    }
-    if holders.is_empty() {
-        return Ok(Vec::new());
-    }
-    let root = procs.first().map(|p| p.pid).unwrap_or(0);
-    let all = kext_shim::unix::unix_sockets().step(Pid::from_raw(root), || {
-        "listing unix sockets (sock_diag)".into()
-    })?;
-    let mut out = Vec::new();
-    for (&ino, &(pid, fd)) in &holders {
-        let key = format!("socket:[{ino}]");
-        let why = match all.get(&ino) {
-            None => {
-                "a socket of a family not supported yet (only unix socket pairs are)".to_string()
-            }
-            Some(s) if s.state == 10 && s.pending > 0 => format!(
-                "a listening unix socket{} with {} connections waiting to be accepted",
-                name_of(s),
-                s.pending
-            ),
-            Some(s) if s.state == 10 && s.name.is_some() => {
-                let name = s.name.clone().unwrap_or_default();
-                let mode = if name.starts_with('@') {
-                    0
-                } else {
-                    use std::os::unix::fs::PermissionsExt;
-                    std::fs::metadata(&name)
-                        .map(|m| m.permissions().mode())
-                        .unwrap_or(0)
-                };
-                let listener = FdKind::UnixListener {
-                    ino,
-                    kind: s.kind,
-                    name,
-                    backlog: s.backlog,
-                    mode,
-                };
-                for p in procs.iter_mut() {
-                    for e in p.fds.iter_mut() {
-                        if matches!(e.kind, FdKind::UnixSocket { ino: i } if i == ino) {
-                            e.kind = listener.clone();
-                        }
-                    }
-                }
-                continue;
-            }
-            Some(s) if s.state == 10 => "an unnamed listening unix socket".to_string(),
-            Some(s) if s.name.is_some() => format!("a unix socket bound to {}", name_of(s)),
-            Some(s) => match s.peer {
-                Some(peer) if holders.contains_key(&peer) => {
-                    let stream = s.kind == libc::SOCK_STREAM;
-                    let queue = kext_shim::unix::peek_queue(Pid::from_raw(pid), fd, stream)
-                        .step(Pid::from_raw(pid), || {
-                            format!("reading what is queued on fd {fd} ({key})")
-                        })?;
-                    out.push(UnixSocketImage {
-                        ino,
-                        peer,
-                        kind: s.kind,
-                        queue,
-                    });
-                    continue;
-                }
-                Some(_) => "a unix socket whose peer is outside the tree".to_string(),
-                None => "an unconnected unix socket".to_string(),
-            },
-        };
-        externalize(
-            procs,
-            shell_job,
-            &key,
-            &why,
-            |k| matches!(k, FdKind::UnixSocket { ino: i } if *i == ino),
-        )?;
-    }
-    Ok(out)
-}
-
-fn name_of(s: &kext_shim::unix::UnixSocket) -> String {
-    s.name
-        .as_deref()
-        .map(|n| format!(" ({n})"))
-        .unwrap_or_default()
 }
 
 /// An inotify instance's watches, from its fdinfo: each names its file by a handle,

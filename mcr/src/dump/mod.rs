@@ -13,6 +13,7 @@ mod mntns;
 mod parasite;
 mod pidns;
 mod pty;
+mod sockets;
 mod task;
 
 use crate::image::{Compression, ImageError, ImageWriter, WriteStats, FORMAT_VERSION};
@@ -167,7 +168,7 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
             ipc::refuse_host_segments(&processes)?;
         }
         let pipes = fds::resolve_pipes(&mut processes, opts.shell_job)?;
-        let unix = fds::resolve_sockets(&mut processes, opts.shell_job)?;
+        let unix = sockets::resolve(&mut processes, opts.shell_job)?;
         let mut ptys = pty::resolve(&mut processes, opts.shell_job)?;
         fds::number_file_descriptions(&mut processes)?;
         let mut zombies = tree.zombies.clone();

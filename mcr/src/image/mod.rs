@@ -150,8 +150,9 @@ mod tests {
             }],
             unix: vec![UnixSocketImage {
                 ino: 10,
-                peer: 11,
                 kind: libc::SOCK_DGRAM,
+                name: Some("@mcr-test".into()),
+                link: SocketLink::Pair { peer: 11 },
                 queue: vec![b"one".to_vec(), vec![]],
             }],
             ptys: vec![PtyImage {

@@ -71,8 +71,7 @@ pub enum FdKind {
         backlog: u32,
         mode: u32,
     },
-    /// One end of a connected pair of unix sockets, both ends inside the image (see
-    /// `Snapshot::unix`).
+    /// A unix socket other than a listener (see `Snapshot::unix`).
     UnixSocket {
         ino: u64,
     },
@@ -139,16 +138,41 @@ pub struct EpollTarget {
     pub data: u64,
 }
 
-/// One end of a connected, unnamed pair of unix sockets, with what was waiting to be
-/// read on it.
+/// A unix socket that is not a listener, with what was waiting to be read on it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnixSocketImage {
     pub ino: u64,
-    pub peer: u64,
     /// SOCK_STREAM, SOCK_DGRAM or SOCK_SEQPACKET.
     pub kind: i32,
+    /// Its bound name (a path, or `@name`); an accepted connection has its listener's.
+    pub name: Option<String>,
+    pub link: SocketLink,
     /// Messages (a stream's bytes, in pieces) queued for this end to read.
     pub queue: Vec<Vec<u8>>,
+}
+
+/// What a unix socket is connected to, which says how it is made again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SocketLink {
+    Unconnected,
+    /// One end of a pair made together (socketpair); `peer` is the other end.
+    Pair {
+        peer: u64,
+    },
+    /// Connected to listener `listener` (an fd of the tree): accepted as socket
+    /// `accepted`, or still waiting in the listener's queue.
+    Client {
+        listener: u64,
+        accepted: Option<u64>,
+    },
+    /// The accepted end of `client`'s connection, made along with it.
+    Accepted {
+        client: u64,
+    },
+    /// A datagram socket connected to the one bound to `name`.
+    ConnectedTo {
+        name: String,
+    },
 }
 
 /// A pseudo-terminal with its master inside the image: made again with its index, so

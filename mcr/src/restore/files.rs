@@ -23,7 +23,7 @@ pub struct FilePlan {
     ofds: BTreeMap<u32, i32>,
     /// Pipe inode -> (our read end, our write end), refilled with what was in flight.
     pipes: BTreeMap<u64, (i32, i32)>,
-    /// Unix socket inode -> our end of the pair made for it, refilled.
+    /// Unix socket inode (listeners too) -> our socket standing for it, refilled.
     sockets: BTreeMap<u64, i32>,
     /// Pty index -> (our master, a slave of ours if it is a session's terminal).
     ptys: BTreeMap<u32, (i32, Option<i32>)>,
@@ -198,31 +198,9 @@ pub fn open_all(
         let s = t.session.map(|_| plan.keep(slave));
         plan.ptys.insert(t.index, (m, s));
     }
-    for u in unix {
-        if plan.sockets.contains_key(&u.ino) {
-            continue;
-        }
-        let pid = procs.first().map(|p| p.pid).unwrap_or(0);
-        let err = |why: String| RestoreError::File {
-            pid,
-            what: "unix socket pair".into(),
-            path: format!("socket:[{}]", u.ino),
-            why,
-        };
-        let peer = unix
-            .iter()
-            .find(|x| x.ino == u.peer)
-            .ok_or_else(|| err("its peer is not in the image".into()))?;
-        let (a, b) = kext_shim::anon::socketpair(u.kind).map_err(|e| err(e.to_string()))?;
-        // What waits on one end was sent from the other.
-        kext_shim::anon::send_all(&b, &u.queue, u.kind == libc::SOCK_STREAM)
-            .map_err(|e| err(format!("refilling: {e}")))?;
-        kext_shim::anon::send_all(&a, &peer.queue, u.kind == libc::SOCK_STREAM)
-            .map_err(|e| err(format!("refilling: {e}")))?;
-        let an = plan.keep(a);
-        let bn = plan.keep(b);
-        plan.sockets.insert(u.ino, an);
-        plan.sockets.insert(u.peer, bn);
+    for (ino, sock) in super::sockets::make(procs, unix, root)? {
+        let n = plan.keep(sock);
+        plan.sockets.insert(ino, n);
     }
     for pipe in pipes {
         let pid = procs.first().map(|p| p.pid).unwrap_or(0);
@@ -383,31 +361,14 @@ fn open_process(
                 )?;
                 plan.keep(f)
             }
-            FdKind::UnixListener {
-                kind,
-                name,
-                backlog,
-                mode,
-                ..
-            } => {
-                let at = match name.strip_prefix('@') {
-                    Some(_) => name.clone(),
-                    None => root
-                        .join(name.trim_start_matches('/'))
-                        .display()
-                        .to_string(),
-                };
-                let sock = kext_shim::unix::listen(*kind, &at, *backlog)
-                    .map_err(|err| cx.err(&what, Path::new(&at), err.to_string()))?;
-                if *mode != 0 {
-                    use std::os::unix::fs::PermissionsExt;
-                    std::fs::set_permissions(&at, std::fs::Permissions::from_mode(*mode & 0o7777))
-                        .map_err(|err| cx.err(&what, Path::new(&at), format!("chmod: {err}")))?;
-                }
+            FdKind::UnixListener { ino, name, .. } => {
+                let &fd = plan.sockets.get(ino).ok_or_else(|| {
+                    cx.err(&what, Path::new(name), "is not among the image's sockets")
+                })?;
                 let fl = nix::fcntl::OFlag::from_bits_truncate(e.flags as i32 & libc::O_NONBLOCK);
-                nix::fcntl::fcntl(sock.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(fl))
-                    .map_err(|err| cx.err(&what, Path::new(&at), format!("F_SETFL: {err}")))?;
-                plan.keep(sock)
+                nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(fl))
+                    .map_err(|err| cx.err(&what, Path::new(name), format!("F_SETFL: {err}")))?;
+                fd
             }
             FdKind::UnixSocket { ino } => {
                 let name = format!("socket:[{ino}]");

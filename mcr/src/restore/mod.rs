@@ -10,6 +10,7 @@ mod build;
 mod files;
 mod memory;
 mod shared;
+mod sockets;
 mod state;
 mod stub;
 mod threads;

@@ -1,0 +1,157 @@
+//! Unix sockets made again as they were connected: listeners first, then bound
+//! sockets, then connections (pairs, accepted ones, ones still waiting in a listener's
+//! queue, datagram sockets connected by name), each refilled with what waited on it.
+
+use super::{RestoreError, Result};
+use crate::model::{FdKind, ProcessImage, SocketLink, UnixSocketImage};
+use kext_shim::anon::send_all;
+use kext_shim::unix;
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+
+/// Socket inode -> our socket standing for it.
+pub type Sockets = BTreeMap<u64, OwnedFd>;
+
+pub fn make(procs: &[ProcessImage], images: &[UnixSocketImage], root: &Path) -> Result<Sockets> {
+    let pid = procs.first().map(|p| p.pid).unwrap_or(0);
+    let at = |name: &str| match name.strip_prefix('@') {
+        Some(_) => name.to_string(),
+        None => root
+            .join(name.trim_start_matches('/'))
+            .display()
+            .to_string(),
+    };
+    let mut made = Sockets::new();
+    let mut names: BTreeMap<u64, String> = BTreeMap::new();
+    for p in procs {
+        for e in &p.fds {
+            let FdKind::UnixListener {
+                ino,
+                kind,
+                name,
+                backlog,
+                mode,
+            } = &e.kind
+            else {
+                continue;
+            };
+            if made.contains_key(ino) {
+                continue;
+            }
+            let path = at(name);
+            let err = |why: String| RestoreError::File {
+                pid: p.pid,
+                what: format!("fd {} (listening unix socket)", e.fd),
+                path: path.clone(),
+                why,
+            };
+            let sock = unix::listen(*kind, &path, *backlog).map_err(|e| err(e.to_string()))?;
+            if *mode != 0 {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*mode & 0o7777))
+                    .map_err(|e| err(format!("chmod: {e}")))?;
+            }
+            made.insert(*ino, sock);
+            names.insert(*ino, path);
+        }
+    }
+    let find = |ino: u64| images.iter().find(|s| s.ino == ino);
+    let err = |s: &UnixSocketImage, why: String| RestoreError::File {
+        pid,
+        what: "unix socket".into(),
+        path: format!(
+            "socket:[{}]{}",
+            s.ino,
+            s.name
+                .as_deref()
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default()
+        ),
+        why,
+    };
+    let bound = |s: &UnixSocketImage| -> Result<OwnedFd> {
+        let sock = unix::socket(s.kind).map_err(|e| err(s, e.to_string()))?;
+        if let Some(n) = &s.name {
+            unix::bind(&sock, &at(n)).map_err(|e| err(s, e.to_string()))?;
+        }
+        Ok(sock)
+    };
+    // Every socket that others may connect to by name exists before any connects.
+    for s in images {
+        if matches!(
+            s.link,
+            SocketLink::Unconnected | SocketLink::ConnectedTo { .. }
+        ) {
+            made.insert(s.ino, bound(s)?);
+        }
+    }
+    for s in images {
+        let err = |why: String| err(s, why);
+        match &s.link {
+            SocketLink::Unconnected => {
+                if !s.queue.is_empty() {
+                    let name = s.name.as_deref().map(at).unwrap_or_default();
+                    unix::send_to(s.kind, &name, &s.queue)
+                        .map_err(|e| err(format!("refilling: {e}")))?;
+                }
+            }
+            SocketLink::ConnectedTo { name } => {
+                unix::connect(&made[&s.ino], &at(name)).map_err(|e| err(e.to_string()))?;
+            }
+            SocketLink::Pair { peer } => {
+                if made.contains_key(&s.ino) {
+                    continue;
+                }
+                let other =
+                    find(*peer).ok_or_else(|| err("its peer is not in the image".into()))?;
+                let (a, b) = kext_shim::anon::socketpair(s.kind).map_err(|e| err(e.to_string()))?;
+                // What waits on one end was sent from the other.
+                refill(&b, s).map_err(&err)?;
+                refill(&a, other).map_err(&err)?;
+                made.insert(s.ino, a);
+                made.insert(*peer, b);
+            }
+            SocketLink::Client { listener, accepted } => {
+                let sock = bound(s)?;
+                let lname = names.get(listener).ok_or_else(|| {
+                    err(format!(
+                        "its listener socket:[{listener}] is not in the image"
+                    ))
+                })?;
+                // A full queue must fail, not hang us.
+                nonblocking(&sock, true).map_err(&err)?;
+                unix::connect(&sock, lname).map_err(|e| err(e.to_string()))?;
+                nonblocking(&sock, false).map_err(&err)?;
+                if let Some(a) = accepted {
+                    let server = unix::accept(&made[listener]).map_err(|e| err(e.to_string()))?;
+                    let other = find(*a)
+                        .ok_or_else(|| err("its accepted end is not in the image".into()))?;
+                    refill(&server, s).map_err(&err)?;
+                    refill(&sock, other).map_err(&err)?;
+                    made.insert(*a, server);
+                }
+                made.insert(s.ino, sock);
+            }
+            // Made with its client.
+            SocketLink::Accepted { .. } => {}
+        }
+    }
+    Ok(made)
+}
+
+/// Sends what waits on `s` through `from`, its peer.
+fn refill(from: &OwnedFd, s: &UnixSocketImage) -> std::result::Result<(), String> {
+    send_all(from, &s.queue, s.kind == libc::SOCK_STREAM).map_err(|e| format!("refilling: {e}"))
+}
+
+fn nonblocking(sock: &OwnedFd, on: bool) -> std::result::Result<(), String> {
+    let fl = if on {
+        nix::fcntl::OFlag::O_NONBLOCK
+    } else {
+        nix::fcntl::OFlag::empty()
+    };
+    nix::fcntl::fcntl(sock.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(fl))
+        .map(|_| ())
+        .map_err(|e| format!("F_SETFL: {e}"))
+}
