@@ -14,6 +14,20 @@ fn ns_pids(pid: i32) -> Vec<i32> {
         .collect()
 }
 
+/// Like [`ns_pids`], for a process that may be gone.
+fn ns_pids_or_empty(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|st| {
+            st.lines().find_map(|l| l.strip_prefix("NSpid:")).map(|v| {
+                v.split_whitespace()
+                    .filter_map(|n| n.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
 fn parent_of(pid: i32) -> i32 {
     let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
     let after = &st[st.rfind(')').expect("comm") + 2..];
@@ -111,7 +125,8 @@ fn the_init_of_a_pid_namespace_and_its_tree_come_back_as_one() {
     std::fs::create_dir(&data).expect("mkdir");
     let mut g = Guard::new();
     let mut cmd = std::process::Command::new("unshare");
-    cmd.args(["--pid", "--fork", "--mount-proc"])
+    // --kill-child: if the test fails early, the namespace goes with unshare.
+    cmd.args(["--pid", "--fork", "--kill-child", "--mount-proc"])
         .arg(workload_bin("tree"))
         .args([data.to_str().expect("utf-8"), "own-session"]);
     let mut outer = Proc::spawn(&mut g, cmd, Some("READY"));
@@ -158,6 +173,7 @@ fn counter_in_own_namespaces(g: &mut Guard, setup: &str) -> (Proc, i32) {
         "--mount",
         "--pid",
         "--fork",
+        "--kill-child",
         "--mount-proc",
         "sh",
         "-c",
@@ -323,4 +339,54 @@ fn remove_host_objects() {
             .args([kind, key])
             .status();
     }
+}
+
+#[test]
+fn a_restore_into_a_new_pid_namespace_failing_late_leaves_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    let mut g = Guard::new();
+    let p = Proc::start(
+        &mut g,
+        &workload_bin("tree"),
+        &[data.to_str().expect("utf-8"), "own-session"],
+        None,
+    );
+    let tree = tree_pids(p.pid);
+    for &t in &tree[1..] {
+        g.add(t);
+    }
+    let img = tmp.path().join("img");
+    checkpoint(p.pid, &img, &["--leave-running"]);
+    // Fails after the whole namespace (init and tree) exists: all of it must go.
+    let out = std::process::Command::new(mcr_bin())
+        .args([
+            "restore",
+            "-D",
+            img.to_str().expect("utf-8"),
+            "--shell-job",
+            "--pidns",
+        ])
+        .env("MCR_FAULT", "restore-after-fill")
+        .output()
+        .expect("mcr");
+    assert_fails(&out, 1, &["fault injected"]);
+    // No process anywhere is the tree's root again in a namespace of its own.
+    let survivors: Vec<i32> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&q| {
+            let ids = ns_pids_or_empty(q);
+            ids.len() == 2 && ids[1] == p.pid
+        })
+        .collect();
+    assert!(
+        survivors.is_empty(),
+        "the failed restore left {survivors:?}"
+    );
+    let mut r = restore(&mut g, &img, &["--pidns"]);
+    g.add(parent_of(r.pid));
+    assert_pass(&r.check());
 }

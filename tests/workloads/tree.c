@@ -7,7 +7,8 @@
  *   P (the test's child) ── A ── A1   A1 leads its own session (setsid)
  *                        └─ B          B leads its own process group
  *
- * P maps shared anonymous memory before forking, so all four share one object. A fifth
+ * P maps shared anonymous memory and a POSIX shm object (/dev/shm) before forking, so
+ * all four share them. A fifth
  * child exits at once with 42 and stays a zombie until CHECK, when P reaps it.
  * Every process keeps a memory pattern and the ids it started with, and waits in
  * sigsuspend. On CHECK, P wakes A and B; A wakes A1. Each checks its pid, parent, group,
@@ -33,6 +34,9 @@ static int shared_fd;
 /* MAP_SHARED|MAP_ANONYMOUS, made before the forks: one object in every process. */
 #define SHM_WORDS (16 * 512)
 static volatile uint64_t *shm;
+/* A POSIX shared memory object (/dev/shm), mapped before the forks too. */
+static volatile char *pshm;
+static char pshm_name[64];
 static pid_t my_pid, my_ppid, my_pgid, my_sid;
 /* P's parent is outside the tree and may change (own-session mode). */
 static int skip_ppid;
@@ -92,6 +96,9 @@ static int append(char c)
         if (shm[i] != mix64(0x5348 + i))
             return 19;
     shm[c & 63] = (uint64_t)c;
+    if (pshm[0] != 'P')
+        return 18;
+    pshm[(unsigned char)c] = c;
     return write(shared_fd, &c, 1) == 1 ? 0 : 16;
 }
 
@@ -162,6 +169,15 @@ int main(int argc, char **argv)
         FAIL("setup: mmap shared: %s", strerror(errno));
     for (size_t i = 64; i < SHM_WORDS; i++)
         shm[i] = mix64(0x5348 + i);
+    snprintf(pshm_name, sizeof pshm_name, "/mcr-tree-%d", getpid());
+    int pfd = shm_open(pshm_name, O_RDWR | O_CREAT | O_TRUNC, 0600);
+    if (pfd < 0 || ftruncate(pfd, 4096) < 0)
+        FAIL("setup: shm_open %s: %s", pshm_name, strerror(errno));
+    pshm = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, pfd, 0);
+    if (pshm == MAP_FAILED)
+        FAIL("setup: mmap %s: %s", pshm_name, strerror(errno));
+    close(pfd);
+    pshm[0] = 'P';
     remember(0);
     pid_t a = fork();
     if (a == 0)
@@ -203,6 +219,9 @@ int main(int argc, char **argv)
 
     if (shm['A' & 63] != 'A' || shm['B' & 63] != 'B' || shm['a' & 63] != 'a')
         FAIL("shared memory lacks the children's letters: the object was not shared");
+    if (pshm['A'] != 'A' || pshm['B'] != 'B' || pshm['a'] != 'a')
+        FAIL("%s lacks the children's letters: it was not shared", pshm_name);
+    shm_unlink(pshm_name);
 
     char got[8] = {0};
     ssize_t n = pread(shared_fd, got, sizeof got - 1, 0);

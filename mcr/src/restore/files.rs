@@ -5,7 +5,7 @@ use super::shared::Placement;
 use super::{RestoreError, Result};
 use crate::model::{
     EpollTarget, FdKind, FileIdentity, FileLock, FileRef, LockKind, PipeImage, ProcessImage,
-    PtyImage, UnixSocketImage,
+    PtyImage, UnixSocketImage, VmaKind,
 };
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -295,8 +295,20 @@ fn open_process(
         locks: Vec::new(),
         ctty: None,
     };
-    for f in &p.mm.files {
-        let file = cx.open(&format!("mapped file {}", f.path), f, libc::O_RDONLY as u32)?;
+    for (i, f) in p.mm.files.iter().enumerate() {
+        // A shared mapping may be written through (now, or after an mprotect), which
+        // takes a file opened for writing; a read-only file stays mapped read-only.
+        let shared =
+            p.mm.vmas
+                .iter()
+                .any(|v| v.shared && v.kind == VmaKind::File(i as u32));
+        let what = format!("mapped file {}", f.path);
+        let file = match shared {
+            true => cx
+                .open(&what, f, libc::O_RDWR as u32)
+                .or_else(|_| cx.open(&what, f, libc::O_RDONLY as u32))?,
+            false => cx.open(&what, f, libc::O_RDONLY as u32)?,
+        };
         let n = plan.keep(file);
         nums.map_fds.push(n);
     }

@@ -97,7 +97,35 @@ impl Drop for Stub {
             return;
         }
         let _ = kext_shim::clone::kill(self.pid, libc::SIGKILL);
-        let _ = nix::sys::wait::waitpid(self.pid, Some(nix::sys::wait::WaitPidFlag::__WALL));
+        reap_killed(self.pid);
+    }
+}
+
+/// Reaps a killed stub. The init of a pid namespace does not finish dying until every
+/// process of the namespace is reaped, and those traced by us are ours to reap first:
+/// so reap its descendants as they die too, or we would wait for each other.
+fn reap_killed(pid: Pid) {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let flags = WaitPidFlag::__WALL | WaitPidFlag::WNOHANG;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match waitpid(pid, Some(flags)) {
+            Ok(WaitStatus::StillAlive) => {}
+            _ => return,
+        }
+        let mut todo = vec![pid];
+        while let Some(p) = todo.pop() {
+            for kid in procfs::children(p).unwrap_or_default() {
+                let kid = Pid::from_raw(kid);
+                let _ = waitpid(kid, Some(flags));
+                todo.push(kid);
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            tracing::error!(%pid, "a killed restore stub would not die");
+            return;
+        }
+        std::thread::yield_now();
     }
 }
 
