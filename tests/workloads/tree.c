@@ -24,6 +24,7 @@
 #include <sched.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 
@@ -59,9 +60,17 @@ static void remember(uint64_t seed)
         area[i] = mix64(seed * AREA_WORDS + i);
 }
 
+/* P is a child subreaper; B has a parent-death signal. */
+static int want_subreaper, want_pdeathsig;
+
 /* 0 if this process is still itself, else a code naming what differs. */
 static int verify(uint64_t seed)
 {
+    int subreaper = -1, pdeathsig = -1;
+    prctl(PR_GET_CHILD_SUBREAPER, &subreaper);
+    prctl(PR_GET_PDEATHSIG, &pdeathsig);
+    if (subreaper != want_subreaper || pdeathsig != want_pdeathsig)
+        return 17;
     if (getpid() != my_pid)
         return 11;
     if (!skip_ppid && getppid() != my_ppid)
@@ -114,6 +123,8 @@ static int reap(pid_t pid)
 static void child(uint64_t seed, char letter, pid_t (*spawn)(void))
 {
     skip_ppid = 0;
+    /* Not inherited through fork. */
+    want_subreaper = 0;
     remember(seed);
     pid_t kid = spawn ? spawn() : 0;
     if (kid)
@@ -178,6 +189,8 @@ int main(int argc, char **argv)
         FAIL("setup: mmap %s: %s", pshm_name, strerror(errno));
     close(pfd);
     pshm[0] = 'P';
+    prctl(PR_SET_CHILD_SUBREAPER, 1);
+    want_subreaper = 1;
     remember(0);
     pid_t a = fork();
     if (a == 0)
@@ -186,6 +199,8 @@ int main(int argc, char **argv)
     if (b == 0) {
         if (setpgid(0, 0) < 0)
             _exit(22);
+        want_pdeathsig = SIGWINCH;
+        prctl(PR_SET_PDEATHSIG, SIGWINCH);
         child(2, 'B', NULL);
     }
     /* A zombie: exited with 42, not reaped until CHECK. */

@@ -25,6 +25,9 @@ pub struct Answers {
     pub brk: u64,
     /// PR_GET_DUMPABLE: a credential change at restore resets it, so it is set back.
     pub dumpable: u32,
+    /// PR_GET_CHILD_SUBREAPER and PR_GET_PDEATHSIG.
+    pub child_subreaper: bool,
+    pub pdeathsig: i32,
     /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF as (interval, value) in microseconds.
     pub itimers: [(u64, u64); 3],
     /// (interval, time left) in ns of each POSIX timer asked about, in order.
@@ -127,6 +130,20 @@ fn ask_with(frozen: &Frozen, ip: u64, handled: u64, timers: &[i32]) -> Result<An
                 || "prctl(PR_GET_DUMPABLE)".into(),
             )
             .step(pid, || "reading the dumpable flag".into())? as u32;
+        // Both write an int where the second argument points.
+        let mut get_int = |option: i32, what: &'static str| -> Result<i32> {
+            inj.call(
+                libc::SYS_prctl,
+                [option as u64, scratch, 0, 0, 0, 0],
+                || format!("prctl({what})"),
+            )
+            .step(pid, || format!("reading {what}"))?;
+            let b = read(4)?;
+            Ok(i32::from_ne_bytes(b[..4].try_into().expect("4 bytes")))
+        };
+        let child_subreaper =
+            get_int(libc::PR_GET_CHILD_SUBREAPER, "PR_GET_CHILD_SUBREAPER")? != 0;
+        let pdeathsig = get_int(libc::PR_GET_PDEATHSIG, "PR_GET_PDEATHSIG")?;
         let mut itimers = [(0u64, 0u64); 3];
         for (which, slot) in itimers.iter_mut().enumerate() {
             inj.call(
@@ -183,6 +200,8 @@ fn ask_with(frozen: &Frozen, ip: u64, handled: u64, timers: &[i32]) -> Result<An
             sigactions,
             brk,
             dumpable,
+            child_subreaper,
+            pdeathsig,
             itimers,
             posix_timers,
             threads,

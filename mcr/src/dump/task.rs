@@ -132,6 +132,8 @@ pub fn collect(frozen: &mut Frozen, shell_job: bool) -> Result<ProcessImage> {
         root,
         umask: status.octal("Umask").step(pid, || "parsing Umask".into())?,
         dumpable: answers.dumpable,
+        child_subreaper: answers.child_subreaper,
+        pdeathsig: answers.pdeathsig,
         itimers: answers.itimers,
         posix_timers,
         namespaces: Namespaces::default(),

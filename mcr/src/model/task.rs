@@ -22,6 +22,10 @@ pub struct ProcessImage {
     pub personality: u32,
     /// PR_GET_DUMPABLE (0, 1 or 2).
     pub dumpable: u32,
+    /// PR_SET_CHILD_SUBREAPER: orphans below it are re-parented to it.
+    pub child_subreaper: bool,
+    /// PR_SET_PDEATHSIG: the signal it gets when its parent dies (0: none).
+    pub pdeathsig: i32,
     /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF as (interval, time left) in
     /// microseconds; the time left counts from the restore.
     pub itimers: [(u64, u64); 3],
