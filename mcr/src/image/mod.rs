@@ -103,6 +103,8 @@ mod tests {
             umask: 0o22,
             personality: 0,
             dumpable: 1,
+            child_subreaper: true,
+            pdeathsig: 9,
             itimers: [(0, 0); 3],
             posix_timers: vec![],
             namespaces: Namespaces::default(),
