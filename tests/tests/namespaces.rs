@@ -390,3 +390,47 @@ fn a_restore_into_a_new_pid_namespace_failing_late_leaves_nothing() {
     g.add(parent_of(r.pid));
     assert_pass(&r.check());
 }
+
+#[test]
+fn a_tree_in_its_own_pid_mount_uts_and_ipc_namespaces_comes_back_in_new_ones() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let script = format!(
+        "hostname lu-partition && exec {}",
+        workload_bin("sysv").display()
+    );
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args([
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--mount-proc",
+        "--uts",
+        "--ipc",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let mut outer = Proc::spawn(&mut g, cmd, Some("READY"));
+    let root = tree_pids(outer.pid)[1];
+    g.add(root);
+    let img = tmp.path().join("img");
+    checkpoint(root, &img, &[]);
+    outer.wait();
+    let mut r = restore(&mut g, &img, &[]);
+    assert_eq!(ns_pids(r.pid)[1..], [1]);
+    for kind in ["pid", "mnt", "uts", "ipc"] {
+        assert_ne!(
+            std::fs::read_link(format!("/proc/{}/ns/{kind}", r.pid)).expect("ns"),
+            std::fs::read_link(format!("/proc/self/ns/{kind}")).expect("ns"),
+            "the restored tree shares our {kind} namespace"
+        );
+    }
+    let out = std::process::Command::new("nsenter")
+        .args(["-t", &r.pid.to_string(), "-u", "hostname"])
+        .output()
+        .expect("nsenter");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "lu-partition");
+    assert_pass(&r.check());
+    assert_eq!(r.wait(), 0);
+}

@@ -141,8 +141,7 @@ fn ask_with(frozen: &Frozen, ip: u64, handled: u64, timers: &[i32]) -> Result<An
             let b = read(4)?;
             Ok(i32::from_ne_bytes(b[..4].try_into().expect("4 bytes")))
         };
-        let child_subreaper =
-            get_int(libc::PR_GET_CHILD_SUBREAPER, "PR_GET_CHILD_SUBREAPER")? != 0;
+        let child_subreaper = get_int(libc::PR_GET_CHILD_SUBREAPER, "PR_GET_CHILD_SUBREAPER")? != 0;
         let pdeathsig = get_int(libc::PR_GET_PDEATHSIG, "PR_GET_PDEATHSIG")?;
         let mut itimers = [(0u64, 0u64); 3];
         for (which, slot) in itimers.iter_mut().enumerate() {
