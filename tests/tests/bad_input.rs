@@ -414,3 +414,35 @@ fn a_datagram_socket_connected_outside_is_connected_again_by_name() {
     assert_eq!(&buf[..n], b"after", "the restored socket sends to us again");
     assert_eq!(r.wait(), 0);
 }
+
+#[test]
+fn a_device_with_state_of_its_own_is_refused_by_name() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let script = "import os, sys\n\
+                  kvm = os.open('/dev/kvm', os.O_RDWR)\n\
+                  print('READY', flush=True)\n\
+                  sys.stdin.readline()\n\
+                  print('PASS', flush=True)\n";
+    let mut p = Proc::start(&mut g, Path::new("python3"), &["-c", script], None);
+    let img = tmp.path().join("img");
+    let out = mcr(&[
+        "checkpoint",
+        "-t",
+        &p.pid.to_string(),
+        "-D",
+        s(&img),
+        "--shell-job",
+    ]);
+    assert_fails(
+        &out,
+        5,
+        &[
+            &format!("pid {}", p.pid),
+            "/dev/kvm",
+            "whose state cannot be restored",
+        ],
+    );
+    assert_pass(&p.check());
+    assert_eq!(p.wait(), 0);
+}

@@ -15,6 +15,12 @@ fn is_terminal(rdev: u64) -> bool {
     major == 4 || major == 5 || (136..=143).contains(&major)
 }
 
+/// Devices an open of which is as good as any other: /dev/null, zero, full, random and
+/// urandom hold no state of the opener's. Any other (kvm, tun, fuse, a disk...) does.
+fn is_stateless_device(rdev: u64) -> bool {
+    nix::sys::stat::major(rdev) == 1 && [3, 5, 7, 8, 9].contains(&nix::sys::stat::minor(rdev))
+}
+
 /// The pty multiplexer, /dev/ptmx or a devpts's ptmx: each open is a new pty's master.
 fn is_ptmx(rdev: u64) -> bool {
     nix::sys::stat::major(rdev) == 5 && nix::sys::stat::minor(rdev) == 2
@@ -106,10 +112,17 @@ pub fn collect(pid: Pid, shell_job: bool) -> Result<Vec<FdEntry>> {
             }
             libc::S_IFCHR if is_terminal(ident.rdev) => external(&mut stdio_keys)
                 .ok_or_else(|| unsupported("a terminal; dump it as a shell job (--shell-job)"))?,
-            libc::S_IFCHR => FdKind::CharDevice {
+            libc::S_IFCHR if is_stateless_device(ident.rdev) => FdKind::CharDevice {
                 file: file(),
                 pos: info.pos,
             },
+            libc::S_IFCHR => {
+                return Err(unsupported(&format!(
+                    "a device ({}:{}) whose state cannot be restored",
+                    nix::sys::stat::major(ident.rdev),
+                    nix::sys::stat::minor(ident.rdev)
+                )))
+            }
             // An anonymous pipe: whether it is inside the image is decided for the whole
             // tree, once every process's fds are known (see `resolve_pipes`).
             libc::S_IFIFO if link.starts_with("pipe:[") => FdKind::Pipe {
