@@ -17,6 +17,7 @@ pub mod probe;
 pub mod procfs;
 pub mod ptrace;
 pub mod pty;
+pub mod sockdiag;
 pub mod sys;
 pub mod sysv;
 pub mod unix;

@@ -26,10 +26,6 @@ pub struct UnixSocket {
     pub icons: Vec<u64>,
 }
 
-const NETLINK_SOCK_DIAG: i32 = 4;
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const NLMSG_DONE: u16 = 3;
-const NLMSG_ERROR: u16 = 2;
 const UDIAG_SHOW_NAME: u32 = 1;
 const UDIAG_SHOW_PEER: u32 = 4;
 const UNIX_DIAG_NAME: u16 = 0;
@@ -39,109 +35,60 @@ const UNIX_DIAG_ICONS: u16 = 3;
 const UDIAG_SHOW_RQLEN: u32 = 0x10;
 const UNIX_DIAG_RQLEN: u16 = 4;
 
-fn u16_at(b: &[u8], i: usize) -> u16 {
-    u16::from_ne_bytes([b[i], b[i + 1]])
-}
-
 fn u32_at(b: &[u8], i: usize) -> u32 {
     u32::from_ne_bytes(b[i..i + 4].try_into().expect("4 bytes"))
 }
 
 /// Every unix socket of the network namespace, by inode.
 pub fn unix_sockets() -> Result<BTreeMap<u64, UnixSocket>> {
-    // SAFETY: socket takes no pointers.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        )
-    };
-    check(fd as libc::c_long, || "socket(NETLINK_SOCK_DIAG)".into())?;
-    // SAFETY: a fresh fd the kernel just returned, owned by no one else.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    // nlmsghdr (16) + unix_diag_req (24)
-    let mut req = [0u8; 40];
-    req[0..4].copy_from_slice(&40u32.to_ne_bytes());
-    req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    req[6..8].copy_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
-    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
-    req[16] = libc::AF_UNIX as u8;
-    req[20..24].copy_from_slice(&u32::MAX.to_ne_bytes()); // every state
-    req[28..32].copy_from_slice(
+    // unix_diag_req: family, protocol, pad, states, ino, show, cookie.
+    let mut req = [0u8; 24];
+    req[0] = libc::AF_UNIX as u8;
+    req[4..8].copy_from_slice(&u32::MAX.to_ne_bytes()); // every state
+    req[12..16].copy_from_slice(
         &(UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN | UDIAG_SHOW_ICONS).to_ne_bytes(),
     );
-    req[32..40].copy_from_slice(&[0xff; 8]);
-    // SAFETY: sending our own buffer of the stated length.
-    let n = unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
-    check(n as libc::c_long, || "send(sock_diag request)".into())?;
+    req[16..24].copy_from_slice(&[0xff; 8]);
     let mut out = BTreeMap::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        // SAFETY: receiving into our own buffer of the stated length.
-        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        let n = check(n as libc::c_long, || "recv(sock_diag)".into())? as usize;
-        let mut off = 0;
-        while off + 16 <= n {
-            let len = u32_at(&buf, off) as usize;
-            let ty = u16_at(&buf, off + 4);
-            if len < 16 || off + len > n {
-                break;
-            }
-            if ty == NLMSG_DONE {
-                return Ok(out);
-            }
-            if ty == NLMSG_ERROR {
-                let errno = -(u32_at(&buf, off + 16) as i32);
-                return Err(SysError::new("sock_diag dump", Errno::from_raw(errno)).into());
-            }
-            let m = &buf[off + 16..off + len];
-            if m.len() >= 16 {
-                let mut s = UnixSocket {
-                    ino: u32_at(m, 4) as u64,
-                    kind: m[1] as i32,
-                    state: m[2],
-                    name: None,
-                    peer: None,
-                    pending: 0,
-                    backlog: 0,
-                    icons: Vec::new(),
-                };
-                let mut a = 16;
-                while a + 4 <= m.len() {
-                    let alen = u16_at(m, a) as usize;
-                    let aty = u16_at(m, a + 2);
-                    if alen < 4 || a + alen > m.len() {
-                        break;
-                    }
-                    let data = &m[a + 4..a + alen];
-                    match aty {
-                        UNIX_DIAG_NAME if !data.is_empty() => {
-                            s.name = Some(if data[0] == 0 {
-                                format!("@{}", String::from_utf8_lossy(&data[1..]))
-                            } else {
-                                String::from_utf8_lossy(data)
-                                    .trim_end_matches('\0')
-                                    .to_string()
-                            })
-                        }
-                        UNIX_DIAG_PEER if data.len() >= 4 => s.peer = Some(u32_at(data, 0) as u64),
-                        UNIX_DIAG_ICONS => {
-                            s.icons = data.chunks_exact(4).map(|c| u32_at(c, 0) as u64).collect()
-                        }
-                        UNIX_DIAG_RQLEN if data.len() >= 8 => {
-                            s.pending = u32_at(data, 0);
-                            s.backlog = u32_at(data, 4);
-                        }
-                        _ => {}
-                    }
-                    a += (alen + 3) & !3;
-                }
-                out.insert(s.ino, s);
-            }
-            off += (len + 3) & !3;
+    crate::sockdiag::dump(&req, |m| {
+        if m.len() < 16 {
+            return;
         }
-    }
+        let mut s = UnixSocket {
+            ino: u32_at(m, 4) as u64,
+            kind: m[1] as i32,
+            state: m[2],
+            name: None,
+            peer: None,
+            pending: 0,
+            backlog: 0,
+            icons: Vec::new(),
+        };
+        for (aty, data) in crate::sockdiag::attrs(&m[16..]) {
+            match aty {
+                UNIX_DIAG_NAME if !data.is_empty() => {
+                    s.name = Some(if data[0] == 0 {
+                        format!("@{}", String::from_utf8_lossy(&data[1..]))
+                    } else {
+                        String::from_utf8_lossy(data)
+                            .trim_end_matches('\0')
+                            .to_string()
+                    })
+                }
+                UNIX_DIAG_PEER if data.len() >= 4 => s.peer = Some(u32_at(data, 0) as u64),
+                UNIX_DIAG_ICONS => {
+                    s.icons = data.chunks_exact(4).map(|c| u32_at(c, 0) as u64).collect()
+                }
+                UNIX_DIAG_RQLEN if data.len() >= 8 => {
+                    s.pending = u32_at(data, 0);
+                    s.backlog = u32_at(data, 4);
+                }
+                _ => {}
+            }
+        }
+        out.insert(s.ino, s);
+    })?;
+    Ok(out)
 }
 
 /// The messages queued for reading on fd `fd` of `pid` (a stream's bytes as one), left
