@@ -9,6 +9,7 @@
 pub mod anon;
 pub mod clone;
 pub mod filemap;
+pub mod inet;
 pub mod inject;
 pub mod mem;
 pub mod pidfd;

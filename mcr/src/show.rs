@@ -150,6 +150,7 @@ pub fn text(image: &Image) -> String {
                 FdKind::CharDevice { file, .. } => file.path.clone(),
                 FdKind::Directory { file } => format!("{} (directory)", file.path),
                 FdKind::PtyMaster { index } => format!("pty {index} master"),
+                FdKind::InetSocket { ino } => format!("socket:[{ino}] (TCP/UDP)"),
                 FdKind::PtySlave { path, .. } => format!("{path} (pty slave)"),
                 FdKind::External { key } => format!("{key} (outside the image)"),
                 FdKind::Memfd { ino, pos } => format!("memfd (inode {ino}) at {pos}"),

@@ -446,3 +446,72 @@ fn a_device_with_state_of_its_own_is_refused_by_name() {
     assert_pass(&p.check());
     assert_eq!(p.wait(), 0);
 }
+
+#[test]
+fn established_tcp_connections_are_refused_naming_each_one() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let script = "import socket, sys\n\
+                  l = socket.create_server(('127.0.0.1', 0))\n\
+                  c = socket.create_connection(l.getsockname())\n\
+                  a, _ = l.accept()\n\
+                  print('READY', c.getsockname()[1], l.getsockname()[1], flush=True)\n\
+                  sys.stdin.readline()\n\
+                  c.sendall(b'still here')\n\
+                  print('PASS' if a.recv(100) == b'still here' else 'FAIL', flush=True)\n";
+    let mut p = Proc::start_until(&mut g, Path::new("python3"), &["-c", script], None, None);
+    let ready = p.lines.expect_prefix("READY");
+    let ports: Vec<&str> = ready.split(' ').skip(1).collect();
+    let (client, server) = (ports[0], ports[1]);
+    let img = tmp.path().join("img");
+    let out = mcr(&[
+        "checkpoint",
+        "-t",
+        &p.pid.to_string(),
+        "-D",
+        s(&img),
+        "--shell-job",
+    ]);
+    assert_fails(
+        &out,
+        5,
+        &[
+            "2 TCP connections, which need --tcp-established",
+            &format!("127.0.0.1:{client} -> 127.0.0.1:{server} (ESTABLISHED"),
+            &format!("127.0.0.1:{server} -> 127.0.0.1:{client} (ESTABLISHED"),
+        ],
+    );
+    assert_pass(&p.check());
+    assert_eq!(p.wait(), 0);
+}
+
+#[test]
+fn a_netlink_socket_is_refused_by_name() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let script = "import socket, sys\n\
+                  n = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)\n\
+                  print('READY', flush=True)\n\
+                  sys.stdin.readline()\n\
+                  print('PASS', flush=True)\n";
+    let mut p = Proc::start(&mut g, Path::new("python3"), &["-c", script], None);
+    let img = tmp.path().join("img");
+    let out = mcr(&[
+        "checkpoint",
+        "-t",
+        &p.pid.to_string(),
+        "-D",
+        s(&img),
+        "--shell-job",
+    ]);
+    assert_fails(
+        &out,
+        5,
+        &[
+            &format!("pid {}", p.pid),
+            "a socket of a family not supported yet",
+        ],
+    );
+    assert_pass(&p.check());
+    assert_eq!(p.wait(), 0);
+}

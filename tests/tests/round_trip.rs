@@ -375,3 +375,9 @@ fn unix_sockets_accepted_waiting_bound_and_connected_by_name() {
     let v = run("usock", &[tmp.path().to_str().expect("utf-8")], None);
     eprintln!("{v}");
 }
+
+#[test]
+fn tcp_listeners_and_udp_sockets_come_back_bound_with_their_options() {
+    let v = run("inet", &[], None);
+    eprintln!("{v}");
+}

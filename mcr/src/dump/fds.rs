@@ -184,6 +184,7 @@ pub fn number_file_descriptions(procs: &mut [ProcessImage]) -> Result<()> {
                 FdKind::Memfd { ino, .. } => (u64::MAX - 2, *ino, 0),
                 FdKind::UnixSocket { ino } => (u64::MAX - 3, *ino, 0),
                 FdKind::UnixListener { ino, .. } => (u64::MAX - 5, *ino, 0),
+                FdKind::InetSocket { ino } => (u64::MAX - 8, *ino, 0),
                 // One anon inode serves every eventfd (and the like): kcmp tells them apart,
                 // but only within one kind, so a process full of them is not compared
                 // pairwise across kinds while it is frozen.

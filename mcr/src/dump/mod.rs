@@ -7,6 +7,7 @@
 mod cgroup;
 mod fds;
 mod freeze;
+mod inet;
 mod ipc;
 mod mm;
 mod mntns;
@@ -168,6 +169,7 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
             ipc::refuse_host_segments(&processes)?;
         }
         let pipes = fds::resolve_pipes(&mut processes, opts.shell_job)?;
+        let inet = inet::resolve(&mut processes, opts.shell_job)?;
         let unix = sockets::resolve(&mut processes, opts.shell_job)?;
         let mut ptys = pty::resolve(&mut processes, opts.shell_job)?;
         fds::number_file_descriptions(&mut processes)?;
@@ -206,6 +208,7 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
             zombies,
             unix,
             ptys,
+            inet,
         };
         let stats = writer
             .finish(&snapshot)

@@ -71,7 +71,8 @@ pub fn resolve(procs: &mut [ProcessImage], shell_job: bool) -> Result<Vec<UnixSo
         let decided: std::result::Result<Option<SocketLink>, (String, String)> = (|| {
             let Some(s) = all.get(&ino) else {
                 return Err(refuse(
-                    "a socket of a family not supported yet (only unix sockets are)".into(),
+                    "a socket of a family not supported yet (only unix, TCP and UDP ones are)"
+                        .into(),
                 ));
             };
             if s.state == LISTENING {

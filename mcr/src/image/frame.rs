@@ -21,6 +21,7 @@ pub enum FrameKind {
     Zombie = 6,
     UnixSocket = 7,
     Pty = 8,
+    InetSocket = 9,
     End = 0xffff,
 }
 
@@ -35,6 +36,7 @@ impl FrameKind {
             6 => Self::Zombie,
             7 => Self::UnixSocket,
             8 => Self::Pty,
+            9 => Self::InetSocket,
             0xffff => Self::End,
             _ => return None,
         })

@@ -167,6 +167,15 @@ mod tests {
                 packet: true,
                 session: Some((7, 8)),
             }],
+            inet: vec![InetSocketImage {
+                ino: 12,
+                family: libc::AF_INET6,
+                protocol: libc::IPPROTO_TCP,
+                local: Some("[::1]:8080".parse().unwrap()),
+                peer: None,
+                listen: Some(128),
+                options: vec![(libc::SOL_SOCKET, libc::SO_REUSEADDR, vec![1, 0, 0, 0])],
+            }],
         }
     }
 

@@ -4,8 +4,8 @@ use super::frame::{check_file, corrupt, FrameKind, FILE_CORE, FILE_INVENTORY, FI
 use super::pages::{parse_chunk, PageChunk};
 use super::{codec, ImageError, Result, KNOWN_FEATURES};
 use crate::model::{
-    Inventory, PipeImage, ProcessImage, PtyImage, ShmemObject, Snapshot, UnixSocketImage,
-    ZombieImage,
+    InetSocketImage, Inventory, PipeImage, ProcessImage, PtyImage, ShmemObject, Snapshot,
+    UnixSocketImage, ZombieImage,
 };
 use kext_shim::filemap::{map_readonly, Mmap};
 use std::path::{Path, PathBuf};
@@ -63,6 +63,7 @@ impl Image {
         let mut zombies: Vec<ZombieImage> = Vec::new();
         let mut unix: Vec<UnixSocketImage> = Vec::new();
         let mut ptys: Vec<PtyImage> = Vec::new();
+        let mut inet: Vec<InetSocketImage> = Vec::new();
         for f in check_file(&p, &core_bytes, FILE_CORE, 1)? {
             match f.kind {
                 FrameKind::Process => {
@@ -82,6 +83,9 @@ impl Image {
                 }
                 FrameKind::Pty => {
                     ptys.push(codec::decode(f.payload).map_err(|e| corrupt(&p, f.offset, &e))?)
+                }
+                FrameKind::InetSocket => {
+                    inet.push(codec::decode(f.payload).map_err(|e| corrupt(&p, f.offset, &e))?)
                 }
                 k => return Err(corrupt(&p, f.offset, &format!("unexpected {k:?} record"))),
             }
@@ -169,6 +173,7 @@ impl Image {
                 zombies,
                 unix,
                 ptys,
+                inet,
             },
             pages,
             chunks,

@@ -208,12 +208,16 @@ impl ImageWriter {
         for t in &snap.ptys {
             push_record(&mut core, FrameKind::Pty, &codec::encode(t));
         }
+        for s in &snap.inet {
+            push_record(&mut core, FrameKind::InetSocket, &codec::encode(s));
+        }
         let records = snap.processes.len()
             + snap.pipes.len()
             + snap.shmem.len()
             + snap.zombies.len()
             + snap.unix.len()
-            + snap.ptys.len();
+            + snap.ptys.len()
+            + snap.inet.len();
         core.extend_from_slice(&end(records as u64));
         self.write_small(FILE_CORE.0, &core)?;
 

@@ -75,6 +75,10 @@ pub enum FdKind {
     UnixSocket {
         ino: u64,
     },
+    /// A TCP or UDP socket (see `Snapshot::inet`).
+    InetSocket {
+        ino: u64,
+    },
     /// A memfd (see `Snapshot::shmem`), at its offset.
     Memfd {
         ino: u64,
@@ -149,6 +153,25 @@ pub struct UnixSocketImage {
     pub link: SocketLink,
     /// Messages (a stream's bytes, in pieces) queued for this end to read.
     pub queue: Vec<Vec<u8>>,
+}
+
+/// A TCP listener or a UDP socket (established TCP connections need TCP_REPAIR and
+/// are refused for now): made again, bound, listening or connected as it was.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InetSocketImage {
+    pub ino: u64,
+    /// AF_INET or AF_INET6.
+    pub family: i32,
+    /// IPPROTO_TCP or IPPROTO_UDP.
+    pub protocol: i32,
+    /// The address it was bound to, if any.
+    pub local: Option<std::net::SocketAddr>,
+    /// The peer of a connected UDP socket.
+    pub peer: Option<std::net::SocketAddr>,
+    /// The backlog of a listener.
+    pub listen: Option<u32>,
+    /// Options the program changed from a fresh socket's: (level, name, raw value).
+    pub options: Vec<(i32, i32, Vec<u8>)>,
 }
 
 /// What a unix socket is connected to, which says how it is made again.

@@ -25,6 +25,7 @@ pub struct Snapshot {
     pub zombies: Vec<ZombieImage>,
     pub unix: Vec<UnixSocketImage>,
     pub ptys: Vec<PtyImage>,
+    pub inet: Vec<InetSocketImage>,
 }
 
 /// Who wrote an image, where, and what it needs to be read back.

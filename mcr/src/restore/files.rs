@@ -4,8 +4,7 @@
 use super::shared::Placement;
 use super::{RestoreError, Result};
 use crate::model::{
-    EpollTarget, FdKind, FileIdentity, FileLock, FileRef, LockKind, PipeImage, ProcessImage,
-    PtyImage, UnixSocketImage, VmaKind,
+    EpollTarget, FdKind, FileIdentity, FileLock, FileRef, LockKind, ProcessImage, Snapshot, VmaKind,
 };
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -150,14 +149,12 @@ impl Ctx<'_> {
 /// Opens every file the processes need, checking identities. With `shell_job`, fds
 /// that were outside the image are bound to the given stand-ins for 0, 1, 2.
 pub fn open_all(
-    procs: &[ProcessImage],
-    pipes: &[PipeImage],
-    unix: &[UnixSocketImage],
-    ptys: &[PtyImage],
+    snap: &Snapshot,
     placement: &Placement,
     root: &Path,
     shell_job: Option<[i32; 3]>,
 ) -> Result<FilePlan> {
+    let (procs, pipes, ptys) = (&snap.processes, &snap.pipes, &snap.ptys);
     let mut plan = FilePlan {
         owned: Vec::new(),
         ofds: BTreeMap::new(),
@@ -198,7 +195,7 @@ pub fn open_all(
         let s = t.session.map(|_| plan.keep(slave));
         plan.ptys.insert(t.index, (m, s));
     }
-    for (ino, sock) in super::sockets::make(procs, unix, root)? {
+    for (ino, sock) in super::sockets::make(procs, &snap.unix, &snap.inet, root)? {
         let n = plan.keep(sock);
         plan.sockets.insert(ino, n);
     }
@@ -382,7 +379,7 @@ fn open_process(
                     .map_err(|err| cx.err(&what, Path::new(name), format!("F_SETFL: {err}")))?;
                 fd
             }
-            FdKind::UnixSocket { ino } => {
+            FdKind::InetSocket { ino } | FdKind::UnixSocket { ino } => {
                 let name = format!("socket:[{ino}]");
                 let &fd = plan.sockets.get(ino).ok_or_else(|| {
                     cx.err(&what, Path::new(&name), "is not among the image's sockets")

@@ -169,10 +169,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let objects = shared::prepare(&image)?;
     let placement = shared::placement(&objects);
     let plan = files::open_all(
-        procs,
-        &snap.pipes,
-        &snap.unix,
-        &snap.ptys,
+        snap,
         &placement,
         &root,
         opts.shell_job.then_some(opts.stdio),

@@ -3,8 +3,9 @@
 //! queue, datagram sockets connected by name), each refilled with what waited on it.
 
 use super::{RestoreError, Result};
-use crate::model::{FdKind, ProcessImage, SocketLink, UnixSocketImage};
+use crate::model::{FdKind, InetSocketImage, ProcessImage, SocketLink, UnixSocketImage};
 use kext_shim::anon::send_all;
+use kext_shim::inet;
 use kext_shim::unix;
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -13,7 +14,12 @@ use std::path::Path;
 /// Socket inode -> our socket standing for it.
 pub type Sockets = BTreeMap<u64, OwnedFd>;
 
-pub fn make(procs: &[ProcessImage], images: &[UnixSocketImage], root: &Path) -> Result<Sockets> {
+pub fn make(
+    procs: &[ProcessImage],
+    images: &[UnixSocketImage],
+    inet: &[InetSocketImage],
+    root: &Path,
+) -> Result<Sockets> {
     let pid = procs.first().map(|p| p.pid).unwrap_or(0);
     let at = |name: &str| match name.strip_prefix('@') {
         Some(_) => name.to_string(),
@@ -23,6 +29,9 @@ pub fn make(procs: &[ProcessImage], images: &[UnixSocketImage], root: &Path) -> 
             .to_string(),
     };
     let mut made = Sockets::new();
+    for s in inet {
+        made.insert(s.ino, make_inet(pid, s)?);
+    }
     let mut names: BTreeMap<u64, String> = BTreeMap::new();
     for p in procs {
         for e in &p.fds {
@@ -138,6 +147,47 @@ pub fn make(procs: &[ProcessImage], images: &[UnixSocketImage], root: &Path) -> 
         }
     }
     Ok(made)
+}
+
+/// A TCP listener or UDP socket with the options the program had set, bound (with
+/// SO_REUSEADDR for the bind only, unless it had it: a port the original's connections
+/// left in TIME_WAIT is free to take again), listening or connected as it was.
+fn make_inet(pid: i32, s: &InetSocketImage) -> Result<OwnedFd> {
+    let err = |why: String| RestoreError::File {
+        pid,
+        what: "TCP/UDP socket".into(),
+        path: format!(
+            "socket:[{}]{}",
+            s.ino,
+            s.local.map(|a| format!(" ({a})")).unwrap_or_default()
+        ),
+        why,
+    };
+    let k = |e: kext_shim::Error| err(e.to_string());
+    let sock = inet::socket(s.family, s.protocol).map_err(k)?;
+    let reuse = (libc::SOL_SOCKET, libc::SO_REUSEADDR);
+    for (level, name, value) in &s.options {
+        if (*level, *name) != reuse {
+            inet::set_option(&sock, *level, *name, value).map_err(k)?;
+        }
+    }
+    if let Some(local) = &s.local {
+        inet::set_option(&sock, reuse.0, reuse.1, &1i32.to_ne_bytes()).map_err(k)?;
+        inet::bind(&sock, local).map_err(k)?;
+        let theirs = s
+            .options
+            .iter()
+            .find(|(l, n, _)| (*l, *n) == reuse)
+            .map_or(0i32.to_ne_bytes().to_vec(), |(_, _, v)| v.clone());
+        inet::set_option(&sock, reuse.0, reuse.1, &theirs).map_err(k)?;
+    }
+    if let Some(backlog) = s.listen {
+        inet::listen(&sock, backlog).map_err(k)?;
+    }
+    if let Some(peer) = &s.peer {
+        inet::connect(&sock, peer).map_err(k)?;
+    }
+    Ok(sock)
 }
 
 /// Sends what waits on `s` through `from`, its peer.

@@ -1,0 +1,285 @@
+//! TCP and UDP sockets (IPv4 and IPv6): what sock_diag says of them, their socket
+//! options, and making one again (bound, listening or connected).
+
+use crate::pidfd::{pidfd_getfd, pidfd_open};
+use crate::{check, Pid, Result};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// One TCP or UDP socket, as sock_diag reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InetSocket {
+    pub ino: u64,
+    /// AF_INET or AF_INET6.
+    pub family: i32,
+    /// IPPROTO_TCP or IPPROTO_UDP.
+    pub protocol: i32,
+    /// TCP state (1 established, 7 closed, 10 listening, ...); for UDP, 1 when connected.
+    pub state: u8,
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+    /// Listener: connections waiting to be accepted, and its backlog. Otherwise bytes
+    /// waiting to be read and bytes not yet acknowledged (TCP) or sent (UDP).
+    pub rqueue: u32,
+    pub wqueue: u32,
+}
+
+pub const TCP_ESTABLISHED: u8 = 1;
+pub const TCP_CLOSE: u8 = 7;
+pub const TCP_LISTEN: u8 = 10;
+
+/// The name of a TCP state, for messages.
+pub fn tcp_state_name(state: u8) -> &'static str {
+    match state {
+        1 => "ESTABLISHED",
+        2 => "SYN_SENT",
+        3 => "SYN_RECV",
+        4 => "FIN_WAIT1",
+        5 => "FIN_WAIT2",
+        6 => "TIME_WAIT",
+        7 => "CLOSE",
+        8 => "CLOSE_WAIT",
+        9 => "LAST_ACK",
+        10 => "LISTEN",
+        11 => "CLOSING",
+        _ => "unknown state",
+    }
+}
+
+fn addr(family: i32, port_be: &[u8], ip: &[u8]) -> SocketAddr {
+    let port = u16::from_be_bytes([port_be[0], port_be[1]]);
+    let ip = if family == libc::AF_INET6 {
+        let b: [u8; 16] = ip[..16].try_into().expect("16 bytes");
+        IpAddr::V6(Ipv6Addr::from(b))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]))
+    };
+    SocketAddr::new(ip, port)
+}
+
+/// Every TCP and UDP socket of the network namespace, IPv4 and IPv6, by inode.
+pub fn inet_sockets() -> Result<BTreeMap<u64, InetSocket>> {
+    let mut out = BTreeMap::new();
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        for protocol in [libc::IPPROTO_TCP, libc::IPPROTO_UDP] {
+            // inet_diag_req_v2: family, protocol, ext, pad, states, then a zero sockid.
+            let mut req = [0u8; 56];
+            req[0] = family as u8;
+            req[1] = protocol as u8;
+            req[4..8].copy_from_slice(&u32::MAX.to_ne_bytes());
+            crate::sockdiag::dump(&req, |m| {
+                if m.len() < 72 {
+                    return;
+                }
+                let u32_at = |i: usize| u32::from_ne_bytes(m[i..i + 4].try_into().expect("4"));
+                let s = InetSocket {
+                    ino: u32_at(68) as u64,
+                    family,
+                    protocol,
+                    state: m[1],
+                    local: addr(family, &m[4..6], &m[8..24]),
+                    peer: addr(family, &m[6..8], &m[24..40]),
+                    rqueue: u32_at(56),
+                    wqueue: u32_at(60),
+                };
+                // Sockets in TIME_WAIT and the like have no inode: no fd holds them.
+                if s.ino != 0 {
+                    out.insert(s.ino, s);
+                }
+            })?;
+        }
+    }
+    Ok(out)
+}
+
+/// Socket options worth carrying, as (level, name). Buffers are handled apart (they
+/// are set with the *BUFFORCE options, which take half the value read).
+pub const OPTIONS: &[(i32, i32)] = &[
+    (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+    (libc::SOL_SOCKET, libc::SO_REUSEPORT),
+    (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+    (libc::SOL_SOCKET, libc::SO_BROADCAST),
+    (libc::SOL_SOCKET, libc::SO_OOBINLINE),
+    (libc::SOL_SOCKET, libc::SO_LINGER),
+    (libc::SOL_SOCKET, libc::SO_MARK),
+    (libc::SOL_SOCKET, libc::SO_PRIORITY),
+    (libc::SOL_SOCKET, libc::SO_RCVLOWAT),
+    (libc::SOL_SOCKET, libc::SO_RCVTIMEO),
+    (libc::SOL_SOCKET, libc::SO_SNDTIMEO),
+    (libc::SOL_SOCKET, libc::SO_BINDTODEVICE),
+    (libc::SOL_SOCKET, libc::SO_SNDBUF),
+    (libc::SOL_SOCKET, libc::SO_RCVBUF),
+    (libc::IPPROTO_IP, libc::IP_TOS),
+    (libc::IPPROTO_IP, libc::IP_TTL),
+    (libc::IPPROTO_IP, libc::IP_FREEBIND),
+    (libc::IPPROTO_IP, libc::IP_TRANSPARENT),
+    (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY),
+    (libc::IPPROTO_IPV6, libc::IPV6_TCLASS),
+    (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+    (libc::IPPROTO_TCP, libc::TCP_CORK),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+    (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
+    (libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT),
+    (libc::IPPROTO_TCP, libc::TCP_FASTOPEN),
+    (libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT),
+];
+
+/// One option's raw value (an int, a linger, a timeval, a device name).
+fn get_option(sock: &impl AsRawFd, level: i32, name: i32) -> Option<Vec<u8>> {
+    let mut buf = [0u8; 64];
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `buf` and updates `len`.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then(|| buf[..len as usize].to_vec())
+}
+
+/// The options of `OPTIONS` (that apply to it) of fd `fd` of `pid` whose values differ
+/// from those of a fresh socket of the same kind: what the program set.
+pub fn changed_options(
+    pid: Pid,
+    fd: i32,
+    family: i32,
+    protocol: i32,
+) -> Result<Vec<(i32, i32, Vec<u8>)>> {
+    let theirs = pidfd_getfd(&pidfd_open(pid)?, pid, fd)?;
+    let fresh = socket(family, protocol)?;
+    let mut out = Vec::new();
+    for &(level, name) in OPTIONS {
+        if level == libc::IPPROTO_TCP && protocol != libc::IPPROTO_TCP
+            || level == libc::IPPROTO_IPV6 && family != libc::AF_INET6
+        {
+            continue;
+        }
+        let Some(v) = get_option(&theirs, level, name) else {
+            continue;
+        };
+        if get_option(&fresh, level, name).as_ref() != Some(&v) {
+            out.push((level, name, v));
+        }
+    }
+    Ok(out)
+}
+
+/// A new TCP (stream) or UDP (datagram) socket, close-on-exec.
+pub fn socket(family: i32, protocol: i32) -> Result<OwnedFd> {
+    let kind = if protocol == libc::IPPROTO_TCP {
+        libc::SOCK_STREAM
+    } else {
+        libc::SOCK_DGRAM
+    };
+    // SAFETY: socket takes no pointers.
+    let fd = unsafe { libc::socket(family, kind | libc::SOCK_CLOEXEC, protocol) };
+    check(fd as libc::c_long, || format!("socket({family}, {kind})"))?;
+    // SAFETY: a fresh fd the kernel just returned, owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sets one option from its raw value; the buffer sizes through *BUFFORCE (the value
+/// read back is twice what was asked for, which is what *BUFFORCE takes).
+pub fn set_option(sock: &OwnedFd, level: i32, name: i32, value: &[u8]) -> Result<()> {
+    let (name, value) = match (level, name) {
+        (libc::SOL_SOCKET, libc::SO_SNDBUF | libc::SO_RCVBUF) if value.len() == 4 => {
+            let v = i32::from_ne_bytes(value.try_into().expect("4 bytes")) / 2;
+            let force = if name == libc::SO_SNDBUF {
+                libc::SO_SNDBUFFORCE
+            } else {
+                libc::SO_RCVBUFFORCE
+            };
+            (force, v.to_ne_bytes().to_vec())
+        }
+        _ => (name, value.to_vec()),
+    };
+    // SAFETY: setsockopt reads `value.len()` bytes from `value`.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            value.as_ptr().cast(),
+            value.len() as libc::socklen_t,
+        )
+    };
+    check(r as libc::c_long, || format!("setsockopt({level}, {name})")).map(|_| ())
+}
+
+fn with_sockaddr<T>(
+    a: &SocketAddr,
+    f: impl FnOnce(*const libc::sockaddr, libc::socklen_t) -> T,
+) -> T {
+    match a {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            f(
+                (&sin as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: v6.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: v6.scope_id(),
+            };
+            f(
+                (&sin6 as *const libc::sockaddr_in6).cast(),
+                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+            )
+        }
+    }
+}
+
+pub fn bind(sock: &OwnedFd, a: &SocketAddr) -> Result<()> {
+    // SAFETY: the address points to a sockaddr of the stated length for the call.
+    let r = with_sockaddr(a, |p, l| unsafe { libc::bind(sock.as_raw_fd(), p, l) });
+    check(r as libc::c_long, || format!("bind to {a}")).map(|_| ())
+}
+
+pub fn connect(sock: &OwnedFd, a: &SocketAddr) -> Result<()> {
+    // SAFETY: the address points to a sockaddr of the stated length for the call.
+    let r = with_sockaddr(a, |p, l| unsafe { libc::connect(sock.as_raw_fd(), p, l) });
+    check(r as libc::c_long, || format!("connect to {a}")).map(|_| ())
+}
+
+pub fn listen(sock: &OwnedFd, backlog: u32) -> Result<()> {
+    // SAFETY: listen takes no pointers.
+    let r = unsafe { libc::listen(sock.as_raw_fd(), backlog as i32) };
+    check(r as libc::c_long, || format!("listen({backlog})")).map(|_| ())
+}
+
+/// The (domain, protocol) of socket `fd` of `pid`: how to tell sockets that sock_diag
+/// does not list (an inet socket never bound is in no table).
+pub fn domain_of(pid: Pid, fd: i32) -> Result<(i32, i32)> {
+    let s = pidfd_getfd(&pidfd_open(pid)?, pid, fd)?;
+    let get = |name: i32| -> Result<i32> {
+        let v = get_option(&s, libc::SOL_SOCKET, name).ok_or_else(|| {
+            crate::SysError::new(
+                format!("getsockopt({name}) on fd {fd} of pid {pid}"),
+                crate::Errno::last(),
+            )
+        })?;
+        Ok(i32::from_ne_bytes(v[..4].try_into().expect("4 bytes")))
+    };
+    Ok((get(libc::SO_DOMAIN)?, get(libc::SO_PROTOCOL)?))
+}
