@@ -21,6 +21,7 @@ pub mod pty;
 pub mod sockdiag;
 pub mod sys;
 pub mod sysv;
+pub mod tcp;
 pub mod unix;
 
 pub use nix::errno::Errno;
