@@ -44,6 +44,7 @@ fn checkpoint(c: &mut Criterion) {
                             shell_job: true,
                             compression: Compression::None,
                             freeze_cgroup: None,
+                            tcp_established: false,
                         };
                         let t = Instant::now();
                         mcr::dump::checkpoint(&opts).expect("checkpoint");
@@ -71,6 +72,7 @@ fn restore(c: &mut Criterion) {
             shell_job: true,
             compression: Compression::None,
             freeze_cgroup: None,
+            tcp_established: false,
         })
         .expect("checkpoint");
         let _ = w.child.wait();

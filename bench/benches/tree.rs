@@ -46,6 +46,7 @@ fn tree(c: &mut Criterion, procs: usize, threads: usize, mib: usize) {
             shell_job: true,
             compression: Compression::None,
             freeze_cgroup: None,
+            tcp_established: false,
         })
         .expect("checkpoint");
         (img, r)

@@ -12,6 +12,7 @@ pub mod filemap;
 pub mod inet;
 pub mod inject;
 pub mod mem;
+pub mod nft;
 pub mod pidfd;
 pub mod pipe;
 pub mod probe;

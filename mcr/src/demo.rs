@@ -193,6 +193,7 @@ fn demo(mib: usize) -> Result<bool, Box<dyn std::error::Error>> {
         shell_job: true,
         compression: Compression::FAST,
         freeze_cgroup: None,
+        tcp_established: false,
     })?;
     child.wait()?;
     println!(

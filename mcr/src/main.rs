@@ -43,6 +43,10 @@ enum Cmd {
         /// tree and nothing else); by default the tree's own, when it is alone there.
         #[arg(long)]
         freeze_cgroup: Option<PathBuf>,
+        /// Take established TCP connections along (TCP_REPAIR); their packets are
+        /// dropped (nftables) until the restore. Without it they are refused by name.
+        #[arg(long)]
+        tcp_established: bool,
         /// Page compression: none, fast, or a zstd level 1..19.
         #[arg(long, default_value = "fast", value_parser = Compression::parse)]
         compress: Compression,
@@ -74,6 +78,9 @@ enum Cmd {
         /// proc of its own under --pidns.
         #[arg(long)]
         mntns: bool,
+        /// Make the image's established TCP connections again.
+        #[arg(long)]
+        tcp_established: bool,
         /// Print the report as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -129,6 +136,21 @@ fn steps_text(steps: &[(&'static str, Duration)]) -> String {
         .join(", ")
 }
 
+/// Tables of ours left by an mcr that died while dumping: their connections would stay
+/// blocked for good.
+fn remove_stale_tables() {
+    match kext_shim::nft::remove_stale() {
+        Ok(gone) => {
+            for t in gone {
+                eprintln!(
+                    "mcr: removed nftables table {t}, left by an mcr that died while dumping"
+                );
+            }
+        }
+        Err(e) => eprintln!("mcr: warning: removing stale nftables tables: {e}"),
+    }
+}
+
 fn fail(e: &dyn std::error::Error, code: i32) -> ExitCode {
     let mut msg = format!("mcr: error: {e}");
     let mut src = e.source();
@@ -162,6 +184,7 @@ fn main() -> ExitCode {
             shell_job,
             compress,
             freeze_cgroup,
+            tcp_established,
             json,
         } => {
             let after = if leave_running {
@@ -171,6 +194,7 @@ fn main() -> ExitCode {
             } else {
                 AfterDump::Kill
             };
+            remove_stale_tables();
             let opts = CheckpointOptions {
                 pid,
                 dir,
@@ -178,6 +202,7 @@ fn main() -> ExitCode {
                 shell_job,
                 compression: compress,
                 freeze_cgroup,
+                tcp_established,
             };
             match mcr::dump::checkpoint(&opts) {
                 Ok(r) => {
@@ -216,6 +241,7 @@ fn main() -> ExitCode {
             shell_job,
             pidns,
             mntns,
+            tcp_established,
             json,
         } => {
             let mut opts = RestoreOptions::new(dir);
@@ -223,7 +249,11 @@ fn main() -> ExitCode {
             opts.shell_job = shell_job;
             opts.pidns = pidns;
             opts.mntns = mntns;
-            let r = match mcr::restore::restore(&opts) {
+            opts.tcp_established = tcp_established;
+            let r = mcr::restore::restore(&opts);
+            // After the restore, not before: the blackout is no place for it.
+            remove_stale_tables();
+            let r = match r {
                 Ok(r) => r,
                 Err(e) => return fail(&e, e.exit_code()),
             };

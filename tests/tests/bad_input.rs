@@ -476,7 +476,7 @@ fn established_tcp_connections_are_refused_naming_each_one() {
         &out,
         5,
         &[
-            "2 TCP connections, which need --tcp-established",
+            "2 TCP connections, which are only taken with --tcp-established",
             &format!("127.0.0.1:{client} -> 127.0.0.1:{server} (ESTABLISHED"),
             &format!("127.0.0.1:{server} -> 127.0.0.1:{client} (ESTABLISHED"),
         ],

@@ -1,5 +1,6 @@
 //! TCP and UDP sockets: listeners and UDP sockets are made again as they were bound;
-//! established TCP connections are named and refused until TCP_REPAIR takes them.
+//! established TCP connections are taken with --tcp-established (see [`TcpCapture`]),
+//! and otherwise named and refused.
 
 use super::fds::externalize;
 use super::{DumpError, Result, StepContext};
@@ -19,7 +20,12 @@ fn describe(s: &InetSocket) -> String {
 
 /// Turns every TCP or UDP socket fd of the tree into an [`FdKind::InetSocket`] with its
 /// image, or refuses it by name. Sockets of other families are left for the unix pass.
-pub fn resolve(procs: &mut [ProcessImage], shell_job: bool) -> Result<Vec<InetSocketImage>> {
+pub fn resolve(
+    procs: &mut [ProcessImage],
+    shell_job: bool,
+    tcp_established: bool,
+) -> Result<(Vec<InetSocketImage>, TcpCapture)> {
+    let mut capture = TcpCapture::default();
     let mut holders: BTreeMap<u64, (i32, i32)> = BTreeMap::new();
     for p in procs.iter() {
         for e in &p.fds {
@@ -29,7 +35,7 @@ pub fn resolve(procs: &mut [ProcessImage], shell_job: bool) -> Result<Vec<InetSo
         }
     }
     if holders.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), capture));
     }
     let root = Pid::from_raw(procs.first().map(|p| p.pid).unwrap_or(0));
     let all =
@@ -73,6 +79,17 @@ pub fn resolve(procs: &mut [ProcessImage], shell_job: bool) -> Result<Vec<InetSo
                 s.rqueue
             )),
             (true, TCP_LISTEN | TCP_CLOSE) => None,
+            (true, TCP_ESTABLISHED) if tcp_established => {
+                capture.conns.push(Held {
+                    ino,
+                    pid,
+                    fd,
+                    local: s.local,
+                    peer: s.peer,
+                    sock: None,
+                });
+                None
+            }
             (true, state) => {
                 let stdio = procs
                     .iter()
@@ -111,6 +128,7 @@ pub fn resolve(procs: &mut [ProcessImage], shell_job: bool) -> Result<Vec<InetSo
             peer: (!tcp && s.state == TCP_ESTABLISHED).then_some(s.peer),
             listen: (tcp && s.state == TCP_LISTEN).then_some(s.wqueue),
             options,
+            tcp: None,
         });
         for p in procs.iter_mut() {
             for e in p.fds.iter_mut().filter(|e| is_it(&e.kind)) {
@@ -119,14 +137,128 @@ pub fn resolve(procs: &mut [ProcessImage], shell_job: bool) -> Result<Vec<InetSo
         }
     }
     if !established.is_empty() {
+        let why = if tcp_established {
+            "half-closed or not yet open, which are not supported yet"
+        } else {
+            "which are only taken with --tcp-established"
+        };
         return Err(DumpError::Unsupported {
             pid: root.as_raw(),
             what: format!(
-                "{} TCP connections, which need --tcp-established (not supported yet): {}",
+                "{} TCP connections, {why}: {}",
                 established.len(),
                 established.join(", ")
             ),
         });
     }
-    Ok(out)
+    Ok((out, capture))
+}
+
+/// An established connection being taken: who holds it, and our copy of its socket
+/// once it is in repair mode.
+struct Held {
+    ino: u64,
+    pid: i32,
+    fd: i32,
+    local: std::net::SocketAddr,
+    peer: std::net::SocketAddr,
+    sock: Option<std::os::fd::OwnedFd>,
+}
+
+/// The established connections of a dump, from the moment their packets are dropped
+/// on the wire to the moment they are handed to the image (or let go as they were).
+/// Dropped before that, it takes every socket out of repair mode and removes the
+/// rules: the workload's connections go on as if nothing happened.
+#[derive(Default)]
+pub struct TcpCapture {
+    conns: Vec<Held>,
+    table: Option<String>,
+}
+
+impl TcpCapture {
+    /// Drops the connections' packets both ways: nothing reaches the sockets or leaves
+    /// them until they are let go or made again.
+    pub fn lock(&mut self, root: Pid) -> Result<()> {
+        if self.conns.is_empty() {
+            return Ok(());
+        }
+        let name = kext_shim::nft::dump_table(std::process::id());
+        let conns: Vec<_> = self.conns.iter().map(|c| (c.local, c.peer)).collect();
+        kext_shim::nft::lock(&name, &conns).step(root, || {
+            "blocking the TCP connections' packets (nftables)".into()
+        })?;
+        self.table = Some(name);
+        Ok(())
+    }
+
+    /// Puts each socket in repair mode and reads its state into its image. Done last,
+    /// once the packets are blocked and just before the image is written: a crash of
+    /// ours from here on would leave a socket in repair mode.
+    pub fn read(&mut self, images: &mut [InetSocketImage]) -> Result<()> {
+        for c in &mut self.conns {
+            let at = Pid::from_raw(c.pid);
+            let sock = kext_shim::pidfd::pidfd_open(at)
+                .and_then(|p| kext_shim::pidfd::pidfd_getfd(&p, at, c.fd))
+                .step(at, || format!("taking a copy of fd {}", c.fd))?;
+            kext_shim::tcp::set_repair(&sock, true).step(at, || {
+                format!("putting {} -> {} in repair mode", c.local, c.peer)
+            })?;
+            c.sock = Some(sock);
+            let st = kext_shim::tcp::read_state(c.sock.as_ref().expect("just set"))
+                .step(at, || {
+                    format!("reading TCP connection {} -> {}", c.local, c.peer)
+                })?;
+            if let Some(img) = images.iter_mut().find(|i| i.ino == c.ino) {
+                img.tcp = Some(st.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The name the image's table will have, if there are connections to hold.
+    pub fn image_table(&self, frozen_at_ms: u64) -> Option<String> {
+        (!self.conns.is_empty()).then(|| format!("mcr_image_{}_{frozen_at_ms}", std::process::id()))
+    }
+
+    /// After the workload was killed: its sockets close silently as our copies go, and
+    /// the rules pass to `image_table`, for the restore to remove.
+    pub fn hand_over(mut self, image_table: &str) -> Result<()> {
+        let conns: Vec<_> = self.conns.iter().map(|c| (c.local, c.peer)).collect();
+        let pid = self.conns.first().map_or(0, |c| c.pid);
+        kext_shim::nft::lock(image_table, &conns).step(Pid::from_raw(pid), || {
+            "handing the TCP rules to the image".into()
+        })?;
+        // Closed in repair mode: neither FIN nor RST.
+        for c in &mut self.conns {
+            c.sock = None;
+        }
+        self.conns.clear();
+        if let Some(t) = self.table.take() {
+            kext_shim::nft::unlock(&t).step(Pid::from_raw(pid), || {
+                "removing the dump's TCP rules".into()
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TcpCapture {
+    fn drop(&mut self) {
+        for c in &self.conns {
+            if let Some(s) = &c.sock {
+                if let Err(e) = kext_shim::tcp::set_repair(s, false) {
+                    tracing::error!(
+                        pid = c.pid,
+                        fd = c.fd,
+                        "taking a socket out of repair mode: {e}"
+                    );
+                }
+            }
+        }
+        if let Some(t) = self.table.take() {
+            if let Err(e) = kext_shim::nft::unlock(&t) {
+                tracing::error!("removing nftables table {t}: {e}");
+            }
+        }
+    }
 }

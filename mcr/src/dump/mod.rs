@@ -47,6 +47,9 @@ pub struct CheckpointOptions {
     /// tree and nothing else). Without it, the tree's own cgroup is used when it holds
     /// nothing else.
     pub freeze_cgroup: Option<PathBuf>,
+    /// Take established TCP connections (TCP_REPAIR), their packets dropped on the
+    /// wire (nftables) from the freeze until they are restored or let go.
+    pub tcp_established: bool,
 }
 
 /// What a checkpoint did and how long each step took.
@@ -158,6 +161,9 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
     };
     steps.push(("freeze", t_freeze.elapsed()));
 
+    // Declared after the tree: dropped first on failure, which lets the connections go
+    // on before the processes resume.
+    let mut tcp = inet::TcpCapture::default();
     let result = (|| {
         let t = Instant::now();
         let mut processes = Vec::with_capacity(tree.procs.len());
@@ -169,7 +175,9 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
             ipc::refuse_host_segments(&processes)?;
         }
         let pipes = fds::resolve_pipes(&mut processes, opts.shell_job)?;
-        let inet = inet::resolve(&mut processes, opts.shell_job)?;
+        let mut inet;
+        (inet, tcp) = inet::resolve(&mut processes, opts.shell_job, opts.tcp_established)?;
+        tcp.lock(pid)?;
         let unix = sockets::resolve(&mut processes, opts.shell_job)?;
         let mut ptys = pty::resolve(&mut processes, opts.shell_job)?;
         fds::number_file_descriptions(&mut processes)?;
@@ -192,6 +200,7 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
         if let Some(v) = &view {
             v.translate(&mut processes, &mut zombies, &mut ptys);
         }
+        tcp.read(&mut inet)?;
         steps.push(("dump pages", t.elapsed()));
         if crate::fault::armed(crate::fault::DUMP_AFTER_PAGES) {
             return Err(DumpError::FaultInjected {
@@ -201,7 +210,7 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
         }
         let t = Instant::now();
         let snapshot = Snapshot {
-            inventory: inventory(processes[0].pid, opts, processes.len()),
+            inventory: inventory(processes[0].pid, opts, processes.len(), &tcp),
             processes,
             pipes,
             shmem,
@@ -214,12 +223,24 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
             .finish(&snapshot)
             .map_err(|source| DumpError::Image { pid: raw, source })?;
         steps.push(("write image", t.elapsed()));
-        Ok(stats)
+        Ok((stats, snapshot.inventory.net_lock))
     })();
     // On failure `tree` is dropped here, which resumes every process untouched.
-    let stats = result?;
+    let (stats, net_lock) = result?;
     let t = Instant::now();
-    tree.release(opts.after)?;
+    match net_lock {
+        // Killed in repair mode, the connections close without a word on the wire; the
+        // rules stay until the restore.
+        Some(table) => {
+            tree.release(opts.after)?;
+            tcp.hand_over(&table)?;
+        }
+        // Out of repair mode and unblocked before the processes run again.
+        None => {
+            drop(tcp);
+            tree.release(opts.after)?;
+        }
+    }
     steps.push(("release", t.elapsed()));
     let frozen_for = t_freeze.elapsed();
     steps.push(("total", t0.elapsed()));
@@ -232,7 +253,16 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
     })
 }
 
-fn inventory(pid: i32, opts: &CheckpointOptions, processes: usize) -> Inventory {
+fn inventory(
+    pid: i32,
+    opts: &CheckpointOptions,
+    processes: usize,
+    tcp: &inet::TcpCapture,
+) -> Inventory {
+    let frozen_at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
     let uts = nix::sys::utsname::uname().ok();
     let mut features = vec![if processes > 1 {
         "process-tree"
@@ -254,10 +284,11 @@ fn inventory(pid: i32, opts: &CheckpointOptions, processes: usize) -> Inventory 
         root_pid: pid,
         page_size: kext_shim::PAGE_SIZE as u32,
         features,
-        frozen_at_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
+        frozen_at_ms,
         shell_job: opts.shell_job,
+        net_lock: match opts.after {
+            AfterDump::Kill => tcp.image_table(frozen_at_ms),
+            _ => None,
+        },
     }
 }

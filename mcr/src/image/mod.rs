@@ -126,6 +126,7 @@ mod tests {
                 features: vec!["single-process".into()],
                 frozen_at_ms: 0,
                 shell_job: false,
+                net_lock: Some("mcr_image_1_2".into()),
             },
             processes: vec![process(pid)],
             pipes: vec![PipeImage {
@@ -175,6 +176,7 @@ mod tests {
                 peer: None,
                 listen: Some(128),
                 options: vec![(libc::SOL_SOCKET, libc::SO_REUSEADDR, vec![1, 0, 0, 0])],
+                tcp: None,
             }],
         }
     }

@@ -172,6 +172,72 @@ pub struct InetSocketImage {
     pub listen: Option<u32>,
     /// Options the program changed from a fresh socket's: (level, name, raw value).
     pub options: Vec<(i32, i32, Vec<u8>)>,
+    /// An established connection (taken with --tcp-established).
+    pub tcp: Option<TcpConnImage>,
+}
+
+/// An established TCP connection as TCP_REPAIR reads it (see kext_shim::tcp).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpConnImage {
+    pub local: std::net::SocketAddr,
+    pub peer: std::net::SocketAddr,
+    pub recv_seq: u32,
+    pub send_seq: u32,
+    pub recv_queue: Vec<u8>,
+    pub send_queue: Vec<u8>,
+    pub unsent: u32,
+    pub mss: u32,
+    pub options: u8,
+    pub snd_wscale: u8,
+    pub rcv_wscale: u8,
+    pub timestamp: u32,
+    pub window: [u32; 5],
+    pub sndbuf: i32,
+    pub rcvbuf: i32,
+}
+
+impl From<kext_shim::tcp::TcpState> for TcpConnImage {
+    fn from(s: kext_shim::tcp::TcpState) -> Self {
+        Self {
+            local: s.local,
+            peer: s.peer,
+            recv_seq: s.recv_seq,
+            send_seq: s.send_seq,
+            recv_queue: s.recv_queue,
+            send_queue: s.send_queue,
+            unsent: s.unsent,
+            mss: s.mss,
+            options: s.options,
+            snd_wscale: s.snd_wscale,
+            rcv_wscale: s.rcv_wscale,
+            timestamp: s.timestamp,
+            window: s.window,
+            sndbuf: s.sndbuf,
+            rcvbuf: s.rcvbuf,
+        }
+    }
+}
+
+impl From<&TcpConnImage> for kext_shim::tcp::TcpState {
+    fn from(s: &TcpConnImage) -> Self {
+        Self {
+            local: s.local,
+            peer: s.peer,
+            recv_seq: s.recv_seq,
+            send_seq: s.send_seq,
+            recv_queue: s.recv_queue.clone(),
+            send_queue: s.send_queue.clone(),
+            unsent: s.unsent,
+            mss: s.mss,
+            options: s.options,
+            snd_wscale: s.snd_wscale,
+            rcv_wscale: s.rcv_wscale,
+            timestamp: s.timestamp,
+            window: s.window,
+            sndbuf: s.sndbuf,
+            rcvbuf: s.rcvbuf,
+        }
+    }
 }
 
 /// What a unix socket is connected to, which says how it is made again.

@@ -45,6 +45,9 @@ pub struct Inventory {
     pub frozen_at_ms: u64,
     /// How the process tree was stopped for the dump.
     pub shell_job: bool,
+    /// The nftables table (inet family) that holds the image's TCP connections still
+    /// on the wire until they are restored; restore removes it.
+    pub net_lock: Option<String>,
 }
 
 /// A file the image refers to, and what it looked like at dump time.

@@ -40,6 +40,8 @@ pub struct RestoreOptions {
     /// Restore into a new mount namespace even if the tree had none of its own; its
     /// root is `root`, pivoted into rather than chrooted.
     pub mntns: bool,
+    /// Make the image's established TCP connections again (TCP_REPAIR).
+    pub tcp_established: bool,
 }
 
 impl RestoreOptions {
@@ -52,6 +54,7 @@ impl RestoreOptions {
             pid_wait: Duration::from_secs(2),
             pidns: false,
             mntns: false,
+            tcp_established: false,
         }
     }
 }
@@ -130,7 +133,21 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let image = Image::open(&opts.dir)?;
     steps.push(("read and check image", t0.elapsed()));
     let snap = &image.snapshot;
+    // The image's connections stay blocked on the wire until the tree runs, and not a
+    // moment longer, whatever happens (a failed restore cannot take them any more).
+    let _unlock = NetUnlock(snap.inventory.net_lock.clone());
     let procs = &snap.processes;
+    if let Some(c) = snap.inet.iter().find_map(|s| s.tcp.as_ref()) {
+        if !opts.tcp_established {
+            return Err(RestoreError::Incompatible {
+                pid: snap.inventory.root_pid,
+                what: format!(
+                    "the image holds established TCP connections ({} -> {}, ...); restore with --tcp-established",
+                    c.local, c.peer
+                ),
+            });
+        }
+    }
     let Some(p0) = procs.first() else {
         return Err(RestoreError::Incompatible {
             pid: snap.inventory.root_pid,
@@ -399,6 +416,19 @@ fn mount_plan(root: &Path, mnt: Option<&MountNs>, fresh_proc: bool) -> Vec<Mount
         ops.push(MountOp::PivotRoot(root.display().to_string()));
     }
     ops
+}
+
+/// Removes the nftables table that blocked the image's connections, when dropped.
+struct NetUnlock(Option<String>);
+
+impl Drop for NetUnlock {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            if let Err(e) = kext_shim::nft::unlock(&t) {
+                tracing::error!("removing nftables table {t}: {e}");
+            }
+        }
+    }
 }
 
 /// Where the stub chroots: the restore root, then the process's own root inside it.

@@ -164,6 +164,17 @@ fn make_inet(pid: i32, s: &InetSocketImage) -> Result<OwnedFd> {
         why,
     };
     let k = |e: kext_shim::Error| err(e.to_string());
+    if let Some(conn) = &s.tcp {
+        // The program's options first, then the connection, in repair mode.
+        let sock = kext_shim::tcp::restore(&conn.into(), |sock| {
+            for (level, name, value) in &s.options {
+                inet::set_option(sock, *level, *name, value)?;
+            }
+            Ok(())
+        })
+        .map_err(|e| err(format!("{} -> {}: {e}", conn.local, conn.peer)))?;
+        return Ok(sock);
+    }
     let sock = inet::socket(s.family, s.protocol).map_err(k)?;
     let reuse = (libc::SOL_SOCKET, libc::SO_REUSEADDR);
     for (level, name, value) in &s.options {
