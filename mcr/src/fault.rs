@@ -5,6 +5,18 @@
 /// Points that can fail on request.
 pub const DUMP_AFTER_PAGES: &str = "dump-after-pages";
 pub const RESTORE_AFTER_FILL: &str = "restore-after-fill";
+/// Not a failure: the dump stops for good right after it blocked the TCP connections,
+/// so that a test can kill mcr there, as a crash would.
+pub const DUMP_STALL_AFTER_LOCK: &str = "dump-stall-after-lock";
+
+/// Stops this thread for good if `point` was asked for.
+pub fn stall(point: &str) {
+    if armed(point) {
+        loop {
+            std::thread::park();
+        }
+    }
+}
 
 /// Whether `point` was asked to fail.
 pub fn armed(point: &str) -> bool {

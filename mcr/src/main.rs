@@ -295,6 +295,7 @@ fn main() -> ExitCode {
             Err(e) => fail(&e, 6),
         },
         Cmd::Check { json } => {
+            remove_stale_tables();
             let (features, ok) = mcr::check::run();
             if json {
                 let v: Vec<_> = features

@@ -72,14 +72,18 @@ impl Client {
     }
 
     /// Waits until `n` more round trips were made.
-    fn wait_trips(&self, n: u64) {
+    fn wait_trips(self, n: u64) -> Self {
         let target = self.trips.load(Ordering::Relaxed) + n;
         let deadline = Instant::now() + LINE_TIMEOUT;
         while self.trips.load(Ordering::Relaxed) < target {
-            assert!(!self.thread.is_finished(), "the client stopped");
+            if self.thread.is_finished() {
+                let why = self.thread.join().expect("client thread").err();
+                panic!("the client stopped: {why:?}");
+            }
             assert!(Instant::now() < deadline, "the client made no progress");
             std::thread::yield_now();
         }
+        self
     }
 
     /// Stops it; the connection stays open (a close is an EOF for the service).
@@ -98,7 +102,7 @@ fn an_echo_client_outside_the_tree_keeps_talking_across_checkpoint_and_restore()
     let mut g = Guard::new();
     let (p, c) = echo_service(&mut g, &[]);
     let client = Client::start(c);
-    client.wait_trips(100);
+    let client = client.wait_trips(100);
     // The client sends throughout: its packets are dropped until the restore.
     let img = tmp.path().join("img");
     let mut r = round_trip(
@@ -108,11 +112,93 @@ fn an_echo_client_outside_the_tree_keeps_talking_across_checkpoint_and_restore()
         &["--tcp-established"],
         &["--tcp-established"],
     );
-    client.wait_trips(100);
+    let client = client.wait_trips(100);
     let (worst, _conn) = client.finish();
     eprintln!("longest wait for an echo across the move: {worst:?}");
     let v = r.check();
     assert_pass(&v);
     assert_eq!(r.wait(), 0);
-    assert!(tables().is_empty(), "tables of ours remain: {:?}", tables());
+    // The image's table held the connection until the restore, which removed it.
+    let show = mcr(&["show", "--json", "-D", img.to_str().expect("utf-8")]);
+    let json = String::from_utf8_lossy(&show.stdout);
+    let name = json
+        .split("\"net_lock\":\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("the image names its table");
+    assert!(
+        !tables().contains(&format!("table inet {name}")),
+        "{name} remains"
+    );
+}
+
+#[test]
+fn a_million_bytes_waiting_to_be_sent_arrive_after_the_move() {
+    const BYTES: usize = 1 << 20;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    // The client reads nothing until after the restore: most of the megabyte sits in
+    // the service's send queue, part of it never sent.
+    let (p, mut c) = echo_service(&mut g, &[&BYTES.to_string()]);
+    let img = tmp.path().join("img");
+    let mut r = round_trip(
+        &mut g,
+        p,
+        &img,
+        &["--tcp-established"],
+        &["--tcp-established"],
+    );
+    c.set_read_timeout(Some(LINE_TIMEOUT)).expect("timeout");
+    let mut got = vec![0u8; BYTES];
+    c.read_exact(&mut got).expect("reading the megabyte");
+    let bad = got
+        .iter()
+        .enumerate()
+        .filter(|(i, &b)| b != (i % 251) as u8)
+        .count();
+    assert_eq!(bad, 0, "{bad} bytes of the megabyte differ");
+    let client = Client::start(c);
+    let client = client.wait_trips(10);
+    let (_, _conn) = client.finish();
+    assert_pass(&r.check());
+    assert_eq!(r.wait(), 0);
+}
+
+#[test]
+fn mcr_killed_mid_dump_leaves_the_connection_running_and_no_table_for_good() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let (mut p, c) = echo_service(&mut g, &[]);
+    let client = Client::start(c);
+    let client = client.wait_trips(10);
+    let img = tmp.path().join("img");
+    let mut dump = std::process::Command::new(mcr_bin())
+        .args(["checkpoint", "-t", &p.pid.to_string(), "-D"])
+        .arg(&img)
+        .args(["--shell-job", "--tcp-established"])
+        .env("MCR_FAULT", "dump-stall-after-lock")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("mcr checkpoint");
+    // It has blocked the connection once its table is there.
+    let table = format!("table inet mcr_dump_{}", dump.id());
+    let deadline = Instant::now() + LINE_TIMEOUT;
+    while !tables().contains(&table) {
+        assert!(
+            Instant::now() < deadline,
+            "mcr never blocked the connection"
+        );
+        std::thread::yield_now();
+    }
+    dump.kill().expect("SIGKILL mcr");
+    dump.wait().expect("reaping mcr");
+    // The workload runs on (ptrace let it go with its tracer), its connection blocked
+    // by the table left behind, until the next mcr run removes it.
+    let out = mcr(&["check"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("left by an mcr that died"));
+    assert!(!tables().contains(&table), "{table} remains");
+    let client = client.wait_trips(10);
+    let (_, _conn) = client.finish();
+    assert_pass(&p.check());
+    assert_eq!(p.wait(), 0);
 }

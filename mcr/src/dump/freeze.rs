@@ -8,7 +8,7 @@ use kext_shim::{Errno, Pid};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::os::fd::AsFd;
 
-const PTRACE_EVENT_STOP: i32 = 128;
+pub(super) const PTRACE_EVENT_STOP: i32 = 128;
 
 /// One stopped thread and the registers it stopped with (what it resumes with).
 pub struct FrozenThread {

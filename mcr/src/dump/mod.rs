@@ -178,6 +178,7 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
         let mut inet;
         (inet, tcp) = inet::resolve(&mut processes, opts.shell_job, opts.tcp_established)?;
         tcp.lock(pid)?;
+        crate::fault::stall(crate::fault::DUMP_STALL_AFTER_LOCK);
         let unix = sockets::resolve(&mut processes, opts.shell_job)?;
         let mut ptys = pty::resolve(&mut processes, opts.shell_job)?;
         fds::number_file_descriptions(&mut processes)?;

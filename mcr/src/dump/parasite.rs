@@ -80,7 +80,33 @@ pub fn ask(frozen: &Frozen, maps: &[MapEntry], handled: u64, timers: &[i32]) -> 
     }
     let answers = res?;
     restored?;
+    for t in &frozen.threads {
+        back_to_our_stop(pid, t.tid, &t.regs)?;
+    }
     Ok(answers)
+}
+
+/// Puts a thread the injector used back in a stop of our own (PTRACE_EVENT_STOP) with
+/// its own registers. Left in the injector's single-step trap, it would be killed by
+/// that SIGTRAP if we died before letting it go; from this stop it simply runs on.
+/// The interrupt is taken before any signal is dequeued: no user code runs.
+fn back_to_our_stop(pid: Pid, tid: Pid, regs: &ptrace::Regs) -> Result<()> {
+    let step = || format!("putting thread {tid} back in its stop");
+    ptrace::set_regs(tid, regs).step(pid, step)?;
+    ptrace::interrupt(tid).step(pid, step)?;
+    ptrace::cont(tid, 0).step(pid, step)?;
+    let (sig, event) = ptrace::wait_stopped(tid).step(pid, step)?;
+    if event != super::freeze::PTRACE_EVENT_STOP {
+        return Err(super::DumpError::Kernel {
+            pid: pid.as_raw(),
+            step: step(),
+            source: kext_shim::Error::Unexpected {
+                pid: tid.as_raw(),
+                what: format!("stopped with signal {sig} (event {event}) instead"),
+            },
+        });
+    }
+    Ok(())
 }
 
 fn ask_with(frozen: &Frozen, ip: u64, handled: u64, timers: &[i32]) -> Result<Answers> {
