@@ -14,7 +14,12 @@ fn echo_service(g: &mut Guard, args: &[&str]) -> (Proc, TcpStream) {
     let mut p = Proc::start_until(g, &workload_bin("tcpecho"), args, None, None);
     let line = p.lines.expect_prefix("PORT");
     let port: u16 = line[5..].trim().parse().expect("a port number");
-    let c = TcpStream::connect(("127.0.0.1", port)).expect("connecting to the service");
+    let host = if args.get(1) == Some(&"6") {
+        "::1"
+    } else {
+        "127.0.0.1"
+    };
+    let c = TcpStream::connect((host, port)).expect("connecting to the service");
     p.lines.expect_prefix("READY");
     (p, c)
 }
@@ -98,9 +103,18 @@ impl Client {
 
 #[test]
 fn an_echo_client_outside_the_tree_keeps_talking_across_checkpoint_and_restore() {
+    echo_across_the_move(&["0"]);
+}
+
+#[test]
+fn the_same_over_ipv6() {
+    echo_across_the_move(&["0", "6"]);
+}
+
+fn echo_across_the_move(args: &[&str]) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let mut g = Guard::new();
-    let (p, c) = echo_service(&mut g, &[]);
+    let (p, c) = echo_service(&mut g, args);
     let client = Client::start(c);
     let client = client.wait_trips(100);
     // The client sends throughout: its packets are dropped until the restore.

@@ -1,7 +1,8 @@
 /*
- * tcpecho [BYTES]: a TCP echo service for one client.
+ * tcpecho [BYTES [6]]: a TCP echo service for one client.
  *
- * It listens on 127.0.0.1 (an ephemeral port), prints `PORT <n>`, accepts one
+ * It listens on 127.0.0.1, or ::1 with `6` (an ephemeral port), prints `PORT <n>`,
+ * accepts one
  * connection, and with BYTES first writes that many bytes of a pattern (byte i is
  * i % 251) to the client without waiting for it to read them, so that they sit in its
  * send queue (part of them never sent while the client's window is full). It prints
@@ -19,13 +20,15 @@
 int main(int argc, char **argv)
 {
     long bytes = argc > 1 ? atol(argv[1]) : 0;
-    int l = socket(AF_INET, SOCK_STREAM, 0);
+    int v6 = argc > 2 && strcmp(argv[2], "6") == 0;
+    int l = socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM, 0);
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t len = sizeof a;
-    if (l < 0 || bind(l, (struct sockaddr *)&a, sizeof a) < 0 || listen(l, 4) < 0 ||
-        getsockname(l, (struct sockaddr *)&a, &len) < 0)
+    struct sockaddr_in6 a6 = {.sin6_family = AF_INET6, .sin6_addr = IN6ADDR_LOOPBACK_INIT};
+    struct sockaddr *sa = v6 ? (struct sockaddr *)&a6 : (struct sockaddr *)&a;
+    socklen_t len = v6 ? sizeof a6 : sizeof a;
+    if (l < 0 || bind(l, sa, len) < 0 || listen(l, 4) < 0 || getsockname(l, sa, &len) < 0)
         FAIL("setup: listen: %s", strerror(errno));
-    say("PORT %d\n", ntohs(a.sin_port));
+    say("PORT %d\n", ntohs(v6 ? a6.sin6_port : a.sin_port));
     int c = accept(l, NULL, NULL);
     if (c < 0)
         FAIL("setup: accept: %s", strerror(errno));
