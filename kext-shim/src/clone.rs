@@ -30,7 +30,12 @@ pub struct StubSpec {
     pub namespaces: u64,
     /// With CLONE_NEWNS: what the stub mounts, in order, before its chroot.
     pub mounts: Vec<MountOp>,
+    /// An fd of ours on a network namespace the stub joins first.
+    pub netns: Option<i32>,
 }
+
+/// The exit code of a stub that could not join its network namespace.
+pub const NETNS_FAILED: i32 = 125;
 
 /// One step of setting up a new mount namespace, done by the stub itself at birth
 /// (before it stops), so that a fresh proc belongs to its pid namespace.
@@ -252,6 +257,7 @@ pub fn spawn_stub(spec: &StubSpec) -> Result<(Pid, StubReport)> {
             parent,
             &mounts,
             std::os::fd::AsRawFd::as_raw_fd(&tell),
+            spec.netns,
         );
     }
     check(r, || {
@@ -265,11 +271,17 @@ fn stub_child(
     parent: libc::c_long,
     mounts: &[RawMountOp],
     tell: libc::c_int,
+    netns: Option<i32>,
 ) -> ! {
     // SAFETY: plain syscalls on values that live in this (copied) address space; the
     // child never returns into Rust code that could observe a half-forked state.
     unsafe {
         let mut code = 0;
+        if let Some(fd) = netns {
+            if libc::syscall(libc::SYS_setns, fd, libc::CLONE_NEWNET) != 0 {
+                libc::syscall(libc::SYS_exit_group, NETNS_FAILED as libc::c_long);
+            }
+        }
         for (i, op) in mounts.iter().enumerate() {
             let e = op.run();
             if e != 0 {
@@ -413,8 +425,21 @@ pub(crate) fn in_namespace_of<T: Send>(
     flag: libc::c_int,
     f: impl FnOnce() -> Result<T> + Send,
 ) -> Result<T> {
-    let path = format!("/proc/{pid}/ns/{kind}");
-    let ns = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+    in_namespace(&format!("/proc/{pid}/ns/{kind}"), flag, f)
+}
+
+/// Runs `f` on a short-lived thread that joined the network namespace at `path` (a
+/// /run/netns/NAME or /proc/PID/ns/net): sockets it makes live there.
+pub fn in_netns<T: Send>(path: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    in_namespace(path, libc::CLONE_NEWNET, f)
+}
+
+fn in_namespace<T: Send>(
+    path: &str,
+    flag: libc::c_int,
+    f: impl FnOnce() -> Result<T> + Send,
+) -> Result<T> {
+    let ns = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     std::thread::scope(|s| {
         s.spawn(|| {
             use std::os::fd::AsRawFd;
@@ -422,15 +447,15 @@ pub(crate) fn in_namespace_of<T: Send>(
             // and the thread ends right after.
             let r = unsafe { libc::setns(ns.as_raw_fd(), flag) };
             check(r as libc::c_long, || {
-                format!("setns into the {kind} namespace of {pid}")
+                format!("setns into the namespace {path}")
             })?;
             f()
         })
         .join()
         .unwrap_or_else(|_| {
             Err(Error::Unexpected {
-                pid: pid.as_raw(),
-                what: format!("{kind} namespace probe panicked"),
+                pid: 0,
+                what: format!("a thread in the namespace {path} panicked"),
             })
         })
     })

@@ -81,6 +81,9 @@ enum Cmd {
         /// Make the image's established TCP connections again.
         #[arg(long)]
         tcp_established: bool,
+        /// Restore into this network namespace (/run/netns/NAME or /proc/PID/ns/net).
+        #[arg(long)]
+        netns: Option<PathBuf>,
         /// Print the report as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -242,6 +245,7 @@ fn main() -> ExitCode {
             pidns,
             mntns,
             tcp_established,
+            netns,
             json,
         } => {
             let mut opts = RestoreOptions::new(dir);
@@ -250,6 +254,7 @@ fn main() -> ExitCode {
             opts.pidns = pidns;
             opts.mntns = mntns;
             opts.tcp_established = tcp_established;
+            opts.netns = netns;
             let r = mcr::restore::restore(&opts);
             // After the restore, not before: the blackout is no place for it.
             remove_stale_tables();

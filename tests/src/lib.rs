@@ -288,13 +288,25 @@ pub fn checkpoint(pid: i32, dir: &Path, extra: &[&str]) {
 /// Restores the image in `dir` as a shell job with fresh pipes and returns the
 /// restored process, already registered with `guard`.
 pub fn restore(guard: &mut Guard, dir: &Path, extra: &[&str]) -> Proc {
+    restore_via(guard, &[], dir, extra)
+}
+
+/// Like [`restore`], with `mcr` run through `prefix` (`nsenter --net=...`, say).
+pub fn restore_via(guard: &mut Guard, prefix: &[&str], dir: &Path, extra: &[&str]) -> Proc {
     become_subreaper();
     let pidfile = dir.with_extension("pid");
     // Not a pipe: the restored process inherits this as its stderr and would hold the
     // pipe open for as long as it lives.
     let errfile = dir.with_extension("stderr");
     let errf = std::fs::File::create(&errfile).expect("creating the restore stderr file");
-    let mut cmd = Command::new(mcr_bin());
+    let mut cmd = match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(mcr_bin());
+            c
+        }
+        None => Command::new(mcr_bin()),
+    };
     cmd.args(["restore", "-D"])
         .arg(dir)
         .args(["--shell-job", "-d", "--pidfile"])

@@ -216,3 +216,182 @@ fn mcr_killed_mid_dump_leaves_the_connection_running_and_no_table_for_good() {
     assert_pass(&p.check());
     assert_eq!(p.wait(), 0);
 }
+
+/// Three network namespaces: the service's (A), the surrogate (B) and the client's
+/// (C), where a bridge joins a veth to each of the others. Deleted when dropped.
+struct Net {
+    names: [String; 3],
+}
+
+fn ip(args: &[&str]) {
+    let st = std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .expect("running ip");
+    assert!(st.success(), "ip {}", args.join(" "));
+}
+
+const SERVICE: &str = "10.77.0.10";
+
+impl Net {
+    fn new() -> Net {
+        let id = std::process::id() % 100_000;
+        let names = [
+            format!("mcra{id}"),
+            format!("mcrb{id}"),
+            format!("mcrc{id}"),
+        ];
+        let [a, b, c] = &names;
+        for n in &names {
+            ip(&["netns", "add", n]);
+        }
+        let net = Net {
+            names: names.clone(),
+        };
+        ip(&["-n", c, "link", "add", "br0", "type", "bridge"]);
+        for (ns, end) in [(a, "a"), (b, "b")] {
+            let (inner, outer) = (format!("v{end}{id}"), format!("w{end}{id}"));
+            ip(&[
+                "link", "add", &inner, "type", "veth", "peer", "name", &outer,
+            ]);
+            ip(&["link", "set", &inner, "netns", ns]);
+            ip(&["link", "set", &outer, "netns", c]);
+            ip(&["-n", c, "link", "set", &outer, "master", "br0", "up"]);
+            ip(&["-n", ns, "link", "set", &inner, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        ip(&["-n", c, "addr", "add", "10.77.0.1/24", "dev", "br0"]);
+        ip(&["-n", c, "link", "set", "br0", "up"]);
+        ip(&[
+            "-n",
+            a,
+            "addr",
+            "add",
+            &format!("{SERVICE}/24"),
+            "dev",
+            &format!("va{id}"),
+        ]);
+        net
+    }
+
+    fn path(&self, i: usize) -> String {
+        format!("/run/netns/{}", self.names[i])
+    }
+
+    /// `nsenter --net=...` for namespace `i`.
+    fn enter(&self, i: usize) -> Vec<String> {
+        vec!["nsenter".into(), format!("--net={}", self.path(i))]
+    }
+
+    /// Moves the service address from A to B, and makes the client ask who has it.
+    fn move_address(&self) {
+        let id = std::process::id() % 100_000;
+        let addr = format!("{SERVICE}/24");
+        ip(&[
+            "-n",
+            &self.names[0],
+            "addr",
+            "del",
+            &addr,
+            "dev",
+            &format!("va{id}"),
+        ]);
+        ip(&[
+            "-n",
+            &self.names[1],
+            "addr",
+            "add",
+            &addr,
+            "dev",
+            &format!("vb{id}"),
+        ]);
+        ip(&["-n", &self.names[2], "neigh", "flush", "dev", "br0"]);
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", n])
+                .status();
+        }
+    }
+}
+
+fn nft_tables_in(net: &Net, i: usize) -> String {
+    let mut cmd = net.enter(i);
+    cmd.extend(["nft", "list", "tables"].map(String::from));
+    let out = std::process::Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .output()
+        .expect("nft");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_service_moves_to_another_network_namespace_and_its_client_keeps_talking() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let net = Net::new();
+    let mut g = Guard::new();
+    let mut cmd = std::process::Command::new("nsenter");
+    cmd.arg(format!("--net={}", net.path(0)))
+        .arg(workload_bin("tcpecho"))
+        .args(["0", SERVICE]);
+    let mut p = Proc::spawn(&mut g, cmd, None);
+    let port: u16 = p.lines.expect_prefix("PORT")[5..]
+        .trim()
+        .parse()
+        .expect("port");
+    // The client lives in C: its socket is made by a thread that joined C.
+    let c_ns = std::fs::File::open(net.path(2)).expect("netns C");
+    let c = std::thread::spawn(move || {
+        nix::sched::setns(c_ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns C");
+        TcpStream::connect((SERVICE, port)).expect("connecting from C")
+    })
+    .join()
+    .expect("client thread");
+    p.lines.expect_prefix("READY");
+    let client = Client::start(c).wait_trips(100);
+
+    // Checkpoint in A (where the tree lives), restore into B, the address moved.
+    let pid = p.pid.to_string();
+    let img = tmp.path().join("img");
+    let enter_a = net.enter(0);
+    let out = std::process::Command::new(&enter_a[0])
+        .args(&enter_a[1..])
+        .arg(mcr_bin())
+        .args(["checkpoint", "-t", &pid, "-D", img.to_str().expect("utf-8")])
+        .args(["--shell-job", "--tcp-established"])
+        .output()
+        .expect("mcr checkpoint");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(p.wait(), 128 + libc::SIGKILL);
+    net.move_address();
+    let prefix: Vec<&str> = enter_a.iter().map(String::as_str).collect();
+    let b = net.path(1);
+    let mut r = restore_via(&mut g, &prefix, &img, &["--tcp-established", "--netns", &b]);
+    // /run/netns/B is a bind mount of the namespace's inode.
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&b).expect("B"));
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{}/ns/net", r.pid)).expect("its netns"),
+        std::path::PathBuf::from(format!("net:[{ino}]")),
+        "the restored service is not in B"
+    );
+    let client = client.wait_trips(100);
+    let (worst, _conn) = client.finish();
+    eprintln!("longest wait for an echo across the move between namespaces: {worst:?}");
+    assert_pass(&r.check());
+    assert_eq!(r.wait(), 0);
+    for i in 0..2 {
+        let t = nft_tables_in(&net, i);
+        assert!(
+            !t.contains("mcr_"),
+            "namespace {i} keeps tables of ours: {t}"
+        );
+    }
+}

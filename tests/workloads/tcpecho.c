@@ -1,7 +1,8 @@
 /*
- * tcpecho [BYTES [6]]: a TCP echo service for one client.
+ * tcpecho [BYTES [6|ADDR]]: a TCP echo service for one client.
  *
- * It listens on 127.0.0.1, or ::1 with `6` (an ephemeral port), prints `PORT <n>`,
+ * It listens on 127.0.0.1, ::1 with `6`, or IPv4 ADDR (an ephemeral port), prints
+ * `PORT <n>`,
  * accepts one
  * connection, and with BYTES first writes that many bytes of a pattern (byte i is
  * i % 251) to the client without waiting for it to read them, so that they sit in its
@@ -21,9 +22,13 @@ int main(int argc, char **argv)
 {
     long bytes = argc > 1 ? atol(argv[1]) : 0;
     int v6 = argc > 2 && strcmp(argv[2], "6") == 0;
+    /* Or an IPv4 address to listen on. */
+    const char *addr4 = argc > 2 && !v6 ? argv[2] : NULL;
     int l = socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM, 0);
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     struct sockaddr_in6 a6 = {.sin6_family = AF_INET6, .sin6_addr = IN6ADDR_LOOPBACK_INIT};
+    if (addr4 && inet_pton(AF_INET, addr4, &a.sin_addr) != 1)
+        FAIL("setup: bad address %s", addr4);
     struct sockaddr *sa = v6 ? (struct sockaddr *)&a6 : (struct sockaddr *)&a;
     socklen_t len = v6 ? sizeof a6 : sizeof a;
     if (l < 0 || bind(l, sa, len) < 0 || listen(l, 4) < 0 || getsockname(l, sa, &len) < 0)

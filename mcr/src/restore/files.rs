@@ -148,11 +148,13 @@ impl Ctx<'_> {
 
 /// Opens every file the processes need, checking identities. With `shell_job`, fds
 /// that were outside the image are bound to the given stand-ins for 0, 1, 2.
+/// With `netns`, sockets are made in that network namespace.
 pub fn open_all(
     snap: &Snapshot,
     placement: &Placement,
     root: &Path,
     shell_job: Option<[i32; 3]>,
+    netns: Option<&Path>,
 ) -> Result<FilePlan> {
     let (procs, pipes, ptys) = (&snap.processes, &snap.pipes, &snap.ptys);
     let mut plan = FilePlan {
@@ -195,7 +197,26 @@ pub fn open_all(
         let s = t.session.map(|_| plan.keep(slave));
         plan.ptys.insert(t.index, (m, s));
     }
-    for (ino, sock) in super::sockets::make(procs, &snap.unix, &snap.inet, root)? {
+    let make = || super::sockets::make(procs, &snap.unix, &snap.inet, root);
+    let sockets = match netns {
+        None => make()?,
+        Some(ns) => {
+            let mut out = None;
+            let pid = procs.first().map_or(0, |p| p.pid);
+            kext_shim::clone::in_netns(&ns.display().to_string(), || {
+                out = Some(make());
+                Ok(())
+            })
+            .map_err(|e| RestoreError::File {
+                pid,
+                what: "network namespace".into(),
+                path: ns.display().to_string(),
+                why: e.to_string(),
+            })?;
+            out.expect("ran")?
+        }
+    };
+    for (ino, sock) in sockets {
         let n = plan.keep(sock);
         plan.sockets.insert(ino, n);
     }

@@ -42,6 +42,9 @@ pub struct RestoreOptions {
     pub mntns: bool,
     /// Make the image's established TCP connections again (TCP_REPAIR).
     pub tcp_established: bool,
+    /// Restore into this network namespace (`/run/netns/NAME`, `/proc/PID/ns/net`):
+    /// the processes live there and their sockets are made there.
+    pub netns: Option<PathBuf>,
 }
 
 impl RestoreOptions {
@@ -55,6 +58,7 @@ impl RestoreOptions {
             pidns: false,
             mntns: false,
             tcp_established: false,
+            netns: None,
         }
     }
 }
@@ -190,7 +194,21 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         &placement,
         &root,
         opts.shell_job.then_some(opts.stdio),
+        opts.netns.as_deref(),
     )?;
+    // Held open until the first stub joined it: the stubs inherit our fds.
+    let netns = opts
+        .netns
+        .as_ref()
+        .map(|p| {
+            std::fs::File::open(p).map_err(|e| RestoreError::File {
+                pid: p0.pid,
+                what: "network namespace".into(),
+                path: p.display().to_string(),
+                why: e.to_string(),
+            })
+        })
+        .transpose()?;
     steps.push(("open files", t.elapsed()));
     let numbers = plan.numbers();
     memory::check_vdso_layout(p0)?;
@@ -236,7 +254,14 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     };
     // In a new pid namespace the first process is its pid 1: the root itself when it
     // was an init, otherwise an init of ours that forks the root with its pid.
-    let first = stub::Stub::spawn(if new_pidns { 0 } else { p0.pid }, chroot, flags, mounts)?;
+    let first = stub::Stub::spawn(
+        if new_pidns { 0 } else { p0.pid },
+        chroot,
+        flags,
+        mounts,
+        netns.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
+    )?;
+    drop(netns);
     let sysv = shared::make_sysv(&image, first.pid)?;
     let mut inj = stub::fresh_injector(first.pid)?;
     if let Some((host, domain)) = &ns.uts {

@@ -2,7 +2,7 @@
 //! [`Stub::release`], it is killed and reaped: a failed restore leaves nothing behind.
 
 use super::{RestoreError, Result, StepContext};
-use kext_shim::clone::{spawn_stub, MountOp, StubSpec, MOUNT_FAILED};
+use kext_shim::clone::{spawn_stub, MountOp, StubSpec, MOUNT_FAILED, NETNS_FAILED};
 use kext_shim::inject::{find_syscall_insn, Injector};
 use kext_shim::mem::{read_remote, ProcMem};
 use kext_shim::{procfs, ptrace, Errno, Pid};
@@ -20,12 +20,14 @@ impl Stub {
         chroot: Option<String>,
         namespaces: u64,
         mounts: Vec<MountOp>,
+        netns: Option<i32>,
     ) -> Result<Stub> {
         let spec = StubSpec {
             pid,
             chroot: chroot.clone(),
             namespaces,
             mounts,
+            netns,
         };
         let (child, report) = spawn_stub(&spec).map_err(|e| match e.errno() {
             Some(Errno::EEXIST) => RestoreError::PidTaken {
@@ -61,6 +63,10 @@ impl Stub {
                 what: "root".into(),
                 path: chroot.unwrap_or_default(),
                 why: "cannot chroot there".into(),
+            }),
+            ptrace::Stop::Exited(NETNS_FAILED) => Err(RestoreError::Incompatible {
+                pid,
+                what: "cannot join the network namespace given with --netns".into(),
             }),
             ptrace::Stop::Exited(MOUNT_FAILED) => {
                 let (i, errno) = report
