@@ -227,8 +227,9 @@ fn send_all(sock: &OwnedFd, mut data: &[u8], what: &str) -> Result<()> {
 /// Makes the connection `st` again on a new socket, without a packet on the wire: in
 /// repair mode the sequence numbers and queues are set, bind and connect only set the
 /// addresses, and the options negotiated at the handshake are given back. `before`
-/// runs on the socket first (the program's socket options). The bytes never sent are
-/// queued after repair mode is off, to go out as usual.
+/// runs on the socket first (the program's socket options, but SO_REUSEADDR, which
+/// repair mode overrides: set it on the result). The bytes never sent are queued
+/// after repair mode is off, to go out as usual.
 pub fn restore(st: &TcpState, before: impl FnOnce(&OwnedFd) -> Result<()>) -> Result<OwnedFd> {
     let family = match st.local {
         SocketAddr::V4(_) => libc::AF_INET,
@@ -236,8 +237,10 @@ pub fn restore(st: &TcpState, before: impl FnOnce(&OwnedFd) -> Result<()>) -> Re
     };
     let sock = crate::inet::socket(family, libc::IPPROTO_TCP)?;
     let tcp = libc::IPPROTO_TCP;
-    set_repair(&sock, true)?;
+    // Before repair mode: entering it forces address reuse (the listener may hold the
+    // port), which SO_REUSEADDR would undo; leaving it clears reuse again.
     before(&sock)?;
+    set_repair(&sock, true)?;
     let sol = libc::SOL_SOCKET;
     set_int(
         &sock,

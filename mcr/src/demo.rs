@@ -21,6 +21,56 @@ fn word(page: usize, gen: u32, i: usize) -> u64 {
 /// The sample workload: rewrites pages of `mib` MiB in a pseudo-random order, checks
 /// stdin between batches, and on `CHECK` verifies every page and reports the longest
 /// pause it saw between two batches (its blackout), on the wall clock.
+/// A TCP echo service for benchmarks: listens on 127.0.0.1, prints `PORT <n>`, accepts
+/// `conns` connections and echoes on all of them until killed.
+pub fn echo_service(conns: usize) -> ExitCode {
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+    let run = || -> std::io::Result<()> {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        println!("PORT {}", l.local_addr()?.port());
+        std::io::stdout().flush()?;
+        let mut socks = Vec::with_capacity(conns);
+        for _ in 0..conns {
+            let (s, _) = l.accept()?;
+            s.set_nodelay(true)?;
+            socks.push(s);
+        }
+        let mut buf = [0u8; 4096];
+        loop {
+            let mut fds: Vec<nix::poll::PollFd> = socks
+                .iter()
+                .map(|s| nix::poll::PollFd::new(s.as_fd(), nix::poll::PollFlags::POLLIN))
+                .collect();
+            match nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let ready: Vec<usize> = fds
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| f.revents().is_some_and(|r| !r.is_empty()))
+                .map(|(i, _)| i)
+                .collect();
+            drop(fds);
+            for i in ready {
+                let n = socks[i].read(&mut buf)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                socks[i].write_all(&buf[..n])?;
+            }
+        }
+    };
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("echo service: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 pub fn workload(mib: usize, procs: usize, threads: usize, child: bool) -> ExitCode {
     // The rest of the tree: children that only keep writing (for benchmarks of trees).
     let mut kids = Vec::new();

@@ -121,6 +121,9 @@ enum Cmd {
         /// Run as one of the children: no protocol, just keep writing.
         #[arg(long)]
         child: bool,
+        /// Be a TCP echo service for this many connections instead (prints its port).
+        #[arg(long)]
+        echo_conns: Option<usize>,
     },
 }
 
@@ -331,6 +334,10 @@ fn main() -> ExitCode {
             procs,
             threads,
             child,
-        } => demo::workload(mib, procs, threads, child),
+            echo_conns,
+        } => match echo_conns {
+            Some(n) => demo::echo_service(n),
+            None => demo::workload(mib, procs, threads, child),
+        },
     }
 }

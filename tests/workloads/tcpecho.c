@@ -27,6 +27,10 @@ int main(int argc, char **argv)
     int l = socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM, 0);
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     struct sockaddr_in6 a6 = {.sin6_family = AF_INET6, .sin6_addr = IN6ADDR_LOOPBACK_INIT};
+    /* As most services do: the connections it accepts have it too, and must get it
+     * back without it undoing the forced reuse their restore binds with. */
+    int one = 1;
+    setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     if (addr4 && inet_pton(AF_INET, addr4, &a.sin_addr) != 1)
         FAIL("setup: bad address %s", addr4);
     struct sockaddr *sa = v6 ? (struct sockaddr *)&a6 : (struct sockaddr *)&a;

@@ -164,19 +164,25 @@ fn make_inet(pid: i32, s: &InetSocketImage) -> Result<OwnedFd> {
         why,
     };
     let k = |e: kext_shim::Error| err(e.to_string());
+    let reuse = (libc::SOL_SOCKET, libc::SO_REUSEADDR);
     if let Some(conn) = &s.tcp {
-        // The program's options first, then the connection, in repair mode.
+        // The program's options first, then the connection, in repair mode, then
+        // SO_REUSEADDR, which repair mode overrode.
         let sock = kext_shim::tcp::restore(&conn.into(), |sock| {
             for (level, name, value) in &s.options {
-                inet::set_option(sock, *level, *name, value)?;
+                if (*level, *name) != reuse {
+                    inet::set_option(sock, *level, *name, value)?;
+                }
             }
             Ok(())
         })
         .map_err(|e| err(format!("{} -> {}: {e}", conn.local, conn.peer)))?;
+        if let Some((_, _, v)) = s.options.iter().find(|(l, n, _)| (*l, *n) == reuse) {
+            inet::set_option(&sock, reuse.0, reuse.1, v).map_err(k)?;
+        }
         return Ok(sock);
     }
     let sock = inet::socket(s.family, s.protocol).map_err(k)?;
-    let reuse = (libc::SOL_SOCKET, libc::SO_REUSEADDR);
     for (level, name, value) in &s.options {
         if (*level, *name) != reuse {
             inet::set_option(&sock, *level, *name, value).map_err(k)?;
