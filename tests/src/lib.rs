@@ -403,3 +403,26 @@ pub fn round_trip(
 pub fn assert_pass(verdict: &str) {
     assert!(verdict.starts_with("PASS"), "workload verdict: {verdict}");
 }
+
+/// Asserts that checkpointing `p` (as a shell job) is refused as unsupported (exit 5)
+/// with a message naming its pid and containing every one of `needles`, and that the
+/// workload then runs on and passes its own check.
+pub fn assert_refused(mut p: Proc, needles: &[&str]) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("img");
+    let pid = p.pid.to_string();
+    let out = mcr(&[
+        "checkpoint",
+        "-t",
+        &pid,
+        "-D",
+        img.to_str().expect("utf-8"),
+        "--shell-job",
+    ]);
+    let mut all = vec![format!("pid {pid}")];
+    all.extend(needles.iter().map(|n| n.to_string()));
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    assert_fails(&out, 5, &all);
+    assert_pass(&p.check());
+    assert_eq!(p.wait(), 0, "the workload's exit status after its check");
+}

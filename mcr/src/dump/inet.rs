@@ -7,7 +7,6 @@ use super::{DumpError, Result, StepContext};
 use crate::model::{FdKind, InetSocketImage, ProcessImage};
 use kext_shim::inet::{self, InetSocket, TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN};
 use kext_shim::Pid;
-use std::collections::BTreeMap;
 
 fn describe(s: &InetSocket) -> String {
     let proto = if s.protocol == libc::IPPROTO_TCP {
@@ -26,14 +25,7 @@ pub fn resolve(
     tcp_established: bool,
 ) -> Result<(Vec<InetSocketImage>, TcpCapture)> {
     let mut capture = TcpCapture::default();
-    let mut holders: BTreeMap<u64, (i32, i32)> = BTreeMap::new();
-    for p in procs.iter() {
-        for e in &p.fds {
-            if let FdKind::UnixSocket { ino } = e.kind {
-                holders.entry(ino).or_insert((p.pid, e.fd));
-            }
-        }
-    }
+    let holders = super::sockets::socket_holders(procs);
     if holders.is_empty() {
         return Ok((Vec::new(), capture));
     }

@@ -10,6 +10,20 @@ use std::collections::BTreeMap;
 
 const LISTENING: u8 = 10;
 
+/// Each socket not decided yet (still an [`FdKind::UnixSocket`]), with one (pid, fd)
+/// holding it.
+pub(super) fn socket_holders(procs: &[ProcessImage]) -> BTreeMap<u64, (i32, i32)> {
+    let mut holders = BTreeMap::new();
+    for p in procs {
+        for e in &p.fds {
+            if let FdKind::UnixSocket { ino } = e.kind {
+                holders.entry(ino).or_insert((p.pid, e.fd));
+            }
+        }
+    }
+    holders
+}
+
 fn name_of(s: &UnixSocket) -> String {
     s.name
         .as_deref()
@@ -27,14 +41,7 @@ fn name_of(s: &UnixSocket) -> String {
 ///
 /// Anything else is a shell job's stdio, or refused by name.
 pub fn resolve(procs: &mut [ProcessImage], shell_job: bool) -> Result<Vec<UnixSocketImage>> {
-    let mut holders: BTreeMap<u64, (i32, i32)> = BTreeMap::new();
-    for p in procs.iter() {
-        for e in &p.fds {
-            if let FdKind::UnixSocket { ino } = e.kind {
-                holders.entry(ino).or_insert((p.pid, e.fd));
-            }
-        }
-    }
+    let holders = socket_holders(procs);
     if holders.is_empty() {
         return Ok(Vec::new());
     }
