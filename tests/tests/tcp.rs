@@ -395,3 +395,27 @@ fn a_service_moves_to_another_network_namespace_and_its_client_keeps_talking() {
         );
     }
 }
+
+#[test]
+fn a_restore_without_the_flag_is_refused_and_keeps_the_connection_blocked_for_a_retry() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let (p, c) = echo_service(&mut g, &["0"]);
+    let client = Client::start(c).wait_trips(10);
+    let img = tmp.path().join("img");
+    checkpoint(p.pid, &img, &["--tcp-established"]);
+    let mut p = p;
+    p.wait();
+    let out = mcr(&[
+        "restore",
+        "-D",
+        img.to_str().expect("utf-8"),
+        "--shell-job",
+        "-d",
+    ]);
+    assert_fails(&out, 5, &["restore with --tcp-established"]);
+    let mut r = restore(&mut g, &img, &["--tcp-established"]);
+    let (_, _conn) = client.wait_trips(10).finish();
+    assert_pass(&r.check());
+    assert_eq!(r.wait(), 0);
+}

@@ -137,10 +137,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let image = Image::open(&opts.dir)?;
     steps.push(("read and check image", t0.elapsed()));
     let snap = &image.snapshot;
-    // The image's connections stay blocked on the wire until the tree runs, and not a
-    // moment longer, whatever happens (a failed restore cannot take them any more).
-    let _unlock = NetUnlock(snap.inventory.net_lock.clone());
-    let procs = &snap.processes;
+    // Asked before anything else: a forgotten flag must not cost the connections.
     if let Some(c) = snap.inet.iter().find_map(|s| s.tcp.as_ref()) {
         if !opts.tcp_established {
             return Err(RestoreError::Incompatible {
@@ -152,6 +149,10 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
             });
         }
     }
+    // The image's connections stay blocked on the wire until the tree runs, and not a
+    // moment longer, whatever happens (a failed restore cannot take them any more).
+    let _unlock = NetUnlock(snap.inventory.net_lock.clone());
+    let procs = &snap.processes;
     let Some(p0) = procs.first() else {
         return Err(RestoreError::Incompatible {
             pid: snap.inventory.root_pid,
