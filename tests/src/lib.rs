@@ -426,3 +426,15 @@ pub fn assert_refused(mut p: Proc, needles: &[&str]) {
     assert_pass(&p.check());
     assert_eq!(p.wait(), 0, "the workload's exit status after its check");
 }
+
+/// The parent of `pid`, from /proc/PID/stat.
+pub fn parent_of(pid: i32) -> i32 {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after = &st[st.rfind(')').expect("comm") + 2..];
+    after
+        .split(' ')
+        .nth(1)
+        .expect("ppid")
+        .parse()
+        .expect("ppid")
+}

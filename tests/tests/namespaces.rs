@@ -5,13 +5,32 @@ use mcr_tests::*;
 
 /// The pids of `pid` in each pid namespace it is in, outermost first (`NSpid:`).
 fn ns_pids(pid: i32) -> Vec<i32> {
-    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    st.lines()
-        .find_map(|l| l.strip_prefix("NSpid:"))
-        .expect("NSpid line")
-        .split_whitespace()
-        .map(|n| n.parse().expect("pid"))
-        .collect()
+    let v = ns_pids_or_empty(pid);
+    assert!(!v.is_empty(), "no NSpid for {pid}");
+    v
+}
+
+/// The `tree` workload (leading its own session) started in `tmp` and checkpointed
+/// there with --leave-running: it, its pids, and the image.
+fn tree_dumped_running(
+    g: &mut Guard,
+    tmp: &std::path::Path,
+) -> (Proc, Vec<i32>, std::path::PathBuf) {
+    let data = tmp.join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    let p = Proc::start(
+        g,
+        &workload_bin("tree"),
+        &[data.to_str().expect("utf-8"), "own-session"],
+        None,
+    );
+    let tree = tree_pids(p.pid);
+    for &t in &tree[1..] {
+        g.add(t);
+    }
+    let img = tmp.join("img");
+    checkpoint(p.pid, &img, &["--leave-running"]);
+    (p, tree, img)
 }
 
 /// Like [`ns_pids`], for a process that may be gone.
@@ -28,35 +47,11 @@ fn ns_pids_or_empty(pid: i32) -> Vec<i32> {
         .unwrap_or_default()
 }
 
-fn parent_of(pid: i32) -> i32 {
-    let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let after = &st[st.rfind(')').expect("comm") + 2..];
-    after
-        .split(' ')
-        .nth(1)
-        .expect("ppid")
-        .parse()
-        .expect("ppid")
-}
-
 #[test]
 fn a_tree_restored_into_a_new_pid_namespace_runs_beside_the_original() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let data = tmp.path().join("data");
-    std::fs::create_dir(&data).expect("mkdir");
     let mut g = Guard::new();
-    let mut p = Proc::start(
-        &mut g,
-        &workload_bin("tree"),
-        &[data.to_str().expect("utf-8"), "own-session"],
-        None,
-    );
-    let tree = tree_pids(p.pid);
-    for &t in &tree[1..] {
-        g.add(t);
-    }
-    let img = tmp.path().join("img");
-    checkpoint(p.pid, &img, &["--leave-running"]);
+    let (mut p, tree, img) = tree_dumped_running(&mut g, tmp.path());
     // Every pid of the image is still taken here: only a new namespace frees them.
     let mut r = restore(&mut g, &img, &["--pidns"]);
     let init = parent_of(r.pid);
@@ -344,21 +339,8 @@ fn remove_host_objects() {
 #[test]
 fn a_restore_into_a_new_pid_namespace_failing_late_leaves_nothing() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let data = tmp.path().join("data");
-    std::fs::create_dir(&data).expect("mkdir");
     let mut g = Guard::new();
-    let p = Proc::start(
-        &mut g,
-        &workload_bin("tree"),
-        &[data.to_str().expect("utf-8"), "own-session"],
-        None,
-    );
-    let tree = tree_pids(p.pid);
-    for &t in &tree[1..] {
-        g.add(t);
-    }
-    let img = tmp.path().join("img");
-    checkpoint(p.pid, &img, &["--leave-running"]);
+    let (p, _, img) = tree_dumped_running(&mut g, tmp.path());
     // Fails after the whole namespace (init and tree) exists: all of it must go.
     let out = std::process::Command::new(mcr_bin())
         .args([

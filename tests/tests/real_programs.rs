@@ -214,17 +214,6 @@ fn restore_into_a_new_mount_namespace_rooted_at_the_copy() {
     assert_eq!(wait_pid(init), 0, "the init ends as the root did");
 }
 
-fn parent_of(pid: i32) -> i32 {
-    let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let after = &st[st.rfind(')').expect("comm") + 2..];
-    after
-        .split(' ')
-        .nth(1)
-        .expect("ppid")
-        .parse()
-        .expect("ppid")
-}
-
 /// The `files` workload, checkpointed, the files it needs copied under a new root in
 /// `tmp`, and restored there with `extra` options. Returns it and the canonical root.
 fn files_restored_under_root(g: &mut Guard, tmp: &Path, extra: &[&str]) -> (Proc, PathBuf) {

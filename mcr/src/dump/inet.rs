@@ -23,6 +23,7 @@ pub fn resolve(
     procs: &mut [ProcessImage],
     shell_job: bool,
     tcp_established: bool,
+    unix: &std::collections::BTreeMap<u64, kext_shim::unix::UnixSocket>,
 ) -> Result<(Vec<InetSocketImage>, TcpCapture)> {
     let mut capture = TcpCapture::default();
     let holders = super::sockets::socket_holders(procs);
@@ -38,8 +39,10 @@ pub fn resolve(
         let unlisted;
         let s = match all.get(&ino) {
             Some(s) => s,
+            // Unix sockets are left for their own pass.
+            None if unix.contains_key(&ino) => continue,
             None => {
-                // Never bound: in no table. Unix sockets are left for their own pass.
+                // Never bound: in no table; its family tells.
                 let at = Pid::from_raw(pid);
                 let (family, protocol) = inet::domain_of(at, fd)
                     .step(at, || format!("reading the family of fd {fd}"))?;

@@ -176,10 +176,16 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
         }
         let pipes = fds::resolve_pipes(&mut processes, opts.shell_job)?;
         let mut inet;
-        (inet, tcp) = inet::resolve(&mut processes, opts.shell_job, opts.tcp_established)?;
+        let unix_table = sockets::unix_table(&processes)?;
+        (inet, tcp) = inet::resolve(
+            &mut processes,
+            opts.shell_job,
+            opts.tcp_established,
+            &unix_table,
+        )?;
         tcp.lock(pid)?;
         crate::fault::stall(crate::fault::DUMP_STALL_AFTER_LOCK);
-        let unix = sockets::resolve(&mut processes, opts.shell_job)?;
+        let unix = sockets::resolve(&mut processes, opts.shell_job, &unix_table)?;
         let mut ptys = pty::resolve(&mut processes, opts.shell_job)?;
         fds::number_file_descriptions(&mut processes)?;
         let mut zombies = tree.zombies.clone();

@@ -10,6 +10,16 @@ use std::collections::BTreeMap;
 
 const LISTENING: u8 = 10;
 
+/// sock_diag's table of unix sockets, read once per dump (and not at all for a tree
+/// without sockets): the inet pass uses it to leave unix sockets alone.
+pub fn unix_table(procs: &[ProcessImage]) -> Result<BTreeMap<u64, UnixSocket>> {
+    if socket_holders(procs).is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let root = Pid::from_raw(procs.first().map_or(0, |p| p.pid));
+    kext_shim::unix::unix_sockets().step(root, || "listing unix sockets (sock_diag)".into())
+}
+
 /// Each socket not decided yet (still an [`FdKind::UnixSocket`]), with one (pid, fd)
 /// holding it.
 pub(super) fn socket_holders(procs: &[ProcessImage]) -> BTreeMap<u64, (i32, i32)> {
@@ -40,15 +50,16 @@ fn name_of(s: &UnixSocket) -> String {
 /// - an unconnected one is made and bound as it was.
 ///
 /// Anything else is a shell job's stdio, or refused by name.
-pub fn resolve(procs: &mut [ProcessImage], shell_job: bool) -> Result<Vec<UnixSocketImage>> {
+/// `all` is sock_diag's table of unix sockets (see [`unix_table`]).
+pub fn resolve(
+    procs: &mut [ProcessImage],
+    shell_job: bool,
+    all: &BTreeMap<u64, UnixSocket>,
+) -> Result<Vec<UnixSocketImage>> {
     let holders = socket_holders(procs);
     if holders.is_empty() {
         return Ok(Vec::new());
     }
-    let root = procs.first().map(|p| p.pid).unwrap_or(0);
-    let all = kext_shim::unix::unix_sockets().step(Pid::from_raw(root), || {
-        "listing unix sockets (sock_diag)".into()
-    })?;
     let listeners: BTreeMap<u64, &UnixSocket> = holders
         .keys()
         .filter_map(|i| all.get(i))
