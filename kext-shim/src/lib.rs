@@ -12,6 +12,8 @@ pub mod filemap;
 pub mod inet;
 pub mod inject;
 pub mod mem;
+pub mod netlink;
+pub mod nfqueue;
 pub mod nft;
 pub mod pidfd;
 pub mod pipe;

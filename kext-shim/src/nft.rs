@@ -1,112 +1,440 @@
 //! Holding TCP connections still on the wire while they move: nftables rules in a table
-//! of our own drop each connection's packets both ways, so that the peer retransmits
-//! into the gap instead of drawing a reset from a socket that is not there yet.
+//! of our own stop each connection's packets both ways, so that the peer never draws a
+//! reset from a socket that is not there yet. What the peer sends is held in a packet
+//! queue ([`crate::nfqueue`]) when there is one, to be delivered the moment the
+//! connection is made again, and dropped otherwise (the peer then retransmits).
 //!
-//! Tables are named `mcr_dump_<pid>` while the mcr process `pid` dumps, and
-//! `mcr_image_<n>` once handed to an image for its restore to remove. A dump table
-//! whose mcr is gone was left by a crash: [`remove_stale`] removes it.
+//! The rules are written over netlink, in one batch per change, so a lock costs no
+//! process and no parse. A table is named `mcr_*`; while an mcr process dumps, it also
+//! holds an empty chain `dump_<pid>` naming that process. A table whose dumping mcr is
+//! gone was left by a crash: [`remove_stale`] removes it. Without that chain the table
+//! belongs to an image, and only its restore (or the operator) removes it.
 
-use crate::{Error, Result};
-use std::io::Write;
+use crate::netlink::{self, Attrs};
+use crate::{Errno, Result};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
 
-const PREFIX_DUMP: &str = "mcr_dump_";
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFNL_MSG_BATCH_BEGIN: u16 = 16;
+const NFNL_MSG_BATCH_END: u16 = 17;
+const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_GETTABLE: u16 = 1;
+const NFT_MSG_DELTABLE: u16 = 2;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_GETCHAIN: u16 = 4;
+const NFT_MSG_DELCHAIN: u16 = 5;
+const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_DELRULE: u16 = 8;
+const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_POLICY: u16 = 5;
+const NFTA_CHAIN_TYPE: u16 = 7;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_HOOK_PRIORITY: u16 = 2;
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_EXPR_NAME: u16 = 1;
+const NFTA_EXPR_DATA: u16 = 2;
+const NFTA_META_DREG: u16 = 1;
+const NFTA_META_KEY: u16 = 2;
+const NFT_META_NFPROTO: u32 = 15;
+const NFT_META_L4PROTO: u32 = 16;
+const NFTA_PAYLOAD_DREG: u16 = 1;
+const NFTA_PAYLOAD_BASE: u16 = 2;
+const NFTA_PAYLOAD_OFFSET: u16 = 3;
+const NFTA_PAYLOAD_LEN: u16 = 4;
+const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
+const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
+const NFTA_CMP_SREG: u16 = 1;
+const NFTA_CMP_OP: u16 = 2;
+const NFTA_CMP_DATA: u16 = 3;
+const NFT_CMP_EQ: u32 = 0;
+const NFTA_DATA_VALUE: u16 = 1;
+const NFTA_DATA_VERDICT: u16 = 2;
+const NFTA_VERDICT_CODE: u16 = 1;
+const NFTA_IMMEDIATE_DREG: u16 = 1;
+const NFTA_IMMEDIATE_DATA: u16 = 2;
+const NFTA_QUEUE_NUM: u16 = 1;
+const NFTA_QUEUE_TOTAL: u16 = 2;
+const NFTA_TARGET_NAME: u16 = 1;
+const NFTA_TARGET_REV: u16 = 2;
+const NFTA_TARGET_INFO: u16 = 3;
+const NFT_REG_VERDICT: u32 = 0;
+const NFT_REG_1: u32 = 1;
+const NF_DROP: u32 = 0;
+const NF_ACCEPT: u32 = 1;
+const NF_INET_LOCAL_IN: u32 = 1;
+const NF_INET_LOCAL_OUT: u32 = 3;
+const NFPROTO_INET: u8 = 1;
+/// Ahead of conntrack and of every usual filter.
+const PRIORITY: i32 = -300;
+const DUMP_MARK: &str = "dump_";
 
-/// Runs `nft -f -` with `script`.
-fn nft(script: &str) -> Result<()> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| Error::io("nft (install nftables)", e))?;
-    child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(script.as_bytes())
-        .map_err(|e| Error::io("nft stdin", e))?;
-    let out = child.wait_with_output().map_err(|e| Error::io("nft", e))?;
-    if !out.status.success() {
-        return Err(Error::Unexpected {
-            pid: 0,
-            what: format!(
-                "nft failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        });
+/// What becomes of the peer's packets while the connections are locked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inbound {
+    Drop,
+    /// Held in this packet queue.
+    Queue(u16),
+}
+
+/// How this kernel queues packets from nftables: its own `queue` expression, or the
+/// xtables NFQUEUE target through nft_compat (kernels built without NFT_QUEUE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QueueExpr {
+    Native,
+    Compat,
+}
+
+/// 0 not yet known, 1 native, 2 compat.
+static QUEUE_EXPR: AtomicU8 = AtomicU8::new(0);
+
+fn nft_msg(msg: u16, flags: i32, a: &Attrs) -> Vec<u8> {
+    let f = (libc::NLM_F_REQUEST | libc::NLM_F_ACK | flags) as u16;
+    netlink::message(NFNL_SUBSYS_NFTABLES, msg, f, NFPROTO_INET, 0, a)
+}
+
+/// Sends `msgs` as one transaction: all of them happen, or none.
+fn batch(msgs: &[Vec<u8>], what: &str) -> Result<()> {
+    let sock = netlink::socket()?;
+    let edge = |ty: u16| {
+        let mut m = netlink::message(
+            0,
+            ty,
+            libc::NLM_F_REQUEST as u16,
+            0,
+            NFNL_SUBSYS_NFTABLES,
+            &Attrs::default(),
+        );
+        // Batch delimiters carry their type whole, not as subsystem and message.
+        m[4..6].copy_from_slice(&ty.to_ne_bytes());
+        m
+    };
+    let mut buf = edge(NFNL_MSG_BATCH_BEGIN);
+    for m in msgs {
+        buf.extend_from_slice(m);
     }
-    Ok(())
+    buf.extend_from_slice(&edge(NFNL_MSG_BATCH_END));
+    netlink::send(&sock, &buf, what)?;
+    netlink::wait_acks(&sock, msgs.len(), what)
 }
 
-/// The name of the table the mcr process `pid` locks connections with while it dumps.
-pub fn dump_table(pid: u32) -> String {
-    format!("{PREFIX_DUMP}{pid}")
+fn table_msg(msg: u16, name: &str) -> Vec<u8> {
+    let mut a = Attrs::default();
+    a.str(NFTA_TABLE_NAME, name);
+    nft_msg(msg, libc::NLM_F_CREATE, &a)
 }
 
-/// Creates table `name` dropping every packet of each (local, peer) connection, both
-/// ways, ahead of any other filter.
-pub fn lock(name: &str, conns: &[(SocketAddr, SocketAddr)]) -> Result<()> {
-    let mut s = format!(
-        "table inet {name} {{\n\
-         chain in {{ type filter hook input priority -300; policy accept; }}\n\
-         chain out {{ type filter hook output priority -300; policy accept; }}\n}}\n"
+fn chain_msg(table: &str, chain: &str, hook: Option<u32>) -> Vec<u8> {
+    let mut a = Attrs::default();
+    a.str(NFTA_CHAIN_TABLE, table).str(NFTA_CHAIN_NAME, chain);
+    if let Some(h) = hook {
+        a.nest(NFTA_CHAIN_HOOK, |n| {
+            n.be32(NFTA_HOOK_HOOKNUM, h)
+                .be32(NFTA_HOOK_PRIORITY, PRIORITY as u32);
+        })
+        .be32(NFTA_CHAIN_POLICY, NF_ACCEPT)
+        .str(NFTA_CHAIN_TYPE, "filter");
+    }
+    nft_msg(NFT_MSG_NEWCHAIN, libc::NLM_F_CREATE, &a)
+}
+
+fn expr(list: &mut Attrs, name: &str, data: impl FnOnce(&mut Attrs)) {
+    list.nest(NFTA_LIST_ELEM, |e| {
+        e.str(NFTA_EXPR_NAME, name).nest(NFTA_EXPR_DATA, data);
+    });
+}
+
+fn load_meta(list: &mut Attrs, key: u32) {
+    expr(list, "meta", |d| {
+        d.be32(NFTA_META_DREG, NFT_REG_1).be32(NFTA_META_KEY, key);
+    });
+}
+
+fn load_payload(list: &mut Attrs, base: u32, offset: u32, len: u32) {
+    expr(list, "payload", |d| {
+        d.be32(NFTA_PAYLOAD_DREG, NFT_REG_1)
+            .be32(NFTA_PAYLOAD_BASE, base)
+            .be32(NFTA_PAYLOAD_OFFSET, offset)
+            .be32(NFTA_PAYLOAD_LEN, len);
+    });
+}
+
+fn equals(list: &mut Attrs, value: &[u8]) {
+    expr(list, "cmp", |d| {
+        d.be32(NFTA_CMP_SREG, NFT_REG_1)
+            .be32(NFTA_CMP_OP, NFT_CMP_EQ)
+            .nest(NFTA_CMP_DATA, |v| {
+                v.bytes(NFTA_DATA_VALUE, value);
+            });
+    });
+}
+
+fn ip_bytes(a: &SocketAddr) -> Vec<u8> {
+    match a {
+        SocketAddr::V4(v) => v.ip().octets().to_vec(),
+        SocketAddr::V6(v) => v.ip().octets().to_vec(),
+    }
+}
+
+/// A rule matching TCP from `src` to `dst`, and what it does with the packet.
+fn rule(table: &str, chain: &str, src: &SocketAddr, dst: &SocketAddr, act: Action) -> Vec<u8> {
+    let mut list = Attrs::default();
+    let v4 = src.is_ipv4();
+    load_meta(&mut list, NFT_META_NFPROTO);
+    equals(
+        &mut list,
+        &[if v4 { libc::AF_INET } else { libc::AF_INET6 } as u8],
     );
-    for (l, p) in conns {
-        let ip = if l.is_ipv4() { "ip" } else { "ip6" };
-        let (la, pa) = (l.ip(), p.ip());
-        let (lp, pp) = (l.port(), p.port());
-        s.push_str(&format!(
-            "add rule inet {name} in {ip} saddr {pa} {ip} daddr {la} tcp sport {pp} tcp dport {lp} drop\n\
-             add rule inet {name} out {ip} saddr {la} {ip} daddr {pa} tcp sport {lp} tcp dport {pp} drop\n"
-        ));
+    load_meta(&mut list, NFT_META_L4PROTO);
+    equals(&mut list, &[libc::IPPROTO_TCP as u8]);
+    let (s, d) = (ip_bytes(src), ip_bytes(dst));
+    if v4 {
+        load_payload(&mut list, NFT_PAYLOAD_NETWORK_HEADER, 12, 8);
+        equals(&mut list, &[s, d].concat());
+    } else {
+        load_payload(&mut list, NFT_PAYLOAD_NETWORK_HEADER, 8, 16);
+        equals(&mut list, &s);
+        load_payload(&mut list, NFT_PAYLOAD_NETWORK_HEADER, 24, 16);
+        equals(&mut list, &d);
     }
-    nft(&s)
+    load_payload(&mut list, NFT_PAYLOAD_TRANSPORT_HEADER, 0, 4);
+    let ports = [src.port().to_be_bytes(), dst.port().to_be_bytes()].concat();
+    equals(&mut list, &ports);
+    match act {
+        Action::Drop => expr(&mut list, "immediate", |d| {
+            d.be32(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT)
+                .nest(NFTA_IMMEDIATE_DATA, |v| {
+                    v.nest(NFTA_DATA_VERDICT, |c| {
+                        c.be32(NFTA_VERDICT_CODE, NF_DROP);
+                    });
+                });
+        }),
+        Action::Queue(num, QueueExpr::Native) => expr(&mut list, "queue", |d| {
+            d.bytes(NFTA_QUEUE_NUM, &num.to_be_bytes())
+                .bytes(NFTA_QUEUE_TOTAL, &1u16.to_be_bytes());
+        }),
+        Action::Queue(num, QueueExpr::Compat) => expr(&mut list, "target", |d| {
+            // struct xt_NFQ_info_v3: queuenum, queues_total, flags; padded to 8.
+            let mut info = num.to_ne_bytes().to_vec();
+            info.extend_from_slice(&1u16.to_ne_bytes());
+            info.extend_from_slice(&[0; 4]);
+            d.str(NFTA_TARGET_NAME, "NFQUEUE")
+                .be32(NFTA_TARGET_REV, 3)
+                .bytes(NFTA_TARGET_INFO, &info);
+        }),
+    }
+    let mut a = Attrs::default();
+    a.str(NFTA_RULE_TABLE, table)
+        .str(NFTA_RULE_CHAIN, chain)
+        .bytes(NFTA_RULE_EXPRESSIONS | netlink::NLA_F_NESTED, &list.0);
+    nft_msg(NFT_MSG_NEWRULE, libc::NLM_F_CREATE | libc::NLM_F_APPEND, &a)
+}
+
+#[derive(Clone, Copy)]
+enum Action {
+    Drop,
+    Queue(u16, QueueExpr),
+}
+
+/// The name of a new table for connections locked by this mcr process.
+pub fn table_name(tag: u64) -> String {
+    format!("mcr_{}_{tag}", std::process::id())
+}
+
+/// The marker chain naming the mcr process `pid` that dumps under a table.
+fn dump_mark(pid: u32) -> String {
+    format!("{DUMP_MARK}{pid}")
+}
+
+/// Creates table `name` stopping every packet of each (local, peer) connection, both
+/// ways, ahead of any other filter: what we would send is dropped, what the peer sends
+/// is dropped or queued (`inbound`). `dumper` marks the table as this mcr's while it
+/// dumps, for [`remove_stale`].
+pub fn lock(
+    name: &str,
+    conns: &[(SocketAddr, SocketAddr)],
+    inbound: Inbound,
+    dumper: Option<u32>,
+) -> Result<()> {
+    let with = |q: QueueExpr| {
+        let mut m = vec![
+            table_msg(NFT_MSG_NEWTABLE, name),
+            chain_msg(name, "in", Some(NF_INET_LOCAL_IN)),
+            chain_msg(name, "out", Some(NF_INET_LOCAL_OUT)),
+        ];
+        if let Some(pid) = dumper {
+            m.push(chain_msg(name, &dump_mark(pid), None));
+        }
+        let act = match inbound {
+            Inbound::Drop => Action::Drop,
+            Inbound::Queue(n) => Action::Queue(n, q),
+        };
+        for (l, p) in conns {
+            m.push(rule(name, "in", p, l, act));
+            m.push(rule(name, "out", l, p, Action::Drop));
+        }
+        batch(&m, &format!("nftables: creating table {name}"))
+    };
+    if inbound == Inbound::Drop {
+        return with(QueueExpr::Native);
+    }
+    match QUEUE_EXPR.load(Ordering::Relaxed) {
+        1 => with(QueueExpr::Native),
+        2 => with(QueueExpr::Compat),
+        _ => {
+            // A kernel without the native expression says ENOENT (no such module).
+            let r = match with(QueueExpr::Native) {
+                Err(e) if e.errno() == Some(Errno::ENOENT) => {
+                    with(QueueExpr::Compat).map(|_| QueueExpr::Compat)
+                }
+                r => r.map(|_| QueueExpr::Native),
+            };
+            let q = r?;
+            QUEUE_EXPR.store(
+                if q == QueueExpr::Native { 1 } else { 2 },
+                Ordering::Relaxed,
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The table is no longer a dump's but its image's: it outlives the mcr that made it.
+pub fn disown(name: &str, dumper: u32) -> Result<()> {
+    let mut a = Attrs::default();
+    a.str(NFTA_CHAIN_TABLE, name)
+        .str(NFTA_CHAIN_NAME, &dump_mark(dumper));
+    batch(
+        &[nft_msg(NFT_MSG_DELCHAIN, 0, &a)],
+        &format!("nftables: handing table {name} to its image"),
+    )
+}
+
+/// Lets packets pass again, without unhooking the chains: the kernel drops every
+/// queued packet when a hook goes, and those are the ones we want delivered.
+pub fn open(name: &str) -> Result<()> {
+    let flush = |chain: &str| {
+        let mut a = Attrs::default();
+        a.str(NFTA_RULE_TABLE, name).str(NFTA_RULE_CHAIN, chain);
+        nft_msg(NFT_MSG_DELRULE, 0, &a)
+    };
+    batch(
+        &[flush("in"), flush("out")],
+        &format!("nftables: opening table {name}"),
+    )
 }
 
 /// Removes table `name`; one that is not there is fine.
 pub fn unlock(name: &str) -> Result<()> {
-    if !tables()?.iter().any(|t| t == name) {
-        return Ok(());
+    let mut a = Attrs::default();
+    a.str(NFTA_TABLE_NAME, name);
+    match batch(
+        &[nft_msg(NFT_MSG_DELTABLE, 0, &a)],
+        &format!("nftables: removing table {name}"),
+    ) {
+        Err(e) if e.errno() == Some(Errno::ENOENT) => Ok(()),
+        r => r,
     }
-    nft(&format!("delete table inet {name}\n"))
+}
+
+/// Every (table, chain) of the inet family.
+fn chains() -> Result<Vec<(String, String)>> {
+    let sock = netlink::socket()?;
+    let f = libc::NLM_F_REQUEST | libc::NLM_F_DUMP;
+    let m = netlink::message(
+        NFNL_SUBSYS_NFTABLES,
+        NFT_MSG_GETCHAIN,
+        f as u16,
+        NFPROTO_INET,
+        0,
+        &Attrs::default(),
+    );
+    netlink::send(&sock, &m, "nftables: listing chains")?;
+    let mut out = Vec::new();
+    netlink::dump_answers(&sock, "nftables: listing chains", |body| {
+        let (mut t, mut c) = (None, None);
+        for (ty, v) in netlink::attrs(body.get(4..).unwrap_or_default()) {
+            let s = || String::from_utf8_lossy(v.split(|&b| b == 0).next().unwrap_or_default());
+            match ty {
+                NFTA_CHAIN_TABLE => t = Some(s().into_owned()),
+                NFTA_CHAIN_NAME => c = Some(s().into_owned()),
+                _ => {}
+            }
+        }
+        if let (Some(t), Some(c)) = (t, c) {
+            out.push((t, c));
+        }
+    })?;
+    Ok(out)
 }
 
 /// The inet tables of ours (named `mcr_*`).
 pub fn tables() -> Result<Vec<String>> {
-    let out = Command::new("nft")
-        .args(["list", "tables", "inet"])
-        .output()
-        .map_err(|e| Error::io("nft (install nftables)", e))?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.strip_prefix("table inet "))
-        .filter(|t| t.starts_with("mcr_"))
-        .map(str::to_string)
+    let sock = netlink::socket()?;
+    let f = libc::NLM_F_REQUEST | libc::NLM_F_DUMP;
+    let m = netlink::message(
+        NFNL_SUBSYS_NFTABLES,
+        NFT_MSG_GETTABLE,
+        f as u16,
+        NFPROTO_INET,
+        0,
+        &Attrs::default(),
+    );
+    netlink::send(&sock, &m, "nftables: listing tables")?;
+    let mut out = Vec::new();
+    netlink::dump_answers(&sock, "nftables: listing tables", |body| {
+        for (ty, v) in netlink::attrs(body.get(4..).unwrap_or_default()) {
+            if ty == NFTA_TABLE_NAME {
+                let n = String::from_utf8_lossy(v.split(|&b| b == 0).next().unwrap_or_default());
+                if n.starts_with("mcr_") {
+                    out.push(n.into_owned());
+                }
+            }
+        }
+    })?;
+    Ok(out)
+}
+
+/// The tables of ours that an mcr process is dumping under, with its pid.
+pub fn dumping() -> Result<Vec<(String, u32)>> {
+    Ok(chains()?
+        .into_iter()
+        .filter(|(t, _)| t.starts_with("mcr_"))
+        .filter_map(|(t, c)| Some((t, c.strip_prefix(DUMP_MARK)?.parse().ok()?)))
         .collect())
 }
 
-/// Removes the dump tables whose mcr process is gone (it crashed or was killed while
-/// dumping), so that no connection stays blocked for good. Without nft there is none.
+/// Removes the tables whose dumping mcr is gone (it crashed or was killed while
+/// dumping), so that no connection stays blocked for good.
 pub fn remove_stale() -> Result<Vec<String>> {
-    let Ok(all) = tables() else {
-        return Ok(Vec::new());
-    };
     let mut removed = Vec::new();
-    for t in all {
-        let Some(pid) = t
-            .strip_prefix(PREFIX_DUMP)
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for (t, pid) in dumping()? {
         // A reused pid keeps the table until that process ends too: late, not never.
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            nft(&format!("delete table inet {t}\n"))?;
+            unlock(&t)?;
             removed.push(t);
         }
     }
     Ok(removed)
+}
+
+/// Whether packets can be held here: a queue bound, and a rule queueing to it accepted.
+/// Says which way the rule queues.
+pub fn probe_queue() -> Result<&'static str> {
+    let q = crate::nfqueue::PacketQueue::bind_free(0x7000)?;
+    let name = format!("mcr_probe_{}", std::process::id());
+    let nowhere: SocketAddr = ([127, 0, 0, 1], 9).into();
+    let r = lock(&name, &[(nowhere, nowhere)], Inbound::Queue(q.num()), None);
+    unlock(&name)?;
+    r?;
+    Ok(match QUEUE_EXPR.load(Ordering::Relaxed) {
+        1 => "nftables queue expression",
+        _ => "xtables NFQUEUE target through nft_compat",
+    })
 }

@@ -63,6 +63,20 @@ pub fn probe_all() -> Vec<Feature> {
             .map(|m| format!("{} sockets", m.len()))
             .map_err(|e| e.to_string()),
     ));
+    out.push(feature(
+        "nftables lock on TCP connections",
+        false,
+        crate::nft::tables()
+            .map(|_| String::new())
+            .map_err(|e| e.to_string()),
+    ));
+    out.push(feature(
+        "nfqueue: peers' packets held",
+        false,
+        crate::nft::probe_queue()
+            .map(str::to_string)
+            .map_err(|e| e.to_string()),
+    ));
     out
 }
 

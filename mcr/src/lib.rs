@@ -9,6 +9,7 @@ pub mod dump;
 pub mod fault;
 pub mod image;
 pub mod model;
+pub mod netlock;
 mod par;
 pub mod restore;
 pub mod show;

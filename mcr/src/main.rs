@@ -44,7 +44,7 @@ enum Cmd {
         #[arg(long)]
         freeze_cgroup: Option<PathBuf>,
         /// Take established TCP connections along (TCP_REPAIR); their packets are
-        /// dropped (nftables) until the restore. Without it they are refused by name.
+        /// held (nftables, a packet queue) until the restore. Without it they are refused by name.
         #[arg(long)]
         tcp_established: bool,
         /// Page compression: none, fast, or a zstd level 1..19.
@@ -105,6 +105,21 @@ enum Cmd {
         /// Memory the sample workload keeps, in MiB.
         #[arg(long, default_value_t = 64)]
         mib: usize,
+    },
+    /// Holds a dump's TCP packets for its restore (started by checkpoint, not for
+    /// direct use).
+    #[command(hide = true)]
+    HoldPackets {
+        /// The packet queue's socket, inherited.
+        #[arg(long)]
+        fd: i32,
+        #[arg(long)]
+        queue: u16,
+        /// The nftables table whose queue it is.
+        #[arg(long)]
+        table: String,
+        #[arg(long, default_value_t = mcr::netlock::MAX_HOLD.as_secs())]
+        max_hold_secs: u64,
     },
     /// The sample workload `demo` runs (not for direct use).
     #[command(hide = true)]
@@ -329,6 +344,12 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Demo { mib } => demo::run(mib),
+        Cmd::HoldPackets {
+            fd,
+            queue,
+            table,
+            max_hold_secs,
+        } => mcr::netlock::hold_main(fd, queue, &table, Duration::from_secs(max_hold_secs)),
         Cmd::DemoWorkload {
             mib,
             procs,

@@ -36,6 +36,14 @@ fn tables() -> Vec<String> {
         .collect()
 }
 
+fn ruleset() -> String {
+    let out = std::process::Command::new("nft")
+        .args(["list", "ruleset"])
+        .output()
+        .expect("nft");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A client that sends numbered 8-byte messages and checks each echo, without pause,
 /// until told to stop; it reports round trips and the longest wait for an echo.
 struct Client {
@@ -136,14 +144,17 @@ fn echo_across_the_move(args: &[&str]) {
     let show = mcr(&["show", "--json", "-D", img.to_str().expect("utf-8")]);
     let json = String::from_utf8_lossy(&show.stdout);
     let name = json
-        .split("\"net_lock\":\"")
+        .split("\"net_lock\":")
         .nth(1)
+        .and_then(|r| r.split("\"table\":\"").nth(1))
         .and_then(|r| r.split('"').next())
         .expect("the image names its table");
     assert!(
         !tables().contains(&format!("table inet {name}")),
         "{name} remains"
     );
+    assert_eq!(find_holder(name), None, "the holder of {name} remains");
+    assert!(json.contains("\"holder_pid\":"), "no packet holder: {json}");
 }
 
 #[test]
@@ -178,39 +189,111 @@ fn a_million_bytes_waiting_to_be_sent_arrive_after_the_move() {
     assert_eq!(r.wait(), 0);
 }
 
-#[test]
-fn mcr_killed_mid_dump_leaves_the_connection_running_and_no_table_for_good() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let mut g = Guard::new();
-    let (mut p, c) = echo_service(&mut g, &[]);
-    let client = Client::start(c);
-    let client = client.wait_trips(10);
-    let img = tmp.path().join("img");
+/// Starts a dump that stalls once it has stopped the connection on the wire; returns
+/// it and the name of its table.
+// Returned to the caller, which kills and reaps it.
+#[allow(clippy::zombie_processes)]
+fn stalled_dump(p: &Proc, img: &std::path::Path) -> (std::process::Child, String) {
     let mut dump = std::process::Command::new(mcr_bin())
         .args(["checkpoint", "-t", &p.pid.to_string(), "-D"])
-        .arg(&img)
+        .arg(img)
         .args(["--shell-job", "--tcp-established"])
         .env("MCR_FAULT", "dump-stall-after-lock")
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("mcr checkpoint");
-    // It has blocked the connection once its table is there.
-    let table = format!("table inet mcr_dump_{}", dump.id());
+    // It has stopped the connection once its table is there, marked as its dump's.
+    let mark = format!("chain dump_{}", dump.id());
     let deadline = Instant::now() + LINE_TIMEOUT;
-    while !tables().contains(&table) {
-        assert!(
-            Instant::now() < deadline,
-            "mcr never blocked the connection"
-        );
+    loop {
+        if let Some(t) = ruleset().split("table inet ").find(|t| t.contains(&mark)) {
+            let name = t.split_whitespace().next().expect("a name").to_string();
+            return (dump, name);
+        }
+        if Instant::now() > deadline {
+            let _ = dump.kill();
+            let _ = dump.wait();
+            panic!("mcr never stopped the connection");
+        }
         std::thread::yield_now();
     }
+}
+
+/// The pid of the process holding the packets of `table`.
+fn holder_of(table: &str) -> i32 {
+    find_holder(table).unwrap_or_else(|| panic!("no process holds the packets of {table}"))
+}
+
+fn find_holder(table: &str) -> Option<i32> {
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+        if args.contains(&&b"hold-packets"[..]) && args.contains(&table.as_bytes()) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+#[test]
+fn mcr_and_its_packet_holder_killed_mid_dump_leave_the_connection_running_and_no_table_for_good() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let (mut p, c) = echo_service(&mut g, &[]);
+    let client = Client::start(c);
+    let client = client.wait_trips(10);
+    let (mut dump, table) = stalled_dump(&p, &tmp.path().join("img"));
+    // The worst case: both die at once, and nobody lifts the lock.
+    let holder = holder_of(&table);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(holder),
+        nix::sys::signal::SIGKILL,
+    )
+    .expect("SIGKILL the holder");
     dump.kill().expect("SIGKILL mcr");
     dump.wait().expect("reaping mcr");
-    // The workload runs on (ptrace let it go with its tracer), its connection blocked
+    // The workload runs on (ptrace let it go with its tracer), its connection stopped
     // by the table left behind, until the next mcr run removes it.
     let out = mcr(&["check"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("left by an mcr that died"));
-    assert!(!tables().contains(&table), "{table} remains");
+    assert!(
+        !tables().contains(&format!("table inet {table}")),
+        "{table} remains"
+    );
+    let client = client.wait_trips(10);
+    let (_, _conn) = client.finish();
+    assert_pass(&p.check());
+    assert_eq!(p.wait(), 0);
+}
+
+#[test]
+fn mcr_killed_mid_dump_leaves_its_holder_to_deliver_the_packets_and_lift_the_lock() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let (mut p, c) = echo_service(&mut g, &[]);
+    let client = Client::start(c);
+    let client = client.wait_trips(10);
+    let (mut dump, table) = stalled_dump(&p, &tmp.path().join("img"));
+    let holder = holder_of(&table);
+    dump.kill().expect("SIGKILL mcr");
+    dump.wait().expect("reaping mcr");
+    // The holder sees its dump gone: it delivers what the client sent meanwhile to
+    // the running workload, removes the table and ends, with no mcr run needed.
+    let pidfd = kext_shim::pidfd::pidfd_open(nix::unistd::Pid::from_raw(holder))
+        .expect("pidfd of the holder");
+    let mut fds = [nix::poll::PollFd::new(
+        std::os::fd::AsFd::as_fd(&pidfd),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let n = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(10_000u16)).expect("poll");
+    assert_eq!(n, 1, "the holder did not end");
+    assert!(
+        !tables().contains(&format!("table inet {table}")),
+        "{table} remains"
+    );
     let client = client.wait_trips(10);
     let (_, _conn) = client.finish();
     assert_pass(&p.check());

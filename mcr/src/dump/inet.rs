@@ -4,7 +4,8 @@
 
 use super::fds::externalize;
 use super::{DumpError, Result, StepContext};
-use crate::model::{FdKind, InetSocketImage, ProcessImage};
+use crate::model::{FdKind, InetSocketImage, NetLockImage, ProcessImage};
+use crate::netlock::WireLock;
 use kext_shim::inet::{self, InetSocket, TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN};
 use kext_shim::Pid;
 
@@ -160,34 +161,37 @@ struct Held {
     sock: Option<std::os::fd::OwnedFd>,
 }
 
-/// The established connections of a dump, from the moment their packets are dropped
-/// on the wire to the moment they are handed to the image (or let go as they were).
-/// Dropped before that, it takes every socket out of repair mode and removes the
-/// rules: the workload's connections go on as if nothing happened.
+/// The established connections of a dump, from the moment they are stopped on the
+/// wire to the moment they are handed to the image (or let go as they were).
+/// Dropped before that, it takes every socket out of repair mode and lifts the lock,
+/// delivering what the peers sent meanwhile: the workload's connections go on as if
+/// nothing happened.
 #[derive(Default)]
 pub struct TcpCapture {
     conns: Vec<Held>,
-    table: Option<String>,
+    lock: Option<WireLock>,
 }
 
 impl TcpCapture {
-    /// Drops the connections' packets both ways: nothing reaches the sockets or leaves
-    /// them until they are let go or made again.
+    /// Stops the connections on the wire: nothing reaches the sockets or leaves them
+    /// until they are let go or made again.
     pub fn lock(&mut self, root: Pid) -> Result<()> {
         if self.conns.is_empty() {
             return Ok(());
         }
-        let name = kext_shim::nft::dump_table(std::process::id());
         let conns: Vec<_> = self.conns.iter().map(|c| (c.local, c.peer)).collect();
-        kext_shim::nft::lock(&name, &conns).step(root, || {
-            "blocking the TCP connections' packets (nftables)".into()
+        let tag = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let lock = WireLock::lock(&conns, tag).step(root, || {
+            "stopping the TCP connections on the wire (nftables)".into()
         })?;
-        self.table = Some(name);
+        self.lock = Some(lock);
         Ok(())
     }
 
     /// Puts each socket in repair mode and reads its state into its image. Done last,
-    /// once the packets are blocked and just before the image is written: a crash of
+    /// once the packets are stopped and just before the image is written: a crash of
     /// ours from here on would leave a socket in repair mode.
     pub fn read(&mut self, images: &mut [InetSocketImage]) -> Result<()> {
         for c in &mut self.conns {
@@ -210,30 +214,23 @@ impl TcpCapture {
         Ok(())
     }
 
-    /// The name the image's table will have, if there are connections to hold.
-    pub fn image_table(&self, frozen_at_ms: u64) -> Option<String> {
-        (!self.conns.is_empty()).then(|| format!("mcr_image_{}_{frozen_at_ms}", std::process::id()))
+    /// What the image keeps of the lock, if there are connections to hold.
+    pub fn net_lock(&self) -> Option<NetLockImage> {
+        self.lock.as_ref().map(WireLock::image)
     }
 
     /// After the workload was killed: its sockets close silently as our copies go, and
-    /// the rules pass to `image_table`, for the restore to remove.
-    pub fn hand_over(mut self, image_table: &str) -> Result<()> {
-        let conns: Vec<_> = self.conns.iter().map(|c| (c.local, c.peer)).collect();
+    /// the lock passes to the image, for the restore to lift.
+    pub fn hand_over(mut self) -> Result<()> {
         let pid = self.conns.first().map_or(0, |c| c.pid);
-        kext_shim::nft::lock(image_table, &conns).step(Pid::from_raw(pid), || {
-            "handing the TCP rules to the image".into()
-        })?;
         // Closed in repair mode: neither FIN nor RST.
-        for c in &mut self.conns {
-            c.sock = None;
-        }
         self.conns.clear();
-        if let Some(t) = self.table.take() {
-            kext_shim::nft::unlock(&t).step(Pid::from_raw(pid), || {
-                "removing the dump's TCP rules".into()
-            })?;
+        match self.lock.take() {
+            Some(l) => l.keep().step(Pid::from_raw(pid), || {
+                "handing the TCP connections' lock to the image".into()
+            }),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -250,10 +247,7 @@ impl Drop for TcpCapture {
                 }
             }
         }
-        if let Some(t) = self.table.take() {
-            if let Err(e) = kext_shim::nft::unlock(&t) {
-                tracing::error!("removing nftables table {t}: {e}");
-            }
-        }
+        // Out of repair mode first: the packets held are delivered as the lock goes.
+        self.lock = None;
     }
 }

@@ -238,9 +238,9 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
     match net_lock {
         // Killed in repair mode, the connections close without a word on the wire; the
         // rules stay until the restore.
-        Some(table) => {
+        Some(_) => {
             tree.release(opts.after)?;
-            tcp.hand_over(&table)?;
+            tcp.hand_over()?;
         }
         // Out of repair mode and unblocked before the processes run again.
         None => {
@@ -294,7 +294,7 @@ fn inventory(
         frozen_at_ms,
         shell_job: opts.shell_job,
         net_lock: match opts.after {
-            AfterDump::Kill => tcp.image_table(frozen_at_ms),
+            AfterDump::Kill => tcp.net_lock(),
             _ => None,
         },
     }

@@ -126,7 +126,11 @@ mod tests {
                 features: vec!["single-process".into()],
                 frozen_at_ms: 0,
                 shell_job: false,
-                net_lock: Some("mcr_image_1_2".into()),
+                net_lock: Some(crate::model::NetLockImage {
+                    table: "mcr_1_2".into(),
+                    holder_pid: Some(3),
+                    netns: 4,
+                }),
             },
             processes: vec![process(pid)],
             pipes: vec![PipeImage {

@@ -45,9 +45,19 @@ pub struct Inventory {
     pub frozen_at_ms: u64,
     /// How the process tree was stopped for the dump.
     pub shell_job: bool,
-    /// The nftables table (inet family) that holds the image's TCP connections still
-    /// on the wire until they are restored; restore removes it.
-    pub net_lock: Option<String>,
+    /// What holds the image's TCP connections still on the wire until they are
+    /// restored; the restore removes it.
+    pub net_lock: Option<NetLockImage>,
+}
+
+/// An nftables table (inet family) of ours stopping the image's connections, and the
+/// process holding what their peers sent meanwhile, if the kernel could queue it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetLockImage {
+    pub table: String,
+    pub holder_pid: Option<i32>,
+    /// The network namespace (inode) of the table and the holder's queue.
+    pub netns: u64,
 }
 
 /// A file the image refers to, and what it looked like at dump time.

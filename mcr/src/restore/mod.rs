@@ -151,7 +151,15 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     }
     // The image's connections stay blocked on the wire until the tree runs, and not a
     // moment longer, whatever happens (a failed restore cannot take them any more).
-    let _unlock = NetUnlock(snap.inventory.net_lock.clone());
+    let mut unlock = NetUnlock {
+        lock: snap.inventory.net_lock.clone(),
+        done: false,
+        elsewhere: false,
+    };
+    if let (Some(l), Some(path)) = (&unlock.lock, &opts.netns) {
+        use std::os::unix::fs::MetadataExt;
+        unlock.elsewhere = std::fs::metadata(path).map_or(true, |m| m.ino() != l.netns);
+    }
     let procs = &snap.processes;
     let Some(p0) = procs.first() else {
         return Err(RestoreError::Incompatible {
@@ -345,6 +353,8 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         }
         None => root_pid,
     };
+    unlock.done = true;
+    drop(unlock);
     steps.push(("resume", t.elapsed()));
     steps.push(("total", t0.elapsed()));
     Ok(Restored {
@@ -444,15 +454,19 @@ fn mount_plan(root: &Path, mnt: Option<&MountNs>, fresh_proc: bool) -> Vec<Mount
     ops
 }
 
-/// Removes the nftables table that blocked the image's connections, when dropped.
-struct NetUnlock(Option<String>);
+/// Lifts the lock on the image's connections when dropped: delivering what their
+/// peers sent meanwhile once the tree runs (`done`), dropping it otherwise.
+struct NetUnlock {
+    lock: Option<crate::model::NetLockImage>,
+    done: bool,
+    /// The restore made the connections in another network namespace than the lock's.
+    elsewhere: bool,
+}
 
 impl Drop for NetUnlock {
     fn drop(&mut self) {
-        if let Some(t) = self.0.take() {
-            if let Err(e) = kext_shim::nft::unlock(&t) {
-                tracing::error!("removing nftables table {t}: {e}");
-            }
+        if let Some(l) = self.lock.take() {
+            crate::netlock::release(&l, self.done && !self.elsewhere);
         }
     }
 }
