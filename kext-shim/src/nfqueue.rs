@@ -227,7 +227,7 @@ impl PacketQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Read, Write};
+    use std::io::Write;
     use std::net::{TcpListener, TcpStream};
 
     fn wait_readable(fd: RawFd) {
@@ -241,11 +241,12 @@ mod tests {
         assert_eq!(r, 1, "nothing was queued");
     }
 
-    /// In a network namespace of its own (a thread's): a connection locked with its
-    /// inbound packets queued; what the peer sent meanwhile is delivered once the table
-    /// is opened and the queue accepts it.
+    /// In a network namespace of its own (a thread's): a connection stopped with its
+    /// inbound packets queued, read and made again on a new socket as a restore
+    /// would; what the peer sent meanwhile is on the new socket the moment the queue
+    /// accepts it (a retransmission would have been held too).
     #[test]
-    fn a_held_packet_is_delivered_when_accepted() {
+    fn a_held_packet_reaches_the_socket_made_again_when_accepted() {
         std::thread::spawn(|| {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
             let st = std::process::Command::new("ip")
@@ -255,16 +256,11 @@ mod tests {
             assert!(st.success());
             let l = TcpListener::bind("127.0.0.1:0").unwrap();
             let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-            let (mut a, _) = l.accept().unwrap();
+            let (a, _) = l.accept().unwrap();
             let mut q = PacketQueue::bind_free(4000).unwrap();
             let conn = (a.local_addr().unwrap(), a.peer_addr().unwrap());
-            crate::nft::lock(
-                "mcr_t",
-                &[conn],
-                crate::nft::Inbound::Queue(q.num()),
-                Some(1),
-            )
-            .unwrap();
+            let inbound = crate::nft::Inbound::Queue(q.num());
+            crate::nft::lock("mcr_t", &[conn], inbound, Some(1)).unwrap();
             assert_eq!(
                 crate::nft::dumping().unwrap(),
                 vec![("mcr_t".to_string(), 1)]
@@ -273,12 +269,20 @@ mod tests {
             wait_readable(q.fd());
             q.drain().unwrap();
             assert!(q.held() >= 1);
+            let fd: OwnedFd = a.try_clone().unwrap().into();
+            crate::tcp::set_repair(&fd, true).unwrap();
+            let st = crate::tcp::read_state(&fd).unwrap();
+            assert!(st.recv_queue.is_empty(), "the packet was not held");
+            drop(fd);
+            drop(a);
+            let a2 = TcpStream::from(crate::tcp::restore(&st, |_| Ok(())).unwrap());
+            crate::nft::disown("mcr_t").unwrap();
+            assert!(crate::nft::dumping().unwrap().is_empty());
             crate::nft::open("mcr_t").unwrap();
             q.settle(Verdict::Accept).unwrap();
+            a2.set_nonblocking(true).unwrap();
             let mut b = [0u8; 4];
-            a.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-                .unwrap();
-            a.read_exact(&mut b).unwrap();
+            assert_eq!(a2.peek(&mut b).expect("delivered by the verdict"), 4);
             assert_eq!(&b, b"held");
             crate::nft::unlock("mcr_t").unwrap();
             assert!(crate::nft::tables().unwrap().is_empty());

@@ -5,10 +5,11 @@
 //! connection is made again, and dropped otherwise (the peer then retransmits).
 //!
 //! The rules are written over netlink, in one batch per change, so a lock costs no
-//! process and no parse. A table is named `mcr_*`; while an mcr process dumps, it also
-//! holds an empty chain `dump_<pid>` naming that process. A table whose dumping mcr is
-//! gone was left by a crash: [`remove_stale`] removes it. Without that chain the table
-//! belongs to an image, and only its restore (or the operator) removes it.
+//! process and no parse. A table is named `mcr_*`, and holds an empty chain
+//! `dump_<pid>` naming the mcr process that dumps under it. A table whose dumping mcr
+//! is gone was left by a crash: [`remove_stale`] removes it, unless an empty chain
+//! `image` says it was handed to an image, which only its restore (or the operator)
+//! removes.
 
 use crate::netlink::{self, Attrs};
 use crate::{Errno, Result};
@@ -23,9 +24,7 @@ const NFT_MSG_GETTABLE: u16 = 1;
 const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_GETCHAIN: u16 = 4;
-const NFT_MSG_DELCHAIN: u16 = 5;
 const NFT_MSG_NEWRULE: u16 = 6;
-const NFT_MSG_DELRULE: u16 = 8;
 const NFTA_TABLE_NAME: u16 = 1;
 const NFTA_CHAIN_TABLE: u16 = 1;
 const NFTA_CHAIN_NAME: u16 = 3;
@@ -74,6 +73,7 @@ const NFPROTO_INET: u8 = 1;
 /// Ahead of conntrack and of every usual filter.
 const PRIORITY: i32 = -300;
 const DUMP_MARK: &str = "dump_";
+const IMAGE_MARK: &str = "image";
 
 /// What becomes of the peer's packets while the connections are locked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,6 +175,17 @@ fn equals(list: &mut Attrs, value: &[u8]) {
     });
 }
 
+fn verdict(list: &mut Attrs, code: u32) {
+    expr(list, "immediate", |d| {
+        d.be32(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT)
+            .nest(NFTA_IMMEDIATE_DATA, |v| {
+                v.nest(NFTA_DATA_VERDICT, |c| {
+                    c.be32(NFTA_VERDICT_CODE, code);
+                });
+            });
+    });
+}
+
 fn ip_bytes(a: &SocketAddr) -> Vec<u8> {
     match a {
         SocketAddr::V4(v) => v.ip().octets().to_vec(),
@@ -207,14 +218,7 @@ fn rule(table: &str, chain: &str, src: &SocketAddr, dst: &SocketAddr, act: Actio
     let ports = [src.port().to_be_bytes(), dst.port().to_be_bytes()].concat();
     equals(&mut list, &ports);
     match act {
-        Action::Drop => expr(&mut list, "immediate", |d| {
-            d.be32(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT)
-                .nest(NFTA_IMMEDIATE_DATA, |v| {
-                    v.nest(NFTA_DATA_VERDICT, |c| {
-                        c.be32(NFTA_VERDICT_CODE, NF_DROP);
-                    });
-                });
-        }),
+        Action::Drop => verdict(&mut list, NF_DROP),
         Action::Queue(num, QueueExpr::Native) => expr(&mut list, "queue", |d| {
             d.bytes(NFTA_QUEUE_NUM, &num.to_be_bytes())
                 .bytes(NFTA_QUEUE_TOTAL, &1u16.to_be_bytes());
@@ -288,44 +292,53 @@ pub fn lock(
         1 => with(QueueExpr::Native),
         2 => with(QueueExpr::Compat),
         _ => {
-            // A kernel without the native expression says ENOENT (no such module).
-            let r = match with(QueueExpr::Native) {
-                Err(e) if e.errno() == Some(Errno::ENOENT) => {
-                    with(QueueExpr::Compat).map(|_| QueueExpr::Compat)
-                }
-                r => r.map(|_| QueueExpr::Native),
+            // The xtables target when the kernel has it registered (built in or
+            // loaded): asking for an expression it lacks costs a failed module load
+            // (16 ms here) before the ENOENT.
+            let xt = std::fs::read_to_string("/proc/net/ip_tables_targets")
+                .is_ok_and(|t| t.lines().any(|l| l == "NFQUEUE"));
+            let order = if xt {
+                [QueueExpr::Compat, QueueExpr::Native]
+            } else {
+                [QueueExpr::Native, QueueExpr::Compat]
             };
-            let q = r?;
-            QUEUE_EXPR.store(
-                if q == QueueExpr::Native { 1 } else { 2 },
-                Ordering::Relaxed,
-            );
+            let q = match with(order[0]) {
+                Err(e) if e.errno() == Some(Errno::ENOENT) => with(order[1]).map(|_| order[1]),
+                r => r.map(|_| order[0]),
+            }?;
+            let code = if q == QueueExpr::Native { 1 } else { 2 };
+            QUEUE_EXPR.store(code, Ordering::Relaxed);
             Ok(())
         }
     }
 }
 
 /// The table is no longer a dump's but its image's: it outlives the mcr that made it.
-pub fn disown(name: &str, dumper: u32) -> Result<()> {
-    let mut a = Attrs::default();
-    a.str(NFTA_CHAIN_TABLE, name)
-        .str(NFTA_CHAIN_NAME, &dump_mark(dumper));
+/// Marked by a chain added, not the dump's removed: a change that removes anything
+/// waits for an RCU grace period (10-20 ms here), one that adds does not.
+pub fn disown(name: &str) -> Result<()> {
     batch(
-        &[nft_msg(NFT_MSG_DELCHAIN, 0, &a)],
+        &[chain_msg(name, IMAGE_MARK, None)],
         &format!("nftables: handing table {name} to its image"),
     )
 }
 
-/// Lets packets pass again, without unhooking the chains: the kernel drops every
-/// queued packet when a hook goes, and those are the ones we want delivered.
+/// Lets packets pass again, at once: an accept ahead of the rules (removing them would
+/// wait for a grace period), and without unhooking the chains, since the kernel drops
+/// every queued packet when a hook goes, and those are the ones to deliver.
 pub fn open(name: &str) -> Result<()> {
-    let flush = |chain: &str| {
+    let accept = |chain: &str| {
+        let mut list = Attrs::default();
+        verdict(&mut list, NF_ACCEPT);
         let mut a = Attrs::default();
-        a.str(NFTA_RULE_TABLE, name).str(NFTA_RULE_CHAIN, chain);
-        nft_msg(NFT_MSG_DELRULE, 0, &a)
+        a.str(NFTA_RULE_TABLE, name)
+            .str(NFTA_RULE_CHAIN, chain)
+            .bytes(NFTA_RULE_EXPRESSIONS | netlink::NLA_F_NESTED, &list.0);
+        // Without NLM_F_APPEND a rule goes first.
+        nft_msg(NFT_MSG_NEWRULE, libc::NLM_F_CREATE, &a)
     };
     batch(
-        &[flush("in"), flush("out")],
+        &[accept("in"), accept("out")],
         &format!("nftables: opening table {name}"),
     )
 }
@@ -401,12 +414,15 @@ pub fn tables() -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// The tables of ours that an mcr process is dumping under, with its pid.
+/// The tables of ours that an mcr process is dumping under (not yet handed to an
+/// image), with its pid.
 pub fn dumping() -> Result<Vec<(String, u32)>> {
-    Ok(chains()?
-        .into_iter()
-        .filter(|(t, _)| t.starts_with("mcr_"))
-        .filter_map(|(t, c)| Some((t, c.strip_prefix(DUMP_MARK)?.parse().ok()?)))
+    let all = chains()?;
+    let imaged = |t: &str| all.iter().any(|(u, c)| u == t && c == IMAGE_MARK);
+    Ok(all
+        .iter()
+        .filter(|(t, _)| t.starts_with("mcr_") && !imaged(t))
+        .filter_map(|(t, c)| Some((t.clone(), c.strip_prefix(DUMP_MARK)?.parse().ok()?)))
         .collect())
 }
 

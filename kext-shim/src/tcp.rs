@@ -228,8 +228,10 @@ fn send_all(sock: &OwnedFd, mut data: &[u8], what: &str) -> Result<()> {
 /// repair mode the sequence numbers and queues are set, bind and connect only set the
 /// addresses, and the options negotiated at the handshake are given back. `before`
 /// runs on the socket first (the program's socket options, but SO_REUSEADDR, which
-/// repair mode overrides: set it on the result). The bytes never sent are queued
-/// after repair mode is off, to go out as usual.
+/// repair mode overrides: set it on the result). The bytes never sent are left for
+/// [`send_unsent`], once the connection may talk on the wire: sent while its packets
+/// are stopped, they would wait for a retransmission timeout (a second, on a socket
+/// made this way).
 pub fn restore(st: &TcpState, before: impl FnOnce(&OwnedFd) -> Result<()>) -> Result<OwnedFd> {
     let family = match st.local {
         SocketAddr::V4(_) => libc::AF_INET,
@@ -330,8 +332,14 @@ pub fn restore(st: &TcpState, before: impl FnOnce(&OwnedFd) -> Result<()>) -> Re
     check(r as libc::c_long, || "setsockopt(TCP_REPAIR_WINDOW)".into())?;
     select_queue(&sock, TCP_NO_QUEUE)?;
     set_repair(&sock, false)?;
-    send_all(&sock, &st.send_queue[sent..], "never-sent part of the send")?;
     Ok(sock)
+}
+
+/// Queues what the program had written but the kernel never sent, on `sock` made by
+/// [`restore`] from `st`: it goes out as any new data would.
+pub fn send_unsent(sock: &OwnedFd, st: &TcpState) -> Result<()> {
+    let sent = st.send_queue.len() - st.unsent as usize;
+    send_all(sock, &st.send_queue[sent..], "never-sent part of the send")
 }
 
 #[cfg(test)]
@@ -361,6 +369,7 @@ mod tests {
         drop(fd);
         drop(a);
         let a2 = restore(&st, |_| Ok(())).unwrap();
+        send_unsent(&a2, &st).unwrap();
         let mut a2 = TcpStream::from(a2);
         let mut got = [0u8; 13];
         a2.read_exact(&mut got).unwrap();

@@ -44,6 +44,8 @@ const SETTLE_WAIT: Duration = Duration::from_secs(5);
 pub struct WireLock {
     pub table: String,
     holder: Option<Child>,
+    /// Handed to the image: it outlives us.
+    kept: bool,
 }
 
 fn own_netns() -> u64 {
@@ -57,6 +59,7 @@ impl WireLock {
     /// Locks `conns` (local, peer) under a new table: a holder for their inbound
     /// packets when the kernel can queue them, a drop rule otherwise.
     pub fn lock(conns: &[(SocketAddr, SocketAddr)], tag: u64) -> kext_shim::Result<WireLock> {
+        let t0 = Instant::now();
         let table = nft::table_name(tag);
         let me = std::process::id();
         let queue = match PacketQueue::bind_free(FIRST_QUEUE) {
@@ -79,9 +82,11 @@ impl WireLock {
             (q, r) => (q, r),
         };
         locked?;
+        tracing::debug!(us = t0.elapsed().as_micros() as u64, "queue bound, table made");
         let mut lock = WireLock {
             table,
             holder: None,
+            kept: false,
         };
         if let Some(q) = queue {
             match spawn_holder(&q, &lock.table) {
@@ -90,6 +95,7 @@ impl WireLock {
                 Err(e) => tracing::warn!("starting the packet holder: {e}"),
             }
         }
+        tracing::debug!(us = t0.elapsed().as_micros() as u64, "holder started");
         Ok(lock)
     }
 
@@ -111,8 +117,8 @@ impl WireLock {
                 let _ = stdin.write_all(b"keep\n");
             }
         }
-        let me = std::process::id();
-        nft::disown(&self.table, me)
+        self.kept = true;
+        nft::disown(&self.table)
     }
 }
 
@@ -120,6 +126,9 @@ impl Drop for WireLock {
     /// The dump failed or leaves the workload running: the connections go on, with
     /// what their peers sent meanwhile. The sockets must be out of repair mode by now.
     fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
         if let Some(mut c) = self.holder.take() {
             drop(c.stdin.take());
             if !wait_child(&mut c, SETTLE_WAIT) {
@@ -169,45 +178,91 @@ fn spawn_holder(q: &PacketQueue, table: &str) -> std::io::Result<Child> {
     child
 }
 
-/// The restore's end of the lock, whatever became of the restore: the connections
-/// exist again here (`deliver`), so the holder hands them what their peers sent; or
-/// they do not (a failed restore, or one into another network namespace, where the
-/// packets held here have no socket to go to), so what it holds is dropped. The table
-/// is gone afterwards either way.
-pub fn release(lock: &NetLockImage, deliver: bool) {
-    let table = &lock.table;
-    if let Some(pid) = lock.holder_pid {
-        let sig = if deliver && lock.netns == own_netns() {
-            Signal::SIGUSR1
-        } else {
-            Signal::SIGUSR2
-        };
-        if let Err(e) = signal_holder(pid, table, sig) {
-            tracing::warn!("packet holder {pid} of {table}: {e}");
+/// The restore's end of the lock. Once the connections exist again in the lock's
+/// network namespace, [`Release::open`] lets packets through and has the holder
+/// deliver what their peers sent meanwhile, just before the processes run; dropped,
+/// it waits for the holder to be done and makes sure the table is gone. A restore
+/// that failed, or made the connections in another namespace (where the packets held
+/// here have no socket to go to), has what was held dropped instead.
+pub struct Release {
+    lock: Option<NetLockImage>,
+    /// The connections are made in the lock's network namespace.
+    here: bool,
+    /// The holder, once told.
+    told: Option<std::os::fd::OwnedFd>,
+}
+
+impl Release {
+    /// `target_netns`: where the restore makes the connections (inode), if not ours.
+    pub fn new(lock: Option<NetLockImage>, target_netns: Option<u64>) -> Release {
+        let here = lock
+            .as_ref()
+            .is_some_and(|l| target_netns.unwrap_or_else(own_netns) == l.netns);
+        Release {
+            lock,
+            here,
+            told: None,
         }
     }
-    if let Err(e) = nft::unlock(table) {
-        tracing::error!("removing nftables table {table}: {e}");
+
+    /// The connections exist: packets pass both ways from now on, and the held ones
+    /// are on their way. Does not wait for the holder.
+    pub fn open(&mut self) {
+        let Some(l) = &self.lock else { return };
+        if !self.here {
+            return;
+        }
+        if let Err(e) = nft::open(&l.table) {
+            tracing::error!("opening nftables table {}: {e}", l.table);
+        }
+        if let Some(pid) = l.holder_pid {
+            match tell_holder(pid, &l.table, Signal::SIGUSR1) {
+                Ok(fd) => self.told = Some(fd),
+                Err(e) => tracing::warn!("packet holder {pid} of {}: {e}", l.table),
+            }
+        }
     }
 }
 
-/// Signals the holder of `table` (if `pid` still is that) and waits for it to end.
-fn signal_holder(pid: i32, table: &str, sig: Signal) -> Result<(), String> {
+impl Drop for Release {
+    fn drop(&mut self) {
+        let Some(l) = self.lock.take() else { return };
+        if self.told.is_none() {
+            if let Some(pid) = l.holder_pid {
+                match tell_holder(pid, &l.table, Signal::SIGUSR2) {
+                    Ok(fd) => self.told = Some(fd),
+                    Err(e) => tracing::warn!("packet holder {pid} of {}: {e}", l.table),
+                }
+            }
+        }
+        // The holder removes the table once it is done.
+        if let Some(pidfd) = self.told.take() {
+            let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+            let ms = SETTLE_WAIT.as_millis() as u16;
+            if matches!(poll(&mut fds, PollTimeout::from(ms)), Ok(1)) {
+                return;
+            }
+            tracing::warn!("packet holder of {} did not end in time", l.table);
+        }
+        if let Err(e) = nft::unlock(&l.table) {
+            tracing::error!("removing nftables table {}: {e}", l.table);
+        }
+    }
+}
+
+/// Signals the holder of `table` (if `pid` still is that); a pidfd on it, which reads
+/// ready once it has ended, child of ours or not.
+fn tell_holder(pid: i32, table: &str, sig: Signal) -> Result<std::os::fd::OwnedFd, String> {
+    let p = kext_shim::Pid::from_raw(pid);
+    let pidfd = kext_shim::pidfd::pidfd_open(p).map_err(|e| e.to_string())?;
+    // Checked after the pidfd is taken: the pid cannot change hands in between.
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).map_err(|e| e.to_string())?;
     let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
     if !args.contains(&&b"hold-packets"[..]) || !args.contains(&table.as_bytes()) {
         return Err("gone (its pid is another process now)".into());
     }
-    let p = kext_shim::Pid::from_raw(pid);
-    let pidfd = kext_shim::pidfd::pidfd_open(p).map_err(|e| e.to_string())?;
     nix::sys::signal::kill(p, sig).map_err(|e| e.to_string())?;
-    // A pidfd reads ready once its process has ended, child of ours or not.
-    let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
-    let ms = SETTLE_WAIT.as_millis() as u16;
-    match poll(&mut fds, PollTimeout::from(ms)) {
-        Ok(1) => Ok(()),
-        _ => Err("did not settle in time".into()),
-    }
+    Ok(pidfd)
 }
 
 /// `mcr hold-packets`: holds queue `num` (inherited as `fd`) for the dump's lock on

@@ -141,20 +141,25 @@ fn echo_across_the_move(args: &[&str]) {
     assert_pass(&v);
     assert_eq!(r.wait(), 0);
     // The image's table held the connection until the restore, which removed it.
-    let show = mcr(&["show", "--json", "-D", img.to_str().expect("utf-8")]);
-    let json = String::from_utf8_lossy(&show.stdout);
-    let name = json
-        .split("\"net_lock\":")
-        .nth(1)
-        .and_then(|r| r.split("\"table\":\"").nth(1))
-        .and_then(|r| r.split('"').next())
-        .expect("the image names its table");
+    let name = image_table(&img);
     assert!(
         !tables().contains(&format!("table inet {name}")),
         "{name} remains"
     );
-    assert_eq!(find_holder(name), None, "the holder of {name} remains");
-    assert!(json.contains("\"holder_pid\":"), "no packet holder: {json}");
+    assert_eq!(find_holder(&name), None, "the holder of {name} remains");
+}
+
+/// The table an image's connections are stopped by; the image names its holder too.
+fn image_table(img: &std::path::Path) -> String {
+    let show = mcr(&["show", "--json", "-D", img.to_str().expect("utf-8")]);
+    let json = String::from_utf8_lossy(&show.stdout);
+    let lock = json.split("\"net_lock\":").nth(1).expect("the image has a lock");
+    assert!(lock.contains("\"holder_pid\":"), "no packet holder: {lock}");
+    lock.split("\"table\":\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("the image names its table")
+        .to_string()
 }
 
 #[test]
@@ -489,6 +494,16 @@ fn a_restore_without_the_flag_is_refused_and_keeps_the_connection_blocked_for_a_
     checkpoint(p.pid, &img, &["--tcp-established"]);
     let mut p = p;
     p.wait();
+    // Between the two, the connection stays stopped, and the client's packets held.
+    let table = image_table(&img);
+    let still_held = || {
+        assert!(
+            tables().contains(&format!("table inet {table}")),
+            "{table} is gone before the restore"
+        );
+        assert!(find_holder(&table).is_some(), "the holder of {table} is gone");
+    };
+    still_held();
     let out = mcr(&[
         "restore",
         "-D",
@@ -497,6 +512,7 @@ fn a_restore_without_the_flag_is_refused_and_keeps_the_connection_blocked_for_a_
         "-d",
     ]);
     assert_fails(&out, 5, &["restore with --tcp-established"]);
+    still_held();
     let mut r = restore(&mut g, &img, &["--tcp-established"]);
     let (_, _conn) = client.wait_trips(10).finish();
     assert_pass(&r.check());

@@ -27,6 +27,8 @@ pub struct FilePlan {
     /// Pty index -> (our master, a slave of ours if it is a session's terminal).
     ptys: BTreeMap<u32, (i32, Option<i32>)>,
     per_process: Vec<FdNumbers>,
+    /// Connections with bytes never sent, to send once the connections may talk.
+    pub unsent: Vec<super::sockets::Unsent>,
 }
 
 /// Just the numbers, once the files themselves were handed to the stub.
@@ -164,6 +166,7 @@ pub fn open_all(
         sockets: BTreeMap::new(),
         ptys: BTreeMap::new(),
         per_process: Vec::new(),
+        unsent: Vec::new(),
     };
     let pid = procs.first().map(|p| p.pid).unwrap_or(0);
     for t in ptys {
@@ -216,6 +219,8 @@ pub fn open_all(
             out.expect("ran")?
         }
     };
+    let (sockets, unsent) = sockets;
+    plan.unsent = unsent;
     for (ino, sock) in sockets {
         let n = plan.keep(sock);
         plan.sockets.insert(ino, n);

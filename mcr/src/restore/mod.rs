@@ -151,15 +151,11 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     }
     // The image's connections stay blocked on the wire until the tree runs, and not a
     // moment longer, whatever happens (a failed restore cannot take them any more).
-    let mut unlock = NetUnlock {
-        lock: snap.inventory.net_lock.clone(),
-        done: false,
-        elsewhere: false,
-    };
-    if let (Some(l), Some(path)) = (&unlock.lock, &opts.netns) {
+    let target_netns = opts.netns.as_ref().map(|p| {
         use std::os::unix::fs::MetadataExt;
-        unlock.elsewhere = std::fs::metadata(path).map_or(true, |m| m.ino() != l.netns);
-    }
+        std::fs::metadata(p).map_or(0, |m| m.ino())
+    });
+    let mut release = crate::netlock::Release::new(snap.inventory.net_lock.clone(), target_netns);
     let procs = &snap.processes;
     let Some(p0) = procs.first() else {
         return Err(RestoreError::Incompatible {
@@ -198,7 +194,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     // Shared memory objects and memfds first: fds of memfds are reopened from them.
     let objects = shared::prepare(&image)?;
     let placement = shared::placement(&objects);
-    let plan = files::open_all(
+    let mut plan = files::open_all(
         snap,
         &placement,
         &root,
@@ -319,6 +315,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         zs.die_as(&mut zinj, z.pid, z.status)?;
     }
     // The stubs hold their own copies now.
+    let unsent = std::mem::take(&mut plan.unsent);
     drop(plan);
     drop(objects);
     steps.push(("create processes", t.elapsed()));
@@ -335,6 +332,10 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         })?;
     }
     let t = Instant::now();
+    // The connections talk again before the processes run, so that neither what the
+    // peers sent meanwhile nor what the processes send first waits on the wire.
+    release.open();
+    sockets::send_unsent(unsent)?;
     let root_pid = stubs[0].pid.as_raw();
     // Children first: a parent never runs while a child of its is still half-made.
     for (stub, th) in stubs.into_iter().zip(threads).rev() {
@@ -353,8 +354,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         }
         None => root_pid,
     };
-    unlock.done = true;
-    drop(unlock);
+    drop(release);
     steps.push(("resume", t.elapsed()));
     steps.push(("total", t0.elapsed()));
     Ok(Restored {
@@ -452,23 +452,6 @@ fn mount_plan(root: &Path, mnt: Option<&MountNs>, fresh_proc: bool) -> Vec<Mount
         ops.push(MountOp::PivotRoot(root.display().to_string()));
     }
     ops
-}
-
-/// Lifts the lock on the image's connections when dropped: delivering what their
-/// peers sent meanwhile once the tree runs (`done`), dropping it otherwise.
-struct NetUnlock {
-    lock: Option<crate::model::NetLockImage>,
-    done: bool,
-    /// The restore made the connections in another network namespace than the lock's.
-    elsewhere: bool,
-}
-
-impl Drop for NetUnlock {
-    fn drop(&mut self) {
-        if let Some(l) = self.lock.take() {
-            crate::netlock::release(&l, self.done && !self.elsewhere);
-        }
-    }
 }
 
 /// Where the stub chroots: the restore root, then the process's own root inside it.

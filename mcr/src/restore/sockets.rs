@@ -14,12 +14,36 @@ use std::path::Path;
 /// Socket inode -> our socket standing for it.
 pub type Sockets = BTreeMap<u64, OwnedFd>;
 
+/// A restored TCP connection whose program had written bytes the kernel never sent:
+/// a copy of its socket and the state they are in, for [`send_unsent`] once the
+/// connection may talk.
+pub struct Unsent {
+    sock: OwnedFd,
+    state: kext_shim::tcp::TcpState,
+    pid: i32,
+}
+
+/// Queues each connection's never-sent bytes.
+pub fn send_unsent(unsent: Vec<Unsent>) -> Result<()> {
+    for u in unsent {
+        kext_shim::tcp::send_unsent(&u.sock, &u.state).map_err(|e| RestoreError::Kernel {
+            pid: u.pid,
+            step: format!(
+                "sending the bytes {} -> {} had never sent",
+                u.state.local, u.state.peer
+            ),
+            source: e,
+        })?;
+    }
+    Ok(())
+}
+
 pub fn make(
     procs: &[ProcessImage],
     images: &[UnixSocketImage],
     inet: &[InetSocketImage],
     root: &Path,
-) -> Result<Sockets> {
+) -> Result<(Sockets, Vec<Unsent>)> {
     let pid = procs.first().map(|p| p.pid).unwrap_or(0);
     let at = |name: &str| match name.strip_prefix('@') {
         Some(_) => name.to_string(),
@@ -29,8 +53,23 @@ pub fn make(
             .to_string(),
     };
     let mut made = Sockets::new();
+    let mut unsent = Vec::new();
     for s in inet {
-        made.insert(s.ino, make_inet(pid, s)?);
+        let sock = make_inet(pid, s)?;
+        if let Some(conn) = s.tcp.as_ref().filter(|c| c.unsent > 0) {
+            let copy = sock.try_clone().map_err(|e| RestoreError::File {
+                pid,
+                what: "TCP socket".into(),
+                path: format!("socket:[{}]", s.ino),
+                why: format!("dup: {e}"),
+            })?;
+            unsent.push(Unsent {
+                sock: copy,
+                state: conn.into(),
+                pid,
+            });
+        }
+        made.insert(s.ino, sock);
     }
     let mut names: BTreeMap<u64, String> = BTreeMap::new();
     for p in procs {
@@ -146,7 +185,7 @@ pub fn make(
             SocketLink::Accepted { .. } => {}
         }
     }
-    Ok(made)
+    Ok((made, unsent))
 }
 
 /// A TCP listener or UDP socket with the options the program had set, bound (with
