@@ -95,7 +95,10 @@ fn wait_trips(seen: &Mutex<Seen>, from: &[u64], more: u64) {
                 return;
             }
         }
-        assert!(Instant::now() < deadline, "the clients stopped making progress");
+        assert!(
+            Instant::now() < deadline,
+            "the clients stopped making progress"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -153,11 +156,28 @@ fn pause_once(n: usize, img: &std::path::Path) -> Duration {
     };
     let pid = service.id().to_string();
     let dir = img.to_str().expect("utf-8");
-    mcr(&["checkpoint", "-t", &pid, "-D", dir, "--shell-job", "--tcp-established"]);
+    mcr(&[
+        "checkpoint",
+        "-t",
+        &pid,
+        "-D",
+        dir,
+        "--shell-job",
+        "--tcp-established",
+    ]);
     let _ = service.wait();
     let pidfile = img.with_extension("pid");
     let pf = pidfile.to_str().expect("utf-8");
-    mcr(&["restore", "-D", dir, "--shell-job", "--tcp-established", "-d", "--pidfile", pf]);
+    mcr(&[
+        "restore",
+        "-D",
+        dir,
+        "--shell-job",
+        "--tcp-established",
+        "-d",
+        "--pidfile",
+        pf,
+    ]);
     wait_trips(&seen, &before, 20);
     let worst = seen.lock().expect("seen").worst;
     stop.store(true, Ordering::Relaxed);

@@ -144,27 +144,49 @@ fn get_option(sock: &impl AsRawFd, level: i32, name: i32) -> Option<Vec<u8>> {
     (r == 0).then(|| buf[..len as usize].to_vec())
 }
 
-/// The options of `OPTIONS` (that apply to it) of fd `fd` of `pid` whose values differ
-/// from those of a fresh socket of the same kind: what the program set.
+/// The values of `OPTIONS` on a fresh socket, per (family, protocol), read once.
+#[derive(Default)]
+pub struct FreshOptions(BTreeMap<(i32, i32), Vec<Option<Vec<u8>>>>);
+
+impl FreshOptions {
+    fn of(&mut self, family: i32, protocol: i32) -> Result<&[Option<Vec<u8>>]> {
+        use std::collections::btree_map::Entry;
+        Ok(match self.0.entry((family, protocol)) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                let fresh = socket(family, protocol)?;
+                e.insert(
+                    OPTIONS
+                        .iter()
+                        .map(|&(level, name)| get_option(&fresh, level, name))
+                        .collect(),
+                )
+            }
+        })
+    }
+}
+
+/// The options of `OPTIONS` (that apply to it) of `sock`, a copy of a program's
+/// socket, whose values differ from those of a fresh socket of the same kind: what
+/// the program set.
 pub fn changed_options(
-    pid: Pid,
-    fd: i32,
+    sock: &OwnedFd,
     family: i32,
     protocol: i32,
+    fresh: &mut FreshOptions,
 ) -> Result<Vec<(i32, i32, Vec<u8>)>> {
-    let theirs = pidfd_getfd(&pidfd_open(pid)?, pid, fd)?;
-    let fresh = socket(family, protocol)?;
+    let defaults = fresh.of(family, protocol)?;
     let mut out = Vec::new();
-    for &(level, name) in OPTIONS {
+    for (&(level, name), default) in OPTIONS.iter().zip(defaults) {
         if level == libc::IPPROTO_TCP && protocol != libc::IPPROTO_TCP
             || level == libc::IPPROTO_IPV6 && family != libc::AF_INET6
         {
             continue;
         }
-        let Some(v) = get_option(&theirs, level, name) else {
+        let Some(v) = get_option(sock, level, name) else {
             continue;
         };
-        if get_option(&fresh, level, name).as_ref() != Some(&v) {
+        if default.as_ref() != Some(&v) {
             out.push((level, name, v));
         }
     }

@@ -52,12 +52,19 @@ impl AsFd for PacketQueue {
 }
 
 impl PacketQueue {
-    /// Binds the first free queue number from `first` on.
+    /// Binds the first free queue number among the 256 from `first` on. A number
+    /// bound by another socket answers EPERM (EBUSY on older kernels), as does a
+    /// caller without CAP_NET_ADMIN: hence the bound on the search.
     pub fn bind_free(first: u16) -> Result<PacketQueue> {
         let mut num = first;
         loop {
             match Self::bind(num) {
-                Err(e) if e.errno() == Some(Errno::EBUSY) && num < u16::MAX => num += 1,
+                Err(e)
+                    if matches!(e.errno(), Some(Errno::EBUSY | Errno::EPERM))
+                        && num < first.saturating_add(255) =>
+                {
+                    num += 1
+                }
                 r => return r,
             }
         }

@@ -82,7 +82,10 @@ impl WireLock {
             (q, r) => (q, r),
         };
         locked?;
-        tracing::debug!(us = t0.elapsed().as_micros() as u64, "queue bound, table made");
+        tracing::debug!(
+            us = t0.elapsed().as_micros() as u64,
+            "queue bound, table made"
+        );
         let mut lock = WireLock {
             table,
             holder: None,

@@ -153,7 +153,10 @@ fn echo_across_the_move(args: &[&str]) {
 fn image_table(img: &std::path::Path) -> String {
     let show = mcr(&["show", "--json", "-D", img.to_str().expect("utf-8")]);
     let json = String::from_utf8_lossy(&show.stdout);
-    let lock = json.split("\"net_lock\":").nth(1).expect("the image has a lock");
+    let lock = json
+        .split("\"net_lock\":")
+        .nth(1)
+        .expect("the image has a lock");
     assert!(lock.contains("\"holder_pid\":"), "no packet holder: {lock}");
     lock.split("\"table\":\"")
         .nth(1)
@@ -501,7 +504,10 @@ fn a_restore_without_the_flag_is_refused_and_keeps_the_connection_blocked_for_a_
             tables().contains(&format!("table inet {table}")),
             "{table} is gone before the restore"
         );
-        assert!(find_holder(&table).is_some(), "the holder of {table} is gone");
+        assert!(
+            find_holder(&table).is_some(),
+            "the holder of {table} is gone"
+        );
     };
     still_held();
     let out = mcr(&[

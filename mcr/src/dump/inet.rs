@@ -36,6 +36,8 @@ pub fn resolve(
         inet::inet_sockets().step(root, || "listing TCP and UDP sockets (sock_diag)".into())?;
     let mut out = Vec::new();
     let mut established = Vec::new();
+    let mut fresh = inet::FreshOptions::default();
+    let mut pidfds = std::collections::BTreeMap::new();
     for (&ino, &(pid, fd)) in &holders {
         let unlisted;
         let s = match all.get(&ino) {
@@ -68,6 +70,8 @@ pub fn resolve(
         let key = format!("socket:[{ino}]");
         let is_it = |k: &FdKind| matches!(k, FdKind::UnixSocket { ino: i } if *i == ino);
         let tcp = s.protocol == libc::IPPROTO_TCP;
+        let at = Pid::from_raw(pid);
+        let mut held = None;
         let refusal = match (tcp, s.state) {
             (true, TCP_LISTEN) if s.rqueue > 0 => Some(format!(
                 "a listening {} with {} connections waiting to be accepted, which are not supported yet",
@@ -76,14 +80,7 @@ pub fn resolve(
             )),
             (true, TCP_LISTEN | TCP_CLOSE) => None,
             (true, TCP_ESTABLISHED) if tcp_established => {
-                capture.conns.push(Held {
-                    ino,
-                    pid,
-                    fd,
-                    local: s.local,
-                    peer: s.peer,
-                    sock: None,
-                });
+                held = Some((s.local, s.peer));
                 None
             }
             (true, state) => {
@@ -112,10 +109,32 @@ pub fn resolve(
             externalize(procs, shell_job, &key, &why, is_it)?;
             continue;
         }
-        let options = inet::changed_options(Pid::from_raw(pid), fd, s.family, s.protocol)
-            .step(Pid::from_raw(pid), || {
-                format!("reading the options of fd {fd} ({key})")
-            })?;
+        let pidfd = match pidfds.entry(pid) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(kext_shim::pidfd::pidfd_open(at).step(at, || "pidfd_open".into())?)
+            }
+        };
+        let sock = kext_shim::pidfd::pidfd_getfd(pidfd, at, fd)
+            .step(at, || format!("taking a copy of fd {fd} ({key})"))?;
+        let options = inet::changed_options(&sock, s.family, s.protocol, &mut fresh)
+            .step(at, || format!("reading the options of fd {fd} ({key})"))?;
+        if let Some((local, peer)) = held {
+            let reuse = options
+                .iter()
+                .find(|(l, n, _)| (*l, *n) == (libc::SOL_SOCKET, libc::SO_REUSEADDR))
+                .map(|(_, _, v)| v.clone());
+            capture.conns.push(Held {
+                ino,
+                pid,
+                fd,
+                local,
+                peer,
+                sock,
+                repair: false,
+                reuse,
+            });
+        }
         out.push(InetSocketImage {
             ino,
             family: s.family,
@@ -150,15 +169,18 @@ pub fn resolve(
     Ok((out, capture))
 }
 
-/// An established connection being taken: who holds it, and our copy of its socket
-/// once it is in repair mode.
+/// An established connection being taken: who holds it, and our copy of its socket.
 struct Held {
     ino: u64,
     pid: i32,
     fd: i32,
     local: std::net::SocketAddr,
     peer: std::net::SocketAddr,
-    sock: Option<std::os::fd::OwnedFd>,
+    sock: std::os::fd::OwnedFd,
+    /// Put in repair mode by us.
+    repair: bool,
+    /// The program's SO_REUSEADDR, which leaving repair mode clears.
+    reuse: Option<Vec<u8>>,
 }
 
 /// The established connections of a dump, from the moment they are stopped on the
@@ -196,17 +218,13 @@ impl TcpCapture {
     pub fn read(&mut self, images: &mut [InetSocketImage]) -> Result<()> {
         for c in &mut self.conns {
             let at = Pid::from_raw(c.pid);
-            let sock = kext_shim::pidfd::pidfd_open(at)
-                .and_then(|p| kext_shim::pidfd::pidfd_getfd(&p, at, c.fd))
-                .step(at, || format!("taking a copy of fd {}", c.fd))?;
-            kext_shim::tcp::set_repair(&sock, true).step(at, || {
+            kext_shim::tcp::set_repair(&c.sock, true).step(at, || {
                 format!("putting {} -> {} in repair mode", c.local, c.peer)
             })?;
-            c.sock = Some(sock);
-            let st = kext_shim::tcp::read_state(c.sock.as_ref().expect("just set"))
-                .step(at, || {
-                    format!("reading TCP connection {} -> {}", c.local, c.peer)
-                })?;
+            c.repair = true;
+            let st = kext_shim::tcp::read_state(&c.sock).step(at, || {
+                format!("reading TCP connection {} -> {}", c.local, c.peer)
+            })?;
             if let Some(img) = images.iter_mut().find(|i| i.ino == c.ino) {
                 img.tcp = Some(st.into());
             }
@@ -236,15 +254,17 @@ impl TcpCapture {
 
 impl Drop for TcpCapture {
     fn drop(&mut self) {
-        for c in &self.conns {
-            if let Some(s) = &c.sock {
-                if let Err(e) = kext_shim::tcp::set_repair(s, false) {
-                    tracing::error!(
-                        pid = c.pid,
-                        fd = c.fd,
-                        "taking a socket out of repair mode: {e}"
-                    );
-                }
+        for c in self.conns.iter().filter(|c| c.repair) {
+            let back = kext_shim::tcp::set_repair(&c.sock, false).and_then(|_| match &c.reuse {
+                Some(v) => inet::set_option(&c.sock, libc::SOL_SOCKET, libc::SO_REUSEADDR, v),
+                None => Ok(()),
+            });
+            if let Err(e) = back {
+                tracing::error!(
+                    pid = c.pid,
+                    fd = c.fd,
+                    "taking a socket out of repair mode: {e}"
+                );
             }
         }
         // Out of repair mode first: the packets held are delivered as the lock goes.

@@ -27,6 +27,8 @@ pub struct FilePlan {
     /// Pty index -> (our master, a slave of ours if it is a session's terminal).
     ptys: BTreeMap<u32, (i32, Option<i32>)>,
     per_process: Vec<FdNumbers>,
+    /// Above every fd number of the image.
+    floor: i32,
     /// Connections with bytes never sent, to send once the connections may talk.
     pub unsent: Vec<super::sockets::Unsent>,
 }
@@ -54,8 +56,15 @@ impl FilePlan {
         self.per_process.clone()
     }
 
+    /// Keeps `f` for the stubs, numbered above every fd number the image uses when
+    /// it can be: the stubs then dup each straight to its number (see `set_fds`).
     fn keep(&mut self, f: impl Into<OwnedFd>) -> i32 {
-        let fd: OwnedFd = f.into();
+        let mut fd: OwnedFd = f.into();
+        if fd.as_raw_fd() < self.floor {
+            if let Ok(high) = kext_shim::sys::dup_above(&fd, self.floor) {
+                fd = high;
+            }
+        }
         let n = fd.as_raw_fd();
         self.owned.push(fd);
         n
@@ -159,7 +168,14 @@ pub fn open_all(
     netns: Option<&Path>,
 ) -> Result<FilePlan> {
     let (procs, pipes, ptys) = (&snap.processes, &snap.pipes, &snap.ptys);
+    let floor = procs
+        .iter()
+        .flat_map(|p| p.fds.iter().map(|e| e.fd))
+        .max()
+        .unwrap_or(0)
+        + 1;
     let mut plan = FilePlan {
+        floor,
         owned: Vec::new(),
         ofds: BTreeMap::new(),
         pipes: BTreeMap::new(),

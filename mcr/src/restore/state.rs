@@ -51,6 +51,33 @@ pub(super) fn set_rlimits(cx: &mut Ctx, p: &ProcessImage) -> Result<()> {
 /// Moves every fd to its number: first everything we need above all numbers in play,
 /// then close the rest, then dup each to its target.
 pub(super) fn set_fds(cx: &mut Ctx, fds: &FdNumbers) -> Result<()> {
+    let highest_target = fds.fds.iter().map(|&(t, _, _)| t).max();
+    let lowest_source = fds.fds.iter().map(|&(_, s, _)| s).min();
+    if let (Some(t), Some(s)) = (highest_target, lowest_source) {
+        if s > t {
+            // Ours are all above its numbers already (see FilePlan::keep): close what
+            // is below them, dup each to its number, close ours.
+            cx.call(
+                libc::SYS_close_range,
+                [0, (s - 1) as u64, 0, 0, 0, 0],
+                || "close_range below our fds".into(),
+            )?;
+            for &(target, src, cloexec) in &fds.fds {
+                let flag = if cloexec { libc::O_CLOEXEC as u64 } else { 0 };
+                cx.call(
+                    libc::SYS_dup3,
+                    [src as u64, target as u64, flag, 0, 0, 0],
+                    || format!("dup3 to fd {target}"),
+                )?;
+            }
+            cx.call(
+                libc::SYS_close_range,
+                [s as u64, u32::MAX as u64, 0, 0, 0, 0],
+                || "close_range of our fds".into(),
+            )?;
+            return Ok(());
+        }
+    }
     let open_now =
         procfs::list_fds(kext_shim::Pid::from_raw(cx.pid)).step(cx.pid, || "listing fds".into())?;
     let base = fds
