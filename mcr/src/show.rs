@@ -277,6 +277,7 @@ pub fn text(image: &Image) -> String {
             } => format!("waiting in the queue of listener socket:[{listener}]"),
             SocketLink::Accepted { client } => format!("accepted from socket:[{client}]"),
             SocketLink::ConnectedTo { name } => format!("connected to {name}"),
+            SocketLink::PeerClosed => "connected, its peer closed".to_string(),
         };
         let kind = match u.kind {
             libc::SOCK_STREAM => "stream",

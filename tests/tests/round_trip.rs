@@ -381,3 +381,33 @@ fn tcp_listeners_and_udp_sockets_come_back_bound_with_their_options() {
     let v = run("inet", &[], None);
     eprintln!("{v}");
 }
+
+/// One end of a socket pair whose other end the program closed after writing to it:
+/// what was written is read, then end of file, and a write fails with EPIPE.
+const PY_PEER_CLOSED: &str = r#"
+import socket, sys
+a, b = socket.socketpair()
+b.sendall(b"left behind")
+b.close()
+print("READY", flush=True)
+sys.stdin.readline()
+got = a.recv(100)
+eof = a.recv(100)
+try:
+    a.send(b"x")
+    pipe = False
+except BrokenPipeError:
+    pipe = True
+ok = got == b"left behind" and eof == b"" and pipe
+print(("PASS" if ok else "FAIL") + " got=%r eof=%r epipe=%s" % (got, eof, pipe), flush=True)
+"#;
+
+#[test]
+fn a_socket_pair_whose_peer_was_closed_keeps_what_it_left() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let p = Proc::start(&mut g, Path::new("python3"), &["-c", PY_PEER_CLOSED], None);
+    let mut r = round_trip(&mut g, p, &tmp.path().join("img"), &[], &[]);
+    assert_pass(&r.check());
+    assert_eq!(r.wait(), 0);
+}

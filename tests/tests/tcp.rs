@@ -524,3 +524,191 @@ fn a_restore_without_the_flag_is_refused_and_keeps_the_connection_blocked_for_a_
     assert_pass(&r.check());
     assert_eq!(r.wait(), 0);
 }
+
+/// A port nobody listens on now, for programs that cannot be told to pick one.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Connects once `port` listens: the program binds it in its own time.
+fn connect_when_listening(port: u16) -> TcpStream {
+    let deadline = Instant::now() + LINE_TIMEOUT;
+    loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(c) => return c,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::yield_now();
+            }
+            Err(e) => panic!("nothing listens on {port}: {e}"),
+        }
+    }
+}
+
+#[test]
+fn socat_relaying_to_cat_keeps_its_client_across_the_move() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let port = free_port();
+    let listen = format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr");
+    let p = Proc::start_until(
+        &mut g,
+        std::path::Path::new("socat"),
+        &[&listen, "EXEC:cat"],
+        None,
+        None,
+    );
+    let c = connect_when_listening(port);
+    // Echoes come back once socat has forked cat: the tree is whole.
+    let client = Client::start(c).wait_trips(100);
+    assert_eq!(tree_pids(p.pid).len(), 2, "socat and its cat");
+    let img = tmp.path().join("img");
+    let mut r = round_trip(
+        &mut g,
+        p,
+        &img,
+        &["--tcp-established"],
+        &["--tcp-established"],
+    );
+    let (worst, conn) = client.wait_trips(100).finish();
+    eprintln!("socat: longest wait for an echo across the move: {worst:?}");
+    // A close is an EOF for socat, which closes cat's input and ends as cat ends.
+    drop(conn);
+    assert_eq!(r.wait(), 0);
+}
+
+/// GETs `path` again and again over one keep-alive connection, checking each body,
+/// until told to stop; the longest wait for a response.
+fn http_client(
+    mut c: TcpStream,
+    path: String,
+    body: Vec<u8>,
+    stop: Arc<AtomicBool>,
+    trips: Arc<AtomicU64>,
+) -> Result<Duration, String> {
+    c.set_read_timeout(Some(LINE_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let mut worst = Duration::ZERO;
+    let mut buf = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let t0 = Instant::now();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n");
+        c.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut b = [0u8; 65536];
+            let n = c.read(&mut b).map_err(|e| format!("response: {e}"))?;
+            if n == 0 {
+                return Err("the server closed the connection".into());
+            }
+            buf.extend_from_slice(&b[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        if !head.starts_with("HTTP/1.1 200") || head.to_lowercase().contains("connection: close") {
+            return Err(format!("unexpected response: {head}"));
+        }
+        while buf.len() < head_end + body.len() {
+            let mut b = [0u8; 65536];
+            let n = c.read(&mut b).map_err(|e| format!("body: {e}"))?;
+            if n == 0 {
+                return Err("the server closed the connection mid-body".into());
+            }
+            buf.extend_from_slice(&b[..n]);
+        }
+        if buf[head_end..head_end + body.len()] != body[..] {
+            return Err("a body came back different".into());
+        }
+        buf.drain(..head_end + body.len());
+        worst = worst.max(t0.elapsed());
+        trips.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(worst)
+}
+
+#[test]
+fn python_http_server_keeps_a_keep_alive_client_across_the_move() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let site = tmp.path().join("site");
+    std::fs::create_dir(&site).expect("site dir");
+    let body: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(site.join("data.bin"), &body).expect("data.bin");
+    let mut g = Guard::new();
+    // Its request log would fill a pipe nobody reads: to /dev/null.
+    let serve = format!(
+        "exec python3 -u -m http.server -p HTTP/1.1 -b 127.0.0.1 -d {} 0 2>/dev/null",
+        site.display()
+    );
+    let p = Proc::start_until(
+        &mut g,
+        std::path::Path::new("sh"),
+        &["-c", &serve],
+        None,
+        Some("Serving HTTP"),
+    );
+    let port = listening_port(p.pid);
+    let c = TcpStream::connect(("127.0.0.1", port)).expect("connecting");
+    let (stop, trips) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let client = {
+        let (stop, trips, body) = (stop.clone(), trips.clone(), body.clone());
+        std::thread::spawn(move || http_client(c, "/data.bin".into(), body, stop, trips))
+    };
+    let wait_for = |n: u64| {
+        let target = trips.load(Ordering::Relaxed) + n;
+        let deadline = Instant::now() + LINE_TIMEOUT;
+        while trips.load(Ordering::Relaxed) < target {
+            assert!(!client.is_finished(), "the client stopped");
+            assert!(Instant::now() < deadline, "the client made no progress");
+            std::thread::yield_now();
+        }
+    };
+    wait_for(20);
+    let img = tmp.path().join("img");
+    let mut r = round_trip(
+        &mut g,
+        p,
+        &img,
+        &["--tcp-established"],
+        &["--tcp-established"],
+    );
+    wait_for(20);
+    stop.store(true, Ordering::Relaxed);
+    let worst = client
+        .join()
+        .expect("client thread")
+        .expect("the client saw an error");
+    eprintln!("http.server: longest wait for a response across the move: {worst:?}");
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(r.pid), nix::sys::signal::SIGKILL);
+    assert_eq!(r.wait(), 128 + libc::SIGKILL);
+}
+
+/// The TCP port `pid` listens on (IPv4), from its fds and /proc/net/tcp.
+fn listening_port(pid: i32) -> u16 {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            l.to_string_lossy()
+                .strip_prefix("socket:[")
+                .map(|s| s.trim_end_matches(']').to_string())
+        })
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    for l in table.lines().skip(1) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // local_address, state 0A (LISTEN), inode.
+        if f.len() > 9 && f[3] == "0A" && inodes.iter().any(|i| i == f[9]) {
+            let port = f[1].rsplit(':').next().expect("port");
+            return u16::from_str_radix(port, 16).expect("hex port");
+        }
+    }
+    panic!("pid {pid} listens on no TCP port");
+}

@@ -122,6 +122,8 @@ pub fn resolve(
                     accepted: None,
                 },
                 None => SocketLink::Unconnected,
+                // sock_diag names no peer once the other end is gone.
+                Some(0) if stream => SocketLink::PeerClosed,
                 Some(p) if holders.contains_key(&p) => {
                     let ps = all.get(&p);
                     let peer_name = ps.and_then(|x| x.name.clone());
@@ -225,6 +227,7 @@ pub fn resolve(
         let refill_ok = match &link {
             SocketLink::Pair { .. }
             | SocketLink::Accepted { .. }
+            | SocketLink::PeerClosed
             | SocketLink::Client {
                 accepted: Some(_), ..
             } => true,

@@ -262,6 +262,9 @@ pub enum SocketLink {
     ConnectedTo {
         name: String,
     },
+    /// A connected stream socket whose peer was closed: what it left is read, then
+    /// end of file; a write gets EPIPE.
+    PeerClosed,
 }
 
 /// A pseudo-terminal with its master inside the image: made again with its index, so

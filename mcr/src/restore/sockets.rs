@@ -183,6 +183,11 @@ pub fn make(
             }
             // Made with its client.
             SocketLink::Accepted { .. } => {}
+            SocketLink::PeerClosed => {
+                let (a, b) = kext_shim::anon::socketpair(s.kind).map_err(|e| err(e.to_string()))?;
+                refill(&b, s).map_err(&err)?;
+                made.insert(s.ino, a);
+            }
         }
     }
     Ok((made, unsent))
