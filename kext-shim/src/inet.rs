@@ -331,3 +331,226 @@ pub fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
         _ => None,
     }
 }
+
+/// The datagrams waiting on UDP socket `sock` (a copy of a program's), with who sent
+/// each, left in place: peeked with SO_PEEK_OFF walking the queue, put back to off
+/// after.
+pub fn peek_datagrams(sock: &OwnedFd) -> Result<Vec<(SocketAddr, Vec<u8>)>> {
+    let raw = sock.as_raw_fd();
+    let set_peek_off = |v: i32| -> Result<()> {
+        // SAFETY: setsockopt reads one int.
+        let r = unsafe {
+            libc::setsockopt(
+                raw,
+                libc::SOL_SOCKET,
+                libc::SO_PEEK_OFF,
+                (&v as *const i32).cast(),
+                4,
+            )
+        };
+        check(r as libc::c_long, || "setsockopt(SO_PEEK_OFF)".into()).map(|_| ())
+    };
+    set_peek_off(0)?;
+    let res = (|| {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
+            let mut from: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            // SAFETY: recvfrom writes at most buf.len() bytes into buf and at most
+            // `len` bytes of address into `from`.
+            let n = unsafe {
+                libc::recvfrom(
+                    raw,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                    (&mut from as *mut libc::sockaddr_storage).cast(),
+                    &mut len,
+                )
+            };
+            if n < 0 {
+                let e = crate::Errno::last();
+                if e == crate::Errno::EAGAIN {
+                    return Ok(out);
+                }
+                return Err(crate::SysError::new("peeking a UDP queue", e).into());
+            }
+            if n == 0 {
+                // An empty datagram does not move the peek offset: no way past it.
+                return Err(crate::Error::Unexpected {
+                    pid: 0,
+                    what: "an empty datagram is queued, which cannot be read in place".into(),
+                });
+            }
+            let src = from_sockaddr(&from).ok_or_else(|| crate::Error::Unexpected {
+                pid: 0,
+                what: "a datagram from an address of another family".into(),
+            })?;
+            out.push((src, buf[..n as usize].to_vec()));
+        }
+    })();
+    let reset = set_peek_off(-1);
+    let q = res?;
+    reset?;
+    Ok(q)
+}
+
+/// Hands `to` (a local address) a UDP datagram as if `from` had sent it, through a raw
+/// socket of the current network namespace: it arrives as any datagram would, so a
+/// program replying to its sender replies to `from`.
+pub fn inject_udp(from: &SocketAddr, to: &SocketAddr, payload: &[u8]) -> Result<()> {
+    let udp_len = 8 + payload.len();
+    let mut udp = Vec::with_capacity(udp_len);
+    udp.extend_from_slice(&from.port().to_be_bytes());
+    udp.extend_from_slice(&to.port().to_be_bytes());
+    udp.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    let (family, packet) = match (from.ip(), to.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            // Length, checksum and id are the kernel's to fill in (IP_HDRINCL); a UDP
+            // checksum of 0 means none, which IPv4 allows.
+            let mut p = vec![
+                0x45,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0x40,
+                0,
+                64,
+                libc::IPPROTO_UDP as u8,
+                0,
+                0,
+            ];
+            p.extend_from_slice(&s.octets());
+            p.extend_from_slice(&d.octets());
+            p.extend_from_slice(&udp);
+            (libc::AF_INET, p)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            // IPv6 requires the UDP checksum, over a pseudo-header.
+            let mut sum: u32 = 0;
+            let mut add = |b: &[u8]| {
+                for c in b.chunks(2) {
+                    sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+                }
+            };
+            add(&s.octets());
+            add(&d.octets());
+            add(&(udp_len as u32).to_be_bytes());
+            add(&[0, 0, 0, libc::IPPROTO_UDP as u8]);
+            add(&udp);
+            while sum >> 16 != 0 {
+                sum = (sum & 0xffff) + (sum >> 16);
+            }
+            let ck = match !(sum as u16) {
+                0 => 0xffff,
+                c => c,
+            };
+            udp[6..8].copy_from_slice(&ck.to_be_bytes());
+            let mut p = vec![0x60, 0, 0, 0];
+            p.extend_from_slice(&(udp_len as u16).to_be_bytes());
+            p.extend_from_slice(&[libc::IPPROTO_UDP as u8, 64]);
+            p.extend_from_slice(&s.octets());
+            p.extend_from_slice(&d.octets());
+            p.extend_from_slice(&udp);
+            (libc::AF_INET6, p)
+        }
+        _ => {
+            return Err(crate::Error::Unexpected {
+                pid: 0,
+                what: format!("a datagram from {from} to {to}: the families differ"),
+            })
+        }
+    };
+    // SAFETY: socket takes no pointers.
+    let fd = unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_RAW,
+        )
+    };
+    check(fd as libc::c_long, || {
+        "socket(SOCK_RAW, IPPROTO_RAW)".into()
+    })?;
+    // SAFETY: a fresh fd the kernel just returned, owned by no one else.
+    let raw = unsafe { OwnedFd::from_raw_fd(fd) };
+    if family == libc::AF_INET6 {
+        const IPV6_HDRINCL: i32 = 36;
+        let on: i32 = 1;
+        // SAFETY: setsockopt reads one int.
+        let r = unsafe {
+            libc::setsockopt(
+                raw.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                IPV6_HDRINCL,
+                (&on as *const i32).cast(),
+                4,
+            )
+        };
+        check(r as libc::c_long, || "setsockopt(IPV6_HDRINCL)".into())?;
+    }
+    // The destination's port means nothing to a raw socket.
+    let dest = SocketAddr::new(to.ip(), 0);
+    // SAFETY: the address points to a sockaddr of the stated length; the packet is
+    // our own buffer.
+    let n = with_sockaddr(&dest, |p, l| unsafe {
+        libc::sendto(
+            raw.as_raw_fd(),
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            p,
+            l,
+        ) as i32
+    });
+    check(n as libc::c_long, || {
+        format!("sending a datagram from {from} to {to} (raw)")
+    })?;
+    Ok(())
+}
+
+/// The address `sock` is bound to.
+pub fn local_addr(sock: &impl AsRawFd) -> Result<SocketAddr> {
+    sock_addr(sock, false)
+}
+
+/// The address `sock` is connected to.
+pub fn peer_addr(sock: &impl AsRawFd) -> Result<SocketAddr> {
+    sock_addr(sock, true)
+}
+
+fn sock_addr(sock: &impl AsRawFd, peer: bool) -> Result<SocketAddr> {
+    let mut ss: libc::sockaddr_storage = unsafe_zeroed();
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let p = (&mut ss as *mut libc::sockaddr_storage).cast();
+    // SAFETY: the call writes at most `len` bytes of address into `ss`.
+    let r = unsafe {
+        if peer {
+            libc::getpeername(sock.as_raw_fd(), p, &mut len)
+        } else {
+            libc::getsockname(sock.as_raw_fd(), p, &mut len)
+        }
+    };
+    check(r as libc::c_long, || {
+        if peer {
+            "getpeername".into()
+        } else {
+            "getsockname".into()
+        }
+    })?;
+    from_sockaddr(&ss).ok_or_else(|| crate::Error::Unexpected {
+        pid: 0,
+        what: "a TCP socket with an address of another family".into(),
+    })
+}
+
+fn unsafe_zeroed() -> libc::sockaddr_storage {
+    // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
+    unsafe { std::mem::zeroed() }
+}

@@ -139,36 +139,6 @@ fn peek(sock: &impl AsRawFd, len: u32, what: &str) -> Result<Vec<u8>> {
     Ok(b)
 }
 
-fn addr(sock: &impl AsRawFd, peer: bool) -> Result<SocketAddr> {
-    let mut ss: libc::sockaddr_storage = unsafe_zeroed();
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    let p = (&mut ss as *mut libc::sockaddr_storage).cast();
-    // SAFETY: the call writes at most `len` bytes of address into `ss`.
-    let r = unsafe {
-        if peer {
-            libc::getpeername(sock.as_raw_fd(), p, &mut len)
-        } else {
-            libc::getsockname(sock.as_raw_fd(), p, &mut len)
-        }
-    };
-    check(r as libc::c_long, || {
-        if peer {
-            "getpeername".into()
-        } else {
-            "getsockname".into()
-        }
-    })?;
-    crate::inet::from_sockaddr(&ss).ok_or_else(|| Error::Unexpected {
-        pid: 0,
-        what: "a TCP socket with an address of another family".into(),
-    })
-}
-
-fn unsafe_zeroed() -> libc::sockaddr_storage {
-    // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
-    unsafe { std::mem::zeroed() }
-}
-
 /// Reads an established connection's state from `sock`, which must be in repair mode.
 /// Nothing is taken from it: it can be let go as it was.
 pub fn read_state(sock: &OwnedFd) -> Result<TcpState> {
@@ -189,8 +159,8 @@ pub fn read_state(sock: &OwnedFd) -> Result<TcpState> {
     let word = |i: usize| u32::from_ne_bytes(w[i * 4..i * 4 + 4].try_into().expect("4"));
     let sol = libc::SOL_SOCKET;
     Ok(TcpState {
-        local: addr(sock, false)?,
-        peer: addr(sock, true)?,
+        local: crate::inet::local_addr(sock)?,
+        peer: crate::inet::peer_addr(sock)?,
         recv_seq,
         send_seq,
         recv_queue,

@@ -312,7 +312,11 @@ fn mcr_killed_mid_dump_leaves_its_holder_to_deliver_the_packets_and_lift_the_loc
 /// (C), where a bridge joins a veth to each of the others. Deleted when dropped.
 struct Net {
     names: [String; 3],
+    /// Tells its namespaces and links from those of another test of this process.
+    id: u32,
 }
+
+static NETS: AtomicU64 = AtomicU64::new(0);
 
 fn ip(args: &[&str]) {
     let st = std::process::Command::new("ip")
@@ -326,7 +330,7 @@ const SERVICE: &str = "10.77.0.10";
 
 impl Net {
     fn new() -> Net {
-        let id = std::process::id() % 100_000;
+        let id = (std::process::id() % 10_000) * 10 + NETS.fetch_add(1, Ordering::Relaxed) as u32;
         let names = [
             format!("mcra{id}"),
             format!("mcrb{id}"),
@@ -338,6 +342,7 @@ impl Net {
         }
         let net = Net {
             names: names.clone(),
+            id,
         };
         ip(&["-n", c, "link", "add", "br0", "type", "bridge"]);
         for (ns, end) in [(a, "a"), (b, "b")] {
@@ -376,7 +381,7 @@ impl Net {
 
     /// Moves the service address from A to B, and makes the client ask who has it.
     fn move_address(&self) {
-        let id = std::process::id() % 100_000;
+        let id = self.id;
         let addr = format!("{SERVICE}/24");
         ip(&[
             "-n",
@@ -689,8 +694,75 @@ fn python_http_server_keeps_a_keep_alive_client_across_the_move() {
     assert_eq!(r.wait(), 128 + libc::SIGKILL);
 }
 
-/// The TCP port `pid` listens on (IPv4), from its fds and /proc/net/tcp.
+/// The TCP port `pid` listens on (IPv4).
 fn listening_port(pid: i32) -> u16 {
+    bound_port(pid, &["tcp"], Some("0A"))
+}
+
+/// A UDP service that reads nothing until told GO, then echoes what waits to whoever
+/// sent it; after that, it echoes forever.
+const PY_UDP_ECHO: &str = r#"
+import socket, sys
+fam = socket.AF_INET6 if sys.argv[2] == "6" else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 0))
+print("PORT %d" % s.getsockname()[1], flush=True)
+print("READY", flush=True)
+if sys.stdin.readline().strip() == "GO":
+    while True:
+        d, a = s.recvfrom(65536)
+        s.sendto(d, a)
+"#;
+
+fn udp_echo_queued_across_the_move(host: &str, family: &str) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let mut p = Proc::start_until(
+        &mut g,
+        std::path::Path::new("python3"),
+        &["-c", PY_UDP_ECHO, host, family],
+        None,
+        Some("PORT"),
+    );
+    p.lines.expect_prefix("READY");
+    let port = listening_udp_port(p.pid);
+    let c = std::net::UdpSocket::bind((host, 0)).expect("client socket");
+    let sent: [&[u8]; 3] = [b"first", b"second datagram", b"3"];
+    for d in sent {
+        c.send_to(d, (host, port)).expect("sending");
+    }
+    // Queued, unread, when the service is dumped: they come back from their sender.
+    let mut r = round_trip(&mut g, p, &tmp.path().join("img"), &[], &[]);
+    r.send("GO");
+    c.set_read_timeout(Some(LINE_TIMEOUT)).expect("timeout");
+    for d in sent {
+        let mut b = [0u8; 64];
+        let (n, from) = c.recv_from(&mut b).expect("an echo");
+        assert_eq!(&b[..n], d, "echoed out of order or changed");
+        assert_eq!(from.port(), port);
+    }
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(r.pid), nix::sys::signal::SIGKILL);
+    r.wait();
+}
+
+#[test]
+fn udp_datagrams_waiting_to_be_read_come_back_from_their_senders() {
+    udp_echo_queued_across_the_move("127.0.0.1", "4");
+}
+
+#[test]
+fn udp_datagrams_waiting_come_back_over_ipv6_too() {
+    udp_echo_queued_across_the_move("::1", "6");
+}
+
+/// The UDP port `pid` has bound (either family).
+fn listening_udp_port(pid: i32) -> u16 {
+    bound_port(pid, &["udp", "udp6"], None)
+}
+
+/// The port of the first socket of `pid` in its network namespace's tables
+/// (/proc/PID/net/...), in `state` if given.
+fn bound_port(pid: i32, tables: &[&str], state: Option<&str>) -> u16 {
     let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("fds")
         .flatten()
@@ -701,14 +773,113 @@ fn listening_port(pid: i32) -> u16 {
                 .map(|s| s.trim_end_matches(']').to_string())
         })
         .collect();
-    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
-    for l in table.lines().skip(1) {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        // local_address, state 0A (LISTEN), inode.
-        if f.len() > 9 && f[3] == "0A" && inodes.iter().any(|i| i == f[9]) {
-            let port = f[1].rsplit(':').next().expect("port");
-            return u16::from_str_radix(port, 16).expect("hex port");
+    for t in tables {
+        let table =
+            std::fs::read_to_string(format!("/proc/{pid}/net/{t}")).expect("a /proc/net table");
+        for l in table.lines().skip(1) {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() > 9 && state.is_none_or(|s| f[3] == s) && inodes.iter().any(|i| i == f[9]) {
+                let port = f[1].rsplit(':').next().expect("port");
+                return u16::from_str_radix(port, 16).expect("hex port");
+            }
         }
     }
-    panic!("pid {pid} listens on no TCP port");
+    panic!("pid {pid} has no socket in {tables:?}");
+}
+
+#[test]
+fn a_udp_service_moves_to_another_network_namespace_and_its_client_keeps_asking() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let net = Net::new();
+    let mut g = Guard::new();
+    let mut cmd = std::process::Command::new("nsenter");
+    cmd.arg(format!("--net={}", net.path(0)))
+        .args(["python3", "-c", PY_UDP_ECHO, SERVICE, "4"]);
+    let mut p = Proc::spawn(&mut g, cmd, Some("PORT"));
+    p.lines.expect_prefix("READY");
+    p.send("GO");
+    let port = listening_udp_port(p.pid);
+    // The client in C asks with numbered requests, asking again after 20 ms without
+    // an answer (UDP loses what the gap holds), and checks every answer.
+    let c_ns = std::fs::File::open(net.path(2)).expect("netns C");
+    let (stop, trips) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let client = {
+        let (stop, trips) = (stop.clone(), trips.clone());
+        std::thread::spawn(move || -> Result<Duration, String> {
+            nix::sched::setns(c_ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| e.to_string())?;
+            let c = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+            c.connect((SERVICE, port)).map_err(|e| e.to_string())?;
+            c.set_read_timeout(Some(Duration::from_millis(20)))
+                .map_err(|e| e.to_string())?;
+            let mut worst = Duration::ZERO;
+            let mut i = 0u64;
+            let began = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                if began.elapsed() > LINE_TIMEOUT * 4 {
+                    return Err("no end in sight".into());
+                }
+                let t0 = Instant::now();
+                loop {
+                    c.send(&i.to_be_bytes()).map_err(|e| e.to_string())?;
+                    let mut b = [0u8; 8];
+                    match c.recv(&mut b) {
+                        Ok(8) if u64::from_be_bytes(b) == i => break,
+                        // A late answer to an earlier request.
+                        Ok(8) if u64::from_be_bytes(b) < i => continue,
+                        Ok(n) => return Err(format!("answer to {i}: {n} bytes {b:?}")),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        // An ICMP error while the address moves.
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
+                        Err(e) => return Err(format!("answer to {i}: {e}")),
+                    }
+                }
+                worst = worst.max(t0.elapsed());
+                i += 1;
+                trips.store(i, Ordering::Relaxed);
+            }
+            Ok(worst)
+        })
+    };
+    let wait_for = |n: u64| {
+        let target = trips.load(Ordering::Relaxed) + n;
+        let deadline = Instant::now() + LINE_TIMEOUT;
+        while trips.load(Ordering::Relaxed) < target {
+            assert!(!client.is_finished(), "the client stopped");
+            assert!(Instant::now() < deadline, "the client made no progress");
+            std::thread::yield_now();
+        }
+    };
+    wait_for(100);
+    let pid = p.pid.to_string();
+    let img = tmp.path().join("img");
+    let enter_a = net.enter(0);
+    let out = std::process::Command::new(&enter_a[0])
+        .args(&enter_a[1..])
+        .arg(mcr_bin())
+        .args(["checkpoint", "-t", &pid, "-D", img.to_str().expect("utf-8")])
+        .arg("--shell-job")
+        .output()
+        .expect("mcr checkpoint");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(p.wait(), 128 + libc::SIGKILL);
+    net.move_address();
+    let prefix: Vec<&str> = enter_a.iter().map(String::as_str).collect();
+    let mut r = restore_via(&mut g, &prefix, &img, &["--netns", &net.path(1)]);
+    wait_for(100);
+    stop.store(true, Ordering::Relaxed);
+    let worst = client
+        .join()
+        .expect("client")
+        .expect("the client saw an error");
+    eprintln!("UDP: longest wait for an answer across the move between namespaces: {worst:?}");
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(r.pid), nix::sys::signal::SIGKILL);
+    r.wait();
 }

@@ -99,10 +99,6 @@ pub fn resolve(
                 }
                 continue;
             }
-            (false, _) if s.rqueue > 0 => Some(format!(
-                "a {} with datagrams waiting to be read, which are not kept yet",
-                describe(s)
-            )),
             (false, _) => None,
         };
         if let Some(why) = refusal {
@@ -119,6 +115,23 @@ pub fn resolve(
             .step(at, || format!("taking a copy of fd {fd} ({key})"))?;
         let options = inet::changed_options(&sock, s.family, s.protocol, &mut fresh)
             .step(at, || format!("reading the options of fd {fd} ({key})"))?;
+        let datagrams = if !tcp && s.rqueue > 0 {
+            match inet::peek_datagrams(&sock) {
+                Ok(q) => q,
+                Err(e) => {
+                    externalize(
+                        procs,
+                        shell_job,
+                        &key,
+                        &format!("a {}: {e}", describe(s)),
+                        is_it,
+                    )?;
+                    continue;
+                }
+            }
+        } else {
+            Vec::new()
+        };
         if let Some((local, peer)) = held {
             let reuse = options
                 .iter()
@@ -144,6 +157,7 @@ pub fn resolve(
             listen: (tcp && s.state == TCP_LISTEN).then_some(s.wqueue),
             options,
             tcp: None,
+            datagrams,
         });
         for p in procs.iter_mut() {
             for e in p.fds.iter_mut().filter(|e| is_it(&e.kind)) {

@@ -181,6 +181,7 @@ mod tests {
                 listen: Some(128),
                 options: vec![(libc::SOL_SOCKET, libc::SO_REUSEADDR, vec![1, 0, 0, 0])],
                 tcp: None,
+                datagrams: vec![("[::1]:53".parse().unwrap(), b"query".to_vec())],
             }],
         }
     }

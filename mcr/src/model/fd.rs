@@ -174,6 +174,8 @@ pub struct InetSocketImage {
     pub options: Vec<(i32, i32, Vec<u8>)>,
     /// An established connection (taken with --tcp-established).
     pub tcp: Option<TcpConnImage>,
+    /// UDP: the datagrams waiting to be read, in order, with who sent each.
+    pub datagrams: Vec<(std::net::SocketAddr, Vec<u8>)>,
 }
 
 /// An established TCP connection as TCP_REPAIR reads it (see kext_shim::tcp).

@@ -248,7 +248,31 @@ fn make_inet(pid: i32, s: &InetSocketImage) -> Result<OwnedFd> {
     if let Some(peer) = &s.peer {
         inet::connect(&sock, peer).map_err(k)?;
     }
+    if !s.datagrams.is_empty() {
+        refill_datagrams(&sock, s).map_err(|e| err(format!("refilling its datagrams: {e}")))?;
+    }
     Ok(sock)
+}
+
+/// Hands `sock` (`s` made again) what waited on it, each datagram from its sender.
+fn refill_datagrams(sock: &OwnedFd, s: &InetSocketImage) -> kext_shim::Result<()> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    let here = inet::local_addr(sock)?;
+    for (from, data) in &s.datagrams {
+        // A dual-stack socket saw IPv4 senders as mapped addresses: they come as IPv4.
+        let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+        let ip = match (from.ip(), here.ip()) {
+            (IpAddr::V4(_), IpAddr::V4(a)) if !a.is_unspecified() => IpAddr::V4(a),
+            (IpAddr::V4(_), IpAddr::V6(a)) if a.to_ipv4_mapped().is_some() => {
+                IpAddr::V4(a.to_ipv4_mapped().expect("mapped"))
+            }
+            (IpAddr::V4(_), _) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            (IpAddr::V6(_), IpAddr::V6(a)) if !a.is_unspecified() => IpAddr::V6(a),
+            (IpAddr::V6(_), _) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        };
+        inet::inject_udp(&from, &SocketAddr::new(ip, here.port()), data)?;
+    }
+    Ok(())
 }
 
 /// Sends what waits on `s` through `from`, its peer.
