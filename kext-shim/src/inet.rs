@@ -401,69 +401,99 @@ pub fn peek_datagrams(sock: &OwnedFd) -> Result<Vec<(SocketAddr, Vec<u8>)>> {
 /// socket of the current network namespace: it arrives as any datagram would, so a
 /// program replying to its sender replies to `from`.
 pub fn inject_udp(from: &SocketAddr, to: &SocketAddr, payload: &[u8]) -> Result<()> {
-    let udp_len = 8 + payload.len();
-    let mut udp = Vec::with_capacity(udp_len);
+    let len = 8 + payload.len();
+    let mut udp = Vec::with_capacity(len);
     udp.extend_from_slice(&from.port().to_be_bytes());
     udp.extend_from_slice(&to.port().to_be_bytes());
-    udp.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    udp.extend_from_slice(&(len as u16).to_be_bytes());
     udp.extend_from_slice(&[0, 0]);
     udp.extend_from_slice(payload);
+    // A UDP checksum of 0 means none, which IPv4 allows and IPv6 does not.
+    let checksum_at = from.is_ipv6().then_some(6);
+    inject(from, to, libc::IPPROTO_UDP as u8, udp, checksum_at)
+}
+
+/// Hands the socket made again from `st` its peer's FIN, as the peer sent it: at the
+/// end of the data, acknowledging what the peer had acknowledged.
+pub fn inject_tcp_fin(st: &crate::tcp::TcpState) -> Result<()> {
+    const FIN: u8 = 0x01;
+    const ACK: u8 = 0x10;
+    let acked = st.send_seq.wrapping_sub(st.send_queue.len() as u32);
+    // TCP_REPAIR_WINDOW's snd_wnd is the peer's window, unscaled.
+    let window = (st.window[1] >> st.snd_wscale).min(u16::MAX as u32) as u16;
+    let mut tcp = Vec::with_capacity(20);
+    tcp.extend_from_slice(&st.peer.port().to_be_bytes());
+    tcp.extend_from_slice(&st.local.port().to_be_bytes());
+    tcp.extend_from_slice(&st.recv_seq.to_be_bytes());
+    tcp.extend_from_slice(&acked.to_be_bytes());
+    tcp.extend_from_slice(&[5 << 4, FIN | ACK]);
+    tcp.extend_from_slice(&window.to_be_bytes());
+    tcp.extend_from_slice(&[0, 0, 0, 0]);
+    inject(&st.peer, &st.local, libc::IPPROTO_TCP as u8, tcp, Some(16))
+}
+
+/// The internet checksum of a pseudo-header (`from`, `to`, `proto`) and `l4`.
+fn l4_checksum(from: &IpAddr, to: &IpAddr, proto: u8, l4: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut add = |b: &[u8]| {
+        for c in b.chunks(2) {
+            sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+        }
+    };
+    let octets = |a: &IpAddr| match a {
+        IpAddr::V4(v) => v.octets().to_vec(),
+        IpAddr::V6(v) => v.octets().to_vec(),
+    };
+    add(&octets(from));
+    add(&octets(to));
+    add(&[0, proto]);
+    add(&(l4.len() as u16).to_be_bytes());
+    add(l4);
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    match !(sum as u16) {
+        0 => 0xffff,
+        c => c,
+    }
+}
+
+/// Sends `l4` (a transport header and payload, its checksum filled in at
+/// `checksum_at` if given) from `from` to `to` through a raw socket: it enters this
+/// network namespace's stack as a packet from `from` would.
+fn inject(
+    from: &SocketAddr,
+    to: &SocketAddr,
+    proto: u8,
+    mut l4: Vec<u8>,
+    checksum_at: Option<usize>,
+) -> Result<()> {
+    if let Some(at) = checksum_at {
+        let ck = l4_checksum(&from.ip(), &to.ip(), proto, &l4);
+        l4[at..at + 2].copy_from_slice(&ck.to_be_bytes());
+    }
     let (family, packet) = match (from.ip(), to.ip()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
-            // Length, checksum and id are the kernel's to fill in (IP_HDRINCL); a UDP
-            // checksum of 0 means none, which IPv4 allows.
-            let mut p = vec![
-                0x45,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0x40,
-                0,
-                64,
-                libc::IPPROTO_UDP as u8,
-                0,
-                0,
-            ];
+            // Length, header checksum and id are the kernel's to fill in (IP_HDRINCL).
+            let mut p = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, proto, 0, 0];
             p.extend_from_slice(&s.octets());
             p.extend_from_slice(&d.octets());
-            p.extend_from_slice(&udp);
+            p.extend_from_slice(&l4);
             (libc::AF_INET, p)
         }
         (IpAddr::V6(s), IpAddr::V6(d)) => {
-            // IPv6 requires the UDP checksum, over a pseudo-header.
-            let mut sum: u32 = 0;
-            let mut add = |b: &[u8]| {
-                for c in b.chunks(2) {
-                    sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
-                }
-            };
-            add(&s.octets());
-            add(&d.octets());
-            add(&(udp_len as u32).to_be_bytes());
-            add(&[0, 0, 0, libc::IPPROTO_UDP as u8]);
-            add(&udp);
-            while sum >> 16 != 0 {
-                sum = (sum & 0xffff) + (sum >> 16);
-            }
-            let ck = match !(sum as u16) {
-                0 => 0xffff,
-                c => c,
-            };
-            udp[6..8].copy_from_slice(&ck.to_be_bytes());
             let mut p = vec![0x60, 0, 0, 0];
-            p.extend_from_slice(&(udp_len as u16).to_be_bytes());
-            p.extend_from_slice(&[libc::IPPROTO_UDP as u8, 64]);
+            p.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+            p.extend_from_slice(&[proto, 64]);
             p.extend_from_slice(&s.octets());
             p.extend_from_slice(&d.octets());
-            p.extend_from_slice(&udp);
+            p.extend_from_slice(&l4);
             (libc::AF_INET6, p)
         }
         _ => {
             return Err(crate::Error::Unexpected {
                 pid: 0,
-                what: format!("a datagram from {from} to {to}: the families differ"),
+                what: format!("a packet from {from} to {to}: the families differ"),
             })
         }
     };
@@ -510,7 +540,7 @@ pub fn inject_udp(from: &SocketAddr, to: &SocketAddr, payload: &[u8]) -> Result<
         ) as i32
     });
     check(n as libc::c_long, || {
-        format!("sending a datagram from {from} to {to} (raw)")
+        format!("sending a packet from {from} to {to} (raw)")
     })?;
     Ok(())
 }

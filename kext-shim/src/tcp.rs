@@ -47,6 +47,28 @@ pub struct TcpState {
     pub window: [u32; 5],
     pub sndbuf: i32,
     pub rcvbuf: i32,
+    /// Half-closed: our FIN was sent (FIN_WAIT1/2, LAST_ACK, CLOSING), the peer's was
+    /// received (CLOSE_WAIT, LAST_ACK, CLOSING). The sequence numbers above leave
+    /// both FINs out: they count data only.
+    pub fin_sent: bool,
+    pub fin_received: bool,
+}
+
+/// TCP states, as tcp_info and sock_diag give them.
+pub const ESTABLISHED: u8 = 1;
+pub const FIN_WAIT1: u8 = 4;
+pub const FIN_WAIT2: u8 = 5;
+pub const CLOSE_WAIT: u8 = 8;
+pub const LAST_ACK: u8 = 9;
+pub const CLOSING: u8 = 11;
+
+/// The states a connection can be taken in: open, or closed on one side or both with
+/// the fd still open.
+pub fn can_take(state: u8) -> bool {
+    matches!(
+        state,
+        ESTABLISHED | FIN_WAIT1 | FIN_WAIT2 | CLOSE_WAIT | LAST_ACK | CLOSING
+    )
 }
 
 fn set_int(sock: &impl AsRawFd, level: i32, name: i32, v: i32, what: &str) -> Result<()> {
@@ -143,18 +165,32 @@ fn peek(sock: &impl AsRawFd, len: u32, what: &str) -> Result<Vec<u8>> {
 /// Nothing is taken from it: it can be let go as it was.
 pub fn read_state(sock: &OwnedFd) -> Result<TcpState> {
     let tcp = libc::IPPROTO_TCP;
+    // tcp_info: the state at byte 0, options at byte 5, the window scales in byte 6.
+    let info = get_bytes(sock, tcp, libc::TCP_INFO, 104, "TCP_INFO")?;
+    let state = info[0];
+    let fin_sent = matches!(state, FIN_WAIT1 | FIN_WAIT2 | LAST_ACK | CLOSING);
+    let fin_received = matches!(state, CLOSE_WAIT | LAST_ACK | CLOSING);
     let inq = ioctl_int(sock, SIOCINQ, "SIOCINQ")?;
-    let outq = ioctl_int(sock, SIOCOUTQ, "SIOCOUTQ")?;
-    let unsent = ioctl_int(sock, SIOCOUTQNSD, "SIOCOUTQNSD")?;
+    let mut outq = ioctl_int(sock, SIOCOUTQ, "SIOCOUTQ")?;
+    let mut unsent = ioctl_int(sock, SIOCOUTQNSD, "SIOCOUTQNSD")?;
     select_queue(sock, TCP_RECV_QUEUE)?;
-    let recv_seq = get_u32(sock, tcp, libc::TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ (receive)")?;
+    let mut recv_seq = get_u32(sock, tcp, libc::TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ (receive)")?;
     let recv_queue = peek(sock, inq, "receive")?;
     select_queue(sock, TCP_SEND_QUEUE)?;
-    let send_seq = get_u32(sock, tcp, libc::TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ (send)")?;
+    let mut send_seq = get_u32(sock, tcp, libc::TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ (send)")?;
+    if fin_received {
+        recv_seq = recv_seq.wrapping_sub(1);
+    }
+    if fin_sent {
+        send_seq = send_seq.wrapping_sub(1);
+        // A FIN not yet acknowledged counts in the queue lengths, but holds no byte.
+        if matches!(state, FIN_WAIT1 | LAST_ACK | CLOSING) && outq > 0 {
+            outq -= 1;
+            unsent = unsent.saturating_sub(1);
+        }
+    }
     let send_queue = peek(sock, outq, "send")?;
     select_queue(sock, TCP_NO_QUEUE)?;
-    // tcp_info: options at byte 5, the two window scales packed in byte 6.
-    let info = get_bytes(sock, tcp, libc::TCP_INFO, 104, "TCP_INFO")?;
     let w = get_bytes(sock, tcp, libc::TCP_REPAIR_WINDOW, 20, "TCP_REPAIR_WINDOW")?;
     let word = |i: usize| u32::from_ne_bytes(w[i * 4..i * 4 + 4].try_into().expect("4"));
     let sol = libc::SOL_SOCKET;
@@ -171,9 +207,22 @@ pub fn read_state(sock: &OwnedFd) -> Result<TcpState> {
         snd_wscale: info[6] & 0xf,
         rcv_wscale: info[6] >> 4,
         timestamp: get_u32(sock, tcp, libc::TCP_TIMESTAMP, "TCP_TIMESTAMP")?,
-        window: [word(0), word(1), word(2), word(3), word(4)],
+        // rcv_wup may not pass rcv_nxt, which leaves the peer's FIN out now.
+        window: [
+            word(0),
+            word(1),
+            word(2),
+            word(3),
+            if fin_received && word(4) == recv_seq.wrapping_add(1) {
+                recv_seq
+            } else {
+                word(4)
+            },
+        ],
         sndbuf: get_u32(sock, sol, libc::SO_SNDBUF, "SO_SNDBUF")? as i32,
         rcvbuf: get_u32(sock, sol, libc::SO_RCVBUF, "SO_RCVBUF")? as i32,
+        fin_sent,
+        fin_received,
     })
 }
 
@@ -198,10 +247,8 @@ fn send_all(sock: &OwnedFd, mut data: &[u8], what: &str) -> Result<()> {
 /// repair mode the sequence numbers and queues are set, bind and connect only set the
 /// addresses, and the options negotiated at the handshake are given back. `before`
 /// runs on the socket first (the program's socket options, but SO_REUSEADDR, which
-/// repair mode overrides: set it on the result). The bytes never sent are left for
-/// [`send_unsent`], once the connection may talk on the wire: sent while its packets
-/// are stopped, they would wait for a retransmission timeout (a second, on a socket
-/// made this way).
+/// repair mode overrides: set it on the result). The bytes never sent, and the peer's
+/// FIN, are left for [`finish`].
 pub fn restore(st: &TcpState, before: impl FnOnce(&OwnedFd) -> Result<()>) -> Result<OwnedFd> {
     let family = match st.local {
         SocketAddr::V4(_) => libc::AF_INET,
@@ -300,17 +347,46 @@ pub fn restore(st: &TcpState, before: impl FnOnce(&OwnedFd) -> Result<()>) -> Re
         )
     };
     check(r as libc::c_long, || "setsockopt(TCP_REPAIR_WINDOW)".into())?;
+    if st.fin_sent && st.unsent == 0 {
+        // With the send queue selected, the FIN is queued as already sent, after the
+        // data; the peer acknowledges it again when it comes round once more.
+        shutdown_write(&sock)?;
+    }
     select_queue(&sock, TCP_NO_QUEUE)?;
     set_repair(&sock, false)?;
     Ok(sock)
 }
 
-/// Queues what the program had written but the kernel never sent, on `sock` made by
-/// [`restore`] from `st`: it goes out as any new data would.
-pub fn send_unsent(sock: &OwnedFd, st: &TcpState) -> Result<()> {
-    let sent = st.send_queue.len() - st.unsent as usize;
-    send_all(sock, &st.send_queue[sent..], "never-sent part of the send")
+/// Whether [`finish`] has anything to do for `st`.
+pub fn unfinished(st: &TcpState) -> bool {
+    st.unsent > 0 || st.fin_received
 }
+
+/// The last of a restore, once the connection may talk on the wire: what the program
+/// had written but the kernel never sent is queued (and the program's shutdown behind
+/// it), and the peer's FIN, if it had come, comes again where our data ends. Done
+/// while the connection is still stopped on the wire, they would wait for a
+/// retransmission timeout (a second, on a socket made this way), or, the FIN, be lost
+/// for good with the queue that held it.
+pub fn finish(sock: &OwnedFd, st: &TcpState) -> Result<()> {
+    let sent = st.send_queue.len() - st.unsent as usize;
+    send_all(sock, &st.send_queue[sent..], "never-sent part of the send")?;
+    if st.fin_sent && st.unsent > 0 {
+        shutdown_write(sock)?;
+    }
+    if st.fin_received {
+        crate::inet::inject_tcp_fin(st)?;
+    }
+    Ok(())
+}
+
+fn shutdown_write(sock: &OwnedFd) -> Result<()> {
+    // SAFETY: shutdown takes no pointers.
+    let r = unsafe { libc::shutdown(sock.as_raw_fd(), libc::SHUT_WR) };
+    check(r as libc::c_long, || "shutdown(SHUT_WR)".into()).map(|_| ())
+}
+
+
 
 #[cfg(test)]
 mod tests {
@@ -339,7 +415,7 @@ mod tests {
         drop(fd);
         drop(a);
         let a2 = restore(&st, |_| Ok(())).unwrap();
-        send_unsent(&a2, &st).unwrap();
+        finish(&a2, &st).unwrap();
         let mut a2 = TcpStream::from(a2);
         let mut got = [0u8; 13];
         a2.read_exact(&mut got).unwrap();

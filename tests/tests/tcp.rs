@@ -883,3 +883,118 @@ fn a_udp_service_moves_to_another_network_namespace_and_its_client_keeps_asking(
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(r.pid), nix::sys::signal::SIGKILL);
     r.wait();
 }
+
+/// Two half-closed connections: A, whose client closed its side after "bye" (CLOSE_WAIT
+/// here), and B, on which we sent "hello" and closed our side (FIN_WAIT2 here).
+const PY_HALF_CLOSED: &str = r#"
+import socket, sys
+l = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
+l.bind((sys.argv[1], 0))
+l.listen(4)
+print("PORT %d" % l.getsockname()[1], flush=True)
+a, _ = l.accept()
+b, _ = l.accept()
+b.sendall(b"hello")
+b.shutdown(socket.SHUT_WR)
+print("READY", flush=True)
+sys.stdin.readline()
+got_a = a.recv(100)
+eof_a = a.recv(100)
+a.sendall(b"ack")
+a.close()
+late = b.recv(100)
+eof_b = b.recv(100)
+try:
+    b.send(b"x")
+    epipe = False
+except BrokenPipeError:
+    epipe = True
+ok = got_a == b"bye" and eof_a == b"" and late == b"late" and eof_b == b"" and epipe
+print(("PASS" if ok else "FAIL") + " a=%r,%r b=%r,%r epipe=%s" % (got_a, eof_a, late, eof_b, epipe), flush=True)
+"#;
+
+/// The state (/proc/net/tcp{,6}) of our loopback socket bound to `local`.
+fn tcp_state_of(local: std::net::SocketAddr) -> Option<String> {
+    let (table, lo) = if local.is_ipv4() {
+        ("/proc/net/tcp", "0100007F")
+    } else {
+        ("/proc/net/tcp6", "00000000000000000000000001000000")
+    };
+    let me = format!("{lo}:{:04X}", local.port());
+    std::fs::read_to_string(table)
+        .expect("a /proc/net/tcp table")
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+        .find(|f| f.len() > 3 && f[1] == me)
+        .map(|f| f[3].clone())
+}
+
+fn wait_state(c: &TcpStream, state: &str) {
+    let local = c.local_addr().expect("local address");
+    let deadline = Instant::now() + LINE_TIMEOUT;
+    while tcp_state_of(local).as_deref() != Some(state) {
+        assert!(
+            Instant::now() < deadline,
+            "{local} never reached state {state}"
+        );
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn half_closed_connections_come_back_half_closed() {
+    half_closed("127.0.0.1");
+}
+
+#[test]
+fn half_closed_connections_come_back_half_closed_over_ipv6() {
+    half_closed("::1");
+}
+
+fn half_closed(host: &str) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let mut p = Proc::start_until(
+        &mut g,
+        std::path::Path::new("python3"),
+        &["-c", PY_HALF_CLOSED, host],
+        None,
+        None,
+    );
+    let port: u16 = p.lines.expect_prefix("PORT")[5..]
+        .trim()
+        .parse()
+        .expect("a port");
+    let mut a = TcpStream::connect((host, port)).expect("connecting A");
+    a.write_all(b"bye").expect("bye");
+    a.shutdown(std::net::Shutdown::Write)
+        .expect("closing our side of A");
+    let mut b = TcpStream::connect((host, port)).expect("connecting B");
+    p.lines.expect_prefix("READY");
+    // Our end of A in FIN_WAIT2: the service has our FIN (CLOSE_WAIT). Our end of B in
+    // CLOSE_WAIT: the service sent its FIN, and we acknowledged it (FIN_WAIT2 there).
+    wait_state(&a, "05");
+    wait_state(&b, "08");
+    let mut r = round_trip(
+        &mut g,
+        p,
+        &tmp.path().join("img"),
+        &["--tcp-established"],
+        &["--tcp-established"],
+    );
+    r.send("CHECK");
+    a.set_read_timeout(Some(LINE_TIMEOUT)).expect("timeout");
+    b.set_read_timeout(Some(LINE_TIMEOUT)).expect("timeout");
+    let mut got = Vec::new();
+    a.read_to_end(&mut got).expect("reading A to its end");
+    assert_eq!(got, b"ack");
+    let mut got = Vec::new();
+    b.read_to_end(&mut got).expect("reading B to its end");
+    assert_eq!(got, b"hello");
+    b.write_all(b"late").expect("late");
+    drop(b);
+    let v = r.lines.expect_prefix("");
+    assert_pass(&v);
+    assert_eq!(r.wait(), 0);
+}

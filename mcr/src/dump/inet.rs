@@ -79,7 +79,7 @@ pub fn resolve(
                 s.rqueue
             )),
             (true, TCP_LISTEN | TCP_CLOSE) => None,
-            (true, TCP_ESTABLISHED) if tcp_established => {
+            (true, state) if tcp_established && kext_shim::tcp::can_take(state) => {
                 held = Some((s.local, s.peer));
                 None
             }
@@ -167,7 +167,7 @@ pub fn resolve(
     }
     if !established.is_empty() {
         let why = if tcp_established {
-            "half-closed or not yet open, which are not supported yet"
+            "not yet open, which are not supported yet"
         } else {
             "which are only taken with --tcp-established"
         };

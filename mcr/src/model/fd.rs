@@ -196,6 +196,9 @@ pub struct TcpConnImage {
     pub window: [u32; 5],
     pub sndbuf: i32,
     pub rcvbuf: i32,
+    /// Half-closed: our FIN went out, the peer's came in (seqs count data only).
+    pub fin_sent: bool,
+    pub fin_received: bool,
 }
 
 impl From<kext_shim::tcp::TcpState> for TcpConnImage {
@@ -216,6 +219,8 @@ impl From<kext_shim::tcp::TcpState> for TcpConnImage {
             window: s.window,
             sndbuf: s.sndbuf,
             rcvbuf: s.rcvbuf,
+            fin_sent: s.fin_sent,
+            fin_received: s.fin_received,
         }
     }
 }
@@ -238,6 +243,8 @@ impl From<&TcpConnImage> for kext_shim::tcp::TcpState {
             window: s.window,
             sndbuf: s.sndbuf,
             rcvbuf: s.rcvbuf,
+            fin_sent: s.fin_sent,
+            fin_received: s.fin_received,
         }
     }
 }

@@ -29,8 +29,8 @@ pub struct FilePlan {
     per_process: Vec<FdNumbers>,
     /// Above every fd number of the image.
     floor: i32,
-    /// Connections with bytes never sent, to send once the connections may talk.
-    pub unsent: Vec<super::sockets::Unsent>,
+    /// Connections with something left to do once they may talk.
+    pub unfinished: Vec<super::sockets::Unfinished>,
 }
 
 /// Just the numbers, once the files themselves were handed to the stub.
@@ -182,7 +182,7 @@ pub fn open_all(
         sockets: BTreeMap::new(),
         ptys: BTreeMap::new(),
         per_process: Vec::new(),
-        unsent: Vec::new(),
+        unfinished: Vec::new(),
     };
     let pid = procs.first().map(|p| p.pid).unwrap_or(0);
     for t in ptys {
@@ -235,8 +235,8 @@ pub fn open_all(
             out.expect("ran")?
         }
     };
-    let (sockets, unsent) = sockets;
-    plan.unsent = unsent;
+    let (sockets, unfinished) = sockets;
+    plan.unfinished = unfinished;
     for (ino, sock) in sockets {
         let n = plan.keep(sock);
         plan.sockets.insert(ino, n);

@@ -315,7 +315,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         zs.die_as(&mut zinj, z.pid, z.status)?;
     }
     // The stubs hold their own copies now.
-    let unsent = std::mem::take(&mut plan.unsent);
+    let unfinished = std::mem::take(&mut plan.unfinished);
     drop(plan);
     drop(objects);
     steps.push(("create processes", t.elapsed()));
@@ -335,7 +335,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     // The connections talk again before the processes run, so that neither what the
     // peers sent meanwhile nor what the processes send first waits on the wire.
     release.open();
-    sockets::send_unsent(unsent)?;
+    sockets::finish(unfinished)?;
     let root_pid = stubs[0].pid.as_raw();
     // Children first: a parent never runs while a child of its is still half-made.
     for (stub, th) in stubs.into_iter().zip(threads).rev() {

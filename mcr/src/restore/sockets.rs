@@ -14,24 +14,20 @@ use std::path::Path;
 /// Socket inode -> our socket standing for it.
 pub type Sockets = BTreeMap<u64, OwnedFd>;
 
-/// A restored TCP connection whose program had written bytes the kernel never sent:
-/// a copy of its socket and the state they are in, for [`send_unsent`] once the
-/// connection may talk.
-pub struct Unsent {
+/// A restored TCP connection with something left to do once it may talk on the wire
+/// (see kext_shim::tcp::finish): a copy of its socket and its state.
+pub struct Unfinished {
     sock: OwnedFd,
     state: kext_shim::tcp::TcpState,
     pid: i32,
 }
 
-/// Queues each connection's never-sent bytes.
-pub fn send_unsent(unsent: Vec<Unsent>) -> Result<()> {
-    for u in unsent {
-        kext_shim::tcp::send_unsent(&u.sock, &u.state).map_err(|e| RestoreError::Kernel {
+/// Finishes each connection: never-sent bytes, shutdowns, the peers' FINs.
+pub fn finish(conns: Vec<Unfinished>) -> Result<()> {
+    for u in conns {
+        kext_shim::tcp::finish(&u.sock, &u.state).map_err(|e| RestoreError::Kernel {
             pid: u.pid,
-            step: format!(
-                "sending the bytes {} -> {} had never sent",
-                u.state.local, u.state.peer
-            ),
+            step: format!("finishing {} -> {}", u.state.local, u.state.peer),
             source: e,
         })?;
     }
@@ -43,7 +39,7 @@ pub fn make(
     images: &[UnixSocketImage],
     inet: &[InetSocketImage],
     root: &Path,
-) -> Result<(Sockets, Vec<Unsent>)> {
+) -> Result<(Sockets, Vec<Unfinished>)> {
     let pid = procs.first().map(|p| p.pid).unwrap_or(0);
     let at = |name: &str| match name.strip_prefix('@') {
         Some(_) => name.to_string(),
@@ -53,19 +49,20 @@ pub fn make(
             .to_string(),
     };
     let mut made = Sockets::new();
-    let mut unsent = Vec::new();
+    let mut unfinished = Vec::new();
     for s in inet {
         let sock = make_inet(pid, s)?;
-        if let Some(conn) = s.tcp.as_ref().filter(|c| c.unsent > 0) {
+        let state = s.tcp.as_ref().map(kext_shim::tcp::TcpState::from);
+        if let Some(state) = state.filter(kext_shim::tcp::unfinished) {
             let copy = sock.try_clone().map_err(|e| RestoreError::File {
                 pid,
                 what: "TCP socket".into(),
                 path: format!("socket:[{}]", s.ino),
                 why: format!("dup: {e}"),
             })?;
-            unsent.push(Unsent {
+            unfinished.push(Unfinished {
                 sock: copy,
-                state: conn.into(),
+                state,
                 pid,
             });
         }
@@ -190,7 +187,7 @@ pub fn make(
             }
         }
     }
-    Ok((made, unsent))
+    Ok((made, unfinished))
 }
 
 /// A TCP listener or UDP socket with the options the program had set, bound (with
