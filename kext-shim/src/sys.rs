@@ -46,12 +46,9 @@ pub const PM_FILE_OR_SHARED: u64 = 1 << 61;
 pub const PM_PFN_MASK: u64 = (1 << 55) - 1;
 
 /// A copy of `fd` numbered `floor` or above (close-on-exec), or why not.
-pub fn dup_above(
-    fd: &impl std::os::fd::AsRawFd,
-    floor: i32,
-) -> crate::Result<std::os::fd::OwnedFd> {
-    // SAFETY: fcntl F_DUPFD_CLOEXEC takes no pointers.
-    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, floor) };
+pub fn dup_above(fd: std::os::fd::RawFd, floor: i32) -> crate::Result<std::os::fd::OwnedFd> {
+    // SAFETY: fcntl F_DUPFD_CLOEXEC takes no pointers; a bad fd is an EBADF.
+    let r = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, floor) };
     crate::check(r as libc::c_long, || {
         format!("fcntl(F_DUPFD_CLOEXEC, {floor})")
     })?;

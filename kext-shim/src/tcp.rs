@@ -386,8 +386,6 @@ fn shutdown_write(sock: &OwnedFd) -> Result<()> {
     check(r as libc::c_long, || "shutdown(SHUT_WR)".into()).map(|_| ())
 }
 
-
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -264,9 +264,10 @@ fn mcr_and_its_packet_holder_killed_mid_dump_leave_the_connection_running_and_no
     dump.kill().expect("SIGKILL mcr");
     dump.wait().expect("reaping mcr");
     // The workload runs on (ptrace let it go with its tracer), its connection stopped
-    // by the table left behind, until the next mcr run removes it.
+    // by the table left behind, until the next mcr run removes it (this one, or one of
+    // a test running beside this one, which says so instead).
     let out = mcr(&["check"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("left by an mcr that died"));
+    assert!(out.status.success());
     assert!(
         !tables().contains(&format!("table inet {table}")),
         "{table} remains"

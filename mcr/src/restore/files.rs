@@ -61,7 +61,7 @@ impl FilePlan {
     fn keep(&mut self, f: impl Into<OwnedFd>) -> i32 {
         let mut fd: OwnedFd = f.into();
         if fd.as_raw_fd() < self.floor {
-            if let Ok(high) = kext_shim::sys::dup_above(&fd, self.floor) {
+            if let Ok(high) = kext_shim::sys::dup_above(fd.as_raw_fd(), self.floor) {
                 fd = high;
             }
         }
@@ -578,7 +578,11 @@ fn open_process(
                         format!("stands for our fd {stdio}, which is not open"),
                     ));
                 }
-                stdio
+                // A copy, numbered out of the way like the rest (see FilePlan::keep).
+                match kext_shim::sys::dup_above(stdio, plan.floor) {
+                    Ok(copy) => plan.keep(copy),
+                    Err(_) => stdio,
+                }
             }
         };
         if !matches!(e.kind, FdKind::External { .. }) {
