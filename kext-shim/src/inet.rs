@@ -337,19 +337,7 @@ pub fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
 /// after.
 pub fn peek_datagrams(sock: &OwnedFd) -> Result<Vec<(SocketAddr, Vec<u8>)>> {
     let raw = sock.as_raw_fd();
-    let set_peek_off = |v: i32| -> Result<()> {
-        // SAFETY: setsockopt reads one int.
-        let r = unsafe {
-            libc::setsockopt(
-                raw,
-                libc::SOL_SOCKET,
-                libc::SO_PEEK_OFF,
-                (&v as *const i32).cast(),
-                4,
-            )
-        };
-        check(r as libc::c_long, || "setsockopt(SO_PEEK_OFF)".into()).map(|_| ())
-    };
+    let set_peek_off = |v: i32| crate::unix::set_peek_off(raw, v, "a UDP socket");
     set_peek_off(0)?;
     let res = (|| {
         let mut out = Vec::new();

@@ -478,29 +478,9 @@ pub fn unlock(name: &str) -> Result<()> {
 
 /// Every (table, chain) of the inet family.
 fn chains() -> Result<Vec<(String, String)>> {
-    let sock = netlink::socket()?;
-    let f = libc::NLM_F_REQUEST | libc::NLM_F_DUMP;
-    let m = netlink::message(
-        NFNL_SUBSYS_NFTABLES,
-        NFT_MSG_GETCHAIN,
-        f as u16,
-        NFPROTO_INET,
-        0,
-        &Attrs::default(),
-    );
-    netlink::send(&sock, &m, "nftables: listing chains")?;
     let mut out = Vec::new();
-    netlink::dump_answers(&sock, "nftables: listing chains", |body| {
-        let (mut t, mut c) = (None, None);
-        for (ty, v) in netlink::attrs(body.get(4..).unwrap_or_default()) {
-            let s = || String::from_utf8_lossy(v.split(|&b| b == 0).next().unwrap_or_default());
-            match ty {
-                NFTA_CHAIN_TABLE => t = Some(s().into_owned()),
-                NFTA_CHAIN_NAME => c = Some(s().into_owned()),
-                _ => {}
-            }
-        }
-        if let (Some(t), Some(c)) = (t, c) {
+    list(NFT_MSG_GETCHAIN, "chains", |attrs| {
+        if let (Some(t), Some(c)) = (name(attrs, NFTA_CHAIN_TABLE), name(attrs, NFTA_CHAIN_NAME)) {
             out.push((t, c));
         }
     })?;
@@ -509,29 +489,39 @@ fn chains() -> Result<Vec<(String, String)>> {
 
 /// The inet tables of ours (named `mcr_*`).
 pub fn tables() -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    list(NFT_MSG_GETTABLE, "tables", |attrs| {
+        if let Some(n) = name(attrs, NFTA_TABLE_NAME).filter(|n| n.starts_with("mcr_")) {
+            out.push(n);
+        }
+    })?;
+    Ok(out)
+}
+
+/// Dumps the inet family's objects of one kind (`msg`, a GET message), handing each
+/// one's attributes to `each`.
+fn list(msg: u16, what: &str, mut each: impl FnMut(&[u8])) -> Result<()> {
     let sock = netlink::socket()?;
-    let f = libc::NLM_F_REQUEST | libc::NLM_F_DUMP;
+    let f = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
     let m = netlink::message(
         NFNL_SUBSYS_NFTABLES,
-        NFT_MSG_GETTABLE,
-        f as u16,
+        msg,
+        f,
         NFPROTO_INET,
         0,
         &Attrs::default(),
     );
-    netlink::send(&sock, &m, "nftables: listing tables")?;
-    let mut out = Vec::new();
-    netlink::dump_answers(&sock, "nftables: listing tables", |body| {
-        for (ty, v) in netlink::attrs(body.get(4..).unwrap_or_default()) {
-            if ty == NFTA_TABLE_NAME {
-                let n = String::from_utf8_lossy(v.split(|&b| b == 0).next().unwrap_or_default());
-                if n.starts_with("mcr_") {
-                    out.push(n.into_owned());
-                }
-            }
-        }
-    })?;
-    Ok(out)
+    let what = format!("nftables: listing {what}");
+    netlink::send(&sock, &m, &what)?;
+    // After the nfgenmsg header.
+    netlink::dump_answers(&sock, &what, |body| each(body.get(4..).unwrap_or_default()))
+}
+
+/// The string attribute `ty` among `attrs`, without its nul.
+fn name(attrs: &[u8], ty: u16) -> Option<String> {
+    netlink::attrs(attrs).find(|(t, _)| *t == ty).map(|(_, v)| {
+        String::from_utf8_lossy(v.split(|&b| b == 0).next().unwrap_or_default()).into_owned()
+    })
 }
 
 /// The tables of ours that an mcr process is dumping under (not yet handed to an

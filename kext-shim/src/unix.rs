@@ -91,6 +91,22 @@ pub fn unix_sockets() -> Result<BTreeMap<u64, UnixSocket>> {
     Ok(out)
 }
 
+/// Sets SO_PEEK_OFF on `sock` (`on` names it): 0 makes each MSG_PEEK walk on past what
+/// it read, -1 turns that off again.
+pub(crate) fn set_peek_off(sock: std::os::fd::RawFd, v: i32, on: &str) -> Result<()> {
+    // SAFETY: setsockopt reads one int.
+    let r = unsafe {
+        libc::setsockopt(
+            sock,
+            libc::SOL_SOCKET,
+            libc::SO_PEEK_OFF,
+            (&v as *const i32).cast(),
+            4,
+        )
+    };
+    check(r as libc::c_long, || format!("SO_PEEK_OFF on {on}")).map(|_| ())
+}
+
 /// The messages queued for reading on fd `fd` of `pid` (a stream's bytes as one), left
 /// in place: they are peeked with SO_PEEK_OFF walking the queue, which is put back to
 /// off after. Refuses sockets with file descriptors in flight.
@@ -98,22 +114,8 @@ pub fn peek_queue(pid: Pid, fd: i32, stream: bool) -> Result<Vec<Vec<u8>>> {
     let pidfd = pidfd_open(pid)?;
     let s = pidfd_getfd(&pidfd, pid, fd)?;
     let raw = s.as_raw_fd();
-    let set_peek_off = |v: i32| -> Result<()> {
-        // SAFETY: setsockopt reads one int.
-        let r = unsafe {
-            libc::setsockopt(
-                raw,
-                libc::SOL_SOCKET,
-                libc::SO_PEEK_OFF,
-                (&v as *const i32).cast(),
-                4,
-            )
-        };
-        check(r as libc::c_long, || {
-            format!("SO_PEEK_OFF on fd {fd} of pid {pid}")
-        })
-        .map(|_| ())
-    };
+    let on = format!("fd {fd} of pid {pid}");
+    let set_peek_off = |v: i32| set_peek_off(raw, v, &on);
     set_peek_off(0)?;
     let res = (|| {
         let mut out = Vec::new();

@@ -63,12 +63,7 @@ pub(super) fn set_fds(cx: &mut Ctx, fds: &FdNumbers) -> Result<()> {
                 || "close_range below our fds".into(),
             )?;
             for &(target, src, cloexec) in &fds.fds {
-                let flag = if cloexec { libc::O_CLOEXEC as u64 } else { 0 };
-                cx.call(
-                    libc::SYS_dup3,
-                    [src as u64, target as u64, flag, 0, 0, 0],
-                    || format!("dup3 to fd {target}"),
-                )?;
+                dup3(cx, src as u64, target, cloexec)?;
             }
             cx.call(
                 libc::SYS_close_range,
@@ -111,12 +106,7 @@ pub(super) fn set_fds(cx: &mut Ctx, fds: &FdNumbers) -> Result<()> {
             .find(|&&(s, _)| s == src)
             .expect("parked above")
             .1;
-        let flag = if cloexec { libc::O_CLOEXEC as u64 } else { 0 };
-        cx.call(
-            libc::SYS_dup3,
-            [parked, target as u64, flag, 0, 0, 0],
-            || format!("dup3 to fd {target}"),
-        )?;
+        dup3(cx, parked, target, cloexec)?;
     }
     cx.call(
         libc::SYS_close_range,
@@ -124,6 +114,14 @@ pub(super) fn set_fds(cx: &mut Ctx, fds: &FdNumbers) -> Result<()> {
         || "close_range of the parking area".into(),
     )?;
     Ok(())
+}
+
+fn dup3(cx: &mut Ctx, src: u64, target: i32, cloexec: bool) -> Result<()> {
+    let flag = if cloexec { libc::O_CLOEXEC as u64 } else { 0 };
+    cx.call(libc::SYS_dup3, [src, target as u64, flag, 0, 0, 0], || {
+        format!("dup3 to fd {target}")
+    })
+    .map(|_| ())
 }
 
 /// Adds each epoll's interest list from inside the process, now that every fd has its
