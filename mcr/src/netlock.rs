@@ -183,16 +183,20 @@ fn spawn_holder(q: &PacketQueue, table: &str) -> std::io::Result<Child> {
 
 /// The restore's end of the lock. Once the connections exist again in the lock's
 /// network namespace, [`Release::open`] lets packets through and has the holder
-/// deliver what their peers sent meanwhile, just before the processes run; dropped,
-/// it waits for the holder to be done and makes sure the table is gone. A restore
-/// that failed, or made the connections in another namespace (where the packets held
-/// here have no socket to go to), has what was held dropped instead.
+/// deliver what their peers sent meanwhile, just before the processes run; dropped
+/// after [`Release::done`], it waits for the holder to be done and makes sure the table
+/// is gone. A restore that made the connections in another namespace (where the
+/// packets held here have no socket to go to) has what was held dropped instead. One
+/// that failed before the connections could talk leaves the lock as it was, for the
+/// next restore.
 pub struct Release {
     lock: Option<NetLockImage>,
     /// The connections are made in the lock's network namespace.
     here: bool,
     /// The holder, once told.
     told: Option<std::os::fd::OwnedFd>,
+    /// The restore succeeded.
+    done: bool,
 }
 
 impl Release {
@@ -205,7 +209,13 @@ impl Release {
             lock,
             here,
             told: None,
+            done: false,
         }
+    }
+
+    /// The restore succeeded: the lock is lifted as it goes.
+    pub fn done(&mut self) {
+        self.done = true;
     }
 
     /// The connections exist: packets pass both ways from now on, and the held ones
@@ -230,6 +240,16 @@ impl Release {
 impl Drop for Release {
     fn drop(&mut self) {
         let Some(l) = self.lock.take() else { return };
+        if !self.done && self.told.is_none() {
+            // Failed before the connections could talk: they went silently, and stay
+            // whole for another restore, their peers' packets held meanwhile.
+            eprintln!(
+                "mcr: the image's TCP connections stay stopped on the wire for another \
+                 restore (nftables table inet {}); `nft delete table inet {}` lets them go",
+                l.table, l.table
+            );
+            return;
+        }
         if self.told.is_none() {
             if let Some(pid) = l.holder_pid {
                 match tell_holder(pid, &l.table, Signal::SIGUSR2) {

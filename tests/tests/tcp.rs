@@ -999,3 +999,57 @@ fn half_closed(host: &str) {
     assert_pass(&v);
     assert_eq!(r.wait(), 0);
 }
+
+#[test]
+fn a_failed_restore_leaves_the_connection_held_and_a_second_one_brings_it_back() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let (p, c) = echo_service(&mut g, &["0"]);
+    let (ours, theirs) = (
+        c.local_addr().expect("address"),
+        c.peer_addr().expect("address"),
+    );
+    // Idle while it moves: nothing waits on the service's side, which would
+    // otherwise close with a reset rather than a FIN.
+    let (_, c) = Client::start(c).wait_trips(10).finish();
+    let img = tmp.path().join("img");
+    checkpoint(p.pid, &img, &["--tcp-established"]);
+    let mut p = p;
+    p.wait();
+    let table = image_table(&img);
+    // The restore dies once the connection exists again, before it could talk: it
+    // goes silently (back in repair mode), and its lock stays.
+    let out = std::process::Command::new(mcr_bin())
+        .args(["restore", "-D", img.to_str().expect("utf-8")])
+        .args(["--shell-job", "--tcp-established", "-d"])
+        .env("MCR_FAULT", "restore-after-fill")
+        .output()
+        .expect("mcr restore");
+    assert_fails(&out, 1, &["fault injected", "stay stopped on the wire"]);
+    assert!(
+        tables().contains(&format!("table inet {table}")),
+        "{table} is gone after the failed restore"
+    );
+    assert!(
+        find_holder(&table).is_some(),
+        "the holder of {table} is gone"
+    );
+    // No socket of the service's side is left closing (and sending its FIN later).
+    let hex = |a: std::net::SocketAddr| format!("0100007F:{:04X}", a.port());
+    let left = std::fs::read_to_string("/proc/net/tcp")
+        .expect("/proc/net/tcp")
+        .lines()
+        .any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 2 && f[1] == hex(theirs) && f[2] == hex(ours)
+        });
+    assert!(!left, "the failed restore left {theirs} -> {ours} closing");
+    let mut r = restore(&mut g, &img, &["--tcp-established"]);
+    let (_, _conn) = Client::start(c).wait_trips(10).finish();
+    assert_pass(&r.check());
+    assert_eq!(r.wait(), 0);
+    assert!(
+        !tables().contains(&format!("table inet {table}")),
+        "{table} remains"
+    );
+}

@@ -29,8 +29,8 @@ pub struct FilePlan {
     per_process: Vec<FdNumbers>,
     /// Above every fd number of the image.
     floor: i32,
-    /// Connections with something left to do once they may talk.
-    pub unfinished: Vec<super::sockets::Unfinished>,
+    /// The TCP connections made, for the restore to finish or silence.
+    pub connections: super::sockets::Connections,
 }
 
 /// Just the numbers, once the files themselves were handed to the stub.
@@ -182,7 +182,7 @@ pub fn open_all(
         sockets: BTreeMap::new(),
         ptys: BTreeMap::new(),
         per_process: Vec::new(),
-        unfinished: Vec::new(),
+        connections: Default::default(),
     };
     let pid = procs.first().map(|p| p.pid).unwrap_or(0);
     for t in ptys {
@@ -235,8 +235,8 @@ pub fn open_all(
             out.expect("ran")?
         }
     };
-    let (sockets, unfinished) = sockets;
-    plan.unfinished = unfinished;
+    let (sockets, connections) = sockets;
+    plan.connections = connections;
     for (ino, sock) in sockets {
         let n = plan.keep(sock);
         plan.sockets.insert(ino, n);

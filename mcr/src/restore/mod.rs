@@ -201,6 +201,8 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         opts.shell_job.then_some(opts.stdio),
         opts.netns.as_deref(),
     )?;
+    // Dropped before the plan and the stubs, should the restore fail.
+    let mut connections = std::mem::take(&mut plan.connections);
     // Held open until the first stub joined it: the stubs inherit our fds.
     let netns = opts
         .netns
@@ -315,7 +317,6 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         zs.die_as(&mut zinj, z.pid, z.status)?;
     }
     // The stubs hold their own copies now.
-    let unfinished = std::mem::take(&mut plan.unfinished);
     drop(plan);
     drop(objects);
     steps.push(("create processes", t.elapsed()));
@@ -335,7 +336,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     // The connections talk again before the processes run, so that neither what the
     // peers sent meanwhile nor what the processes send first waits on the wire.
     release.open();
-    sockets::finish(unfinished)?;
+    connections.finish()?;
     let root_pid = stubs[0].pid.as_raw();
     // Children first: a parent never runs while a child of its is still half-made.
     for (stub, th) in stubs.into_iter().zip(threads).rev() {
@@ -354,6 +355,8 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         }
         None => root_pid,
     };
+    connections.done = true;
+    release.done();
     drop(release);
     steps.push(("resume", t.elapsed()));
     steps.push(("total", t0.elapsed()));

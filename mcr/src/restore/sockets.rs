@@ -14,24 +14,56 @@ use std::path::Path;
 /// Socket inode -> our socket standing for it.
 pub type Sockets = BTreeMap<u64, OwnedFd>;
 
-/// A restored TCP connection with something left to do once it may talk on the wire
-/// (see kext_shim::tcp::finish): a copy of its socket and its state.
-pub struct Unfinished {
+/// A restored TCP connection: a copy of its socket and the state it was made from.
+pub struct RestoredConn {
     sock: OwnedFd,
     state: kext_shim::tcp::TcpState,
     pid: i32,
 }
 
-/// Finishes each connection: never-sent bytes, shutdowns, the peers' FINs.
-pub fn finish(conns: Vec<Unfinished>) -> Result<()> {
-    for u in conns {
-        kext_shim::tcp::finish(&u.sock, &u.state).map_err(|e| RestoreError::Kernel {
-            pid: u.pid,
-            step: format!("finishing {} -> {}", u.state.local, u.state.peer),
-            source: e,
-        })?;
+/// The restore's connections, until it succeeds. Should it fail, they are put back in
+/// repair mode before anything closes them: they go silently, as the dump's did, and
+/// stay whole on the peers' side for another restore.
+#[derive(Default)]
+pub struct Connections {
+    conns: Vec<RestoredConn>,
+    pub done: bool,
+}
+
+impl Connections {
+    /// The last of each, once it may talk on the wire: never-sent bytes, shutdowns,
+    /// the peers' FINs (see kext_shim::tcp::finish).
+    pub fn finish(&self) -> Result<()> {
+        for c in self
+            .conns
+            .iter()
+            .filter(|c| kext_shim::tcp::unfinished(&c.state))
+        {
+            kext_shim::tcp::finish(&c.sock, &c.state).map_err(|e| RestoreError::Kernel {
+                pid: c.pid,
+                step: format!("finishing {} -> {}", c.state.local, c.state.peer),
+                source: e,
+            })?;
+        }
+        Ok(())
     }
-    Ok(())
+}
+
+impl Drop for Connections {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        for c in &self.conns {
+            if let Err(e) = kext_shim::tcp::set_repair(&c.sock, true) {
+                tracing::error!(
+                    "{} -> {}: back to repair mode: {e}",
+                    c.state.local,
+                    c.state.peer
+                );
+            }
+        }
+    }
 }
 
 pub fn make(
@@ -39,7 +71,7 @@ pub fn make(
     images: &[UnixSocketImage],
     inet: &[InetSocketImage],
     root: &Path,
-) -> Result<(Sockets, Vec<Unfinished>)> {
+) -> Result<(Sockets, Connections)> {
     let pid = procs.first().map(|p| p.pid).unwrap_or(0);
     let at = |name: &str| match name.strip_prefix('@') {
         Some(_) => name.to_string(),
@@ -49,18 +81,17 @@ pub fn make(
             .to_string(),
     };
     let mut made = Sockets::new();
-    let mut unfinished = Vec::new();
+    let mut conns = Connections::default();
     for s in inet {
         let sock = make_inet(pid, s)?;
-        let state = s.tcp.as_ref().map(kext_shim::tcp::TcpState::from);
-        if let Some(state) = state.filter(kext_shim::tcp::unfinished) {
+        if let Some(state) = s.tcp.as_ref().map(kext_shim::tcp::TcpState::from) {
             let copy = sock.try_clone().map_err(|e| RestoreError::File {
                 pid,
                 what: "TCP socket".into(),
                 path: format!("socket:[{}]", s.ino),
                 why: format!("dup: {e}"),
             })?;
-            unfinished.push(Unfinished {
+            conns.conns.push(RestoredConn {
                 sock: copy,
                 state,
                 pid,
@@ -187,7 +218,7 @@ pub fn make(
             }
         }
     }
-    Ok((made, unfinished))
+    Ok((made, conns))
 }
 
 /// A TCP listener or UDP socket with the options the program had set, bound (with
