@@ -78,16 +78,22 @@ pub fn attrs(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     })
 }
 
+/// A netfilter netlink socket.
 pub fn socket() -> Result<OwnedFd> {
+    socket_for(NETLINK_NETFILTER, "NETLINK_NETFILTER")
+}
+
+/// A netlink socket of `protocol` (`name` for messages).
+pub fn socket_for(protocol: i32, name: &str) -> Result<OwnedFd> {
     // SAFETY: socket takes no pointers.
     let fd = unsafe {
         libc::socket(
             libc::AF_NETLINK,
             libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            NETLINK_NETFILTER,
+            protocol,
         )
     };
-    check(fd as libc::c_long, || "socket(NETLINK_NETFILTER)".into())?;
+    check(fd as libc::c_long, || format!("socket({name})"))?;
     // SAFETY: a fresh fd the kernel just returned, owned by no one else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

@@ -2,7 +2,7 @@
 //! messages for the family's own parser (unix, inet).
 
 use crate::{check, Errno, Result, SysError};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 
 const NETLINK_SOCK_DIAG: i32 = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -20,17 +20,7 @@ fn u32_at(b: &[u8], i: usize) -> u32 {
 /// Sends `req` (a family's diag request, without the netlink header) as a dump request
 /// and hands each answer's payload to `each`.
 pub fn dump(req: &[u8], mut each: impl FnMut(&[u8])) -> Result<()> {
-    // SAFETY: socket takes no pointers.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        )
-    };
-    check(fd as libc::c_long, || "socket(NETLINK_SOCK_DIAG)".into())?;
-    // SAFETY: a fresh fd the kernel just returned, owned by no one else.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let sock = crate::netlink::socket_for(NETLINK_SOCK_DIAG, "NETLINK_SOCK_DIAG")?;
     let len = 16 + req.len();
     let mut msg = vec![0u8; len];
     msg[0..4].copy_from_slice(&(len as u32).to_ne_bytes());

@@ -371,6 +371,29 @@ impl Net {
         net
     }
 
+    /// Checkpoints `p` from inside A (where its tree lives), then moves the service
+    /// address to B; the `nsenter` prefix of A, for the restore.
+    fn checkpoint_in_a(&self, p: &mut Proc, img: &std::path::Path, extra: &[&str]) -> Vec<String> {
+        let enter_a = self.enter(0);
+        let out = std::process::Command::new(&enter_a[0])
+            .args(&enter_a[1..])
+            .arg(mcr_bin())
+            .args(["checkpoint", "-t", &p.pid.to_string(), "-D"])
+            .arg(img)
+            .arg("--shell-job")
+            .args(extra)
+            .output()
+            .expect("mcr checkpoint");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(p.wait(), 128 + libc::SIGKILL);
+        self.move_address();
+        enter_a
+    }
+
     fn path(&self, i: usize) -> String {
         format!("/run/netns/{}", self.names[i])
     }
@@ -452,23 +475,8 @@ fn a_service_moves_to_another_network_namespace_and_its_client_keeps_talking() {
     let client = Client::start(c).wait_trips(100);
 
     // Checkpoint in A (where the tree lives), restore into B, the address moved.
-    let pid = p.pid.to_string();
     let img = tmp.path().join("img");
-    let enter_a = net.enter(0);
-    let out = std::process::Command::new(&enter_a[0])
-        .args(&enter_a[1..])
-        .arg(mcr_bin())
-        .args(["checkpoint", "-t", &pid, "-D", img.to_str().expect("utf-8")])
-        .args(["--shell-job", "--tcp-established"])
-        .output()
-        .expect("mcr checkpoint");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(p.wait(), 128 + libc::SIGKILL);
-    net.move_address();
+    let enter_a = net.checkpoint_in_a(&mut p, &img, &["--tcp-established"]);
     let prefix: Vec<&str> = enter_a.iter().map(String::as_str).collect();
     let b = net.path(1);
     let mut r = restore_via(&mut g, &prefix, &img, &["--tcp-established", "--netns", &b]);
@@ -529,6 +537,17 @@ fn a_restore_without_the_flag_is_refused_and_keeps_the_connection_blocked_for_a_
     let (_, _conn) = client.wait_trips(10).finish();
     assert_pass(&r.check());
     assert_eq!(r.wait(), 0);
+}
+
+/// Waits until a client thread counting in `trips` made `n` more, while it runs.
+fn wait_for_trips<T>(trips: &AtomicU64, client: &std::thread::JoinHandle<T>, n: u64) {
+    let target = trips.load(Ordering::Relaxed) + n;
+    let deadline = Instant::now() + LINE_TIMEOUT;
+    while trips.load(Ordering::Relaxed) < target {
+        assert!(!client.is_finished(), "the client stopped");
+        assert!(Instant::now() < deadline, "the client made no progress");
+        std::thread::yield_now();
+    }
 }
 
 /// A port nobody listens on now, for programs that cannot be told to pick one.
@@ -666,15 +685,7 @@ fn python_http_server_keeps_a_keep_alive_client_across_the_move() {
         let (stop, trips, body) = (stop.clone(), trips.clone(), body.clone());
         std::thread::spawn(move || http_client(c, "/data.bin".into(), body, stop, trips))
     };
-    let wait_for = |n: u64| {
-        let target = trips.load(Ordering::Relaxed) + n;
-        let deadline = Instant::now() + LINE_TIMEOUT;
-        while trips.load(Ordering::Relaxed) < target {
-            assert!(!client.is_finished(), "the client stopped");
-            assert!(Instant::now() < deadline, "the client made no progress");
-            std::thread::yield_now();
-        }
-    };
+    let wait_for = |n: u64| wait_for_trips(&trips, &client, n);
     wait_for(20);
     let img = tmp.path().join("img");
     let mut r = round_trip(
@@ -845,33 +856,10 @@ fn a_udp_service_moves_to_another_network_namespace_and_its_client_keeps_asking(
             Ok(worst)
         })
     };
-    let wait_for = |n: u64| {
-        let target = trips.load(Ordering::Relaxed) + n;
-        let deadline = Instant::now() + LINE_TIMEOUT;
-        while trips.load(Ordering::Relaxed) < target {
-            assert!(!client.is_finished(), "the client stopped");
-            assert!(Instant::now() < deadline, "the client made no progress");
-            std::thread::yield_now();
-        }
-    };
+    let wait_for = |n: u64| wait_for_trips(&trips, &client, n);
     wait_for(100);
-    let pid = p.pid.to_string();
     let img = tmp.path().join("img");
-    let enter_a = net.enter(0);
-    let out = std::process::Command::new(&enter_a[0])
-        .args(&enter_a[1..])
-        .arg(mcr_bin())
-        .args(["checkpoint", "-t", &pid, "-D", img.to_str().expect("utf-8")])
-        .arg("--shell-job")
-        .output()
-        .expect("mcr checkpoint");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(p.wait(), 128 + libc::SIGKILL);
-    net.move_address();
+    let enter_a = net.checkpoint_in_a(&mut p, &img, &[]);
     let prefix: Vec<&str> = enter_a.iter().map(String::as_str).collect();
     let mut r = restore_via(&mut g, &prefix, &img, &["--netns", &net.path(1)]);
     wait_for(100);
