@@ -35,6 +35,47 @@ pub fn json(image: &Image) -> serde_json::Value {
     })
 }
 
+/// One TCP or UDP socket of the image, for a person.
+fn inet_line(i: &crate::model::InetSocketImage) -> String {
+    let at = i
+        .local
+        .map(|a| format!(" on {a}"))
+        .unwrap_or_else(|| " never bound".into());
+    let mut line = match (&i.tcp, i.protocol == libc::IPPROTO_TCP) {
+        (Some(c), _) => {
+            let state = match (c.fin_sent, c.fin_received) {
+                (false, false) => "established",
+                (true, false) => "established, our side closed",
+                (false, true) => "established, the peer's side closed",
+                (true, true) => "closed both ways, fd still open",
+            };
+            format!(
+                "TCP {} -> {}: {state}; {} bytes to read, {} to send ({} never sent)",
+                c.local,
+                c.peer,
+                c.recv_queue.len(),
+                c.send_queue.len(),
+                c.unsent
+            )
+        }
+        (None, true) => match i.listen {
+            Some(b) => format!("TCP listener{at}, backlog {b}"),
+            None => format!("TCP socket{at}"),
+        },
+        (None, false) => format!(
+            "UDP socket{at}{}; {} datagrams waiting",
+            i.peer
+                .map(|p| format!(", connected to {p}"))
+                .unwrap_or_default(),
+            i.datagrams.len()
+        ),
+    };
+    if !i.options.is_empty() {
+        line.push_str(&format!("; {} options set", i.options.len()));
+    }
+    line
+}
+
 pub fn text(image: &Image) -> String {
     let s = &image.snapshot;
     let inv = &s.inventory;
@@ -294,6 +335,20 @@ pub fn text(image: &Image) -> String {
                 .map(|n| format!(" bound to {n}"))
                 .unwrap_or_default(),
             u.queue.len()
+        );
+    }
+    for i in &s.inet {
+        let _ = writeln!(o, "\n{}", inet_line(i));
+    }
+    if let Some(l) = &inv.net_lock {
+        let _ = writeln!(
+            o,
+            "\nconnections stopped on the wire by nftables table inet {} (netns {}){}",
+            l.table,
+            l.netns,
+            l.holder_pid
+                .map(|p| format!(", their peers' packets held by pid {p}"))
+                .unwrap_or_else(|| ", their peers' packets dropped".into())
         );
     }
     for t in &s.ptys {
