@@ -374,11 +374,24 @@ pub fn lock(
     inbound: Inbound,
     dumper: Option<u32>,
 ) -> Result<()> {
+    make(name, conns, inbound, dumper, true)
+}
+
+/// [`lock`], or (`hooked` false) the same table with its chains hooked nowhere: it
+/// stops nothing, and removing it drops no packet that anyone holds.
+fn make(
+    name: &str,
+    conns: &[(SocketAddr, SocketAddr)],
+    inbound: Inbound,
+    dumper: Option<u32>,
+    hooked: bool,
+) -> Result<()> {
     let with = |q: QueueExpr| {
+        let hook = |h| hooked.then_some(h);
         let mut m = vec![
             table_msg(NFT_MSG_NEWTABLE, name),
-            chain_msg(name, "in", Some(NF_INET_LOCAL_IN)),
-            chain_msg(name, "out", Some(NF_INET_LOCAL_OUT)),
+            chain_msg(name, "in", hook(NF_INET_LOCAL_IN)),
+            chain_msg(name, "out", hook(NF_INET_LOCAL_OUT)),
         ];
         if let Some(pid) = dumper {
             m.push(chain_msg(name, &dump_mark(pid), None));
@@ -551,12 +564,19 @@ pub fn remove_stale() -> Result<Vec<String>> {
 }
 
 /// Whether packets can be held here: a queue bound, and a rule queueing to it accepted.
-/// Says which way the rule queues.
+/// Says which way the rule queues. Its table is hooked nowhere: removing a hooked one
+/// would drop the packets a migration running beside us holds.
 pub fn probe_queue() -> Result<&'static str> {
     let q = crate::nfqueue::PacketQueue::bind_free(0x7000)?;
     let name = format!("mcr_probe_{}", std::process::id());
     let nowhere: SocketAddr = ([127, 0, 0, 1], 9).into();
-    let r = lock(&name, &[(nowhere, nowhere)], Inbound::Queue(q.num()), None);
+    let r = make(
+        &name,
+        &[(nowhere, nowhere)],
+        Inbound::Queue(q.num()),
+        None,
+        false,
+    );
     unlock(&name)?;
     r?;
     Ok(match QUEUE_EXPR.load(Ordering::Relaxed) {
