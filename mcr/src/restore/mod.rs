@@ -149,8 +149,8 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
             });
         }
     }
-    // The image's connections stay blocked on the wire until the tree runs, and not a
-    // moment longer, whatever happens (a failed restore cannot take them any more).
+    // The image's connections stay stopped on the wire until they exist again here;
+    // should the restore fail before that, they stay stopped for the next one.
     let target_netns = opts.netns.as_ref().map(|p| {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(p).map_or(0, |m| m.ino())
@@ -357,8 +357,13 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     };
     connections.done = true;
     release.done();
-    drop(release);
     steps.push(("resume", t.elapsed()));
+    if snap.inventory.net_lock.is_some() {
+        // After the processes run: the lock was opened before; this removes it.
+        let t = Instant::now();
+        drop(release);
+        steps.push(("remove the connections' lock", t.elapsed()));
+    }
     steps.push(("total", t0.elapsed()));
     Ok(Restored {
         pid: root_pid,
