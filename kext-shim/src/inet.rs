@@ -60,7 +60,32 @@ fn addr(family: i32, port_be: &[u8], ip: &[u8]) -> SocketAddr {
 
 /// Every TCP and UDP socket of the network namespace, IPv4 and IPv6, by inode.
 pub fn inet_sockets() -> Result<BTreeMap<u64, InetSocket>> {
-    let mut out = BTreeMap::new();
+    // Sockets in TIME_WAIT and the like have no inode: no fd holds them.
+    Ok(all_inet_sockets()?
+        .into_iter()
+        .filter(|s| s.ino != 0)
+        .map(|s| (s.ino, s))
+        .collect())
+}
+
+/// The connections waiting in the accept queue of the TCP listener `on`: established,
+/// on its address, and held by no fd yet.
+pub fn waiting_connections(on: &SocketAddr) -> Result<Vec<InetSocket>> {
+    Ok(all_inet_sockets()?
+        .into_iter()
+        .filter(|s| {
+            s.ino == 0
+                && s.protocol == libc::IPPROTO_TCP
+                && s.state == TCP_ESTABLISHED
+                && s.local.port() == on.port()
+                && (on.ip().is_unspecified() || s.local.ip() == on.ip())
+        })
+        .collect())
+}
+
+/// Every TCP and UDP socket sock_diag shows, those no fd holds too.
+fn all_inet_sockets() -> Result<Vec<InetSocket>> {
+    let mut out = Vec::new();
     for family in [libc::AF_INET, libc::AF_INET6] {
         for protocol in [libc::IPPROTO_TCP, libc::IPPROTO_UDP] {
             // inet_diag_req_v2: family, protocol, ext, pad, states, then a zero sockid.
@@ -73,7 +98,7 @@ pub fn inet_sockets() -> Result<BTreeMap<u64, InetSocket>> {
                     return;
                 }
                 let u32_at = |i: usize| u32::from_ne_bytes(m[i..i + 4].try_into().expect("4"));
-                let s = InetSocket {
+                out.push(InetSocket {
                     ino: u32_at(68) as u64,
                     family,
                     protocol,
@@ -82,11 +107,7 @@ pub fn inet_sockets() -> Result<BTreeMap<u64, InetSocket>> {
                     peer: addr(family, &m[6..8], &m[24..40]),
                     rqueue: u32_at(56),
                     wqueue: u32_at(60),
-                };
-                // Sockets in TIME_WAIT and the like have no inode: no fd holds them.
-                if s.ino != 0 {
-                    out.insert(s.ino, s);
-                }
+                });
             })?;
         }
     }

@@ -1041,3 +1041,43 @@ fn a_failed_restore_leaves_the_connection_held_and_a_second_one_brings_it_back()
         "{table} remains"
     );
 }
+
+/// A listener with connections it has not accepted yet: on CHECK it accepts two and
+/// reads what each sent.
+const PY_PENDING: &str = r#"
+import socket, sys
+l = socket.socket()
+l.bind(("127.0.0.1", 0))
+l.listen(4)
+print("PORT %d" % l.getsockname()[1], flush=True)
+print("READY", flush=True)
+sys.stdin.readline()
+got = sorted(l.accept()[0].recv(10) for _ in range(2))
+print(("PASS" if got == [b"one", b"two"] else "FAIL") + " %r" % got, flush=True)
+"#;
+
+#[test]
+fn connections_waiting_to_be_accepted_are_refused_by_name_and_the_service_runs_on() {
+    let mut g = Guard::new();
+    let mut p = Proc::start_until(
+        &mut g,
+        std::path::Path::new("python3"),
+        &["-c", PY_PENDING],
+        None,
+        None,
+    );
+    let port: u16 = p.lines.expect_prefix("PORT")[5..]
+        .trim()
+        .parse()
+        .expect("a port");
+    p.lines.expect_prefix("READY");
+    let mut one = TcpStream::connect(("127.0.0.1", port)).expect("connecting");
+    let mut two = TcpStream::connect(("127.0.0.1", port)).expect("connecting");
+    one.write_all(b"one").expect("one");
+    two.write_all(b"two").expect("two");
+    let names = [one.local_addr(), two.local_addr()].map(|a| format!("{} ->", a.expect("address")));
+    assert_refused(
+        p,
+        &["2 connections waiting to be accepted", &names[0], &names[1]],
+    );
+}

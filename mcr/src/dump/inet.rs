@@ -73,11 +73,23 @@ pub fn resolve(
         let at = Pid::from_raw(pid);
         let mut held = None;
         let refusal = match (tcp, s.state) {
-            (true, TCP_LISTEN) if s.rqueue > 0 => Some(format!(
-                "a listening {} with {} connections waiting to be accepted, which are not supported yet",
-                describe(s),
-                s.rqueue
-            )),
+            (true, TCP_LISTEN) if s.rqueue > 0 => {
+                let waiting: Vec<String> = inet::waiting_connections(&s.local)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|c| format!("{} -> {}", c.peer, c.local))
+                    .collect();
+                Some(format!(
+                    "a listening {} with {} connections waiting to be accepted{}, which are not supported yet",
+                    describe(s),
+                    s.rqueue,
+                    if waiting.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", waiting.join(", "))
+                    }
+                ))
+            }
             (true, TCP_LISTEN | TCP_CLOSE) => None,
             (true, state) if tcp_established && kext_shim::tcp::can_take(state) => {
                 held = Some((s.local, s.peer));
