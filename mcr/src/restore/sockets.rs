@@ -83,8 +83,10 @@ pub fn make(
     let mut made = Sockets::new();
     let mut conns = Connections::default();
     for s in inet {
-        let sock = make_inet(pid, s)?;
-        if let Some(state) = s.tcp.as_ref().map(kext_shim::tcp::TcpState::from) {
+        // Converted once: the queues it carries may be megabytes.
+        let state = s.tcp.as_ref().map(kext_shim::tcp::TcpState::from);
+        let sock = make_inet(pid, s, state.as_ref())?;
+        if let Some(state) = state {
             let copy = sock.try_clone().map_err(|e| RestoreError::File {
                 pid,
                 what: "TCP socket".into(),
@@ -224,7 +226,11 @@ pub fn make(
 /// A TCP listener or UDP socket with the options the program had set, bound (with
 /// SO_REUSEADDR for the bind only, unless it had it: a port the original's connections
 /// left in TIME_WAIT is free to take again), listening or connected as it was.
-fn make_inet(pid: i32, s: &InetSocketImage) -> Result<OwnedFd> {
+fn make_inet(
+    pid: i32,
+    s: &InetSocketImage,
+    conn: Option<&kext_shim::tcp::TcpState>,
+) -> Result<OwnedFd> {
     let err = |why: String| RestoreError::File {
         pid,
         what: "TCP/UDP socket".into(),
@@ -237,10 +243,10 @@ fn make_inet(pid: i32, s: &InetSocketImage) -> Result<OwnedFd> {
     };
     let k = |e: kext_shim::Error| err(e.to_string());
     let reuse = (libc::SOL_SOCKET, libc::SO_REUSEADDR);
-    if let Some(conn) = &s.tcp {
+    if let Some(conn) = conn {
         // The program's options first, then the connection, in repair mode, then
         // SO_REUSEADDR, which repair mode overrode.
-        let sock = kext_shim::tcp::restore(&conn.into(), |sock| {
+        let sock = kext_shim::tcp::restore(conn, |sock| {
             for (level, name, value) in &s.options {
                 if (*level, *name) != reuse {
                     inet::set_option(sock, *level, *name, value)?;
