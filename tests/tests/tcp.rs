@@ -227,9 +227,20 @@ fn stalled_dump(p: &Proc, img: &std::path::Path) -> (std::process::Child, String
     }
 }
 
-/// The pid of the process holding the packets of `table`.
+/// The pid of the process holding the packets of `table`: the dump makes the table,
+/// then starts it.
 fn holder_of(table: &str) -> i32 {
-    find_holder(table).unwrap_or_else(|| panic!("no process holds the packets of {table}"))
+    let deadline = Instant::now() + LINE_TIMEOUT;
+    loop {
+        if let Some(pid) = find_holder(table) {
+            return pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no process holds the packets of {table}"
+        );
+        std::thread::yield_now();
+    }
 }
 
 fn find_holder(table: &str) -> Option<i32> {
