@@ -82,7 +82,12 @@ pub fn make(
     };
     let mut made = Sockets::new();
     let mut conns = Connections::default();
-    for s in inet {
+    // Listeners and other bound sockets before the connections: a connection made
+    // again leaves repair mode without address reuse, and a listener bound after it to
+    // the same port would meet EADDRINUSE. (Inode order, the image's, says nothing of
+    // which came first.)
+    let (plain, connected): (Vec<_>, Vec<_>) = inet.iter().partition(|s| s.tcp.is_none());
+    for s in plain.into_iter().chain(connected) {
         // Converted once: the queues it carries may be megabytes.
         let state = s.tcp.as_ref().map(kext_shim::tcp::TcpState::from);
         let sock = make_inet(pid, s, state.as_ref())?;
