@@ -8,6 +8,7 @@
 
 pub mod anon;
 pub mod clone;
+pub mod dirty;
 pub mod filemap;
 pub mod inet;
 pub mod inject;

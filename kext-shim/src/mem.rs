@@ -260,6 +260,19 @@ impl Pagemap {
         anyof: u64,
         ret_mask: u64,
     ) -> Result<Vec<(u64, u64, u64)>> {
+        self.scan_with(
+            start,
+            end,
+            ScanQuery {
+                anyof,
+                return_mask: ret_mask,
+                ..ScanQuery::default()
+            },
+        )
+    }
+
+    /// PAGEMAP_SCAN with every knob: see [`ScanQuery`].
+    pub fn scan_with(&self, start: u64, end: u64, q: ScanQuery) -> Result<Vec<(u64, u64, u64)>> {
         #[repr(C)]
         #[derive(Clone, Copy, Default)]
         struct Region {
@@ -288,7 +301,7 @@ impl Pagemap {
         while cursor < end {
             let mut arg = Arg {
                 size: std::mem::size_of::<Arg>() as u64,
-                flags: 0,
+                flags: q.flags,
                 start: cursor,
                 end,
                 walk_end: 0,
@@ -296,9 +309,9 @@ impl Pagemap {
                 vec_len: regions.len() as u64,
                 max_pages: 0,
                 category_inverted: 0,
-                category_mask: 0,
-                category_anyof_mask: anyof,
-                return_mask: ret_mask,
+                category_mask: q.all_of,
+                category_anyof_mask: q.anyof,
+                return_mask: q.return_mask,
             };
             // SAFETY: `arg` is a properly sized pm_scan_arg whose `vec` points at
             // `regions`, which has room for `vec_len` entries and outlives the call.
@@ -322,6 +335,16 @@ impl Pagemap {
         }
         Ok(out)
     }
+}
+
+/// What a PAGEMAP_SCAN asks for: pages having every category of `all_of` and, when
+/// `anyof` is not 0, one of `anyof`; `flags` are the PM_SCAN_* flags.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ScanQuery {
+    pub flags: u64,
+    pub all_of: u64,
+    pub anyof: u64,
+    pub return_mask: u64,
 }
 
 /// The page frame number of the kernel's shared zero page, as our own pagemap shows it,

@@ -4,8 +4,8 @@ use crate::clone::{kill, spawn_stub, StubSpec};
 use crate::inject::{find_syscall_insn, Injector};
 use crate::mem::{read_remote, Pagemap, ProcMem};
 use crate::procfs::read_maps;
-use crate::{ptrace, sys, Errno, Pid};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use crate::{ptrace, sys, Pid};
+use std::os::fd::AsRawFd;
 
 /// One probed interface.
 #[derive(Debug, Clone)]
@@ -226,43 +226,7 @@ fn probe_pagemap_scan() -> Result<String, String> {
 }
 
 fn probe_uffd_wp_async() -> Result<String, String> {
-    // SAFETY: userfaultfd takes no pointers.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_userfaultfd,
-            libc::O_CLOEXEC | libc::O_NONBLOCK | sys::UFFD_USER_MODE_ONLY,
-        )
-    };
-    if fd < 0 {
-        return Err(format!("userfaultfd: {}", Errno::last()));
-    }
-    // SAFETY: a fresh fd we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    #[repr(C)]
-    struct Api {
-        api: u64,
-        features: u64,
-        ioctls: u64,
-    }
-    let mut api = Api {
-        api: sys::UFFD_API,
-        features: 0,
-        ioctls: 0,
-    };
-    // SAFETY: UFFDIO_API reads and writes exactly one struct uffdio_api.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), sys::UFFDIO_API, &mut api) };
-    if r < 0 {
-        return Err(format!("UFFDIO_API: {}", Errno::last()));
-    }
-    let need = sys::UFFD_FEATURE_WP_ASYNC | sys::UFFD_FEATURE_WP_UNPOPULATED;
-    if api.features & need == need {
-        Ok(format!("features {:#x}", api.features))
-    } else {
-        Err(format!(
-            "features {:#x} lack WP_ASYNC|WP_UNPOPULATED",
-            api.features
-        ))
-    }
+    crate::dirty::supported().map(|f| format!("features {f:#x}; tracks another process's writes"))
 }
 
 fn probe_soft_dirty() -> Result<String, String> {

@@ -38,6 +38,13 @@ pub const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
 pub const UFFD_API: u64 = 0xaa;
 pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+pub const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00; // _IOWR(0xaa, 0, struct uffdio_register)
+pub const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_aa01; // _IOR(0xaa, 1, struct uffdio_range)
+pub const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xc018_aa06; // _IOWR(0xaa, 6, struct uffdio_writeprotect)
+pub const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+pub const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 
 /// Bits of a /proc/PID/pagemap entry.
 pub const PM_PRESENT: u64 = 1 << 63;
