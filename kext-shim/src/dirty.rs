@@ -285,7 +285,7 @@ mod tests {
         let (pid, _) = spawn_stub(&StubSpec::default()).unwrap();
         let _stub = Stub(pid);
         let mut inj = injector(pid);
-        let rw = (libc::PROT_READ | libc::PROT_WRITE) as i32;
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
         let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
         let a = inj.mmap(0, 64 * P, rw, anon, -1, 0).unwrap();
         let fresh = inj.mmap(0, 16 * P, rw, anon, -1, 0).unwrap();
@@ -362,7 +362,7 @@ mod tests {
         let (pid, _) = spawn_stub(&StubSpec::default()).unwrap();
         let _stub = Stub(pid);
         let mut inj = injector(pid);
-        let rw = (libc::PROT_READ | libc::PROT_WRITE) as i32;
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
         let a = inj
             .mmap(0, 4 * P, rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
             .unwrap();
