@@ -45,6 +45,7 @@ fn checkpoint(c: &mut Criterion) {
                             compression: Compression::None,
                             freeze_cgroup: None,
                             tcp_established: false,
+                            prev: None,
                         };
                         let t = Instant::now();
                         mcr::dump::checkpoint(&opts).expect("checkpoint");
@@ -73,6 +74,7 @@ fn restore(c: &mut Criterion) {
             compression: Compression::None,
             freeze_cgroup: None,
             tcp_established: false,
+            prev: None,
         })
         .expect("checkpoint");
         let _ = w.child.wait();

@@ -47,6 +47,7 @@ fn tree(c: &mut Criterion, procs: usize, threads: usize, mib: usize) {
             compression: Compression::None,
             freeze_cgroup: None,
             tcp_established: false,
+            prev: None,
         })
         .expect("checkpoint");
         (img, r)

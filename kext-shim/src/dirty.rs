@@ -15,7 +15,7 @@
 use crate::inject::Injector;
 use crate::mem::{Pagemap, ScanQuery};
 use crate::{check, pidfd, sys, Errno, Pid, Result};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 #[repr(C)]
 struct Range {
@@ -76,8 +76,28 @@ impl WriteTracker {
         Ok(Self { pid, uffd })
     }
 
+    /// Takes over fd `fd` of this process, inherited across exec from whoever made the
+    /// tracker of `pid`. Refused unless it is a userfaultfd.
+    pub fn from_inherited(pid: Pid, fd: RawFd) -> Result<Self> {
+        let link = crate::procfs::read_link(&format!("/proc/self/fd/{fd}"))?;
+        if link != "anon_inode:[userfaultfd]" {
+            return Err(crate::Error::Unexpected {
+                pid: pid.as_raw(),
+                what: format!("inherited fd {fd} is {link}, not a userfaultfd"),
+            });
+        }
+        // SAFETY: the fd is open (its link was just read), is a userfaultfd, and was
+        // inherited for us alone: nothing else in this process owns it.
+        let uffd = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+        Ok(Self { pid, uffd })
+    }
+
     pub fn pid(&self) -> Pid {
         self.pid
+    }
+
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.uffd.as_raw_fd()
     }
 
     /// The userfaultfd, to be kept open (by whoever outlives us) as long as the tracking

@@ -244,6 +244,7 @@ fn demo(mib: usize) -> Result<bool, Box<dyn std::error::Error>> {
         compression: Compression::FAST,
         freeze_cgroup: None,
         tcp_established: false,
+        prev: None,
     })?;
     child.wait()?;
     println!(

@@ -13,3 +13,13 @@ pub mod netlock;
 mod par;
 pub mod restore;
 pub mod show;
+
+/// The `mcr` binary, for the helper processes it starts (`hold-packets`,
+/// `hold-tracker`): this program, unless a program using the library names it in
+/// `MCR_EXE`.
+pub(crate) fn mcr_exe() -> std::io::Result<std::path::PathBuf> {
+    match std::env::var_os("MCR_EXE") {
+        Some(e) => Ok(std::path::PathBuf::from(e)),
+        None => std::env::current_exe(),
+    }
+}

@@ -50,7 +50,29 @@ enum Cmd {
         /// Page compression: none, fast, or a zstd level 1..19.
         #[arg(long, default_value = "fast", value_parser = Compression::parse)]
         compress: Compression,
+        /// A pre-dump of this tree: pages not written since it was taken stay there,
+        /// and the restore reads them from it.
+        #[arg(long)]
+        prev_images_dir: Option<PathBuf>,
         /// Print the report as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy a running tree's memory and track its writes, so the checkpoint that
+    /// follows (with --prev-images-dir) holds only the pages written since.
+    PreDump {
+        #[arg(short = 't', long = "tree")]
+        pid: i32,
+        /// Images directory: created 0700, or an empty one.
+        #[arg(short = 'D', long = "images-dir")]
+        dir: PathBuf,
+        /// The previous pre-dump: this one holds only the pages written since it.
+        #[arg(long)]
+        prev_images_dir: Option<PathBuf>,
+        #[arg(long)]
+        freeze_cgroup: Option<PathBuf>,
+        #[arg(long, default_value = "fast", value_parser = Compression::parse)]
+        compress: Compression,
         #[arg(long)]
         json: bool,
     },
@@ -120,6 +142,15 @@ enum Cmd {
         table: String,
         #[arg(long, default_value_t = mcr::netlock::MAX_HOLD.as_secs())]
         max_hold_secs: u64,
+    },
+    /// Holds a pre-dump's write tracking until the next image (started by pre-dump,
+    /// not for direct use).
+    #[command(hide = true)]
+    HoldTracker {
+        #[arg(long, value_delimiter = ',')]
+        fds: Vec<i32>,
+        #[arg(long, value_delimiter = ',')]
+        pids: Vec<i32>,
     },
     /// The sample workload `demo` runs (not for direct use).
     #[command(hide = true)]
@@ -206,6 +237,7 @@ fn main() -> ExitCode {
             compress,
             freeze_cgroup,
             tcp_established,
+            prev_images_dir,
             json,
         } => {
             let after = if leave_running {
@@ -224,6 +256,7 @@ fn main() -> ExitCode {
                 compression: compress,
                 freeze_cgroup,
                 tcp_established,
+                prev: prev_images_dir,
             };
             match mcr::dump::checkpoint(&opts) {
                 Ok(r) => {
@@ -254,6 +287,54 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e, e.exit_code()),
             }
         }
+        Cmd::PreDump {
+            pid,
+            dir,
+            prev_images_dir,
+            freeze_cgroup,
+            compress,
+            json,
+        } => {
+            let opts = mcr::dump::predump::PreDumpOptions {
+                pid,
+                dir,
+                prev: prev_images_dir,
+                compression: compress,
+                freeze_cgroup,
+            };
+            match mcr::dump::predump::pre_dump(&opts) {
+                Ok(r) => {
+                    if json {
+                        let v = serde_json::json!({
+                            "pid": r.pid,
+                            "pages": r.stats.pages,
+                            "raw_bytes": r.stats.raw_bytes,
+                            "stored_bytes": r.stats.stored_bytes,
+                            "frozen_ms": r.frozen_for.as_secs_f64() * 1e3,
+                            "tracked_vmas": r.tracked_vmas,
+                            "untracked_vmas": r.untracked_vmas,
+                            "holder_pid": r.holder_pid,
+                            "steps": steps_json(&r.steps),
+                        });
+                        println!("{v}");
+                    } else {
+                        eprintln!(
+                            "mcr: pre-dumped pid {}: {} pages ({:.1} MiB), frozen {:.2} ms; writes to {} VMAs tracked by pid {}; {}",
+                            r.pid,
+                            r.stats.pages,
+                            r.stats.raw_bytes as f64 / (1 << 20) as f64,
+                            r.frozen_for.as_secs_f64() * 1e3,
+                            r.tracked_vmas,
+                            r.holder_pid,
+                            steps_text(&r.steps)
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e, e.exit_code()),
+            }
+        }
+        Cmd::HoldTracker { fds, pids } => mcr::dump::track::hold_main(&fds, &pids),
         Cmd::Restore {
             dir,
             root,

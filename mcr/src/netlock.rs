@@ -157,15 +157,11 @@ fn wait_child(c: &mut Child, patience: Duration) -> bool {
 }
 
 /// Starts `mcr hold-packets` with the queue's socket, inherited across exec under its
-/// number here. The holder is this program (`mcr`); another program dumping through
-/// the library names the `mcr` binary in `MCR_EXE`.
+/// number here.
 fn spawn_holder(q: &PacketQueue, table: &str) -> std::io::Result<Child> {
     use nix::fcntl::{fcntl, FcntlArg, FdFlag};
     let fd = q.fd();
-    let exe = match std::env::var_os("MCR_EXE") {
-        Some(e) => std::path::PathBuf::from(e),
-        None => std::env::current_exe()?,
-    };
+    let exe = crate::mcr_exe()?;
     let flags = |f| fcntl(fd, FcntlArg::F_SETFD(f)).map_err(std::io::Error::from);
     // Inherited by this one child: nothing else is spawned meanwhile.
     flags(FdFlag::empty())?;

@@ -92,6 +92,20 @@ pub fn text(image: &Image) -> String {
         inv.features.join(","),
         if inv.shell_job { "; shell job" } else { "" }
     );
+    if let Some(p) = &inv.parent {
+        let _ = writeln!(
+            o,
+            "pages not written since are in parent image {:#x} at {} (relative to this one)",
+            p.image_id, p.dir
+        );
+    }
+    if let Some(t) = &inv.tracker {
+        let _ = writeln!(
+            o,
+            "writes of pids {:?} tracked since, by holder pid {} (kill it to end the tracking)",
+            t.pids, t.holder_pid
+        );
+    }
     if let Some(p0) = s.processes.first() {
         namespaces(&mut o, &p0.namespaces);
     }
@@ -178,10 +192,21 @@ pub fn text(image: &Image) -> String {
                 VmaKind::VvarVclock => "[vvar_vclock]".into(),
             };
             let n = pages.get(&(p.pid, v.start)).copied().unwrap_or(0);
+            let inherited =
+                p.mm.parent
+                    .as_ref()
+                    .is_some_and(|pp| pp.ranges.iter().any(|&(s, e)| s <= v.start && v.end <= e));
             let _ = writeln!(
                 o,
-                "    {:016x}-{:016x} {prot} {:>8} pages stored  {what}",
-                v.start, v.end, n
+                "    {:016x}-{:016x} {prot} {:>8} pages stored  {what}{}",
+                v.start,
+                v.end,
+                n,
+                if inherited {
+                    " (the rest in the parent)"
+                } else {
+                    ""
+                }
             );
         }
         let _ = writeln!(o, "  fds:");

@@ -219,15 +219,19 @@ fn truncated_image_is_refused() {
 }
 
 #[test]
-fn image_from_a_newer_format_is_refused() {
+fn image_from_a_newer_or_older_format_is_refused() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let img = tmp.path().join("img");
     let pid = dumped_counter(&img);
     let mut bytes = std::fs::read(img.join("inventory")).expect("read");
-    bytes[4] = 2;
-    std::fs::write(img.join("inventory"), bytes).expect("write");
+    bytes[4] += 1;
+    std::fs::write(img.join("inventory"), &bytes).expect("write");
     let out = mcr(&["restore", "-D", s(&img), "--shell-job", "-d"]);
-    assert_fails(&out, 6, &["inventory", "version 2 is newer"]);
+    assert_fails(&out, 6, &["inventory", "is newer"]);
+    bytes[4] -= 2;
+    std::fs::write(img.join("inventory"), &bytes).expect("write");
+    let out = mcr(&["restore", "-D", s(&img), "--shell-job", "-d"]);
+    assert_fails(&out, 6, &["inventory", "is older"]);
     assert!(!alive(pid));
 }
 

@@ -102,6 +102,7 @@ pub fn collect(pid: Pid, maps: &[MapEntry], stat: &Stat, brk: u64) -> Result<MmI
         auxv: procfs::read_auxv(pid).step(pid, || "reading auxv".into())?,
         exe,
         files,
+        parent: None,
     })
 }
 
@@ -138,24 +139,60 @@ fn page_needed(kind: VmaKind, shared: bool, e: PagemapEntry, zero: Option<u64>) 
 }
 
 /// A run of needed pages: at most one chunk, all in one VMA.
-struct Job {
-    addr: u64,
-    pages: usize,
+pub struct Job {
+    pub addr: u64,
+    pub pages: usize,
     readable: bool,
 }
 
-/// Writes every page that only memory holds into the image, reading and writing on
-/// every core.
-/// `owner` names the process in the image (its pid as the tree sees it).
-pub fn dump_pages(pid: Pid, owner: i32, mm: &MmImage, w: &ImageWriter) -> Result<()> {
-    let raw = pid.as_raw();
+/// The pages of one process to copy, and the VMAs whose other pages are the parent
+/// image's.
+pub struct PagePlan {
+    jobs: Vec<Job>,
+    /// Sorted `[start, end)` of every VMA whose pages were chosen as written since the
+    /// parent image.
+    pub inherited: Vec<(u64, u64)>,
+}
+
+impl PagePlan {
+    pub fn bytes(&self) -> u64 {
+        self.jobs.iter().map(|j| j.pages as u64 * PAGE_SIZE).sum()
+    }
+}
+
+/// The runs of a VMA written since the parent image, or None to take all it holds.
+pub type WrittenSince<'a> = dyn Fn(&Vma) -> Result<Option<Vec<(u64, u64)>>> + 'a;
+
+/// Chooses the pages to copy: for each VMA `written` knows, the pages written since
+/// (whatever they hold now: a page dropped since reads as zeros and must say so); for
+/// the others, every page that only memory holds.
+pub fn plan_pages(pid: Pid, mm: &MmImage, written: &WrittenSince) -> Result<PagePlan> {
     let pagemap = Pagemap::open(pid).step(pid, || "opening pagemap".into())?;
     let zero = zero_pfn();
     let mut jobs = Vec::new();
+    let mut inherited = Vec::new();
     for v in &mm.vmas {
         // Shared memory is dumped once per object (see `dump_shared_memory`); shared
         // file mappings live in their files.
         if matches!(v.kind, VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock) || v.shared {
+            continue;
+        }
+        let readable = v.prot & libc::PROT_READ != 0;
+        if let Some(runs) = written(v)? {
+            inherited.push((v.start, v.end));
+            for (start, end) in runs {
+                let (start, end) = (start.max(v.start), end.min(v.end));
+                let mut at = start;
+                while at < end {
+                    let pages = ((end - at) / PAGE_SIZE).min(CHUNK_PAGES as u64) as usize;
+                    jobs.push(Job {
+                        addr: at,
+                        pages,
+                        readable,
+                    });
+                    at += pages as u64 * PAGE_SIZE;
+                }
+            }
             continue;
         }
         let entries = pagemap.read(v.start, v.end).step(pid, || {
@@ -177,11 +214,29 @@ pub fn dump_pages(pid: Pid, owner: i32, mm: &MmImage, w: &ImageWriter) -> Result
             jobs.push(Job {
                 addr: v.start + first as u64 * PAGE_SIZE,
                 pages: i - first,
-                readable: v.prot & libc::PROT_READ != 0,
+                readable,
             });
         }
     }
-    let bytes: u64 = jobs.iter().map(|j| j.pages as u64 * PAGE_SIZE).sum();
+    Ok(PagePlan { jobs, inherited })
+}
+
+/// What to do with a run that could not be read (the process runs and unmapped or
+/// protected it meanwhile): skip it after making sure no later image relies on it, or
+/// (None) fail.
+pub type OnFault<'a> = Option<&'a (dyn Fn(&Job) -> Result<()> + Sync)>;
+
+/// Copies the planned pages into the image, reading and writing on every core.
+/// `owner` names the process in the image (its pid as the tree sees it).
+pub fn copy_pages(
+    pid: Pid,
+    owner: i32,
+    plan: &PagePlan,
+    w: &ImageWriter,
+    on_fault: OnFault,
+) -> Result<()> {
+    let raw = pid.as_raw();
+    let jobs = &plan.jobs;
     // process_vm_readv honours protections; /proc/PID/mem does not.
     let procmem = if jobs.iter().any(|j| !j.readable) {
         Some(ProcMem::open(pid).step(pid, || "opening /proc/PID/mem".into())?)
@@ -189,18 +244,24 @@ pub fn dump_pages(pid: Pid, owner: i32, mm: &MmImage, w: &ImageWriter) -> Result
         None
     };
     par::for_each(
-        &jobs,
-        par::workers_for(bytes),
+        jobs,
+        par::workers_for(plan.bytes()),
         || vec![0u8; CHUNK_PREFIX + CHUNK_PAGES * PAGE_SIZE as usize],
         |buf, j| {
             let len = j.pages * PAGE_SIZE as usize;
             let buf = &mut buf[..CHUNK_PREFIX + len];
             let data = &mut buf[CHUNK_PREFIX..];
-            match &procmem {
+            let read = match &procmem {
                 Some(m) if !j.readable => m.read(j.addr, data),
                 _ => read_remote(pid, j.addr, data),
+            };
+            match (read, on_fault) {
+                (Ok(()), _) => {}
+                (Err(_), Some(skip)) => return skip(j),
+                (Err(e), None) => {
+                    return Err(e).step(pid, || format!("reading memory at {:#x}+{len:#x}", j.addr))
+                }
             }
-            .step(pid, || format!("reading memory at {:#x}+{len:#x}", j.addr))?;
             w.write_chunk(owner, j.addr, buf)
                 .map_err(|source| DumpError::Image { pid: raw, source })
         },

@@ -13,9 +13,11 @@ mod mm;
 mod mntns;
 mod parasite;
 mod pidns;
+pub mod predump;
 mod pty;
 mod sockets;
 mod task;
+pub mod track;
 
 use crate::image::{Compression, ImageError, ImageWriter, WriteStats, FORMAT_VERSION};
 use crate::model::{Inventory, Snapshot};
@@ -50,6 +52,9 @@ pub struct CheckpointOptions {
     /// Take established TCP connections (TCP_REPAIR), their packets dropped on the
     /// wire (nftables) from the freeze until they are restored or let go.
     pub tcp_established: bool,
+    /// An image taken with write tracking (a pre-dump): pages not written since are
+    /// left to it.
+    pub prev: Option<PathBuf>,
 }
 
 /// What a checkpoint did and how long each step took.
@@ -132,33 +137,16 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
     let mut steps = Vec::new();
     let t0 = Instant::now();
     task::precheck(pid)?;
+    let prev = opts
+        .prev
+        .as_deref()
+        .map(|p| track::Previous::open(raw, p, &opts.dir))
+        .transpose()?;
     let writer = ImageWriter::create(&opts.dir, opts.compression)
         .map_err(|source| DumpError::Image { pid: raw, source })?;
 
     let t_freeze = Instant::now();
-    let cgroup = match &opts.freeze_cgroup {
-        Some(dir) => Some(dir.clone()),
-        None => cgroup::alone_in(pid, &freeze::descendants(pid)),
-    };
-    let mut frozen_cgroup = cgroup
-        .as_deref()
-        .map(|d| cgroup::CgroupFreeze::freeze(pid, d))
-        .transpose()?;
-    let mut tree = FrozenTree::freeze(pid, || match &mut frozen_cgroup {
-        Some(c) if c.version() == cgroup::Version::V1 => c.thaw(),
-        _ => Ok(()),
-    })?;
-    // Every thread is in a ptrace stop now, which holds it after the thaw.
-    let freezer = match frozen_cgroup {
-        Some(mut c) => {
-            c.thaw()?;
-            match c.version() {
-                cgroup::Version::V1 => "cgroup-v1",
-                cgroup::Version::V2 => "cgroup",
-            }
-        }
-        None => "ptrace",
-    };
+    let (mut tree, freezer) = freeze_tree(pid, opts.freeze_cgroup.as_deref())?;
     steps.push(("freeze", t_freeze.elapsed()));
 
     // Declared after the tree: dropped first on failure, which lets the connections go
@@ -196,9 +184,24 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
             .transpose()?;
         steps.push(("collect state", t.elapsed()));
         let t = Instant::now();
-        for p in &processes {
+        let mut inherits = false;
+        for p in processes.iter_mut() {
+            let host = Pid::from_raw(p.pid);
             let owner = view.as_ref().map_or(p.pid, |v| v.pid(p.pid));
-            mm::dump_pages(Pid::from_raw(p.pid), owner, &p.mm, &writer)?;
+            let plan = match &prev {
+                // Read only: should this checkpoint fail, the next one needs the same
+                // answer.
+                Some(prev) => mm::plan_pages(host, &p.mm, &prev.written_fn(host, false)?)?,
+                None => mm::plan_pages(host, &p.mm, &|_| Ok(None))?,
+            };
+            mm::copy_pages(host, owner, &plan, &writer, None)?;
+            if !plan.inherited.is_empty() {
+                inherits = true;
+                p.mm.parent = Some(crate::model::ParentPages {
+                    pid: p.pid,
+                    ranges: plan.inherited,
+                });
+            }
         }
         let mut shmem = mm::dump_shared_memory(&processes, &writer)?;
         if let Some(ns) = &mut processes[0].namespaces.ipc {
@@ -216,8 +219,13 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
             });
         }
         let t = Instant::now();
+        let mut inventory = inventory(processes[0].pid, opts, processes.len(), &tcp);
+        if let Some(prev) = prev.as_ref().filter(|_| inherits) {
+            inventory.parent = Some(prev.parent_ref());
+            inventory.features.push(crate::image::PARENT_IMAGES.into());
+        }
         let snapshot = Snapshot {
-            inventory: inventory(processes[0].pid, opts, processes.len(), &tcp),
+            inventory,
             processes,
             pipes,
             shmem,
@@ -249,6 +257,10 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
         }
     }
     steps.push(("release", t.elapsed()));
+    // The tracking has served: the workload (if it runs on) is left without it.
+    if let Some(Err(e)) = prev.as_ref().map(|p| p.end()) {
+        tracing::warn!("{e}");
+    }
     let frozen_for = t_freeze.elapsed();
     steps.push(("total", t0.elapsed()));
     Ok(CheckpointReport {
@@ -258,6 +270,48 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
         steps,
         freezer,
     })
+}
+
+/// Freezes the tree at `pid`, through `cgroup` or the tree's own cgroup when it is
+/// alone there (so nothing forks while it is seized), else with ptrace alone. Returns
+/// the tree, every thread in a ptrace stop, and how it was stopped.
+fn freeze_tree(pid: Pid, cgroup: Option<&std::path::Path>) -> Result<(FrozenTree, &'static str)> {
+    let cgroup = match cgroup {
+        Some(dir) => Some(dir.to_path_buf()),
+        None => cgroup::alone_in(pid, &freeze::descendants(pid)),
+    };
+    let mut frozen_cgroup = cgroup
+        .as_deref()
+        .map(|d| cgroup::CgroupFreeze::freeze(pid, d))
+        .transpose()?;
+    let tree = FrozenTree::freeze(pid, || match &mut frozen_cgroup {
+        Some(c) if c.version() == cgroup::Version::V1 => c.thaw(),
+        _ => Ok(()),
+    })?;
+    // Every thread is in a ptrace stop now, which holds it after the thaw.
+    let freezer = match frozen_cgroup {
+        Some(mut c) => {
+            c.thaw()?;
+            match c.version() {
+                cgroup::Version::V1 => "cgroup-v1",
+                cgroup::Version::V2 => "cgroup",
+            }
+        }
+        None => "ptrace",
+    };
+    Ok((tree, freezer))
+}
+
+/// A random id for a new image (the time, should /dev/urandom be unreadable).
+pub(crate) fn new_image_id() -> u64 {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
+        Ok(()) => u64::from_le_bytes(b),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    }
 }
 
 fn inventory(
@@ -297,5 +351,8 @@ fn inventory(
             AfterDump::Kill => tcp.net_lock(),
             _ => None,
         },
+        image_id: new_image_id(),
+        parent: None,
+        tracker: None,
     }
 }

@@ -6,6 +6,7 @@
 use super::freeze::Frozen;
 use super::{Result, StepContext};
 use crate::model::{AltStack, SigAction};
+use kext_shim::dirty::WriteTracker;
 use kext_shim::inject::{find_syscall_insn, Injector};
 use kext_shim::mem::read_remote;
 use kext_shim::procfs::MapEntry;
@@ -54,8 +55,26 @@ pub fn syscall_ip(pid: Pid, maps: &[MapEntry]) -> Result<u64> {
 
 /// `handled` is the set of signals (bit n-1 for signal n) whose action is not the default.
 pub fn ask(frozen: &Frozen, maps: &[MapEntry], handled: u64, timers: &[i32]) -> Result<Answers> {
+    let ip = syscall_ip(frozen.pid, maps)?;
+    session(frozen, |_| ask_with(frozen, ip, handled, timers))
+}
+
+/// Makes a userfaultfd inside the process that tracks its writes from now on (once its
+/// VMAs are registered), and takes it out.
+pub fn write_tracker(frozen: &Frozen, maps: &[MapEntry]) -> Result<WriteTracker> {
     let pid = frozen.pid;
     let ip = syscall_ip(pid, maps)?;
+    let pidfd = kext_shim::pidfd::pidfd_open(pid).step(pid, || "opening a pidfd".into())?;
+    session(frozen, |_| {
+        let mut inj = Injector::new(pid, ip, frozen.leader().regs);
+        WriteTracker::inject(&mut inj, &pidfd).step(pid, || "making a userfaultfd in it".into())
+    })
+}
+
+/// Runs `f`, which injects syscalls into the process, with every signal of every thread
+/// blocked, and puts each thread back in its stop afterwards.
+fn session<T>(frozen: &Frozen, f: impl FnOnce(&Frozen) -> Result<T>) -> Result<T> {
+    let pid = frozen.pid;
     let mut masks = Vec::with_capacity(frozen.threads.len());
     for t in &frozen.threads {
         masks.push(
@@ -69,7 +88,7 @@ pub fn ask(frozen: &Frozen, maps: &[MapEntry], handled: u64, timers: &[i32]) -> 
                 format!("blocking signals of {} for injection", t.tid)
             })?;
         }
-        ask_with(frozen, ip, handled, timers)
+        f(frozen)
     })();
     // Whatever happened, the masks go back before anything else.
     let mut restored = Ok(());
@@ -78,12 +97,12 @@ pub fn ask(frozen: &Frozen, maps: &[MapEntry], handled: u64, timers: &[i32]) -> 
             restored = Err(e).step(pid, || format!("restoring the signal mask of {}", t.tid));
         }
     }
-    let answers = res?;
+    let out = res?;
     restored?;
     for t in &frozen.threads {
         back_to_our_stop(pid, t.tid, &t.regs)?;
     }
-    Ok(answers)
+    Ok(out)
 }
 
 /// Puts a thread the injector used back in a stop of our own (PTRACE_EVENT_STOP) with

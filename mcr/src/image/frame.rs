@@ -107,6 +107,12 @@ pub fn check_file<'a>(
     if version == 0 {
         return Err(corrupt(path, 4, "format version 0"));
     }
+    if version < FORMAT_VERSION {
+        return Err(ImageError::OlderVersion {
+            path: path.into(),
+            found: version,
+        });
+    }
     let kind = u16::from_le_bytes([bytes[6], bytes[7]]);
     if kind != expect.1 {
         return Err(ImageError::WrongFile {

@@ -26,10 +26,22 @@ pub use read::Image;
 pub use write::{ImageWriter, WriteStats, CHUNK_PREFIX};
 
 /// The format this build writes and the newest it reads.
-pub const FORMAT_VERSION: u16 = 1;
+/// 2: images can be chained (a parent image, tracked writes) and be pre-dumps.
+pub const FORMAT_VERSION: u16 = 2;
 
 /// Image features this build understands (see `Inventory::features`).
-pub const KNOWN_FEATURES: &[&str] = &["single-process", "process-tree", "zstd-pages"];
+pub const KNOWN_FEATURES: &[&str] = &[
+    "single-process",
+    "process-tree",
+    "zstd-pages",
+    PRE_DUMP,
+    PARENT_IMAGES,
+];
+
+/// The image holds memory only, as a base for a later one: it cannot be restored.
+pub const PRE_DUMP: &str = "pre-dump";
+/// Some of the image's pages are in its parent image (and maybe further up).
+pub const PARENT_IMAGES: &str = "parent-images";
 
 /// What went wrong with an image, naming the file and where.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +56,8 @@ pub enum ImageError {
     BadMagic { path: String },
     #[error("{path}: image format version {found} is newer than this mcr reads ({FORMAT_VERSION}); use a newer mcr")]
     NewerVersion { path: String, found: u16 },
+    #[error("{path}: image format version {found} is older than this mcr reads ({FORMAT_VERSION}); restore it with the mcr that made it")]
+    OlderVersion { path: String, found: u16 },
     #[error("{path}: expected a {expected} file, found kind {found}")]
     WrongFile {
         path: String,
@@ -96,6 +110,10 @@ mod tests {
                 auxv: vec![0, 0],
                 exe: file.clone(),
                 files: vec![],
+                parent: Some(ParentPages {
+                    pid,
+                    ranges: vec![(0x10000, 0x20000)],
+                }),
             },
             fds: vec![],
             cwd: file,
@@ -130,6 +148,16 @@ mod tests {
                     table: "mcr_1_2".into(),
                     holder_pid: Some(3),
                     netns: 4,
+                }),
+                image_id: 77,
+                parent: Some(ParentImage {
+                    dir: "../pre".into(),
+                    image_id: 76,
+                }),
+                tracker: Some(TrackerImage {
+                    holder_pid: 5,
+                    holder_start: 6,
+                    pids: vec![pid],
                 }),
             },
             processes: vec![process(pid)],

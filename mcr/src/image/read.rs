@@ -17,6 +17,9 @@ pub struct Image {
     pages: Mmap,
     /// (payload offset, payload length) of each page chunk, in file order.
     chunks: Vec<(usize, usize)>,
+    /// The images this one builds on, its parent first, once [`load_parents`]
+    /// (Self::load_parents) ran.
+    pub parents: Vec<Image>,
 }
 
 fn io(path: &Path, source: std::io::Error) -> ImageError {
@@ -88,6 +91,34 @@ impl Image {
                     inet.push(codec::decode(f.payload).map_err(|e| corrupt(&p, f.offset, &e))?)
                 }
                 k => return Err(corrupt(&p, f.offset, &format!("unexpected {k:?} record"))),
+            }
+        }
+        for x in &processes {
+            let Some(pp) = &x.mm.parent else { continue };
+            if inventory.parent.is_none() {
+                return Err(corrupt(
+                    &p,
+                    0,
+                    &format!(
+                        "pid {} has pages in a parent image the image does not name",
+                        x.pid
+                    ),
+                ));
+            }
+            let mut last = 0;
+            for &(s, e) in &pp.ranges {
+                let inside = x.mm.vmas.iter().any(|v| v.start <= s && e <= v.end);
+                if s < last || e <= s || !inside {
+                    return Err(corrupt(
+                        &p,
+                        0,
+                        &format!(
+                            "pid {}: parent pages {s:#x}..{e:#x} are not within its VMAs, in order",
+                            x.pid
+                        ),
+                    ));
+                }
+                last = e;
             }
         }
         if !processes.iter().any(|x| x.pid == inventory.root_pid) {
@@ -177,7 +208,58 @@ impl Image {
             },
             pages,
             chunks,
+            parents: Vec::new(),
         })
+    }
+
+    /// Opens the images this one builds on into `parents`, its parent first, each
+    /// checked whole and checked to be the very image the one below it names.
+    pub fn load_parents(&mut self) -> Result<()> {
+        self.parents = self.open_parents()?;
+        Ok(())
+    }
+
+    fn open_parents(&self) -> Result<Vec<Image>> {
+        const MAX_DEPTH: usize = 64;
+        let mut out: Vec<Image> = Vec::new();
+        let mut child = self;
+        while let Some(want) = &child.snapshot.inventory.parent {
+            if out.len() == MAX_DEPTH {
+                return Err(ImageError::Directory {
+                    dir: self.dir.display().to_string(),
+                    what: format!("has more than {MAX_DEPTH} parent images (a loop?)"),
+                });
+            }
+            let dir = child.dir.join(&want.dir);
+            let parent = Image::open(&dir).map_err(|e| match e {
+                ImageError::Io { path, source }
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    ImageError::Directory {
+                        dir: child.dir.display().to_string(),
+                        what: format!(
+                            "needs its parent image {} ({path} is missing)",
+                            dir.display()
+                        ),
+                    }
+                }
+                e => e,
+            })?;
+            if parent.snapshot.inventory.image_id != want.image_id {
+                return Err(ImageError::Directory {
+                    dir: child.dir.display().to_string(),
+                    what: format!(
+                        "names parent image {:#x} in {}, which holds image {:#x} instead",
+                        want.image_id,
+                        dir.display(),
+                        parent.snapshot.inventory.image_id
+                    ),
+                });
+            }
+            out.push(parent);
+            child = out.last().expect("just pushed");
+        }
+        Ok(out)
     }
 
     /// Every page chunk, in file order.

@@ -13,6 +13,18 @@ pub struct MmImage {
     pub exe: FileRef,
     /// Files backing mappings; `VmaKind::File` indexes into this table.
     pub files: Vec<FileRef>,
+    /// Set when the pages of some VMAs that were not written since the parent image was
+    /// taken are in the parent image only.
+    pub parent: Option<ParentPages>,
+}
+
+/// Ranges (whole VMAs) of an address space whose pages missing from this image are the
+/// parent image's, owned there by process `pid`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentPages {
+    pub pid: i32,
+    /// Sorted, disjoint `[start, end)` ranges.
+    pub ranges: Vec<(u64, u64)>,
 }
 
 /// The fields PR_SET_MM_MAP sets back.

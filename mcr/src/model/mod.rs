@@ -48,6 +48,34 @@ pub struct Inventory {
     /// What holds the image's TCP connections still on the wire until they are
     /// restored; the restore removes it.
     pub net_lock: Option<NetLockImage>,
+    /// Random, to tell this image from any other: a child image names its parent by it.
+    pub image_id: u64,
+    /// The image that holds the pages this one does not (see `MmImage::parent`).
+    pub parent: Option<ParentImage>,
+    /// What keeps tracking the tree's writes since this image was taken, for the next
+    /// image to hold only the pages written since.
+    pub tracker: Option<TrackerImage>,
+}
+
+/// Where an image's parent is and which one it must be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentImage {
+    /// The parent's directory, relative to this image's (so a chain of sibling
+    /// directories can be moved together), or absolute.
+    pub dir: String,
+    pub image_id: u64,
+}
+
+/// A process of mcr's holding the userfaultfds that track the tree's writes. Its
+/// registrations end with it, so it is the tracking: a scan is trusted only while this
+/// very process (pid and start time) lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackerImage {
+    pub holder_pid: i32,
+    /// Field 22 of its /proc/PID/stat, in clock ticks since boot.
+    pub holder_start: u64,
+    /// The pids whose writes it tracks.
+    pub pids: Vec<i32>,
 }
 
 /// An nftables table (inet family) of ours stopping the image's connections, and the

@@ -260,39 +260,129 @@ pub(super) fn advise(cx: &mut Ctx, v: &Vma) -> Result<()> {
     Ok(())
 }
 
-/// Copies the image's pages in: process_vm_writev where the mapping is writable,
-/// /proc/PID/mem (which ignores protections) where it is not, on every core: the cost
-/// is the first touch of the new pages, which scales with cores.
+/// Copies the image's pages in, and those its parent images hold for it: oldest first,
+/// each parent's only where every image below it says the pages are the parent's, so
+/// the newest copy of every page is the one left.
 pub(super) fn fill(cx: &mut Ctx, p: &ProcessImage, image: &Image) -> Result<u64> {
+    let parents = &image.parents;
+    let mut layers: Vec<Layer> = vec![(image, p.pid, None)];
+    let mut mm = &p.mm;
+    let mut allowed: Option<Vec<(u64, u64)>> = None;
+    for (parent, child) in parents.iter().zip(std::iter::once(image).chain(parents)) {
+        let Some(pp) = &mm.parent else { break };
+        let next = match &allowed {
+            None => pp.ranges.clone(),
+            Some(a) => intersect(a, &pp.ranges),
+        };
+        if next.is_empty() {
+            break;
+        }
+        let Some(q) = parent.snapshot.processes.iter().find(|q| q.pid == pp.pid) else {
+            return Err(RestoreError::Image(crate::image::ImageError::Corrupt {
+                path: parent.dir.join("core").display().to_string(),
+                offset: 0,
+                what: format!(
+                    "no pid {}, whose pages {} counts on",
+                    pp.pid,
+                    child.dir.display()
+                ),
+            }));
+        };
+        layers.push((parent, pp.pid, Some(next.clone())));
+        allowed = Some(next);
+        mm = &q.mm;
+    }
+    let mut pages = 0;
+    for (img, owner, allowed) in layers.iter().rev() {
+        pages += fill_layer(cx, p, img, *owner, allowed.as_deref())?;
+    }
+    Ok(pages)
+}
+
+/// An image, the pid whose pages there are wanted, and where they may go (None: all).
+type Layer<'a> = (&'a Image, i32, Option<Vec<(u64, u64)>>);
+
+/// Sorted disjoint ranges in both `a` and `b`.
+fn intersect(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let (mut i, mut j) = (0, 0);
+    let mut out = Vec::new();
+    while i < a.len() && j < b.len() {
+        let (s, e) = (a[i].0.max(b[j].0), a[i].1.min(b[j].1));
+        if s < e {
+            out.push((s, e));
+        }
+        if a[i].1 < b[j].1 {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
+}
+
+/// Copies in the pages `owner` has in `image` (within `allowed`, when given):
+/// process_vm_writev where the mapping is writable, /proc/PID/mem (which ignores
+/// protections) where it is not, on every core: the cost is the first touch of the new
+/// pages, which scales with cores.
+fn fill_layer(
+    cx: &mut Ctx,
+    p: &ProcessImage,
+    image: &Image,
+    owner: i32,
+    allowed: Option<&[(u64, u64)]>,
+) -> Result<u64> {
     let pid = kext_shim::Pid::from_raw(cx.pid);
     let raw = cx.pid;
-    let chunks: Vec<_> = image.chunks_of(p.pid).collect();
+    let chunks: Vec<_> = image
+        .chunks_of(owner)
+        .filter(|c| {
+            let end = c.addr + c.len_bytes() as u64;
+            allowed.is_none_or(|a| a.iter().any(|&(s, e)| s < end && c.addr < e))
+        })
+        .collect();
     let pages: u64 = chunks.iter().map(|c| c.n_pages as u64).sum();
     let mem = &cx.mem;
+    let corrupt = |what: String| {
+        RestoreError::Image(crate::image::ImageError::Corrupt {
+            path: image.dir.join("pages").display().to_string(),
+            offset: 0,
+            what,
+        })
+    };
     crate::par::for_each(
         &chunks,
         crate::par::workers_for(pages * PAGE_SIZE),
         Vec::new,
         |buf, c| {
             let end = c.addr + c.len_bytes() as u64;
-            let v =
-                p.mm.vmas
-                    .iter()
-                    .find(|v| v.start <= c.addr && end <= v.end)
-                    .expect("checked when the image was opened");
-            let data = c.pages(buf).map_err(|e| {
-                RestoreError::Image(crate::image::ImageError::Corrupt {
-                    path: image.dir.join("pages").display().to_string(),
-                    offset: 0,
-                    what: format!("chunk at {:#x}: {e}", c.addr),
-                })
-            })?;
-            if v.writable() {
-                write_remote_ranges(pid, &[(c.addr, data)])
-            } else {
-                mem.write(c.addr, data)
+            let data = c
+                .pages(buf)
+                .map_err(|e| corrupt(format!("chunk at {:#x}: {e}", c.addr)))?;
+            let whole = [(c.addr, end)];
+            let pieces = match allowed {
+                None => whole.to_vec(),
+                Some(a) => intersect(&whole, a),
+            };
+            for (s, e) in pieces {
+                let v =
+                    p.mm.vmas
+                        .iter()
+                        .find(|v| v.start <= s && e <= v.end)
+                        .ok_or_else(|| {
+                            corrupt(format!(
+                                "pages {s:#x}..{e:#x} lie outside pid {}'s VMAs",
+                                p.pid
+                            ))
+                        })?;
+                let piece = &data[(s - c.addr) as usize..(e - c.addr) as usize];
+                if v.writable() {
+                    write_remote_ranges(pid, &[(s, piece)])
+                } else {
+                    mem.write(s, piece)
+                }
+                .step(raw, || format!("writing pages at {s:#x}"))?;
             }
-            .step(raw, || format!("writing pages at {:#x}", c.addr))
+            Ok::<(), RestoreError>(())
         },
     )?;
     Ok(pages)

@@ -134,9 +134,24 @@ impl<T> StepContext<T> for kext_shim::Result<T> {
 pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let mut steps = Vec::new();
     let t0 = Instant::now();
-    let image = Image::open(&opts.dir)?;
-    steps.push(("read and check image", t0.elapsed()));
+    let mut image = Image::open(&opts.dir)?;
+    image.load_parents()?;
     let snap = &image.snapshot;
+    if snap
+        .inventory
+        .features
+        .iter()
+        .any(|f| f == crate::image::PRE_DUMP)
+    {
+        return Err(RestoreError::Incompatible {
+            pid: snap.inventory.root_pid,
+            what: format!(
+                "{} is a pre-dump (memory only); restore the checkpoint taken with --prev-images-dir",
+                opts.dir.display()
+            ),
+        });
+    }
+    steps.push(("read and check image", t0.elapsed()));
     // Asked before anything else: a forgotten flag must not cost the connections.
     if let Some(c) = snap.inet.iter().find_map(|s| s.tcp.as_ref()) {
         if !opts.tcp_established {

@@ -1,0 +1,246 @@
+//! `mcr pre-dump`: copy a running tree's memory and start tracking its writes, so the
+//! next image (another pre-dump, or the checkpoint) holds only what was written since.
+//!
+//! The tree is frozen only to read its maps, swap the write tracking and register its
+//! VMAs; its pages are copied after it runs again. That is safe because every page is
+//! write-protected before it is copied: a write during the copy marks it for the next
+//! image, whichever version this one caught.
+
+use super::mm::{self, Job, PagePlan};
+use super::track::{self, Previous};
+use super::{freeze_tree, parasite, AfterDump, DumpError, Result, StepContext};
+use crate::image::{Compression, ImageWriter, WriteStats, FORMAT_VERSION, PRE_DUMP};
+use crate::model::{
+    Creds, FileRef, Inventory, MmImage, Namespaces, ParentPages, ProcessImage, Snapshot,
+};
+use kext_shim::dirty::WriteTracker;
+use kext_shim::procfs::{self, Stat};
+use kext_shim::Pid;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct PreDumpOptions {
+    pub pid: i32,
+    pub dir: PathBuf,
+    /// The previous pre-dump: this one then holds only the pages written since it.
+    pub prev: Option<PathBuf>,
+    pub compression: Compression,
+    pub freeze_cgroup: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PreDumpReport {
+    pub pid: i32,
+    pub stats: WriteStats,
+    /// From the freeze to the moment the tree ran again.
+    pub frozen_for: Duration,
+    pub steps: Vec<(&'static str, Duration)>,
+    /// VMAs whose writes are tracked from now on, and those that could not be.
+    pub tracked_vmas: usize,
+    pub untracked_vmas: usize,
+    pub holder_pid: i32,
+}
+
+/// One process between the freeze and the copy.
+struct Proc {
+    pid: Pid,
+    ppid: i32,
+    comm: String,
+    mm: MmImage,
+    plan: PagePlan,
+    tracker: WriteTracker,
+}
+
+pub fn pre_dump(opts: &PreDumpOptions) -> Result<PreDumpReport> {
+    let pid = Pid::from_raw(opts.pid);
+    let raw = opts.pid;
+    let t0 = Instant::now();
+    let mut steps = Vec::new();
+    super::task::precheck(pid)?;
+    kext_shim::dirty::supported().map_err(|why| DumpError::Unsupported {
+        pid: raw,
+        what: format!("write tracking (userfaultfd write-protect and PAGEMAP_SCAN): {why}"),
+    })?;
+    let prev = opts
+        .prev
+        .as_deref()
+        .map(|p| Previous::open(raw, p, &opts.dir))
+        .transpose()?;
+    let writer = ImageWriter::create(&opts.dir, opts.compression)
+        .map_err(|source| DumpError::Image { pid: raw, source })?;
+
+    let t_freeze = Instant::now();
+    let (tree, _) = freeze_tree(pid, opts.freeze_cgroup.as_deref())?;
+    steps.push(("freeze", t_freeze.elapsed()));
+    let t = Instant::now();
+    let (mut procs, tracked_vmas, untracked_vmas) = (|| {
+        let mut found = Vec::with_capacity(tree.procs.len());
+        for f in &tree.procs {
+            let p = f.pid;
+            let maps = procfs::read_maps(p).step(p, || "reading smaps".into())?;
+            let stat = Stat::read(p).step(p, || "reading stat".into())?;
+            let mm = mm::collect(p, &maps, &stat, 0)?;
+            // What the previous image's tracking saw, read before it ends.
+            let plan = match &prev {
+                Some(prev) => mm::plan_pages(p, &mm, &prev.written_fn(p, false)?)?,
+                None => mm::plan_pages(p, &mm, &|_| Ok(None))?,
+            };
+            found.push((f, maps, stat, mm, plan));
+        }
+        // A VMA takes one userfaultfd at a time: the old tracking goes first.
+        if let Some(prev) = &prev {
+            prev.end()?;
+        }
+        let (mut tracked, mut untracked) = (0, 0);
+        let mut procs = Vec::with_capacity(found.len());
+        for (f, maps, stat, mm, plan) in found {
+            let tracker = parasite::write_tracker(f, &maps)?;
+            for v in mm.vmas.iter().filter(|v| v.kind_is_tracked()) {
+                match tracker.track(v.start, v.end) {
+                    Ok(()) => tracked += 1,
+                    // Copied whole next time; e.g. EBUSY: the process tracks it itself.
+                    Err(e) => {
+                        tracing::debug!(pid = f.pid.as_raw(), "not tracked: {e}");
+                        untracked += 1;
+                    }
+                }
+            }
+            procs.push(Proc {
+                pid: f.pid,
+                ppid: stat.field(4) as i32,
+                comm: stat.comm.clone(),
+                mm,
+                plan,
+                tracker,
+            });
+        }
+        Ok::<_, DumpError>((procs, tracked, untracked))
+    })()?;
+    // On failure above, the trackers and the tree were dropped: nothing is tracked and
+    // every process resumes untouched.
+    steps.push(("track writes", t.elapsed()));
+    tree.release(AfterDump::LeaveRunning)?;
+    let frozen_for = t_freeze.elapsed();
+
+    let t = Instant::now();
+    for p in &procs {
+        // A run the process unmapped or protected meanwhile is skipped; the next image
+        // must then not count on this one for it.
+        let skip = |j: &Job| {
+            let end = j.addr + j.pages as u64 * kext_shim::PAGE_SIZE;
+            p.tracker
+                .untrack(j.addr, end)
+                .step(p.pid, || "giving up tracking a run that went away".into())
+        };
+        mm::copy_pages(p.pid, p.pid.as_raw(), &p.plan, &writer, Some(&skip))?;
+    }
+    steps.push(("copy pages", t.elapsed()));
+
+    let mut inherits = false;
+    for p in procs.iter_mut() {
+        if !p.plan.inherited.is_empty() {
+            inherits = true;
+            p.mm.parent = Some(ParentPages {
+                pid: p.pid.as_raw(),
+                ranges: std::mem::take(&mut p.plan.inherited),
+            });
+        }
+    }
+    let root = procs[0].pid.as_raw();
+    let processes: Vec<ProcessImage> = procs
+        .iter()
+        .map(|p| memory_only(p.pid.as_raw(), p.ppid, &p.comm, p.mm.clone()))
+        .collect();
+    let trackers: Vec<WriteTracker> = procs.into_iter().map(|p| p.tracker).collect();
+    let holder = track::spawn_holder(trackers)?;
+    let holder_pid = holder.holder_pid;
+    let t = Instant::now();
+    let snapshot = Snapshot {
+        inventory: Inventory {
+            format_version: FORMAT_VERSION as u32,
+            tool_version: env!("CARGO_PKG_VERSION").into(),
+            kernel_release: nix::sys::utsname::uname()
+                .map(|u| u.release().to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            arch: std::env::consts::ARCH.into(),
+            root_pid: root,
+            page_size: kext_shim::PAGE_SIZE as u32,
+            features: {
+                let mut f = vec![PRE_DUMP.to_string()];
+                if inherits {
+                    f.push(crate::image::PARENT_IMAGES.into());
+                }
+                if opts.compression != Compression::None {
+                    f.push("zstd-pages".into());
+                }
+                f
+            },
+            frozen_at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            shell_job: false,
+            net_lock: None,
+            image_id: super::new_image_id(),
+            parent: prev.as_ref().filter(|_| inherits).map(|p| p.parent_ref()),
+            tracker: Some(holder.clone()),
+        },
+        processes,
+        pipes: vec![],
+        shmem: vec![],
+        zombies: vec![],
+        unix: vec![],
+        ptys: vec![],
+        inet: vec![],
+    };
+    let stats = match writer.finish(&snapshot) {
+        Ok(s) => s,
+        Err(source) => {
+            // No image names this tracking: it would only cost the workload.
+            let _ = track::end_holder(&holder);
+            return Err(DumpError::Image { pid: raw, source });
+        }
+    };
+    steps.push(("write image", t.elapsed()));
+    steps.push(("total", t0.elapsed()));
+    Ok(PreDumpReport {
+        pid: raw,
+        stats,
+        frozen_for,
+        steps,
+        tracked_vmas,
+        untracked_vmas,
+        holder_pid,
+    })
+}
+
+/// A process record that holds only its address space: a pre-dump is no workload.
+fn memory_only(pid: i32, ppid: i32, comm: &str, mm: MmImage) -> ProcessImage {
+    ProcessImage {
+        pid,
+        ppid,
+        pgid: 0,
+        sid: 0,
+        comm: comm.into(),
+        creds: Creds::default(),
+        threads: vec![],
+        mm,
+        fds: vec![],
+        cwd: FileRef {
+            path: "/".into(),
+            identity: Default::default(),
+        },
+        root: "/".into(),
+        umask: 0,
+        personality: 0,
+        dumpable: 0,
+        child_subreaper: false,
+        pdeathsig: 0,
+        itimers: [(0, 0); 3],
+        posix_timers: vec![],
+        namespaces: Namespaces::default(),
+        rlimits: vec![],
+        sigactions: vec![],
+        shared_pending: vec![],
+    }
+}

@@ -1,0 +1,322 @@
+//! Write tracking from one image to the next (`mcr pre-dump`, `--prev-images-dir`).
+//!
+//! A pre-dump registers every private VMA of each process with a userfaultfd in async
+//! write-protect mode (see `kext_shim::dirty`) and hands the userfaultfds to a small
+//! process of mcr's, `mcr hold-tracker`, because the registrations live exactly as long
+//! as someone holds them. The next image asks the kernel which pages were written since,
+//! and only trusts the answer while that very holder (pid and start time) still lives:
+//! any doubt means a full copy of the VMA, never a missing page.
+//!
+//! The holder ends when every tracked process has exited, when the next pre-dump
+//! replaces it, when a checkpoint that used it succeeds, or when it is killed; its end
+//! removes the write-protection from the workload.
+
+use super::mm::WrittenSince;
+use super::{DumpError, Result, StepContext};
+use crate::image::Image;
+use crate::model::{ParentImage, TrackerImage, Vma};
+use kext_shim::dirty::{self, WriteTracker};
+use kext_shim::mem::Pagemap;
+use kext_shim::Pid;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use std::os::fd::AsFd;
+use std::path::{Component, Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+/// The image a new one builds on, and whether its tracking still holds.
+pub struct Previous {
+    pub image: Image,
+    /// Its directory as the new image will name it.
+    pub dir: String,
+    tracker: TrackerImage,
+    live: bool,
+}
+
+impl Previous {
+    /// Opens (and checks) the image in `prev`, which the image in `new_dir` will build on.
+    pub fn open(pid: i32, prev: &Path, new_dir: &Path) -> Result<Self> {
+        let image = Image::open(prev).map_err(|source| DumpError::Image { pid, source })?;
+        let Some(tracker) = image.snapshot.inventory.tracker.clone() else {
+            return Err(DumpError::Refused {
+                pid,
+                what: format!(
+                    "on top of {}: that image was not taken with write tracking (make it with mcr pre-dump)",
+                    prev.display()
+                ),
+            });
+        };
+        if !tracker.pids.contains(&pid) {
+            return Err(DumpError::Refused {
+                pid,
+                what: format!(
+                    "on top of {}: that image tracks pids {:?}, not this tree",
+                    prev.display(),
+                    tracker.pids
+                ),
+            });
+        }
+        let live = holder_alive(&tracker);
+        if !live {
+            tracing::warn!(
+                "the write tracking of {} ended (its holder, pid {}, is gone): every page is copied",
+                prev.display(),
+                tracker.holder_pid
+            );
+        }
+        let dir = relative_to(prev, new_dir).map_err(|e| DumpError::Image {
+            pid,
+            source: crate::image::ImageError::Directory {
+                dir: prev.display().to_string(),
+                what: e,
+            },
+        })?;
+        Ok(Self {
+            image,
+            dir,
+            tracker,
+            live,
+        })
+    }
+
+    /// Whether the kernel still tracks the tree's writes for this image.
+    pub fn live(&self) -> bool {
+        self.live
+    }
+
+    pub fn parent_ref(&self) -> ParentImage {
+        ParentImage {
+            dir: self.dir.clone(),
+            image_id: self.image.snapshot.inventory.image_id,
+        }
+    }
+
+    /// For process `pid` (as the host sees it): the runs of each VMA written since this
+    /// image, or None for a VMA to copy whole. `reprotect` starts a new round at once.
+    pub fn written_fn(&self, pid: Pid, reprotect: bool) -> Result<Box<WrittenSince<'_>>> {
+        let tracked = self.live
+            && self.tracker.pids.contains(&pid.as_raw())
+            && self
+                .image
+                .snapshot
+                .processes
+                .iter()
+                .any(|p| p.pid == pid.as_raw());
+        let pagemap = Pagemap::open(pid).step(pid, || "opening pagemap".into())?;
+        Ok(Box::new(move |v: &Vma| {
+            if !tracked || !v.kind_is_tracked() {
+                return Ok(None);
+            }
+            dirty::written(&pagemap, v.start, v.end, reprotect).step(pid, || {
+                format!("reading the writes to {:#x}-{:#x}", v.start, v.end)
+            })
+        }))
+    }
+
+    /// Ends the tracking this image relies on.
+    pub fn end(&self) -> Result<()> {
+        end_holder(&self.tracker)
+    }
+}
+
+impl Vma {
+    /// Private anonymous memory, whose every change a tracker sees. Shared memory is
+    /// copied whole, and so are private file mappings (their copied-on-write pages):
+    /// MADV_DONTNEED there brings the file's bytes back without a write, and the kernel
+    /// keeps such pages marked as protected.
+    pub(super) fn kind_is_tracked(&self) -> bool {
+        !self.shared && self.kind == crate::model::VmaKind::Anonymous
+    }
+}
+
+/// Whether the holder is alive and still the process that was started.
+fn holder_alive(t: &TrackerImage) -> bool {
+    let pid = Pid::from_raw(t.holder_pid);
+    match kext_shim::procfs::Stat::read(pid) {
+        Ok(st) => st.state() != 'Z' && st.field(22) == t.holder_start,
+        Err(_) => false,
+    }
+}
+
+/// Stops the holder (if it still is that process) and waits until it is gone, and with
+/// it every registration it held.
+pub fn end_holder(t: &TrackerImage) -> Result<()> {
+    let pid = Pid::from_raw(t.holder_pid);
+    let Ok(pidfd) = kext_shim::pidfd::pidfd_open(pid) else {
+        return Ok(());
+    };
+    // Checked after the pidfd is taken: the pid cannot change hands in between.
+    if !holder_alive(t) {
+        return Ok(());
+    }
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
+        .map_err(|e| kext_shim::SysError::new(format!("kill(SIGTERM) holder {pid}"), e).into())
+        .step(pid, || "ending the write tracker".into())?;
+    // A pidfd reads ready once its process exited, after its files were closed.
+    let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+    loop {
+        match poll(&mut fds, PollTimeout::from(5000u16)) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Ok(0) => {
+                return Err(DumpError::Kernel {
+                    pid: t.holder_pid,
+                    step: "ending the write tracker".into(),
+                    source: kext_shim::Error::Unexpected {
+                        pid: t.holder_pid,
+                        what: "still alive 5 s after SIGTERM".into(),
+                    },
+                })
+            }
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// Starts `mcr hold-tracker` with the trackers' userfaultfds, inherited across exec
+/// under their numbers here.
+pub fn spawn_holder(trackers: Vec<WriteTracker>) -> Result<TrackerImage> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    let root = trackers.first().map_or(0, |t| t.pid().as_raw());
+    let fail = |what: String, e: std::io::Error| DumpError::Kernel {
+        pid: root,
+        step: "starting the write tracker's holder".into(),
+        source: kext_shim::Error::io(what, e),
+    };
+    let exe = crate::mcr_exe().map_err(|e| fail("the mcr executable".into(), e))?;
+    let fds: Vec<String> = trackers.iter().map(|t| t.as_raw_fd().to_string()).collect();
+    let pids: Vec<String> = trackers.iter().map(|t| t.pid().to_string()).collect();
+    let flags = |f| -> std::io::Result<()> {
+        for t in &trackers {
+            fcntl(t.as_raw_fd(), FcntlArg::F_SETFD(f)).map_err(std::io::Error::from)?;
+        }
+        Ok(())
+    };
+    // Inherited by this one child: nothing else is spawned meanwhile.
+    flags(FdFlag::empty()).map_err(|e| fail("clearing close-on-exec".into(), e))?;
+    let child = Command::new(&exe)
+        .args([
+            "hold-tracker",
+            "--fds",
+            &fds.join(","),
+            "--pids",
+            &pids.join(","),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .current_dir("/")
+        .spawn();
+    let restored = flags(FdFlag::FD_CLOEXEC);
+    let child = child.map_err(|e| fail(exe.display().to_string(), e))?;
+    restored.map_err(|e| fail("setting close-on-exec".into(), e))?;
+    // spawn returns once the exec happened: the holder has its copies now.
+    let holder = Pid::from_raw(child.id() as i32);
+    let start = kext_shim::procfs::Stat::read(holder)
+        .step(holder, || "reading the holder's start time".into())?
+        .field(22);
+    Ok(TrackerImage {
+        holder_pid: holder.as_raw(),
+        holder_start: start,
+        pids: trackers.iter().map(|t| t.pid().as_raw()).collect(),
+    })
+}
+
+/// `mcr hold-tracker`: keeps the inherited userfaultfds (one per pid, in order) open
+/// until each process has exited, or until told to stop. Not for people.
+pub fn hold_main(fds: &[i32], pids: &[i32]) -> ExitCode {
+    use nix::sys::signal::{SigSet, Signal};
+    // Out of the terminal's job control; a hangup or ^C is not for us (blocked for
+    // good, they never arrive). SIGTERM ends us.
+    let _ = nix::unistd::setsid();
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGINT);
+    mask.add(Signal::SIGHUP);
+    let _ = mask.thread_block();
+    if fds.len() != pids.len() {
+        return ExitCode::from(2);
+    }
+    let mut held = Vec::new();
+    for (&fd, &pid) in fds.iter().zip(pids) {
+        let pid = Pid::from_raw(pid);
+        let Ok(t) = WriteTracker::from_inherited(pid, fd) else {
+            return ExitCode::from(1);
+        };
+        // A process already gone needs no tracking.
+        if let Ok(pidfd) = kext_shim::pidfd::pidfd_open(pid) {
+            held.push((pidfd, t));
+        }
+    }
+    while !held.is_empty() {
+        let mut polls: Vec<PollFd> = held
+            .iter()
+            .map(|(p, _)| PollFd::new(p.as_fd(), PollFlags::POLLIN))
+            .collect();
+        match poll(&mut polls, PollTimeout::NONE) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return ExitCode::from(1),
+            Ok(_) => {}
+        }
+        let gone: Vec<bool> = polls
+            .iter()
+            .map(|p| p.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(polls);
+        let mut i = 0;
+        held.retain(|_| {
+            i += 1;
+            !gone[i - 1]
+        });
+    }
+    ExitCode::SUCCESS
+}
+
+/// `to` as a path relative to directory `from` (both made absolute first), so that
+/// sibling image directories keep finding each other when moved together.
+fn relative_to(to: &Path, from: &Path) -> std::result::Result<String, String> {
+    let abs = |p: &Path| -> std::result::Result<PathBuf, String> {
+        match p.canonicalize() {
+            Ok(c) => Ok(c),
+            // The new directory may not exist yet: its parent does.
+            Err(_) => {
+                let name = p.file_name().ok_or("has no name")?;
+                let parent = match p.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                    _ => PathBuf::from("."),
+                };
+                Ok(parent.canonicalize().map_err(|e| e.to_string())?.join(name))
+            }
+        }
+    };
+    let (to, from) = (abs(to)?, abs(from)?);
+    let a: Vec<Component> = to.components().collect();
+    let b: Vec<Component> = from.components().collect();
+    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut rel = PathBuf::new();
+    for _ in common..b.len() {
+        rel.push("..");
+    }
+    for c in &a[common..] {
+        rel.push(c);
+    }
+    if rel.as_os_str().is_empty() {
+        return Err("is the new image's own directory".into());
+    }
+    Ok(rel.to_string_lossy().into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parent_paths_are_relative_to_the_child() {
+        let t = tempfile::tempdir().unwrap();
+        let base = t.path().canonicalize().unwrap();
+        std::fs::create_dir_all(base.join("a/pre1")).unwrap();
+        std::fs::create_dir_all(base.join("b")).unwrap();
+        let rel = |x: &str, y: &str| relative_to(&base.join(x), &base.join(y)).unwrap();
+        assert_eq!(rel("a/pre1", "a/final"), "../pre1");
+        assert_eq!(rel("a/pre1", "b/final"), "../../a/pre1");
+        assert_eq!(rel("a/pre1", "a/pre1/inner"), "..");
+        assert!(relative_to(&base.join("a/pre1"), &base.join("a/pre1")).is_err());
+    }
+}

@@ -1,0 +1,258 @@
+#![forbid(unsafe_code)]
+//! Image-based pre-dump: `mcr pre-dump`, `--prev-images-dir`, and a restore that follows
+//! the chain. The workload (`churn`) changes the shape of its memory between images in
+//! every way a write tracker could miss, and checks every byte after the restore.
+
+use mcr_tests::*;
+use std::path::Path;
+use std::process::Command;
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn pre_dump(pid: i32, dir: &Path, extra: &[&str]) -> serde_json::Value {
+    let pid_s = pid.to_string();
+    let mut args = vec!["pre-dump", "-t", &pid_s, "-D", s(dir), "--json"];
+    args.extend_from_slice(extra);
+    let out = mcr(&args);
+    assert!(
+        out.status.success(),
+        "pre-dump of {pid} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("pre-dump --json")
+}
+
+/// Starts the churn workload with `mib` MiB, its mapped file in `dir`.
+fn start(g: &mut Guard, dir: &Path, mib: &str) -> Proc {
+    let file = dir.join(format!("churn-file-{mib}"));
+    Proc::start(g, &workload_bin("churn"), &[s(&file), mib], None)
+}
+
+fn churn(p: &mut Proc) {
+    p.send("CHURN");
+    p.lines.expect_prefix("CHURNED");
+}
+
+fn show(dir: &Path) -> serde_json::Value {
+    let out = mcr(&["show", "-D", s(dir), "--json"]);
+    assert!(
+        out.status.success(),
+        "show failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("show --json")
+}
+
+fn pages_bytes(dir: &Path) -> u64 {
+    std::fs::metadata(dir.join("pages")).expect("pages").len()
+}
+
+/// Whether the kernel still tracks writes to any private VMA of `pid`.
+fn tracked_anywhere(pid: i32) -> bool {
+    let p = kext_shim::Pid::from_raw(pid);
+    let pm = kext_shim::mem::Pagemap::open(p).expect("pagemap");
+    kext_shim::procfs::read_maps(p)
+        .expect("maps")
+        .iter()
+        .filter(|m| !m.shared && !m.path.starts_with('['))
+        .any(|m| {
+            kext_shim::dirty::written(&pm, m.start, m.end, false)
+                .expect("scan")
+                .is_some()
+        })
+}
+
+/// Running, not gone or a zombie (the holder is re-parented to us, the subreaper).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|st| st.rsplit(") ").next().is_some_and(|r| !r.starts_with('Z')))
+}
+
+fn wait_gone(pid: i32) {
+    let pidfd = kext_shim::pidfd::pidfd_open(kext_shim::Pid::from_raw(pid));
+    if let Ok(fd) = pidfd {
+        use std::os::fd::AsFd;
+        let mut fds = [nix::poll::PollFd::new(
+            fd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(10_000u16)).expect("poll");
+    }
+}
+
+#[test]
+fn a_chain_of_two_pre_dumps_and_a_checkpoint_restores_every_page() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (pd1, pd2, fin) = (
+        tmp.path().join("pre1"),
+        tmp.path().join("pre2"),
+        tmp.path().join("final"),
+    );
+    let mut g = Guard::new();
+    let mut p = start(&mut g, tmp.path(), "16");
+    let r1 = pre_dump(p.pid, &pd1, &[]);
+    assert!(r1["tracked_vmas"].as_u64().unwrap() > 5, "{r1}");
+    churn(&mut p);
+    let r2 = pre_dump(p.pid, &pd2, &["--prev-images-dir", s(&pd1)]);
+    // The first holder made way for the second.
+    wait_gone(r1["holder_pid"].as_i64().unwrap() as i32);
+    assert!(!alive(r1["holder_pid"].as_i64().unwrap() as i32));
+    assert!(
+        pages_bytes(&pd2) * 4 < pages_bytes(&pd1),
+        "the second pre-dump holds {} bytes, the first {}",
+        pages_bytes(&pd2),
+        pages_bytes(&pd1)
+    );
+    churn(&mut p);
+    checkpoint(p.pid, &fin, &["--prev-images-dir", s(&pd2)]);
+    assert_eq!(p.wait(), 128 + libc::SIGKILL);
+    assert!(
+        pages_bytes(&fin) * 4 < pages_bytes(&pd1),
+        "the checkpoint holds {} bytes, the first pre-dump {}",
+        pages_bytes(&fin),
+        pages_bytes(&pd1)
+    );
+    wait_gone(r2["holder_pid"].as_i64().unwrap() as i32);
+    let v = show(&fin);
+    assert_eq!(
+        v["snapshot"]["inventory"]["parent"]["dir"], "../pre2",
+        "{v}"
+    );
+
+    // A pre-dump is memory only.
+    let out = mcr(&["restore", "-D", s(&pd2), "--shell-job", "-d"]);
+    assert_fails(&out, 5, &["pre-dump"]);
+
+    let mut r = restore(&mut g, &fin, &[]);
+    let v = r.check();
+    assert_pass(&v);
+    assert!(v.contains("rounds=2"), "{v}");
+    assert_eq!(r.wait(), 0);
+}
+
+#[test]
+fn the_chain_is_checked_before_anything_is_restored() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (pd, fin) = (tmp.path().join("pre"), tmp.path().join("final"));
+    let mut g = Guard::new();
+    let mut p = start(&mut g, tmp.path(), "8");
+    let pid = p.pid;
+    pre_dump(pid, &pd, &[]);
+    churn(&mut p);
+    checkpoint(pid, &fin, &["--prev-images-dir", s(&pd)]);
+    assert_eq!(p.wait(), 128 + libc::SIGKILL);
+
+    let away = tmp.path().join("away");
+    std::fs::rename(&pd, &away).expect("rename");
+    let out = mcr(&["restore", "-D", s(&fin), "--shell-job", "-d"]);
+    assert_fails(&out, 6, &["parent image", "pre"]);
+    // Another image where the parent should be is not the parent.
+    let mut other = start(&mut g, tmp.path(), "1");
+    pre_dump(other.pid, &pd, &[]);
+    let out = mcr(&["restore", "-D", s(&fin), "--shell-job", "-d"]);
+    assert_fails(&out, 6, &["names parent image", "holds image"]);
+    assert_pass(&other.check());
+    assert!(!alive(pid));
+
+    std::fs::remove_dir_all(&pd).expect("rm");
+    std::fs::rename(&away, &pd).expect("rename back");
+    let mut r = restore(&mut g, &fin, &[]);
+    assert_pass(&r.check());
+}
+
+#[test]
+fn a_pre_dump_leaves_the_workload_running_and_its_end_untracks_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let mut p = start(&mut g, tmp.path(), "8");
+    let r = pre_dump(p.pid, &tmp.path().join("pre"), &[]);
+    let holder = r["holder_pid"].as_i64().unwrap() as i32;
+    assert!(tracked_anywhere(p.pid));
+    churn(&mut p);
+    // The holder is the tracking: killing it ends it, and leaves nothing in the workload.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(holder),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill holder");
+    wait_gone(holder);
+    assert!(!tracked_anywhere(p.pid));
+    assert_pass(&p.check());
+    assert_eq!(p.wait(), 0);
+}
+
+#[test]
+fn a_checkpoint_whose_tracking_was_lost_copies_everything() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (pd, fin) = (tmp.path().join("pre"), tmp.path().join("final"));
+    let mut g = Guard::new();
+    let mut p = start(&mut g, tmp.path(), "8");
+    let r = pre_dump(p.pid, &pd, &[]);
+    let holder = r["holder_pid"].as_i64().unwrap() as i32;
+    churn(&mut p);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(holder),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill holder");
+    wait_gone(holder);
+    checkpoint(p.pid, &fin, &["--prev-images-dir", s(&pd)]);
+    assert_eq!(p.wait(), 128 + libc::SIGKILL);
+    assert!(show(&fin)["snapshot"]["inventory"]["parent"].is_null());
+    // Self-contained: the pre-dump is not needed.
+    std::fs::remove_dir_all(&pd).expect("rm");
+    let mut r = restore(&mut g, &fin, &[]);
+    assert_pass(&r.check());
+}
+
+#[test]
+fn a_failed_checkpoint_keeps_the_tracking_for_the_next_one() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (pd, fin) = (tmp.path().join("pre"), tmp.path().join("final"));
+    let mut g = Guard::new();
+    let mut p = start(&mut g, tmp.path(), "16");
+    pre_dump(p.pid, &pd, &[]);
+    churn(&mut p);
+    let pid_s = p.pid.to_string();
+    let out = Command::new(mcr_bin())
+        .args(["checkpoint", "-t", &pid_s, "-D", s(&fin), "--shell-job"])
+        .args(["--prev-images-dir", s(&pd)])
+        .env("MCR_FAULT", "dump-after-pages")
+        .output()
+        .expect("mcr");
+    assert_fails(&out, 1, &["fault injected"]);
+    assert!(!fin.exists(), "a failed checkpoint left its directory");
+    churn(&mut p);
+    checkpoint(p.pid, &fin, &["--prev-images-dir", s(&pd)]);
+    assert_eq!(p.wait(), 128 + libc::SIGKILL);
+    assert!(pages_bytes(&fin) * 4 < pages_bytes(&pd));
+    let mut r = restore(&mut g, &fin, &[]);
+    let v = r.check();
+    assert_pass(&v);
+    assert!(v.contains("rounds=2"), "{v}");
+}
+
+#[test]
+fn pre_dump_of_a_missing_pid_and_on_a_non_tracking_image_are_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = mcr(&["pre-dump", "-t", "999999", "-D", s(&tmp.path().join("x"))]);
+    assert_fails(&out, 3, &["999999"]);
+    let mut g = Guard::new();
+    let mut p = start(&mut g, tmp.path(), "1");
+    let full = tmp.path().join("full");
+    checkpoint(p.pid, &full, &["--leave-running"]);
+    let pid_s = p.pid.to_string();
+    let out = mcr(&[
+        "pre-dump",
+        "-t",
+        &pid_s,
+        "-D",
+        s(&tmp.path().join("y")),
+        "--prev-images-dir",
+        s(&full),
+    ]);
+    assert_fails(&out, 4, &["write tracking", "mcr pre-dump"]);
+    assert_pass(&p.check());
+}
