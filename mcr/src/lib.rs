@@ -8,6 +8,7 @@ pub mod check;
 pub mod dump;
 pub mod fault;
 pub mod image;
+pub mod migrate;
 pub mod model;
 pub mod netlock;
 mod par;

@@ -76,6 +76,54 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Move a running tree to `mcr receive` elsewhere: pre-copy rounds while it runs,
+    /// then a short freeze; the original is killed once it runs at the destination.
+    Migrate {
+        #[arg(short = 't', long = "tree")]
+        pid: i32,
+        /// The destination: unix:PATH or tcp:HOST:PORT where `mcr receive` listens.
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        shell_job: bool,
+        /// Pre-copy until the last round would take about this long.
+        #[arg(long, default_value_t = 20)]
+        max_blackout_ms: u64,
+        #[arg(long, default_value_t = 8)]
+        max_rounds: u32,
+        #[arg(long)]
+        freeze_cgroup: Option<PathBuf>,
+        /// Where the rounds' images are made before they are sent (default /dev/shm).
+        #[arg(long)]
+        staging: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take one migration from `mcr migrate` and restore it here.
+    Receive {
+        /// unix:PATH or tcp:HOST:PORT.
+        #[arg(long)]
+        listen: String,
+        /// Keep the images here instead of a temporary directory.
+        #[arg(long)]
+        workdir: Option<PathBuf>,
+        #[arg(long)]
+        root: Option<PathBuf>,
+        #[arg(short = 'd', long)]
+        detach: bool,
+        #[arg(long)]
+        pidfile: Option<PathBuf>,
+        #[arg(long)]
+        shell_job: bool,
+        #[arg(long)]
+        pidns: bool,
+        #[arg(long)]
+        mntns: bool,
+        #[arg(long)]
+        netns: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Bring a process back from an image, with the same pid.
     Restore {
         #[arg(short = 'D', long = "images-dir")]
@@ -334,6 +382,97 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e, e.exit_code()),
             }
         }
+        Cmd::Migrate {
+            pid,
+            to,
+            shell_job,
+            max_blackout_ms,
+            max_rounds,
+            freeze_cgroup,
+            staging,
+            json,
+        } => {
+            let to = match transport::Addr::parse(&to) {
+                Ok(a) => a,
+                Err(e) => return fail(&e, 2),
+            };
+            let opts = mcr::migrate::MigrateOptions {
+                pid,
+                to,
+                shell_job,
+                max_blackout: Duration::from_millis(max_blackout_ms),
+                max_rounds,
+                freeze_cgroup,
+                staging,
+            };
+            match mcr::migrate::migrate(&opts) {
+                Ok(r) => {
+                    print_migration(&r, json);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e, e.exit_code()),
+            }
+        }
+        Cmd::Receive {
+            listen,
+            workdir,
+            root,
+            detach,
+            pidfile,
+            shell_job,
+            pidns,
+            mntns,
+            netns,
+            json,
+        } => {
+            let listener =
+                match transport::Addr::parse(&listen).and_then(|a| transport::Listener::bind(&a)) {
+                    Ok(l) => l,
+                    Err(e) => return fail(&e, 2),
+                };
+            if let Ok(a) = listener.local_addr() {
+                eprintln!("mcr: receiving on {a}");
+            }
+            let mut ro = RestoreOptions::new(PathBuf::new());
+            ro.root = root;
+            ro.shell_job = shell_job;
+            ro.pidns = pidns;
+            ro.mntns = mntns;
+            ro.netns = netns;
+            let opts = mcr::migrate::receive::ReceiveOptions {
+                restore: ro,
+                workdir,
+            };
+            let r = match mcr::migrate::receive::receive(&listener, &opts) {
+                Ok(r) => r,
+                Err(e) => return fail(&e, e.exit_code()),
+            };
+            drop(listener);
+            if let Some(p) = pidfile {
+                if let Err(e) = std::fs::write(&p, format!("{}\n", r.pid)) {
+                    eprintln!("mcr: warning: writing pidfile {}: {e}", p.display());
+                }
+            }
+            if json {
+                let v = serde_json::json!({"pid": r.pid, "pages": r.pages, "steps": steps_json(&r.steps)});
+                println!("{v}");
+            } else {
+                eprintln!(
+                    "mcr: received and restored pid {}: {} pages; {}",
+                    r.pid,
+                    r.pages,
+                    steps_text(&r.steps)
+                );
+            }
+            if detach {
+                return ExitCode::SUCCESS;
+            }
+            match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(r.child), None) {
+                Ok(nix::sys::wait::WaitStatus::Exited(_, c)) => ExitCode::from(c as u8),
+                Ok(nix::sys::wait::WaitStatus::Signaled(_, s, _)) => ExitCode::from(128 + s as u8),
+                _ => ExitCode::SUCCESS,
+            }
+        }
         Cmd::HoldTracker { fds, pids } => mcr::dump::track::hold_main(&fds, &pids),
         Cmd::Restore {
             dir,
@@ -442,4 +581,59 @@ fn main() -> ExitCode {
             None => demo::workload(mib, procs, threads, child),
         },
     }
+}
+
+fn print_migration(r: &mcr::migrate::MigrateReport, json: bool) {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    if json {
+        let rounds: Vec<_> = r
+            .rounds
+            .iter()
+            .map(|x| {
+                serde_json::json!({
+                    "pages": x.pages, "bytes": x.bytes, "dump_ms": ms(x.dump),
+                    "send_ms": ms(x.send), "frozen_ms": ms(x.frozen),
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "pid": r.pid,
+            "new_pid": r.new_pid,
+            "rounds": rounds,
+            "final_pages": r.final_pages,
+            "final_bytes": r.final_bytes,
+            "blackout_ms": ms(r.blackout),
+            "blackout": {
+                "freeze_and_dump_ms": ms(r.freeze_and_dump),
+                "transfer_ms": ms(r.transfer),
+                "restore_ms": ms(r.restore),
+                "commit_ms": ms(r.commit),
+            },
+            "total_ms": ms(r.total),
+        });
+        println!("{v}");
+        return;
+    }
+    for (i, x) in r.rounds.iter().enumerate() {
+        eprintln!(
+            "mcr: round {i}: {} pages ({:.1} MiB) copied in {:.1} ms, sent in {:.1} ms, frozen {:.2} ms",
+            x.pages,
+            x.bytes as f64 / (1 << 20) as f64,
+            ms(x.dump),
+            ms(x.send),
+            ms(x.frozen)
+        );
+    }
+    eprintln!(
+        "mcr: migrated pid {} (now pid {} there): blackout {:.1} ms (freeze and dump {:.1}, transfer {:.1}, restore {:.1}, commit {:.1}); last round {} pages; total {:.1} ms",
+        r.pid,
+        r.new_pid,
+        ms(r.blackout),
+        ms(r.freeze_and_dump),
+        ms(r.transfer),
+        ms(r.restore),
+        ms(r.commit),
+        r.final_pages,
+        ms(r.total)
+    );
 }

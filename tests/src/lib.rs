@@ -12,7 +12,7 @@ use nix::unistd::Pid;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
@@ -80,14 +80,15 @@ impl Drop for Guard {
 
 /// Line reader with a deadline over a child's stdout.
 pub struct Lines {
-    out: ChildStdout,
+    out: std::fs::File,
     buf: Vec<u8>,
 }
 
 impl Lines {
-    pub fn new(out: ChildStdout) -> Self {
+    /// Over a child's stdout or stderr, or any pipe end.
+    pub fn new(out: impl Into<std::os::fd::OwnedFd>) -> Self {
         Self {
-            out,
+            out: std::fs::File::from(out.into()),
             buf: Vec::new(),
         }
     }
@@ -437,4 +438,121 @@ pub fn parent_of(pid: i32) -> i32 {
         .expect("ppid")
         .parse()
         .expect("ppid")
+}
+
+/// `mcr receive` waiting for a migration, its stdio pipes of ours (a shell job's stdio
+/// become these once the workload runs there).
+pub struct Receiver {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: std::process::ChildStdout,
+    pub stderr: Lines,
+    pidfile: PathBuf,
+}
+
+impl Receiver {
+    /// Starts `mcr receive --listen ADDR --shell-job -d` with `extra` and waits until it
+    /// listens. `env` is set for it (MCR_FAULT, say).
+    pub fn start(listen: &str, pidfile: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        become_subreaper();
+        let mut cmd = Command::new(mcr_bin());
+        cmd.args([
+            "receive",
+            "--listen",
+            listen,
+            "--shell-job",
+            "-d",
+            "--pidfile",
+        ])
+        .arg(pidfile)
+        .args(extra)
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawning mcr receive");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut stderr = Lines::new(child.stderr.take().expect("stderr"));
+        stderr.expect_prefix("mcr: receiving on");
+        Receiver {
+            child,
+            stdin,
+            stdout,
+            stderr,
+            pidfile: pidfile.to_path_buf(),
+        }
+    }
+
+    /// Waits for `mcr receive` to end; returns its exit code.
+    pub fn wait(&mut self) -> i32 {
+        self.child
+            .wait()
+            .expect("waiting for mcr receive")
+            .code()
+            .unwrap_or(-1)
+    }
+
+    /// Once it succeeded: the migrated workload, registered with `guard`.
+    pub fn workload(mut self, guard: &mut Guard) -> Proc {
+        let code = self.wait();
+        assert_eq!(code, 0, "mcr receive failed");
+        let pid: i32 = std::fs::read_to_string(&self.pidfile)
+            .expect("pidfile")
+            .trim()
+            .parse()
+            .expect("pid in pidfile");
+        guard.add(pid);
+        Proc {
+            pid,
+            stdin: self.stdin,
+            lines: Lines::new(self.stdout),
+            child: None,
+        }
+    }
+}
+
+/// Whether the kernel still tracks writes to any private VMA of `pid`.
+pub fn tracked_anywhere(pid: i32) -> bool {
+    let p = kext_shim::Pid::from_raw(pid);
+    let pm = kext_shim::mem::Pagemap::open(p).expect("pagemap");
+    kext_shim::procfs::read_maps(p)
+        .expect("maps")
+        .iter()
+        .filter(|m| !m.shared && !m.path.starts_with('['))
+        .any(|m| {
+            kext_shim::dirty::written(&pm, m.start, m.end, false)
+                .expect("scan")
+                .is_some()
+        })
+}
+
+/// Running, not gone or a zombie (the holder is re-parented to us, the subreaper).
+pub fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|st| st.rsplit(") ").next().is_some_and(|r| !r.starts_with('Z')))
+}
+
+/// Waits (10 s at most) until `pid` has exited.
+pub fn wait_gone(pid: i32) {
+    let pidfd = kext_shim::pidfd::pidfd_open(kext_shim::Pid::from_raw(pid));
+    if let Ok(fd) = pidfd {
+        use std::os::fd::AsFd;
+        let mut fds = [nix::poll::PollFd::new(
+            fd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(10_000u16)).expect("poll");
+    }
+}
+
+/// Starts the `churn` workload with `mib` MiB, the file it maps privately made in `dir`.
+pub fn start_churn(g: &mut Guard, dir: &Path, mib: &str) -> Proc {
+    let file = dir.join(format!("churn-file-{mib}"));
+    Proc::start(
+        g,
+        &workload_bin("churn"),
+        &[file.to_str().expect("utf-8 path"), mib],
+        None,
+    )
 }

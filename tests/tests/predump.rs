@@ -24,12 +24,6 @@ fn pre_dump(pid: i32, dir: &Path, extra: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("pre-dump --json")
 }
 
-/// Starts the churn workload with `mib` MiB, its mapped file in `dir`.
-fn start(g: &mut Guard, dir: &Path, mib: &str) -> Proc {
-    let file = dir.join(format!("churn-file-{mib}"));
-    Proc::start(g, &workload_bin("churn"), &[s(&file), mib], None)
-}
-
 fn churn(p: &mut Proc) {
     p.send("CHURN");
     p.lines.expect_prefix("CHURNED");
@@ -49,39 +43,6 @@ fn pages_bytes(dir: &Path) -> u64 {
     std::fs::metadata(dir.join("pages")).expect("pages").len()
 }
 
-/// Whether the kernel still tracks writes to any private VMA of `pid`.
-fn tracked_anywhere(pid: i32) -> bool {
-    let p = kext_shim::Pid::from_raw(pid);
-    let pm = kext_shim::mem::Pagemap::open(p).expect("pagemap");
-    kext_shim::procfs::read_maps(p)
-        .expect("maps")
-        .iter()
-        .filter(|m| !m.shared && !m.path.starts_with('['))
-        .any(|m| {
-            kext_shim::dirty::written(&pm, m.start, m.end, false)
-                .expect("scan")
-                .is_some()
-        })
-}
-
-/// Running, not gone or a zombie (the holder is re-parented to us, the subreaper).
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|st| st.rsplit(") ").next().is_some_and(|r| !r.starts_with('Z')))
-}
-
-fn wait_gone(pid: i32) {
-    let pidfd = kext_shim::pidfd::pidfd_open(kext_shim::Pid::from_raw(pid));
-    if let Ok(fd) = pidfd {
-        use std::os::fd::AsFd;
-        let mut fds = [nix::poll::PollFd::new(
-            fd.as_fd(),
-            nix::poll::PollFlags::POLLIN,
-        )];
-        nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(10_000u16)).expect("poll");
-    }
-}
-
 #[test]
 fn a_chain_of_two_pre_dumps_and_a_checkpoint_restores_every_page() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -91,14 +52,14 @@ fn a_chain_of_two_pre_dumps_and_a_checkpoint_restores_every_page() {
         tmp.path().join("final"),
     );
     let mut g = Guard::new();
-    let mut p = start(&mut g, tmp.path(), "16");
+    let mut p = start_churn(&mut g, tmp.path(), "16");
     let r1 = pre_dump(p.pid, &pd1, &[]);
     assert!(r1["tracked_vmas"].as_u64().unwrap() > 5, "{r1}");
     churn(&mut p);
     let r2 = pre_dump(p.pid, &pd2, &["--prev-images-dir", s(&pd1)]);
     // The first holder made way for the second.
     wait_gone(r1["holder_pid"].as_i64().unwrap() as i32);
-    assert!(!alive(r1["holder_pid"].as_i64().unwrap() as i32));
+    assert!(!running(r1["holder_pid"].as_i64().unwrap() as i32));
     assert!(
         pages_bytes(&pd2) * 4 < pages_bytes(&pd1),
         "the second pre-dump holds {} bytes, the first {}",
@@ -137,7 +98,7 @@ fn the_chain_is_checked_before_anything_is_restored() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (pd, fin) = (tmp.path().join("pre"), tmp.path().join("final"));
     let mut g = Guard::new();
-    let mut p = start(&mut g, tmp.path(), "8");
+    let mut p = start_churn(&mut g, tmp.path(), "8");
     let pid = p.pid;
     pre_dump(pid, &pd, &[]);
     churn(&mut p);
@@ -149,12 +110,12 @@ fn the_chain_is_checked_before_anything_is_restored() {
     let out = mcr(&["restore", "-D", s(&fin), "--shell-job", "-d"]);
     assert_fails(&out, 6, &["parent image", "pre"]);
     // Another image where the parent should be is not the parent.
-    let mut other = start(&mut g, tmp.path(), "1");
+    let mut other = start_churn(&mut g, tmp.path(), "1");
     pre_dump(other.pid, &pd, &[]);
     let out = mcr(&["restore", "-D", s(&fin), "--shell-job", "-d"]);
     assert_fails(&out, 6, &["names parent image", "holds image"]);
     assert_pass(&other.check());
-    assert!(!alive(pid));
+    assert!(!running(pid));
 
     std::fs::remove_dir_all(&pd).expect("rm");
     std::fs::rename(&away, &pd).expect("rename back");
@@ -166,7 +127,7 @@ fn the_chain_is_checked_before_anything_is_restored() {
 fn a_pre_dump_leaves_the_workload_running_and_its_end_untracks_it() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let mut g = Guard::new();
-    let mut p = start(&mut g, tmp.path(), "8");
+    let mut p = start_churn(&mut g, tmp.path(), "8");
     let r = pre_dump(p.pid, &tmp.path().join("pre"), &[]);
     let holder = r["holder_pid"].as_i64().unwrap() as i32;
     assert!(tracked_anywhere(p.pid));
@@ -188,7 +149,7 @@ fn a_checkpoint_whose_tracking_was_lost_copies_everything() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (pd, fin) = (tmp.path().join("pre"), tmp.path().join("final"));
     let mut g = Guard::new();
-    let mut p = start(&mut g, tmp.path(), "8");
+    let mut p = start_churn(&mut g, tmp.path(), "8");
     let r = pre_dump(p.pid, &pd, &[]);
     let holder = r["holder_pid"].as_i64().unwrap() as i32;
     churn(&mut p);
@@ -212,7 +173,7 @@ fn a_failed_checkpoint_keeps_the_tracking_for_the_next_one() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (pd, fin) = (tmp.path().join("pre"), tmp.path().join("final"));
     let mut g = Guard::new();
-    let mut p = start(&mut g, tmp.path(), "16");
+    let mut p = start_churn(&mut g, tmp.path(), "16");
     pre_dump(p.pid, &pd, &[]);
     churn(&mut p);
     let pid_s = p.pid.to_string();
@@ -240,7 +201,7 @@ fn pre_dump_of_a_missing_pid_and_on_a_non_tracking_image_are_refused() {
     let out = mcr(&["pre-dump", "-t", "999999", "-D", s(&tmp.path().join("x"))]);
     assert_fails(&out, 3, &["999999"]);
     let mut g = Guard::new();
-    let mut p = start(&mut g, tmp.path(), "1");
+    let mut p = start_churn(&mut g, tmp.path(), "1");
     let full = tmp.path().join("full");
     checkpoint(p.pid, &full, &["--leave-running"]);
     let pid_s = p.pid.to_string();

@@ -130,8 +130,8 @@ impl<T> StepContext<T> for kext_shim::Result<T> {
     }
 }
 
-/// Checkpoints process `opts.pid` into `opts.dir`.
-pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
+/// Checkpoints process `opts.pid` into `opts.dir` and keeps it frozen.
+pub fn checkpoint_held(opts: &CheckpointOptions) -> Result<HeldCheckpoint> {
     let pid = Pid::from_raw(opts.pid);
     let raw = opts.pid;
     let mut steps = Vec::new();
@@ -242,34 +242,85 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
     })();
     // On failure `tree` is dropped here, which resumes every process untouched.
     let (stats, net_lock) = result?;
-    let t = Instant::now();
-    match net_lock {
-        // Killed in repair mode, the connections close without a word on the wire; the
-        // rules stay until the restore.
-        Some(_) => {
-            tree.release(opts.after)?;
-            tcp.hand_over()?;
-        }
-        // Out of repair mode and unblocked before the processes run again.
-        None => {
-            drop(tcp);
-            tree.release(opts.after)?;
-        }
-    }
-    steps.push(("release", t.elapsed()));
-    // The tracking has served: the workload (if it runs on) is left without it.
-    if let Some(Err(e)) = prev.as_ref().map(|p| p.end()) {
-        tracing::warn!("{e}");
-    }
-    let frozen_for = t_freeze.elapsed();
-    steps.push(("total", t0.elapsed()));
-    Ok(CheckpointReport {
-        pid: raw,
-        stats,
-        frozen_for,
-        steps,
-        freezer,
+    Ok(HeldCheckpoint {
+        tcp,
+        tree: Some(tree),
+        prev,
+        hands_over: net_lock.is_some(),
+        report: CheckpointReport {
+            pid: raw,
+            stats,
+            frozen_for: Duration::ZERO,
+            steps,
+            freezer,
+        },
+        t_freeze,
+        t0,
     })
+}
+
+/// A checkpoint whose image is complete while the tree is still frozen: whoever holds
+/// it decides whether the tree dies (its image lives on elsewhere), resumes, or stops.
+/// Dropped, it resumes the tree untouched.
+pub struct HeldCheckpoint {
+    // Before the tree: dropped first, it lets the connections go on before the
+    // processes resume.
+    tcp: inet::TcpCapture,
+    tree: Option<FrozenTree>,
+    prev: Option<track::Previous>,
+    /// The image owns the connections and their lock once the tree is gone.
+    hands_over: bool,
+    pub report: CheckpointReport,
+    t_freeze: Instant,
+    t0: Instant,
+}
+
+impl HeldCheckpoint {
+    /// Lets the tree go as `after` says. The write tracking the image built on ends
+    /// with it when `end_tracking` (it has served); otherwise it stays for another try.
+    pub fn release(mut self, after: AfterDump, end_tracking: bool) -> Result<CheckpointReport> {
+        let t = Instant::now();
+        let tree = self.tree.take().expect("held until released");
+        let tcp = std::mem::take(&mut self.tcp);
+        if self.hands_over {
+            // Killed in repair mode, the connections close without a word on the
+            // wire; the rules stay until the restore.
+            tree.release(after)?;
+            tcp.hand_over()?;
+        } else {
+            // Out of repair mode and unblocked before the processes run again.
+            drop(tcp);
+            tree.release(after)?;
+        }
+        self.report.steps.push(("release", t.elapsed()));
+        if end_tracking {
+            if let Some(Err(e)) = self.prev.as_ref().map(|p| p.end()) {
+                tracing::warn!("{e}");
+            }
+        }
+        self.report.frozen_for = self.t_freeze.elapsed();
+        self.report.steps.push(("total", self.t0.elapsed()));
+        Ok(std::mem::replace(
+            &mut self.report,
+            CheckpointReport {
+                pid: 0,
+                stats: WriteStats::default(),
+                frozen_for: Duration::ZERO,
+                steps: vec![],
+                freezer: "",
+            },
+        ))
+    }
+
+    /// How long the tree has been frozen so far.
+    pub fn frozen_for(&self) -> Duration {
+        self.t_freeze.elapsed()
+    }
+}
+
+/// Checkpoints process `opts.pid` into `opts.dir`, then lets it go as `opts.after` says.
+pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
+    checkpoint_held(opts)?.release(opts.after, true)
 }
 
 /// Freezes the tree at `pid`, through `cgroup` or the tree's own cgroup when it is

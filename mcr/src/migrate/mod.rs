@@ -1,0 +1,299 @@
+//! Live migration: `mcr migrate` (the source) and `mcr receive` (the destination).
+//!
+//! The source copies the tree's memory in pre-copy rounds while it runs (each round a
+//! pre-dump holding what was written since the one before), until what is left to send
+//! fits the blackout asked for or stops shrinking; then it freezes the tree, sends the
+//! last image (the pages written since the last round and every other kind of state)
+//! and waits. The destination restores the chain; once the workload runs there, it
+//! says so, and only then does the source kill the original. Any failure before that
+//! resumes the original as it was, its write tracking ended.
+//!
+//! Today the rounds travel as image files and the destination restores once the last
+//! one is in: its memory is filled during the blackout (warm restore, filling it as the
+//! rounds arrive, is the next step).
+
+pub mod receive;
+pub mod wire;
+
+use crate::dump::predump::{pre_dump, PreDumpOptions};
+use crate::dump::track;
+use crate::dump::{checkpoint_held, AfterDump, CheckpointOptions, DumpError};
+use crate::image::{Compression, Image};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use transport::{Addr, FrameReader, FrameWriter, Stream};
+
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    pub pid: i32,
+    pub to: Addr,
+    pub shell_job: bool,
+    /// The blackout to aim for: pre-copy goes on until the last round would fit it.
+    pub max_blackout: Duration,
+    pub max_rounds: u32,
+    pub freeze_cgroup: Option<PathBuf>,
+    /// Where the images are made before they are sent (a tmpfs is best).
+    pub staging: Option<PathBuf>,
+}
+
+/// One pre-copy round.
+#[derive(Debug, Clone)]
+pub struct Round {
+    pub pages: u64,
+    pub bytes: u64,
+    /// Copying (the pre-dump) and sending it.
+    pub dump: Duration,
+    pub send: Duration,
+    /// How long the tree was frozen for it.
+    pub frozen: Duration,
+}
+
+/// What a migration did, with its blackout split into its parts.
+#[derive(Debug, Clone)]
+pub struct MigrateReport {
+    pub pid: i32,
+    /// The root's pid at the destination, as its host sees it.
+    pub new_pid: i32,
+    pub rounds: Vec<Round>,
+    /// Final image: freezing and dumping, sending, the destination's restore, and
+    /// from its answer to the original's end.
+    pub freeze_and_dump: Duration,
+    pub final_pages: u64,
+    pub final_bytes: u64,
+    pub transfer: Duration,
+    pub restore: Duration,
+    pub commit: Duration,
+    /// From the freeze to the original's end, as the source measured it.
+    pub blackout: Duration,
+    pub total: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("{0}")]
+    Dump(#[from] DumpError),
+    #[error("pid {pid}: {step}: {source}")]
+    Transport {
+        pid: i32,
+        step: String,
+        #[source]
+        source: transport::TransportError,
+    },
+    #[error("pid {pid}: the destination failed to restore it: {why}; it runs on here")]
+    Destination { pid: i32, why: String },
+    #[error("pid {pid}: {what}")]
+    Protocol { pid: i32, what: String },
+    #[error("{0}")]
+    Restore(#[from] crate::restore::RestoreError),
+}
+
+impl MigrateError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            MigrateError::Dump(e) => e.exit_code(),
+            MigrateError::Restore(e) => e.exit_code(),
+            MigrateError::Transport { .. } | MigrateError::Protocol { .. } => 9,
+            MigrateError::Destination { .. } => 10,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, MigrateError>;
+
+/// Ends the write tracking of the newest round unless the migration got through.
+struct Tracking(Option<crate::model::TrackerImage>);
+
+impl Drop for Tracking {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            if let Err(e) = track::end_holder(&t) {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+}
+
+pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
+    let pid = opts.pid;
+    let t0 = Instant::now();
+    let tx = |step: &str| {
+        let step = step.to_string();
+        move |source| MigrateError::Transport {
+            pid,
+            step: step.clone(),
+            source,
+        }
+    };
+    let stream = Stream::connect(&opts.to).map_err(tx("connecting to the destination"))?;
+    let back = stream
+        .try_clone()
+        .map_err(tx("connecting to the destination"))?;
+    let mut w = FrameWriter::new(stream, transport::Compression::Auto(1), opts.to.to_string());
+    let mut r = FrameReader::new(back, opts.to.to_string());
+    wire::send_json(
+        &mut w,
+        wire::HELLO,
+        &wire::Hello {
+            protocol: wire::PROTOCOL,
+            tool_version: env!("CARGO_PKG_VERSION").into(),
+            root_pid: pid,
+        },
+    )
+    .map_err(tx("greeting the destination"))?;
+    let staging = match &opts.staging {
+        Some(d) => tempfile::Builder::new()
+            .prefix("mcr-migrate-")
+            .tempdir_in(d),
+        None => tempfile::Builder::new()
+            .prefix("mcr-migrate-")
+            .tempdir_in(default_staging()),
+    }
+    .map_err(|e| MigrateError::Protocol {
+        pid,
+        what: format!("making a staging directory: {e}"),
+    })?;
+    let send = |w: &mut wire::Writer, dir: &Path, name: &str, last: bool| {
+        wire::send_image(w, dir, name, last).map_err(|what| MigrateError::Protocol {
+            pid,
+            what: format!("sending image {name}: {what}"),
+        })
+    };
+
+    // Pre-copy.
+    let mut tracking = Tracking(None);
+    let mut rounds: Vec<Round> = Vec::new();
+    let mut prev: Option<PathBuf> = None;
+    loop {
+        let name = format!("round-{}", rounds.len());
+        let dir = staging.path().join(&name);
+        let t = Instant::now();
+        let rep = pre_dump(&PreDumpOptions {
+            pid,
+            dir: dir.clone(),
+            prev: prev.clone(),
+            compression: Compression::None,
+            freeze_cgroup: opts.freeze_cgroup.clone(),
+        })?;
+        // Each pre-dump ends the tracking of the one before and starts its own.
+        tracking.0 = Image::open(&dir)
+            .ok()
+            .and_then(|i| i.snapshot.inventory.tracker);
+        let dump = t.elapsed();
+        let t = Instant::now();
+        let bytes = send(&mut w, &dir, &name, false)?;
+        let send_time = t.elapsed();
+        if let Some(p) = &prev {
+            // The destination has it; this side needs only the newest round.
+            let _ = std::fs::remove_dir_all(p);
+        }
+        rounds.push(Round {
+            pages: rep.stats.pages,
+            bytes,
+            dump,
+            send: send_time,
+            frozen: rep.frozen_for,
+        });
+        prev = Some(dir);
+        if converged(&rounds, opts) {
+            break;
+        }
+    }
+
+    // The blackout.
+    let t_black = Instant::now();
+    let dir = staging.path().join("final");
+    let held = checkpoint_held(&CheckpointOptions {
+        pid,
+        dir: dir.clone(),
+        after: AfterDump::Kill,
+        shell_job: opts.shell_job,
+        compression: Compression::None,
+        freeze_cgroup: opts.freeze_cgroup.clone(),
+        tcp_established: false,
+        prev: prev.clone(),
+    })?;
+    let freeze_and_dump = t_black.elapsed();
+    let t = Instant::now();
+    let final_bytes = send(&mut w, &dir, "final", true)?;
+    let transfer = t.elapsed();
+    let t = Instant::now();
+    let answer = r.recv().map_err(tx("waiting for the destination"))?;
+    let restore = t.elapsed();
+    let restored: wire::Restored = match answer {
+        Some(f) if f.kind == wire::RESTORED => {
+            wire::parse(f.kind, f.payload).map_err(|what| MigrateError::Protocol { pid, what })?
+        }
+        Some(f) if f.kind == wire::FAILED => {
+            let why = wire::parse::<wire::Failed>(f.kind, f.payload)
+                .map(|m| m.error)
+                .unwrap_or_else(|e| e);
+            // `held` resumes the original as it goes, and `tracking` ends its tracking.
+            return Err(MigrateError::Destination { pid, why });
+        }
+        Some(f) => {
+            return Err(MigrateError::Protocol {
+                pid,
+                what: format!("unexpected answer of kind {}", f.kind),
+            })
+        }
+        None => {
+            return Err(MigrateError::Protocol {
+                pid,
+                what: "the destination hung up without an answer".into(),
+            })
+        }
+    };
+    // The commit point: the workload runs at the destination.
+    let t = Instant::now();
+    let final_pages = held.report.stats.pages;
+    held.release(AfterDump::Kill, true)?;
+    tracking.0 = None;
+    let commit = t.elapsed();
+    let _ = w.finish();
+    Ok(MigrateReport {
+        pid,
+        new_pid: restored.pid,
+        rounds,
+        freeze_and_dump,
+        final_pages,
+        final_bytes,
+        transfer,
+        restore,
+        commit,
+        blackout: t_black.elapsed(),
+        total: t0.elapsed(),
+    })
+}
+
+/// Whether to stop pre-copying: the last round would fit the blackout at the rate the
+/// rounds went out, it stopped shrinking, or there were enough rounds.
+fn converged(rounds: &[Round], opts: &MigrateOptions) -> bool {
+    let Some(last) = rounds.last() else {
+        return false;
+    };
+    if rounds.len() as u32 >= opts.max_rounds.max(1) {
+        return true;
+    }
+    let secs = (last.dump + last.send).as_secs_f64().max(1e-6);
+    let rate = last.bytes as f64 / secs;
+    // The next round holds about what is written while this one went out; sending it
+    // then takes about as long as this round, scaled by how much smaller it is.
+    let estimate = Duration::from_secs_f64(last.bytes as f64 / rate.max(1.0));
+    if rounds.len() >= 2 && estimate <= opts.max_blackout {
+        return true;
+    }
+    match rounds.iter().rev().nth(1) {
+        Some(before) => last.bytes * 5 > before.bytes * 4,
+        None => false,
+    }
+}
+
+/// A tmpfs when there is one: staging images on disk would only slow the rounds.
+fn default_staging() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}

@@ -1,0 +1,202 @@
+//! `mcr receive`: the destination of a migration. It takes one migration, stores its
+//! images as they arrive, restores the last one (which reads the rest from the chain)
+//! and tells the source whether the workload runs here.
+
+use super::wire::{self, FileHeader, ImageDone};
+use super::{MigrateError, Result};
+use crate::restore::{restore, RestoreOptions, Restored};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use transport::{FrameReader, FrameWriter, Listener};
+
+pub struct ReceiveOptions {
+    /// How to restore (its `dir` is ignored: the images arrive in `workdir`).
+    pub restore: RestoreOptions,
+    /// Where the images are kept; a fresh temporary directory if None. Removed after.
+    pub workdir: Option<PathBuf>,
+}
+
+fn protocol(pid: i32, what: impl Into<String>) -> MigrateError {
+    MigrateError::Protocol {
+        pid,
+        what: what.into(),
+    }
+}
+
+/// Takes one migration on `listener` and restores it.
+pub fn receive(listener: &Listener, opts: &ReceiveOptions) -> Result<Restored> {
+    let stream = listener
+        .accept()
+        .map_err(|source| MigrateError::Transport {
+            pid: 0,
+            step: "accepting the source".into(),
+            source,
+        })?;
+    let back = stream
+        .try_clone()
+        .map_err(|source| MigrateError::Transport {
+            pid: 0,
+            step: "accepting the source".into(),
+            source,
+        })?;
+    let mut r = FrameReader::new(stream, "from the source");
+    let mut w = FrameWriter::new(back, transport::Compression::Off, "to the source");
+    let tx = |pid: i32, step: &'static str| {
+        move |source| MigrateError::Transport {
+            pid,
+            step: step.into(),
+            source,
+        }
+    };
+    let hello: wire::Hello = match r.recv().map_err(tx(0, "reading the greeting"))? {
+        Some(f) if f.kind == wire::HELLO => {
+            wire::parse(f.kind, f.payload).map_err(|w| protocol(0, w))?
+        }
+        _ => return Err(protocol(0, "the source did not greet")),
+    };
+    let pid = hello.root_pid;
+    if hello.protocol != wire::PROTOCOL {
+        return Err(protocol(
+            pid,
+            format!(
+                "the source speaks migration protocol {}, this mcr {}",
+                hello.protocol,
+                wire::PROTOCOL
+            ),
+        ));
+    }
+    let temp;
+    let root = match &opts.workdir {
+        Some(d) => d.clone(),
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("mcr-receive-")
+                .tempdir_in(super::default_staging())
+                .map_err(|e| protocol(pid, format!("making a work directory: {e}")))?;
+            temp.path().to_path_buf()
+        }
+    };
+    let result = take_images(&mut r, &root, pid).and_then(|last| {
+        let mut ro = opts.restore.clone();
+        ro.dir = root.join(&last);
+        let t = Instant::now();
+        match restore(&ro) {
+            Ok(done) => {
+                wire::send_json(
+                    &mut w,
+                    wire::RESTORED,
+                    &wire::Restored {
+                        pid: done.pid,
+                        restore_ms: t.elapsed().as_secs_f64() * 1e3,
+                    },
+                )
+                .map_err(tx(pid, "telling the source the workload runs here"))?;
+                Ok(done)
+            }
+            Err(e) => {
+                let _ = wire::send_json(
+                    &mut w,
+                    wire::FAILED,
+                    &wire::Failed {
+                        error: e.to_string(),
+                    },
+                );
+                Err(e.into())
+            }
+        }
+    });
+    if opts.workdir.is_none() {
+        let _ = std::fs::remove_dir_all(&root);
+    }
+    result
+}
+
+/// Stores the images until the last one; returns its name.
+fn take_images(r: &mut wire::Reader, root: &Path, pid: i32) -> Result<String> {
+    let tx = |source| MigrateError::Transport {
+        pid,
+        step: "receiving the images".into(),
+        source,
+    };
+    let mut current: Option<(std::fs::File, FileHeader, u64)> = None;
+    loop {
+        let Some(f) = r.recv().map_err(tx)? else {
+            return Err(protocol(
+                pid,
+                "the source ended the stream before the last image",
+            ));
+        };
+        match f.kind {
+            wire::FILE => {
+                if current.is_some() {
+                    return Err(protocol(pid, "a file began before the last one was whole"));
+                }
+                let h: FileHeader = wire::parse(f.kind, f.payload).map_err(|w| protocol(pid, w))?;
+                let dir = root.join(safe_name(pid, &h.image)?);
+                if !dir.exists() {
+                    std::fs::DirBuilder::new()
+                        .mode(0o700)
+                        .create(&dir)
+                        .map_err(|e| protocol(pid, format!("{}: {e}", dir.display())))?;
+                }
+                let path = dir.join(safe_name(pid, &h.name)?);
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(|e| protocol(pid, format!("{}: {e}", path.display())))?;
+                current = Some((file, h, 0));
+            }
+            wire::DATA => {
+                let Some((file, h, got)) = current.as_mut() else {
+                    return Err(protocol(pid, "file data outside a file"));
+                };
+                *got += f.payload.len() as u64;
+                if *got > h.size {
+                    return Err(protocol(pid, format!("{} runs past its size", h.name)));
+                }
+                file.write_all(f.payload)
+                    .map_err(|e| protocol(pid, format!("writing {}: {e}", h.name)))?;
+                if *got == h.size {
+                    current = None;
+                }
+            }
+            wire::IMAGE => {
+                let d: ImageDone = wire::parse(f.kind, f.payload).map_err(|w| protocol(pid, w))?;
+                if let Some((_, h, got)) = &current {
+                    // A file announced empty is whole at once.
+                    if !(h.size == 0 && *got == 0) {
+                        return Err(protocol(
+                            pid,
+                            format!("image {} ended inside {}", d.image, h.name),
+                        ));
+                    }
+                    current = None;
+                }
+                if d.last {
+                    return Ok(safe_name(pid, &d.image)?.to_string());
+                }
+            }
+            k => return Err(protocol(pid, format!("unexpected frame kind {k}"))),
+        }
+        if let Some((_, h, 0)) = &current {
+            if h.size == 0 {
+                current = None;
+            }
+        }
+    }
+}
+
+/// A single path component, never `..` or absolute: the source names files only
+/// inside the work directory.
+fn safe_name(pid: i32, n: &str) -> Result<&str> {
+    let ok = !n.is_empty() && n != "." && n != ".." && !n.contains('/') && !n.contains('\0');
+    if ok {
+        Ok(n)
+    } else {
+        Err(protocol(pid, format!("refusing the file name {n:?}")))
+    }
+}

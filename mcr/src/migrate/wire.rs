@@ -1,0 +1,117 @@
+//! What the two ends of a migration say to each other, as transport frames.
+//!
+//! Source to destination: [`HELLO`], then each image (a pre-copy round, then the
+//! final one) as its files, each a [`FILE`] header and [`DATA`] frames, closed by
+//! [`IMAGE`]. Destination to source, on the same connection: [`RESTORED`] once the
+//! workload runs there, or [`FAILED`] with why. Control messages are JSON.
+
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use transport::{FrameReader, FrameWriter, Stream};
+
+pub const HELLO: u16 = 1;
+pub const FILE: u16 = 2;
+pub const DATA: u16 = 3;
+pub const IMAGE: u16 = 4;
+pub const RESTORED: u16 = 10;
+pub const FAILED: u16 = 11;
+
+/// Bytes of file data per frame.
+pub const DATA_CHUNK: usize = 1 << 20;
+
+/// The version of this conversation; both ends must speak the same.
+pub const PROTOCOL: u32 = 1;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol: u32,
+    pub tool_version: String,
+    pub root_pid: i32,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FileHeader {
+    /// The image's directory name ("round-0", "final").
+    pub image: String,
+    /// One of the image's files.
+    pub name: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ImageDone {
+    pub image: String,
+    /// The last one: restore it.
+    pub last: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Restored {
+    /// The root's pid as the destination's host sees it.
+    pub pid: i32,
+    /// Milliseconds the restore took (the destination's share of the blackout).
+    pub restore_ms: f64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Failed {
+    pub error: String,
+}
+
+/// The files of an image directory, in the order they are sent: the inventory last,
+/// so an image is whole on arrival only once it is there.
+pub const IMAGE_FILES: [&str; 3] = ["pages", "core", "inventory"];
+
+pub type Writer = FrameWriter<Stream>;
+pub type Reader = FrameReader<Stream>;
+
+pub fn send_json<T: Serialize>(w: &mut Writer, kind: u16, v: &T) -> transport::Result<()> {
+    let b = serde_json::to_vec(v).expect("plain data serializes");
+    w.send(kind, &b)?;
+    w.flush()
+}
+
+pub fn parse<T: for<'a> Deserialize<'a>>(kind: u16, payload: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(payload).map_err(|e| format!("bad message of kind {kind}: {e}"))
+}
+
+/// Sends image directory `dir` as `name`; returns the bytes sent.
+pub fn send_image(w: &mut Writer, dir: &Path, name: &str, last: bool) -> Result<u64, String> {
+    use std::io::Read;
+    let mut total = 0;
+    let mut buf = vec![0u8; DATA_CHUNK];
+    for f in IMAGE_FILES {
+        let path = dir.join(f);
+        let mut file =
+            std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let size = file
+            .metadata()
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .len();
+        let h = FileHeader {
+            image: name.into(),
+            name: f.into(),
+            size,
+        };
+        send_json(w, FILE, &h).map_err(|e| e.to_string())?;
+        let mut left = size;
+        while left > 0 {
+            let n = (left as usize).min(DATA_CHUNK);
+            file.read_exact(&mut buf[..n])
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            w.send(DATA, &buf[..n]).map_err(|e| e.to_string())?;
+            left -= n as u64;
+        }
+        total += size;
+    }
+    send_json(
+        w,
+        IMAGE,
+        &ImageDone {
+            image: name.into(),
+            last,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(total)
+}

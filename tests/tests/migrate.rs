@@ -1,0 +1,208 @@
+#![forbid(unsafe_code)]
+//! Live migration on one host: `mcr migrate` to an `mcr receive` that restores into a
+//! new pid namespace (the original's pids are taken until the commit). The workload
+//! (`churn`) rewrites its memory throughout and checks every byte at the destination.
+//! Every failure before the commit must leave the original running, untracked.
+
+use mcr_tests::*;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::process::Output;
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn migrate(pid: i32, to: &str, extra: &[&str]) -> Output {
+    let pid_s = pid.to_string();
+    let mut args = vec!["migrate", "-t", &pid_s, "--to", to, "--shell-job"];
+    args.extend_from_slice(extra);
+    mcr(&args)
+}
+
+/// The original ran on: it answers, passes its own check, and nothing tracks it.
+fn runs_on_untouched(mut p: Proc) {
+    assert!(running(p.pid), "the original is gone");
+    // The tracking ends with the holder, which the failed migration stopped.
+    assert!(
+        !tracked_anywhere(p.pid),
+        "write tracking left in the workload"
+    );
+    assert_pass(&p.check());
+    assert_eq!(p.wait(), 0);
+}
+
+#[test]
+fn a_workload_moves_to_the_destination_and_the_original_dies_after() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let sock = tmp.path().join("mig.sock");
+    let to = format!("unix:{}", s(&sock));
+    let mut g = Guard::new();
+    let mut p = start_churn(&mut g, tmp.path(), "32");
+    let recv = Receiver::start(&to, &tmp.path().join("pid"), &["--pidns"], &[]);
+    let out = migrate(p.pid, &to, &["--json"]);
+    assert!(
+        out.status.success(),
+        "migrate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json");
+    let rounds = report["rounds"].as_array().expect("rounds");
+    assert!(!rounds.is_empty(), "{report}");
+    assert!(
+        rounds[0]["pages"].as_u64().unwrap() >= 32 * 256,
+        "the first round copies it all: {report}"
+    );
+    assert!(
+        report["final_pages"].as_u64().unwrap() < rounds[0]["pages"].as_u64().unwrap() / 4,
+        "the last image holds what was written since: {report}"
+    );
+    for k in [
+        "freeze_and_dump_ms",
+        "transfer_ms",
+        "restore_ms",
+        "commit_ms",
+    ] {
+        assert!(report["blackout"][k].as_f64().is_some(), "{k}: {report}");
+    }
+    assert_eq!(p.wait(), 128 + libc::SIGKILL, "the original was not killed");
+    let mut moved = recv.workload(&mut g);
+    assert_ne!(moved.pid, p.pid);
+    assert_eq!(report["new_pid"].as_i64().unwrap() as i32, moved.pid);
+    g.add(parent_of(moved.pid));
+    assert_pass(&moved.check());
+}
+
+#[test]
+fn a_destination_that_cannot_restore_leaves_the_original_running() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let to = format!("unix:{}", s(&tmp.path().join("mig.sock")));
+    let mut g = Guard::new();
+    let p = start_churn(&mut g, tmp.path(), "8");
+    let mut recv = Receiver::start(
+        &to,
+        &tmp.path().join("pid"),
+        &["--pidns"],
+        &[("MCR_FAULT", "restore-after-fill")],
+    );
+    let out = migrate(p.pid, &to, &[]);
+    assert_fails(
+        &out,
+        10,
+        &["destination failed", "fault injected", "runs on here"],
+    );
+    assert_eq!(recv.wait(), 1);
+    runs_on_untouched(p);
+}
+
+#[test]
+fn a_destination_without_pid_namespace_meets_the_taken_pid() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let to = format!("unix:{}", s(&tmp.path().join("mig.sock")));
+    let mut g = Guard::new();
+    let p = start_churn(&mut g, tmp.path(), "4");
+    // On one host the original holds its pid until the commit: the restore must refuse.
+    let mut recv = Receiver::start(&to, &tmp.path().join("pid"), &[], &[]);
+    let out = migrate(p.pid, &to, &[]);
+    assert_fails(&out, 10, &[&format!("pid {}", p.pid), "taken"]);
+    assert_eq!(recv.wait(), 7);
+    runs_on_untouched(p);
+}
+
+/// A destination that takes `keep` bytes of the stream, then goes away.
+fn dying_destination(sock: &Path, keep: usize) -> std::thread::JoinHandle<()> {
+    let l = UnixListener::bind(sock).expect("bind");
+    std::thread::spawn(move || {
+        let (mut c, _) = l.accept().expect("accept");
+        let mut got = vec![0u8; keep];
+        let _ = c.read_exact(&mut got);
+    })
+}
+
+#[test]
+fn a_destination_dying_during_pre_copy_leaves_the_original_running() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let sock = tmp.path().join("mig.sock");
+    let mut g = Guard::new();
+    let p = start_churn(&mut g, tmp.path(), "16");
+    let dest = dying_destination(&sock, 3 << 20);
+    let out = migrate(p.pid, &format!("unix:{}", s(&sock)), &[]);
+    assert_fails(
+        &out,
+        9,
+        &[&format!("pid {}", p.pid), "sending image round-0"],
+    );
+    dest.join().expect("destination thread");
+    runs_on_untouched(p);
+}
+
+/// Relays the source's bytes to the real destination with one byte flipped at
+/// `flip_at`, and the answers back.
+fn corrupting_relay(front: &Path, back: &Path, flip_at: usize) -> std::thread::JoinHandle<()> {
+    let l = UnixListener::bind(front).expect("bind");
+    let back = back.to_path_buf();
+    std::thread::spawn(move || {
+        let (mut src, _) = l.accept().expect("accept");
+        let mut dst = UnixStream::connect(&back).expect("connect to the destination");
+        let (mut src2, mut dst2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+        let answers = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut dst2, &mut src2);
+        });
+        let mut at = 0usize;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let n = match src.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if (at..at + n).contains(&flip_at) {
+                buf[flip_at - at] ^= 0x40;
+            }
+            at += n;
+            if dst.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = dst.shutdown(std::net::Shutdown::Write);
+        let _ = answers.join();
+    })
+}
+
+#[test]
+fn a_corrupted_frame_is_caught_and_the_original_runs_on() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (front, back) = (tmp.path().join("front.sock"), tmp.path().join("back.sock"));
+    let mut g = Guard::new();
+    let p = start_churn(&mut g, tmp.path(), "8");
+    let mut recv = Receiver::start(
+        &format!("unix:{}", s(&back)),
+        &tmp.path().join("pid"),
+        &["--pidns"],
+        &[],
+    );
+    let relay = corrupting_relay(&front, &back, 1 << 20);
+    let out = migrate(p.pid, &format!("unix:{}", s(&front)), &[]);
+    assert!(!out.status.success(), "a corrupted migration succeeded");
+    assert_eq!(recv.wait(), 9);
+    let err = recv.stderr.expect_prefix("mcr: error");
+    assert!(err.contains("crc mismatch"), "{err}");
+    relay.join().expect("relay");
+    runs_on_untouched(p);
+}
+
+#[test]
+fn bad_destinations_are_refused_before_anything_happens() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let p = start_churn(&mut g, tmp.path(), "1");
+    let out = migrate(p.pid, "carrier-pigeon:home", &[]);
+    assert_fails(&out, 2, &["unknown scheme"]);
+    let out = migrate(
+        p.pid,
+        &format!("unix:{}", s(&tmp.path().join("nobody"))),
+        &[],
+    );
+    assert_fails(&out, 9, &["connecting to the destination"]);
+    runs_on_untouched(p);
+}
