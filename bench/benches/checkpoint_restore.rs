@@ -46,6 +46,7 @@ fn checkpoint(c: &mut Criterion) {
                             freeze_cgroup: None,
                             tcp_established: false,
                             prev: None,
+                            prev_held_pids: vec![],
                         };
                         let t = Instant::now();
                         mcr::dump::checkpoint(&opts).expect("checkpoint");
@@ -75,6 +76,7 @@ fn restore(c: &mut Criterion) {
             freeze_cgroup: None,
             tcp_established: false,
             prev: None,
+            prev_held_pids: vec![],
         })
         .expect("checkpoint");
         let _ = w.child.wait();

@@ -48,6 +48,7 @@ fn tree(c: &mut Criterion, procs: usize, threads: usize, mib: usize) {
             freeze_cgroup: None,
             tcp_established: false,
             prev: None,
+            prev_held_pids: vec![],
         })
         .expect("checkpoint");
         (img, r)

@@ -1,13 +1,10 @@
 //! `mcr demo`: the main job on a built-in default. Starts a sample workload that keeps
-//! writing its memory, checkpoints it, kills it, restores it, and reports what the
-//! workload verified and how long each step took.
+//! writing its memory, migrates it live to an `mcr receive` on this host, and reports
+//! the rounds, the blackout's parts and what the workload verified and measured.
 
-use mcr::dump::{AfterDump, CheckpointOptions};
-use mcr::image::Compression;
-use mcr::restore::RestoreOptions;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -71,7 +68,13 @@ pub fn echo_service(conns: usize) -> ExitCode {
     }
 }
 
-pub fn workload(mib: usize, procs: usize, threads: usize, child: bool) -> ExitCode {
+pub fn workload(
+    mib: usize,
+    procs: usize,
+    threads: usize,
+    child: bool,
+    dirty_mib_s: Option<f64>,
+) -> ExitCode {
     // The rest of the tree: children that only keep writing (for benchmarks of trees).
     let mut kids = Vec::new();
     if !child {
@@ -121,7 +124,7 @@ pub fn workload(mib: usize, procs: usize, threads: usize, child: bool) -> ExitCo
             }
         }
     }
-    let code = verified_workload(share.max(1));
+    let code = verified_workload(share.max(1), dirty_mib_s);
     for mut k in kids {
         let _ = k.kill();
         let _ = k.wait();
@@ -129,8 +132,11 @@ pub fn workload(mib: usize, procs: usize, threads: usize, child: bool) -> ExitCo
     code
 }
 
-/// The demo's own process: writes `mib` MiB and verifies it on CHECK.
-fn verified_workload(mib: usize) -> ExitCode {
+/// The demo's own process: writes `mib` MiB (at `dirty_mib_s`, or as fast as it can)
+/// and verifies it on CHECK. Its loop reads both clocks each turn; the longest gap
+/// between two turns on either is its blackout (a restore into a time namespace could
+/// hide a pause from the monotonic clock, a clock step could fake one on the other).
+fn verified_workload(mib: usize, dirty_mib_s: Option<f64>) -> ExitCode {
     let pages = mib.max(1) * 256;
     let mut mem = vec![0u64; pages * PAGE_WORDS];
     let mut gens = vec![0u32; pages];
@@ -143,10 +149,28 @@ fn verified_workload(mib: usize) -> ExitCode {
     let _ = writeln!(out, "READY");
     let _ = out.flush();
     let stdin = std::io::stdin();
-    let (mut x, mut iterations, mut max_gap) = (0x2545_f491_4f6c_dd1du64, 0u64, Duration::ZERO);
-    let mut last = SystemTime::now();
+    let (mut x, mut iterations) = (0x2545_f491_4f6c_dd1du64, 0u64);
+    let (mut gap_rt, mut gap_mono) = (Duration::ZERO, Duration::ZERO);
+    let (mut last_rt, mut last_mono) = (SystemTime::now(), Instant::now());
+    // Pages a second, and where the paced writes stand.
+    let rate = dirty_mib_s.map(|r| r * 256.0);
+    let (start, mut written) = (Instant::now(), 0f64);
     loop {
-        for _ in 0..64 {
+        let batch = match rate {
+            None => 64,
+            Some(r) => {
+                let due = r * start.elapsed().as_secs_f64();
+                // Behind by more than a millisecond's worth (after a pause): drop it,
+                // catching up would be a pause of its own.
+                if due - written > r / 1000.0 + 1.0 {
+                    written = due - r / 1000.0;
+                }
+                let n = (due - written).floor().max(0.0);
+                written += n;
+                n as usize
+            }
+        };
+        for _ in 0..batch {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
@@ -157,9 +181,10 @@ fn verified_workload(mib: usize) -> ExitCode {
             }
             iterations += 1;
         }
-        let now = SystemTime::now();
-        max_gap = max_gap.max(now.duration_since(last).unwrap_or_default());
-        last = now;
+        let (rt, mono) = (SystemTime::now(), Instant::now());
+        gap_rt = gap_rt.max(rt.duration_since(last_rt).unwrap_or_default());
+        gap_mono = gap_mono.max(mono - last_mono);
+        (last_rt, last_mono) = (rt, mono);
         let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
         if matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0) {
             break;
@@ -173,8 +198,10 @@ fn verified_workload(mib: usize) -> ExitCode {
     let verdict = if bad == 0 { "PASS" } else { "FAIL" };
     let _ = writeln!(
         out,
-        "{verdict} {pages} pages verified ({bad} wrong), {iterations} page writes, longest pause {:.1} ms",
-        max_gap.as_secs_f64() * 1e3
+        "{verdict} {pages} pages verified ({bad} wrong), {iterations} page writes, longest pause {:.2} ms (realtime {:.2} ms, monotonic {:.2} ms)",
+        gap_rt.max(gap_mono).as_secs_f64() * 1e3,
+        gap_rt.as_secs_f64() * 1e3,
+        gap_mono.as_secs_f64() * 1e3
     );
     let _ = out.flush();
     if bad == 0 {
@@ -188,23 +215,8 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
 }
 
-fn steps(s: &[(&'static str, Duration)]) -> String {
-    s.iter()
-        .filter(|(n, _)| *n != "total")
-        .map(|(n, d)| format!("{n} {}", ms(*d)))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn total(s: &[(&'static str, Duration)]) -> Duration {
-    s.iter()
-        .find(|s| s.0 == "total")
-        .map(|s| s.1)
-        .unwrap_or_default()
-}
-
-pub fn run(mib: usize) -> ExitCode {
-    match demo(mib) {
+pub fn run(mib: usize, dirty_mib_s: f64) -> ExitCode {
+    match demo(mib, dirty_mib_s) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
@@ -214,72 +226,120 @@ pub fn run(mib: usize) -> ExitCode {
     }
 }
 
-fn demo(mib: usize) -> Result<bool, Box<dyn std::error::Error>> {
+/// Reads lines from `r` until one starts with `prefix`.
+fn line_starting(r: &mut impl BufRead, prefix: &str) -> Result<String, Box<dyn std::error::Error>> {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            return Err(format!("ended before a line starting with {prefix:?}").into());
+        }
+        if line.starts_with(prefix) {
+            return Ok(line.trim_end().to_string());
+        }
+    }
+}
+
+fn demo(mib: usize, dirty_mib_s: f64) -> Result<bool, Box<dyn std::error::Error>> {
     kext_shim::procfs::cloexec_inherited_fds()?;
-    // The restored workload is our child: no reparenting needed to reap it.
+    // The moved workload's pid namespace init is re-parented to us when `mcr receive`
+    // exits: we reap it.
+    nix::sys::prctl::set_child_subreaper(true)?;
     let tmp = tempfile::tempdir()?;
-    let dir = tmp.path().join("image");
-    println!("mcr demo: checkpoint, kill and restore a workload that keeps writing {mib} MiB");
+    let me = std::env::current_exe()?;
+    println!(
+        "mcr demo: live-migrate a workload that keeps {mib} MiB and rewrites {dirty_mib_s} MiB/s of it"
+    );
     let t = Instant::now();
-    let mut child = Command::new(std::env::current_exe()?)
+    let mut child = Command::new(&me)
         .args(["demo-workload", "--mib", &mib.to_string()])
+        .args(["--dirty-mib-s", &dirty_mib_s.to_string()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
     let pid = child.id() as i32;
     let mut out = BufReader::new(child.stdout.take().ok_or("no stdout")?);
-    let mut line = String::new();
-    out.read_line(&mut line)?;
-    if line.trim() != "READY" {
-        return Err(format!("workload said {line:?}").into());
-    }
+    line_starting(&mut out, "READY")?;
     println!("  workload pid {pid} ready in {}", ms(t.elapsed()));
 
-    let ck = mcr::dump::checkpoint(&CheckpointOptions {
+    // The destination: another mcr, restoring into a pid namespace of its own (the
+    // workload's pid is still taken here until the move commits).
+    let sock = tmp.path().join("migrate.sock");
+    let pidfile = tmp.path().join("pid");
+    let to = format!("unix:{}", sock.display());
+    let mut recv = Command::new(&me)
+        .args([
+            "receive",
+            "--listen",
+            &to,
+            "--pidns",
+            "--shell-job",
+            "-d",
+            "--pidfile",
+        ])
+        .arg(&pidfile)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut recv_err = BufReader::new(recv.stderr.take().ok_or("no stderr")?);
+    line_starting(&mut recv_err, "mcr: receiving on")?;
+    println!("  destination: mcr receive on {to}, into a new pid namespace");
+
+    let r = mcr::migrate::migrate(&mcr::migrate::MigrateOptions {
         pid,
-        dir: dir.clone(),
-        after: AfterDump::Kill,
+        to: transport::Addr::parse(&to)?,
         shell_job: true,
-        compression: Compression::FAST,
+        max_blackout: Duration::from_millis(20),
+        max_rounds: 8,
         freeze_cgroup: None,
-        tcp_established: false,
-        prev: None,
+        staging: None,
     })?;
     child.wait()?;
+    for (i, x) in r.rounds.iter().enumerate() {
+        println!(
+            "  pre-copy round {i}: {} pages ({:.1} MiB) in {} while it ran (frozen {})",
+            x.pages,
+            x.bytes as f64 / (1 << 20) as f64,
+            ms(x.dump + x.send),
+            ms(x.frozen)
+        );
+    }
     println!(
-        "  checkpoint: {} pages ({:.1} MiB, {:.1} MiB stored) in {} [{}]; pid {pid} killed",
-        ck.stats.pages,
-        ck.stats.raw_bytes as f64 / (1 << 20) as f64,
-        ck.stats.stored_bytes as f64 / (1 << 20) as f64,
-        ms(total(&ck.steps)),
-        steps(&ck.steps)
+        "  blackout: {} pages moved with the rest of its state: freeze and dump {}, transfer {}, restore there {}, original killed {}",
+        r.final_pages,
+        ms(r.freeze_and_dump),
+        ms(r.transfer),
+        ms(r.restore),
+        ms(r.commit)
+    );
+    // Taken before the wait, which would close them: they are the workload's stdio now.
+    let mut w = recv.stdin.take().ok_or("no stdin")?;
+    let mut verdict_in = BufReader::new(recv.stdout.take().ok_or("no stdout")?);
+    let status = recv.wait()?;
+    if !status.success() {
+        return Err(format!("mcr receive ended with {status}").into());
+    }
+    let moved: i32 = std::fs::read_to_string(&pidfile)?.trim().parse()?;
+    let init: i32 = std::fs::read_to_string(format!("/proc/{moved}/stat"))?
+        .rsplit(") ")
+        .next()
+        .and_then(|r| r.split_whitespace().nth(1))
+        .and_then(|p| p.parse().ok())
+        .ok_or("cannot read the moved workload's parent")?;
+    println!(
+        "  workload pid {pid} now runs as pid {moved} (pid {pid} in its namespace); migration took {}",
+        ms(r.total)
     );
 
-    let (in_r, in_w) = nix::unistd::pipe()?;
-    let (out_r, out_w) = nix::unistd::pipe()?;
-    let mut opts = RestoreOptions::new(&dir);
-    opts.shell_job = true;
-    opts.stdio = [in_r.as_raw_fd(), out_w.as_raw_fd(), 2];
-    let r = mcr::restore::restore(&opts)?;
-    drop((in_r, out_w));
-    println!(
-        "  restore: pid {} back with {} pages in {} [{}]",
-        r.pid,
-        r.pages,
-        ms(total(&r.steps)),
-        steps(&r.steps)
-    );
-
-    let mut w = std::fs::File::from(in_w);
     writeln!(w, "CHECK")?;
-    let mut verdict = String::new();
-    BufReader::new(std::fs::File::from(out_r)).read_line(&mut verdict)?;
-    let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(r.child), None)?;
+    let verdict = line_starting(&mut verdict_in, "")?;
+    let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(init), None)?;
     println!("  workload says: {}", verdict.trim());
     if let Some(p) = verdict.split("longest pause ").nth(1) {
         println!(
-            "  blackout (longest pause the workload saw, wall clock): {}",
+            "  blackout the workload saw (longest pause of its clock loop): {}",
             p.trim()
         );
     }

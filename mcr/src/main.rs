@@ -170,11 +170,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Start a sample workload, checkpoint it, kill it, restore it, and report.
+    /// Start a sample workload, migrate it live on this host, and report its blackout.
     Demo {
         /// Memory the sample workload keeps, in MiB.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 256)]
         mib: usize,
+        /// How fast it rewrites its memory, in MiB a second.
+        #[arg(long, default_value_t = 32.0)]
+        dirty_mib_s: f64,
     },
     /// Holds a dump's TCP packets for its restore (started by checkpoint, not for
     /// direct use).
@@ -218,6 +221,9 @@ enum Cmd {
         /// Be a TCP echo service for this many connections instead (prints its port).
         #[arg(long)]
         echo_conns: Option<usize>,
+        /// Rewrite this many MiB a second (default: as fast as it can).
+        #[arg(long)]
+        dirty_mib_s: Option<f64>,
     },
 }
 
@@ -305,6 +311,7 @@ fn main() -> ExitCode {
                 freeze_cgroup,
                 tcp_established,
                 prev: prev_images_dir,
+                prev_held_pids: vec![],
             };
             match mcr::dump::checkpoint(&opts) {
                 Ok(r) => {
@@ -373,7 +380,7 @@ fn main() -> ExitCode {
                             r.stats.raw_bytes as f64 / (1 << 20) as f64,
                             r.frozen_for.as_secs_f64() * 1e3,
                             r.tracked_vmas,
-                            r.holder_pid,
+                            r.holder_pid.unwrap_or(0),
                             steps_text(&r.steps)
                         );
                     }
@@ -563,7 +570,7 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }
-        Cmd::Demo { mib } => demo::run(mib),
+        Cmd::Demo { mib, dirty_mib_s } => demo::run(mib, dirty_mib_s),
         Cmd::HoldPackets {
             fd,
             queue,
@@ -576,9 +583,10 @@ fn main() -> ExitCode {
             threads,
             child,
             echo_conns,
+            dirty_mib_s,
         } => match echo_conns {
             Some(n) => demo::echo_service(n),
-            None => demo::workload(mib, procs, threads, child),
+            None => demo::workload(mib, procs, threads, child, dirty_mib_s),
         },
     }
 }

@@ -152,6 +152,8 @@ pub struct PagePlan {
     /// Sorted `[start, end)` of every VMA whose pages were chosen as written since the
     /// parent image.
     pub inherited: Vec<(u64, u64)>,
+    /// VMAs (indexes into the MmImage) whose pages are still to be chosen from pagemap.
+    rest: Vec<usize>,
 }
 
 impl PagePlan {
@@ -167,58 +169,82 @@ pub type WrittenSince<'a> = dyn Fn(&Vma) -> Result<Option<Vec<(u64, u64)>>> + 'a
 /// (whatever they hold now: a page dropped since reads as zeros and must say so); for
 /// the others, every page that only memory holds.
 pub fn plan_pages(pid: Pid, mm: &MmImage, written: &WrittenSince) -> Result<PagePlan> {
-    let pagemap = Pagemap::open(pid).step(pid, || "opening pagemap".into())?;
-    let zero = zero_pfn();
-    let mut jobs = Vec::new();
-    let mut inherited = Vec::new();
-    for v in &mm.vmas {
+    let mut plan = plan_written(mm, written)?;
+    plan.choose_rest(pid, mm)?;
+    Ok(plan)
+}
+
+/// The first half of [`plan_pages`]: the written runs, which must be read while the
+/// tracking that knows them holds. The rest can be chosen later, once tracking (of
+/// the next round) began, even while the process runs.
+pub fn plan_written(mm: &MmImage, written: &WrittenSince) -> Result<PagePlan> {
+    let mut plan = PagePlan {
+        jobs: Vec::new(),
+        inherited: Vec::new(),
+        rest: Vec::new(),
+    };
+    for (i, v) in mm.vmas.iter().enumerate() {
         // Shared memory is dumped once per object (see `dump_shared_memory`); shared
         // file mappings live in their files.
         if matches!(v.kind, VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock) || v.shared {
             continue;
         }
         let readable = v.prot & libc::PROT_READ != 0;
-        if let Some(runs) = written(v)? {
-            inherited.push((v.start, v.end));
-            for (start, end) in runs {
-                let (start, end) = (start.max(v.start), end.min(v.end));
-                let mut at = start;
-                while at < end {
-                    let pages = ((end - at) / PAGE_SIZE).min(CHUNK_PAGES as u64) as usize;
-                    jobs.push(Job {
-                        addr: at,
-                        pages,
-                        readable,
-                    });
-                    at += pages as u64 * PAGE_SIZE;
-                }
-            }
+        let Some(runs) = written(v)? else {
+            plan.rest.push(i);
             continue;
-        }
-        let entries = pagemap.read(v.start, v.end).step(pid, || {
-            format!("reading pagemap of {:#x}-{:#x}", v.start, v.end)
-        })?;
-        let mut i = 0usize;
-        while i < entries.len() {
-            if !page_needed(v.kind, v.shared, entries[i], zero) {
-                i += 1;
-                continue;
+        };
+        plan.inherited.push((v.start, v.end));
+        for (start, end) in runs {
+            let (start, end) = (start.max(v.start), end.min(v.end));
+            let mut at = start;
+            while at < end {
+                let pages = ((end - at) / PAGE_SIZE).min(CHUNK_PAGES as u64) as usize;
+                plan.jobs.push(Job {
+                    addr: at,
+                    pages,
+                    readable,
+                });
+                at += pages as u64 * PAGE_SIZE;
             }
-            let first = i;
-            while i < entries.len()
-                && (i - first) < CHUNK_PAGES
-                && page_needed(v.kind, v.shared, entries[i], zero)
-            {
-                i += 1;
-            }
-            jobs.push(Job {
-                addr: v.start + first as u64 * PAGE_SIZE,
-                pages: i - first,
-                readable,
-            });
         }
     }
-    Ok(PagePlan { jobs, inherited })
+    Ok(plan)
+}
+
+impl PagePlan {
+    /// Adds every page that only memory holds in the VMAs left to choose.
+    pub fn choose_rest(&mut self, pid: Pid, mm: &MmImage) -> Result<()> {
+        let pagemap = Pagemap::open(pid).step(pid, || "opening pagemap".into())?;
+        let zero = zero_pfn();
+        for i in std::mem::take(&mut self.rest) {
+            let v = &mm.vmas[i];
+            let readable = v.prot & libc::PROT_READ != 0;
+            let entries = pagemap.read(v.start, v.end).step(pid, || {
+                format!("reading pagemap of {:#x}-{:#x}", v.start, v.end)
+            })?;
+            let mut i = 0usize;
+            while i < entries.len() {
+                if !page_needed(v.kind, v.shared, entries[i], zero) {
+                    i += 1;
+                    continue;
+                }
+                let first = i;
+                while i < entries.len()
+                    && (i - first) < CHUNK_PAGES
+                    && page_needed(v.kind, v.shared, entries[i], zero)
+                {
+                    i += 1;
+                }
+                self.jobs.push(Job {
+                    addr: v.start + first as u64 * PAGE_SIZE,
+                    pages: i - first,
+                    readable,
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What to do with a run that could not be read (the process runs and unmapped or

@@ -55,6 +55,9 @@ pub struct CheckpointOptions {
     /// An image taken with write tracking (a pre-dump): pages not written since are
     /// left to it.
     pub prev: Option<PathBuf>,
+    /// The pids whose tracking since `prev` the caller holds (a migration's rounds);
+    /// empty when a holder process keeps it (`mcr pre-dump`).
+    pub prev_held_pids: Vec<i32>,
 }
 
 /// What a checkpoint did and how long each step took.
@@ -137,11 +140,18 @@ pub fn checkpoint_held(opts: &CheckpointOptions) -> Result<HeldCheckpoint> {
     let mut steps = Vec::new();
     let t0 = Instant::now();
     task::precheck(pid)?;
-    let prev = opts
-        .prev
-        .as_deref()
-        .map(|p| track::Previous::open(raw, p, &opts.dir))
-        .transpose()?;
+    let prev = match &opts.prev {
+        Some(p) if opts.prev_held_pids.is_empty() => {
+            Some(track::Previous::open(raw, p, &opts.dir)?)
+        }
+        Some(p) => Some(track::Previous::open_held(
+            raw,
+            p,
+            &opts.dir,
+            opts.prev_held_pids.clone(),
+        )?),
+        None => None,
+    };
     let writer = ImageWriter::create(&opts.dir, opts.compression)
         .map_err(|source| DumpError::Image { pid: raw, source })?;
 

@@ -39,7 +39,8 @@ pub struct PreDumpReport {
     /// VMAs whose writes are tracked from now on, and those that could not be.
     pub tracked_vmas: usize,
     pub untracked_vmas: usize,
-    pub holder_pid: i32,
+    /// The process keeping the tracking, unless the caller does.
+    pub holder_pid: Option<i32>,
 }
 
 /// One process between the freeze and the copy.
@@ -52,7 +53,31 @@ struct Proc {
     tracker: WriteTracker,
 }
 
+/// A pre-dump whose tracking a holder process keeps (`mcr pre-dump`).
 pub fn pre_dump(opts: &PreDumpOptions) -> Result<PreDumpReport> {
+    run(opts, Vec::new(), Keep::Holder).map(|(r, _)| r)
+}
+
+/// A pre-dump whose tracking the caller keeps: the userfaultfds are returned, and
+/// `carried` are those of the round before (whose image is `opts.prev`), scanned and
+/// protected again in one walk, so tracking never stops between rounds.
+pub fn pre_dump_round(
+    opts: &PreDumpOptions,
+    carried: Vec<WriteTracker>,
+) -> Result<(PreDumpReport, Vec<WriteTracker>)> {
+    run(opts, carried, Keep::Caller)
+}
+
+enum Keep {
+    Holder,
+    Caller,
+}
+
+fn run(
+    opts: &PreDumpOptions,
+    mut carried: Vec<WriteTracker>,
+    keep: Keep,
+) -> Result<(PreDumpReport, Vec<WriteTracker>)> {
     let pid = Pid::from_raw(opts.pid);
     let raw = opts.pid;
     let t0 = Instant::now();
@@ -62,11 +87,17 @@ pub fn pre_dump(opts: &PreDumpOptions) -> Result<PreDumpReport> {
         pid: raw,
         what: format!("write tracking (userfaultfd write-protect and PAGEMAP_SCAN): {why}"),
     })?;
-    let prev = opts
-        .prev
-        .as_deref()
-        .map(|p| Previous::open(raw, p, &opts.dir))
-        .transpose()?;
+    let reprotect = !carried.is_empty();
+    let prev = match (&opts.prev, reprotect) {
+        (Some(p), false) => Some(Previous::open(raw, p, &opts.dir)?),
+        (Some(p), true) => Some(Previous::open_held(
+            raw,
+            p,
+            &opts.dir,
+            carried.iter().map(|t| t.pid().as_raw()).collect(),
+        )?),
+        (None, _) => None,
+    };
     let writer = ImageWriter::create(&opts.dir, opts.compression)
         .map_err(|source| DumpError::Image { pid: raw, source })?;
 
@@ -81,10 +112,11 @@ pub fn pre_dump(opts: &PreDumpOptions) -> Result<PreDumpReport> {
             let maps = procfs::read_maps(p).step(p, || "reading smaps".into())?;
             let stat = Stat::read(p).step(p, || "reading stat".into())?;
             let mm = mm::collect(p, &maps, &stat, 0)?;
-            // What the previous image's tracking saw, read before it ends.
+            // What the previous image's tracking saw, read before it ends (or, when it
+            // goes on, protected again in the same walk).
             let plan = match &prev {
-                Some(prev) => mm::plan_pages(p, &mm, &prev.written_fn(p, false)?)?,
-                None => mm::plan_pages(p, &mm, &|_| Ok(None))?,
+                Some(prev) => mm::plan_written(&mm, &prev.written_fn(p, reprotect)?)?,
+                None => mm::plan_written(&mm, &|_| Ok(None))?,
             };
             found.push((f, maps, stat, mm, plan));
         }
@@ -95,8 +127,17 @@ pub fn pre_dump(opts: &PreDumpOptions) -> Result<PreDumpReport> {
         let (mut tracked, mut untracked) = (0, 0);
         let mut procs = Vec::with_capacity(found.len());
         for (f, maps, stat, mm, plan) in found {
-            let tracker = parasite::write_tracker(f, &maps)?;
+            let (tracker, carried_on) = match carried.iter().position(|t| t.pid() == f.pid) {
+                Some(i) => (carried.swap_remove(i), true),
+                None => (parasite::write_tracker(f, &maps)?, false),
+            };
             for v in mm.vmas.iter().filter(|v| v.kind_is_tracked()) {
+                // Tracked by this very userfaultfd since the round before, and protected
+                // again just now.
+                if carried_on && plan.inherited.contains(&(v.start, v.end)) {
+                    tracked += 1;
+                    continue;
+                }
                 match tracker.track(v.start, v.end) {
                     Ok(()) => tracked += 1,
                     // Copied whole next time; e.g. EBUSY: the process tracks it itself.
@@ -124,6 +165,10 @@ pub fn pre_dump(opts: &PreDumpOptions) -> Result<PreDumpReport> {
     let frozen_for = t_freeze.elapsed();
 
     let t = Instant::now();
+    for p in procs.iter_mut() {
+        // Chosen now that the next round's tracking holds: the tree may run.
+        p.plan.choose_rest(p.pid, &p.mm)?;
+    }
     for p in &procs {
         // A run the process unmapped or protected meanwhile is skipped; the next image
         // must then not count on this one for it.
@@ -153,8 +198,10 @@ pub fn pre_dump(opts: &PreDumpOptions) -> Result<PreDumpReport> {
         .map(|p| memory_only(p.pid.as_raw(), p.ppid, &p.comm, p.mm.clone()))
         .collect();
     let trackers: Vec<WriteTracker> = procs.into_iter().map(|p| p.tracker).collect();
-    let holder = track::spawn_holder(trackers)?;
-    let holder_pid = holder.holder_pid;
+    let (holder, trackers) = match keep {
+        Keep::Holder => (Some(track::spawn_holder(trackers)?), Vec::new()),
+        Keep::Caller => (None, trackers),
+    };
     let t = Instant::now();
     let snapshot = Snapshot {
         inventory: Inventory {
@@ -183,7 +230,7 @@ pub fn pre_dump(opts: &PreDumpOptions) -> Result<PreDumpReport> {
             net_lock: None,
             image_id: super::new_image_id(),
             parent: prev.as_ref().filter(|_| inherits).map(|p| p.parent_ref()),
-            tracker: Some(holder.clone()),
+            tracker: holder.clone(),
         },
         processes,
         pipes: vec![],
@@ -197,21 +244,26 @@ pub fn pre_dump(opts: &PreDumpOptions) -> Result<PreDumpReport> {
         Ok(s) => s,
         Err(source) => {
             // No image names this tracking: it would only cost the workload.
-            let _ = track::end_holder(&holder);
+            if let Some(h) = &holder {
+                let _ = track::end_holder(h);
+            }
             return Err(DumpError::Image { pid: raw, source });
         }
     };
     steps.push(("write image", t.elapsed()));
     steps.push(("total", t0.elapsed()));
-    Ok(PreDumpReport {
-        pid: raw,
-        stats,
-        frozen_for,
-        steps,
-        tracked_vmas,
-        untracked_vmas,
-        holder_pid,
-    })
+    Ok((
+        PreDumpReport {
+            pid: raw,
+            stats,
+            frozen_for,
+            steps,
+            tracked_vmas,
+            untracked_vmas,
+            holder_pid: holder.map(|h| h.holder_pid),
+        },
+        trackers,
+    ))
 }
 
 /// A process record that holds only its address space: a pre-dump is no workload.

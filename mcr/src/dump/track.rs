@@ -28,7 +28,11 @@ pub struct Previous {
     pub image: Image,
     /// Its directory as the new image will name it.
     pub dir: String,
-    tracker: TrackerImage,
+    /// The holder keeping the tracking, or None when the caller keeps it (the
+    /// rounds of a migration).
+    holder: Option<TrackerImage>,
+    /// The pids tracked.
+    pids: Vec<i32>,
     live: bool,
 }
 
@@ -73,8 +77,29 @@ impl Previous {
         Ok(Self {
             image,
             dir,
-            tracker,
+            pids: tracker.pids.clone(),
+            holder: Some(tracker),
             live,
+        })
+    }
+
+    /// Opens the image in `prev` whose tracking the caller holds (its userfaultfds, for
+    /// `pids`): live as long as the caller keeps them.
+    pub fn open_held(pid: i32, prev: &Path, new_dir: &Path, pids: Vec<i32>) -> Result<Self> {
+        let image = Image::open(prev).map_err(|source| DumpError::Image { pid, source })?;
+        let dir = relative_to(prev, new_dir).map_err(|e| DumpError::Image {
+            pid,
+            source: crate::image::ImageError::Directory {
+                dir: prev.display().to_string(),
+                what: e,
+            },
+        })?;
+        Ok(Self {
+            image,
+            dir,
+            holder: None,
+            pids,
+            live: true,
         })
     }
 
@@ -94,7 +119,7 @@ impl Previous {
     /// image, or None for a VMA to copy whole. `reprotect` starts a new round at once.
     pub fn written_fn(&self, pid: Pid, reprotect: bool) -> Result<Box<WrittenSince<'_>>> {
         let tracked = self.live
-            && self.tracker.pids.contains(&pid.as_raw())
+            && self.pids.contains(&pid.as_raw())
             && self
                 .image
                 .snapshot
@@ -112,9 +137,10 @@ impl Previous {
         }))
     }
 
-    /// Ends the tracking this image relies on.
+    /// Ends the tracking this image relies on, if a holder keeps it (the caller's
+    /// own ends when it drops it).
     pub fn end(&self) -> Result<()> {
-        end_holder(&self.tracker)
+        self.holder.as_ref().map_or(Ok(()), end_holder)
     }
 }
 

@@ -15,10 +15,9 @@
 pub mod receive;
 pub mod wire;
 
-use crate::dump::predump::{pre_dump, PreDumpOptions};
-use crate::dump::track;
+use crate::dump::predump::{pre_dump_round, PreDumpOptions};
 use crate::dump::{checkpoint_held, AfterDump, CheckpointOptions, DumpError};
-use crate::image::{Compression, Image};
+use crate::image::Compression;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use transport::{Addr, FrameReader, FrameWriter, Stream};
@@ -30,6 +29,8 @@ pub struct MigrateOptions {
     pub shell_job: bool,
     /// The blackout to aim for: pre-copy goes on until the last round would fit it.
     pub max_blackout: Duration,
+    /// At most this many pre-copy rounds; 0 is stop-and-copy (everything moves in the
+    /// blackout), for comparison.
     pub max_rounds: u32,
     pub freeze_cgroup: Option<PathBuf>,
     /// Where the images are made before they are sent (a tmpfs is best).
@@ -63,7 +64,8 @@ pub struct MigrateReport {
     pub transfer: Duration,
     pub restore: Duration,
     pub commit: Duration,
-    /// From the freeze to the original's end, as the source measured it.
+    /// From the freeze to the destination's word that the workload runs there, as the
+    /// source measured it (the original's end comes after).
     pub blackout: Duration,
     pub total: Duration,
 }
@@ -99,19 +101,6 @@ impl MigrateError {
 }
 
 pub type Result<T> = std::result::Result<T, MigrateError>;
-
-/// Ends the write tracking of the newest round unless the migration got through.
-struct Tracking(Option<crate::model::TrackerImage>);
-
-impl Drop for Tracking {
-    fn drop(&mut self) {
-        if let Some(t) = self.0.take() {
-            if let Err(e) = track::end_holder(&t) {
-                tracing::warn!("{e}");
-            }
-        }
-    }
-}
 
 pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
     let pid = opts.pid;
@@ -159,25 +148,26 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         })
     };
 
-    // Pre-copy.
-    let mut tracking = Tracking(None);
+    // Pre-copy. The rounds' userfaultfds stay here, tracking without a pause from one
+    // round to the next; dropped (on failure too), they end the tracking.
+    let mut trackers = Vec::new();
     let mut rounds: Vec<Round> = Vec::new();
     let mut prev: Option<PathBuf> = None;
-    loop {
+    while (rounds.len() as u32) < opts.max_rounds {
         let name = format!("round-{}", rounds.len());
         let dir = staging.path().join(&name);
         let t = Instant::now();
-        let rep = pre_dump(&PreDumpOptions {
-            pid,
-            dir: dir.clone(),
-            prev: prev.clone(),
-            compression: Compression::None,
-            freeze_cgroup: opts.freeze_cgroup.clone(),
-        })?;
-        // Each pre-dump ends the tracking of the one before and starts its own.
-        tracking.0 = Image::open(&dir)
-            .ok()
-            .and_then(|i| i.snapshot.inventory.tracker);
+        let (rep, kept) = pre_dump_round(
+            &PreDumpOptions {
+                pid,
+                dir: dir.clone(),
+                prev: prev.clone(),
+                compression: Compression::None,
+                freeze_cgroup: opts.freeze_cgroup.clone(),
+            },
+            std::mem::take(&mut trackers),
+        )?;
+        trackers = kept;
         let dump = t.elapsed();
         let t = Instant::now();
         let bytes = send(&mut w, &dir, &name, false)?;
@@ -211,6 +201,7 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         freeze_cgroup: opts.freeze_cgroup.clone(),
         tcp_established: false,
         prev: prev.clone(),
+        prev_held_pids: trackers.iter().map(|t| t.pid().as_raw()).collect(),
     })?;
     let freeze_and_dump = t_black.elapsed();
     let t = Instant::now();
@@ -227,7 +218,7 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
             let why = wire::parse::<wire::Failed>(f.kind, f.payload)
                 .map(|m| m.error)
                 .unwrap_or_else(|e| e);
-            // `held` resumes the original as it goes, and `tracking` ends its tracking.
+            // `held` resumes the original as it goes, and `trackers` end its tracking.
             return Err(MigrateError::Destination { pid, why });
         }
         Some(f) => {
@@ -244,10 +235,11 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         }
     };
     // The commit point: the workload runs at the destination.
+    let blackout = t_black.elapsed();
     let t = Instant::now();
     let final_pages = held.report.stats.pages;
     held.release(AfterDump::Kill, true)?;
-    tracking.0 = None;
+    drop(trackers);
     let commit = t.elapsed();
     let _ = w.finish();
     Ok(MigrateReport {
@@ -260,7 +252,7 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         transfer,
         restore,
         commit,
-        blackout: t_black.elapsed(),
+        blackout,
         total: t0.elapsed(),
     })
 }
@@ -271,7 +263,7 @@ fn converged(rounds: &[Round], opts: &MigrateOptions) -> bool {
     let Some(last) = rounds.last() else {
         return false;
     };
-    if rounds.len() as u32 >= opts.max_rounds.max(1) {
+    if rounds.len() as u32 >= opts.max_rounds {
         return true;
     }
     let secs = (last.dump + last.send).as_secs_f64().max(1e-6);
