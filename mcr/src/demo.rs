@@ -2,6 +2,7 @@
 //! writing its memory, migrates it live to an `mcr receive` on this host, and reports
 //! the rounds, the blackout's parts and what the workload verified and measured.
 
+use mcr::migrate::local::{line_starting, LocalDestination};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsFd;
@@ -226,26 +227,11 @@ pub fn run(mib: usize, dirty_mib_s: f64) -> ExitCode {
     }
 }
 
-/// Reads lines from `r` until one starts with `prefix`.
-fn line_starting(r: &mut impl BufRead, prefix: &str) -> Result<String, Box<dyn std::error::Error>> {
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if r.read_line(&mut line)? == 0 {
-            return Err(format!("ended before a line starting with {prefix:?}").into());
-        }
-        if line.starts_with(prefix) {
-            return Ok(line.trim_end().to_string());
-        }
-    }
-}
-
 fn demo(mib: usize, dirty_mib_s: f64) -> Result<bool, Box<dyn std::error::Error>> {
     kext_shim::procfs::cloexec_inherited_fds()?;
     // The moved workload's pid namespace init is re-parented to us when `mcr receive`
     // exits: we reap it.
     nix::sys::prctl::set_child_subreaper(true)?;
-    let tmp = tempfile::tempdir()?;
     let me = std::env::current_exe()?;
     println!(
         "mcr demo: live-migrate a workload that keeps {mib} MiB and rewrites {dirty_mib_s} MiB/s of it"
@@ -265,31 +251,15 @@ fn demo(mib: usize, dirty_mib_s: f64) -> Result<bool, Box<dyn std::error::Error>
 
     // The destination: another mcr, restoring into a pid namespace of its own (the
     // workload's pid is still taken here until the move commits).
-    let sock = tmp.path().join("migrate.sock");
-    let pidfile = tmp.path().join("pid");
-    let to = format!("unix:{}", sock.display());
-    let mut recv = Command::new(&me)
-        .args([
-            "receive",
-            "--listen",
-            &to,
-            "--pidns",
-            "--shell-job",
-            "-d",
-            "--pidfile",
-        ])
-        .arg(&pidfile)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let mut recv_err = BufReader::new(recv.stderr.take().ok_or("no stderr")?);
-    line_starting(&mut recv_err, "mcr: receiving on")?;
-    println!("  destination: mcr receive on {to}, into a new pid namespace");
+    let dest = LocalDestination::start(&me)?;
+    println!(
+        "  destination: mcr receive on {}, into a new pid namespace",
+        dest.addr
+    );
 
     let r = mcr::migrate::migrate(&mcr::migrate::MigrateOptions {
         pid,
-        to: transport::Addr::parse(&to)?,
+        to: transport::Addr::parse(&dest.addr)?,
         shell_job: true,
         max_blackout: Duration::from_millis(20),
         max_rounds: 8,
@@ -314,37 +284,19 @@ fn demo(mib: usize, dirty_mib_s: f64) -> Result<bool, Box<dyn std::error::Error>
         ms(r.restore),
         ms(r.commit)
     );
-    // Taken before the wait, which would close them: they are the workload's stdio now.
-    let mut w = recv.stdin.take().ok_or("no stdin")?;
-    let mut verdict_in = BufReader::new(recv.stdout.take().ok_or("no stdout")?);
-    let status = recv.wait()?;
-    if !status.success() {
-        return Err(format!("mcr receive ended with {status}").into());
-    }
-    let moved: i32 = std::fs::read_to_string(&pidfile)?.trim().parse()?;
-    let init: i32 = std::fs::read_to_string(format!("/proc/{moved}/stat"))?
-        .rsplit(") ")
-        .next()
-        .and_then(|r| r.split_whitespace().nth(1))
-        .and_then(|p| p.parse().ok())
-        .ok_or("cannot read the moved workload's parent")?;
+    let moved = dest.finish()?;
     println!(
-        "  workload pid {pid} now runs as pid {moved} (pid {pid} in its namespace); migration took {}",
+        "  workload pid {pid} now runs as pid {} (pid {pid} in its namespace); migration took {}",
+        moved.pid,
         ms(r.total)
     );
 
-    writeln!(w, "CHECK")?;
-    let verdict = line_starting(&mut verdict_in, "")?;
-    let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(init), None)?;
-    println!("  workload says: {}", verdict.trim());
+    let (verdict, code) = moved.check()?;
+    println!("  workload says: {verdict}");
     if let Some(p) = verdict.split("longest pause ").nth(1) {
-        println!(
-            "  blackout the workload saw (longest pause of its clock loop): {}",
-            p.trim()
-        );
+        println!("  blackout the workload saw (longest pause of its clock loop): {p}");
     }
-    let ok =
-        verdict.starts_with("PASS") && matches!(status, nix::sys::wait::WaitStatus::Exited(_, 0));
+    let ok = verdict.starts_with("PASS") && code == Some(0);
     println!("mcr demo: {}", if ok { "PASS" } else { "FAIL" });
     Ok(ok)
 }

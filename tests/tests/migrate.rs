@@ -206,3 +206,18 @@ fn bad_destinations_are_refused_before_anything_happens() {
     assert_fails(&out, 9, &["connecting to the destination"]);
     runs_on_untouched(p);
 }
+
+#[test]
+fn the_demo_migrates_its_workload_and_the_workload_passes() {
+    let out = mcr(&["demo", "--mib", "16"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("pre-copy round 0"), "{text}");
+    assert!(text.contains("workload says: PASS"), "{text}");
+    assert!(text.contains("blackout the workload saw"), "{text}");
+    assert!(text.trim_end().ends_with("mcr demo: PASS"), "{text}");
+}

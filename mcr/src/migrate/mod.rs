@@ -12,6 +12,7 @@
 //! one is in: its memory is filled during the blackout (warm restore, filling it as the
 //! rounds arrive, is the next step).
 
+pub mod local;
 pub mod receive;
 pub mod wire;
 
