@@ -5,14 +5,15 @@ use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 
-/// The `mcr` binary next to the bench binary (target/<profile>/mcr).
+/// The `mcr` binary of this build (target/<profile>/mcr), from a bench (in
+/// target/<profile>/deps) or from a binary of ours (in target/<profile>).
 pub fn mcr_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>")
-        .join("mcr");
+    let dir = exe.parent().expect("target/<profile>");
+    let bin = match dir.join("mcr") {
+        b if b.exists() => b,
+        _ => dir.parent().expect("target/<profile>").join("mcr"),
+    };
     assert!(
         bin.exists(),
         "{} is missing: cargo build --release -p mcr",
