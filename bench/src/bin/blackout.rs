@@ -107,16 +107,22 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// One line of the plot: a mode at a rate, (size MiB, median pause ms) per size.
+struct Line {
+    name: String,
+    points: Vec<(usize, f64)>,
+}
+
 /// Blackout (ms, log scale) against size (MiB, log scale), one line per mode and rate.
-fn svg(cells: &[(String, f64, Vec<(usize, f64)>)]) -> String {
+fn svg(cells: &[Line]) -> String {
     let (w, h, l, r, t, b) = (720.0, 440.0, 70.0, 200.0, 30.0, 50.0);
     let xs: Vec<f64> = cells
         .iter()
-        .flat_map(|c| c.2.iter().map(|p| (p.0 as f64).log2()))
+        .flat_map(|c| c.points.iter().map(|p| (p.0 as f64).log2()))
         .collect();
     let ys: Vec<f64> = cells
         .iter()
-        .flat_map(|c| c.2.iter().map(|p| p.1.max(0.1).log10()))
+        .flat_map(|c| c.points.iter().map(|p| p.1.max(0.1).log10()))
         .collect();
     let (x0, x1) = (
         xs.iter().copied().fold(f64::INFINITY, f64::min),
@@ -151,7 +157,7 @@ fn svg(cells: &[(String, f64, Vec<(usize, f64)>)]) -> String {
     let colours = [
         "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
     ];
-    for (i, (name, _, pts)) in cells.iter().enumerate() {
+    for (i, Line { name, points: pts }) in cells.iter().enumerate() {
         let c = colours[i % colours.len()];
         let path: Vec<String> = pts
             .iter()
@@ -233,7 +239,10 @@ fn main() -> std::process::ExitCode {
                 pts.push((size, pause));
                 runs.extend(these);
             }
-            cells.push((format!("{mode}, {rate} MiB/s"), rate, pts));
+            cells.push(Line {
+                name: format!("{mode}, {rate} MiB/s"),
+                points: pts,
+            });
         }
     }
     let all: Vec<_> = runs
