@@ -215,11 +215,17 @@ impl Image {
     /// Opens the images this one builds on into `parents`, its parent first, each
     /// checked whole and checked to be the very image the one below it names.
     pub fn load_parents(&mut self) -> Result<()> {
-        self.parents = self.open_parents()?;
+        self.load_parents_from(Vec::new())
+    }
+
+    /// Like [`load_parents`](Self::load_parents), taking from `opened` the images the
+    /// chain names (by image id) instead of reading them again.
+    pub fn load_parents_from(&mut self, opened: Vec<Image>) -> Result<()> {
+        self.parents = self.open_parents(opened)?;
         Ok(())
     }
 
-    fn open_parents(&self) -> Result<Vec<Image>> {
+    fn open_parents(&self, mut opened: Vec<Image>) -> Result<Vec<Image>> {
         const MAX_DEPTH: usize = 64;
         let mut out: Vec<Image> = Vec::new();
         let mut child = self;
@@ -231,6 +237,14 @@ impl Image {
                 });
             }
             let dir = child.dir.join(&want.dir);
+            if let Some(i) = opened
+                .iter()
+                .position(|o| o.snapshot.inventory.image_id == want.image_id)
+            {
+                out.push(opened.swap_remove(i));
+                child = out.last().expect("just pushed");
+                continue;
+            }
             let parent = Image::open(&dir).map_err(|e| match e {
                 ImageError::Io { path, source }
                     if source.kind() == std::io::ErrorKind::NotFound =>

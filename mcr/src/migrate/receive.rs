@@ -4,7 +4,8 @@
 
 use super::wire::{self, FileHeader, ImageDone};
 use super::{MigrateError, Result};
-use crate::restore::{restore, RestoreOptions, Restored};
+use crate::image::Image;
+use crate::restore::{restore_with, RestoreOptions, Restored};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -78,11 +79,11 @@ pub fn receive(listener: &Listener, opts: &ReceiveOptions) -> Result<Restored> {
             temp.path().to_path_buf()
         }
     };
-    let result = take_images(&mut r, &root, pid).and_then(|last| {
+    let result = take_images(&mut r, &root, pid).and_then(|(last, opened)| {
         let mut ro = opts.restore.clone();
         ro.dir = root.join(&last);
         let t = Instant::now();
-        match restore(&ro) {
+        match restore_with(&ro, opened) {
             Ok(done) => {
                 wire::send_json(
                     &mut w,
@@ -113,8 +114,10 @@ pub fn receive(listener: &Listener, opts: &ReceiveOptions) -> Result<Restored> {
     result
 }
 
-/// Stores the images until the last one; returns its name.
-fn take_images(r: &mut wire::Reader, root: &Path, pid: i32) -> Result<String> {
+/// Stores the images until the last one; returns its name, and the others opened
+/// and checked as they came (during pre-copy, not during the blackout).
+fn take_images(r: &mut wire::Reader, root: &Path, pid: i32) -> Result<(String, Vec<Image>)> {
+    let mut opened = Vec::new();
     let tx = |source| MigrateError::Transport {
         pid,
         step: "receiving the images".into(),
@@ -176,9 +179,14 @@ fn take_images(r: &mut wire::Reader, root: &Path, pid: i32) -> Result<String> {
                     }
                     current = None;
                 }
+                let name = safe_name(pid, &d.image)?.to_string();
                 if d.last {
-                    return Ok(safe_name(pid, &d.image)?.to_string());
+                    return Ok((name, opened));
                 }
+                opened
+                    .push(Image::open(&root.join(&name)).map_err(|e| {
+                        protocol(pid, format!("round {name} arrived damaged: {e}"))
+                    })?);
             }
             k => return Err(protocol(pid, format!("unexpected frame kind {k}"))),
         }

@@ -260,9 +260,9 @@ pub(super) fn advise(cx: &mut Ctx, v: &Vma) -> Result<()> {
     Ok(())
 }
 
-/// Copies the image's pages in, and those its parent images hold for it: oldest first,
-/// each parent's only where every image below it says the pages are the parent's, so
-/// the newest copy of every page is the one left.
+/// Copies the image's pages in, and those its parent images hold for it: each parent's
+/// only where every image below it says the pages are the parent's, and where no newer
+/// image had the page, so every page is written once, from its newest copy.
 pub(super) fn fill(cx: &mut Ctx, p: &ProcessImage, image: &Image) -> Result<u64> {
     let parents = &image.parents;
     let mut layers: Vec<Layer> = vec![(image, p.pid, None)];
@@ -293,14 +293,89 @@ pub(super) fn fill(cx: &mut Ctx, p: &ProcessImage, image: &Image) -> Result<u64>
         mm = &q.mm;
     }
     let mut pages = 0;
-    for (img, owner, allowed) in layers.iter().rev() {
-        pages += fill_layer(cx, p, img, *owner, allowed.as_deref())?;
+    // What newer layers wrote, sorted and merged.
+    let mut covered: Vec<(u64, u64)> = Vec::new();
+    for (img, owner, allowed) in &layers {
+        let mut mine: Vec<(u64, u64)> = img
+            .chunks_of(*owner)
+            .map(|c| (c.addr, c.addr + c.len_bytes() as u64))
+            .collect();
+        mine.sort_unstable();
+        let mine = match allowed {
+            Some(a) => intersect(&merge(mine), a),
+            None => merge(mine),
+        };
+        let here = match allowed {
+            None => None,
+            Some(_) => Some(subtract(&mine, &covered)),
+        };
+        pages += fill_layer(cx, p, img, *owner, here.as_deref())?;
+        covered = merge([covered, mine].concat());
     }
     Ok(pages)
 }
 
+/// Sorted ranges merged where they touch or overlap.
+fn merge(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (s, e) in v {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// The parts of sorted disjoint `a` outside sorted disjoint `b`.
+fn subtract(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut j = 0;
+    for &(s, e) in a {
+        let mut at = s;
+        while j < b.len() && b[j].1 <= at {
+            j += 1;
+        }
+        let mut k = j;
+        while k < b.len() && b[k].0 < e {
+            if b[k].0 > at {
+                out.push((at, b[k].0));
+            }
+            at = at.max(b[k].1);
+            k += 1;
+        }
+        if at < e {
+            out.push((at, e));
+        }
+    }
+    out
+}
+
 /// An image, the pid whose pages there are wanted, and where they may go (None: all).
 type Layer<'a> = (&'a Image, i32, Option<Vec<(u64, u64)>>);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_arithmetic() {
+        let a = [(0, 10), (20, 30), (40, 50)];
+        let b = [(5, 25), (45, 60)];
+        assert_eq!(intersect(&a, &b), vec![(5, 10), (20, 25), (45, 50)]);
+        assert_eq!(subtract(&a, &b), vec![(0, 5), (25, 30), (40, 45)]);
+        assert_eq!(subtract(&a, &[]), a.to_vec());
+        assert_eq!(
+            subtract(&[(0, 100)], &[(10, 20), (30, 40)]),
+            vec![(0, 10), (20, 30), (40, 100)]
+        );
+        assert_eq!(
+            merge(vec![(20, 30), (0, 10), (10, 15), (25, 40)]),
+            vec![(0, 15), (20, 40)]
+        );
+    }
+}
 
 /// Sorted disjoint ranges in both `a` and `b`.
 fn intersect(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {

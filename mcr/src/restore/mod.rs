@@ -132,10 +132,17 @@ impl<T> StepContext<T> for kext_shim::Result<T> {
 
 /// Restores the image in `opts.dir`. The process is left running as our child.
 pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
+    restore_with(opts, Vec::new())
+}
+
+/// Like [`restore`], given images of the chain already opened and checked (a
+/// migration's rounds, checked as they arrived): those the chain names are used
+/// instead of being read again.
+pub fn restore_with(opts: &RestoreOptions, opened: Vec<Image>) -> Result<Restored> {
     let mut steps = Vec::new();
     let t0 = Instant::now();
     let mut image = Image::open(&opts.dir)?;
-    image.load_parents()?;
+    image.load_parents_from(opened)?;
     let snap = &image.snapshot;
     if snap
         .inventory
