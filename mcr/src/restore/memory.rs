@@ -305,10 +305,8 @@ pub(super) fn fill(cx: &mut Ctx, p: &ProcessImage, image: &Image) -> Result<u64>
             Some(a) => intersect(&merge(mine), a),
             None => merge(mine),
         };
-        let here = match allowed {
-            None => None,
-            Some(_) => Some(subtract(&mine, &covered)),
-        };
+        // The image's own pages all go in; a parent's where no newer image had them.
+        let here = allowed.as_ref().map(|_| subtract(&mine, &covered));
         pages += fill_layer(cx, p, img, *owner, here.as_deref())?;
         covered = merge([covered, mine].concat());
     }
