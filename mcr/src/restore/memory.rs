@@ -353,28 +353,6 @@ fn subtract(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
 /// An image, the pid whose pages there are wanted, and where they may go (None: all).
 type Layer<'a> = (&'a Image, i32, Option<Vec<(u64, u64)>>);
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn range_arithmetic() {
-        let a = [(0, 10), (20, 30), (40, 50)];
-        let b = [(5, 25), (45, 60)];
-        assert_eq!(intersect(&a, &b), vec![(5, 10), (20, 25), (45, 50)]);
-        assert_eq!(subtract(&a, &b), vec![(0, 5), (25, 30), (40, 45)]);
-        assert_eq!(subtract(&a, &[]), a.to_vec());
-        assert_eq!(
-            subtract(&[(0, 100)], &[(10, 20), (30, 40)]),
-            vec![(0, 10), (20, 30), (40, 100)]
-        );
-        assert_eq!(
-            merge(vec![(20, 30), (0, 10), (10, 15), (25, 40)]),
-            vec![(0, 15), (20, 40)]
-        );
-    }
-}
-
 /// Sorted disjoint ranges in both `a` and `b`.
 fn intersect(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
     let (mut i, mut j) = (0, 0);
@@ -506,4 +484,26 @@ pub(super) fn set_mm(cx: &mut Ctx, p: &ProcessImage, fds: &FdNumbers) -> Result<
         },
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_arithmetic() {
+        let a = [(0, 10), (20, 30), (40, 50)];
+        let b = [(5, 25), (45, 60)];
+        assert_eq!(intersect(&a, &b), vec![(5, 10), (20, 25), (45, 50)]);
+        assert_eq!(subtract(&a, &b), vec![(0, 5), (25, 30), (40, 45)]);
+        assert_eq!(subtract(&a, &[]), a.to_vec());
+        assert_eq!(
+            subtract(&[(0, 100)], &[(10, 20), (30, 40)]),
+            vec![(0, 10), (20, 30), (40, 100)]
+        );
+        assert_eq!(
+            merge(vec![(20, 30), (0, 10), (10, 15), (25, 40)]),
+            vec![(0, 15), (20, 40)]
+        );
+    }
 }
