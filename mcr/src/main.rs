@@ -399,7 +399,7 @@ fn main() -> ExitCode {
             staging,
             json,
         } => {
-            let to = match transport::Addr::parse(&to) {
+            let to = match two_way(&to) {
                 Ok(a) => a,
                 Err(e) => return fail(&e, 2),
             };
@@ -432,11 +432,10 @@ fn main() -> ExitCode {
             netns,
             json,
         } => {
-            let listener =
-                match transport::Addr::parse(&listen).and_then(|a| transport::Listener::bind(&a)) {
-                    Ok(l) => l,
-                    Err(e) => return fail(&e, 2),
-                };
+            let listener = match two_way(&listen).and_then(|a| transport::Listener::bind(&a)) {
+                Ok(l) => l,
+                Err(e) => return fail(&e, 2),
+            };
             if let Ok(a) = listener.local_addr() {
                 eprintln!("mcr: receiving on {a}");
             }
@@ -644,4 +643,14 @@ fn print_migration(r: &mcr::migrate::MigrateReport, json: bool) {
         r.final_pages,
         ms(r.total)
     );
+}
+
+/// An address a migration can talk both ways on: unix or TCP, not a file.
+fn two_way(s: &str) -> Result<transport::Addr, transport::TransportError> {
+    match transport::Addr::parse(s)? {
+        transport::Addr::File(_) => Err(transport::TransportError::BadAddress(format!(
+            "{s:?}: a migration needs answers from its destination: use unix:PATH or tcp:HOST:PORT"
+        ))),
+        a => Ok(a),
+    }
 }

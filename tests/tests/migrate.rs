@@ -198,6 +198,8 @@ fn bad_destinations_are_refused_before_anything_happens() {
     let p = start_churn(&mut g, tmp.path(), "1");
     let out = migrate(p.pid, "carrier-pigeon:home", &[]);
     assert_fails(&out, 2, &["unknown scheme"]);
+    let out = migrate(p.pid, &format!("file:{}", s(&tmp.path().join("f"))), &[]);
+    assert_fails(&out, 2, &["use unix:PATH or tcp:HOST:PORT"]);
     let out = migrate(
         p.pid,
         &format!("unix:{}", s(&tmp.path().join("nobody"))),

@@ -288,11 +288,19 @@ pub struct HeldCheckpoint {
 impl HeldCheckpoint {
     /// Lets the tree go as `after` says. The write tracking the image built on ends
     /// with it when `end_tracking` (it has served); otherwise it stays for another try.
-    pub fn release(mut self, after: AfterDump, end_tracking: bool) -> Result<CheckpointReport> {
+    pub fn release(self, after: AfterDump, end_tracking: bool) -> Result<CheckpointReport> {
+        let HeldCheckpoint {
+            tcp,
+            tree,
+            prev,
+            hands_over,
+            mut report,
+            t_freeze,
+            t0,
+        } = self;
         let t = Instant::now();
-        let tree = self.tree.take().expect("held until released");
-        let tcp = std::mem::take(&mut self.tcp);
-        if self.hands_over {
+        let tree = tree.expect("held until released");
+        if hands_over {
             // Killed in repair mode, the connections close without a word on the
             // wire; the rules stay until the restore.
             tree.release(after)?;
@@ -302,24 +310,15 @@ impl HeldCheckpoint {
             drop(tcp);
             tree.release(after)?;
         }
-        self.report.steps.push(("release", t.elapsed()));
+        report.steps.push(("release", t.elapsed()));
         if end_tracking {
-            if let Some(Err(e)) = self.prev.as_ref().map(|p| p.end()) {
+            if let Some(Err(e)) = prev.as_ref().map(|p| p.end()) {
                 tracing::warn!("{e}");
             }
         }
-        self.report.frozen_for = self.t_freeze.elapsed();
-        self.report.steps.push(("total", self.t0.elapsed()));
-        Ok(std::mem::replace(
-            &mut self.report,
-            CheckpointReport {
-                pid: 0,
-                stats: WriteStats::default(),
-                frozen_for: Duration::ZERO,
-                steps: vec![],
-                freezer: "",
-            },
-        ))
+        report.frozen_for = t_freeze.elapsed();
+        report.steps.push(("total", t0.elapsed()));
+        Ok(report)
     }
 
     /// How long the tree has been frozen so far.

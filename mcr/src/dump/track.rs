@@ -67,13 +67,7 @@ impl Previous {
                 tracker.holder_pid
             );
         }
-        let dir = relative_to(prev, new_dir).map_err(|e| DumpError::Image {
-            pid,
-            source: crate::image::ImageError::Directory {
-                dir: prev.display().to_string(),
-                what: e,
-            },
-        })?;
+        let dir = parent_dir(pid, prev, new_dir)?;
         Ok(Self {
             image,
             dir,
@@ -87,13 +81,7 @@ impl Previous {
     /// `pids`): live as long as the caller keeps them.
     pub fn open_held(pid: i32, prev: &Path, new_dir: &Path, pids: Vec<i32>) -> Result<Self> {
         let image = Image::open(prev).map_err(|source| DumpError::Image { pid, source })?;
-        let dir = relative_to(prev, new_dir).map_err(|e| DumpError::Image {
-            pid,
-            source: crate::image::ImageError::Directory {
-                dir: prev.display().to_string(),
-                what: e,
-            },
-        })?;
+        let dir = parent_dir(pid, prev, new_dir)?;
         Ok(Self {
             image,
             dir,
@@ -152,6 +140,17 @@ impl Vma {
     pub(super) fn kind_is_tracked(&self) -> bool {
         !self.shared && self.kind == crate::model::VmaKind::Anonymous
     }
+}
+
+/// How an image in `new_dir` names its parent in `prev`.
+fn parent_dir(pid: i32, prev: &Path, new_dir: &Path) -> Result<String> {
+    relative_to(prev, new_dir).map_err(|what| DumpError::Image {
+        pid,
+        source: crate::image::ImageError::Directory {
+            dir: prev.display().to_string(),
+            what,
+        },
+    })
 }
 
 /// Whether the holder is alive and still the process that was started.

@@ -258,8 +258,9 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
     })
 }
 
-/// Whether to stop pre-copying: the last round would fit the blackout at the rate the
-/// rounds went out, it stopped shrinking, or there were enough rounds.
+/// Whether to stop pre-copying: enough rounds; or the last round took no longer than
+/// the blackout asked for (the next one, holding what was written meanwhile, would be
+/// about as long, and that one is the blackout); or it stopped shrinking (by a fifth).
 fn converged(rounds: &[Round], opts: &MigrateOptions) -> bool {
     let Some(last) = rounds.last() else {
         return false;
@@ -267,18 +268,11 @@ fn converged(rounds: &[Round], opts: &MigrateOptions) -> bool {
     if rounds.len() as u32 >= opts.max_rounds {
         return true;
     }
-    let secs = (last.dump + last.send).as_secs_f64().max(1e-6);
-    let rate = last.bytes as f64 / secs;
-    // The next round holds about what is written while this one went out; sending it
-    // then takes about as long as this round, scaled by how much smaller it is.
-    let estimate = Duration::from_secs_f64(last.bytes as f64 / rate.max(1.0));
-    if rounds.len() >= 2 && estimate <= opts.max_blackout {
-        return true;
-    }
-    match rounds.iter().rev().nth(1) {
-        Some(before) => last.bytes * 5 > before.bytes * 4,
-        None => false,
-    }
+    // The first round is everything: it says nothing about the dirty rate.
+    let Some(before) = rounds.iter().rev().nth(1) else {
+        return false;
+    };
+    last.dump + last.send <= opts.max_blackout || last.bytes * 5 > before.bytes * 4
 }
 
 /// A tmpfs when there is one: staging images on disk would only slow the rounds.

@@ -151,7 +151,10 @@ fn take_images(r: &mut wire::Reader, root: &Path, pid: i32) -> Result<(String, V
                     .mode(0o600)
                     .open(&path)
                     .map_err(|e| protocol(pid, format!("{}: {e}", path.display())))?;
-                current = Some((file, h, 0));
+                // An empty file is whole at once.
+                if h.size > 0 {
+                    current = Some((file, h, 0));
+                }
             }
             wire::DATA => {
                 let Some((file, h, got)) = current.as_mut() else {
@@ -189,11 +192,6 @@ fn take_images(r: &mut wire::Reader, root: &Path, pid: i32) -> Result<(String, V
                     })?);
             }
             k => return Err(protocol(pid, format!("unexpected frame kind {k}"))),
-        }
-        if let Some((_, h, 0)) = &current {
-            if h.size == 0 {
-                current = None;
-            }
         }
     }
 }
