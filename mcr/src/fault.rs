@@ -8,10 +8,20 @@ pub const RESTORE_AFTER_FILL: &str = "restore-after-fill";
 /// Not a failure: the dump stops for good right after it blocked the TCP connections,
 /// so that a test can kill mcr there, as a crash would.
 pub const DUMP_STALL_AFTER_LOCK: &str = "dump-stall-after-lock";
+/// Not a failure: `mcr migrate` stops for good after its first pre-copy round went out.
+pub const MIGRATE_STALL_AFTER_ROUND: &str = "migrate-stall-after-round";
+/// Not a failure: `mcr migrate` stops for good once the destination said it is ready,
+/// before anything stops the original for good.
+pub const MIGRATE_STALL_AT_READY: &str = "migrate-stall-at-ready";
+/// Not a failure: `mcr migrate` stops for good once the original is stopped for good,
+/// before it tells the destination to take over.
+pub const MIGRATE_STALL_AT_COMMIT: &str = "migrate-stall-at-commit";
 
-/// Stops this thread for good if `point` was asked for.
+/// Stops this thread for good if `point` was asked for, saying so on stderr first (a
+/// test waits for that line).
 pub fn stall(point: &str) {
     if armed(point) {
+        eprintln!("mcr: stalled at {point} (MCR_FAULT)");
         loop {
             std::thread::park();
         }

@@ -529,8 +529,7 @@ pub fn tracked_anywhere(pid: i32) -> bool {
 
 /// Running, not gone or a zombie (the holder is re-parented to us, the subreaper).
 pub fn running(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|st| st.rsplit(") ").next().is_some_and(|r| !r.starts_with('Z')))
+    proc_state(pid).is_some_and(|s| s != 'Z')
 }
 
 /// Waits (10 s at most) until `pid` has exited.
@@ -555,4 +554,33 @@ pub fn start_churn(g: &mut Guard, dir: &Path, mib: &str) -> Proc {
         &[file.to_str().expect("utf-8 path"), mib],
         None,
     )
+}
+
+/// The state letter of `pid` in /proc/PID/stat.
+pub fn proc_state(pid: i32) -> Option<char> {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    st.rsplit(") ").next()?.chars().next()
+}
+
+/// Waits until `pid` is in state `want` (a process let go by a dying tracer takes a
+/// moment to get there).
+pub fn wait_state(pid: i32, want: char) {
+    let deadline = Instant::now() + LINE_TIMEOUT;
+    while proc_state(pid) != Some(want) {
+        assert!(
+            Instant::now() < deadline,
+            "pid {pid} never got to state {want}: {:?}",
+            proc_state(pid)
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// Waits until `pid` is out of every stop (traced or not).
+pub fn wait_running(pid: i32) {
+    let deadline = Instant::now() + LINE_TIMEOUT;
+    while matches!(proc_state(pid), Some('t' | 'T')) {
+        assert!(Instant::now() < deadline, "pid {pid} stays stopped");
+        std::thread::yield_now();
+    }
 }

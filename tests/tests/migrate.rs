@@ -223,3 +223,60 @@ fn the_demo_migrates_its_workload_and_the_workload_passes() {
     assert!(text.contains("blackout the workload saw"), "{text}");
     assert!(text.trim_end().ends_with("mcr demo: PASS"), "{text}");
 }
+
+/// Runs `mcr migrate` with `MCR_FAULT=point`, waits until it stalls there, and kills it
+/// with SIGKILL.
+fn migrate_killed_at(pid: i32, to: &str, point: &str) {
+    let mut m = std::process::Command::new(mcr_bin())
+        .args(["migrate", "-t", &pid.to_string(), "--to", to, "--shell-job"])
+        .env("MCR_FAULT", point)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("mcr migrate");
+    let mut err = Lines::new(m.stderr.take().expect("stderr"));
+    err.expect_prefix(&format!("mcr: stalled at {point}"));
+    m.kill().expect("SIGKILL");
+    m.wait().expect("reaping mcr migrate");
+}
+
+#[test]
+fn migrate_killed_before_the_commit_point_leaves_the_original_running() {
+    for point in ["migrate-stall-after-round", "migrate-stall-at-ready"] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let to = format!("unix:{}", s(&tmp.path().join("mig.sock")));
+        let mut g = Guard::new();
+        let p = start_churn(&mut g, tmp.path(), "8");
+        let mut recv = Receiver::start(&to, &tmp.path().join("pid"), &["--pidns"], &[]);
+        migrate_killed_at(p.pid, &to, point);
+        // The destination saw the source go and dropped what it had made.
+        assert_ne!(recv.wait(), 0, "{point}: the destination went on alone");
+        assert!(
+            !tmp.path().join("pid").exists(),
+            "{point}: something was restored"
+        );
+        wait_running(p.pid);
+        runs_on_untouched(p);
+    }
+}
+
+#[test]
+fn migrate_killed_after_the_commit_point_leaves_the_original_stopped_not_lost() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let to = format!("unix:{}", s(&tmp.path().join("mig.sock")));
+    let mut g = Guard::new();
+    let p = start_churn(&mut g, tmp.path(), "8");
+    let mut recv = Receiver::start(&to, &tmp.path().join("pid"), &["--pidns"], &[]);
+    migrate_killed_at(p.pid, &to, "migrate-stall-at-commit");
+    // Never told to take over, the destination dropped its copy...
+    assert_ne!(recv.wait(), 0);
+    assert!(!tmp.path().join("pid").exists());
+    // ...and the original, stopped for good, does not run on by itself: nothing ran twice.
+    wait_state(p.pid, 'T');
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(p.pid),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .expect("SIGCONT");
+    runs_on_untouched(p);
+}

@@ -321,6 +321,34 @@ impl HeldCheckpoint {
         Ok(report)
     }
 
+    /// Queues a SIGSTOP behind every process's ptrace stop: from now on, whatever
+    /// happens to us, the tree does not run again unless sent SIGCONT (a migration's
+    /// commit: the destination may take over any moment).
+    pub fn stop_for_good(&self) -> Result<()> {
+        for f in &self.tree.as_ref().expect("held until released").procs {
+            kext_shim::clone::kill(f.pid, libc::SIGSTOP)
+                .step(f.pid, || "queueing SIGSTOP for the commit".into())?;
+        }
+        Ok(())
+    }
+
+    /// Undoes [`stop_for_good`](Self::stop_for_good): lets the tree go and continues it.
+    pub fn resume_stopped(self) -> Result<CheckpointReport> {
+        let pids: Vec<Pid> = self
+            .tree
+            .as_ref()
+            .expect("held until released")
+            .procs
+            .iter()
+            .map(|f| f.pid)
+            .collect();
+        let r = self.release(AfterDump::LeaveRunning, true)?;
+        for p in pids {
+            kext_shim::clone::kill(p, libc::SIGCONT).step(p, || "continuing it".into())?;
+        }
+        Ok(r)
+    }
+
     /// How long the tree has been frozen so far.
     pub fn frozen_for(&self) -> Duration {
         self.t_freeze.elapsed()

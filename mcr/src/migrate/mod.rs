@@ -86,6 +86,8 @@ pub enum MigrateError {
     Destination { pid: i32, why: String },
     #[error("pid {pid}: {what}")]
     Protocol { pid: i32, what: String },
+    #[error("pid {pid}: the destination was told to take over, then went silent ({why}); it may run there: the original is left stopped (SIGCONT resumes it, SIGKILL ends it)")]
+    InDoubt { pid: i32, why: String },
     #[error("{0}")]
     Restore(#[from] crate::restore::RestoreError),
 }
@@ -97,6 +99,7 @@ impl MigrateError {
             MigrateError::Restore(e) => e.exit_code(),
             MigrateError::Transport { .. } | MigrateError::Protocol { .. } => 9,
             MigrateError::Destination { .. } => 10,
+            MigrateError::InDoubt { .. } => 11,
         }
     }
 }
@@ -185,6 +188,7 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
             frozen: rep.frozen_for,
         });
         prev = Some(dir);
+        crate::fault::stall(crate::fault::MIGRATE_STALL_AFTER_ROUND);
         if converged(&rounds, opts) {
             break;
         }
@@ -209,33 +213,36 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
     let final_bytes = send(&mut w, &dir, "final", true)?;
     let transfer = t.elapsed();
     let t = Instant::now();
-    let answer = r.recv().map_err(tx("waiting for the destination"))?;
-    let restore = t.elapsed();
-    let restored: wire::Restored = match answer {
-        Some(f) if f.kind == wire::RESTORED => {
-            wire::parse(f.kind, f.payload).map_err(|what| MigrateError::Protocol { pid, what })?
+    // Whole there and held: READY. Anything else and `held` resumes the original as it
+    // goes, and `trackers` end its tracking.
+    expect(&mut r, pid, wire::READY)?;
+    crate::fault::stall(crate::fault::MIGRATE_STALL_AT_READY);
+    // The commit point: from here the original never runs again on its own, even if
+    // we die; before it, it resumes as it was (a tracer's death lets it go).
+    held.stop_for_good()?;
+    crate::fault::stall(crate::fault::MIGRATE_STALL_AT_COMMIT);
+    let committed = wire::send_json(&mut w, wire::COMMIT, &())
+        .map_err(tx("committing"))
+        .and_then(|_| expect(&mut r, pid, wire::RESTORED));
+    let restored: wire::Restored = match committed {
+        Ok(payload) => wire::parse(wire::RESTORED, &payload)
+            .map_err(|what| MigrateError::Protocol { pid, what })?,
+        // It said it could not: it killed what it made, and the original goes on.
+        Err(e @ MigrateError::Destination { .. }) => {
+            held.resume_stopped()?;
+            return Err(e);
         }
-        Some(f) if f.kind == wire::FAILED => {
-            let why = wire::parse::<wire::Failed>(f.kind, f.payload)
-                .map(|m| m.error)
-                .unwrap_or_else(|e| e);
-            // `held` resumes the original as it goes, and `trackers` end its tracking.
-            return Err(MigrateError::Destination { pid, why });
-        }
-        Some(f) => {
-            return Err(MigrateError::Protocol {
+        // It may run there now, or not: the original stays stopped, for the operator.
+        Err(e) => {
+            held.release(AfterDump::LeaveStopped, true)?;
+            return Err(MigrateError::InDoubt {
                 pid,
-                what: format!("unexpected answer of kind {}", f.kind),
-            })
-        }
-        None => {
-            return Err(MigrateError::Protocol {
-                pid,
-                what: "the destination hung up without an answer".into(),
-            })
+                why: e.to_string(),
+            });
         }
     };
-    // The commit point: the workload runs at the destination.
+    let restore = t.elapsed();
+    // The workload runs at the destination.
     let blackout = t_black.elapsed();
     let t = Instant::now();
     let final_pages = held.report.stats.pages;
@@ -256,6 +263,32 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         blackout,
         total: t0.elapsed(),
     })
+}
+
+/// Reads the destination's next answer, which must be of `kind`; returns its payload.
+fn expect(r: &mut wire::Reader, pid: i32, kind: u16) -> Result<Vec<u8>> {
+    let answer = r.recv().map_err(|source| MigrateError::Transport {
+        pid,
+        step: "waiting for the destination".into(),
+        source,
+    })?;
+    match answer {
+        Some(f) if f.kind == kind => Ok(f.payload.to_vec()),
+        Some(f) if f.kind == wire::FAILED => {
+            let why = wire::parse::<wire::Failed>(f.kind, f.payload)
+                .map(|m| m.error)
+                .unwrap_or_else(|e| e);
+            Err(MigrateError::Destination { pid, why })
+        }
+        Some(f) => Err(MigrateError::Protocol {
+            pid,
+            what: format!("unexpected answer of kind {} (expected {kind})", f.kind),
+        }),
+        None => Err(MigrateError::Protocol {
+            pid,
+            what: "the destination hung up without an answer".into(),
+        }),
+    }
 }
 
 /// Whether to stop pre-copying: enough rounds; or the last round took no longer than

@@ -83,7 +83,21 @@ pub fn receive(listener: &Listener, opts: &ReceiveOptions) -> Result<Restored> {
         let mut ro = opts.restore.clone();
         ro.dir = root.join(&last);
         let t = Instant::now();
-        match restore_with(&ro, opened) {
+        // Held whole until the source has stopped the original for good.
+        let mut gate = || -> std::result::Result<(), String> {
+            wire::send_json(&mut w, wire::READY, &()).map_err(|e| e.to_string())?;
+            match r.recv() {
+                Ok(Some(f)) if f.kind == wire::COMMIT => Ok(()),
+                Ok(Some(f)) => Err(format!(
+                    "the source sent kind {} instead of a commit",
+                    f.kind
+                )),
+                Ok(None) => Err("the source ended the stream instead of committing".into()),
+                Err(e) => Err(format!("the source went away before committing: {e}")),
+            }
+        };
+        let restored = restore_with(&ro, opened, &mut gate);
+        match restored {
             Ok(done) => {
                 wire::send_json(
                     &mut w,

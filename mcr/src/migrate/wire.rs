@@ -2,8 +2,12 @@
 //!
 //! Source to destination: [`HELLO`], then each image (a pre-copy round, then the
 //! final one) as its files, each a [`FILE`] header and [`DATA`] frames, closed by
-//! [`IMAGE`]. Destination to source, on the same connection: [`RESTORED`] once the
-//! workload runs there, or [`FAILED`] with why. Control messages are JSON.
+//! [`IMAGE`]. Destination to source, on the same connection: [`READY`] once the
+//! workload is whole there, held before it runs, or [`FAILED`] with why. The source then
+//! stops the original for good (a SIGSTOP queued behind its ptrace stop, so that not
+//! even the source's death lets it run again) and answers [`COMMIT`]; the destination
+//! releases the workload and says [`RESTORED`]; the source kills the original.
+//! Control messages are JSON.
 
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -13,14 +17,18 @@ pub const HELLO: u16 = 1;
 pub const FILE: u16 = 2;
 pub const DATA: u16 = 3;
 pub const IMAGE: u16 = 4;
+/// The source has stopped the original for good: release the workload.
+pub const COMMIT: u16 = 5;
 pub const RESTORED: u16 = 10;
 pub const FAILED: u16 = 11;
+/// The workload is whole at the destination, held just before it runs.
+pub const READY: u16 = 12;
 
 /// Bytes of file data per frame.
 pub const DATA_CHUNK: usize = 1 << 20;
 
 /// The version of this conversation; both ends must speak the same.
-pub const PROTOCOL: u32 = 1;
+pub const PROTOCOL: u32 = 2;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Hello {

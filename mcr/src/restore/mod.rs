@@ -90,6 +90,8 @@ pub enum RestoreError {
     },
     #[error("pid {pid}: fault injected at {point} (MCR_FAULT)")]
     FaultInjected { pid: i32, point: &'static str },
+    #[error("pid {pid}: not released: {why}")]
+    Aborted { pid: i32, why: String },
     #[error("pid {pid}: {what}")]
     Incompatible { pid: i32, what: String },
     #[error("pid {pid}: {step}: {source}")]
@@ -109,7 +111,9 @@ impl RestoreError {
             RestoreError::PidTaken { .. } => 7,
             RestoreError::File { .. } => 8,
             RestoreError::Incompatible { .. } => 5,
-            RestoreError::Kernel { .. } | RestoreError::FaultInjected { .. } => 1,
+            RestoreError::Kernel { .. }
+            | RestoreError::FaultInjected { .. }
+            | RestoreError::Aborted { .. } => 1,
         }
     }
 }
@@ -132,13 +136,18 @@ impl<T> StepContext<T> for kext_shim::Result<T> {
 
 /// Restores the image in `opts.dir`. The process is left running as our child.
 pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
-    restore_with(opts, Vec::new())
+    restore_with(opts, Vec::new(), &mut || Ok(()))
 }
 
 /// Like [`restore`], given images of the chain already opened and checked (a
 /// migration's rounds, checked as they arrived): those the chain names are used
-/// instead of being read again.
-pub fn restore_with(opts: &RestoreOptions, opened: Vec<Image>) -> Result<Restored> {
+/// instead of being read again. `gate` runs once the tree is whole, just before it is
+/// released: an error there kills it instead (a migration's source did not commit).
+pub fn restore_with(
+    opts: &RestoreOptions,
+    opened: Vec<Image>,
+    gate: &mut dyn FnMut() -> std::result::Result<(), String>,
+) -> Result<Restored> {
     let mut steps = Vec::new();
     let t0 = Instant::now();
     let mut image = Image::open(&opts.dir)?;
@@ -354,6 +363,7 @@ pub fn restore_with(opts: &RestoreOptions, opened: Vec<Image>) -> Result<Restore
             "removing SysV segments marked for removal".into()
         })?;
     }
+    gate().map_err(|why| RestoreError::Aborted { pid: p0.pid, why })?;
     let t = Instant::now();
     // The connections talk again before the processes run, so that neither what the
     // peers sent meanwhile nor what the processes send first waits on the wire.
