@@ -265,6 +265,8 @@ fn demo(mib: usize, dirty_mib_s: f64) -> Result<bool, Box<dyn std::error::Error>
         max_rounds: 8,
         freeze_cgroup: None,
         staging: None,
+        tcp_established: false,
+        at_ready: None,
     })?;
     child.wait()?;
     for (i, x) in r.rounds.iter().enumerate() {

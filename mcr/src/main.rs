@@ -96,6 +96,13 @@ enum Cmd {
         /// Where the rounds' images are made before they are sent (default /dev/shm).
         #[arg(long)]
         staging: Option<PathBuf>,
+        /// Take established TCP connections along (the destination needs it too).
+        #[arg(long)]
+        tcp_established: bool,
+        /// A shell command run once the destination is ready and the original frozen,
+        /// before the commit (moving the service address, say); failing, it aborts.
+        #[arg(long)]
+        at_ready: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -121,6 +128,9 @@ enum Cmd {
         mntns: bool,
         #[arg(long)]
         netns: Option<PathBuf>,
+        /// Make the image's established TCP connections again.
+        #[arg(long)]
+        tcp_established: bool,
         #[arg(long)]
         json: bool,
     },
@@ -397,6 +407,8 @@ fn main() -> ExitCode {
             max_rounds,
             freeze_cgroup,
             staging,
+            tcp_established,
+            at_ready,
             json,
         } => {
             let to = match two_way(&to) {
@@ -411,6 +423,8 @@ fn main() -> ExitCode {
                 max_rounds,
                 freeze_cgroup,
                 staging,
+                tcp_established,
+                at_ready,
             };
             match mcr::migrate::migrate(&opts) {
                 Ok(r) => {
@@ -430,6 +444,7 @@ fn main() -> ExitCode {
             pidns,
             mntns,
             netns,
+            tcp_established,
             json,
         } => {
             let listener = match two_way(&listen).and_then(|a| transport::Listener::bind(&a)) {
@@ -445,6 +460,7 @@ fn main() -> ExitCode {
             ro.pidns = pidns;
             ro.mntns = mntns;
             ro.netns = netns;
+            ro.tcp_established = tcp_established;
             let opts = mcr::migrate::receive::ReceiveOptions {
                 restore: ro,
                 workdir,

@@ -454,8 +454,26 @@ impl Receiver {
     /// Starts `mcr receive --listen ADDR --shell-job -d` with `extra` and waits until it
     /// listens. `env` is set for it (MCR_FAULT, say).
     pub fn start(listen: &str, pidfile: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_via(&[], listen, pidfile, extra, env)
+    }
+
+    /// Like [`start`](Self::start), with `mcr` run through `prefix` (`nsenter ...`).
+    pub fn start_via(
+        prefix: &[&str],
+        listen: &str,
+        pidfile: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         become_subreaper();
-        let mut cmd = Command::new(mcr_bin());
+        let mut cmd = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(mcr_bin());
+                c
+            }
+            None => Command::new(mcr_bin()),
+        };
         cmd.args([
             "receive",
             "--listen",

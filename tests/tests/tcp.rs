@@ -369,6 +369,17 @@ impl Net {
             ip(&["-n", ns, "link", "set", "lo", "up"]);
         }
         ip(&["-n", c, "addr", "add", "10.77.0.1/24", "dev", "br0"]);
+        // The surrogate has an address of its own, as a partition would: its routes are
+        // there before the service address moves in.
+        ip(&[
+            "-n",
+            b,
+            "addr",
+            "add",
+            "10.77.0.11/24",
+            "dev",
+            &format!("vb{id}"),
+        ]);
         ip(&["-n", c, "link", "set", "br0", "up"]);
         ip(&[
             "-n",
@@ -412,6 +423,14 @@ impl Net {
     /// `nsenter --net=...` for namespace `i`.
     fn enter(&self, i: usize) -> Vec<String> {
         vec!["nsenter".into(), format!("--net={}", self.path(i))]
+    }
+
+    /// The shell commands of [`move_address`](Self::move_address).
+    fn move_address_commands(&self) -> String {
+        let (id, [a, b, c]) = (self.id, &self.names);
+        format!(
+            "ip -n {a} addr del {SERVICE}/24 dev va{id} && ip -n {b} addr add {SERVICE}/24 dev vb{id} && ip -n {c} neigh flush dev br0"
+        )
     }
 
     /// Moves the service address from A to B, and makes the client ask who has it.
@@ -1091,4 +1110,76 @@ fn connections_waiting_to_be_accepted_are_refused_by_name_and_the_service_runs_o
         p,
         &["2 connections waiting to be accepted", &names[0], &names[1]],
     );
+}
+
+#[test]
+fn a_service_migrates_live_to_another_network_namespace_and_its_client_keeps_talking() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let net = Net::new();
+    let mut g = Guard::new();
+    let mut cmd = std::process::Command::new("nsenter");
+    cmd.arg(format!("--net={}", net.path(0)))
+        .arg(workload_bin("tcpecho"))
+        .args(["0", SERVICE]);
+    let mut p = Proc::spawn(&mut g, cmd, None);
+    let port: u16 = p.lines.expect_prefix("PORT")[5..]
+        .trim()
+        .parse()
+        .expect("port");
+    let c_ns = std::fs::File::open(net.path(2)).expect("netns C");
+    let c = std::thread::spawn(move || {
+        nix::sched::setns(c_ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns C");
+        TcpStream::connect((SERVICE, port)).expect("connecting from C")
+    })
+    .join()
+    .expect("client thread");
+    p.lines.expect_prefix("READY");
+    let client = Client::start(c).wait_trips(100);
+
+    // Both ends run in A, where the connection is stopped on the wire; the workload
+    // goes into B (its pids are taken here until the commit: a pid namespace too), and
+    // the address follows it once the destination is ready.
+    let to = format!("unix:{}", tmp.path().join("mig.sock").display());
+    let enter_a = net.enter(0);
+    let prefix: Vec<&str> = enter_a.iter().map(String::as_str).collect();
+    let b = net.path(1);
+    let recv = Receiver::start_via(
+        &prefix,
+        &to,
+        &tmp.path().join("pid"),
+        &["--pidns", "--tcp-established", "--netns", &b],
+        &[],
+    );
+    let out = std::process::Command::new(&enter_a[0])
+        .args(&enter_a[1..])
+        .arg(mcr_bin())
+        .args(["migrate", "-t", &p.pid.to_string(), "--to", &to])
+        .args(["--shell-job", "--tcp-established", "--at-ready"])
+        .arg(net.move_address_commands())
+        .output()
+        .expect("mcr migrate");
+    assert!(
+        out.status.success(),
+        "migrate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(p.wait(), 128 + libc::SIGKILL);
+    let mut moved = recv.workload(&mut g);
+    g.add(parent_of(moved.pid));
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&b).expect("B"));
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{}/ns/net", moved.pid)).expect("its netns"),
+        std::path::PathBuf::from(format!("net:[{ino}]")),
+        "the migrated service is not in B"
+    );
+    let (worst, _conn) = client.wait_trips(100).finish();
+    eprintln!("longest wait for an echo across the live migration: {worst:?}");
+    assert_pass(&moved.check());
+    for i in 0..2 {
+        let t = nft_tables_in(&net, i);
+        assert!(
+            !t.contains("mcr_"),
+            "namespace {i} keeps tables of ours: {t}"
+        );
+    }
 }

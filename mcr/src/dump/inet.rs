@@ -263,6 +263,19 @@ impl TcpCapture {
         self.lock.as_ref().map(WireLock::image)
     }
 
+    /// A migration's commit point: the lock passes to the image (the destination lifts
+    /// it), while the sockets stay ours in repair mode, for [`hand_over`](Self::hand_over)
+    /// or, should the destination fail after all, to go on here.
+    pub fn hand_lock_over(&mut self) -> Result<()> {
+        let pid = self.conns.first().map_or(0, |c| c.pid);
+        match self.lock.take() {
+            Some(l) => l.keep().step(Pid::from_raw(pid), || {
+                "handing the TCP connections' lock to the destination".into()
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// After the workload was killed: its sockets close silently as our copies go, and
     /// the lock passes to the image, for the restore to lift.
     pub fn hand_over(mut self) -> Result<()> {

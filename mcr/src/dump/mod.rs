@@ -257,6 +257,8 @@ pub fn checkpoint_held(opts: &CheckpointOptions) -> Result<HeldCheckpoint> {
         tree: Some(tree),
         prev,
         hands_over: net_lock.is_some(),
+        net_lock,
+        lock_handed: false,
         report: CheckpointReport {
             pid: raw,
             stats,
@@ -280,6 +282,9 @@ pub struct HeldCheckpoint {
     prev: Option<track::Previous>,
     /// The image owns the connections and their lock once the tree is gone.
     hands_over: bool,
+    net_lock: Option<crate::model::NetLockImage>,
+    /// The lock went to the destination at the commit point.
+    lock_handed: bool,
     pub report: CheckpointReport,
     t_freeze: Instant,
     t0: Instant,
@@ -294,13 +299,18 @@ impl HeldCheckpoint {
             tree,
             prev,
             hands_over,
+            net_lock: _,
+            lock_handed,
             mut report,
             t_freeze,
             t0,
         } = self;
         let t = Instant::now();
         let tree = tree.expect("held until released");
-        if hands_over {
+        // Killed, or stopped with a destination that may have the connections now: in
+        // repair mode they stay silent.
+        let silent = after == AfterDump::Kill || (lock_handed && after == AfterDump::LeaveStopped);
+        if hands_over && silent {
             // Killed in repair mode, the connections close without a word on the
             // wire; the rules stay until the restore.
             tree.release(after)?;
@@ -324,10 +334,15 @@ impl HeldCheckpoint {
     /// Queues a SIGSTOP behind every process's ptrace stop: from now on, whatever
     /// happens to us, the tree does not run again unless sent SIGCONT (a migration's
     /// commit: the destination may take over any moment).
-    pub fn stop_for_good(&self) -> Result<()> {
+    /// The connections' lock goes to the image with it: the destination lifts it.
+    pub fn stop_for_good(&mut self) -> Result<()> {
         for f in &self.tree.as_ref().expect("held until released").procs {
             kext_shim::clone::kill(f.pid, libc::SIGSTOP)
                 .step(f.pid, || "queueing SIGSTOP for the commit".into())?;
+        }
+        if self.hands_over {
+            self.tcp.hand_lock_over()?;
+            self.lock_handed = true;
         }
         Ok(())
     }
@@ -342,7 +357,15 @@ impl HeldCheckpoint {
             .iter()
             .map(|f| f.pid)
             .collect();
+        let lock = self.lock_handed.then(|| self.net_lock.clone()).flatten();
+        // Out of repair mode as it goes...
         let r = self.release(AfterDump::LeaveRunning, true)?;
+        // ...then the lock the destination did not lift, with what the peers sent.
+        if let Some(l) = lock {
+            let mut back = crate::netlock::Release::new(Some(l), None);
+            back.open();
+            back.done();
+        }
         for p in pids {
             kext_shim::clone::kill(p, libc::SIGCONT).step(p, || "continuing it".into())?;
         }

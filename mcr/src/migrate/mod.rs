@@ -36,6 +36,13 @@ pub struct MigrateOptions {
     pub freeze_cgroup: Option<PathBuf>,
     /// Where the images are made before they are sent (a tmpfs is best).
     pub staging: Option<PathBuf>,
+    /// Take established TCP connections (stopped on the wire from the freeze until the
+    /// destination made them again).
+    pub tcp_established: bool,
+    /// Run (`sh -c`) once the destination is ready and the original frozen, before the
+    /// commit: where the operator moves what mcr does not (the service address). If it
+    /// fails, the migration is abandoned and the original resumes.
+    pub at_ready: Option<String>,
 }
 
 /// One pre-copy round.
@@ -86,6 +93,8 @@ pub enum MigrateError {
     Destination { pid: i32, why: String },
     #[error("pid {pid}: {what}")]
     Protocol { pid: i32, what: String },
+    #[error("pid {pid}: --at-ready command {cmd:?} failed ({why}); migration abandoned, it runs on here")]
+    Hook { pid: i32, cmd: String, why: String },
     #[error("pid {pid}: the destination was told to take over, then went silent ({why}); it may run there: the original is left stopped (SIGCONT resumes it, SIGKILL ends it)")]
     InDoubt { pid: i32, why: String },
     #[error("{0}")]
@@ -100,6 +109,7 @@ impl MigrateError {
             MigrateError::Transport { .. } | MigrateError::Protocol { .. } => 9,
             MigrateError::Destination { .. } => 10,
             MigrateError::InDoubt { .. } => 11,
+            MigrateError::Hook { .. } => 12,
         }
     }
 }
@@ -197,14 +207,14 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
     // The blackout.
     let t_black = Instant::now();
     let dir = staging.path().join("final");
-    let held = checkpoint_held(&CheckpointOptions {
+    let mut held = checkpoint_held(&CheckpointOptions {
         pid,
         dir: dir.clone(),
         after: AfterDump::Kill,
         shell_job: opts.shell_job,
         compression: Compression::None,
         freeze_cgroup: opts.freeze_cgroup.clone(),
-        tcp_established: false,
+        tcp_established: opts.tcp_established,
         prev: prev.clone(),
         prev_held_pids: trackers.iter().map(|t| t.pid().as_raw()).collect(),
     })?;
@@ -217,6 +227,9 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
     // goes, and `trackers` end its tracking.
     expect(&mut r, pid, wire::READY)?;
     crate::fault::stall(crate::fault::MIGRATE_STALL_AT_READY);
+    if let Some(cmd) = &opts.at_ready {
+        run_hook(pid, cmd)?;
+    }
     // The commit point: from here the original never runs again on its own, even if
     // we die; before it, it resumes as it was (a tracer's death lets it go).
     held.stop_for_good()?;
@@ -263,6 +276,27 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         blackout,
         total: t0.elapsed(),
     })
+}
+
+/// Runs the operator's command; its failure abandons the migration.
+fn run_hook(pid: i32, cmd: &str) -> Result<()> {
+    let st = std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .stdin(std::process::Stdio::null())
+        .status()
+        .map_err(|e| MigrateError::Hook {
+            pid,
+            cmd: cmd.into(),
+            why: e.to_string(),
+        })?;
+    if !st.success() {
+        return Err(MigrateError::Hook {
+            pid,
+            cmd: cmd.into(),
+            why: st.to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// Reads the destination's next answer, which must be of `kind`; returns its payload.

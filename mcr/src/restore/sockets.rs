@@ -231,6 +231,21 @@ pub fn make(
 /// A TCP listener or UDP socket with the options the program had set, bound (with
 /// SO_REUSEADDR for the bind only, unless it had it: a port the original's connections
 /// left in TIME_WAIT is free to take again), listening or connected as it was.
+/// IP_TRANSPARENT (IPv6 sockets honour it too) lets a socket bind, and a repaired
+/// connection route, from its address before the address is there: a migration moves
+/// the service address only once the destination is ready, after its sockets were
+/// made. (IP_ANY_SOURCE allows the bind, but the connection's route lookup then fails
+/// with ENETUNREACH.) Set back to the program's own value right after.
+const ANY_SOURCE: (i32, i32) = (libc::IPPROTO_IP, libc::IP_TRANSPARENT);
+
+/// The value the program had for an option: the image holds those it changed.
+fn theirs(s: &InetSocketImage, opt: (i32, i32)) -> Vec<u8> {
+    s.options
+        .iter()
+        .find(|(l, n, _)| (*l, *n) == opt)
+        .map_or(0i32.to_ne_bytes().to_vec(), |(_, _, v)| v.clone())
+}
+
 fn make_inet(
     pid: i32,
     s: &InetSocketImage,
@@ -257,9 +272,10 @@ fn make_inet(
                     inet::set_option(sock, *level, *name, value)?;
                 }
             }
-            Ok(())
+            inet::set_option(sock, ANY_SOURCE.0, ANY_SOURCE.1, &1i32.to_ne_bytes())
         })
         .map_err(|e| err(format!("{} -> {}: {e}", conn.local, conn.peer)))?;
+        inet::set_option(&sock, ANY_SOURCE.0, ANY_SOURCE.1, &theirs(s, ANY_SOURCE)).map_err(k)?;
         if let Some((_, _, v)) = s.options.iter().find(|(l, n, _)| (*l, *n) == reuse) {
             inet::set_option(&sock, reuse.0, reuse.1, v).map_err(k)?;
         }
@@ -273,13 +289,10 @@ fn make_inet(
     }
     if let Some(local) = &s.local {
         inet::set_option(&sock, reuse.0, reuse.1, &1i32.to_ne_bytes()).map_err(k)?;
+        inet::set_option(&sock, ANY_SOURCE.0, ANY_SOURCE.1, &1i32.to_ne_bytes()).map_err(k)?;
         inet::bind(&sock, local).map_err(k)?;
-        let theirs = s
-            .options
-            .iter()
-            .find(|(l, n, _)| (*l, *n) == reuse)
-            .map_or(0i32.to_ne_bytes().to_vec(), |(_, _, v)| v.clone());
-        inet::set_option(&sock, reuse.0, reuse.1, &theirs).map_err(k)?;
+        inet::set_option(&sock, reuse.0, reuse.1, &theirs(s, reuse)).map_err(k)?;
+        inet::set_option(&sock, ANY_SOURCE.0, ANY_SOURCE.1, &theirs(s, ANY_SOURCE)).map_err(k)?;
     }
     if let Some(backlog) = s.listen {
         inet::listen(&sock, backlog).map_err(k)?;
