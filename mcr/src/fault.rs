@@ -5,6 +5,8 @@
 /// Points that can fail on request.
 pub const DUMP_AFTER_PAGES: &str = "dump-after-pages";
 pub const RESTORE_AFTER_FILL: &str = "restore-after-fill";
+/// Past the gate of a migration's destination (after COMMIT), before the release.
+pub const RESTORE_AFTER_GATE: &str = "restore-after-gate";
 /// Not a failure: the dump stops for good right after it blocked the TCP connections,
 /// so that a test can kill mcr there, as a crash would.
 pub const DUMP_STALL_AFTER_LOCK: &str = "dump-stall-after-lock";

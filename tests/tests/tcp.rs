@@ -1183,3 +1183,59 @@ fn a_service_migrates_live_to_another_network_namespace_and_its_client_keeps_tal
         );
     }
 }
+
+#[test]
+fn a_destination_failing_after_the_commit_gives_the_connection_back_to_the_original() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let net = Net::new();
+    let mut g = Guard::new();
+    let mut cmd = std::process::Command::new("nsenter");
+    cmd.arg(format!("--net={}", net.path(0)))
+        .arg(workload_bin("tcpecho"))
+        .args(["0", SERVICE]);
+    let mut p = Proc::spawn(&mut g, cmd, None);
+    let port: u16 = p.lines.expect_prefix("PORT")[5..]
+        .trim()
+        .parse()
+        .expect("port");
+    let c_ns = std::fs::File::open(net.path(2)).expect("netns C");
+    let c = std::thread::spawn(move || {
+        nix::sched::setns(c_ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns C");
+        TcpStream::connect((SERVICE, port)).expect("connecting from C")
+    })
+    .join()
+    .expect("client thread");
+    p.lines.expect_prefix("READY");
+    let client = Client::start(c).wait_trips(50);
+    let to = format!("unix:{}", tmp.path().join("mig.sock").display());
+    let enter_a = net.enter(0);
+    let prefix: Vec<&str> = enter_a.iter().map(String::as_str).collect();
+    let mut recv = Receiver::start_via(
+        &prefix,
+        &to,
+        &tmp.path().join("pid"),
+        &["--pidns", "--tcp-established", "--netns", &net.path(1)],
+        &[("MCR_FAULT", "restore-after-gate")],
+    );
+    // The address stays in A: the original is where the client must find it again.
+    let out = std::process::Command::new(&enter_a[0])
+        .args(&enter_a[1..])
+        .arg(mcr_bin())
+        .args(["migrate", "-t", &p.pid.to_string(), "--to", &to])
+        .args(["--shell-job", "--tcp-established"])
+        .output()
+        .expect("mcr migrate");
+    assert_fails(&out, 10, &["destination failed", "restore-after-gate"]);
+    assert_eq!(recv.wait(), 1);
+    let (worst, _conn) = client.wait_trips(50).finish();
+    eprintln!("longest wait for an echo across the failed migration: {worst:?}");
+    assert_pass(&p.check());
+    assert_eq!(p.wait(), 0);
+    for i in 0..2 {
+        let t = nft_tables_in(&net, i);
+        assert!(
+            !t.contains("mcr_"),
+            "namespace {i} keeps tables of ours: {t}"
+        );
+    }
+}

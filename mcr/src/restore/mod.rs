@@ -364,6 +364,12 @@ pub fn restore_with(
         })?;
     }
     gate().map_err(|why| RestoreError::Aborted { pid: p0.pid, why })?;
+    if crate::fault::armed(crate::fault::RESTORE_AFTER_GATE) {
+        return Err(RestoreError::FaultInjected {
+            pid: p0.pid,
+            point: crate::fault::RESTORE_AFTER_GATE,
+        });
+    }
     let t = Instant::now();
     // The connections talk again before the processes run, so that neither what the
     // peers sent meanwhile nor what the processes send first waits on the wire.
