@@ -280,3 +280,38 @@ fn migrate_killed_after_the_commit_point_leaves_the_original_stopped_not_lost() 
     .expect("SIGCONT");
     runs_on_untouched(p);
 }
+
+#[test]
+fn twenty_migrations_in_a_row_lose_not_one_write() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let mut p = start_churn(&mut g, tmp.path(), "8");
+    let first = p.pid;
+    for i in 0..20 {
+        let to = format!("unix:{}", s(&tmp.path().join(format!("mig{i}.sock"))));
+        let pidfile = tmp.path().join(format!("pid{i}"));
+        let recv = Receiver::start(&to, &pidfile, &["--pidns"], &[]);
+        let out = migrate(p.pid, &to, &[]);
+        assert!(
+            out.status.success(),
+            "migration {i} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let moved = recv.workload(&mut g);
+        g.add(parent_of(moved.pid));
+        // It kept its pid, as it sees it, through every move.
+        let nspid = std::fs::read_to_string(format!("/proc/{}/status", moved.pid))
+            .expect("status")
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:").map(str::to_string))
+            .expect("NSpid");
+        assert_eq!(
+            nspid.split_whitespace().last(),
+            Some(first.to_string().as_str()),
+            "migration {i}: {nspid}"
+        );
+        p = moved;
+    }
+    let v = p.check();
+    assert_pass(&v);
+}
