@@ -465,34 +465,12 @@ fn main() -> ExitCode {
                 restore: ro,
                 workdir,
             };
-            let r = match mcr::migrate::receive::receive(&listener, &opts) {
-                Ok(r) => r,
-                Err(e) => return fail(&e, e.exit_code()),
-            };
+            let r = mcr::migrate::receive::receive(&listener, &opts);
             drop(listener);
-            if let Some(p) = pidfile {
-                if let Err(e) = std::fs::write(&p, format!("{}\n", r.pid)) {
-                    eprintln!("mcr: warning: writing pidfile {}: {e}", p.display());
-                }
-            }
-            if json {
-                let v = serde_json::json!({"pid": r.pid, "pages": r.pages, "steps": steps_json(&r.steps)});
-                println!("{v}");
-            } else {
-                eprintln!(
-                    "mcr: received and restored pid {}: {} pages; {}",
-                    r.pid,
-                    r.pages,
-                    steps_text(&r.steps)
-                );
-            }
-            if detach {
-                return ExitCode::SUCCESS;
-            }
-            match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(r.child), None) {
-                Ok(nix::sys::wait::WaitStatus::Exited(_, c)) => ExitCode::from(c as u8),
-                Ok(nix::sys::wait::WaitStatus::Signaled(_, s, _)) => ExitCode::from(128 + s as u8),
-                _ => ExitCode::SUCCESS,
+            remove_stale_tables();
+            match r {
+                Ok(r) => restored(&r, "received and restored", pidfile, json, detach),
+                Err(e) => fail(&e, e.exit_code()),
             }
         }
         Cmd::HoldTracker { fds, pids } => mcr::dump::track::hold_main(&fds, &pids),
@@ -518,34 +496,9 @@ fn main() -> ExitCode {
             let r = mcr::restore::restore(&opts);
             // After the restore, not before: the blackout is no place for it.
             remove_stale_tables();
-            let r = match r {
-                Ok(r) => r,
-                Err(e) => return fail(&e, e.exit_code()),
-            };
-            if let Some(p) = pidfile {
-                if let Err(e) = std::fs::write(&p, format!("{}\n", r.pid)) {
-                    eprintln!("mcr: warning: writing pidfile {}: {e}", p.display());
-                }
-            }
-            if json {
-                let v = serde_json::json!({"pid": r.pid, "pages": r.pages, "steps": steps_json(&r.steps)});
-                println!("{v}");
-            } else {
-                eprintln!(
-                    "mcr: restored pid {}: {} pages; {}",
-                    r.pid,
-                    r.pages,
-                    steps_text(&r.steps)
-                );
-            }
-            if detach {
-                return ExitCode::SUCCESS;
-            }
-            // Like `criu restore` without -d: stay the parent and pass its exit on.
-            match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(r.child), None) {
-                Ok(nix::sys::wait::WaitStatus::Exited(_, c)) => ExitCode::from(c as u8),
-                Ok(nix::sys::wait::WaitStatus::Signaled(_, s, _)) => ExitCode::from(128 + s as u8),
-                _ => ExitCode::SUCCESS,
+            match r {
+                Ok(r) => restored(&r, "restored", pidfile, json, detach),
+                Err(e) => fail(&e, e.exit_code()),
             }
         }
         Cmd::Show { dir, json } => match Image::open(&dir) {
@@ -668,5 +621,40 @@ fn two_way(s: &str) -> Result<transport::Addr, transport::TransportError> {
             "{s:?}: a migration needs answers from its destination: use unix:PATH or tcp:HOST:PORT"
         ))),
         a => Ok(a),
+    }
+}
+
+/// After a restore (or a migration received): the pidfile, the report, and unless
+/// detached, like `criu restore` without -d, staying the parent and passing its exit on.
+fn restored(
+    r: &mcr::restore::Restored,
+    what: &str,
+    pidfile: Option<PathBuf>,
+    json: bool,
+    detach: bool,
+) -> ExitCode {
+    if let Some(p) = pidfile {
+        if let Err(e) = std::fs::write(&p, format!("{}\n", r.pid)) {
+            eprintln!("mcr: warning: writing pidfile {}: {e}", p.display());
+        }
+    }
+    if json {
+        let v = serde_json::json!({"pid": r.pid, "pages": r.pages, "steps": steps_json(&r.steps)});
+        println!("{v}");
+    } else {
+        eprintln!(
+            "mcr: {what} pid {}: {} pages; {}",
+            r.pid,
+            r.pages,
+            steps_text(&r.steps)
+        );
+    }
+    if detach {
+        return ExitCode::SUCCESS;
+    }
+    match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(r.child), None) {
+        Ok(nix::sys::wait::WaitStatus::Exited(_, c)) => ExitCode::from(c as u8),
+        Ok(nix::sys::wait::WaitStatus::Signaled(_, s, _)) => ExitCode::from(128 + s as u8),
+        _ => ExitCode::SUCCESS,
     }
 }

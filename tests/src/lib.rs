@@ -300,14 +300,7 @@ pub fn restore_via(guard: &mut Guard, prefix: &[&str], dir: &Path, extra: &[&str
     // pipe open for as long as it lives.
     let errfile = dir.with_extension("stderr");
     let errf = std::fs::File::create(&errfile).expect("creating the restore stderr file");
-    let mut cmd = match prefix.split_first() {
-        Some((first, rest)) => {
-            let mut c = Command::new(first);
-            c.args(rest).arg(mcr_bin());
-            c
-        }
-        None => Command::new(mcr_bin()),
-    };
+    let mut cmd = mcr_via(prefix);
     cmd.args(["restore", "-D"])
         .arg(dir)
         .args(["--shell-job", "-d", "--pidfile"])
@@ -333,6 +326,18 @@ pub fn restore_via(guard: &mut Guard, prefix: &[&str], dir: &Path, extra: &[&str
         stdin,
         lines: Lines::new(stdout),
         child: None,
+    }
+}
+
+/// `mcr`, run through `prefix` (`nsenter --net=...`, say) when not empty.
+pub fn mcr_via(prefix: &[&str]) -> Command {
+    match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(mcr_bin());
+            c
+        }
+        None => Command::new(mcr_bin()),
     }
 }
 
@@ -466,14 +471,7 @@ impl Receiver {
         env: &[(&str, &str)],
     ) -> Self {
         become_subreaper();
-        let mut cmd = match prefix.split_first() {
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(mcr_bin());
-                c
-            }
-            None => Command::new(mcr_bin()),
-        };
+        let mut cmd = mcr_via(prefix);
         cmd.args([
             "receive",
             "--listen",

@@ -469,6 +469,29 @@ impl Drop for Net {
     }
 }
 
+/// tcpecho in A, its client in C (its socket made by a thread that joined C), talking
+/// for `trips` echoes.
+fn echo_in_a(g: &mut Guard, net: &Net, trips: u64) -> (Proc, Client) {
+    let mut cmd = std::process::Command::new("nsenter");
+    cmd.arg(format!("--net={}", net.path(0)))
+        .arg(workload_bin("tcpecho"))
+        .args(["0", SERVICE]);
+    let mut p = Proc::spawn(g, cmd, None);
+    let port: u16 = p.lines.expect_prefix("PORT")[5..]
+        .trim()
+        .parse()
+        .expect("port");
+    let c_ns = std::fs::File::open(net.path(2)).expect("netns C");
+    let c = std::thread::spawn(move || {
+        nix::sched::setns(c_ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns C");
+        TcpStream::connect((SERVICE, port)).expect("connecting from C")
+    })
+    .join()
+    .expect("client thread");
+    p.lines.expect_prefix("READY");
+    (p, Client::start(c).wait_trips(trips))
+}
+
 fn nft_tables_in(net: &Net, i: usize) -> String {
     let mut cmd = net.enter(i);
     cmd.extend(["nft", "list", "tables"].map(String::from));
@@ -484,25 +507,7 @@ fn a_service_moves_to_another_network_namespace_and_its_client_keeps_talking() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let net = Net::new();
     let mut g = Guard::new();
-    let mut cmd = std::process::Command::new("nsenter");
-    cmd.arg(format!("--net={}", net.path(0)))
-        .arg(workload_bin("tcpecho"))
-        .args(["0", SERVICE]);
-    let mut p = Proc::spawn(&mut g, cmd, None);
-    let port: u16 = p.lines.expect_prefix("PORT")[5..]
-        .trim()
-        .parse()
-        .expect("port");
-    // The client lives in C: its socket is made by a thread that joined C.
-    let c_ns = std::fs::File::open(net.path(2)).expect("netns C");
-    let c = std::thread::spawn(move || {
-        nix::sched::setns(c_ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns C");
-        TcpStream::connect((SERVICE, port)).expect("connecting from C")
-    })
-    .join()
-    .expect("client thread");
-    p.lines.expect_prefix("READY");
-    let client = Client::start(c).wait_trips(100);
+    let (mut p, client) = echo_in_a(&mut g, &net, 100);
 
     // Checkpoint in A (where the tree lives), restore into B, the address moved.
     let img = tmp.path().join("img");
@@ -1117,24 +1122,7 @@ fn a_service_migrates_live_to_another_network_namespace_and_its_client_keeps_tal
     let tmp = tempfile::tempdir().expect("tempdir");
     let net = Net::new();
     let mut g = Guard::new();
-    let mut cmd = std::process::Command::new("nsenter");
-    cmd.arg(format!("--net={}", net.path(0)))
-        .arg(workload_bin("tcpecho"))
-        .args(["0", SERVICE]);
-    let mut p = Proc::spawn(&mut g, cmd, None);
-    let port: u16 = p.lines.expect_prefix("PORT")[5..]
-        .trim()
-        .parse()
-        .expect("port");
-    let c_ns = std::fs::File::open(net.path(2)).expect("netns C");
-    let c = std::thread::spawn(move || {
-        nix::sched::setns(c_ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns C");
-        TcpStream::connect((SERVICE, port)).expect("connecting from C")
-    })
-    .join()
-    .expect("client thread");
-    p.lines.expect_prefix("READY");
-    let client = Client::start(c).wait_trips(100);
+    let (mut p, client) = echo_in_a(&mut g, &net, 100);
 
     // Both ends run in A, where the connection is stopped on the wire; the workload
     // goes into B (its pids are taken here until the commit: a pid namespace too), and
@@ -1189,24 +1177,7 @@ fn a_destination_failing_after_the_commit_gives_the_connection_back_to_the_origi
     let tmp = tempfile::tempdir().expect("tempdir");
     let net = Net::new();
     let mut g = Guard::new();
-    let mut cmd = std::process::Command::new("nsenter");
-    cmd.arg(format!("--net={}", net.path(0)))
-        .arg(workload_bin("tcpecho"))
-        .args(["0", SERVICE]);
-    let mut p = Proc::spawn(&mut g, cmd, None);
-    let port: u16 = p.lines.expect_prefix("PORT")[5..]
-        .trim()
-        .parse()
-        .expect("port");
-    let c_ns = std::fs::File::open(net.path(2)).expect("netns C");
-    let c = std::thread::spawn(move || {
-        nix::sched::setns(c_ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns C");
-        TcpStream::connect((SERVICE, port)).expect("connecting from C")
-    })
-    .join()
-    .expect("client thread");
-    p.lines.expect_prefix("READY");
-    let client = Client::start(c).wait_trips(50);
+    let (mut p, client) = echo_in_a(&mut g, &net, 50);
     let to = format!("unix:{}", tmp.path().join("mig.sock").display());
     let enter_a = net.enter(0);
     let prefix: Vec<&str> = enter_a.iter().map(String::as_str).collect();
