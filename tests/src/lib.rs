@@ -315,11 +315,7 @@ pub fn restore_via(guard: &mut Guard, prefix: &[&str], dir: &Path, extra: &[&str
     let st = child.wait().expect("waiting for mcr restore");
     let err = std::fs::read_to_string(&errfile).unwrap_or_default();
     assert!(st.success(), "mcr restore failed: {err}");
-    let pid: i32 = std::fs::read_to_string(&pidfile)
-        .expect("pidfile")
-        .trim()
-        .parse()
-        .expect("pid in pidfile");
+    let pid = read_pidfile(&pidfile);
     guard.add(pid);
     Proc {
         pid,
@@ -327,6 +323,15 @@ pub fn restore_via(guard: &mut Guard, prefix: &[&str], dir: &Path, extra: &[&str
         lines: Lines::new(stdout),
         child: None,
     }
+}
+
+/// The pid `mcr restore --pidfile` (or `receive`) wrote.
+fn read_pidfile(p: &Path) -> i32 {
+    std::fs::read_to_string(p)
+        .expect("pidfile")
+        .trim()
+        .parse()
+        .expect("pid in pidfile")
 }
 
 /// `mcr`, run through `prefix` (`nsenter --net=...`, say) when not empty.
@@ -513,11 +518,7 @@ impl Receiver {
     pub fn workload(mut self, guard: &mut Guard) -> Proc {
         let code = self.wait();
         assert_eq!(code, 0, "mcr receive failed");
-        let pid: i32 = std::fs::read_to_string(&self.pidfile)
-            .expect("pidfile")
-            .trim()
-            .parse()
-            .expect("pid in pidfile");
+        let pid = read_pidfile(&self.pidfile);
         guard.add(pid);
         Proc {
             pid,
