@@ -14,7 +14,7 @@
 use super::mm::WrittenSince;
 use super::{DumpError, Result, StepContext};
 use crate::image::Image;
-use crate::model::{ParentImage, TrackerImage, Vma};
+use crate::model::{ParentImage, Snapshot, TrackerImage, Vma};
 use kext_shim::dirty::{self, WriteTracker};
 use kext_shim::mem::Pagemap;
 use kext_shim::Pid;
@@ -25,7 +25,8 @@ use std::process::{Command, ExitCode, Stdio};
 
 /// The image a new one builds on, and whether its tracking still holds.
 pub struct Previous {
-    pub image: Image,
+    /// Its inventory and processes (its pages are not read: the restore checks them).
+    pub snapshot: Snapshot,
     /// Its directory as the new image will name it.
     pub dir: String,
     /// The holder keeping the tracking, or None when the caller keeps it (the
@@ -39,8 +40,9 @@ pub struct Previous {
 impl Previous {
     /// Opens (and checks) the image in `prev`, which the image in `new_dir` will build on.
     pub fn open(pid: i32, prev: &Path, new_dir: &Path) -> Result<Self> {
-        let image = Image::open(prev).map_err(|source| DumpError::Image { pid, source })?;
-        let Some(tracker) = image.snapshot.inventory.tracker.clone() else {
+        let snapshot =
+            Image::read_snapshot(prev).map_err(|source| DumpError::Image { pid, source })?;
+        let Some(tracker) = snapshot.inventory.tracker.clone() else {
             return Err(DumpError::Refused {
                 pid,
                 what: format!(
@@ -69,7 +71,7 @@ impl Previous {
         }
         let dir = parent_dir(pid, prev, new_dir)?;
         Ok(Self {
-            image,
+            snapshot,
             dir,
             pids: tracker.pids.clone(),
             holder: Some(tracker),
@@ -80,10 +82,11 @@ impl Previous {
     /// Opens the image in `prev` whose tracking the caller holds (its userfaultfds, for
     /// `pids`): live as long as the caller keeps them.
     pub fn open_held(pid: i32, prev: &Path, new_dir: &Path, pids: Vec<i32>) -> Result<Self> {
-        let image = Image::open(prev).map_err(|source| DumpError::Image { pid, source })?;
+        let snapshot =
+            Image::read_snapshot(prev).map_err(|source| DumpError::Image { pid, source })?;
         let dir = parent_dir(pid, prev, new_dir)?;
         Ok(Self {
-            image,
+            snapshot,
             dir,
             holder: None,
             pids,
@@ -99,7 +102,7 @@ impl Previous {
     pub fn parent_ref(&self) -> ParentImage {
         ParentImage {
             dir: self.dir.clone(),
-            image_id: self.image.snapshot.inventory.image_id,
+            image_id: self.snapshot.inventory.image_id,
         }
     }
 
@@ -109,7 +112,6 @@ impl Previous {
         let tracked = self.live
             && self.pids.contains(&pid.as_raw())
             && self
-                .image
                 .snapshot
                 .processes
                 .iter()

@@ -33,6 +33,85 @@ impl Image {
     /// Opens and checks the image in `dir`: magic, version, every frame's crc, every
     /// record, every chunk header. Nothing is trusted before all of it passed.
     pub fn open(dir: &Path) -> Result<Self> {
+        let snapshot = Self::read_snapshot(dir)?;
+        let (processes, shmem) = (&snapshot.processes, &snapshot.shmem);
+        let pages_path = dir.join(FILE_PAGES.0);
+        let file = std::fs::File::open(&pages_path).map_err(|e| io(&pages_path, e))?;
+        let p = pages_path.display().to_string();
+        let pages = map_readonly(&file, &p).map_err(|e| ImageError::Io {
+            path: p.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let mut chunks = Vec::new();
+        for f in check_file(
+            &p,
+            &pages,
+            FILE_PAGES,
+            crate::par::workers_for(pages.len() as u64),
+        )? {
+            if f.kind != FrameKind::PageChunk {
+                return Err(corrupt(
+                    &p,
+                    f.offset,
+                    &format!("unexpected {:?} record", f.kind),
+                ));
+            }
+            let c = parse_chunk(&p, f.offset, f.payload)?;
+            let end = c.addr + c.len_bytes() as u64;
+            if c.pid < 0 {
+                let ok = shmem
+                    .get((-1 - c.pid) as usize)
+                    .is_some_and(|o| end <= (o.size + 4095) & !4095);
+                if !ok {
+                    return Err(corrupt(
+                        &p,
+                        f.offset,
+                        &format!(
+                            "pages {:#x}..{end:#x} of shared memory object {} lie outside it",
+                            c.addr,
+                            -1 - c.pid
+                        ),
+                    ));
+                }
+                chunks.push((f.offset as usize, f.payload.len()));
+                continue;
+            }
+            let owner = processes.iter().find(|x| x.pid == c.pid).ok_or_else(|| {
+                corrupt(
+                    &p,
+                    f.offset,
+                    &format!("pages of pid {} that the image lacks", c.pid),
+                )
+            })?;
+            if !owner
+                .mm
+                .vmas
+                .iter()
+                .any(|v| v.start <= c.addr && end <= v.end)
+            {
+                return Err(corrupt(
+                    &p,
+                    f.offset,
+                    &format!(
+                        "pages {:#x}..{end:#x} of pid {} lie outside its VMAs",
+                        c.addr, c.pid
+                    ),
+                ));
+            }
+            chunks.push((f.offset as usize, f.payload.len()));
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            snapshot,
+            pages,
+            chunks,
+            parents: Vec::new(),
+        })
+    }
+
+    /// The inventory and the core of the image in `dir`, checked, without its pages: for
+    /// whoever needs only to know what an image is (which image, which processes).
+    pub fn read_snapshot(dir: &Path) -> Result<Snapshot> {
         let inv_path = dir.join(FILE_INVENTORY.0);
         let inv_bytes = std::fs::read(&inv_path).map_err(|e| io(&inv_path, e))?;
         let p = inv_path.display().to_string();
@@ -128,87 +207,15 @@ impl Image {
                 &format!("no record for root pid {}", inventory.root_pid),
             ));
         }
-
-        let pages_path = dir.join(FILE_PAGES.0);
-        let file = std::fs::File::open(&pages_path).map_err(|e| io(&pages_path, e))?;
-        let p = pages_path.display().to_string();
-        let pages = map_readonly(&file, &p).map_err(|e| ImageError::Io {
-            path: p.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        let mut chunks = Vec::new();
-        for f in check_file(
-            &p,
-            &pages,
-            FILE_PAGES,
-            crate::par::workers_for(pages.len() as u64),
-        )? {
-            if f.kind != FrameKind::PageChunk {
-                return Err(corrupt(
-                    &p,
-                    f.offset,
-                    &format!("unexpected {:?} record", f.kind),
-                ));
-            }
-            let c = parse_chunk(&p, f.offset, f.payload)?;
-            let end = c.addr + c.len_bytes() as u64;
-            if c.pid < 0 {
-                let ok = shmem
-                    .get((-1 - c.pid) as usize)
-                    .is_some_and(|o| end <= (o.size + 4095) & !4095);
-                if !ok {
-                    return Err(corrupt(
-                        &p,
-                        f.offset,
-                        &format!(
-                            "pages {:#x}..{end:#x} of shared memory object {} lie outside it",
-                            c.addr,
-                            -1 - c.pid
-                        ),
-                    ));
-                }
-                chunks.push((f.offset as usize, f.payload.len()));
-                continue;
-            }
-            let owner = processes.iter().find(|x| x.pid == c.pid).ok_or_else(|| {
-                corrupt(
-                    &p,
-                    f.offset,
-                    &format!("pages of pid {} that the image lacks", c.pid),
-                )
-            })?;
-            if !owner
-                .mm
-                .vmas
-                .iter()
-                .any(|v| v.start <= c.addr && end <= v.end)
-            {
-                return Err(corrupt(
-                    &p,
-                    f.offset,
-                    &format!(
-                        "pages {:#x}..{end:#x} of pid {} lie outside its VMAs",
-                        c.addr, c.pid
-                    ),
-                ));
-            }
-            chunks.push((f.offset as usize, f.payload.len()));
-        }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            snapshot: Snapshot {
-                inventory,
-                processes,
-                pipes,
-                shmem,
-                zombies,
-                unix,
-                ptys,
-                inet,
-            },
-            pages,
-            chunks,
-            parents: Vec::new(),
+        Ok(Snapshot {
+            inventory,
+            processes,
+            pipes,
+            shmem,
+            zombies,
+            unix,
+            ptys,
+            inet,
         })
     }
 
