@@ -579,6 +579,7 @@ fn print_migration(r: &mcr::migrate::MigrateReport, json: bool) {
             "final_pages": r.final_pages,
             "final_bytes": r.final_bytes,
             "blackout_ms": ms(r.blackout),
+            "linked": r.linked,
             "blackout": {
                 "freeze_and_dump_ms": ms(r.freeze_and_dump),
                 "transfer_ms": ms(r.transfer),

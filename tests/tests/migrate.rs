@@ -111,10 +111,20 @@ fn a_destination_without_pid_namespace_meets_the_taken_pid() {
 }
 
 /// A destination that takes `keep` bytes of the stream, then goes away.
+/// A destination that welcomes the source (images as bytes, not links), takes `keep`
+/// bytes of the stream, then goes away.
 fn dying_destination(sock: &Path, keep: usize) -> std::thread::JoinHandle<()> {
     let l = UnixListener::bind(sock).expect("bind");
     std::thread::spawn(move || {
-        let (mut c, _) = l.accept().expect("accept");
+        let (c, _) = l.accept().expect("accept");
+        let mut w = transport::FrameWriter::new(
+            c.try_clone().expect("clone"),
+            transport::Compression::Off,
+            "to the source",
+        );
+        // Frame 0 of our direction: WELCOME (13).
+        w.send(13, br#"{"link":false}"#).expect("welcome");
+        let mut c = c;
         let mut got = vec![0u8; keep];
         let _ = c.read_exact(&mut got);
     })
@@ -175,10 +185,14 @@ fn a_corrupted_frame_is_caught_and_the_original_runs_on() {
     let (front, back) = (tmp.path().join("front.sock"), tmp.path().join("back.sock"));
     let mut g = Guard::new();
     let p = start_churn(&mut g, tmp.path(), "8");
+    // A work directory on another filesystem than the source's staging (/dev/shm): the
+    // images cross the stream as bytes, not as links.
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work).expect("mkdir");
     let mut recv = Receiver::start(
         &format!("unix:{}", s(&back)),
         &tmp.path().join("pid"),
-        &["--pidns"],
+        &["--pidns", "--workdir", s(&work)],
         &[],
     );
     let relay = corrupting_relay(&front, &back, 1 << 20);
@@ -290,13 +304,24 @@ fn twenty_migrations_in_a_row_lose_not_one_write() {
     for i in 0..20 {
         let to = format!("unix:{}", s(&tmp.path().join(format!("mig{i}.sock"))));
         let pidfile = tmp.path().join(format!("pid{i}"));
-        let recv = Receiver::start(&to, &pidfile, &["--pidns"], &[]);
-        let out = migrate(p.pid, &to, &[]);
+        // Every other move with its images as bytes (a work directory on another
+        // filesystem than /dev/shm), the others by link.
+        let work = tmp.path().join(format!("work{i}"));
+        std::fs::create_dir(&work).expect("mkdir");
+        let extra: &[&str] = if i % 2 == 0 {
+            &["--pidns", "--workdir", s(&work)]
+        } else {
+            &["--pidns"]
+        };
+        let recv = Receiver::start(&to, &pidfile, extra, &[]);
+        let out = migrate(p.pid, &to, &["--json"]);
         assert!(
             out.status.success(),
             "migration {i} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json");
+        assert_eq!(report["linked"], i % 2 == 1, "{report}");
         let moved = recv.workload(&mut g);
         g.add(parent_of(moved.pid));
         // It kept its pid, as it sees it, through every move.

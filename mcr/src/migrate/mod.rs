@@ -72,6 +72,8 @@ pub struct MigrateReport {
     pub transfer: Duration,
     pub restore: Duration,
     pub commit: Duration,
+    /// The images went by hard link (one host, one filesystem), not as bytes.
+    pub linked: bool,
     /// From the freeze to the destination's word that the workload runs there, as the
     /// source measured it (the original's end comes after).
     pub blackout: Duration,
@@ -133,16 +135,6 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         .map_err(tx("connecting to the destination"))?;
     let mut w = FrameWriter::new(stream, transport::Compression::Auto(1), opts.to.to_string());
     let mut r = FrameReader::new(back, opts.to.to_string());
-    wire::send_json(
-        &mut w,
-        wire::HELLO,
-        &wire::Hello {
-            protocol: wire::PROTOCOL,
-            tool_version: env!("CARGO_PKG_VERSION").into(),
-            root_pid: pid,
-        },
-    )
-    .map_err(tx("greeting the destination"))?;
     let staging = match &opts.staging {
         Some(d) => tempfile::Builder::new()
             .prefix("mcr-migrate-")
@@ -155,8 +147,37 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         pid,
         what: format!("making a staging directory: {e}"),
     })?;
+    let here = {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(staging.path()).map_err(|e| MigrateError::Protocol {
+            pid,
+            what: format!("{}: {e}", staging.path().display()),
+        })?;
+        wire::Staging {
+            path: staging.path().display().to_string(),
+            dev: m.dev(),
+            ino: m.ino(),
+            boot_id: wire::boot_id(),
+        }
+    };
+    wire::send_json(
+        &mut w,
+        wire::HELLO,
+        &wire::Hello {
+            protocol: wire::PROTOCOL,
+            tool_version: env!("CARGO_PKG_VERSION").into(),
+            root_pid: pid,
+            staging: here,
+        },
+    )
+    .map_err(tx("greeting the destination"))?;
+    // On one host, with the same filesystem under both, the images go by hard link: no
+    // byte of them crosses the socket, and no page of them is stored twice.
+    let welcome: wire::Welcome = wire::parse(wire::WELCOME, &expect(&mut r, pid, wire::WELCOME)?)
+        .map_err(|what| MigrateError::Protocol { pid, what })?;
+    let link = welcome.link;
     let send = |w: &mut wire::Writer, dir: &Path, name: &str, last: bool| {
-        wire::send_image(w, dir, name, last).map_err(|what| MigrateError::Protocol {
+        wire::send_image(w, dir, name, last, link).map_err(|what| MigrateError::Protocol {
             pid,
             what: format!("sending image {name}: {what}"),
         })
@@ -186,8 +207,10 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         let t = Instant::now();
         let bytes = send(&mut w, &dir, &name, false)?;
         let send_time = t.elapsed();
-        if let Some(p) = &prev {
-            // The destination has it; this side needs only the newest round.
+        if let Some(p) = prev.as_ref().filter(|_| !link) {
+            // The destination has it; this side needs only the newest round. (Links
+            // are made as the destination reads the stream: their files stay until the
+            // end.)
             let _ = std::fs::remove_dir_all(p);
         }
         rounds.push(Round {
@@ -274,6 +297,7 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         restore,
         commit,
         blackout,
+        linked: link,
         total: t0.elapsed(),
     })
 }

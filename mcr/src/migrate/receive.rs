@@ -79,7 +79,11 @@ pub fn receive(listener: &Listener, opts: &ReceiveOptions) -> Result<Restored> {
             temp.path().to_path_buf()
         }
     };
-    let result = take_images(&mut r, &root, pid).and_then(|(last, opened)| {
+    let link = sees(&hello.staging, &root);
+    wire::send_json(&mut w, wire::WELCOME, &wire::Welcome { link })
+        .map_err(tx(pid, "welcoming the source"))?;
+    let staging = link.then(|| PathBuf::from(&hello.staging.path));
+    let result = take_images(&mut r, &root, staging.as_deref(), pid).and_then(|(last, opened)| {
         let mut ro = opts.restore.clone();
         ro.dir = root.join(&last);
         let t = Instant::now();
@@ -128,9 +132,28 @@ pub fn receive(listener: &Listener, opts: &ReceiveOptions) -> Result<Restored> {
     result
 }
 
-/// Stores the images until the last one; returns its name, and the others opened
-/// and checked as they came (during pre-copy, not during the blackout).
-fn take_images(r: &mut wire::Reader, root: &Path, pid: i32) -> Result<(String, Vec<Image>)> {
+/// Whether this process sees the source's staging directory itself, on the filesystem
+/// of `workdir` (so that its files can be linked in).
+fn sees(s: &wire::Staging, workdir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(dir), Ok(work)) = (std::fs::metadata(&s.path), std::fs::metadata(workdir)) else {
+        return false;
+    };
+    !s.boot_id.is_empty()
+        && s.boot_id == wire::boot_id()
+        && (dir.dev(), dir.ino()) == (s.dev, s.ino)
+        && work.dev() == s.dev
+}
+
+/// Stores the images until the last one (linking them from `staging` when the source
+/// sends links); returns its name, and the others opened and checked as they came
+/// (during pre-copy, not during the blackout).
+fn take_images(
+    r: &mut wire::Reader,
+    root: &Path,
+    staging: Option<&Path>,
+    pid: i32,
+) -> Result<(String, Vec<Image>)> {
     let mut opened = Vec::new();
     let tx = |source| MigrateError::Transport {
         pid,
@@ -159,6 +182,10 @@ fn take_images(r: &mut wire::Reader, root: &Path, pid: i32) -> Result<(String, V
                         .map_err(|e| protocol(pid, format!("{}: {e}", dir.display())))?;
                 }
                 let path = dir.join(safe_name(pid, &h.name)?);
+                if let Some(want) = h.linked {
+                    link_in(pid, staging, &h, want, &path)?;
+                    continue;
+                }
                 let file = std::fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
@@ -208,6 +235,34 @@ fn take_images(r: &mut wire::Reader, root: &Path, pid: i32) -> Result<(String, V
             k => return Err(protocol(pid, format!("unexpected frame kind {k}"))),
         }
     }
+}
+
+/// Links the staged file `h` in at `path`, after checking it is the very file sent.
+fn link_in(
+    pid: i32,
+    staging: Option<&Path>,
+    h: &FileHeader,
+    want: (u64, u64),
+    path: &Path,
+) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(staging) = staging else {
+        return Err(protocol(pid, "a file sent as a link, which was not agreed"));
+    };
+    let from = staging
+        .join(safe_name(pid, &h.image)?)
+        .join(safe_name(pid, &h.name)?);
+    std::fs::hard_link(&from, path)
+        .map_err(|e| protocol(pid, format!("linking {}: {e}", from.display())))?;
+    let m =
+        std::fs::metadata(path).map_err(|e| protocol(pid, format!("{}: {e}", path.display())))?;
+    if (m.dev(), m.ino()) != want || m.len() != h.size {
+        return Err(protocol(
+            pid,
+            format!("{} is not the file the source staged", from.display()),
+        ));
+    }
+    Ok(())
 }
 
 /// A single path component, never `..` or absolute: the source names files only

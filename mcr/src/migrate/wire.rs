@@ -14,6 +14,8 @@ use std::path::Path;
 use transport::{FrameReader, FrameWriter, Stream};
 
 pub const HELLO: u16 = 1;
+/// The destination's answer to HELLO: whether it can take the files by link.
+pub const WELCOME: u16 = 13;
 pub const FILE: u16 = 2;
 pub const DATA: u16 = 3;
 pub const IMAGE: u16 = 4;
@@ -28,13 +30,38 @@ pub const READY: u16 = 12;
 pub const DATA_CHUNK: usize = 1 << 20;
 
 /// The version of this conversation; both ends must speak the same.
-pub const PROTOCOL: u32 = 2;
+pub const PROTOCOL: u32 = 3;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Hello {
     pub protocol: u32,
     pub tool_version: String,
     pub root_pid: i32,
+    /// Where the source makes its images, should the destination see the same files.
+    pub staging: Staging,
+}
+
+/// A directory, and what proves another process sees the very same one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Staging {
+    pub path: String,
+    pub dev: u64,
+    pub ino: u64,
+    /// /proc/sys/kernel/random/boot_id: the same machine, this boot.
+    pub boot_id: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The destination sees the source's staging directory, on its own work
+    /// directory's filesystem: files come as hard links, not bytes.
+    pub link: bool,
+}
+
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -44,6 +71,9 @@ pub struct FileHeader {
     /// One of the image's files.
     pub name: String,
     pub size: u64,
+    /// Sent as a link: the file is at `staging/image/name`, with this (dev, inode), and
+    /// no data follows.
+    pub linked: Option<(u64, u64)>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -83,25 +113,38 @@ pub fn parse<T: for<'a> Deserialize<'a>>(kind: u16, payload: &[u8]) -> Result<T,
     serde_json::from_slice(payload).map_err(|e| format!("bad message of kind {kind}: {e}"))
 }
 
-/// Sends image directory `dir` as `name`; returns the bytes sent.
-pub fn send_image(w: &mut Writer, dir: &Path, name: &str, last: bool) -> Result<u64, String> {
+/// Sends image directory `dir` as `name` (as links when `link`); returns the bytes of
+/// its files.
+pub fn send_image(
+    w: &mut Writer,
+    dir: &Path,
+    name: &str,
+    last: bool,
+    link: bool,
+) -> Result<u64, String> {
     use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
     let mut total = 0;
     let mut buf = vec![0u8; DATA_CHUNK];
     for f in IMAGE_FILES {
         let path = dir.join(f);
         let mut file =
             std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let size = file
+        let meta = file
             .metadata()
-            .map_err(|e| format!("{}: {e}", path.display()))?
-            .len();
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let size = meta.len();
         let h = FileHeader {
             image: name.into(),
             name: f.into(),
             size,
+            linked: link.then(|| (meta.dev(), meta.ino())),
         };
         send_json(w, FILE, &h).map_err(|e| e.to_string())?;
+        total += size;
+        if link {
+            continue;
+        }
         let mut left = size;
         while left > 0 {
             let n = (left as usize).min(DATA_CHUNK);
@@ -110,7 +153,6 @@ pub fn send_image(w: &mut Writer, dir: &Path, name: &str, last: bool) -> Result<
             w.send(DATA, &buf[..n]).map_err(|e| e.to_string())?;
             left -= n as u64;
         }
-        total += size;
     }
     send_json(
         w,
