@@ -564,11 +564,16 @@ pub fn wait_gone(pid: i32) {
 
 /// Starts the `churn` workload with `mib` MiB, the file it maps privately made in `dir`.
 pub fn start_churn(g: &mut Guard, dir: &Path, mib: &str) -> Proc {
+    start_churn_at(g, dir, mib, "4")
+}
+
+/// Like [`start_churn`], rewriting `rate` pages a millisecond.
+pub fn start_churn_at(g: &mut Guard, dir: &Path, mib: &str, rate: &str) -> Proc {
     let file = dir.join(format!("churn-file-{mib}"));
     Proc::start(
         g,
         &workload_bin("churn"),
-        &[file.to_str().expect("utf-8 path"), mib],
+        &[file.to_str().expect("utf-8 path"), mib, rate],
         None,
     )
 }

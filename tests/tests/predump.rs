@@ -52,7 +52,9 @@ fn a_chain_of_two_pre_dumps_and_a_checkpoint_restores_every_page() {
         tmp.path().join("final"),
     );
     let mut g = Guard::new();
-    let mut p = start_churn(&mut g, tmp.path(), "16");
+    // One page a millisecond: on a loaded machine a second between images still
+    // leaves most of the 4096 pages unwritten.
+    let mut p = start_churn_at(&mut g, tmp.path(), "16", "1");
     let r1 = pre_dump(p.pid, &pd1, &[]);
     assert!(r1["tracked_vmas"].as_u64().unwrap() > 5, "{r1}");
     churn(&mut p);
@@ -173,7 +175,9 @@ fn a_failed_checkpoint_keeps_the_tracking_for_the_next_one() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (pd, fin) = (tmp.path().join("pre"), tmp.path().join("final"));
     let mut g = Guard::new();
-    let mut p = start_churn(&mut g, tmp.path(), "16");
+    // One page a millisecond: on a loaded machine a second between images still
+    // leaves most of the 4096 pages unwritten.
+    let mut p = start_churn_at(&mut g, tmp.path(), "16", "1");
     pre_dump(p.pid, &pd, &[]);
     churn(&mut p);
     let pid_s = p.pid.to_string();
