@@ -22,6 +22,53 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// How to restore: `mcr restore`'s options, and `mcr receive`'s.
+#[derive(clap::Args)]
+struct RestoreArgs {
+    /// Chroot the process here and reopen its files under it.
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Return once the process runs instead of waiting for it to exit.
+    #[arg(short = 'd', long)]
+    detach: bool,
+    /// Write the restored pid here.
+    #[arg(long)]
+    pidfile: Option<PathBuf>,
+    /// Bind the process's outside stdio to ours.
+    #[arg(long)]
+    shell_job: bool,
+    /// Restore into a new pid namespace, where the tree keeps its pids whatever runs
+    /// here; an init of ours is its pid 1 unless the tree's root was one.
+    #[arg(long)]
+    pidns: bool,
+    /// Restore into a new mount namespace whose root is --root (pivot_root), with a
+    /// proc of its own under --pidns.
+    #[arg(long)]
+    mntns: bool,
+    /// Make the image's established TCP connections again.
+    #[arg(long)]
+    tcp_established: bool,
+    /// Restore into this network namespace (/run/netns/NAME or /proc/PID/ns/net).
+    #[arg(long)]
+    netns: Option<PathBuf>,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+impl RestoreArgs {
+    fn options(&self, dir: PathBuf) -> RestoreOptions {
+        let mut o = RestoreOptions::new(dir);
+        o.root = self.root.clone();
+        o.shell_job = self.shell_job;
+        o.pidns = self.pidns;
+        o.mntns = self.mntns;
+        o.tcp_established = self.tcp_established;
+        o.netns = self.netns.clone();
+        o
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Freeze a process, write its image, then kill it (or leave it running or stopped).
@@ -114,59 +161,15 @@ enum Cmd {
         /// Keep the images here instead of a temporary directory.
         #[arg(long)]
         workdir: Option<PathBuf>,
-        #[arg(long)]
-        root: Option<PathBuf>,
-        #[arg(short = 'd', long)]
-        detach: bool,
-        #[arg(long)]
-        pidfile: Option<PathBuf>,
-        #[arg(long)]
-        shell_job: bool,
-        #[arg(long)]
-        pidns: bool,
-        #[arg(long)]
-        mntns: bool,
-        #[arg(long)]
-        netns: Option<PathBuf>,
-        /// Make the image's established TCP connections again.
-        #[arg(long)]
-        tcp_established: bool,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        how: RestoreArgs,
     },
     /// Bring a process back from an image, with the same pid.
     Restore {
         #[arg(short = 'D', long = "images-dir")]
         dir: PathBuf,
-        /// Chroot the process here and reopen its files under it.
-        #[arg(long)]
-        root: Option<PathBuf>,
-        /// Return once the process runs instead of waiting for it to exit.
-        #[arg(short = 'd', long)]
-        detach: bool,
-        /// Write the restored pid here.
-        #[arg(long)]
-        pidfile: Option<PathBuf>,
-        /// Bind the process's outside stdio to ours.
-        #[arg(long)]
-        shell_job: bool,
-        /// Restore into a new pid namespace, where the tree keeps its pids whatever
-        /// runs here; an init of ours is its pid 1 unless the tree's root was one.
-        #[arg(long)]
-        pidns: bool,
-        /// Restore into a new mount namespace whose root is --root (pivot_root), with a
-        /// proc of its own under --pidns.
-        #[arg(long)]
-        mntns: bool,
-        /// Make the image's established TCP connections again.
-        #[arg(long)]
-        tcp_established: bool,
-        /// Restore into this network namespace (/run/netns/NAME or /proc/PID/ns/net).
-        #[arg(long)]
-        netns: Option<PathBuf>,
-        /// Print the report as JSON on stdout.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        how: RestoreArgs,
     },
     /// Print an image.
     Show {
@@ -437,15 +440,7 @@ fn main() -> ExitCode {
         Cmd::Receive {
             listen,
             workdir,
-            root,
-            detach,
-            pidfile,
-            shell_job,
-            pidns,
-            mntns,
-            netns,
-            tcp_established,
-            json,
+            how,
         } => {
             let listener = match two_way(&listen).and_then(|a| transport::Listener::bind(&a)) {
                 Ok(l) => l,
@@ -454,50 +449,26 @@ fn main() -> ExitCode {
             if let Ok(a) = listener.local_addr() {
                 eprintln!("mcr: receiving on {a}");
             }
-            let mut ro = RestoreOptions::new(PathBuf::new());
-            ro.root = root;
-            ro.shell_job = shell_job;
-            ro.pidns = pidns;
-            ro.mntns = mntns;
-            ro.netns = netns;
-            ro.tcp_established = tcp_established;
             let opts = mcr::migrate::receive::ReceiveOptions {
-                restore: ro,
+                restore: how.options(PathBuf::new()),
                 workdir,
             };
             let r = mcr::migrate::receive::receive(&listener, &opts);
             drop(listener);
             remove_stale_tables();
             match r {
-                Ok(r) => restored(&r, "received and restored", pidfile, json, detach),
+                Ok(r) => restored(&r, "received and restored", &how),
                 Err(e) => fail(&e, e.exit_code()),
             }
         }
         Cmd::HoldTracker { fds, pids } => mcr::dump::track::hold_main(&fds, &pids),
-        Cmd::Restore {
-            dir,
-            root,
-            detach,
-            pidfile,
-            shell_job,
-            pidns,
-            mntns,
-            tcp_established,
-            netns,
-            json,
-        } => {
-            let mut opts = RestoreOptions::new(dir);
-            opts.root = root;
-            opts.shell_job = shell_job;
-            opts.pidns = pidns;
-            opts.mntns = mntns;
-            opts.tcp_established = tcp_established;
-            opts.netns = netns;
+        Cmd::Restore { dir, how } => {
+            let opts = how.options(dir);
             let r = mcr::restore::restore(&opts);
             // After the restore, not before: the blackout is no place for it.
             remove_stale_tables();
             match r {
-                Ok(r) => restored(&r, "restored", pidfile, json, detach),
+                Ok(r) => restored(&r, "restored", &how),
                 Err(e) => fail(&e, e.exit_code()),
             }
         }
@@ -627,19 +598,13 @@ fn two_way(s: &str) -> Result<transport::Addr, transport::TransportError> {
 
 /// After a restore (or a migration received): the pidfile, the report, and unless
 /// detached, like `criu restore` without -d, staying the parent and passing its exit on.
-fn restored(
-    r: &mcr::restore::Restored,
-    what: &str,
-    pidfile: Option<PathBuf>,
-    json: bool,
-    detach: bool,
-) -> ExitCode {
-    if let Some(p) = pidfile {
-        if let Err(e) = std::fs::write(&p, format!("{}\n", r.pid)) {
+fn restored(r: &mcr::restore::Restored, what: &str, how: &RestoreArgs) -> ExitCode {
+    if let Some(p) = &how.pidfile {
+        if let Err(e) = std::fs::write(p, format!("{}\n", r.pid)) {
             eprintln!("mcr: warning: writing pidfile {}: {e}", p.display());
         }
     }
-    if json {
+    if how.json {
         let v = serde_json::json!({"pid": r.pid, "pages": r.pages, "steps": steps_json(&r.steps)});
         println!("{v}");
     } else {
@@ -650,7 +615,7 @@ fn restored(
             steps_text(&r.steps)
         );
     }
-    if detach {
+    if how.detach {
         return ExitCode::SUCCESS;
     }
     match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(r.child), None) {
