@@ -3,5 +3,5 @@
 mod maps;
 mod misc;
 
-pub use maps::{read_maps, MapEntry};
+pub use maps::{read_layout, read_maps, MapEntry};
 pub use misc::*;

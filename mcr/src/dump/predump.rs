@@ -109,7 +109,9 @@ fn run(
         let mut found = Vec::with_capacity(tree.procs.len());
         for f in &tree.procs {
             let p = f.pid;
-            let maps = procfs::read_maps(p).step(p, || "reading smaps".into())?;
+            // The layout alone: a pre-dump's VMAs only place its pages (the checkpoint
+            // records their flags), and smaps would walk every page table while frozen.
+            let maps = procfs::read_layout(p).step(p, || "reading maps".into())?;
             let stat = Stat::read(p).step(p, || "reading stat".into())?;
             let mm = mm::collect(p, &maps, &stat, 0)?;
             // What the previous image's tracking saw, read before it ends (or, when it
