@@ -1117,6 +1117,37 @@ fn connections_waiting_to_be_accepted_are_refused_by_name_and_the_service_runs_o
     );
 }
 
+/// Migrates `pid` with its connections from A into B (and a pid namespace: its pids
+/// are taken here until the commit): `mcr receive` (with `env`) and `mcr migrate` (with
+/// `extra`) both run in A, where the connection is stopped on the wire.
+fn migrate_in_a(
+    net: &Net,
+    tmp: &std::path::Path,
+    pid: i32,
+    env: &[(&str, &str)],
+    extra: &[&str],
+) -> (std::process::Output, Receiver) {
+    let to = format!("unix:{}", tmp.join("mig.sock").display());
+    let enter_a = net.enter(0);
+    let prefix: Vec<&str> = enter_a.iter().map(String::as_str).collect();
+    let recv = Receiver::start_via(
+        &prefix,
+        &to,
+        &tmp.join("pid"),
+        &["--pidns", "--tcp-established", "--netns", &net.path(1)],
+        env,
+    );
+    let out = std::process::Command::new(&enter_a[0])
+        .args(&enter_a[1..])
+        .arg(mcr_bin())
+        .args(["migrate", "-t", &pid.to_string(), "--to", &to])
+        .args(["--shell-job", "--tcp-established"])
+        .args(extra)
+        .output()
+        .expect("mcr migrate");
+    (out, recv)
+}
+
 #[test]
 fn a_service_migrates_live_to_another_network_namespace_and_its_client_keeps_talking() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -1124,28 +1155,10 @@ fn a_service_migrates_live_to_another_network_namespace_and_its_client_keeps_tal
     let mut g = Guard::new();
     let (mut p, client) = echo_in_a(&mut g, &net, 100);
 
-    // Both ends run in A, where the connection is stopped on the wire; the workload
-    // goes into B (its pids are taken here until the commit: a pid namespace too), and
-    // the address follows it once the destination is ready.
-    let to = format!("unix:{}", tmp.path().join("mig.sock").display());
-    let enter_a = net.enter(0);
-    let prefix: Vec<&str> = enter_a.iter().map(String::as_str).collect();
+    // The address follows the workload into B once the destination is ready.
     let b = net.path(1);
-    let recv = Receiver::start_via(
-        &prefix,
-        &to,
-        &tmp.path().join("pid"),
-        &["--pidns", "--tcp-established", "--netns", &b],
-        &[],
-    );
-    let out = std::process::Command::new(&enter_a[0])
-        .args(&enter_a[1..])
-        .arg(mcr_bin())
-        .args(["migrate", "-t", &p.pid.to_string(), "--to", &to])
-        .args(["--shell-job", "--tcp-established", "--at-ready"])
-        .arg(net.move_address_commands())
-        .output()
-        .expect("mcr migrate");
+    let moves = net.move_address_commands();
+    let (out, recv) = migrate_in_a(&net, tmp.path(), p.pid, &[], &["--at-ready", &moves]);
     assert!(
         out.status.success(),
         "migrate failed: {}",
@@ -1178,24 +1191,14 @@ fn a_destination_failing_after_the_commit_gives_the_connection_back_to_the_origi
     let net = Net::new();
     let mut g = Guard::new();
     let (mut p, client) = echo_in_a(&mut g, &net, 50);
-    let to = format!("unix:{}", tmp.path().join("mig.sock").display());
-    let enter_a = net.enter(0);
-    let prefix: Vec<&str> = enter_a.iter().map(String::as_str).collect();
-    let mut recv = Receiver::start_via(
-        &prefix,
-        &to,
-        &tmp.path().join("pid"),
-        &["--pidns", "--tcp-established", "--netns", &net.path(1)],
-        &[("MCR_FAULT", "restore-after-gate")],
-    );
     // The address stays in A: the original is where the client must find it again.
-    let out = std::process::Command::new(&enter_a[0])
-        .args(&enter_a[1..])
-        .arg(mcr_bin())
-        .args(["migrate", "-t", &p.pid.to_string(), "--to", &to])
-        .args(["--shell-job", "--tcp-established"])
-        .output()
-        .expect("mcr migrate");
+    let (out, mut recv) = migrate_in_a(
+        &net,
+        tmp.path(),
+        p.pid,
+        &[("MCR_FAULT", "restore-after-gate")],
+        &[],
+    );
     assert_fails(&out, 10, &["destination failed", "restore-after-gate"]);
     assert_eq!(recv.wait(), 1);
     let (worst, _conn) = client.wait_trips(50).finish();

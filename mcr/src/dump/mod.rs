@@ -431,11 +431,6 @@ fn inventory(
     processes: usize,
     tcp: &inet::TcpCapture,
 ) -> Inventory {
-    let frozen_at_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    let uts = nix::sys::utsname::uname().ok();
     let mut features = vec![if processes > 1 {
         "process-tree"
     } else {
@@ -446,22 +441,33 @@ fn inventory(
         features.push("zstd-pages".into());
     }
     Inventory {
-        format_version: FORMAT_VERSION as u32,
-        tool_version: env!("CARGO_PKG_VERSION").into(),
-        kernel_release: uts
-            .as_ref()
-            .map(|u| u.release().to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        arch: std::env::consts::ARCH.into(),
-        root_pid: pid,
-        page_size: kext_shim::PAGE_SIZE as u32,
-        features,
-        frozen_at_ms,
         shell_job: opts.shell_job,
         net_lock: match opts.after {
             AfterDump::Kill => tcp.net_lock(),
             _ => None,
         },
+        ..new_inventory(pid, features)
+    }
+}
+
+/// An inventory for a new image of `root_pid` using `features`: who wrote it, on what,
+/// when, with a fresh id; no parent, lock or tracker yet.
+pub(crate) fn new_inventory(root_pid: i32, features: Vec<String>) -> Inventory {
+    Inventory {
+        format_version: FORMAT_VERSION as u32,
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        kernel_release: nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        arch: std::env::consts::ARCH.into(),
+        root_pid,
+        page_size: kext_shim::PAGE_SIZE as u32,
+        features,
+        frozen_at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        shell_job: false,
+        net_lock: None,
         image_id: new_image_id(),
         parent: None,
         tracker: None,

@@ -9,7 +9,7 @@
 use super::mm::{self, Job, PagePlan};
 use super::track::{self, Previous};
 use super::{freeze_tree, parasite, AfterDump, DumpError, Result, StepContext};
-use crate::image::{Compression, ImageWriter, WriteStats, FORMAT_VERSION, PRE_DUMP};
+use crate::image::{Compression, ImageWriter, WriteStats, PRE_DUMP};
 use crate::model::{
     Creds, FileRef, Inventory, MmImage, Namespaces, ParentPages, ProcessImage, Snapshot,
 };
@@ -207,15 +207,9 @@ fn run(
     let t = Instant::now();
     let snapshot = Snapshot {
         inventory: Inventory {
-            format_version: FORMAT_VERSION as u32,
-            tool_version: env!("CARGO_PKG_VERSION").into(),
-            kernel_release: nix::sys::utsname::uname()
-                .map(|u| u.release().to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            arch: std::env::consts::ARCH.into(),
-            root_pid: root,
-            page_size: kext_shim::PAGE_SIZE as u32,
-            features: {
+            parent: prev.as_ref().filter(|_| inherits).map(|p| p.parent_ref()),
+            tracker: holder.clone(),
+            ..super::new_inventory(root, {
                 let mut f = vec![PRE_DUMP.to_string()];
                 if inherits {
                     f.push(crate::image::PARENT_IMAGES.into());
@@ -224,15 +218,7 @@ fn run(
                     f.push("zstd-pages".into());
                 }
                 f
-            },
-            frozen_at_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
-            shell_job: false,
-            net_lock: None,
-            image_id: super::new_image_id(),
-            parent: prev.as_ref().filter(|_| inherits).map(|p| p.parent_ref()),
-            tracker: holder.clone(),
+            })
         },
         processes,
         pipes: vec![],
