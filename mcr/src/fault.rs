@@ -18,6 +18,19 @@ pub const MIGRATE_STALL_AT_READY: &str = "migrate-stall-at-ready";
 /// Not a failure: `mcr migrate` stops for good once the original is stopped for good,
 /// before it tells the destination to take over.
 pub const MIGRATE_STALL_AT_COMMIT: &str = "migrate-stall-at-commit";
+/// Not a failure: `mcr migrate` waits for a line on its stdin after each pre-copy round
+/// the destination put in place, so that a test can change the workload between rounds.
+pub const MIGRATE_WAIT_AFTER_ROUND: &str = "migrate-wait-after-round";
+
+/// Waits for a line on stdin (or its end) if `point` was asked for, saying so on stderr
+/// first.
+pub fn wait(point: &str) {
+    if armed(point) {
+        eprintln!("mcr: waiting at {point} (MCR_FAULT)");
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+    }
+}
 
 /// Stops this thread for good if `point` was asked for, saying so on stderr first (a
 /// test waits for that line).

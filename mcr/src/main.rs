@@ -161,6 +161,10 @@ enum Cmd {
         /// Keep the images here instead of a temporary directory.
         #[arg(long)]
         workdir: Option<PathBuf>,
+        /// Make the tree only from the final image, not from the rounds as they come
+        /// (a warm restore); for comparison.
+        #[arg(long)]
+        cold: bool,
         #[command(flatten)]
         how: RestoreArgs,
     },
@@ -440,6 +444,7 @@ fn main() -> ExitCode {
         Cmd::Receive {
             listen,
             workdir,
+            cold,
             how,
         } => {
             let listener = match two_way(&listen).and_then(|a| transport::Listener::bind(&a)) {
@@ -452,6 +457,7 @@ fn main() -> ExitCode {
             let opts = mcr::migrate::receive::ReceiveOptions {
                 restore: how.options(PathBuf::new()),
                 workdir,
+                warm: !cold,
             };
             let r = mcr::migrate::receive::receive(&listener, &opts);
             drop(listener);
@@ -540,6 +546,7 @@ fn print_migration(r: &mcr::migrate::MigrateReport, json: bool) {
                 serde_json::json!({
                     "pages": x.pages, "bytes": x.bytes, "dump_ms": ms(x.dump),
                     "send_ms": ms(x.send), "frozen_ms": ms(x.frozen),
+                    "apply_ms": ms(x.apply),
                 })
             })
             .collect();
@@ -551,6 +558,8 @@ fn print_migration(r: &mcr::migrate::MigrateReport, json: bool) {
             "final_bytes": r.final_bytes,
             "blackout_ms": ms(r.blackout),
             "linked": r.linked,
+            "warm": r.warm,
+            "cold_because": r.cold_because,
             "blackout": {
                 "freeze_and_dump_ms": ms(r.freeze_and_dump),
                 "transfer_ms": ms(r.transfer),
@@ -564,13 +573,21 @@ fn print_migration(r: &mcr::migrate::MigrateReport, json: bool) {
     }
     for (i, x) in r.rounds.iter().enumerate() {
         eprintln!(
-            "mcr: round {i}: {} pages ({:.1} MiB) copied in {:.1} ms, sent in {:.1} ms, frozen {:.2} ms",
+            "mcr: round {i}: {} pages ({:.1} MiB) copied in {:.1} ms, sent in {:.1} ms, in place there in {:.1} ms, frozen {:.2} ms",
             x.pages,
             x.bytes as f64 / (1 << 20) as f64,
             ms(x.dump),
             ms(x.send),
+            ms(x.apply),
             ms(x.frozen)
         );
+    }
+    match &r.cold_because {
+        None if r.warm => {
+            eprintln!("mcr: restored warm: the destination built the tree from the rounds")
+        }
+        Some(why) => eprintln!("mcr: restored cold: {why}"),
+        None => {}
     }
     eprintln!(
         "mcr: migrated pid {} (now pid {} there): blackout {:.1} ms (freeze and dump {:.1}, transfer {:.1}, restore {:.1}, commit {:.1}); last round {} pages; total {:.1} ms",

@@ -47,6 +47,8 @@ pub struct PreDumpReport {
 struct Proc {
     pid: Pid,
     ppid: i32,
+    pgid: i32,
+    sid: i32,
     comm: String,
     mm: MmImage,
     plan: PagePlan,
@@ -133,7 +135,7 @@ fn run(
                 Some(i) => (carried.swap_remove(i), true),
                 None => (parasite::write_tracker(f, &maps)?, false),
             };
-            for v in mm.vmas.iter().filter(|v| v.kind_is_tracked()) {
+            for v in mm.vmas.iter().filter(|v| v.private_anonymous()) {
                 // Tracked by this very userfaultfd since the round before, and protected
                 // again just now.
                 if carried_on && plan.inherited.contains(&(v.start, v.end)) {
@@ -152,6 +154,8 @@ fn run(
             procs.push(Proc {
                 pid: f.pid,
                 ppid: stat.field(4) as i32,
+                pgid: stat.field(5) as i32,
+                sid: stat.field(6) as i32,
                 comm: stat.comm.clone(),
                 mm,
                 plan,
@@ -195,10 +199,21 @@ fn run(
         }
     }
     let root = procs[0].pid.as_raw();
-    let processes: Vec<ProcessImage> = procs
+    let mut processes: Vec<ProcessImage> = procs
         .iter()
-        .map(|p| memory_only(p.pid.as_raw(), p.ppid, &p.comm, p.mm.clone()))
-        .collect();
+        .map(|p| {
+            Ok(ProcessImage {
+                pgid: p.pgid,
+                sid: p.sid,
+                root: procfs::read_link(&format!("/proc/{}/root", p.pid))
+                    .step(p.pid, || "reading root".into())?,
+                ..memory_only(p.pid.as_raw(), p.ppid, &p.comm, p.mm.clone())
+            })
+        })
+        .collect::<Result<_>>()?;
+    // With the sessions and roots: what a destination needs to make the tree early
+    // (see restore::warm), which the checkpoint must then match.
+    processes[0].namespaces = super::task::namespaces(&processes)?;
     let trackers: Vec<WriteTracker> = procs.into_iter().map(|p| p.tracker).collect();
     let (holder, trackers) = match keep {
         Keep::Holder => (Some(track::spawn_holder(trackers)?), Vec::new()),
@@ -254,7 +269,8 @@ fn run(
     ))
 }
 
-/// A process record that holds only its address space: a pre-dump is no workload.
+/// A process record that holds only its address space and its place in the tree: a
+/// pre-dump is no workload.
 fn memory_only(pid: i32, ppid: i32, comm: &str, mm: MmImage) -> ProcessImage {
     ProcessImage {
         pid,

@@ -118,7 +118,7 @@ impl Previous {
                 .any(|p| p.pid == pid.as_raw());
         let pagemap = Pagemap::open(pid).step(pid, || "opening pagemap".into())?;
         Ok(Box::new(move |v: &Vma| {
-            if !tracked || !v.kind_is_tracked() {
+            if !tracked || !v.private_anonymous() {
                 return Ok(None);
             }
             dirty::written(&pagemap, v.start, v.end, reprotect).step(pid, || {
@@ -131,16 +131,6 @@ impl Previous {
     /// own ends when it drops it).
     pub fn end(&self) -> Result<()> {
         self.holder.as_ref().map_or(Ok(()), end_holder)
-    }
-}
-
-impl Vma {
-    /// Private anonymous memory, whose every change a tracker sees. Shared memory is
-    /// copied whole, and so are private file mappings (their copied-on-write pages):
-    /// MADV_DONTNEED there brings the file's bytes back without a write, and the kernel
-    /// keeps such pages marked as protected.
-    pub(super) fn kind_is_tracked(&self) -> bool {
-        !self.shared && self.kind == crate::model::VmaKind::Anonymous
     }
 }
 

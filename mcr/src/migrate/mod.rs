@@ -55,6 +55,8 @@ pub struct Round {
     pub send: Duration,
     /// How long the tree was frozen for it.
     pub frozen: Duration,
+    /// How long the destination took to put it in place, as it measured it.
+    pub apply: Duration,
 }
 
 /// What a migration did, with its blackout split into its parts.
@@ -74,6 +76,10 @@ pub struct MigrateReport {
     pub commit: Duration,
     /// The images went by hard link (one host, one filesystem), not as bytes.
     pub linked: bool,
+    /// The destination finished the tree it built from the rounds; or it restored
+    /// cold, for this reason.
+    pub warm: bool,
+    pub cold_because: Option<String>,
     /// From the freeze to the destination's word that the workload runs there, as the
     /// source measured it (the original's end comes after).
     pub blackout: Duration,
@@ -207,6 +213,11 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         let t = Instant::now();
         let bytes = send(&mut w, &dir, &name, false)?;
         let send_time = t.elapsed();
+        // The next round begins once this one is in place there: what is written
+        // meanwhile goes into the next, not into the blackout.
+        let applied: wire::Applied =
+            wire::parse(wire::APPLIED, &expect(&mut r, pid, wire::APPLIED)?)
+                .map_err(|what| MigrateError::Protocol { pid, what })?;
         if let Some(p) = prev.as_ref().filter(|_| !link) {
             // The destination has it; this side needs only the newest round. (Links
             // are made as the destination reads the stream: their files stay until the
@@ -219,9 +230,11 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
             dump,
             send: send_time,
             frozen: rep.frozen_for,
+            apply: Duration::from_secs_f64(applied.apply_ms.max(0.0) / 1e3),
         });
         prev = Some(dir);
         crate::fault::stall(crate::fault::MIGRATE_STALL_AFTER_ROUND);
+        crate::fault::wait(crate::fault::MIGRATE_WAIT_AFTER_ROUND);
         if converged(&rounds, opts) {
             break;
         }
@@ -298,6 +311,8 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         commit,
         blackout,
         linked: link,
+        warm: restored.warm,
+        cold_because: restored.cold_because,
         total: t0.elapsed(),
     })
 }

@@ -5,7 +5,7 @@
 use super::wire::{self, FileHeader, ImageDone};
 use super::{MigrateError, Result};
 use crate::image::Image;
-use crate::restore::{restore_with, RestoreOptions, Restored};
+use crate::restore::{restore_with, RestoreOptions, Restored, WarmTree};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -17,6 +17,9 @@ pub struct ReceiveOptions {
     pub restore: RestoreOptions,
     /// Where the images are kept; a fresh temporary directory if None. Removed after.
     pub workdir: Option<PathBuf>,
+    /// Build the tree from the rounds as they arrive (warm restore); false makes it
+    /// only from the final image, as `mcr restore` does.
+    pub warm: bool,
 }
 
 fn protocol(pid: i32, what: impl Into<String>) -> MigrateError {
@@ -83,7 +86,9 @@ pub fn receive(listener: &Listener, opts: &ReceiveOptions) -> Result<Restored> {
     wire::send_json(&mut w, wire::WELCOME, &wire::Welcome { link })
         .map_err(tx(pid, "welcoming the source"))?;
     let staging = link.then(|| PathBuf::from(&hello.staging.path));
-    let result = take_images(&mut r, &root, staging.as_deref(), pid).and_then(|(last, opened)| {
+    let warm_opts = opts.warm.then_some(&opts.restore);
+    let taken = take_images(&mut r, &mut w, &root, staging.as_deref(), pid, warm_opts);
+    let result = taken.and_then(|(last, opened, warm)| {
         let mut ro = opts.restore.clone();
         ro.dir = root.join(&last);
         let t = Instant::now();
@@ -100,7 +105,13 @@ pub fn receive(listener: &Listener, opts: &ReceiveOptions) -> Result<Restored> {
                 Err(e) => Err(format!("the source went away before committing: {e}")),
             }
         };
-        let restored = restore_with(&ro, opened, &mut gate);
+        let restored = restore_with(&ro, opened, &mut gate, warm.tree);
+        let restored = restored.map(|mut done| {
+            if done.cold_because.is_none() {
+                done.cold_because = warm.cold_because;
+            }
+            done
+        });
         match restored {
             Ok(done) => {
                 wire::send_json(
@@ -109,6 +120,8 @@ pub fn receive(listener: &Listener, opts: &ReceiveOptions) -> Result<Restored> {
                     &wire::Restored {
                         pid: done.pid,
                         restore_ms: t.elapsed().as_secs_f64() * 1e3,
+                        warm: done.warm_rounds.is_some(),
+                        cold_because: done.cold_because.clone(),
                     },
                 )
                 .map_err(tx(pid, "telling the source the workload runs here"))?;
@@ -145,15 +158,64 @@ fn sees(s: &wire::Staging, workdir: &Path) -> bool {
         && work.dev() == s.dev
 }
 
+/// The tree built from the rounds so far, or why there is none.
+#[derive(Default)]
+struct Warm {
+    tree: Option<WarmTree>,
+    cold_because: Option<String>,
+}
+
+impl Warm {
+    /// Puts the round just opened (the last of `opened`) into the tree, making the tree
+    /// from it if it is the first. A failure only costs the warmth: the tree is killed
+    /// and the checkpoint will be restored cold.
+    fn take(&mut self, opts: &RestoreOptions, opened: &[Image]) {
+        if self.cold_because.is_some() {
+            return;
+        }
+        let Some(newest) = opened.last() else { return };
+        let chain = chain_of(newest, opened);
+        let done = match self.tree.as_mut() {
+            Some(tree) => tree.apply(&chain).map(|_| ()),
+            None => WarmTree::start(opts, &chain).map(|t| self.tree = Some(t)),
+        };
+        if let Err(e) = done {
+            tracing::info!("restoring cold: {e}");
+            self.tree = None;
+            self.cold_because = Some(e.to_string());
+        }
+    }
+}
+
+/// `newest` and the images of `pool` it builds on, newest first.
+fn chain_of<'a>(newest: &'a Image, pool: &'a [Image]) -> Vec<&'a Image> {
+    let mut chain = vec![newest];
+    while let Some(want) = &chain[chain.len() - 1].snapshot.inventory.parent {
+        match pool
+            .iter()
+            .find(|i| i.snapshot.inventory.image_id == want.image_id)
+        {
+            // A chain is no longer than the rounds: a loop would repeat one.
+            Some(p) if chain.len() <= pool.len() => chain.push(p),
+            _ => break,
+        }
+    }
+    chain
+}
+
 /// Stores the images until the last one (linking them from `staging` when the source
-/// sends links); returns its name, and the others opened and checked as they came
-/// (during pre-copy, not during the blackout).
+/// sends links); returns its name, the others opened and checked as they came (during
+/// pre-copy, not during the blackout), and with `warm` the tree built from them. Each
+/// round is answered with APPLIED once it is in place.
 fn take_images(
     r: &mut wire::Reader,
+    w: &mut wire::Writer,
     root: &Path,
     staging: Option<&Path>,
     pid: i32,
-) -> Result<(String, Vec<Image>)> {
+    warm: Option<&RestoreOptions>,
+) -> Result<(String, Vec<Image>, Warm)> {
+    let mut tree = Warm::default();
     let mut opened = Vec::new();
     let tx = |source| MigrateError::Transport {
         pid,
@@ -225,12 +287,29 @@ fn take_images(
                 }
                 let name = safe_name(pid, &d.image)?.to_string();
                 if d.last {
-                    return Ok((name, opened));
+                    return Ok((name, opened, tree));
                 }
                 opened
                     .push(Image::open(&root.join(&name)).map_err(|e| {
                         protocol(pid, format!("round {name} arrived damaged: {e}"))
                     })?);
+                let t = Instant::now();
+                match warm {
+                    Some(opts) => tree.take(opts, &opened),
+                    None => tree.cold_because = Some("warm restore is off".into()),
+                }
+                let applied = wire::Applied {
+                    warm: tree.tree.is_some(),
+                    apply_ms: t.elapsed().as_secs_f64() * 1e3,
+                    cold_because: tree.cold_because.clone(),
+                };
+                wire::send_json(w, wire::APPLIED, &applied).map_err(|source| {
+                    MigrateError::Transport {
+                        pid,
+                        step: "telling the source a round is in place".into(),
+                        source,
+                    }
+                })?;
             }
             k => return Err(protocol(pid, format!("unexpected frame kind {k}"))),
         }

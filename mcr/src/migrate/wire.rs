@@ -2,7 +2,9 @@
 //!
 //! Source to destination: [`HELLO`], then each image (a pre-copy round, then the
 //! final one) as its files, each a [`FILE`] header and [`DATA`] frames, closed by
-//! [`IMAGE`]. Destination to source, on the same connection: [`READY`] once the
+//! [`IMAGE`]. Destination to source, on the same connection: [`APPLIED`] once a round
+//! is in the tree it builds ahead (warm restore), before the source takes the next;
+//! [`READY`] once the
 //! workload is whole there, held before it runs, or [`FAILED`] with why. The source then
 //! stops the original for good (a SIGSTOP queued behind its ptrace stop, so that not
 //! even the source's death lets it run again) and answers [`COMMIT`]; the destination
@@ -25,12 +27,14 @@ pub const RESTORED: u16 = 10;
 pub const FAILED: u16 = 11;
 /// The workload is whole at the destination, held just before it runs.
 pub const READY: u16 = 12;
+/// A pre-copy round is in place at the destination.
+pub const APPLIED: u16 = 14;
 
 /// Bytes of file data per frame.
 pub const DATA_CHUNK: usize = 1 << 20;
 
 /// The version of this conversation; both ends must speak the same.
-pub const PROTOCOL: u32 = 3;
+pub const PROTOCOL: u32 = 4;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Hello {
@@ -84,11 +88,24 @@ pub struct ImageDone {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
+pub struct Applied {
+    /// The round's memory is in the destination's tree; false: the destination
+    /// restores cold, for `cold_because`.
+    pub warm: bool,
+    /// How long it took, ms.
+    pub apply_ms: f64,
+    pub cold_because: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Restored {
     /// The root's pid as the destination's host sees it.
     pub pid: i32,
     /// Milliseconds the restore took (the destination's share of the blackout).
     pub restore_ms: f64,
+    /// It finished the tree built from the rounds (rather than making it anew).
+    pub warm: bool,
+    pub cold_because: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

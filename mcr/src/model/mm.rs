@@ -69,6 +69,15 @@ impl Vma {
     pub fn writable(&self) -> bool {
         self.prot & libc::PROT_WRITE != 0
     }
+
+    /// Private anonymous memory: the only kind whose every change a write tracker sees,
+    /// and so the only kind a warm restore keeps from one round to the next. Shared
+    /// memory is copied whole, and so are private file mappings (their copied-on-write
+    /// pages): MADV_DONTNEED there brings the file's bytes back without a write, and
+    /// the kernel keeps such pages marked as protected.
+    pub fn private_anonymous(&self) -> bool {
+        !self.shared && self.kind == VmaKind::Anonymous
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,7 +6,7 @@
 //! the scratch page is unmapped from inside itself, and the registers set after that.
 
 use super::files::FdNumbers;
-use super::memory::{fill, map_vma, move_vdso, set_mm, teardown};
+use super::memory::{fill, map_vma, move_vdso, set_mm, teardown, Scope};
 use super::shared::{Backing, Placement};
 use super::state::{
     fill_epolls, queue_pending, raise_nofile, set_creds, set_fds, set_foreground, set_itimers,
@@ -122,31 +122,35 @@ impl Ctx<'_> {
     }
 }
 
-pub fn rebuild(
+/// A fresh stub made ready to be rebuilt: signals blocked, an injector through its vDSO.
+pub(super) fn start<'a>(
     stub: &Stub,
-    p: &ProcessImage,
-    image: &Image,
-    fds: &FdNumbers,
-    shared: &Placement,
-    steps: &mut Vec<(&'static str, Duration)>,
-    pages: &mut u64,
-) -> Result<Vec<kext_shim::Pid>> {
+    vpid: i32,
+    steps: &'a mut Vec<(&'static str, Duration)>,
+) -> Result<Ctx<'a>> {
     let pid = stub.pid;
     let raw = pid.as_raw();
     // Nothing may be delivered while the process is half-built.
     ptrace::set_sigmask(pid, !0).step(raw, || "blocking signals".into())?;
-    let maps = procfs::read_maps(pid).step(raw, || "reading the new process's maps".into())?;
     let mem = ProcMem::open(pid).step(raw, || "opening /proc/PID/mem".into())?;
-    let mut cx = Ctx {
+    Ok(Ctx {
         pid: raw,
-        vpid: p.pid,
+        vpid,
         inj: super::stub::fresh_injector(pid)?,
         others: Vec::new(),
         data: 0,
         mem,
         steps,
-    };
+    })
+}
 
+/// Empties the fresh stub's address space for `p`: rseq off, a scratch page of ours
+/// (returned) where neither layout has anything, everything it inherited from us gone
+/// but the shared objects, the vDSO moved where `p` had it.
+pub(super) fn clear_space(cx: &mut Ctx, p: &ProcessImage, shared: &Placement) -> Result<u64> {
+    let pid = kext_shim::Pid::from_raw(cx.pid);
+    let raw = cx.pid;
+    let maps = procfs::read_layout(pid).step(raw, || "reading the new process's maps".into())?;
     // The stub inherited our rseq registration; its area is about to be unmapped.
     let rs = ptrace::rseq_config(pid).step(raw, || "reading rseq".into())?;
     if rs.area != 0 {
@@ -163,12 +167,20 @@ pub fn rebuild(
             || "rseq unregister".into(),
         )?;
     }
-
-    // Scratch: one page holding `syscall`, one for arguments, away from both layouts.
     let mut used: Vec<(u64, u64)> = maps.iter().map(|m| (m.start, m.end)).collect();
     used.extend(p.mm.vmas.iter().map(|v| (v.start, v.end)));
-    let scratch = find_gap(&used, SCRATCH_PAGES * PAGE_SIZE, 1 << 32)
-        .or_else(|| find_gap(&used, SCRATCH_PAGES * PAGE_SIZE, 1 << 20))
+    let scratch = new_scratch(cx, &used)?;
+    teardown(cx, &maps, shared)?;
+    move_vdso(cx, &maps, p, &used, scratch)?;
+    Ok(scratch)
+}
+
+/// Maps a scratch area where `used` has nothing: one page holding `syscall`, which the
+/// injector goes through from now on, one for arguments. Returns its address.
+pub(super) fn new_scratch(cx: &mut Ctx, used: &[(u64, u64)]) -> Result<u64> {
+    let raw = cx.pid;
+    let scratch = find_gap(used, SCRATCH_PAGES * PAGE_SIZE, 1 << 32)
+        .or_else(|| find_gap(used, SCRATCH_PAGES * PAGE_SIZE, 1 << 20))
         .ok_or_else(|| RestoreError::Incompatible {
             pid: raw,
             what: "no room for a scratch page".into(),
@@ -191,10 +203,22 @@ pub fn rebuild(
         .step(raw, || "protecting the scratch page".into())?;
     cx.inj.set_syscall_ip(scratch);
     cx.data = scratch + PAGE_SIZE;
+    Ok(scratch)
+}
 
-    cx.timed("rebuild memory map", |cx| {
-        teardown(cx, &maps, shared)?;
-        move_vdso(cx, &maps, p, &used, scratch)?;
+/// Rebuilds a fresh stub into `p` whole (a cold restore); returns its threads.
+pub fn rebuild(
+    stub: &Stub,
+    p: &ProcessImage,
+    image: &Image,
+    fds: &FdNumbers,
+    shared: &Placement,
+    steps: &mut Vec<(&'static str, Duration)>,
+    pages: &mut u64,
+) -> Result<Vec<kext_shim::Pid>> {
+    let mut cx = start(stub, p.pid, steps)?;
+    let scratch = cx.timed("rebuild memory map", |cx| {
+        let scratch = clear_space(cx, p, shared)?;
         for v in &p.mm.vmas {
             map_vma(cx, v, fds, shared)?;
         }
@@ -207,9 +231,23 @@ pub fn rebuild(
                     .step(cx.pid, || format!("unmapping shared object at {base:#x}"))?;
             }
         }
-        Ok(())
+        Ok(scratch)
     })?;
-    *pages = cx.timed("fill memory", |cx| fill(cx, p, image))?;
+    let chain: Vec<&Image> = std::iter::once(image).chain(&image.parents).collect();
+    *pages = cx.timed("fill memory", |cx| fill(cx, p, &chain, Scope::default()))?;
+    finish(cx, p, image, fds, scratch)
+}
+
+/// Everything but memory, once memory is in place; the scratch page goes last and the
+/// registers are set. Returns the threads, leader first.
+pub(super) fn finish(
+    mut cx: Ctx,
+    p: &ProcessImage,
+    image: &Image,
+    fds: &FdNumbers,
+    scratch: u64,
+) -> Result<Vec<kext_shim::Pid>> {
+    let raw = cx.pid;
     if crate::fault::armed(crate::fault::RESTORE_AFTER_FILL) {
         return Err(RestoreError::FaultInjected {
             pid: raw,

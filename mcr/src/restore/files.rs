@@ -34,7 +34,7 @@ pub struct FilePlan {
 }
 
 /// Just the numbers, once the files themselves were handed to the stub.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct FdNumbers {
     pub map_fds: Vec<i32>,
     pub exe_fd: i32,
@@ -54,6 +54,11 @@ impl FilePlan {
     /// Per process, in image order.
     pub fn numbers(&self) -> Vec<FdNumbers> {
         self.per_process.clone()
+    }
+
+    /// Every fd this plan holds for the stubs, by its number here.
+    pub fn ours(&self) -> Vec<i32> {
+        self.owned.iter().map(AsRawFd::as_raw_fd).collect()
     }
 
     /// Keeps `f` for the stubs, numbered above every fd number the image uses when

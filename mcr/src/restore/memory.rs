@@ -20,8 +20,8 @@ pub(super) const VDSO_PARTS: [(&str, VmaKind); 3] = [
 
 /// Refuses an image whose vDSO does not match this kernel's, before any process exists.
 pub(super) fn check_vdso_layout(p: &ProcessImage) -> Result<()> {
-    let ours =
-        procfs::read_maps(kext_shim::Pid::this()).step(p.pid, || "reading our own maps".into())?;
+    let ours = procfs::read_layout(kext_shim::Pid::this())
+        .step(p.pid, || "reading our own maps".into())?;
     for (name, kind) in VDSO_PARTS {
         let theirs = p.mm.vmas.iter().find(|v| v.kind == kind).map(Vma::len);
         let mine = ours.iter().find(|m| m.path == name).map(MapEntry::len);
@@ -260,15 +260,28 @@ pub(super) fn advise(cx: &mut Ctx, v: &Vma) -> Result<()> {
     Ok(())
 }
 
-/// Copies the image's pages in, and those its parent images hold for it: each parent's
-/// only where every image below it says the pages are the parent's, and where no newer
-/// image had the page, so every page is written once, from its newest copy.
-pub(super) fn fill(cx: &mut Ctx, p: &ProcessImage, image: &Image) -> Result<u64> {
-    let parents = &image.parents;
-    let mut layers: Vec<Layer> = vec![(image, p.pid, None)];
+/// Which pages of a chain to write. A cold restore writes them all; a warm one keeps
+/// what an earlier round already put in place.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Scope<'a> {
+    /// Where the newest image's own pages go (None: everywhere it has them).
+    pub newest: Option<&'a [(u64, u64)]>,
+    /// Where the older images' pages go (None: wherever the chain says they hold).
+    pub older: Option<&'a [(u64, u64)]>,
+}
+
+/// Copies the newest image's pages in, and those its parents (`chain[1..]`, parent
+/// first) hold for it: each parent's only where every image below it says the pages
+/// are the parent's, and where no newer image had the page, so every page is written
+/// once, from its newest copy.
+pub(super) fn fill(cx: &mut Ctx, p: &ProcessImage, chain: &[&Image], scope: Scope) -> Result<u64> {
+    let Some((&image, parents)) = chain.split_first() else {
+        return Ok(0);
+    };
+    let mut layers: Vec<Layer> = vec![(image, p.pid, scope.newest.map(<[_]>::to_vec))];
     let mut mm = &p.mm;
     let mut allowed: Option<Vec<(u64, u64)>> = None;
-    for (parent, child) in parents.iter().zip(std::iter::once(image).chain(parents)) {
+    for (&parent, &child) in parents.iter().zip(chain) {
         let Some(pp) = &mm.parent else { break };
         let next = match &allowed {
             None => pp.ranges.clone(),
@@ -288,33 +301,53 @@ pub(super) fn fill(cx: &mut Ctx, p: &ProcessImage, image: &Image) -> Result<u64>
                 ),
             }));
         };
-        layers.push((parent, pp.pid, Some(next.clone())));
+        let wanted = match scope.older {
+            Some(o) => intersect(&next, o),
+            None => next.clone(),
+        };
+        layers.push((parent, pp.pid, Some(wanted)));
         allowed = Some(next);
         mm = &q.mm;
     }
     let mut pages = 0;
     // What newer layers wrote, sorted and merged.
     let mut covered: Vec<(u64, u64)> = Vec::new();
-    for (img, owner, allowed) in &layers {
+    for (i, (img, owner, allowed)) in layers.iter().enumerate() {
         let mut mine: Vec<(u64, u64)> = img
             .chunks_of(*owner)
             .map(|c| (c.addr, c.addr + c.len_bytes() as u64))
             .collect();
         mine.sort_unstable();
-        let mine = match allowed {
-            Some(a) => intersect(&merge(mine), a),
-            None => merge(mine),
+        let mine = merge(mine);
+        let here = match allowed {
+            // The newest image's pages go wherever it is allowed.
+            Some(a) if i == 0 => Some(intersect(&mine, a)),
+            // A parent's where no newer image had them.
+            Some(a) => Some(subtract(&intersect(&mine, a), &covered)),
+            None => None,
         };
-        // The image's own pages all go in; a parent's where no newer image had them.
-        let here = allowed.as_ref().map(|_| subtract(&mine, &covered));
         pages += fill_layer(cx, p, img, *owner, here.as_deref())?;
         covered = merge([covered, mine].concat());
     }
     Ok(pages)
 }
 
+/// The pages of `v` that the newest image of a chain says are neither its own nor
+/// left to its parent: written since, then dropped, so they must read as zero.
+pub(super) fn dropped_since(p: &ProcessImage, image: &Image, v: &Vma) -> Vec<(u64, u64)> {
+    let whole = [(v.start, v.end)];
+    let mut kept: Vec<(u64, u64)> = image
+        .chunks_of(p.pid)
+        .map(|c| (c.addr, c.addr + c.len_bytes() as u64))
+        .collect();
+    if let Some(pp) = &p.mm.parent {
+        kept.extend(intersect(&pp.ranges, &whole));
+    }
+    subtract(&whole, &merge(kept))
+}
+
 /// Sorted ranges merged where they touch or overlap.
-fn merge(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+pub(super) fn merge(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     v.sort_unstable();
     let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
     for (s, e) in v {
@@ -327,7 +360,7 @@ fn merge(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
 }
 
 /// The parts of sorted disjoint `a` outside sorted disjoint `b`.
-fn subtract(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+pub(super) fn subtract(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     let mut j = 0;
     for &(s, e) in a {
@@ -354,7 +387,7 @@ fn subtract(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
 type Layer<'a> = (&'a Image, i32, Option<Vec<(u64, u64)>>);
 
 /// Sorted disjoint ranges in both `a` and `b`.
-fn intersect(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+pub(super) fn intersect(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
     let (mut i, mut j) = (0, 0);
     let mut out = Vec::new();
     while i < a.len() && j < b.len() {

@@ -14,6 +14,9 @@ mod sockets;
 mod state;
 mod stub;
 mod threads;
+mod warm;
+
+pub use warm::WarmTree;
 
 use crate::image::{Image, ImageError};
 use crate::model::{MountNs, MountSource};
@@ -73,6 +76,10 @@ pub struct Restored {
     pub child: i32,
     pub pages: u64,
     pub steps: Vec<(&'static str, Duration)>,
+    /// Made warm: the pre-copy rounds it was built from.
+    pub warm_rounds: Option<u32>,
+    /// A warm tree was offered and could not be used, for this reason.
+    pub cold_because: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,17 +143,20 @@ impl<T> StepContext<T> for kext_shim::Result<T> {
 
 /// Restores the image in `opts.dir`. The process is left running as our child.
 pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
-    restore_with(opts, Vec::new(), &mut || Ok(()))
+    restore_with(opts, Vec::new(), &mut || Ok(()), None)
 }
 
 /// Like [`restore`], given images of the chain already opened and checked (a
 /// migration's rounds, checked as they arrived): those the chain names are used
 /// instead of being read again. `gate` runs once the tree is whole, just before it is
 /// released: an error there kills it instead (a migration's source did not commit).
+/// `warm` is the tree a migration built from its rounds, finished rather than made
+/// again if the checkpoint still fits it.
 pub fn restore_with(
     opts: &RestoreOptions,
     opened: Vec<Image>,
     gate: &mut dyn FnMut() -> std::result::Result<(), String>,
+    warm: Option<WarmTree>,
 ) -> Result<Restored> {
     let mut steps = Vec::new();
     let t0 = Instant::now();
@@ -187,31 +197,9 @@ pub fn restore_with(
         std::fs::metadata(p).map_or(0, |m| m.ino())
     });
     let mut release = crate::netlock::Release::new(snap.inventory.net_lock.clone(), target_netns);
+    check_tree(snap)?;
     let procs = &snap.processes;
-    let Some(p0) = procs.first() else {
-        return Err(RestoreError::Incompatible {
-            pid: snap.inventory.root_pid,
-            what: "the image holds no process".into(),
-        });
-    };
-    for (i, p) in procs.iter().enumerate().skip(1) {
-        if !procs[..i].iter().any(|q| q.pid == p.ppid) {
-            return Err(RestoreError::Incompatible {
-                pid: p.pid,
-                what: format!("its parent {} does not come before it in the image", p.ppid),
-            });
-        }
-    }
-    if snap.inventory.arch != std::env::consts::ARCH {
-        return Err(RestoreError::Incompatible {
-            pid: p0.pid,
-            what: format!(
-                "the image is for {}, this machine is {}",
-                snap.inventory.arch,
-                std::env::consts::ARCH
-            ),
-        });
-    }
+    let p0 = &procs[0];
     let root = match &opts.root {
         Some(r) => r.canonicalize().map_err(|e| RestoreError::File {
             pid: p0.pid,
@@ -251,113 +239,80 @@ pub fn restore_with(
     let numbers = plan.numbers();
     memory::check_vdso_layout(p0)?;
 
+    let chain: Vec<&Image> = std::iter::once(&image).chain(&image.parents).collect();
+    let mut cold_because = None;
+    let warm = warm.and_then(|w| match w.fits(snap, &numbers, &placement) {
+        Ok(()) => Some(w),
+        Err(why) => {
+            tracing::info!(pid = p0.pid, "the warm tree cannot be used: {why}");
+            cold_because = Some(why);
+            // Dropped: every process of it is killed.
+            None
+        }
+    });
+    let warm_rounds = warm.as_ref().map(|w| w.rounds);
+
     let t = Instant::now();
-    let ns = &p0.namespaces;
-    let new_pidns = ns.pid || opts.pidns;
-    if !new_pidns {
-        for p in procs {
-            for t in &p.threads {
-                wait_for_pid(t.tid, opts.pid_wait)?;
-            }
-        }
-        for z in &snap.zombies {
-            wait_for_pid(z.pid, opts.pid_wait)?;
-        }
-    }
-    // The whole tree as fresh stubs first, each forked by its parent after that parent
-    // took its session and group, so the children inherit them.
-    let flags = if ns.uts.is_some() {
-        libc::CLONE_NEWUTS as u64
-    } else {
-        0
-    } | if ns.ipc.is_some() {
-        libc::CLONE_NEWIPC as u64
-    } else {
-        0
-    } | if new_pidns {
-        libc::CLONE_NEWPID as u64
-    } else {
-        0
-    };
-    let new_mntns = ns.mnt.is_some() || opts.mntns;
-    let (flags, mounts, chroot) = if new_mntns {
-        (
-            flags | libc::CLONE_NEWNS as u64,
-            mount_plan(&root, ns.mnt.as_ref(), new_pidns),
-            // Pivoted into the restore root: only the process's own chroot is left.
-            chroot_dir(Path::new("/"), &p0.root),
-        )
-    } else {
-        (flags, Vec::new(), chroot_dir(&root, &p0.root))
-    };
-    // In a new pid namespace the first process is its pid 1: the root itself when it
-    // was an init, otherwise an init of ours that forks the root with its pid.
-    let first = stub::Stub::spawn(
-        if new_pidns { 0 } else { p0.pid },
-        chroot,
-        flags,
-        mounts,
-        netns.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
-    )?;
-    drop(netns);
-    let sysv = shared::make_sysv(&image, first.pid)?;
-    let mut inj = stub::fresh_injector(first.pid)?;
-    if let Some((host, domain)) = &ns.uts {
-        first.set_uts(&mut inj, host, domain)?;
-    }
-    let mut init = None;
-    let mut stubs = if new_pidns && p0.pid != 1 {
-        let root = first.fork_child(&mut inj, p0.pid)?;
-        init = Some((first, inj));
-        inj = stub::fresh_injector(root.pid)?;
-        vec![root]
-    } else {
-        vec![first]
-    };
-    state::early_init(&mut inj, p0.into(), procs)?;
-    state::take_ctty(&mut inj, p0.pid, &numbers[0])?;
-    for (i, p) in procs.iter().enumerate().skip(1) {
-        let parent = procs
-            .iter()
-            .position(|q| q.pid == p.ppid)
-            .expect("checked above");
-        let mut inj = stub::fresh_injector(stubs[parent].pid)?;
-        let child = stubs[parent].fork_child(&mut inj, p.pid)?;
-        let mut cinj = stub::fresh_injector(child.pid)?;
-        state::early_init(&mut cinj, p.into(), procs)?;
-        state::take_ctty(&mut cinj, p.pid, &numbers[i])?;
-        stubs.push(child);
-    }
-    // Zombies: forked by their parent like any child, then ended with their status.
-    for z in &snap.zombies {
-        let parent = procs.iter().position(|q| q.pid == z.ppid).ok_or_else(|| {
-            RestoreError::Incompatible {
-                pid: z.pid,
-                what: format!("zombie {} has no parent {} in the image", z.pid, z.ppid),
-            }
-        })?;
-        let mut inj = stub::fresh_injector(stubs[parent].pid)?;
-        let zs = stubs[parent].fork_child(&mut inj, z.pid)?;
-        let mut zinj = stub::fresh_injector(zs.pid)?;
-        let ids = state::Ids {
-            pid: z.pid,
-            pgid: z.pgid,
-            sid: z.sid,
-        };
-        state::early_init(&mut zinj, ids, procs)?;
-        zs.die_as(&mut zinj, z.pid, z.status)?;
-    }
-    // The stubs hold their own copies now.
-    drop(plan);
-    drop(objects);
-    steps.push(("create processes", t.elapsed()));
     let mut pages = 0;
     let mut threads = Vec::new();
-    for ((stub, p), nums) in stubs.iter().zip(procs).zip(&numbers) {
-        threads.push(build::rebuild(
-            stub, p, &image, nums, &placement, &mut steps, &mut pages,
-        )?);
-    }
+    let (init, stubs, sysv) = match warm {
+        None => {
+            let tree = spawn_tree(opts, snap, &root, Some(&numbers), netns.as_ref())?;
+            drop(netns);
+            let sysv = shared::make_sysv(&image, tree.first)?;
+            let Tree { init, stubs, .. } = tree;
+            // The stubs hold their own copies now.
+            drop(plan);
+            drop(objects);
+            steps.push(("create processes", t.elapsed()));
+            for ((stub, p), nums) in stubs.iter().zip(procs).zip(&numbers) {
+                threads.push(build::rebuild(
+                    stub, p, &image, nums, &placement, &mut steps, &mut pages,
+                )?);
+            }
+            (init, stubs, sysv)
+        }
+        Some(w) => {
+            drop(netns);
+            let (init, procs_warm, pidfd, holds) = w.into_parts();
+            let first = match &init {
+                Some((s, _)) => s.pid,
+                None => procs_warm[0].pid(),
+            };
+            let sysv = shared::make_sysv(&image, first)?;
+            let continues = image
+                .parents
+                .first()
+                .is_some_and(|p| p.snapshot.inventory.image_id == holds);
+            let mut ours = plan.ours();
+            ours.extend(placement.iter().filter_map(|placed| match placed.at {
+                shared::Backing::Memfd { fd } => Some(fd),
+                shared::Backing::Region { .. } => None,
+            }));
+            let mut stubs = Vec::with_capacity(procs_warm.len());
+            for ((wp, p), nums) in procs_warm.into_iter().zip(procs).zip(&numbers) {
+                let mut n = 0;
+                let (stub, th) = wp.finish(
+                    p,
+                    &chain,
+                    continues,
+                    nums,
+                    &placement,
+                    std::os::fd::AsRawFd::as_raw_fd(&pidfd),
+                    &ours,
+                    &mut steps,
+                    &mut n,
+                )?;
+                pages += n;
+                stubs.push(stub);
+                threads.push(th);
+            }
+            // The stubs took their own copies.
+            drop(plan);
+            drop(objects);
+            (init, stubs, sysv)
+        }
+    };
     if let Some(objects) = &sysv {
         kext_shim::sysv::remove_marked(stubs[0].pid, objects).step(p0.pid, || {
             "removing SysV segments marked for removal".into()
@@ -403,11 +358,17 @@ pub fn restore_with(
         steps.push(("remove the connections' lock", t.elapsed()));
     }
     steps.push(("total", t0.elapsed()));
+    drop(chain);
+    // Unmapping the images' pages takes tens of ms at a GiB (33 ms for a 256 MiB
+    // chain here): not before the caller can say that the workload runs.
+    std::thread::spawn(move || drop(image));
     Ok(Restored {
         pid: root_pid,
         child,
         pages,
         steps,
+        warm_rounds,
+        cold_because,
     })
 }
 
@@ -526,4 +487,166 @@ fn wait_for_pid(pid: i32, patience: Duration) -> Result<()> {
             by: format!("{} (state {})", stat.comm, stat.state()),
         });
     }
+}
+
+/// The tree as fresh stubs, each still a copy of us, to be rebuilt.
+pub(crate) struct Tree {
+    /// The first stub made, whose namespaces the others share.
+    pub first: Pid,
+    /// An init of ours, with the injector it was made with, when the tree gets a new
+    /// pid namespace its root was not the init of.
+    pub init: Option<(stub::Stub, kext_shim::inject::Injector)>,
+    /// The tree's processes, in image order.
+    pub stubs: Vec<stub::Stub>,
+}
+
+/// Makes every process of `snap` as a fresh stub with its pid, session and group, in
+/// the namespaces it needs, each forked by its parent after that parent took its
+/// session and group, so the children inherit them. With `numbers`, session leaders
+/// take their terminal too (a warm tree, made before the files are open, has none).
+pub(crate) fn spawn_tree(
+    opts: &RestoreOptions,
+    snap: &crate::model::Snapshot,
+    root: &Path,
+    numbers: Option<&[files::FdNumbers]>,
+    netns: Option<&std::fs::File>,
+) -> Result<Tree> {
+    let procs = &snap.processes;
+    let p0 = &procs[0];
+    let ns = &p0.namespaces;
+    let new_pidns = ns.pid || opts.pidns;
+    if !new_pidns {
+        for p in procs {
+            for t in &p.threads {
+                wait_for_pid(t.tid, opts.pid_wait)?;
+            }
+            // A pre-dump's record has no threads: its leader stands for them.
+            if p.threads.is_empty() {
+                wait_for_pid(p.pid, opts.pid_wait)?;
+            }
+        }
+        for z in &snap.zombies {
+            wait_for_pid(z.pid, opts.pid_wait)?;
+        }
+    }
+    let flags = if ns.uts.is_some() {
+        libc::CLONE_NEWUTS as u64
+    } else {
+        0
+    } | if ns.ipc.is_some() {
+        libc::CLONE_NEWIPC as u64
+    } else {
+        0
+    } | if new_pidns {
+        libc::CLONE_NEWPID as u64
+    } else {
+        0
+    };
+    let new_mntns = ns.mnt.is_some() || opts.mntns;
+    let (flags, mounts, chroot) = if new_mntns {
+        (
+            flags | libc::CLONE_NEWNS as u64,
+            mount_plan(root, ns.mnt.as_ref(), new_pidns),
+            // Pivoted into the restore root: only the process's own chroot is left.
+            chroot_dir(Path::new("/"), &p0.root),
+        )
+    } else {
+        (flags, Vec::new(), chroot_dir(root, &p0.root))
+    };
+    let ctty = |inj: &mut kext_shim::inject::Injector, i: usize, pid: i32| match numbers {
+        Some(n) => state::take_ctty(inj, pid, &n[i]),
+        None => Ok(()),
+    };
+    // In a new pid namespace the first process is its pid 1: the root itself when it
+    // was an init, otherwise an init of ours that forks the root with its pid.
+    let first = stub::Stub::spawn(
+        if new_pidns { 0 } else { p0.pid },
+        chroot,
+        flags,
+        mounts,
+        netns.map(std::os::fd::AsRawFd::as_raw_fd),
+    )?;
+    let first_pid = first.pid;
+    let mut inj = stub::fresh_injector(first.pid)?;
+    if let Some((host, domain)) = &ns.uts {
+        first.set_uts(&mut inj, host, domain)?;
+    }
+    let mut init = None;
+    let mut stubs = if new_pidns && p0.pid != 1 {
+        let root = first.fork_child(&mut inj, p0.pid)?;
+        init = Some((first, inj));
+        inj = stub::fresh_injector(root.pid)?;
+        vec![root]
+    } else {
+        vec![first]
+    };
+    state::early_init(&mut inj, p0.into(), procs)?;
+    ctty(&mut inj, 0, p0.pid)?;
+    for (i, p) in procs.iter().enumerate().skip(1) {
+        let parent = procs
+            .iter()
+            .position(|q| q.pid == p.ppid)
+            .expect("checked by check_tree");
+        let mut inj = stub::fresh_injector(stubs[parent].pid)?;
+        let child = stubs[parent].fork_child(&mut inj, p.pid)?;
+        let mut cinj = stub::fresh_injector(child.pid)?;
+        state::early_init(&mut cinj, p.into(), procs)?;
+        ctty(&mut cinj, i, p.pid)?;
+        stubs.push(child);
+    }
+    // Zombies: forked by their parent like any child, then ended with their status.
+    for z in &snap.zombies {
+        let parent = procs.iter().position(|q| q.pid == z.ppid).ok_or_else(|| {
+            RestoreError::Incompatible {
+                pid: z.pid,
+                what: format!("zombie {} has no parent {} in the image", z.pid, z.ppid),
+            }
+        })?;
+        let mut inj = stub::fresh_injector(stubs[parent].pid)?;
+        let zs = stubs[parent].fork_child(&mut inj, z.pid)?;
+        let mut zinj = stub::fresh_injector(zs.pid)?;
+        let ids = state::Ids {
+            pid: z.pid,
+            pgid: z.pgid,
+            sid: z.sid,
+        };
+        state::early_init(&mut zinj, ids, procs)?;
+        zs.die_as(&mut zinj, z.pid, z.status)?;
+    }
+    Ok(Tree {
+        first: first_pid,
+        init,
+        stubs,
+    })
+}
+
+/// What every restore needs of an image's tree before it makes anything: a root, each
+/// parent before its children, and this machine's architecture.
+pub(crate) fn check_tree(snap: &crate::model::Snapshot) -> Result<()> {
+    let procs = &snap.processes;
+    let Some(p0) = procs.first() else {
+        return Err(RestoreError::Incompatible {
+            pid: snap.inventory.root_pid,
+            what: "the image holds no process".into(),
+        });
+    };
+    for (i, p) in procs.iter().enumerate().skip(1) {
+        if !procs[..i].iter().any(|q| q.pid == p.ppid) {
+            return Err(RestoreError::Incompatible {
+                pid: p.pid,
+                what: format!("its parent {} does not come before it in the image", p.ppid),
+            });
+        }
+    }
+    if snap.inventory.arch != std::env::consts::ARCH {
+        return Err(RestoreError::Incompatible {
+            pid: p0.pid,
+            what: format!(
+                "the image is for {}, this machine is {}",
+                snap.inventory.arch,
+                std::env::consts::ARCH
+            ),
+        });
+    }
+    Ok(())
 }

@@ -73,7 +73,7 @@ pub fn prepare(image: &Image) -> Result<Vec<SharedObject>> {
     if snap.shmem.is_empty() {
         return Ok(Vec::new());
     }
-    let ours = procfs::read_maps(Pid::this()).step(root, || "reading our own maps".into())?;
+    let ours = procfs::read_layout(Pid::this()).step(root, || "reading our own maps".into())?;
     let mut used: Vec<(u64, u64)> = ours.iter().map(|m| (m.start, m.end)).collect();
     for p in &snap.processes {
         used.extend(p.mm.vmas.iter().map(|v| (v.start, v.end)));

@@ -156,7 +156,7 @@ pub const STUB_OPTIONS: i32 =
 /// instruction of the stub's own vDSO.
 pub fn fresh_injector(pid: Pid) -> Result<Injector> {
     let raw = pid.as_raw();
-    let maps = procfs::read_maps(pid).step(raw, || "reading the new process's maps".into())?;
+    let maps = procfs::read_layout(pid).step(raw, || "reading the new process's maps".into())?;
     let vdso =
         maps.iter()
             .find(|m| m.path == "[vdso]")
