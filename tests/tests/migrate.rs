@@ -50,6 +50,13 @@ fn a_workload_moves_to_the_destination_and_the_original_dies_after() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json");
     let rounds = report["rounds"].as_array().expect("rounds");
     assert!(!rounds.is_empty(), "{report}");
+    // The destination built the tree from the rounds and finished it from the last
+    // image (warm restore).
+    assert_eq!(report["warm"], true, "{report}");
+    assert!(
+        rounds.iter().all(|r| r["apply_ms"].as_f64().is_some()),
+        "{report}"
+    );
     assert!(
         rounds[0]["pages"].as_u64().unwrap() >= 32 * 256,
         "the first round copies it all: {report}"
@@ -339,4 +346,94 @@ fn twenty_migrations_in_a_row_lose_not_one_write() {
     }
     let v = p.check();
     assert_pass(&v);
+}
+
+/// Migrates `p` pausing after each round the destination put in place, where `between`
+/// may change the workload (it is told how many rounds went before); returns the report.
+fn migrate_changed_between_rounds(
+    p: &mut Proc,
+    to: &str,
+    mut between: impl FnMut(&mut Proc, usize),
+) -> serde_json::Value {
+    use std::process::{Command, Stdio};
+    let mut m = Command::new(mcr_bin())
+        .args([
+            "migrate",
+            "-t",
+            &p.pid.to_string(),
+            "--to",
+            to,
+            "--shell-job",
+        ])
+        .args(["--json", "--max-rounds", "3"])
+        .env("MCR_FAULT", "migrate-wait-after-round")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mcr migrate");
+    let mut stdin = m.stdin.take().expect("stdin");
+    let mut err = Lines::new(m.stderr.take().expect("stderr"));
+    let mut said = Vec::new();
+    let mut rounds = 0;
+    while let Some(line) = err.next_line() {
+        if line.starts_with("mcr: waiting at migrate-wait-after-round") {
+            rounds += 1;
+            between(p, rounds);
+            stdin.write_all(b"\n").expect("letting mcr migrate go on");
+        } else {
+            said.push(line);
+        }
+    }
+    let out = m.wait_with_output().expect("mcr migrate");
+    assert!(out.status.success(), "migrate failed: {}", said.join("\n"));
+    serde_json::from_slice(&out.stdout).expect("--json")
+}
+
+#[test]
+fn the_tree_built_from_the_rounds_follows_its_memory_changing_shape() {
+    // Between rounds: pages dropped, a region unmapped and mapped elsewhere, one moved
+    // by mremap, a file page dropped, the heap grown, a write through mprotect. The
+    // destination's tree must follow each, or the workload's own check fails.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let to = format!("unix:{}", s(&tmp.path().join("mig.sock")));
+    let mut g = Guard::new();
+    let mut p = start_churn(&mut g, tmp.path(), "16");
+    let recv = Receiver::start(&to, &tmp.path().join("pid"), &["--pidns"], &[]);
+    let report = migrate_changed_between_rounds(&mut p, &to, |p, _| {
+        p.send("CHURN");
+        p.lines.expect_prefix("CHURNED");
+    });
+    assert!(
+        report["rounds"].as_array().expect("rounds").len() >= 2,
+        "{report}"
+    );
+    assert_eq!(report["warm"], true, "{report}");
+    assert_eq!(p.wait(), 128 + libc::SIGKILL, "the original was not killed");
+    let mut moved = recv.workload(&mut g);
+    g.add(parent_of(moved.pid));
+    assert_pass(&moved.check());
+}
+
+#[test]
+fn a_tree_that_forks_between_rounds_is_restored_cold_and_whole() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let to = format!("unix:{}", s(&tmp.path().join("mig.sock")));
+    let mut g = Guard::new();
+    let mut p = start_churn(&mut g, tmp.path(), "8");
+    let recv = Receiver::start(&to, &tmp.path().join("pid"), &["--pidns"], &[]);
+    let report = migrate_changed_between_rounds(&mut p, &to, |p, round| {
+        if round == 1 {
+            p.send("FORK");
+            p.lines.expect_prefix("FORKED");
+        }
+    });
+    assert_eq!(report["warm"], false, "{report}");
+    let why = report["cold_because"].as_str().unwrap_or_default();
+    assert!(why.contains("changed shape"), "{report}");
+    let mut moved = recv.workload(&mut g);
+    g.add(parent_of(moved.pid));
+    // The child came along: the tree is whole.
+    assert_eq!(tree_pids(moved.pid).len(), 2, "{report}");
+    assert_pass(&moved.check());
 }

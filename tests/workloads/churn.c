@@ -4,13 +4,18 @@
  * all the time; on each "CHURN" line it also changes its shape once, every way a
  * write tracker can miss: pages dropped (MADV_DONTNEED, so zeros now), a region
  * unmapped and mapped afresh elsewhere, a region moved (mremap), a private file
- * mapping whose written page is dropped back to the file, the heap grown (brk), and
- * a page written through a read-only-then-writable mprotect. It answers "CHURNED".
+ * mapping whose written page is dropped back to the file, the heap grown (brk), a
+ * region unmapped and mapped again at the very same place with half of it written
+ * (the rest must read as zeros, not as before), and a page written through a
+ * read-only-then-writable mprotect. It answers "CHURNED".
+ * On "FORK" it forks a child that only waits (and dies with it): "FORKED PID".
  * On "CHECK" it verifies every byte against its own record.
  */
 #include "common.h"
 
 #include <poll.h>
+#include <signal.h>
+#include <sys/prctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 
@@ -87,11 +92,12 @@ static uint64_t *map_anon(size_t pages)
     return p;
 }
 
-static void new_region(struct region *r, const char *name, size_t pages, uint64_t salt)
+static void place_region(struct region *r, const char *name, uint64_t *base, size_t pages,
+                         uint64_t salt)
 {
     r->name = name;
     r->pages = pages;
-    r->base = map_anon(pages);
+    r->base = base;
     /* Not malloc: it could move the brk, which the test grows itself. */
     r->gen = (uint32_t *)map_anon((pages * sizeof *r->gen + pg - 1) / pg);
     r->salt = salt;
@@ -99,7 +105,12 @@ static void new_region(struct region *r, const char *name, size_t pages, uint64_
         put(r, i);
 }
 
-static struct region area, fresh, moving, guarded;
+static void new_region(struct region *r, const char *name, size_t pages, uint64_t salt)
+{
+    place_region(r, name, map_anon(pages), pages, salt);
+}
+
+static struct region area, fresh, moving, guarded, reborn;
 static uint64_t *hole; /* where `moving` goes next */
 static unsigned char *filemap, *file_bytes;
 static uint32_t file_gen[FILE_PAGES]; /* 0: the file's bytes */
@@ -154,6 +165,17 @@ static void churn(uint64_t *rng)
     hole = moving.base;
     moving.base = to;
     put(&moving, rounds % moving.pages);
+    /* Unmapped and mapped again where it was, half written: a new VMA at the old place. */
+    munmap(reborn.base, reborn.pages * pg);
+    if (mmap(reborn.base, reborn.pages * pg, PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) != reborn.base)
+        FAIL("mmap reborn: %s", strerror(errno));
+    for (size_t i = 0; i < reborn.pages; i++) {
+        if (i % 2)
+            reborn.gen[i] = DROPPED;
+        else
+            put(&reborn, i);
+    }
     /* A written file page dropped goes back to the file's bytes; another is written. */
     if (madvise(filemap + (rounds % FILE_PAGES) * pg, pg, MADV_DONTNEED))
         FAIL("madvise(DONTNEED) file page: %s", strerror(errno));
@@ -185,6 +207,12 @@ int main(int argc, char **argv)
     new_region(&fresh, "fresh", SIDE_PAGES, 0xf4e54);
     new_region(&moving, "moving", SIDE_PAGES, 0x30e);
     new_region(&guarded, "guarded", SIDE_PAGES, 0x6a4d);
+    /* Between PROT_NONE guards, so that it stays a VMA of its own, never merged. */
+    uint64_t *span = map_anon(3 * SIDE_PAGES);
+    if (mprotect(span, SIDE_PAGES * pg, PROT_NONE) ||
+        mprotect(span + 2 * SIDE_PAGES * pw, SIDE_PAGES * pg, PROT_NONE))
+        FAIL("mprotect guards: %s", strerror(errno));
+    place_region(&reborn, "reborn", span + SIDE_PAGES * pw, SIDE_PAGES, 0x4eb0);
     if (mprotect(guarded.base, guarded.pages * pg, PROT_READ))
         FAIL("mprotect: %s", strerror(errno));
     hole = map_anon(SIDE_PAGES); /* a place of the right size, unmapped by the move */
@@ -229,6 +257,18 @@ int main(int argc, char **argv)
             say("CHURNED %u\n", rounds);
             continue;
         }
+        if (strcmp(line, "FORK") == 0) {
+            pid_t kid = fork();
+            if (kid < 0)
+                FAIL("fork: %s", strerror(errno));
+            if (kid == 0) {
+                prctl(PR_SET_PDEATHSIG, SIGKILL);
+                for (;;)
+                    pause();
+            }
+            say("FORKED %d\n", (int)kid);
+            continue;
+        }
         if (strcmp(line, "CHECK") != 0)
             FAIL("unexpected line %s", line);
         break;
@@ -237,6 +277,7 @@ int main(int argc, char **argv)
     check_region(&fresh);
     check_region(&moving);
     check_region(&guarded);
+    check_region(&reborn);
     check_file();
     check_heap();
     say("PASS churn MIB=%zu rounds=%u heap+%zu\n", mib, rounds, heap_pages);
