@@ -47,6 +47,7 @@ fn checkpoint(c: &mut Criterion) {
                             tcp_established: false,
                             prev: None,
                             prev_held_pids: vec![],
+                            vm_flags: None,
                         };
                         let t = Instant::now();
                         mcr::dump::checkpoint(&opts).expect("checkpoint");
@@ -77,6 +78,7 @@ fn restore(c: &mut Criterion) {
             tcp_established: false,
             prev: None,
             prev_held_pids: vec![],
+            vm_flags: None,
         })
         .expect("checkpoint");
         let _ = w.child.wait();

@@ -49,6 +49,7 @@ fn tree(c: &mut Criterion, procs: usize, threads: usize, mib: usize) {
             tcp_established: false,
             prev: None,
             prev_held_pids: vec![],
+            vm_flags: None,
         })
         .expect("checkpoint");
         (img, r)

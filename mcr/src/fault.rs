@@ -22,6 +22,10 @@ pub const MIGRATE_STALL_AT_COMMIT: &str = "migrate-stall-at-commit";
 /// the destination put in place, so that a test can change the workload between rounds.
 pub const MIGRATE_WAIT_AFTER_ROUND: &str = "migrate-wait-after-round";
 
+/// Not a failure: `mcr migrate` waits for a line on stdin after it read the tree's VMA
+/// flags, just before the blackout's freeze.
+pub const MIGRATE_WAIT_BEFORE_FREEZE: &str = "migrate-wait-before-freeze";
+
 /// Waits for a line on stdin (or its end) if `point` was asked for, saying so on stderr
 /// first.
 pub fn wait(point: &str) {

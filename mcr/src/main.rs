@@ -329,6 +329,7 @@ fn main() -> ExitCode {
                 tcp_established,
                 prev: prev_images_dir,
                 prev_held_pids: vec![],
+                vm_flags: None,
             };
             match mcr::dump::checkpoint(&opts) {
                 Ok(r) => {
@@ -556,6 +557,7 @@ fn print_migration(r: &mcr::migrate::MigrateReport, json: bool) {
             "rounds": rounds,
             "final_pages": r.final_pages,
             "final_bytes": r.final_bytes,
+            "final_steps": r.final_steps.iter().map(|(k, d)| ((*k).to_string(), serde_json::json!(ms(*d)))).collect::<serde_json::Map<_, _>>(),
             "blackout_ms": ms(r.blackout),
             "linked": r.linked,
             "warm": r.warm,

@@ -353,8 +353,25 @@ fn twenty_migrations_in_a_row_lose_not_one_write() {
 fn migrate_changed_between_rounds(
     p: &mut Proc,
     to: &str,
-    mut between: impl FnMut(&mut Proc, usize),
+    between: impl FnMut(&mut Proc, usize),
 ) -> serde_json::Value {
+    let out = migrate_pausing_at(p, to, "migrate-wait-after-round", between);
+    assert!(
+        out.status.success(),
+        "migrate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("--json")
+}
+
+/// Runs `mcr migrate --json` on `p` with `MCR_FAULT=point`, a wait point: each time it
+/// waits there, `at` may change the workload (it is told how many times it waited).
+fn migrate_pausing_at(
+    p: &mut Proc,
+    to: &str,
+    point: &str,
+    mut at: impl FnMut(&mut Proc, usize),
+) -> Output {
     use std::process::{Command, Stdio};
     let mut m = Command::new(mcr_bin())
         .args([
@@ -366,7 +383,7 @@ fn migrate_changed_between_rounds(
             "--shell-job",
         ])
         .args(["--json", "--max-rounds", "3"])
-        .env("MCR_FAULT", "migrate-wait-after-round")
+        .env("MCR_FAULT", point)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -377,17 +394,17 @@ fn migrate_changed_between_rounds(
     let mut said = Vec::new();
     let mut rounds = 0;
     while let Some(line) = err.next_line() {
-        if line.starts_with("mcr: waiting at migrate-wait-after-round") {
+        if line.starts_with(&format!("mcr: waiting at {point}")) {
             rounds += 1;
-            between(p, rounds);
+            at(p, rounds);
             stdin.write_all(b"\n").expect("letting mcr migrate go on");
         } else {
             said.push(line);
         }
     }
-    let out = m.wait_with_output().expect("mcr migrate");
-    assert!(out.status.success(), "migrate failed: {}", said.join("\n"));
-    serde_json::from_slice(&out.stdout).expect("--json")
+    let mut out = m.wait_with_output().expect("mcr migrate");
+    out.stderr = said.join("\n").into_bytes();
+    out
 }
 
 #[test]
@@ -436,4 +453,25 @@ fn a_tree_that_forks_between_rounds_is_restored_cold_and_whole() {
     // The child came along: the tree is whole.
     assert_eq!(tree_pids(moved.pid).len(), 2, "{report}");
     assert_pass(&moved.check());
+}
+
+#[test]
+fn a_flag_changed_just_before_the_freeze_abandons_the_migration_and_the_original_runs_on() {
+    // The blackout takes VMA flags read just before the freeze (smaps is slow) and
+    // confirms them while frozen: an madvise over a whole VMA in between changes no
+    // layout, only the confirmation can see it.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let to = format!("unix:{}", s(&tmp.path().join("mig.sock")));
+    let mut g = Guard::new();
+    let mut p = start_churn(&mut g, tmp.path(), "8");
+    let mut recv = Receiver::start(&to, &tmp.path().join("pid"), &["--pidns"], &[]);
+    let out = migrate_pausing_at(&mut p, &to, "migrate-wait-before-freeze", |p, _| {
+        p.send("DONTFORK");
+        p.lines.expect_prefix("MARKED");
+    });
+    assert_fails(&out, 13, &["flags of", "changed", "runs on here"]);
+    assert_ne!(recv.wait(), 0, "the destination went on alone");
+    assert!(!tmp.path().join("pid").exists(), "something was restored");
+    wait_running(p.pid);
+    runs_on_untouched(p);
 }

@@ -9,6 +9,7 @@
  * (the rest must read as zeros, not as before), and a page written through a
  * read-only-then-writable mprotect. It answers "CHURNED".
  * On "FORK" it forks a child that only waits (and dies with it): "FORKED PID".
+ * On "DONTFORK" it marks its read-only region MADV_DONTFORK whole: "MARKED".
  * On "CHECK" it verifies every byte against its own record.
  */
 #include "common.h"
@@ -255,6 +256,12 @@ int main(int argc, char **argv)
         if (strcmp(line, "CHURN") == 0) {
             churn(&rng);
             say("CHURNED %u\n", rounds);
+            continue;
+        }
+        if (strcmp(line, "DONTFORK") == 0) {
+            if (madvise(guarded.base, guarded.pages * pg, MADV_DONTFORK))
+                FAIL("madvise(DONTFORK): %s", strerror(errno));
+            say("MARKED\n");
             continue;
         }
         if (strcmp(line, "FORK") == 0) {

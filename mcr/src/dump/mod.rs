@@ -18,6 +18,7 @@ mod pty;
 mod sockets;
 mod task;
 pub mod track;
+pub mod vmflags;
 
 use crate::image::{Compression, ImageError, ImageWriter, WriteStats, FORMAT_VERSION};
 use crate::model::{Inventory, Snapshot};
@@ -58,6 +59,8 @@ pub struct CheckpointOptions {
     /// The pids whose tracking since `prev` the caller holds (a migration's rounds);
     /// empty when a holder process keeps it (`mcr pre-dump`).
     pub prev_held_pids: Vec<i32>,
+    /// VMA flags read before the freeze, to spare the blackout smaps (see `vmflags`).
+    pub vm_flags: Option<std::sync::Arc<vmflags::VmFlagsAhead>>,
 }
 
 /// What a checkpoint did and how long each step took.
@@ -166,7 +169,7 @@ pub fn checkpoint_held(opts: &CheckpointOptions) -> Result<HeldCheckpoint> {
         let t = Instant::now();
         let mut processes = Vec::with_capacity(tree.procs.len());
         for f in tree.procs.iter_mut() {
-            processes.push(task::collect(f, opts.shell_job)?);
+            processes.push(task::collect(f, opts.shell_job, opts.vm_flags.as_deref())?);
         }
         processes[0].namespaces = task::namespaces(&processes)?;
         if processes[0].namespaces.ipc.is_none() {
@@ -193,6 +196,10 @@ pub fn checkpoint_held(opts: &CheckpointOptions) -> Result<HeldCheckpoint> {
             .then(|| pidns::PidView::read(&processes, &zombies))
             .transpose()?;
         steps.push(("collect state", t.elapsed()));
+        if let Some(a) = &opts.vm_flags {
+            // The parasite is gone: the confirmation no longer holds it up.
+            a.start_confirming();
+        }
         let t = Instant::now();
         let mut inherits = false;
         for p in processes.iter_mut() {

@@ -68,7 +68,11 @@ pub fn precheck(pid: Pid) -> Result<()> {
 }
 
 /// Describes the frozen process. Injects a few syscalls; the caller puts registers back.
-pub fn collect(frozen: &mut Frozen, shell_job: bool) -> Result<ProcessImage> {
+pub fn collect(
+    frozen: &mut Frozen,
+    shell_job: bool,
+    ahead: Option<&super::vmflags::VmFlagsAhead>,
+) -> Result<ProcessImage> {
     let pid = frozen.pid;
     let raw = pid.as_raw();
     let mut posix_timers = read_posix_timers(pid)?;
@@ -77,7 +81,11 @@ pub fn collect(frozen: &mut Frozen, shell_job: bool) -> Result<ProcessImage> {
 
     let shared_pending = ptrace::peek_siginfo(pid, true)
         .step(pid, || "reading process-wide pending signals".into())?;
-    let maps = procfs::read_maps(pid).step(pid, || "reading smaps".into())?;
+    let maps = match ahead {
+        Some(a) => a.maps_of(pid),
+        None => procfs::read_maps(pid),
+    }
+    .step(pid, || "reading smaps".into())?;
     let handled = status.hex("SigCgt").unwrap_or(!0) | status.hex("SigIgn").unwrap_or(!0);
     let ids: Vec<i32> = posix_timers.iter().map(|t| t.id).collect();
     let answers = parasite::ask(frozen, &maps, handled, &ids)?;

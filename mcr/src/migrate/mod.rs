@@ -71,6 +71,8 @@ pub struct MigrateReport {
     pub freeze_and_dump: Duration,
     pub final_pages: u64,
     pub final_bytes: u64,
+    /// The final checkpoint's own steps (freeze, collect state, dump pages, ...).
+    pub final_steps: Vec<(&'static str, Duration)>,
     pub transfer: Duration,
     pub restore: Duration,
     pub commit: Duration,
@@ -101,6 +103,8 @@ pub enum MigrateError {
     Destination { pid: i32, why: String },
     #[error("pid {pid}: {what}")]
     Protocol { pid: i32, what: String },
+    #[error("pid {pid}: {why}; migration abandoned, it runs on here (try again)")]
+    Changed { pid: i32, why: String },
     #[error("pid {pid}: --at-ready command {cmd:?} failed ({why}); migration abandoned, it runs on here")]
     Hook { pid: i32, cmd: String, why: String },
     #[error("pid {pid}: the destination was told to take over, then went silent ({why}); it may run there: the original is left stopped (SIGCONT resumes it, SIGKILL ends it)")]
@@ -118,6 +122,7 @@ impl MigrateError {
             MigrateError::Destination { .. } => 10,
             MigrateError::InDoubt { .. } => 11,
             MigrateError::Hook { .. } => 12,
+            MigrateError::Changed { .. } => 13,
         }
     }
 }
@@ -240,6 +245,12 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         }
     }
 
+    // Read while the tree runs, confirmed while it is frozen and the destination works.
+    let ahead = (!trackers.is_empty()).then(|| {
+        let pids: Vec<_> = trackers.iter().map(|t| t.pid()).collect();
+        std::sync::Arc::new(crate::dump::vmflags::VmFlagsAhead::read(&pids))
+    });
+    crate::fault::wait(crate::fault::MIGRATE_WAIT_BEFORE_FREEZE);
     // The blackout.
     let t_black = Instant::now();
     let dir = staging.path().join("final");
@@ -253,6 +264,7 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         tcp_established: opts.tcp_established,
         prev: prev.clone(),
         prev_held_pids: trackers.iter().map(|t| t.pid().as_raw()).collect(),
+        vm_flags: ahead.clone(),
     })?;
     let freeze_and_dump = t_black.elapsed();
     let t = Instant::now();
@@ -262,6 +274,10 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
     // Whole there and held: READY. Anything else and `held` resumes the original as it
     // goes, and `trackers` end its tracking.
     expect(&mut r, pid, wire::READY)?;
+    if let Some(Err(why)) = ahead.map(|a| a.confirm()) {
+        // Before the commit point: the original resumes as it was.
+        return Err(MigrateError::Changed { pid, why });
+    }
     crate::fault::stall(crate::fault::MIGRATE_STALL_AT_READY);
     if let Some(cmd) = &opts.at_ready {
         run_hook(pid, cmd)?;
@@ -295,6 +311,7 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
     let blackout = t_black.elapsed();
     let t = Instant::now();
     let final_pages = held.report.stats.pages;
+    let final_steps = held.report.steps.clone();
     held.release(AfterDump::Kill, true)?;
     drop(trackers);
     let commit = t.elapsed();
@@ -306,6 +323,7 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         freeze_and_dump,
         final_pages,
         final_bytes,
+        final_steps,
         transfer,
         restore,
         commit,
