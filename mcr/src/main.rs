@@ -560,6 +560,7 @@ fn print_migration(r: &mcr::migrate::MigrateReport, json: bool) {
             "final_steps": r.final_steps.iter().map(|(k, d)| ((*k).to_string(), serde_json::json!(ms(*d)))).collect::<serde_json::Map<_, _>>(),
             "blackout_ms": ms(r.blackout),
             "linked": r.linked,
+            "destination_steps": r.destination_steps,
             "warm": r.warm,
             "cold_because": r.cold_because,
             "blackout": {

@@ -53,6 +53,8 @@ struct Proc {
     mm: MmImage,
     plan: PagePlan,
     tracker: WriteTracker,
+    /// VMAs to track once the tree runs again (see below).
+    later: Vec<(u64, u64)>,
 }
 
 /// A pre-dump whose tracking a holder process keeps (`mcr pre-dump`).
@@ -107,7 +109,7 @@ fn run(
     let (tree, _) = freeze_tree(pid, opts.freeze_cgroup.as_deref())?;
     steps.push(("freeze", t_freeze.elapsed()));
     let t = Instant::now();
-    let (mut procs, tracked_vmas, untracked_vmas) = (|| {
+    let (mut procs, mut tracked_vmas, mut untracked_vmas) = (|| {
         let mut found = Vec::with_capacity(tree.procs.len());
         for f in &tree.procs {
             let p = f.pid;
@@ -135,16 +137,26 @@ fn run(
                 Some(i) => (carried.swap_remove(i), true),
                 None => (parasite::write_tracker(f, &maps)?, false),
             };
+            let mut later = Vec::new();
             for v in mm.vmas.iter().filter(|v| v.private_anonymous()) {
+                let inherited = plan.inherited.contains(&(v.start, v.end));
                 // Tracked by this very userfaultfd since the round before, and protected
                 // again just now.
-                if carried_on && plan.inherited.contains(&(v.start, v.end)) {
+                if carried_on && inherited {
                     tracked += 1;
                     continue;
                 }
+                // Copied whole below: protected once the tree runs again, before its
+                // copy, so a write before the protection is in the copy and one after
+                // is tracked. At 1 GiB that is most of a first round's freeze.
+                if !inherited {
+                    later.push((v.start, v.end));
+                    continue;
+                }
+                // Left to the parent for what was not written up to the scan: protected
+                // before anything can write it again.
                 match tracker.track(v.start, v.end) {
                     Ok(()) => tracked += 1,
-                    // Copied whole next time; e.g. EBUSY: the process tracks it itself.
                     Err(e) => {
                         tracing::debug!(pid = f.pid.as_raw(), "not tracked: {e}");
                         untracked += 1;
@@ -160,6 +172,7 @@ fn run(
                 mm,
                 plan,
                 tracker,
+                later,
             });
         }
         Ok::<_, DumpError>((procs, tracked, untracked))
@@ -170,6 +183,21 @@ fn run(
     tree.release(AfterDump::LeaveRunning)?;
     let frozen_for = t_freeze.elapsed();
 
+    let t = Instant::now();
+    for p in &procs {
+        for &(start, end) in &p.later {
+            match p.tracker.track(start, end) {
+                Ok(()) => tracked_vmas += 1,
+                // Copied whole next time: unmapped or changed since the freeze, or
+                // EBUSY, the process tracks it itself.
+                Err(e) => {
+                    tracing::debug!(pid = p.pid.as_raw(), "not tracked: {e}");
+                    untracked_vmas += 1;
+                }
+            }
+        }
+    }
+    steps.push(("track the rest", t.elapsed()));
     let t = Instant::now();
     for p in procs.iter_mut() {
         // Chosen now that the next round's tracking holds: the tree may run.

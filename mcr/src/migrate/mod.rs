@@ -73,6 +73,8 @@ pub struct MigrateReport {
     pub final_bytes: u64,
     /// The final checkpoint's own steps (freeze, collect state, dump pages, ...).
     pub final_steps: Vec<(&'static str, Duration)>,
+    /// The destination's restore steps, (name, ms), as it measured them.
+    pub destination_steps: Vec<(String, f64)>,
     pub transfer: Duration,
     pub restore: Duration,
     pub commit: Duration,
@@ -329,6 +331,7 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         commit,
         blackout,
         linked: link,
+        destination_steps: restored.steps,
         warm: restored.warm,
         cold_because: restored.cold_because,
         total: t0.elapsed(),

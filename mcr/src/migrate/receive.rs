@@ -122,6 +122,11 @@ pub fn receive(listener: &Listener, opts: &ReceiveOptions) -> Result<Restored> {
                         restore_ms: t.elapsed().as_secs_f64() * 1e3,
                         warm: done.warm_rounds.is_some(),
                         cold_because: done.cold_because.clone(),
+                        steps: done
+                            .steps
+                            .iter()
+                            .map(|(k, d)| ((*k).to_string(), d.as_secs_f64() * 1e3))
+                            .collect(),
                     },
                 )
                 .map_err(tx(pid, "telling the source the workload runs here"))?;

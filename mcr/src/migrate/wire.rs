@@ -106,6 +106,8 @@ pub struct Restored {
     /// It finished the tree built from the rounds (rather than making it anew).
     pub warm: bool,
     pub cold_because: Option<String>,
+    /// Its restore's steps, (name, ms), as `mcr restore` reports them.
+    pub steps: Vec<(String, f64)>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
