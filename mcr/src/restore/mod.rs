@@ -318,7 +318,10 @@ pub fn restore_with(
             "removing SysV segments marked for removal".into()
         })?;
     }
+    // A migration's source says whether to go on: the restore's own work is done.
+    let t = Instant::now();
     gate().map_err(|why| RestoreError::Aborted { pid: p0.pid, why })?;
+    steps.push(("wait for the go", t.elapsed()));
     if crate::fault::armed(crate::fault::RESTORE_AFTER_GATE) {
         return Err(RestoreError::FaultInjected {
             pid: p0.pid,
