@@ -19,7 +19,7 @@ pub const MIGRATE_STALL_AT_READY: &str = "migrate-stall-at-ready";
 /// before it tells the destination to take over.
 pub const MIGRATE_STALL_AT_COMMIT: &str = "migrate-stall-at-commit";
 /// Not a failure: `mcr migrate` waits for a line on its stdin after each pre-copy round
-/// the destination put in place, so that a test can change the workload between rounds.
+/// went out, so that a test can change the workload between rounds.
 pub const MIGRATE_WAIT_AFTER_ROUND: &str = "migrate-wait-after-round";
 
 /// Not a failure: `mcr migrate` waits for a line on stdin after it read the tree's VMA

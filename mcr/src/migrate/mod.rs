@@ -147,7 +147,7 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         .try_clone()
         .map_err(tx("connecting to the destination"))?;
     let mut w = FrameWriter::new(stream, transport::Compression::Auto(1), opts.to.to_string());
-    let mut r = FrameReader::new(back, opts.to.to_string());
+    let mut r = Answers::start(FrameReader::new(back, opts.to.to_string()));
     let staging = match &opts.staging {
         Some(d) => tempfile::Builder::new()
             .prefix("mcr-migrate-")
@@ -200,6 +200,8 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
     // round to the next; dropped (on failure too), they end the tracking.
     let mut trackers = Vec::new();
     let mut rounds: Vec<Round> = Vec::new();
+    // How many of them the destination has put in place.
+    let mut applied = 0;
     let mut prev: Option<PathBuf> = None;
     while (rounds.len() as u32) < opts.max_rounds {
         let name = format!("round-{}", rounds.len());
@@ -220,11 +222,6 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         let t = Instant::now();
         let bytes = send(&mut w, &dir, &name, false)?;
         let send_time = t.elapsed();
-        // The next round begins once this one is in place there: what is written
-        // meanwhile goes into the next, not into the blackout.
-        let applied: wire::Applied =
-            wire::parse(wire::APPLIED, &expect(&mut r, pid, wire::APPLIED)?)
-                .map_err(|what| MigrateError::Protocol { pid, what })?;
         if let Some(p) = prev.as_ref().filter(|_| !link) {
             // The destination has it; this side needs only the newest round. (Links
             // are made as the destination reads the stream: their files stay until the
@@ -237,14 +234,32 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
             dump,
             send: send_time,
             frozen: rep.frozen_for,
-            apply: Duration::from_secs_f64(applied.apply_ms.max(0.0) / 1e3),
+            apply: Duration::ZERO,
         });
+        // The next round begins at once, while the destination puts this one in
+        // place: its answers are taken as they come.
+        while let Some(a) = r.applied(pid, false)? {
+            note_applied(&mut rounds, &mut applied, a);
+        }
         prev = Some(dir);
         crate::fault::stall(crate::fault::MIGRATE_STALL_AFTER_ROUND);
         crate::fault::wait(crate::fault::MIGRATE_WAIT_AFTER_ROUND);
         if converged(&rounds, opts) {
-            break;
+            // Not before every round is in place there, or the blackout would wait for
+            // it; what is written meanwhile needs one more round if that was long.
+            let t = Instant::now();
+            while applied < rounds.len() {
+                let a = r.applied(pid, true)?.expect("blocking");
+                note_applied(&mut rounds, &mut applied, a);
+            }
+            if t.elapsed() <= opts.max_blackout || rounds.len() as u32 >= opts.max_rounds {
+                break;
+            }
         }
+    }
+    while applied < rounds.len() {
+        let a = r.applied(pid, true)?.expect("blocking");
+        note_applied(&mut rounds, &mut applied, a);
     }
 
     // Read while the tree runs, confirmed while it is frozen and the destination works.
@@ -359,35 +374,101 @@ fn run_hook(pid: i32, cmd: &str) -> Result<()> {
     Ok(())
 }
 
+/// The destination's answers, read on a thread of their own, so that pre-copy can go
+/// on while the destination puts a round in place and take its answer when it comes.
+struct Answers {
+    rx: std::sync::mpsc::Receiver<transport::Result<Option<Frame>>>,
+}
+
+/// A frame's kind and payload, owned.
+type Frame = (u16, Vec<u8>);
+
+impl Answers {
+    fn start(mut r: wire::Reader) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || loop {
+            let got = r.recv().map(|f| f.map(|f| (f.kind, f.payload.to_vec())));
+            let more = matches!(got, Ok(Some(_)));
+            if tx.send(got).is_err() || !more {
+                return;
+            }
+        });
+        Self { rx }
+    }
+
+    /// The next answer; None when `block` is false and none has come yet.
+    fn next(&self, pid: i32, block: bool) -> Result<Option<Frame>> {
+        let got = if block {
+            self.rx.recv().ok()
+        } else {
+            match self.rx.try_recv() {
+                Ok(got) => Some(got),
+                Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(None),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
+            }
+        };
+        match got {
+            Some(Ok(Some(f))) => Ok(Some(f)),
+            Some(Err(source)) => Err(MigrateError::Transport {
+                pid,
+                step: "waiting for the destination".into(),
+                source,
+            }),
+            Some(Ok(None)) | None => Err(MigrateError::Protocol {
+                pid,
+                what: "the destination hung up without an answer".into(),
+            }),
+        }
+    }
+
+    /// The destination's word that the next round is in place, if it came (or, with
+    /// `block`, once it comes).
+    fn applied(&self, pid: i32, block: bool) -> Result<Option<wire::Applied>> {
+        let Some((kind, payload)) = self.next(pid, block)? else {
+            return Ok(None);
+        };
+        let payload = answer(pid, wire::APPLIED, kind, payload)?;
+        wire::parse(wire::APPLIED, &payload)
+            .map(Some)
+            .map_err(|what| MigrateError::Protocol { pid, what })
+    }
+}
+
+fn note_applied(rounds: &mut [Round], applied: &mut usize, a: wire::Applied) {
+    if let Some(r) = rounds.get_mut(*applied) {
+        r.apply = Duration::from_secs_f64(a.apply_ms.max(0.0) / 1e3);
+    }
+    *applied += 1;
+}
+
 /// Reads the destination's next answer, which must be of `kind`; returns its payload.
-fn expect(r: &mut wire::Reader, pid: i32, kind: u16) -> Result<Vec<u8>> {
-    let answer = r.recv().map_err(|source| MigrateError::Transport {
-        pid,
-        step: "waiting for the destination".into(),
-        source,
-    })?;
-    match answer {
-        Some(f) if f.kind == kind => Ok(f.payload.to_vec()),
-        Some(f) if f.kind == wire::FAILED => {
-            let why = wire::parse::<wire::Failed>(f.kind, f.payload)
+fn expect(r: &mut Answers, pid: i32, kind: u16) -> Result<Vec<u8>> {
+    let (got, payload) = r.next(pid, true)?.expect("blocking");
+    answer(pid, kind, got, payload)
+}
+
+/// The payload of an answer of kind `got`, which should be `kind`: FAILED is the
+/// destination's refusal, anything else a protocol error.
+fn answer(pid: i32, kind: u16, got: u16, payload: Vec<u8>) -> Result<Vec<u8>> {
+    match got {
+        k if k == kind => Ok(payload),
+        wire::FAILED => {
+            let why = wire::parse::<wire::Failed>(got, &payload)
                 .map(|m| m.error)
                 .unwrap_or_else(|e| e);
             Err(MigrateError::Destination { pid, why })
         }
-        Some(f) => Err(MigrateError::Protocol {
+        k => Err(MigrateError::Protocol {
             pid,
-            what: format!("unexpected answer of kind {} (expected {kind})", f.kind),
-        }),
-        None => Err(MigrateError::Protocol {
-            pid,
-            what: "the destination hung up without an answer".into(),
+            what: format!("unexpected answer of kind {k} (expected {kind})"),
         }),
     }
 }
 
 /// Whether to stop pre-copying: enough rounds; or the last round took no longer than
 /// the blackout asked for (the next one, holding what was written meanwhile, would be
-/// about as long, and that one is the blackout); or it stopped shrinking (by a fifth).
+/// about as long, and that one is the blackout); or it stopped shrinking (by a fifth);
+/// or the rounds after the first have sent as much as the first.
 fn converged(rounds: &[Round], opts: &MigrateOptions) -> bool {
     let Some(last) = rounds.last() else {
         return false;
@@ -399,7 +480,13 @@ fn converged(rounds: &[Round], opts: &MigrateOptions) -> bool {
     let Some(before) = rounds.iter().rev().nth(1) else {
         return false;
     };
-    last.dump + last.send <= opts.max_blackout || last.bytes * 5 > before.bytes * 4
+    // Rounds that have sent another whole first round between them are not
+    // converging, and their images are all kept until the end (by link, or at the
+    // destination): more would only cost memory.
+    let since_first: u64 = rounds[1..].iter().map(|r| r.bytes).sum();
+    last.dump + last.send <= opts.max_blackout
+        || last.bytes * 5 > before.bytes * 4
+        || since_first >= rounds[0].bytes
 }
 
 /// A tmpfs when there is one: staging images on disk would only slow the rounds.

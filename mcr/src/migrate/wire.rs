@@ -3,7 +3,8 @@
 //! Source to destination: [`HELLO`], then each image (a pre-copy round, then the
 //! final one) as its files, each a [`FILE`] header and [`DATA`] frames, closed by
 //! [`IMAGE`]. Destination to source, on the same connection: [`APPLIED`] once a round
-//! is in the tree it builds ahead (warm restore), before the source takes the next;
+//! is in the tree it builds ahead (warm restore; the source goes on with the next
+//! round meanwhile, and waits for every one before the blackout);
 //! [`READY`] once the
 //! workload is whole there, held before it runs, or [`FAILED`] with why. The source then
 //! stops the original for good (a SIGSTOP queued behind its ptrace stop, so that not
