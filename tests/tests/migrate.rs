@@ -475,3 +475,58 @@ fn a_flag_changed_just_before_the_freeze_abandons_the_migration_and_the_original
     wait_running(p.pid);
     runs_on_untouched(p);
 }
+
+#[test]
+fn a_dead_migrations_staging_is_removed_by_the_next_one() {
+    // Staging lives in memory (/dev/shm): an abandoned migration's would stay for good.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let staging = tmp.path().join("staging");
+    std::fs::create_dir(&staging).expect("mkdir");
+    let start_of = |pid: u32| -> String {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        st.rsplit(") ")
+            .next()
+            .expect("stat")
+            .split_whitespace()
+            .nth(19)
+            .expect("starttime")
+            .to_string()
+    };
+    // One whose owner has ended, and one whose owner (this test) runs.
+    let mut gone = std::process::Command::new("true").spawn().expect("true");
+    let gone_pid = gone.id();
+    let gone_start = start_of(gone_pid);
+    gone.wait().expect("reaping true");
+    let dead = staging.join("mcr-migrate-dead");
+    let alive = staging.join("mcr-receive-alive");
+    for (dir, mark) in [
+        (&dead, format!("{gone_pid} {gone_start}\n")),
+        (
+            &alive,
+            format!("{} {}\n", std::process::id(), start_of(std::process::id())),
+        ),
+    ] {
+        std::fs::create_dir(dir).expect("mkdir");
+        std::fs::write(dir.join("pages"), vec![0u8; 4096]).expect("write");
+        std::fs::write(dir.join("owner"), mark).expect("write");
+    }
+    let to = format!("unix:{}", s(&tmp.path().join("mig.sock")));
+    let mut g = Guard::new();
+    let mut p = start_churn(&mut g, tmp.path(), "4");
+    let recv = Receiver::start(&to, &tmp.path().join("pid"), &["--pidns"], &[]);
+    let out = migrate(p.pid, &to, &["--staging", s(&staging)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !dead.exists(),
+        "the dead migration's staging is still there"
+    );
+    assert!(alive.exists(), "a live one's staging was removed");
+    assert_eq!(p.wait(), 128 + libc::SIGKILL);
+    let mut moved = recv.workload(&mut g);
+    g.add(parent_of(moved.pid));
+    assert_pass(&moved.check());
+}

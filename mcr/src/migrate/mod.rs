@@ -14,6 +14,7 @@
 
 pub mod local;
 pub mod receive;
+mod staging;
 pub mod wire;
 
 use crate::dump::predump::{pre_dump_round, PreDumpOptions};
@@ -149,12 +150,8 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
     let mut w = FrameWriter::new(stream, transport::Compression::Auto(1), opts.to.to_string());
     let mut r = Answers::start(FrameReader::new(back, opts.to.to_string()));
     let staging = match &opts.staging {
-        Some(d) => tempfile::Builder::new()
-            .prefix("mcr-migrate-")
-            .tempdir_in(d),
-        None => tempfile::Builder::new()
-            .prefix("mcr-migrate-")
-            .tempdir_in(default_staging()),
+        Some(d) => staging::make(d, "mcr-migrate-"),
+        None => staging::make(&default_staging(), "mcr-migrate-"),
     }
     .map_err(|e| MigrateError::Protocol {
         pid,
@@ -204,6 +201,13 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
     let mut applied = 0;
     let mut prev: Option<PathBuf> = None;
     while (rounds.len() as u32) < opts.max_rounds {
+        // One round in flight at most: a source far ahead of the destination would
+        // wait for it all at the end, and what was written meanwhile would make a big
+        // last round (measured: 1 GiB at 256 MiB/s, rounds down to 6 MiB, then 540).
+        while applied + 1 < rounds.len() {
+            let a = r.applied(pid, true)?.expect("blocking");
+            note_applied(&mut rounds, &mut applied, a);
+        }
         let name = format!("round-{}", rounds.len());
         let dir = staging.path().join(&name);
         let t = Instant::now();
@@ -236,23 +240,25 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
             frozen: rep.frozen_for,
             apply: Duration::ZERO,
         });
-        // The next round begins at once, while the destination puts this one in
-        // place: its answers are taken as they come.
+        // The next round begins while the destination puts this one in place: its
+        // answers are taken as they come.
         while let Some(a) = r.applied(pid, false)? {
             note_applied(&mut rounds, &mut applied, a);
         }
         prev = Some(dir);
         crate::fault::stall(crate::fault::MIGRATE_STALL_AFTER_ROUND);
         crate::fault::wait(crate::fault::MIGRATE_WAIT_AFTER_ROUND);
-        if converged(&rounds, opts) {
+        let verdict = converged(&rounds, opts);
+        if verdict != Converged::No {
             // Not before every round is in place there, or the blackout would wait for
-            // it; what is written meanwhile needs one more round if that was long.
+            // it; what is written meanwhile needs one more round if that was long and
+            // the rounds were converging.
             let t = Instant::now();
             while applied < rounds.len() {
                 let a = r.applied(pid, true)?.expect("blocking");
                 note_applied(&mut rounds, &mut applied, a);
             }
-            if t.elapsed() <= opts.max_blackout || rounds.len() as u32 >= opts.max_rounds {
+            if verdict == Converged::GivesUp || t.elapsed() <= opts.max_blackout {
                 break;
             }
         }
@@ -465,28 +471,39 @@ fn answer(pid: i32, kind: u16, got: u16, payload: Vec<u8>) -> Result<Vec<u8>> {
     }
 }
 
-/// Whether to stop pre-copying: enough rounds; or the last round took no longer than
-/// the blackout asked for (the next one, holding what was written meanwhile, would be
-/// about as long, and that one is the blackout); or it stopped shrinking (by a fifth);
-/// or the rounds after the first have sent as much as the first.
-fn converged(rounds: &[Round], opts: &MigrateOptions) -> bool {
+/// Whether to stop pre-copying, and why.
+#[derive(Debug, PartialEq)]
+enum Converged {
+    No,
+    /// The last round took no longer than the blackout asked for: the next one,
+    /// holding what was written meanwhile, would be about as long.
+    Fits,
+    /// Enough rounds; or they stopped shrinking (by a fifth); or those after the first
+    /// have sent as much as the first: they are not converging, and their images are
+    /// all kept until the end (by link, or at the destination), so more would only
+    /// cost memory.
+    GivesUp,
+}
+
+fn converged(rounds: &[Round], opts: &MigrateOptions) -> Converged {
     let Some(last) = rounds.last() else {
-        return false;
+        return Converged::No;
     };
     if rounds.len() as u32 >= opts.max_rounds {
-        return true;
+        return Converged::GivesUp;
     }
     // The first round is everything: it says nothing about the dirty rate.
     let Some(before) = rounds.iter().rev().nth(1) else {
-        return false;
+        return Converged::No;
     };
-    // Rounds that have sent another whole first round between them are not
-    // converging, and their images are all kept until the end (by link, or at the
-    // destination): more would only cost memory.
     let since_first: u64 = rounds[1..].iter().map(|r| r.bytes).sum();
-    last.dump + last.send <= opts.max_blackout
-        || last.bytes * 5 > before.bytes * 4
-        || since_first >= rounds[0].bytes
+    if last.bytes * 5 > before.bytes * 4 || since_first >= rounds[0].bytes {
+        Converged::GivesUp
+    } else if last.dump + last.send <= opts.max_blackout {
+        Converged::Fits
+    } else {
+        Converged::No
+    }
 }
 
 /// A tmpfs when there is one: staging images on disk would only slow the rounds.

@@ -75,9 +75,7 @@ pub fn receive(listener: &Listener, opts: &ReceiveOptions) -> Result<Restored> {
     let root = match &opts.workdir {
         Some(d) => d.clone(),
         None => {
-            temp = tempfile::Builder::new()
-                .prefix("mcr-receive-")
-                .tempdir_in(super::default_staging())
+            temp = super::staging::make(&super::default_staging(), "mcr-receive-")
                 .map_err(|e| protocol(pid, format!("making a work directory: {e}")))?;
             temp.path().to_path_buf()
         }
