@@ -90,6 +90,50 @@ pub fn read_remote_ranges(pid: Pid, ranges: &[(u64, usize)], buf: &mut [u8]) -> 
     Ok(())
 }
 
+/// Reads each remote range into its own local buffer (`bufs[i]` takes `ranges[i]`,
+/// of the same length), [`MAX_IOV`] ranges a call: scattered single pages cost one
+/// syscall per thousand instead of one each.
+pub fn read_remote_scattered(
+    pid: Pid,
+    ranges: &[(u64, usize)],
+    bufs: &mut [&mut [u8]],
+) -> Result<()> {
+    debug_assert_eq!(ranges.len(), bufs.len());
+    for (rs, bs) in ranges.chunks(MAX_IOV).zip(bufs.chunks_mut(MAX_IOV)) {
+        let total: usize = rs.iter().map(|r| r.1).sum();
+        let remote: Vec<RemoteIoVec> = rs
+            .iter()
+            .map(|&(a, l)| RemoteIoVec {
+                base: a as usize,
+                len: l,
+            })
+            .collect();
+        let n = {
+            let mut local: Vec<IoSliceMut> = bs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            loop {
+                match process_vm_readv(pid, &mut local, &remote) {
+                    Err(Errno::EINTR) => continue,
+                    r => break r,
+                }
+            }
+        }
+        .map_err(|e| {
+            SysError::new(
+                format!("process_vm_readv pid {pid} ({} ranges)", rs.len()),
+                e,
+            )
+        })?;
+        if n != total {
+            // A partial read stops at the first range that faulted: retry range by range
+            // so the error names it.
+            for (&(a, _), b) in rs.iter().zip(bs.iter_mut()) {
+                read_remote(pid, a, b)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Writes `data` at `addr` of `pid` with process_vm_writev (writable pages only).
 pub fn write_remote(pid: Pid, addr: u64, data: &[u8]) -> Result<()> {
     write_remote_ranges(pid, &[(addr, data)])

@@ -7,7 +7,9 @@ use crate::model::{
     FdKind, FileRef, Memfd, MmFields, MmImage, ProcessImage, ShmemObject, Vma, VmaAdvice, VmaKind,
 };
 use crate::par;
-use kext_shim::mem::{data_ranges, read_remote, zero_pfn, Pagemap, PagemapEntry, ProcMem};
+use kext_shim::mem::{
+    data_ranges, read_remote, read_remote_scattered, zero_pfn, Pagemap, PagemapEntry, ProcMem,
+};
 use kext_shim::procfs::{self, FileIdentity, MapEntry, Stat};
 use kext_shim::{Pid, PAGE_SIZE};
 use std::os::unix::fs::FileExt;
@@ -139,6 +141,9 @@ fn page_needed(kind: VmaKind, shared: bool, e: PagemapEntry, zero: Option<u64>) 
 }
 
 /// A run of needed pages: at most one chunk, all in one VMA.
+/// Runs read with one process_vm_readv at most.
+const BATCH_JOBS: usize = 512;
+
 pub struct Job {
     pub addr: u64,
     pub pages: usize,
@@ -269,27 +274,78 @@ pub fn copy_pages(
     } else {
         None
     };
+    // Readable runs go in batches read with one process_vm_readv each: a round's or a
+    // checkpoint's written pages are often single pages spread all over.
+    let mut batches: Vec<&[Job]> = Vec::new();
+    let mut i = 0;
+    while i < jobs.len() {
+        let mut end = i + 1;
+        let mut pages = jobs[i].pages;
+        while jobs[i].readable
+            && end < jobs.len()
+            && jobs[end].readable
+            && end - i < BATCH_JOBS
+            && pages + jobs[end].pages <= CHUNK_PAGES
+        {
+            pages += jobs[end].pages;
+            end += 1;
+        }
+        batches.push(&jobs[i..end]);
+        i = end;
+    }
     par::for_each(
-        jobs,
+        &batches,
         par::workers_for(plan.bytes()),
-        || vec![0u8; CHUNK_PREFIX + CHUNK_PAGES * PAGE_SIZE as usize],
-        |buf, j| {
-            let len = j.pages * PAGE_SIZE as usize;
-            let buf = &mut buf[..CHUNK_PREFIX + len];
-            let data = &mut buf[CHUNK_PREFIX..];
-            let read = match &procmem {
-                Some(m) if !j.readable => m.read(j.addr, data),
-                _ => read_remote(pid, j.addr, data),
-            };
-            match (read, on_fault) {
-                (Ok(()), _) => {}
-                (Err(_), Some(skip)) => return skip(j),
-                (Err(e), None) => {
-                    return Err(e).step(pid, || format!("reading memory at {:#x}+{len:#x}", j.addr))
-                }
+        || vec![0u8; BATCH_JOBS * CHUNK_PREFIX + CHUNK_PAGES * PAGE_SIZE as usize],
+        |buf, batch| {
+            // Each run's pages right after room for its chunk's header.
+            let mut slots: Vec<&mut [u8]> = Vec::with_capacity(batch.len());
+            let mut rest = &mut buf[..];
+            for j in batch.iter() {
+                let (slot, tail) = rest.split_at_mut(CHUNK_PREFIX + j.pages * PAGE_SIZE as usize);
+                slots.push(slot);
+                rest = tail;
             }
-            w.write_chunk(owner, j.addr, buf)
-                .map_err(|source| DumpError::Image { pid: raw, source })
+            let read = match &procmem {
+                Some(m) if !batch[0].readable => {
+                    m.read(batch[0].addr, &mut slots[0][CHUNK_PREFIX..])
+                }
+                _ => {
+                    let ranges: Vec<(u64, usize)> = batch
+                        .iter()
+                        .map(|j| (j.addr, j.pages * PAGE_SIZE as usize))
+                        .collect();
+                    let mut datas: Vec<&mut [u8]> =
+                        slots.iter_mut().map(|s| &mut s[CHUNK_PREFIX..]).collect();
+                    read_remote_scattered(pid, &ranges, &mut datas)
+                }
+            };
+            if let Err(e) = read {
+                let Some(skip) = on_fault else {
+                    return Err(e).step(pid, || {
+                        format!(
+                            "reading memory at {:#x} ({} runs)",
+                            batch[0].addr,
+                            batch.len()
+                        )
+                    });
+                };
+                // Run by run, to keep what can be read and skip what went away.
+                for (j, slot) in batch.iter().zip(slots.iter_mut()) {
+                    match read_remote(pid, j.addr, &mut slot[CHUNK_PREFIX..]) {
+                        Ok(()) => w
+                            .write_chunk(owner, j.addr, slot)
+                            .map_err(|source| DumpError::Image { pid: raw, source })?,
+                        Err(_) => skip(j)?,
+                    }
+                }
+                return Ok(());
+            }
+            for (j, slot) in batch.iter().zip(slots.iter_mut()) {
+                w.write_chunk(owner, j.addr, slot)
+                    .map_err(|source| DumpError::Image { pid: raw, source })?;
+            }
+            Ok(())
         },
     )
 }
