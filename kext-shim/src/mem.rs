@@ -53,41 +53,14 @@ pub fn read_remote(pid: Pid, addr: u64, buf: &mut [u8]) -> Result<()> {
 /// Reads scattered remote ranges into one local buffer, in order; `ranges` are
 /// (address, length) pairs whose lengths add up to `buf.len()`.
 pub fn read_remote_ranges(pid: Pid, ranges: &[(u64, usize)], buf: &mut [u8]) -> Result<()> {
-    let mut off = 0usize;
-    for chunk in ranges.chunks(MAX_IOV) {
-        let total: usize = chunk.iter().map(|r| r.1).sum();
-        let remote: Vec<RemoteIoVec> = chunk
-            .iter()
-            .map(|&(a, l)| RemoteIoVec {
-                base: a as usize,
-                len: l,
-            })
-            .collect();
-        let mut local = [IoSliceMut::new(&mut buf[off..off + total])];
-        let n = loop {
-            match process_vm_readv(pid, &mut local, &remote) {
-                Err(Errno::EINTR) => continue,
-                r => break r,
-            }
-        }
-        .map_err(|e| {
-            SysError::new(
-                format!("process_vm_readv pid {pid} ({} ranges)", chunk.len()),
-                e,
-            )
-        })?;
-        if n != total {
-            // A partial read stops at the first range that faulted: retry range by range
-            // so the error names it.
-            let mut o = off;
-            for &(a, l) in chunk {
-                read_remote(pid, a, &mut buf[o..o + l])?;
-                o += l;
-            }
-        }
-        off += total;
+    let mut bufs: Vec<&mut [u8]> = Vec::with_capacity(ranges.len());
+    let mut rest = buf;
+    for &(_, len) in ranges {
+        let (b, tail) = rest.split_at_mut(len);
+        bufs.push(b);
+        rest = tail;
     }
-    Ok(())
+    read_remote_scattered(pid, ranges, &mut bufs)
 }
 
 /// Reads each remote range into its own local buffer (`bufs[i]` takes `ranges[i]`,

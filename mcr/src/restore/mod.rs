@@ -200,15 +200,7 @@ pub fn restore_with(
     check_tree(snap)?;
     let procs = &snap.processes;
     let p0 = &procs[0];
-    let root = match &opts.root {
-        Some(r) => r.canonicalize().map_err(|e| RestoreError::File {
-            pid: p0.pid,
-            what: "restore root".into(),
-            path: r.display().to_string(),
-            why: e.to_string(),
-        })?,
-        None => PathBuf::from("/"),
-    };
+    let root = restore_root(opts, p0.pid)?;
     let t = Instant::now();
     // Shared memory objects and memfds first: fds of memfds are reopened from them.
     let objects = shared::prepare(&image)?;
@@ -223,18 +215,7 @@ pub fn restore_with(
     // Dropped before the plan and the stubs, should the restore fail.
     let mut connections = std::mem::take(&mut plan.connections);
     // Held open until the first stub joined it: the stubs inherit our fds.
-    let netns = opts
-        .netns
-        .as_ref()
-        .map(|p| {
-            std::fs::File::open(p).map_err(|e| RestoreError::File {
-                pid: p0.pid,
-                what: "network namespace".into(),
-                path: p.display().to_string(),
-                why: e.to_string(),
-            })
-        })
-        .transpose()?;
+    let netns = open_netns(opts, p0.pid)?;
     steps.push(("open files", t.elapsed()));
     let numbers = plan.numbers();
     memory::check_vdso_layout(p0)?;
@@ -652,4 +633,32 @@ pub(crate) fn check_tree(snap: &crate::model::Snapshot) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// The restore root, made absolute (`/` without `--root`).
+pub(crate) fn restore_root(opts: &RestoreOptions, pid: i32) -> Result<PathBuf> {
+    match &opts.root {
+        Some(r) => r.canonicalize().map_err(|e| RestoreError::File {
+            pid,
+            what: "restore root".into(),
+            path: r.display().to_string(),
+            why: e.to_string(),
+        }),
+        None => Ok(PathBuf::from("/")),
+    }
+}
+
+/// The network namespace of `--netns`, opened for the first stub to join.
+pub(crate) fn open_netns(opts: &RestoreOptions, pid: i32) -> Result<Option<std::fs::File>> {
+    opts.netns
+        .as_ref()
+        .map(|p| {
+            std::fs::File::open(p).map_err(|e| RestoreError::File {
+                pid,
+                what: "network namespace".into(),
+                path: p.display().to_string(),
+                why: e.to_string(),
+            })
+        })
+        .transpose()
 }

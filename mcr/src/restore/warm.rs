@@ -20,14 +20,16 @@ use super::files::FdNumbers;
 use super::memory::{self, fill, map_vma, Scope};
 use super::shared::{Backing, Placement};
 use super::stub::Stub;
-use super::{check_tree, spawn_tree, RestoreError, RestoreOptions, Result, StepContext, Tree};
+use super::{
+    check_tree, open_netns, restore_root, spawn_tree, RestoreError, RestoreOptions, Result,
+    StepContext, Tree,
+};
 use crate::image::Image;
 use crate::model::{MountNs, ProcessImage, Snapshot, Vma, VmaKind};
 use kext_shim::inject::Injector;
 use kext_shim::mem::ProcMem;
 use kext_shim::{procfs, Pid, PAGE_SIZE};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// A tree being built ahead of its checkpoint. Dropped, it kills every process of it.
@@ -126,27 +128,8 @@ impl WarmTree {
         memory::check_vdso_layout(p0)?;
         let pidfd = kext_shim::pidfd::pidfd_open(Pid::this())
             .step(p0.pid, || "opening a pidfd of ours for the stubs".into())?;
-        let root = match &opts.root {
-            Some(r) => r.canonicalize().map_err(|e| RestoreError::File {
-                pid: p0.pid,
-                what: "restore root".into(),
-                path: r.display().to_string(),
-                why: e.to_string(),
-            })?,
-            None => PathBuf::from("/"),
-        };
-        let netns = opts
-            .netns
-            .as_ref()
-            .map(|p| {
-                std::fs::File::open(p).map_err(|e| RestoreError::File {
-                    pid: p0.pid,
-                    what: "network namespace".into(),
-                    path: p.display().to_string(),
-                    why: e.to_string(),
-                })
-            })
-            .transpose()?;
+        let root = restore_root(opts, p0.pid)?;
+        let netns = open_netns(opts, p0.pid)?;
         let Tree {
             mut init, stubs, ..
         } = spawn_tree(opts, snap, &root, None, netns.as_ref())?;
