@@ -547,7 +547,7 @@ fn print_migration(r: &mcr::migrate::MigrateReport, json: bool) {
                 serde_json::json!({
                     "pages": x.pages, "bytes": x.bytes, "dump_ms": ms(x.dump),
                     "send_ms": ms(x.send), "frozen_ms": ms(x.frozen),
-                    "apply_ms": ms(x.apply),
+                    "apply_ms": ms(x.apply), "waited_ms": ms(x.waited),
                 })
             })
             .collect();
