@@ -39,6 +39,13 @@ fn same_vma(a: &MapEntry, b: &MapEntry) -> bool {
     ) && (a.dev_major, a.dev_minor, &a.path) == (b.dev_major, b.dev_minor, &b.path)
 }
 
+/// The entry of `list` (in address order, as /proc lists them) that is the same VMA
+/// as `m`: a binary search, since this runs inside the blackout for every VMA.
+fn find_same<'a>(list: &'a [MapEntry], m: &MapEntry) -> Option<&'a MapEntry> {
+    let i = list.binary_search_by_key(&m.start, |a| a.start).ok()?;
+    Some(&list[i]).filter(|a| same_vma(a, m))
+}
+
 impl VmFlagsAhead {
     /// Reads the smaps of `pids` (host pids) as they run. One that cannot be read is
     /// left out: its checkpoint reads its own.
@@ -59,16 +66,14 @@ impl VmFlagsAhead {
     pub fn maps_of(&self, pid: Pid) -> kext_shim::Result<Vec<MapEntry>> {
         if let Some(ahead) = self.read.get(&pid.as_raw()) {
             let mut layout = procfs::read_layout(pid)?;
-            let found = layout
-                .iter_mut()
-                .all(|m| match ahead.iter().find(|a| same_vma(a, m)) {
-                    Some(a) => {
-                        m.flags = a.flags.clone();
-                        m.anon_huge_kb = a.anon_huge_kb;
-                        true
-                    }
-                    None => false,
-                });
+            let found = layout.iter_mut().all(|m| match find_same(ahead, m) {
+                Some(a) => {
+                    m.flags = a.flags.clone();
+                    m.anon_huge_kb = a.anon_huge_kb;
+                    true
+                }
+                None => false,
+            });
             if found {
                 self.used
                     .lock()
@@ -114,7 +119,7 @@ fn confirm(pid: i32, used: &[MapEntry]) -> Result<(), String> {
         .map_err(|e| format!("pid {pid}: reading its smaps again: {e}"))?;
     let read = |m: &MapEntry| READ_FLAGS.map(|f| m.has_flag(f));
     for m in &now {
-        let Some(then) = used.iter().find(|a| same_vma(a, m)) else {
+        let Some(then) = find_same(used, m) else {
             continue;
         };
         if read(then) != read(m) {
