@@ -68,15 +68,15 @@ pub fn inet_sockets() -> Result<BTreeMap<u64, InetSocket>> {
         .collect())
 }
 
-/// The connections waiting in the accept queue of the TCP listener `on`: established,
-/// on its address, and held by no fd yet.
+/// The connections waiting in the accept queue of the TCP listener `on`: established
+/// (or closed by their peer since), on its address, and held by no fd yet.
 pub fn waiting_connections(on: &SocketAddr) -> Result<Vec<InetSocket>> {
     Ok(all_inet_sockets()?
         .into_iter()
         .filter(|s| {
             s.ino == 0
                 && s.protocol == libc::IPPROTO_TCP
-                && s.state == TCP_ESTABLISHED
+                && matches!(s.state, TCP_ESTABLISHED | crate::tcp::CLOSE_WAIT)
                 && s.local.port() == on.port()
                 && (on.ip().is_unspecified() || s.local.ip() == on.ip())
         })
@@ -112,6 +112,40 @@ fn all_inet_sockets() -> Result<Vec<InetSocket>> {
         }
     }
     Ok(out)
+}
+
+/// Takes every connection waiting in the queue of `listener` (a copy of a frozen
+/// program's listener: no one else accepts from it meanwhile), in queue order, without
+/// ever blocking or touching the flags the program's file shares.
+pub fn accept_waiting(listener: &OwnedFd) -> Result<Vec<OwnedFd>> {
+    let mut out = Vec::new();
+    loop {
+        let mut p = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll reads and writes the one pollfd given.
+        let r = unsafe { libc::poll(&mut p, 1, 0) };
+        check(r as libc::c_long, || "poll on a listener".into())?;
+        if r == 0 || p.revents & libc::POLLIN == 0 {
+            return Ok(out);
+        }
+        // SAFETY: no address is asked for; the fd is the listener's.
+        let fd = unsafe {
+            libc::accept4(
+                listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            )
+        };
+        check(fd as libc::c_long, || {
+            "accepting a waiting connection".into()
+        })?;
+        // SAFETY: a fresh fd the kernel just returned, owned by no one else.
+        out.push(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
 }
 
 /// Socket options worth carrying, as (level, name). Buffers are handled apart (they
@@ -425,20 +459,51 @@ pub fn inject_udp(from: &SocketAddr, to: &SocketAddr, payload: &[u8]) -> Result<
 /// Hands the socket made again from `st` its peer's FIN, as the peer sent it: at the
 /// end of the data, acknowledging what the peer had acknowledged.
 pub fn inject_tcp_fin(st: &crate::tcp::TcpState) -> Result<()> {
-    const FIN: u8 = 0x01;
-    const ACK: u8 = 0x10;
     let acked = st.send_seq.wrapping_sub(st.send_queue.len() as u32);
     // TCP_REPAIR_WINDOW's snd_wnd is the peer's window, unscaled.
     let window = (st.window[1] >> st.snd_wscale).min(u16::MAX as u32) as u16;
-    let mut tcp = Vec::with_capacity(20);
-    tcp.extend_from_slice(&st.peer.port().to_be_bytes());
-    tcp.extend_from_slice(&st.local.port().to_be_bytes());
-    tcp.extend_from_slice(&st.recv_seq.to_be_bytes());
-    tcp.extend_from_slice(&acked.to_be_bytes());
-    tcp.extend_from_slice(&[5 << 4, FIN | ACK]);
-    tcp.extend_from_slice(&window.to_be_bytes());
+    let seg = Segment {
+        seq: st.recv_seq,
+        ack: acked,
+        flags: TCP_FIN | TCP_ACK,
+        window,
+        options: &[],
+        data: &[],
+    };
+    inject_tcp(&st.peer, &st.local, &seg)
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_PSH: u8 = 0x08;
+pub const TCP_ACK: u8 = 0x10;
+
+/// A TCP segment to hand a local socket as if its peer had sent it.
+pub struct Segment<'a> {
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: u8,
+    pub window: u16,
+    /// Already padded to a multiple of 4 bytes.
+    pub options: &'a [u8],
+    pub data: &'a [u8],
+}
+
+/// Sends `seg` from `from` to `to` (a local address) through a raw socket, marked as
+/// ours ([`INJECTED_MARK`]).
+pub fn inject_tcp(from: &SocketAddr, to: &SocketAddr, seg: &Segment) -> Result<()> {
+    let mut tcp = Vec::with_capacity(20 + seg.options.len() + seg.data.len());
+    tcp.extend_from_slice(&from.port().to_be_bytes());
+    tcp.extend_from_slice(&to.port().to_be_bytes());
+    tcp.extend_from_slice(&seg.seq.to_be_bytes());
+    tcp.extend_from_slice(&seg.ack.to_be_bytes());
+    let words = (20 + seg.options.len()) / 4;
+    tcp.extend_from_slice(&[(words as u8) << 4, seg.flags]);
+    tcp.extend_from_slice(&seg.window.to_be_bytes());
     tcp.extend_from_slice(&[0, 0, 0, 0]);
-    inject(&st.peer, &st.local, libc::IPPROTO_TCP as u8, tcp, Some(16))
+    tcp.extend_from_slice(seg.options);
+    tcp.extend_from_slice(seg.data);
+    inject(from, to, libc::IPPROTO_TCP as u8, tcp, Some(16))
 }
 
 /// The internet checksum of a pseudo-header (`from`, `to`, `proto`) and `l4`.
@@ -467,6 +532,10 @@ fn l4_checksum(from: &IpAddr, to: &IpAddr, proto: u8, l4: &[u8]) -> u16 {
     }
 }
 
+/// The mark of every packet mcr hands a socket in a peer's name: the wire lock's rules
+/// let these pass ("mcr" in ASCII).
+pub const INJECTED_MARK: u32 = 0x006d_6372;
+
 /// Sends `l4` (a transport header and payload, its checksum filled in at
 /// `checksum_at` if given) from `from` to `to` through a raw socket: it enters this
 /// network namespace's stack as a packet from `from` would.
@@ -477,6 +546,13 @@ fn inject(
     mut l4: Vec<u8>,
     checksum_at: Option<usize>,
 ) -> Result<()> {
+    // A dual-stack socket's IPv4 peers wear mapped addresses; on the wire they are IPv4.
+    let canonical = |a: &SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    let (from, to) = match (canonical(from), canonical(to)) {
+        (f @ SocketAddr::V4(_), t @ SocketAddr::V4(_)) => (f, t),
+        _ => (*from, *to),
+    };
+    let (from, to) = (&from, &to);
     if let Some(at) = checksum_at {
         let ck = l4_checksum(&from.ip(), &to.ip(), proto, &l4);
         l4[at..at + 2].copy_from_slice(&ck.to_be_bytes());
@@ -534,6 +610,18 @@ fn inject(
         };
         check(r as libc::c_long, || "setsockopt(IPV6_HDRINCL)".into())?;
     }
+    let mark = INJECTED_MARK;
+    // SAFETY: setsockopt reads one u32.
+    let r = unsafe {
+        libc::setsockopt(
+            raw.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&mark as *const u32).cast(),
+            4,
+        )
+    };
+    check(r as libc::c_long, || "setsockopt(SO_MARK)".into())?;
     // The destination's port means nothing to a raw socket.
     let dest = SocketAddr::new(to.ip(), 0);
     // SAFETY: the address points to a sockaddr of the stated length; the packet is

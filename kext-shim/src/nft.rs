@@ -58,6 +58,7 @@ const NFTA_EXPR_NAME: u16 = 1;
 const NFTA_EXPR_DATA: u16 = 2;
 const NFTA_META_DREG: u16 = 1;
 const NFTA_META_KEY: u16 = 2;
+const NFT_META_MARK: u32 = 3;
 const NFT_META_NFPROTO: u32 = 15;
 const NFT_META_L4PROTO: u32 = 16;
 const NFTA_PAYLOAD_DREG: u16 = 1;
@@ -70,6 +71,7 @@ const NFTA_CMP_SREG: u16 = 1;
 const NFTA_CMP_OP: u16 = 2;
 const NFTA_CMP_DATA: u16 = 3;
 const NFT_CMP_EQ: u32 = 0;
+const NFT_CMP_NEQ: u32 = 1;
 const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
@@ -174,9 +176,13 @@ fn load_meta(list: &mut Attrs, key: u32) {
 }
 
 fn equals(list: &mut Attrs, value: &[u8]) {
+    compare(list, NFT_CMP_EQ, value)
+}
+
+fn compare(list: &mut Attrs, op: u32, value: &[u8]) {
     expr(list, "cmp", |d| {
         d.be32(NFTA_CMP_SREG, NFT_REG_1)
-            .be32(NFTA_CMP_OP, NFT_CMP_EQ)
+            .be32(NFTA_CMP_OP, op)
             .nest(NFTA_CMP_DATA, |v| {
                 v.bytes(NFTA_DATA_VALUE, value);
             });
@@ -307,6 +313,16 @@ fn rule(table: &str, chain: &str, l: &KeyLayout, inbound: bool, act: Action) -> 
     equals(&mut list, &[l.nfproto]);
     load_meta(&mut list, NFT_META_L4PROTO);
     equals(&mut list, &[libc::IPPROTO_TCP as u8]);
+    if inbound {
+        // What mcr itself hands a socket in the peer's name (crate::inet's raw
+        // packets) passes: a connection put back in its listener's queue is made so.
+        load_meta(&mut list, NFT_META_MARK);
+        compare(
+            &mut list,
+            NFT_CMP_NEQ,
+            &crate::inet::INJECTED_MARK.to_ne_bytes(),
+        );
+    }
     // The peer's address and port first: the source of a packet from the peer.
     let (peer_addr, peer_port, our_addr, our_port) = if inbound {
         (l.saddr_at, 0, l.daddr_at, 2)

@@ -380,6 +380,204 @@ pub fn finish(sock: &OwnedFd, st: &TcpState) -> Result<()> {
     Ok(())
 }
 
+/// TCP_REPAIR off without the window probe it would send: the socket below must stay
+/// silent.
+const TCP_REPAIR_OFF_NO_WP: i32 = -1;
+const TCP_INFO_CLOSE: u8 = 7;
+
+/// Puts the connection `st`, taken out of its listener's accept queue, back into the
+/// queue of the listener that now has its local address, as the same connection: the
+/// program's next accept() returns it with its sequence numbers, options and the bytes
+/// that waited on it, and its peer never knows. Nothing lets a program place a socket
+/// in a queue, so the kernel is made to: a handshake is played on the listener in the
+/// peer's name (raw packets, marked [`crate::inet::INJECTED_MARK`]) so that the child it
+/// makes is the connection's, and its sequence number is chosen through a TIME_WAIT
+/// socket of the same four addresses, whose ISN for the next SYN the kernel derives
+/// from (tw_snd_nxt + 65537): that TIME_WAIT is made here, in repair mode, where our
+/// FIN is queued as sent and the peer's is handed over. The peer's timestamps are
+/// given as 0, which PAWS takes as "none yet" until the peer's next packet; ours
+/// continue, the offset being the kernel's for the address pair. Checked on this
+/// kernel before it was written (IPv4 and IPv6).
+///
+/// The listener must exist and the local address be on this host, and whatever this
+/// host sends the peer meanwhile must be dropped (the wire lock does): the SYN-ACK,
+/// ACKs of the TIME_WAIT. A connection the program had written to is not a waiting
+/// one, and is refused.
+pub fn requeue(st: &TcpState) -> Result<()> {
+    let what = || {
+        format!(
+            "putting {} -> {} back in its listener's queue",
+            st.peer, st.local
+        )
+    };
+    if !st.send_queue.is_empty() || st.fin_sent {
+        return Err(Error::Unexpected {
+            pid: 0,
+            what: format!("{}: it holds data of ours, it was never waiting", what()),
+        });
+    }
+    // The first byte waiting, and ours: the handshake ends exactly there.
+    let first = st.recv_seq.wrapping_sub(st.recv_queue.len() as u32);
+    let ours = st.send_seq;
+    // tw_snd_nxt is one past our FIN: ISN = maker's send_seq + 1 + 65537 = ours - 1.
+    let maker_send = ours.wrapping_sub(65539);
+    // Behind the SYN's sequence number, which a TIME_WAIT must see as new.
+    let maker_recv = first.wrapping_sub(1000);
+    let family = match st.local {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    };
+    let tcp = libc::IPPROTO_TCP;
+    let maker = crate::inet::socket(family, tcp)?;
+    set_repair(&maker, true)?;
+    crate::inet::bind(&maker, &st.local)?;
+    select_queue(&maker, TCP_RECV_QUEUE)?;
+    set_int(
+        &maker,
+        tcp,
+        libc::TCP_QUEUE_SEQ,
+        maker_recv as i32,
+        "TCP_QUEUE_SEQ",
+    )?;
+    select_queue(&maker, TCP_SEND_QUEUE)?;
+    set_int(
+        &maker,
+        tcp,
+        libc::TCP_QUEUE_SEQ,
+        maker_send as i32,
+        "TCP_QUEUE_SEQ",
+    )?;
+    select_queue(&maker, TCP_NO_QUEUE)?;
+    crate::inet::connect(&maker, &st.peer)?;
+    let w: Vec<u8> = [maker_recv, 65535, 65535, 65535, maker_recv]
+        .iter()
+        .flat_map(|v| v.to_ne_bytes())
+        .collect();
+    // SAFETY: setsockopt reads the 20-byte tcp_repair_window from `w`.
+    let r = unsafe {
+        libc::setsockopt(
+            maker.as_raw_fd(),
+            tcp,
+            libc::TCP_REPAIR_WINDOW,
+            w.as_ptr().cast(),
+            w.len() as libc::socklen_t,
+        )
+    };
+    check(r as libc::c_long, || "setsockopt(TCP_REPAIR_WINDOW)".into())?;
+    // Our FIN, queued as sent: FIN_WAIT1 without a packet.
+    select_queue(&maker, TCP_SEND_QUEUE)?;
+    shutdown_write(&maker)?;
+    select_queue(&maker, TCP_NO_QUEUE)?;
+    set_int(
+        &maker,
+        tcp,
+        libc::TCP_REPAIR,
+        TCP_REPAIR_OFF_NO_WP,
+        "TCP_REPAIR",
+    )?;
+    use crate::inet::{inject_tcp, Segment, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN};
+    let seg = |seq, ack, flags, window, options, data| Segment {
+        seq,
+        ack,
+        flags,
+        window,
+        options,
+        data,
+    };
+    // The peer's FIN, acknowledging ours: TIME_WAIT.
+    let fin = seg(
+        maker_recv,
+        maker_send.wrapping_add(1),
+        TCP_FIN | TCP_ACK,
+        65535,
+        &[],
+        &[],
+    );
+    inject_tcp(&st.peer, &st.local, &fin)?;
+    wait_for(|| Ok(get_bytes(&maker, tcp, libc::TCP_INFO, 8, "TCP_INFO")?[0] == TCP_INFO_CLOSE))
+        .map_err(|e| Error::Unexpected {
+            pid: 0,
+            what: format!("{}: no TIME_WAIT ({e})", what()),
+        })?;
+    drop(maker);
+    // The SYN, with what the original handshake agreed on.
+    let ts = st.options & TCPI_OPT_TIMESTAMPS != 0;
+    let mut syn_opts = vec![TCPOPT_MAXSEG as u8, 4];
+    syn_opts.extend_from_slice(&(st.mss.min(u16::MAX as u32) as u16).to_be_bytes());
+    if st.options & TCPI_OPT_SACK != 0 {
+        syn_opts.extend_from_slice(&[1, 1, TCPOPT_SACK_PERMITTED as u8, 2]);
+    }
+    let stamps = [1, 1, TCPOPT_TIMESTAMP as u8, 10, 0, 0, 0, 0, 0, 0, 0, 0];
+    if ts {
+        syn_opts.extend_from_slice(&stamps);
+    }
+    if st.options & TCPI_OPT_WSCALE != 0 {
+        syn_opts.extend_from_slice(&[1, TCPOPT_WINDOW as u8, 3, st.snd_wscale]);
+    }
+    let syn = seg(first.wrapping_sub(1), 0, TCP_SYN, 65535, &syn_opts, &[]);
+    inject_tcp(&st.peer, &st.local, &syn)?;
+    let ack_opts: &[u8] = if ts { &stamps } else { &[] };
+    let scale = if st.options & TCPI_OPT_WSCALE != 0 {
+        st.snd_wscale
+    } else {
+        0
+    };
+    let window = (st.window[1] >> scale).min(u16::MAX as u32) as u16;
+    let ack = seg(first, ours, TCP_ACK, window, ack_opts, &[]);
+    inject_tcp(&st.peer, &st.local, &ack)?;
+    // What waited, in segments the size the peer sent.
+    let mut seq = first;
+    for chunk in st.recv_queue.chunks(st.mss.max(536) as usize) {
+        let data = seg(seq, ours, TCP_ACK | TCP_PSH, window, ack_opts, chunk);
+        inject_tcp(&st.peer, &st.local, &data)?;
+        seq = seq.wrapping_add(chunk.len() as u32);
+    }
+    if st.fin_received {
+        let fin = seg(seq, ours, TCP_FIN | TCP_ACK, window, ack_opts, &[]);
+        inject_tcp(&st.peer, &st.local, &fin)?;
+    }
+    // Back in the queue, whole (sock_diag counts a FIN among the bytes to read).
+    let want_state = if st.fin_received {
+        CLOSE_WAIT
+    } else {
+        ESTABLISHED
+    };
+    let canonical = |a: &SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    wait_for(|| {
+        Ok(crate::inet::waiting_connections(&st.local)?
+            .iter()
+            .any(|c| {
+                canonical(&c.peer) == canonical(&st.peer)
+                    && c.state == want_state
+                    && c.rqueue as usize == st.recv_queue.len() + st.fin_received as usize
+            }))
+    })
+    .map_err(|e| Error::Unexpected {
+        pid: 0,
+        what: format!(
+            "{}: it did not come back whole ({e}); is {} on this host, and its listener listening?",
+            what(),
+            st.local.ip()
+        ),
+    })
+}
+
+/// Waits for `done` (the kernel handles our packets in the sender's context, so this
+/// is normally at once), for a second at most.
+fn wait_for(mut done: impl FnMut() -> Result<bool>) -> std::result::Result<(), String> {
+    let t = std::time::Instant::now();
+    loop {
+        match done() {
+            Ok(true) => return Ok(()),
+            Ok(false) if t.elapsed() < std::time::Duration::from_secs(1) => {
+                std::thread::sleep(std::time::Duration::from_micros(200))
+            }
+            Ok(false) => return Err("not after 1 s".into()),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
 fn shutdown_write(sock: &OwnedFd) -> Result<()> {
     // SAFETY: shutdown takes no pointers.
     let r = unsafe { libc::shutdown(sock.as_raw_fd(), libc::SHUT_WR) };
@@ -391,6 +589,68 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
+
+    /// Connections waiting in a listener's queue (IPv4 and IPv6, one half-closed by
+    /// its client) are taken out, closed silently and put back: the listener's next
+    /// accepts return them, in order, whole, and their clients talk on with them.
+    #[test]
+    fn waiting_connections_are_put_back_in_their_listeners_queue() {
+        for host in ["127.0.0.1", "::1"] {
+            let l = TcpListener::bind((host, 0)).unwrap();
+            let here = l.local_addr().unwrap();
+            let mut a = TcpStream::connect(here).unwrap();
+            let mut b = TcpStream::connect(here).unwrap();
+            a.write_all(b"first, waiting").unwrap();
+            b.write_all(b"second").unwrap();
+            b.shutdown(std::net::Shutdown::Write).unwrap();
+            // Wait until both sit in the queue with their bytes (and b's FIN).
+            let queued = |c: &TcpStream, n: u32, state: u8| {
+                let peer = c.local_addr().unwrap();
+                crate::inet::waiting_connections(&here)
+                    .unwrap()
+                    .iter()
+                    .any(|w| w.peer == peer && w.rqueue == n && w.state == state)
+            };
+            // sock_diag counts a FIN received in the bytes waiting.
+            let t = std::time::Instant::now();
+            while !(queued(&a, 14, ESTABLISHED) && queued(&b, 7, CLOSE_WAIT)) {
+                assert!(t.elapsed().as_secs() < 5, "the connections never queued");
+                std::thread::yield_now();
+            }
+            let fd: OwnedFd = l.try_clone().unwrap().into();
+            let taken = crate::inet::accept_waiting(&fd).unwrap();
+            assert_eq!(taken.len(), 2);
+            let mut states = Vec::new();
+            for t in &taken {
+                set_repair(t, true).unwrap();
+                states.push(read_state(t).unwrap());
+            }
+            assert_eq!(states[0].peer, a.local_addr().unwrap());
+            assert!(states[1].fin_received);
+            let table = format!("mcr_test_requeue_{}", std::process::id());
+            let conns: Vec<_> = states.iter().map(|s| (s.local, s.peer)).collect();
+            crate::nft::lock(&table, &conns, crate::nft::Inbound::Drop, None).unwrap();
+            // Closed in repair mode: nothing goes on the wire.
+            drop(taken);
+            let back: Vec<_> = states.iter().map(requeue).collect();
+            crate::nft::unlock(&table).unwrap();
+            for r in back {
+                r.unwrap();
+            }
+            for (c, want) in [(&mut a, &b"first, waiting"[..]), (&mut b, b"second")] {
+                let (mut s, peer) = l.accept().unwrap();
+                assert_eq!(peer, c.local_addr().unwrap());
+                let mut got = vec![0u8; want.len()];
+                s.read_exact(&mut got).unwrap();
+                assert_eq!(got, want);
+                s.write_all(b"answer").unwrap();
+                let mut six = [0u8; 6];
+                c.read_exact(&mut six).unwrap();
+                assert_eq!(&six, b"answer");
+            }
+            a.write_all(b"more").unwrap();
+        }
+    }
 
     /// A live loopback connection: one end is read, closed silently and made again;
     /// its peer sees both queues intact and carries on.
