@@ -22,6 +22,10 @@ pub const MIGRATE_STALL_AT_COMMIT: &str = "migrate-stall-at-commit";
 /// went out, so that a test can change the workload between rounds.
 pub const MIGRATE_WAIT_AFTER_ROUND: &str = "migrate-wait-after-round";
 
+/// Not a failure: the dump waits for a line on stdin once the tree is frozen, before
+/// it looks at anything, so that a test can act on the frozen tree (connect to it).
+pub const DUMP_WAIT_AFTER_FREEZE: &str = "dump-wait-after-freeze";
+
 /// Not a failure: `mcr migrate` waits for a line on stdin after it read the tree's VMA
 /// flags, just before the blackout's freeze.
 pub const MIGRATE_WAIT_BEFORE_FREEZE: &str = "migrate-wait-before-freeze";

@@ -59,7 +59,15 @@ fn inet_line(i: &crate::model::InetSocketImage) -> String {
             )
         }
         (None, true) => match i.listen {
-            Some(b) => format!("TCP listener{at}, backlog {b}"),
+            Some(b) if i.waiting.is_empty() => format!("TCP listener{at}, backlog {b}"),
+            Some(b) => format!(
+                "TCP listener{at}, backlog {b}; waiting to be accepted: {}",
+                i.waiting
+                    .iter()
+                    .map(|c| format!("{} ({} bytes to read)", c.peer, c.recv_queue.len()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             None => format!("TCP socket{at}"),
         },
         (None, false) => format!(

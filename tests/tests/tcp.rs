@@ -1092,7 +1092,8 @@ print(("PASS" if got == [b"one", b"two"] else "FAIL") + " %r" % got, flush=True)
 "#;
 
 #[test]
-fn connections_waiting_to_be_accepted_are_refused_by_name_and_the_service_runs_on() {
+fn without_the_flag_connections_waiting_to_be_accepted_are_refused_by_name_and_the_service_runs_on()
+{
     let mut g = Guard::new();
     let mut p = Proc::start_until(
         &mut g,
@@ -1113,8 +1114,210 @@ fn connections_waiting_to_be_accepted_are_refused_by_name_and_the_service_runs_o
     let names = [one.local_addr(), two.local_addr()].map(|a| format!("{} ->", a.expect("address")));
     assert_refused(
         p,
-        &["2 connections waiting to be accepted", &names[0], &names[1]],
+        &[
+            "2 connections waiting to be accepted",
+            &names[0],
+            &names[1],
+            "only taken with --tcp-established",
+        ],
     );
+}
+
+/// A service blocked in accept(): it serves two connections (echoing what each sent
+/// first), then on CHECK says whether it got both.
+const PY_ACCEPTING: &str = r#"
+import socket, sys
+host = sys.argv[1]
+l = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+l.bind((host, 0))
+l.listen(4)
+print("PORT %d" % l.getsockname()[1], flush=True)
+print("READY", flush=True)
+got, keep = [], []
+for _ in range(2):
+    c = l.accept()[0]
+    d = c.recv(10)
+    c.sendall(b"echo " + d)
+    got.append(d)
+    keep.append(c)
+sys.stdin.readline()
+got.sort()
+print(("PASS" if got == [b"one", b"two"] else "FAIL") + " %r" % got, flush=True)
+"#;
+
+/// How many connections wait in the queue of the listener on `port`, each with `n`
+/// bytes to read (/proc/net/tcp{,6}: established, held by no fd).
+fn waiting_on(port: u16, n: usize) -> usize {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 9
+                && f[1].ends_with(&format!(":{port:04X}"))
+                && f[3] == "01"
+                && f[4]
+                    .split(':')
+                    .nth(1)
+                    .and_then(|q| usize::from_str_radix(q, 16).ok())
+                    == Some(n)
+                && f[9] == "0"
+        })
+        .count()
+}
+
+/// The service on `host` frozen by `mcr checkpoint` (with `env`), two clients connect
+/// and send while it is, and the dump goes on: it returns the clients and the
+/// checkpoint's output.
+fn connect_while_frozen(
+    p: &Proc,
+    host: &str,
+    port: u16,
+    img: &std::path::Path,
+    env: &str,
+) -> (Vec<TcpStream>, std::process::Output, String) {
+    let mut dump = std::process::Command::new(mcr_bin())
+        .args(["checkpoint", "-t", &p.pid.to_string(), "-D"])
+        .arg(img)
+        .args(["--shell-job", "--tcp-established"])
+        .env("MCR_FAULT", env)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("mcr checkpoint");
+    // Its tables are named after it.
+    let ours = format!("mcr_{}_", dump.id());
+    let mut err = Lines::new(dump.stderr.take().expect("stderr"));
+    err.expect_prefix("mcr: waiting at dump-wait-after-freeze");
+    let clients: Vec<TcpStream> = ["one", "two"]
+        .iter()
+        .map(|m| {
+            let mut c = TcpStream::connect((host, port)).expect("connecting");
+            c.write_all(m.as_bytes()).expect("sending");
+            c.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            c
+        })
+        .collect();
+    let t = Instant::now();
+    while waiting_on(port, 3) < 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the connections never queued"
+        );
+        std::thread::yield_now();
+    }
+    dump.stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("go");
+    let mut rest = String::new();
+    while let Some(l) = err.next_line() {
+        rest.push_str(&l);
+        rest.push('\n');
+    }
+    let mut out = dump.wait_with_output().expect("mcr checkpoint");
+    out.stderr = rest.into_bytes();
+    (clients, out, ours)
+}
+
+/// Each client gets its echo: the service accepted it.
+fn echoed(clients: &mut [TcpStream]) {
+    for (c, m) in clients.iter_mut().zip(["one", "two"]) {
+        let mut got = [0u8; 8];
+        c.read_exact(&mut got).expect("the echo");
+        assert_eq!(&got, format!("echo {m}").as_bytes());
+    }
+}
+
+fn waiting_connections_come_back_in_the_queue(host: &str) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("img");
+    let mut g = Guard::new();
+    let mut p = Proc::start_until(
+        &mut g,
+        std::path::Path::new("python3"),
+        &["-c", PY_ACCEPTING, host],
+        None,
+        None,
+    );
+    let port: u16 = p.lines.expect_prefix("PORT")[5..]
+        .trim()
+        .parse()
+        .expect("a port");
+    p.lines.expect_prefix("READY");
+    let (mut clients, out, ours) =
+        connect_while_frozen(&p, host, port, &img, "dump-wait-after-freeze");
+    assert!(
+        out.status.success(),
+        "checkpoint: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(p.wait(), 128 + libc::SIGKILL);
+    let shown = mcr(&["show", "-D", img.to_str().expect("utf-8")]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    let first = clients[0].local_addr().expect("address").to_string();
+    assert!(
+        shown.contains("waiting to be accepted") && shown.contains(&first),
+        "{shown}"
+    );
+    let mut r = restore(&mut g, &img, &["--tcp-established"]);
+    echoed(&mut clients);
+    assert_pass(&r.check());
+    assert_eq!(r.wait(), 0);
+    let left: Vec<String> = tables().into_iter().filter(|t| t.contains(&ours)).collect();
+    assert!(left.is_empty(), "tables of ours remain: {left:?}");
+}
+
+#[test]
+fn a_service_blocked_in_accept_finds_the_two_connections_that_waited_after_the_restore() {
+    waiting_connections_come_back_in_the_queue("127.0.0.1");
+}
+
+#[test]
+fn the_same_over_ipv6_for_connections_that_waited() {
+    waiting_connections_come_back_in_the_queue("::1");
+}
+
+#[test]
+fn a_failed_dump_puts_the_connections_it_took_back_in_the_queue() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("img");
+    let mut g = Guard::new();
+    let host = "127.0.0.1";
+    let mut p = Proc::start_until(
+        &mut g,
+        std::path::Path::new("python3"),
+        &["-c", PY_ACCEPTING, host],
+        None,
+        None,
+    );
+    let port: u16 = p.lines.expect_prefix("PORT")[5..]
+        .trim()
+        .parse()
+        .expect("a port");
+    p.lines.expect_prefix("READY");
+    let (mut clients, out, ours) = connect_while_frozen(
+        &p,
+        host,
+        port,
+        &img,
+        "dump-wait-after-freeze,dump-after-pages",
+    );
+    assert_fails(&out, 1, &["fault injected"]);
+    echoed(&mut clients);
+    assert_pass(&p.check());
+    assert_eq!(p.wait(), 0);
+    let left: Vec<String> = tables().into_iter().filter(|t| t.contains(&ours)).collect();
+    assert!(left.is_empty(), "tables of ours remain: {left:?}");
 }
 
 /// Migrates `pid` with its connections from A into B (and a pid namespace: its pids

@@ -73,14 +73,14 @@ pub fn resolve(
         let at = Pid::from_raw(pid);
         let mut held = None;
         let refusal = match (tcp, s.state) {
-            (true, TCP_LISTEN) if s.rqueue > 0 => {
+            (true, TCP_LISTEN) if s.rqueue > 0 && !tcp_established => {
                 let waiting: Vec<String> = inet::waiting_connections(&s.local)
                     .unwrap_or_default()
                     .iter()
                     .map(|c| format!("{} -> {}", c.peer, c.local))
                     .collect();
                 Some(format!(
-                    "a listening {} with {} connections waiting to be accepted{}, which are not supported yet",
+                    "a listening {} with {} connections waiting to be accepted{}, which are only taken with --tcp-established",
                     describe(s),
                     s.rqueue,
                     if waiting.is_empty() {
@@ -144,6 +144,30 @@ pub fn resolve(
         } else {
             Vec::new()
         };
+        if tcp && s.state == TCP_LISTEN && s.rqueue > 0 {
+            // Out of the queue and into our hands; put back should the dump not go on.
+            let taken = inet::accept_waiting(&sock).step(at, || {
+                format!(
+                    "taking the connections waiting on fd {fd} ({})",
+                    describe(s)
+                )
+            })?;
+            for conn in taken {
+                let addrs = inet::local_addr(&conn).and_then(|l| Ok((l, inet::peer_addr(&conn)?)));
+                let (local, peer) = addrs.step(at, || {
+                    format!("a connection waiting on fd {fd} ({})", describe(s))
+                })?;
+                capture.waiting.push(Waiting {
+                    listener: ino,
+                    pid,
+                    local,
+                    peer,
+                    sock: Some(conn),
+                    repair: false,
+                    state: None,
+                });
+            }
+        }
         if let Some((local, peer)) = held {
             let reuse = options
                 .iter()
@@ -170,6 +194,7 @@ pub fn resolve(
             options,
             tcp: None,
             datagrams,
+            waiting: Vec::new(),
         });
         for p in procs.iter_mut() {
             for e in p.fds.iter_mut().filter(|e| is_it(&e.kind)) {
@@ -209,14 +234,29 @@ struct Held {
     reuse: Option<Vec<u8>>,
 }
 
-/// The established connections of a dump, from the moment they are stopped on the
-/// wire to the moment they are handed to the image (or let go as they were).
-/// Dropped before that, it takes every socket out of repair mode and lifts the lock,
+/// A connection that waited in a listener's queue, taken out of it by us.
+struct Waiting {
+    /// The listener's inode.
+    listener: u64,
+    pid: i32,
+    local: std::net::SocketAddr,
+    peer: std::net::SocketAddr,
+    /// Ours alone: closed in repair mode, it goes without a word.
+    sock: Option<std::os::fd::OwnedFd>,
+    repair: bool,
+    state: Option<kext_shim::tcp::TcpState>,
+}
+
+/// The established connections of a dump, and those waiting in its listeners' queues,
+/// from the moment they are stopped on the wire to the moment they are handed to the
+/// image (or let go as they were). Dropped before that, it takes every socket out of
+/// repair mode, puts the waiting ones back in their queues, and lifts the lock,
 /// delivering what the peers sent meanwhile: the workload's connections go on as if
 /// nothing happened.
 #[derive(Default)]
 pub struct TcpCapture {
     conns: Vec<Held>,
+    waiting: Vec<Waiting>,
     lock: Option<WireLock>,
 }
 
@@ -224,10 +264,10 @@ impl TcpCapture {
     /// Stops the connections on the wire: nothing reaches the sockets or leaves them
     /// until they are let go or made again.
     pub fn lock(&mut self, root: Pid) -> Result<()> {
-        if self.conns.is_empty() {
+        if self.conns.is_empty() && self.waiting.is_empty() {
             return Ok(());
         }
-        let conns: Vec<_> = self.conns.iter().map(|c| (c.local, c.peer)).collect();
+        let conns: Vec<_> = self.tuples();
         let tag = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -255,7 +295,24 @@ impl TcpCapture {
                 img.tcp = Some(st.into());
             }
         }
+        for w in &mut self.waiting {
+            let st = w.read().step(Pid::from_raw(w.pid), || {
+                format!(
+                    "reading TCP connection {} -> {} (waiting to be accepted)",
+                    w.local, w.peer
+                )
+            })?;
+            if let Some(img) = images.iter_mut().find(|i| i.ino == w.listener) {
+                img.waiting.push(st.into());
+            }
+        }
         Ok(())
+    }
+
+    fn tuples(&self) -> Vec<(std::net::SocketAddr, std::net::SocketAddr)> {
+        let held = self.conns.iter().map(|c| (c.local, c.peer));
+        held.chain(self.waiting.iter().map(|w| (w.local, w.peer)))
+            .collect()
     }
 
     /// What the image keeps of the lock, if there are connections to hold.
@@ -267,7 +324,7 @@ impl TcpCapture {
     /// it), while the sockets stay ours in repair mode, for [`hand_over`](Self::hand_over)
     /// or, should the destination fail after all, to go on here.
     pub fn hand_lock_over(&mut self) -> Result<()> {
-        let pid = self.conns.first().map_or(0, |c| c.pid);
+        let pid = self.pid();
         match self.lock.take() {
             Some(l) => l.keep().step(Pid::from_raw(pid), || {
                 "handing the TCP connections' lock to the destination".into()
@@ -279,9 +336,10 @@ impl TcpCapture {
     /// After the workload was killed: its sockets close silently as our copies go, and
     /// the lock passes to the image, for the restore to lift.
     pub fn hand_over(mut self) -> Result<()> {
-        let pid = self.conns.first().map_or(0, |c| c.pid);
+        let pid = self.pid();
         // Closed in repair mode: neither FIN nor RST.
         self.conns.clear();
+        self.waiting.clear();
         match self.lock.take() {
             Some(l) => l.keep().step(Pid::from_raw(pid), || {
                 "handing the TCP connections' lock to the image".into()
@@ -291,8 +349,86 @@ impl TcpCapture {
     }
 }
 
+impl Waiting {
+    /// The connection's state, read in repair mode (once).
+    fn read(&mut self) -> kext_shim::Result<kext_shim::tcp::TcpState> {
+        if let Some(st) = &self.state {
+            return Ok(st.clone());
+        }
+        let sock = self.sock.as_ref().expect("ours until put back");
+        kext_shim::tcp::set_repair(sock, true)?;
+        self.repair = true;
+        let st = kext_shim::tcp::read_state(sock)?;
+        self.state = Some(st.clone());
+        Ok(st)
+    }
+
+    /// Back in its listener's queue, as it was.
+    fn put_back(&mut self) -> kext_shim::Result<()> {
+        let st = self.read()?;
+        // Silent: in repair mode.
+        self.sock = None;
+        kext_shim::tcp::requeue(&st)
+    }
+}
+
+impl TcpCapture {
+    fn pid(&self) -> i32 {
+        let waiting = self.waiting.first().map(|w| w.pid);
+        self.conns.first().map(|c| c.pid).or(waiting).unwrap_or(0)
+    }
+
+    /// The waiting connections back in their queues, in order, while what this host
+    /// sends their peers is still dropped (by a lock of their own if the dump did not
+    /// get as far as its lock).
+    fn put_back_waiting(&mut self) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let own = match &self.lock {
+            Some(_) => None,
+            None => {
+                let tag = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                let table = kext_shim::nft::table_name(tag);
+                let locked = kext_shim::nft::lock(
+                    &table,
+                    &self.tuples(),
+                    kext_shim::nft::Inbound::Drop,
+                    Some(std::process::id()),
+                );
+                match locked {
+                    Ok(()) => Some(table),
+                    Err(e) => {
+                        tracing::warn!("stopping the waiting connections on the wire: {e}");
+                        None
+                    }
+                }
+            }
+        };
+        for w in &mut self.waiting {
+            if let Err(e) = w.put_back() {
+                tracing::error!(
+                    pid = w.pid,
+                    "{} -> {}, waiting to be accepted, is lost: {e}",
+                    w.peer,
+                    w.local
+                );
+            }
+        }
+        self.waiting.clear();
+        if let Some(t) = own {
+            if let Err(e) = kext_shim::nft::unlock(&t) {
+                tracing::error!("removing nftables table {t}: {e}");
+            }
+        }
+    }
+}
+
 impl Drop for TcpCapture {
     fn drop(&mut self) {
+        self.put_back_waiting();
         for c in self.conns.iter().filter(|c| c.repair) {
             let back = kext_shim::tcp::set_repair(&c.sock, false).and_then(|_| match &c.reuse {
                 Some(v) => inet::set_option(&c.sock, libc::SOL_SOCKET, libc::SO_REUSEADDR, v),

@@ -161,6 +161,7 @@ pub fn checkpoint_held(opts: &CheckpointOptions) -> Result<HeldCheckpoint> {
     let t_freeze = Instant::now();
     let (mut tree, freezer) = freeze_tree(pid, opts.freeze_cgroup.as_deref())?;
     steps.push(("freeze", t_freeze.elapsed()));
+    crate::fault::wait(crate::fault::DUMP_WAIT_AFTER_FREEZE);
 
     // Declared after the tree: dropped first on failure, which lets the connections go
     // on before the processes resume.

@@ -27,7 +27,8 @@ pub use write::{ImageWriter, WriteStats, CHUNK_PREFIX};
 
 /// The format this build writes and the newest it reads.
 /// 2: images can be chained (a parent image, tracked writes) and be pre-dumps.
-pub const FORMAT_VERSION: u16 = 2;
+/// 3: a TCP listener carries the connections waiting in its queue.
+pub const FORMAT_VERSION: u16 = 3;
 
 /// Image features this build understands (see `Inventory::features`).
 pub const KNOWN_FEATURES: &[&str] = &[
@@ -210,6 +211,7 @@ mod tests {
                 options: vec![(libc::SOL_SOCKET, libc::SO_REUSEADDR, vec![1, 0, 0, 0])],
                 tcp: None,
                 datagrams: vec![("[::1]:53".parse().unwrap(), b"query".to_vec())],
+                waiting: Vec::new(),
             }],
         }
     }

@@ -176,6 +176,9 @@ pub struct InetSocketImage {
     pub tcp: Option<TcpConnImage>,
     /// UDP: the datagrams waiting to be read, in order, with who sent each.
     pub datagrams: Vec<(std::net::SocketAddr, Vec<u8>)>,
+    /// A listener: the connections waiting to be accepted, in queue order (taken with
+    /// --tcp-established), put back in its queue at restore.
+    pub waiting: Vec<TcpConnImage>,
 }
 
 /// An established TCP connection as TCP_REPAIR reads it (see kext_shim::tcp).

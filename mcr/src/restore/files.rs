@@ -221,7 +221,8 @@ pub fn open_all(
         let s = t.session.map(|_| plan.keep(slave));
         plan.ptys.insert(t.index, (m, s));
     }
-    let make = || super::sockets::make(procs, &snap.unix, &snap.inet, root);
+    let lock_netns = snap.inventory.net_lock.as_ref().map(|l| l.netns);
+    let make = || super::sockets::make(procs, &snap.unix, &snap.inet, root, lock_netns);
     let sockets = match netns {
         None => make()?,
         Some(ns) => {
@@ -240,7 +241,8 @@ pub fn open_all(
             out.expect("ran")?
         }
     };
-    let (sockets, connections) = sockets;
+    let (sockets, mut connections) = sockets;
+    connections.netns = netns.map(Path::to_path_buf);
     plan.connections = connections;
     for (ino, sock) in sockets {
         let n = plan.keep(sock);

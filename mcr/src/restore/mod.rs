@@ -179,7 +179,11 @@ pub fn restore_with(
     }
     steps.push(("read and check image", t0.elapsed()));
     // Asked before anything else: a forgotten flag must not cost the connections.
-    if let Some(c) = snap.inet.iter().find_map(|s| s.tcp.as_ref()) {
+    let taken = snap
+        .inet
+        .iter()
+        .map(|s| s.tcp.as_ref().or(s.waiting.first()));
+    if let Some(c) = taken.flatten().next() {
         if !opts.tcp_established {
             return Err(RestoreError::Incompatible {
                 pid: snap.inventory.root_pid,
@@ -312,6 +316,7 @@ pub fn restore_with(
     let t = Instant::now();
     // The connections talk again before the processes run, so that neither what the
     // peers sent meanwhile nor what the processes send first waits on the wire.
+    connections.requeue()?;
     release.open();
     connections.finish()?;
     let root_pid = stubs[0].pid.as_raw();

@@ -21,36 +21,140 @@ pub struct RestoredConn {
     pid: i32,
 }
 
+/// A listener made again, with the connections that waited in its queue.
+struct Listener {
+    sock: OwnedFd,
+    waiting: Vec<kext_shim::tcp::TcpState>,
+    pid: i32,
+}
+
 /// The restore's connections, until it succeeds. Should it fail, they are put back in
 /// repair mode before anything closes them: they go silently, as the dump's did, and
 /// stay whole on the peers' side for another restore.
 #[derive(Default)]
 pub struct Connections {
     conns: Vec<RestoredConn>,
+    listeners: Vec<Listener>,
+    /// Where they were made, if not in our network namespace.
+    pub netns: Option<std::path::PathBuf>,
+    /// A table of ours stopping the waiting connections on the wire where the image's
+    /// lock does not (another network namespace), from their listener's making to
+    /// their return to its queue.
+    own_lock: Option<String>,
+    requeued: bool,
     pub done: bool,
 }
 
 impl Connections {
+    /// Runs `f` in the network namespace the connections were made in: raw packets
+    /// and nftables act on a namespace's stack.
+    fn in_their_netns<T: Send>(
+        &self,
+        f: impl FnOnce() -> kext_shim::Result<T> + Send,
+    ) -> kext_shim::Result<T> {
+        match &self.netns {
+            Some(ns) => kext_shim::clone::in_netns(&ns.display().to_string(), f),
+            None => f(),
+        }
+    }
+
+    /// The connections that waited in listeners' queues go back there, before any
+    /// packet their peers sent meanwhile is let through (a listener would answer it
+    /// with a reset): the program's accept() finds them as it left them.
+    pub fn requeue(&mut self) -> Result<()> {
+        if self.listeners.is_empty() {
+            return Ok(());
+        }
+        let mut failed = None;
+        let own = self.own_lock.clone();
+        let listeners = &self.listeners;
+        let r = self.in_their_netns(|| {
+            'all: for l in listeners {
+                for st in &l.waiting {
+                    if let Err(e) = kext_shim::tcp::requeue(st) {
+                        failed = Some((l.pid, st.peer, st.local, e));
+                        break 'all;
+                    }
+                }
+            }
+            // The peers may talk now: what we send them passes again at once (the
+            // table goes once the processes run).
+            match &own {
+                Some(t) => kext_shim::nft::open(t),
+                None => Ok(()),
+            }
+        });
+        self.requeued = true;
+        if let Some((pid, peer, local, source)) = failed {
+            return Err(RestoreError::Kernel {
+                pid,
+                step: format!("putting {peer} -> {local} back in its listener's queue"),
+                source,
+            });
+        }
+        let pid = self.listeners[0].pid;
+        r.map_err(|source| RestoreError::Kernel {
+            pid,
+            step: "letting the waiting connections talk (nftables)".into(),
+            source,
+        })
+    }
+
     /// The last of each, once it may talk on the wire: never-sent bytes, shutdowns,
     /// the peers' FINs (see kext_shim::tcp::finish).
     pub fn finish(&self) -> Result<()> {
-        for c in self
+        let mut todo = self
             .conns
             .iter()
             .filter(|c| kext_shim::tcp::unfinished(&c.state))
-        {
-            kext_shim::tcp::finish(&c.sock, &c.state).map_err(|e| RestoreError::Kernel {
+            .peekable();
+        if todo.peek().is_none() {
+            return Ok(());
+        }
+        let mut failed = None;
+        let r = self.in_their_netns(|| {
+            for c in todo {
+                if let Err(e) = kext_shim::tcp::finish(&c.sock, &c.state) {
+                    failed = Some((c, e));
+                    break;
+                }
+            }
+            Ok(())
+        });
+        if let Some((c, e)) = failed {
+            return Err(RestoreError::Kernel {
                 pid: c.pid,
                 step: format!("finishing {} -> {}", c.state.local, c.state.peer),
                 source: e,
-            })?;
+            });
         }
-        Ok(())
+        r.map_err(|source| RestoreError::Kernel {
+            pid: self.conns[0].pid,
+            step: "finishing the connections".into(),
+            source,
+        })
     }
 }
 
 impl Drop for Connections {
     fn drop(&mut self) {
+        if !self.done && self.requeued {
+            // Taken out of the queues again before the listeners close (which would
+            // reset them), and closed in repair mode.
+            for l in &self.listeners {
+                let taken = kext_shim::inet::accept_waiting(&l.sock);
+                for c in taken.into_iter().flatten() {
+                    if let Err(e) = kext_shim::tcp::set_repair(&c, true) {
+                        tracing::error!("a waiting connection: back to repair mode: {e}");
+                    }
+                }
+            }
+        }
+        if let Some(t) = self.own_lock.take() {
+            if let Err(e) = self.in_their_netns(|| kext_shim::nft::unlock(&t)) {
+                tracing::error!("removing nftables table {t}: {e}");
+            }
+        }
         if self.done {
             return;
         }
@@ -66,11 +170,14 @@ impl Drop for Connections {
     }
 }
 
+/// Makes every socket of the image, in the current network namespace. `lock_netns`:
+/// where the image's wire lock is, if it has one.
 pub fn make(
     procs: &[ProcessImage],
     images: &[UnixSocketImage],
     inet: &[InetSocketImage],
     root: &Path,
+    lock_netns: Option<u64>,
 ) -> Result<(Sockets, Connections)> {
     let pid = procs.first().map(|p| p.pid).unwrap_or(0);
     let at = |name: &str| match name.strip_prefix('@') {
@@ -104,7 +211,50 @@ pub fn make(
                 pid,
             });
         }
+        if !s.waiting.is_empty() {
+            let copy = sock.try_clone().map_err(|e| RestoreError::File {
+                pid,
+                what: "TCP listener".into(),
+                path: format!("socket:[{}]", s.ino),
+                why: format!("dup: {e}"),
+            })?;
+            conns.listeners.push(Listener {
+                sock: copy,
+                waiting: s
+                    .waiting
+                    .iter()
+                    .map(kext_shim::tcp::TcpState::from)
+                    .collect(),
+                pid,
+            });
+        }
         made.insert(s.ino, sock);
+    }
+    let here = || {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata("/proc/thread-self/ns/net").map_or(0, |m| m.ino())
+    };
+    if !conns.listeners.is_empty() && lock_netns != Some(here()) {
+        // Made before the service address comes: from then on, what the peers send
+        // must not meet a listener without their connections (it answers resets).
+        let tuples: Vec<_> = conns
+            .listeners
+            .iter()
+            .flat_map(|l| l.waiting.iter().map(|w| (w.local, w.peer)))
+            .collect();
+        let tag = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let table = kext_shim::nft::table_name(tag);
+        let me = Some(std::process::id());
+        kext_shim::nft::lock(&table, &tuples, kext_shim::nft::Inbound::Drop, me).map_err(|e| {
+            RestoreError::Kernel {
+                pid,
+                step: "stopping the waiting connections on the wire (nftables)".into(),
+                source: e,
+            }
+        })?;
+        conns.own_lock = Some(table);
     }
     let mut names: BTreeMap<u64, String> = BTreeMap::new();
     for p in procs {
