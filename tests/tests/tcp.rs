@@ -1146,52 +1146,42 @@ print(("PASS" if got == [b"one", b"two"] else "FAIL") + " %r" % got, flush=True)
 "#;
 
 /// How many connections wait in the queue of the listener on `port`, each with `n`
-/// bytes to read (/proc/net/tcp{,6}: established, held by no fd).
-fn waiting_on(port: u16, n: usize) -> usize {
-    ["/proc/net/tcp", "/proc/net/tcp6"]
+/// bytes to read (`net`/tcp{,6}: established, held by no fd).
+fn waiting_on(net: &str, port: u16, n: usize) -> usize {
+    ["tcp", "tcp6"]
         .iter()
         .flat_map(|f| {
-            std::fs::read_to_string(f)
-                .unwrap_or_default()
-                .lines()
-                .map(str::to_string)
-                .collect::<Vec<_>>()
+            let t = std::fs::read_to_string(format!("{net}/{f}")).unwrap_or_default();
+            t.lines().map(str::to_string).collect::<Vec<_>>()
         })
         .filter(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
+            let queued = |q: &str| q.split(':').nth(1).map(|r| usize::from_str_radix(r, 16));
             f.len() > 9
                 && f[1].ends_with(&format!(":{port:04X}"))
                 && f[3] == "01"
-                && f[4]
-                    .split(':')
-                    .nth(1)
-                    .and_then(|q| usize::from_str_radix(q, 16).ok())
-                    == Some(n)
+                && queued(f[4]) == Some(Ok(n))
                 && f[9] == "0"
         })
         .count()
 }
 
-/// The service on `host` frozen by `mcr checkpoint` (with `env`), two clients connect
-/// and send while it is, and the dump goes on: it returns the clients and the
-/// checkpoint's output.
+/// Runs `cmd` (an mcr that freezes the service `p` and waits there: MCR_FAULT
+/// dump-wait-after-freeze); while the service is frozen, two clients made by
+/// `connect` connect and send, and the dump goes on once both wait in the queue.
+/// Returns the clients, mcr's output, and the prefix of its tables' names.
 fn connect_while_frozen(
     p: &Proc,
-    host: &str,
+    mut cmd: std::process::Command,
     port: u16,
-    img: &std::path::Path,
-    env: &str,
+    connect: impl Fn() -> TcpStream,
 ) -> (Vec<TcpStream>, std::process::Output, String) {
-    let mut dump = std::process::Command::new(mcr_bin())
-        .args(["checkpoint", "-t", &p.pid.to_string(), "-D"])
-        .arg(img)
-        .args(["--shell-job", "--tcp-established"])
-        .env("MCR_FAULT", env)
+    let mut dump = cmd
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .expect("mcr checkpoint");
+        .expect("mcr");
     // Its tables are named after it.
     let ours = format!("mcr_{}_", dump.id());
     let mut err = Lines::new(dump.stderr.take().expect("stderr"));
@@ -1199,7 +1189,7 @@ fn connect_while_frozen(
     let clients: Vec<TcpStream> = ["one", "two"]
         .iter()
         .map(|m| {
-            let mut c = TcpStream::connect((host, port)).expect("connecting");
+            let mut c = connect();
             c.write_all(m.as_bytes()).expect("sending");
             c.set_read_timeout(Some(Duration::from_secs(10)))
                 .expect("timeout");
@@ -1207,7 +1197,7 @@ fn connect_while_frozen(
         })
         .collect();
     let t = Instant::now();
-    while waiting_on(port, 3) < 2 {
+    while waiting_on(&format!("/proc/{}/net", p.pid), port, 3) < 2 {
         assert!(
             t.elapsed() < Duration::from_secs(10),
             "the connections never queued"
@@ -1224,9 +1214,40 @@ fn connect_while_frozen(
         rest.push_str(&l);
         rest.push('\n');
     }
-    let mut out = dump.wait_with_output().expect("mcr checkpoint");
+    let mut out = dump.wait_with_output().expect("mcr");
     out.stderr = rest.into_bytes();
     (clients, out, ours)
+}
+
+/// `mcr checkpoint --tcp-established` of `p`, with `faults`.
+fn checkpoint_cmd(p: &Proc, img: &std::path::Path, faults: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(mcr_bin());
+    cmd.args(["checkpoint", "-t", &p.pid.to_string(), "-D"])
+        .arg(img)
+        .args(["--shell-job", "--tcp-established"])
+        .env("MCR_FAULT", faults);
+    cmd
+}
+
+/// PY_ACCEPTING listening on `host`, started through `prefix` (nsenter) if given.
+fn accepting_service(g: &mut Guard, prefix: &[String], host: &str) -> (Proc, u16) {
+    let mut cmd = std::process::Command::new(prefix.first().map_or("python3", |s| s.as_str()));
+    if !prefix.is_empty() {
+        cmd.args(&prefix[1..]).arg("python3");
+    }
+    cmd.args(["-c", PY_ACCEPTING, host]);
+    let mut p = Proc::spawn(g, cmd, None);
+    let port: u16 = p.lines.expect_prefix("PORT")[5..]
+        .trim()
+        .parse()
+        .expect("a port");
+    p.lines.expect_prefix("READY");
+    (p, port)
+}
+
+fn no_tables_of(ours: &str) {
+    let left: Vec<String> = tables().into_iter().filter(|t| t.contains(ours)).collect();
+    assert!(left.is_empty(), "tables of ours remain: {left:?}");
 }
 
 /// Each client gets its echo: the service accepted it.
@@ -1242,20 +1263,11 @@ fn waiting_connections_come_back_in_the_queue(host: &str) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let img = tmp.path().join("img");
     let mut g = Guard::new();
-    let mut p = Proc::start_until(
-        &mut g,
-        std::path::Path::new("python3"),
-        &["-c", PY_ACCEPTING, host],
-        None,
-        None,
-    );
-    let port: u16 = p.lines.expect_prefix("PORT")[5..]
-        .trim()
-        .parse()
-        .expect("a port");
-    p.lines.expect_prefix("READY");
-    let (mut clients, out, ours) =
-        connect_while_frozen(&p, host, port, &img, "dump-wait-after-freeze");
+    let (mut p, port) = accepting_service(&mut g, &[], host);
+    let cmd = checkpoint_cmd(&p, &img, "dump-wait-after-freeze");
+    let (mut clients, out, ours) = connect_while_frozen(&p, cmd, port, || {
+        TcpStream::connect((host, port)).expect("connecting")
+    });
     assert!(
         out.status.success(),
         "checkpoint: {}",
@@ -1273,8 +1285,7 @@ fn waiting_connections_come_back_in_the_queue(host: &str) {
     echoed(&mut clients);
     assert_pass(&r.check());
     assert_eq!(r.wait(), 0);
-    let left: Vec<String> = tables().into_iter().filter(|t| t.contains(&ours)).collect();
-    assert!(left.is_empty(), "tables of ours remain: {left:?}");
+    no_tables_of(&ours);
 }
 
 #[test]
@@ -1292,32 +1303,68 @@ fn a_failed_dump_puts_the_connections_it_took_back_in_the_queue() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let img = tmp.path().join("img");
     let mut g = Guard::new();
-    let host = "127.0.0.1";
-    let mut p = Proc::start_until(
-        &mut g,
-        std::path::Path::new("python3"),
-        &["-c", PY_ACCEPTING, host],
-        None,
-        None,
-    );
-    let port: u16 = p.lines.expect_prefix("PORT")[5..]
-        .trim()
-        .parse()
-        .expect("a port");
-    p.lines.expect_prefix("READY");
-    let (mut clients, out, ours) = connect_while_frozen(
-        &p,
-        host,
-        port,
-        &img,
-        "dump-wait-after-freeze,dump-after-pages",
-    );
+    let (mut p, port) = accepting_service(&mut g, &[], "127.0.0.1");
+    let cmd = checkpoint_cmd(&p, &img, "dump-wait-after-freeze,dump-after-pages");
+    let (mut clients, out, ours) = connect_while_frozen(&p, cmd, port, || {
+        TcpStream::connect(("127.0.0.1", port)).expect("connecting")
+    });
     assert_fails(&out, 1, &["fault injected"]);
     echoed(&mut clients);
     assert_pass(&p.check());
     assert_eq!(p.wait(), 0);
-    let left: Vec<String> = tables().into_iter().filter(|t| t.contains(&ours)).collect();
-    assert!(left.is_empty(), "tables of ours remain: {left:?}");
+    no_tables_of(&ours);
+}
+
+#[test]
+fn connections_waiting_to_be_accepted_follow_a_live_migration_to_another_namespace() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let net = Net::new();
+    let mut g = Guard::new();
+    let enter_a = net.enter(0);
+    let (mut p, port) = accepting_service(&mut g, &enter_a, SERVICE);
+    let to = format!("unix:{}", tmp.path().join("mig.sock").display());
+    let prefix: Vec<&str> = enter_a.iter().map(String::as_str).collect();
+    let recv = Receiver::start_via(
+        &prefix,
+        &to,
+        &tmp.path().join("pid"),
+        &["--pidns", "--tcp-established", "--netns", &net.path(1)],
+        &[],
+    );
+    let mut cmd = std::process::Command::new(&enter_a[0]);
+    cmd.args(&enter_a[1..])
+        .arg(mcr_bin())
+        .args(["migrate", "-t", &p.pid.to_string(), "--to", &to])
+        .args(["--shell-job", "--tcp-established", "--at-ready"])
+        .arg(net.move_address_commands())
+        .env("MCR_FAULT", "dump-wait-after-freeze");
+    let c_ns = net.path(2);
+    let (mut clients, out, _) = connect_while_frozen(&p, cmd, port, || {
+        let c_ns = std::fs::File::open(&c_ns).expect("netns C");
+        std::thread::spawn(move || {
+            nix::sched::setns(c_ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns C");
+            TcpStream::connect((SERVICE, port)).expect("connecting from C")
+        })
+        .join()
+        .expect("client thread")
+    });
+    assert!(
+        out.status.success(),
+        "migrate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(p.wait(), 128 + libc::SIGKILL);
+    let mut moved = recv.workload(&mut g);
+    g.add(parent_of(moved.pid));
+    echoed(&mut clients);
+    assert_pass(&moved.check());
+    for i in 0..2 {
+        let t = nft_tables_in(&net, i);
+        assert!(
+            !t.contains("mcr_"),
+            "namespace {i} keeps tables of ours: {t}"
+        );
+    }
 }
 
 /// Migrates `pid` with its connections from A into B (and a pid namespace: its pids
