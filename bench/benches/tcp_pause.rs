@@ -6,7 +6,8 @@
 //! service, `mcr restore --tcp-established` brings it back; the figure is the longest
 //! wait any client had for an echo, and every echo is checked.
 //!
-//! `cargo bench -p mcr-bench --bench tcp_pause`
+//! `cargo bench -p mcr-bench --bench tcp_pause` (`TCP_PAUSE_STEPS=1`: each command's
+//! steps, from its --json report, on stderr)
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
 use mcr_bench::{image_root, kill_tree, mcr_bin};
@@ -104,16 +105,31 @@ fn wait_trips(seen: &Mutex<Seen>, from: &[u64], more: u64) {
 }
 
 /// Runs mcr with no stdio to speak of: a shell job restored takes mcr's own, and
-/// would keep a pipe of ours open for good.
+/// would keep a pipe of ours open for good (its report goes to a file).
 fn mcr(args: &[&str]) {
-    let st = Command::new(mcr_bin())
-        .args(args)
+    let steps = std::env::var_os("TCP_PAUSE_STEPS").is_some();
+    let report = tempfile::NamedTempFile::new().expect("a report file");
+    let mut cmd = Command::new(mcr_bin());
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .status()
-        .expect("running mcr");
+        .stderr(Stdio::inherit());
+    if steps {
+        cmd.arg("--json")
+            .stdout(report.reopen().expect("the report file"));
+    }
+    let t = Instant::now();
+    let st = cmd.status().expect("running mcr");
+    let wall = t.elapsed();
     assert!(st.success(), "mcr {} failed", args.join(" "));
+    if steps {
+        let json = std::fs::read_to_string(report.path()).unwrap_or_default();
+        eprintln!(
+            "mcr {} ({wall:?} from spawn to exit): {}",
+            args[0],
+            json.trim()
+        );
+    }
 }
 
 /// One checkpoint and restore in place of a service with `n` busy connections; the
@@ -180,6 +196,9 @@ fn pause_once(n: usize, img: &std::path::Path) -> Duration {
     ]);
     wait_trips(&seen, &before, 20);
     let worst = seen.lock().expect("seen").worst;
+    if std::env::var_os("TCP_PAUSE_STEPS").is_some() {
+        eprintln!("longest wait for an echo: {worst:?}");
+    }
     stop.store(true, Ordering::Relaxed);
     driver.join().expect("the clients");
     let restored: i32 = std::fs::read_to_string(&pidfile)

@@ -23,7 +23,10 @@ use kext_shim::procfs;
 use kext_shim::{ptrace, sys, PAGE_SIZE};
 use std::time::{Duration, Instant};
 
-pub(super) const SCRATCH_PAGES: u64 = 2;
+/// The scratch memory in a stub: a code page (a syscall instruction at 0, the batch
+/// code at [`BATCH_AT`]), a data page for arguments, a page for a batch's table.
+pub(super) const SCRATCH_PAGES: u64 = 3;
+const BATCH_AT: u64 = 16;
 
 /// Lowest address at or above `from` where `len` bytes (plus a guard page each side)
 /// touch none of `used`.
@@ -69,6 +72,72 @@ impl Ctx<'_> {
     ) -> Result<u64> {
         let w = what.clone();
         self.inj.call(nr, args, what).step(self.pid, w)
+    }
+
+    /// Runs `calls` in the process with as few stops as the table page allows (see
+    /// kext_shim::inject::Injector::batch); the first that fails is an error named by
+    /// `what` (its index), and the rest do not run.
+    pub(super) fn batch(
+        &mut self,
+        calls: &[(i64, [u64; 6])],
+        what: impl Fn(usize) -> String,
+    ) -> Result<()> {
+        use kext_shim::inject::BATCH_ENTRY;
+        let scratch = self.data - PAGE_SIZE;
+        let per = PAGE_SIZE as usize / BATCH_ENTRY;
+        for (n, chunk) in calls.chunks(per).enumerate() {
+            let done = self
+                .inj
+                .batch(scratch + BATCH_AT, self.data + PAGE_SIZE, &self.mem, chunk)
+                .step(self.pid, || format!("{} (a batch)", what(n * per)))?;
+            if let Some(&r) = done.last().filter(|&&r| (-4095..0).contains(&r)) {
+                let i = n * per + done.len() - 1;
+                return Err(RestoreError::Kernel {
+                    pid: self.pid,
+                    step: what(i),
+                    source: kext_shim::SysError::new(
+                        format!("injected into pid {}", self.pid),
+                        kext_shim::Errno::from_raw(-r as i32),
+                    )
+                    .into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// [`batch`](Self::batch) for calls that each take a buffer: `calls[i].2` is put
+    /// in the data page and its address passed as argument `arg`.
+    pub(super) fn batch_with_data(
+        &mut self,
+        calls: &[(i64, [u64; 6], Vec<u8>)],
+        arg: usize,
+        what: impl Fn(usize) -> String,
+    ) -> Result<()> {
+        let mut from = 0;
+        while from < calls.len() {
+            let mut data = Vec::new();
+            let mut chunk = Vec::new();
+            for (nr, args, bytes) in &calls[from..] {
+                // Aligned, as the kernel would have them.
+                let at = data.len().next_multiple_of(8);
+                if at + bytes.len() > PAGE_SIZE as usize
+                    || chunk.len() == PAGE_SIZE as usize / kext_shim::inject::BATCH_ENTRY
+                {
+                    break;
+                }
+                data.resize(at, 0);
+                data.extend_from_slice(bytes);
+                let mut a = *args;
+                a[arg] = self.data + at as u64;
+                chunk.push((*nr, a));
+            }
+            self.put(&data)?;
+            let n = chunk.len();
+            self.batch(&chunk, |i| what(from + i))?;
+            from += n;
+        }
+        Ok(())
     }
 
     /// Puts `bytes` in the scratch data page and returns its address.
@@ -195,8 +264,11 @@ pub(super) fn new_scratch(cx: &mut Ctx, used: &[(u64, u64)]) -> Result<u64> {
             0,
         )
         .step(raw, || "mapping the scratch page".into())?;
+    let mut code = vec![0x0f, 0x05, 0xcc, 0xcc];
+    code.resize(BATCH_AT as usize, 0xcc);
+    code.extend_from_slice(&kext_shim::inject::BATCH_CODE);
     cx.mem
-        .write(scratch, &[0x0f, 0x05, 0xcc, 0xcc])
+        .write(scratch, &code)
         .step(raw, || "writing the syscall instruction".into())?;
     cx.inj
         .mprotect(scratch, PAGE_SIZE, libc::PROT_READ | libc::PROT_EXEC)

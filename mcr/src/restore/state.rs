@@ -25,6 +25,7 @@ pub(super) fn raise_nofile(cx: &mut Ctx) -> Result<()> {
 pub(super) fn set_rlimits(cx: &mut Ctx, p: &ProcessImage) -> Result<()> {
     let ours = procfs::read_limits(kext_shim::Pid::from_raw(cx.pid))
         .step(cx.pid, || "reading limits".into())?;
+    let mut calls = Vec::new();
     for (res, (&(soft, hard), &(_, cur_hard))) in p.rlimits.iter().zip(ours.iter()).enumerate() {
         // Without CAP_SYS_RESOURCE a hard limit can only go down.
         let hard2 = if hard > cur_hard {
@@ -40,12 +41,9 @@ pub(super) fn set_rlimits(cx: &mut Ctx, p: &ProcessImage) -> Result<()> {
         let mut b = Vec::new();
         b.extend_from_slice(&soft.min(hard2).to_ne_bytes());
         b.extend_from_slice(&hard2.to_ne_bytes());
-        let addr = cx.put(&b)?;
-        cx.call(libc::SYS_prlimit64, [0, res as u64, addr, 0, 0, 0], || {
-            format!("prlimit64 resource {res}")
-        })?;
+        calls.push((libc::SYS_prlimit64, [0, res as u64, 0, 0, 0, 0], b));
     }
-    Ok(())
+    cx.batch_with_data(&calls, 2, |i| format!("prlimit64 resource {i}"))
 }
 
 /// Moves every fd to its number: first everything we need above all numbers in play,
@@ -62,15 +60,20 @@ pub(super) fn set_fds(cx: &mut Ctx, fds: &FdNumbers) -> Result<()> {
                 [0, (s - 1) as u64, 0, 0, 0, 0],
                 || "close_range below our fds".into(),
             )?;
-            for &(target, src, cloexec) in &fds.fds {
-                dup3(cx, src as u64, target, cloexec)?;
-            }
-            cx.call(
-                libc::SYS_close_range,
-                [s as u64, u32::MAX as u64, 0, 0, 0, 0],
-                || "close_range of our fds".into(),
-            )?;
-            return Ok(());
+            // One stop for them all: a hundred connections cost one.
+            let calls: Vec<_> = fds
+                .fds
+                .iter()
+                .map(|&(target, src, cloexec)| dup3_call(src as u64, target, cloexec))
+                .chain([(
+                    libc::SYS_close_range,
+                    [s as u64, u32::MAX as u64, 0, 0, 0, 0],
+                )])
+                .collect();
+            return cx.batch(&calls, |i| match fds.fds.get(i) {
+                Some(&(target, _, _)) => format!("dup3 to fd {target}"),
+                None => "close_range of our fds".into(),
+            });
         }
     }
     let open_now =
@@ -116,6 +119,11 @@ pub(super) fn set_fds(cx: &mut Ctx, fds: &FdNumbers) -> Result<()> {
     Ok(())
 }
 
+fn dup3_call(src: u64, target: i32, cloexec: bool) -> (i64, [u64; 6]) {
+    let flag = if cloexec { libc::O_CLOEXEC as u64 } else { 0 };
+    (libc::SYS_dup3, [src, target as u64, flag, 0, 0, 0])
+}
+
 fn dup3(cx: &mut Ctx, src: u64, target: i32, cloexec: bool) -> Result<()> {
     let flag = if cloexec { libc::O_CLOEXEC as u64 } else { 0 };
     cx.call(libc::SYS_dup3, [src, target as u64, flag, 0, 0, 0], || {
@@ -127,25 +135,36 @@ fn dup3(cx: &mut Ctx, src: u64, target: i32, cloexec: bool) -> Result<()> {
 /// Adds each epoll's interest list from inside the process, now that every fd has its
 /// number. struct epoll_event is packed on x86_64: events u32, then data u64.
 pub(super) fn fill_epolls(cx: &mut Ctx, fds: &FdNumbers) -> Result<()> {
-    for (epfd, targets) in &fds.epolls {
-        for t in targets {
-            let mut ev = Vec::with_capacity(12);
+    const EVENT: usize = 12;
+    let all: Vec<_> = fds
+        .epolls
+        .iter()
+        .flat_map(|(epfd, targets)| targets.iter().map(move |t| (*epfd, t)))
+        .collect();
+    // The events go in the data page, a batch of calls for each pageful.
+    for chunk in all.chunks(kext_shim::PAGE_SIZE as usize / EVENT) {
+        let mut ev = Vec::with_capacity(chunk.len() * EVENT);
+        for (_, t) in chunk {
             ev.extend_from_slice(&t.events.to_ne_bytes());
             ev.extend_from_slice(&t.data.to_ne_bytes());
-            let addr = cx.put(&ev)?;
-            cx.call(
-                libc::SYS_epoll_ctl,
-                [
-                    *epfd as u64,
-                    libc::EPOLL_CTL_ADD as u64,
-                    t.fd as u64,
-                    addr,
-                    0,
-                    0,
-                ],
-                || format!("epoll_ctl(ADD) of fd {} to epoll fd {epfd}", t.fd),
-            )?;
         }
+        let base = cx.put(&ev)?;
+        let calls: Vec<_> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, (epfd, t))| {
+                let at = base + (i * EVENT) as u64;
+                let add = libc::EPOLL_CTL_ADD as u64;
+                (
+                    libc::SYS_epoll_ctl,
+                    [*epfd as u64, add, t.fd as u64, at, 0, 0],
+                )
+            })
+            .collect();
+        cx.batch(&calls, |i| {
+            let (epfd, t) = chunk[i];
+            format!("epoll_ctl(ADD) of fd {} to epoll fd {epfd}", t.fd)
+        })?;
     }
     Ok(())
 }
@@ -213,6 +232,7 @@ pub(super) fn set_signals(cx: &mut Ctx, p: &ProcessImage) -> Result<()> {
     let pid = kext_shim::Pid::from_raw(cx.pid);
     let st = Status::read(pid).step(cx.pid, || "reading status".into())?;
     let ours = st.hex("SigCgt").unwrap_or(!0) | st.hex("SigIgn").unwrap_or(!0);
+    let mut calls = Vec::new();
     for sig in 1..=64u64 {
         if sig == libc::SIGKILL as u64 || sig == libc::SIGSTOP as u64 {
             continue;
@@ -229,12 +249,9 @@ pub(super) fn set_signals(cx: &mut Ctx, p: &ProcessImage) -> Result<()> {
         for w in [a.handler, a.flags, a.restorer, a.mask] {
             b.extend_from_slice(&w.to_ne_bytes());
         }
-        let addr = cx.put(&b)?;
-        cx.call(libc::SYS_rt_sigaction, [sig, addr, 0, 8, 0, 0], || {
-            format!("rt_sigaction({sig})")
-        })?;
+        calls.push((libc::SYS_rt_sigaction, [sig, 0, 0, 8, 0, 0], b));
     }
-    Ok(())
+    cx.batch_with_data(&calls, 1, |i| format!("rt_sigaction({})", calls[i].1[0]))
 }
 
 /// Interval timers, armed for the time they had left.
