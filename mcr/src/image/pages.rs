@@ -96,14 +96,27 @@ pub fn compress(raw: &[u8], c: Compression) -> Option<Vec<u8>> {
     let Compression::Zstd(level) = c else {
         return None;
     };
-    if raw.len() > 4 * SAMPLE {
-        let s = zstd::bulk::compress(&raw[..SAMPLE], level).ok()?;
-        if s.len() >= SAMPLE - SAMPLE / 8 {
-            return None;
-        }
+    thread_local! {
+        // A context per call cost more than compressing a small image (its tables are
+        // allocated and cleared each time): one per thread and level, kept.
+        static CTX: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+            const { std::cell::RefCell::new(None) };
     }
-    let out = zstd::bulk::compress(raw, level).ok()?;
-    (out.len() < raw.len() - raw.len() / 8).then_some(out)
+    CTX.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+            *c = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+        }
+        let (_, z) = c.as_mut()?;
+        if raw.len() > 4 * SAMPLE {
+            let s = z.compress(&raw[..SAMPLE]).ok()?;
+            if s.len() >= SAMPLE - SAMPLE / 8 {
+                return None;
+            }
+        }
+        let out = z.compress(raw).ok()?;
+        (out.len() < raw.len() - raw.len() / 8).then_some(out)
+    })
 }
 
 /// Decodes and checks a chunk payload (the frame crc was already checked).

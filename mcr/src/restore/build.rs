@@ -46,6 +46,17 @@ pub(crate) fn find_gap(used: &[(u64, u64)], len: u64, from: u64) -> Option<u64> 
     (cand + len < 0x7fff_f000_0000).then_some(cand)
 }
 
+/// Calls whose results nothing needs, held to run in one batch ([`Ctx::run`]) before
+/// anything that must see their effect.
+#[derive(Default)]
+pub(super) struct Later(Vec<(i64, [u64; 6], String)>);
+
+impl Later {
+    pub(super) fn push(&mut self, nr: i64, args: [u64; 6], what: String) {
+        self.0.push((nr, args, what));
+    }
+}
+
 pub(super) struct Ctx<'a> {
     /// The process as we see it (ptrace, /proc).
     pub(super) pid: i32,
@@ -104,6 +115,14 @@ impl Ctx<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Runs the calls `later` holds, in one batch, and empties it.
+    pub(super) fn run(&mut self, later: &mut Later) -> Result<()> {
+        let calls: Vec<_> = later.0.iter().map(|(nr, a, _)| (*nr, *a)).collect();
+        let r = self.batch(&calls, |i| later.0[i].2.clone());
+        later.0.clear();
+        r
     }
 
     /// [`batch`](Self::batch) for calls that each take a buffer: `calls[i].2` is put
@@ -239,7 +258,9 @@ pub(super) fn clear_space(cx: &mut Ctx, p: &ProcessImage, shared: &Placement) ->
     let mut used: Vec<(u64, u64)> = maps.iter().map(|m| (m.start, m.end)).collect();
     used.extend(p.mm.vmas.iter().map(|v| (v.start, v.end)));
     let scratch = new_scratch(cx, &used)?;
-    teardown(cx, &maps, shared)?;
+    let mut later = Later::default();
+    teardown(&maps, shared, &mut later);
+    cx.run(&mut later)?;
     move_vdso(cx, &maps, p, &used, scratch)?;
     Ok(scratch)
 }
@@ -291,9 +312,11 @@ pub fn rebuild(
     let mut cx = start(stub, p.pid, steps)?;
     let scratch = cx.timed("rebuild memory map", |cx| {
         let scratch = clear_space(cx, p, shared)?;
+        let mut later = Later::default();
         for v in &p.mm.vmas {
-            map_vma(cx, v, fds, shared)?;
+            map_vma(cx, v, fds, shared, &mut later)?;
         }
+        cx.run(&mut later)?;
         // Every part of the shared objects this process had is mapped again: the
         // inherited whole ones go.
         for placed in shared {

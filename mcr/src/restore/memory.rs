@@ -1,7 +1,7 @@
 //! The address space: the stub's own memory goes, the vDSO moves to where the image
 //! had it, every VMA is made again and filled, and the mm fields are set.
 
-use super::build::{find_gap, Ctx, SCRATCH_PAGES};
+use super::build::{find_gap, Ctx, Later, SCRATCH_PAGES};
 use super::files::FdNumbers;
 use super::shared::{Backing, Placement};
 use super::{RestoreError, Result, StepContext};
@@ -43,7 +43,7 @@ pub(super) fn check_vdso_layout(p: &ProcessImage) -> Result<()> {
 /// place (mremap of a shared mapping with an old size of 0 makes another mapping of the
 /// same pages, still an attach of the segment), then the temporary attach dropped. This
 /// copes with VMAs split by mprotect or partly unmapped.
-fn attach_sysv(cx: &mut Ctx, v: &Vma, id: i32) -> Result<()> {
+fn attach_sysv(cx: &mut Ctx, v: &Vma, id: i32, later: &mut Later) -> Result<()> {
     let flags = if v.writable() { 0 } else { libc::SHM_RDONLY }
         | if v.prot & libc::PROT_EXEC != 0 {
             libc::SHM_EXEC
@@ -80,12 +80,13 @@ fn attach_sysv(cx: &mut Ctx, v: &Vma, id: i32) -> Result<()> {
             .mprotect(v.start, v.len(), v.prot)
             .step(cx.pid, || format!("protecting {:#x}-{:#x}", v.start, v.end))?;
     }
-    advise(cx, v)
+    advise(v, later);
+    Ok(())
 }
 
 /// Unmaps everything the stub inherited from us except the vDSO parts and the shared
 /// memory objects prepared for the image.
-pub(super) fn teardown(cx: &mut Ctx, maps: &[MapEntry], shared: &Placement) -> Result<()> {
+pub(super) fn teardown(maps: &[MapEntry], shared: &Placement, later: &mut Later) {
     for m in maps {
         if matches!(
             m.path.as_str(),
@@ -96,11 +97,12 @@ pub(super) fn teardown(cx: &mut Ctx, maps: &[MapEntry], shared: &Placement) -> R
         }) {
             continue;
         }
-        cx.inj.munmap(m.start, m.len()).step(cx.pid, || {
-            format!("unmapping inherited {:#x}-{:#x} {}", m.start, m.end, m.path)
-        })?;
+        later.push(
+            libc::SYS_munmap,
+            [m.start, m.len(), 0, 0, 0, 0],
+            format!("unmapping inherited {:#x}-{:#x} {}", m.start, m.end, m.path),
+        );
     }
-    Ok(())
 }
 
 /// Moves the stub's vDSO parts to where the image had them (or drops them if it had
@@ -168,7 +170,15 @@ pub(super) fn mremap(cx: &mut Ctx, from: u64, to: u64, len: u64) -> Result<()> {
     Ok(())
 }
 
-pub(super) fn map_vma(cx: &mut Ctx, v: &Vma, fds: &FdNumbers, shared: &Placement) -> Result<()> {
+/// Maps `v` again. Plain mappings (and their advice) are left in `later`, for one
+/// batch; the others run at once, after what `later` held.
+pub(super) fn map_vma(
+    cx: &mut Ctx,
+    v: &Vma,
+    fds: &FdNumbers,
+    shared: &Placement,
+    later: &mut Later,
+) -> Result<()> {
     let share = if v.shared {
         libc::MAP_SHARED
     } else {
@@ -191,6 +201,7 @@ pub(super) fn map_vma(cx: &mut Ctx, v: &Vma, fds: &FdNumbers, shared: &Placement
             (share, fd, v.offset)
         }
         VmaKind::SharedAnonymous { shmem } => {
+            cx.run(later)?;
             let base = shared
                 .iter()
                 .find_map(|p| match p.at {
@@ -218,28 +229,34 @@ pub(super) fn map_vma(cx: &mut Ctx, v: &Vma, fds: &FdNumbers, shared: &Placement
                     .mprotect(v.start, v.len(), v.prot)
                     .step(cx.pid, || format!("protecting {:#x}-{:#x}", v.start, v.end))?;
             }
-            return advise(cx, v);
+            advise(v, later);
+            return Ok(());
         }
-        VmaKind::SysvShm { id } => return attach_sysv(cx, v, id),
+        VmaKind::SysvShm { id } => {
+            cx.run(later)?;
+            return attach_sysv(cx, v, id, later);
+        }
         VmaKind::File(i) => (share, fds.map_fds[i as usize], v.offset),
     };
-    cx.inj
-        .mmap(
+    let flags = flags | grow | libc::MAP_FIXED_NOREPLACE;
+    later.push(
+        libc::SYS_mmap,
+        [
             v.start,
             v.len(),
-            v.prot,
-            flags | grow | libc::MAP_FIXED_NOREPLACE,
-            fd,
+            v.prot as u64,
+            flags as u64,
+            fd as i64 as u64,
             off,
-        )
-        .step(cx.pid, || {
-            format!("recreating mapping {:#x}-{:#x}", v.start, v.end)
-        })?;
-    advise(cx, v)
+        ],
+        format!("recreating mapping {:#x}-{:#x}", v.start, v.end),
+    );
+    advise(v, later);
+    Ok(())
 }
 
-/// Re-applies the VMA's madvise flags.
-pub(super) fn advise(cx: &mut Ctx, v: &Vma) -> Result<()> {
+/// Re-applies the VMA's madvise flags (in `later`).
+pub(super) fn advise(v: &Vma, later: &mut Later) {
     let a = v.advice;
     for (on, advice) in [
         (a.hugepage, libc::MADV_HUGEPAGE),
@@ -250,14 +267,13 @@ pub(super) fn advise(cx: &mut Ctx, v: &Vma) -> Result<()> {
         (a.mergeable, libc::MADV_MERGEABLE),
     ] {
         if on {
-            cx.call(
+            later.push(
                 libc::SYS_madvise,
                 [v.start, v.len(), advice as u64, 0, 0, 0],
-                || format!("madvise({advice}) on {:#x}-{:#x}", v.start, v.end),
-            )?;
+                format!("madvise({advice}) on {:#x}-{:#x}", v.start, v.end),
+            );
         }
     }
-    Ok(())
 }
 
 /// Which pages of a chain to write. A cold restore writes them all; a warm one keeps

@@ -15,7 +15,7 @@
 //! A tree that changed shape meanwhile (a process more or less, a new session, other
 //! namespaces) is not warm any more: it is killed and the checkpoint restored cold.
 
-use super::build::{self, Ctx, SCRATCH_PAGES};
+use super::build::{self, Ctx, Later, SCRATCH_PAGES};
 use super::files::FdNumbers;
 use super::memory::{self, fill, map_vma, Scope};
 use super::shared::{Backing, Placement};
@@ -365,35 +365,38 @@ fn update(
         }
     }
     let none = FdNumbers::default();
+    let mut later = Later::default();
     let mut fresh: Vec<(u64, u64)> = Vec::new();
     for v in &want {
         let held = w.anon.iter().find(|a| continues && same(a, v));
         let Some(a) = held else {
-            map_vma(cx, v, &none, &Vec::new())?;
+            map_vma(cx, v, &none, &Vec::new(), &mut later)?;
             fresh.push((v.start, v.end));
             continue;
         };
         if a.prot != v.prot {
-            cx.inj
-                .mprotect(v.start, v.len(), v.prot)
-                .step(cx.pid, || format!("protecting {:#x}-{:#x}", v.start, v.end))?;
+            later.push(
+                libc::SYS_mprotect,
+                [v.start, v.len(), v.prot as u64, 0, 0, 0],
+                format!("protecting {:#x}-{:#x}", v.start, v.end),
+            );
         }
         if rest.is_some() {
             // A round's VMAs carry no advice; the checkpoint's do.
-            memory::advise(cx, v)?;
+            memory::advise(v, &mut later);
         }
         for (s, e) in memory::dropped_since(p, image, v) {
-            cx.call(
+            later.push(
                 libc::SYS_madvise,
                 [s, e - s, libc::MADV_DONTNEED as u64, 0, 0, 0],
-                || format!("dropping pages {s:#x}-{e:#x}, dropped since"),
-            )?;
+                format!("dropping pages {s:#x}-{e:#x}, dropped since"),
+            );
         }
     }
     let newest: Option<Vec<(u64, u64)>> = match rest {
         Some((fds, shared)) => {
             for v in p.mm.vmas.iter().filter(|v| !v.private_anonymous()) {
-                map_vma(cx, v, fds, shared)?;
+                map_vma(cx, v, fds, shared, &mut later)?;
                 fresh.push((v.start, v.end));
             }
             None
@@ -401,6 +404,7 @@ fn update(
         // Only what this tree holds: the rest waits for the checkpoint.
         None => Some(want.iter().map(|v| (v.start, v.end)).collect()),
     };
+    cx.run(&mut later)?;
     fresh.sort_unstable();
     let pages = fill(
         cx,
