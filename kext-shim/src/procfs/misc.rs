@@ -4,8 +4,17 @@ use crate::{Error, Pid, Result};
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 
+/// A /proc file, whole. Not std::fs::read_to_string, which asks a file's size and
+/// position first (statx, lseek) to size its buffer: /proc says 0, and these reads
+/// happen inside the freeze, a few per fd.
 fn read(path: &str) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut s = String::with_capacity(4096);
+    f.take(u64::MAX)
+        .read_to_string(&mut s)
+        .map_err(|e| Error::io(path, e))?;
+    Ok(s)
 }
 
 fn parse_err(path: &str, what: &'static str, line: &str) -> Error {
