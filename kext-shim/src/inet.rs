@@ -94,7 +94,7 @@ fn all_inet_sockets() -> Result<Vec<InetSocket>> {
             req[1] = protocol as u8;
             // Every state but TIME_WAIT: no fd holds those, and a busy host has many
             // (a hundred connections closed leave a hundred for a minute).
-            let states = u32::MAX & !(1 << 6);
+            let states: u32 = !(1 << 6);
             req[4..8].copy_from_slice(&states.to_ne_bytes());
             crate::sockdiag::dump(&req, |m| {
                 if m.len() < 72 {
