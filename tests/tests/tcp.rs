@@ -149,6 +149,43 @@ fn echo_across_the_move(args: &[&str]) {
     assert_eq!(find_holder(&name), None, "the holder of {name} remains");
 }
 
+/// Many busy connections of one service (fds installed and epoll refilled in batches
+/// at restore): every client checks every echo on its own connection across the move.
+#[test]
+fn thirty_two_busy_connections_all_keep_talking_across_checkpoint_and_restore() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let mut p = Proc::start_until(
+        &mut g,
+        &mcr_bin(),
+        &["demo-workload", "--echo-conns", "32"],
+        None,
+        None,
+    );
+    let port: u16 = p.lines.expect_prefix("PORT")[5..]
+        .trim()
+        .parse()
+        .expect("a port");
+    // The service starts echoing once all have connected.
+    let conns: Vec<TcpStream> = (0..32)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connecting"))
+        .collect();
+    let clients: Vec<Client> = conns.into_iter().map(Client::start).collect();
+    let clients: Vec<Client> = clients.into_iter().map(|c| c.wait_trips(10)).collect();
+    let img = tmp.path().join("img");
+    let _r = round_trip(
+        &mut g,
+        p,
+        &img,
+        &["--tcp-established"],
+        &["--tcp-established"],
+    );
+    // Every client moves on first: a connection closed makes the service end.
+    let clients: Vec<Client> = clients.into_iter().map(|c| c.wait_trips(10)).collect();
+    // finish() fails the test if an echo ever came wrong.
+    let _conns: Vec<_> = clients.into_iter().map(Client::finish).collect();
+}
+
 /// The table an image's connections are stopped by; the image names its holder too.
 fn image_table(img: &std::path::Path) -> String {
     let show = mcr(&["show", "--json", "-D", img.to_str().expect("utf-8")]);

@@ -62,9 +62,23 @@ impl PageChunk<'_> {
         if !self.compressed {
             return Ok(self.data);
         }
+        thread_local! {
+            // As for compression: a context per chunk cost more than small chunks.
+            static CTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+                const { std::cell::RefCell::new(None) };
+        }
         buf.clear();
-        buf.reserve(self.len_bytes());
-        zstd::stream::copy_decode(self.data, &mut *buf).map_err(|e| e.to_string())?;
+        buf.resize(self.len_bytes(), 0);
+        let n = CTX.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.is_none() {
+                *c = Some(zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?);
+            }
+            let z = c.as_mut().expect("made above");
+            z.decompress_to_buffer(self.data, &mut buf[..])
+                .map_err(|e| e.to_string())
+        })?;
+        buf.truncate(n);
         if buf.len() != self.len_bytes() {
             return Err(format!(
                 "decompressed to {} bytes, expected {}",
