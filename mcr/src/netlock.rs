@@ -55,53 +55,82 @@ fn own_netns() -> u64 {
         .unwrap_or(0)
 }
 
-impl WireLock {
-    /// Locks `conns` (local, peer) under a new table: a holder for their inbound
-    /// packets when the kernel can queue them, a drop rule otherwise.
-    pub fn lock(conns: &[(SocketAddr, SocketAddr)], tag: u64) -> kext_shim::Result<WireLock> {
-        let t0 = Instant::now();
+/// A lock made ready before the freeze: its queue bound and its holder started (an
+/// exec, 0.4-2 ms here, that the freeze need not wait for), so that locking is only
+/// the table. Dropped unused, its holder goes.
+pub struct Ready {
+    table: String,
+    /// The queue's number; the holder alone has its socket.
+    queue: Option<u16>,
+    holder: Option<Child>,
+}
+
+impl Ready {
+    pub fn new(tag: u64) -> Ready {
         let table = nft::table_name(tag);
-        let me = std::process::id();
-        let queue = match PacketQueue::bind_free(FIRST_QUEUE) {
-            Ok(q) => Some(q),
+        let (queue, holder) = match PacketQueue::bind_free(FIRST_QUEUE) {
+            Ok(q) => match spawn_holder(&q, &table) {
+                // Our copy of the queue closes here: the holder has it.
+                Ok(c) => (Some(q.num()), Some(c)),
+                Err(e) => {
+                    tracing::warn!(
+                        "starting the packet holder: {e}; the peers' packets are dropped"
+                    );
+                    (None, None)
+                }
+            },
             Err(e) => {
                 tracing::warn!("no packet queue ({e}): the peers' packets are dropped, not held");
-                None
+                (None, None)
             }
         };
-        let inbound = queue
-            .as_ref()
-            .map_or(Inbound::Drop, |q| Inbound::Queue(q.num()));
-        let locked = nft::lock(&table, conns, inbound, Some(me));
-        let (queue, locked) = match (queue, locked) {
+        Ready {
+            table,
+            queue,
+            holder,
+        }
+    }
+
+    /// Locks `conns` (local, peer) under the table: their inbound packets go to the
+    /// holder when the kernel can queue them, are dropped otherwise.
+    pub fn lock(mut self, conns: &[(SocketAddr, SocketAddr)]) -> kext_shim::Result<WireLock> {
+        let t0 = Instant::now();
+        let me = std::process::id();
+        let inbound = self.queue.map_or(Inbound::Drop, Inbound::Queue);
+        let locked = match (self.queue, nft::lock(&self.table, conns, inbound, Some(me))) {
             // A kernel with nfqueue but without a way to queue from nftables: drop.
             (Some(_), Err(e)) => {
                 tracing::warn!("queueing from nftables: {e}; the peers' packets are dropped");
-                (None, nft::lock(&table, conns, Inbound::Drop, Some(me)))
+                self.stop_holder();
+                nft::lock(&self.table, conns, Inbound::Drop, Some(me))
             }
-            (q, r) => (q, r),
+            (_, r) => r,
         };
         locked?;
-        tracing::debug!(
-            us = t0.elapsed().as_micros() as u64,
-            "queue bound, table made"
-        );
-        let mut lock = WireLock {
-            table,
-            holder: None,
+        tracing::debug!(us = t0.elapsed().as_micros() as u64, "table made");
+        Ok(WireLock {
+            table: self.table.clone(),
+            holder: self.holder.take(),
             kept: false,
-        };
-        if let Some(q) = queue {
-            match spawn_holder(&q, &lock.table) {
-                Ok(c) => lock.holder = Some(c),
-                // The queue closes with `q`: its packets are dropped, as by a rule.
-                Err(e) => tracing::warn!("starting the packet holder: {e}"),
-            }
-        }
-        tracing::debug!(us = t0.elapsed().as_micros() as u64, "holder started");
-        Ok(lock)
+        })
     }
 
+    fn stop_holder(&mut self) {
+        // It holds nothing yet: no table sends it packets.
+        if let Some(mut c) = self.holder.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Ready {
+    fn drop(&mut self) {
+        self.stop_holder();
+    }
+}
+
+impl WireLock {
     /// What the image keeps of the lock, for its restore.
     pub fn image(&self) -> NetLockImage {
         NetLockImage {

@@ -258,20 +258,27 @@ pub struct TcpCapture {
     conns: Vec<Held>,
     waiting: Vec<Waiting>,
     lock: Option<WireLock>,
+    /// A lock made ready for connections there turned out to be none of.
+    spare: Option<crate::netlock::Ready>,
 }
 
 impl TcpCapture {
     /// Stops the connections on the wire: nothing reaches the sockets or leaves them
-    /// until they are let go or made again.
-    pub fn lock(&mut self, root: Pid) -> Result<()> {
+    /// until they are let go or made again. `ready`: the lock prepared before the
+    /// freeze (kept until the capture goes if there is nothing to lock).
+    pub fn lock(&mut self, root: Pid, ready: Option<crate::netlock::Ready>) -> Result<()> {
         if self.conns.is_empty() && self.waiting.is_empty() {
+            self.spare = ready;
             return Ok(());
         }
         let conns: Vec<_> = self.tuples();
-        let tag = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let lock = WireLock::lock(&conns, tag).step(root, || {
+        let ready = ready.unwrap_or_else(|| {
+            let tag = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            crate::netlock::Ready::new(tag)
+        });
+        let lock = ready.lock(&conns).step(root, || {
             "stopping the TCP connections on the wire (nftables)".into()
         })?;
         self.lock = Some(lock);

@@ -158,6 +158,14 @@ pub fn checkpoint_held(opts: &CheckpointOptions) -> Result<HeldCheckpoint> {
     let writer = ImageWriter::create(&opts.dir, opts.compression)
         .map_err(|source| DumpError::Image { pid: raw, source })?;
 
+    // The wire lock's holder is started before the freeze: an exec the frozen tree
+    // need not wait for.
+    let ready = opts.tcp_established.then(|| {
+        let tag = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        crate::netlock::Ready::new(tag)
+    });
     let t_freeze = Instant::now();
     let (mut tree, freezer) = freeze_tree(pid, opts.freeze_cgroup.as_deref())?;
     steps.push(("freeze", t_freeze.elapsed()));
@@ -185,7 +193,7 @@ pub fn checkpoint_held(opts: &CheckpointOptions) -> Result<HeldCheckpoint> {
             opts.tcp_established,
             &unix_table,
         )?;
-        tcp.lock(pid)?;
+        tcp.lock(pid, ready)?;
         crate::fault::stall(crate::fault::DUMP_STALL_AFTER_LOCK);
         let unix = sockets::resolve(&mut processes, opts.shell_job, &unix_table)?;
         let mut ptys = pty::resolve(&mut processes, opts.shell_job)?;
