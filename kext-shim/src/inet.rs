@@ -1,8 +1,7 @@
 //! TCP and UDP sockets (IPv4 and IPv6): what sock_diag says of them, their socket
 //! options, and making one again (bound, listening or connected).
 
-use crate::pidfd::{pidfd_getfd, pidfd_open};
-use crate::{check, Pid, Result};
+use crate::{check, Result};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -56,16 +55,6 @@ fn addr(family: i32, port_be: &[u8], ip: &[u8]) -> SocketAddr {
         IpAddr::V4(Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]))
     };
     SocketAddr::new(ip, port)
-}
-
-/// Every TCP and UDP socket of the network namespace, IPv4 and IPv6, by inode.
-pub fn inet_sockets() -> Result<BTreeMap<u64, InetSocket>> {
-    // Sockets in TIME_WAIT and the like have no inode: no fd holds them.
-    Ok(all_inet_sockets()?
-        .into_iter()
-        .filter(|s| s.ino != 0)
-        .map(|s| (s.ino, s))
-        .collect())
 }
 
 /// The connections waiting in the accept queue of the TCP listener `on`: established
@@ -187,7 +176,11 @@ pub const OPTIONS: &[(i32, i32)] = &[
 
 /// One option's raw value (an int, a linger, a timeval, a device name).
 fn get_option(sock: &impl AsRawFd, level: i32, name: i32) -> Option<Vec<u8>> {
-    let mut buf = [0u8; 64];
+    get_option_len(sock, level, name, 64)
+}
+
+fn get_option_len(sock: &impl AsRawFd, level: i32, name: i32, max: usize) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; max];
     let mut len = buf.len() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `buf` and updates `len`.
     let r = unsafe {
@@ -348,20 +341,65 @@ pub fn listen(sock: &OwnedFd, backlog: u32) -> Result<()> {
     check(r as libc::c_long, || format!("listen({backlog})")).map(|_| ())
 }
 
-/// The (domain, protocol) of socket `fd` of `pid`: how to tell sockets that sock_diag
-/// does not list (an inet socket never bound is in no table).
-pub fn domain_of(pid: Pid, fd: i32) -> Result<(i32, i32)> {
-    let s = pidfd_getfd(&pidfd_open(pid)?, pid, fd)?;
-    let get = |name: i32| -> Result<i32> {
-        let v = get_option(&s, libc::SOL_SOCKET, name).ok_or_else(|| {
-            crate::SysError::new(
-                format!("getsockopt({name}) on fd {fd} of pid {pid}"),
-                crate::Errno::last(),
-            )
+/// What sock_diag would say of the socket `sock` (a copy of one of a process's fds,
+/// inode `ino`), read from the socket itself: its family and protocol, addresses, TCP
+/// state, and for a listener the connections waiting and its backlog. None for a
+/// socket that is neither TCP nor UDP over IPv4 or IPv6. A few syscalls per socket
+/// of the tree, where sock_diag costs as many sockets as the host has (a hundred
+/// connections: 1.1-1.3 ms of dumps inside the freeze).
+pub fn describe(sock: &OwnedFd, ino: u64) -> Result<Option<InetSocket>> {
+    let int = |level: i32, name: i32, what: &str| -> Result<i32> {
+        let v = get_option(sock, level, name).ok_or_else(|| {
+            crate::SysError::new(format!("getsockopt({what})"), crate::Errno::last())
         })?;
         Ok(i32::from_ne_bytes(v[..4].try_into().expect("4 bytes")))
     };
-    Ok((get(libc::SO_DOMAIN)?, get(libc::SO_PROTOCOL)?))
+    let family = int(libc::SOL_SOCKET, libc::SO_DOMAIN, "SO_DOMAIN")?;
+    let protocol = int(libc::SOL_SOCKET, libc::SO_PROTOCOL, "SO_PROTOCOL")?;
+    if ![libc::AF_INET, libc::AF_INET6].contains(&family)
+        || ![libc::IPPROTO_TCP, libc::IPPROTO_UDP].contains(&protocol)
+    {
+        return Ok(None);
+    }
+    let any = if family == libc::AF_INET6 {
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
+    } else {
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+    };
+    let local = local_addr(sock)?;
+    // Not connected: ENOTCONN.
+    let peer = peer_addr(sock).ok();
+    let (state, rqueue, wqueue) = if protocol == libc::IPPROTO_TCP {
+        // tcp_info: the state at byte 0; tcpi_unacked (24) and tcpi_sacked (28) are a
+        // listener's waiting connections and backlog.
+        let info = get_option_len(sock, libc::IPPROTO_TCP, libc::TCP_INFO, 104)
+            .ok_or_else(|| crate::SysError::new("getsockopt(TCP_INFO)", crate::Errno::last()))?;
+        let word = |i: usize| u32::from_ne_bytes(info[i..i + 4].try_into().expect("4 bytes"));
+        if info[0] == TCP_LISTEN {
+            (info[0], word(24), word(28))
+        } else {
+            (info[0], 0, 0)
+        }
+    } else {
+        let state = if peer.is_some() {
+            TCP_ESTABLISHED
+        } else {
+            TCP_CLOSE
+        };
+        // Said to hold something: its datagrams are peeked (with their senders), which
+        // finds out; a byte count could not tell a zero-length datagram from none.
+        (state, 1, 0)
+    };
+    Ok(Some(InetSocket {
+        ino,
+        family,
+        protocol,
+        state,
+        local,
+        peer: peer.unwrap_or(any),
+        rqueue,
+        wqueue,
+    }))
 }
 
 /// A sockaddr_in or sockaddr_in6 as a `SocketAddr` (None for other families).

@@ -32,45 +32,34 @@ pub fn resolve(
         return Ok((Vec::new(), capture));
     }
     let root = Pid::from_raw(procs.first().map(|p| p.pid).unwrap_or(0));
-    let all =
-        inet::inet_sockets().step(root, || "listing TCP and UDP sockets (sock_diag)".into())?;
     let mut out = Vec::new();
     let mut established = Vec::new();
     let mut fresh = inet::FreshOptions::default();
     let mut pidfds = std::collections::BTreeMap::new();
     for (&ino, &(pid, fd)) in &holders {
-        let unlisted;
-        let s = match all.get(&ino) {
-            Some(s) => s,
-            // Unix sockets are left for their own pass.
-            None if unix.contains_key(&ino) => continue,
-            None => {
-                // Never bound: in no table; its family tells.
-                let at = Pid::from_raw(pid);
-                let (family, protocol) = inet::domain_of(at, fd)
-                    .step(at, || format!("reading the family of fd {fd}"))?;
-                let inet_family = family == libc::AF_INET || family == libc::AF_INET6;
-                if !inet_family || ![libc::IPPROTO_TCP, libc::IPPROTO_UDP].contains(&protocol) {
-                    continue;
-                }
-                let any = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
-                unlisted = InetSocket {
-                    ino,
-                    family,
-                    protocol,
-                    state: TCP_CLOSE,
-                    local: any,
-                    peer: any,
-                    rqueue: 0,
-                    wqueue: 0,
-                };
-                &unlisted
+        // Unix sockets are left for their own pass.
+        if unix.contains_key(&ino) {
+            continue;
+        }
+        let at = Pid::from_raw(pid);
+        let pidfd = match pidfds.entry(pid) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(kext_shim::pidfd::pidfd_open(at).step(at, || "pidfd_open".into())?)
             }
         };
+        let sock = kext_shim::pidfd::pidfd_getfd(pidfd, at, fd)
+            .step(at, || format!("taking a copy of fd {fd} (socket:[{ino}])"))?;
+        // Read from the socket, not from sock_diag: the cost is the tree's sockets,
+        // not the host's.
+        let described = inet::describe(&sock, ino)
+            .step(at, || format!("reading socket fd {fd} (socket:[{ino}])"))?;
+        // Of another family: left for the unix pass, which names it.
+        let Some(s) = described else { continue };
+        let s = &s;
         let key = format!("socket:[{ino}]");
         let is_it = |k: &FdKind| matches!(k, FdKind::UnixSocket { ino: i } if *i == ino);
         let tcp = s.protocol == libc::IPPROTO_TCP;
-        let at = Pid::from_raw(pid);
         let mut held = None;
         let refusal = match (tcp, s.state) {
             (true, TCP_LISTEN) if s.rqueue > 0 && !tcp_established => {
@@ -117,14 +106,6 @@ pub fn resolve(
             externalize(procs, shell_job, &key, &why, is_it)?;
             continue;
         }
-        let pidfd = match pidfds.entry(pid) {
-            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::btree_map::Entry::Vacant(e) => {
-                e.insert(kext_shim::pidfd::pidfd_open(at).step(at, || "pidfd_open".into())?)
-            }
-        };
-        let sock = kext_shim::pidfd::pidfd_getfd(pidfd, at, fd)
-            .step(at, || format!("taking a copy of fd {fd} ({key})"))?;
         let options = inet::changed_options(&sock, s.family, s.protocol, &mut fresh)
             .step(at, || format!("reading the options of fd {fd} ({key})"))?;
         let datagrams = if !tcp && s.rqueue > 0 {
