@@ -340,6 +340,7 @@ pub fn hold_main(fd: i32, num: u16, table: &str, max_hold: Duration) -> ExitCode
     };
     let deadline = Instant::now() + max_hold;
     let mut kept = false;
+    let mut opened = false;
     let mut stdin = std::io::stdin();
     let verdict = loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -373,7 +374,11 @@ pub fn hold_main(fd: i32, num: u16, table: &str, max_hold: Duration) -> ExitCode
         }
         if signalled {
             match sigs.read_signal() {
-                Ok(Some(s)) if s.ssi_signo == Signal::SIGUSR1 as u32 => break Verdict::Accept,
+                Ok(Some(s)) if s.ssi_signo == Signal::SIGUSR1 as u32 => {
+                    // The restore opened the table already: deliver at once.
+                    opened = true;
+                    break Verdict::Accept;
+                }
                 Ok(Some(s)) if s.ssi_signo == Signal::SIGHUP as u32 => {}
                 Ok(Some(_)) => break Verdict::Drop,
                 _ => {}
@@ -389,14 +394,15 @@ pub fn hold_main(fd: i32, num: u16, table: &str, max_hold: Duration) -> ExitCode
             }
         }
     };
-    settle(&mut q, table, verdict);
+    settle(&mut q, table, verdict, opened);
     ExitCode::SUCCESS
 }
 
-/// Delivers (the table opened first, so nothing new is queued behind our back) or
-/// drops what is held, then removes the table.
-fn settle(q: &mut PacketQueue, table: &str, verdict: Verdict) {
-    if verdict == Verdict::Accept && nft::open(table).is_ok() {
+/// Delivers (the table opened first, so nothing new is queued behind our back: by the
+/// restore that signalled us, `opened`, or here) or drops what is held, then removes
+/// the table.
+fn settle(q: &mut PacketQueue, table: &str, verdict: Verdict, opened: bool) {
+    if verdict == Verdict::Accept && (opened || nft::open(table).is_ok()) {
         let _ = q.settle(Verdict::Accept);
     }
     // Removing the table drops whatever is still queued.
