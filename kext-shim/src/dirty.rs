@@ -264,9 +264,8 @@ impl std::fmt::Debug for WriteTracker {
 mod tests {
     use super::*;
     use crate::clone::{kill, spawn_stub, StubSpec};
-    use crate::inject::find_syscall_insn;
     use crate::mem::{read_remote, write_remote};
-    use crate::{ptrace, PAGE_SIZE};
+    use crate::PAGE_SIZE;
 
     /// Kills and reaps the stub however the test ends.
     struct Stub(Pid);
@@ -278,13 +277,7 @@ mod tests {
     }
 
     fn injector(pid: Pid) -> Injector {
-        ptrace::wait_stopped(pid).unwrap();
-        let regs = ptrace::get_regs(pid).unwrap();
-        let maps = crate::procfs::read_maps(pid).unwrap();
-        let vdso = maps.iter().find(|m| m.path == "[vdso]").unwrap();
-        let mut bytes = vec![0u8; vdso.len() as usize];
-        read_remote(pid, vdso.start, &mut bytes).unwrap();
-        Injector::new(pid, find_syscall_insn(&bytes, vdso.start).unwrap(), regs)
+        crate::inject::tests::stub_injector(pid)
     }
 
     /// The process itself writes 16 bytes at `addr` (the kernel's copy to user memory,

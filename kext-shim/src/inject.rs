@@ -235,7 +235,7 @@ pub fn find_syscall_insn(bytes: &[u8], base: u64) -> Option<u64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::clone::{kill, spawn_stub, StubSpec};
     use crate::mem::{read_remote, ProcMem};
@@ -255,13 +255,7 @@ mod tests {
     fn a_batch_runs_its_calls_in_order_and_stops_at_the_first_failure() {
         let (pid, _) = spawn_stub(&StubSpec::default()).unwrap();
         let _stub = Stub(pid);
-        ptrace::wait_stopped(pid).unwrap();
-        let regs = ptrace::get_regs(pid).unwrap();
-        let maps = crate::procfs::read_maps(pid).unwrap();
-        let vdso = maps.iter().find(|m| m.path == "[vdso]").unwrap();
-        let mut bytes = vec![0u8; vdso.len() as usize];
-        read_remote(pid, vdso.start, &mut bytes).unwrap();
-        let mut inj = Injector::new(pid, find_syscall_insn(&bytes, vdso.start).unwrap(), regs);
+        let mut inj = stub_injector(pid);
         let rw = libc::PROT_READ | libc::PROT_WRITE;
         let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
         let page = crate::PAGE_SIZE;
@@ -289,6 +283,17 @@ mod tests {
             inj.raw(libc::SYS_getpid, [0; 6]).unwrap(),
             pid.as_raw() as i64
         );
+    }
+
+    /// An injector into a stub just spawned (stopped), through its vDSO's `syscall`.
+    pub(crate) fn stub_injector(pid: Pid) -> Injector {
+        ptrace::wait_stopped(pid).unwrap();
+        let regs = ptrace::get_regs(pid).unwrap();
+        let maps = crate::procfs::read_maps(pid).unwrap();
+        let vdso = maps.iter().find(|m| m.path == "[vdso]").unwrap();
+        let mut bytes = vec![0u8; vdso.len() as usize];
+        read_remote(pid, vdso.start, &mut bytes).unwrap();
+        Injector::new(pid, find_syscall_insn(&bytes, vdso.start).unwrap(), regs)
     }
 
     fn inj_fds(pid: Pid) -> Vec<i64> {

@@ -1296,15 +1296,28 @@ fn echoed(clients: &mut [TcpStream]) {
     }
 }
 
+/// PY_ACCEPTING on `host`, checkpointed (with `faults`) while two local clients
+/// connect to the frozen service.
+fn dump_while_two_connect(
+    g: &mut Guard,
+    host: &str,
+    img: &std::path::Path,
+    faults: &str,
+) -> (Proc, Vec<TcpStream>, std::process::Output, String) {
+    let (p, port) = accepting_service(g, &[], host);
+    let cmd = checkpoint_cmd(&p, img, faults);
+    let (clients, out, ours) = connect_while_frozen(&p, cmd, port, || {
+        TcpStream::connect((host, port)).expect("connecting")
+    });
+    (p, clients, out, ours)
+}
+
 fn waiting_connections_come_back_in_the_queue(host: &str) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let img = tmp.path().join("img");
     let mut g = Guard::new();
-    let (mut p, port) = accepting_service(&mut g, &[], host);
-    let cmd = checkpoint_cmd(&p, &img, "dump-wait-after-freeze");
-    let (mut clients, out, ours) = connect_while_frozen(&p, cmd, port, || {
-        TcpStream::connect((host, port)).expect("connecting")
-    });
+    let (mut p, mut clients, out, ours) =
+        dump_while_two_connect(&mut g, host, &img, "dump-wait-after-freeze");
     assert!(
         out.status.success(),
         "checkpoint: {}",
@@ -1340,11 +1353,8 @@ fn a_failed_dump_puts_the_connections_it_took_back_in_the_queue() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let img = tmp.path().join("img");
     let mut g = Guard::new();
-    let (mut p, port) = accepting_service(&mut g, &[], "127.0.0.1");
-    let cmd = checkpoint_cmd(&p, &img, "dump-wait-after-freeze,dump-after-pages");
-    let (mut clients, out, ours) = connect_while_frozen(&p, cmd, port, || {
-        TcpStream::connect(("127.0.0.1", port)).expect("connecting")
-    });
+    let faults = "dump-wait-after-freeze,dump-after-pages";
+    let (mut p, mut clients, out, ours) = dump_while_two_connect(&mut g, "127.0.0.1", &img, faults);
     assert_fails(&out, 1, &["fault injected"]);
     echoed(&mut clients);
     assert_pass(&p.check());

@@ -198,13 +198,18 @@ pub fn make(
         // Converted once: the queues it carries may be megabytes.
         let state = s.tcp.as_ref().map(kext_shim::tcp::TcpState::from);
         let sock = make_inet(pid, s, state.as_ref())?;
-        if let Some(state) = state {
-            let copy = sock.try_clone().map_err(|e| RestoreError::File {
+        // Ours, to act on it (and to finish, requeue or silence it) once the process
+        // holds the original.
+        let copy = |what: &str| {
+            sock.try_clone().map_err(|e| RestoreError::File {
                 pid,
-                what: "TCP socket".into(),
+                what: what.into(),
                 path: format!("socket:[{}]", s.ino),
                 why: format!("dup: {e}"),
-            })?;
+            })
+        };
+        if let Some(state) = state {
+            let copy = copy("TCP socket")?;
             conns.conns.push(RestoredConn {
                 sock: copy,
                 state,
@@ -212,12 +217,7 @@ pub fn make(
             });
         }
         if !s.waiting.is_empty() {
-            let copy = sock.try_clone().map_err(|e| RestoreError::File {
-                pid,
-                what: "TCP listener".into(),
-                path: format!("socket:[{}]", s.ino),
-                why: format!("dup: {e}"),
-            })?;
+            let copy = copy("TCP listener")?;
             conns.listeners.push(Listener {
                 sock: copy,
                 waiting: s
