@@ -1,5 +1,11 @@
 #![forbid(unsafe_code)]
 //! The live-update operation around mcr (issue 6): what to move where, and the operator
-//! kept informed and safe. So far: its configuration (`config`).
+//! kept informed and safe. So far: its configuration (`config`), the lock that keeps
+//! to one operation at a time (`lock`) and the operations journal (`journal`).
 
 pub mod config;
+pub mod journal;
+pub mod lock;
+
+/// Where the lock, the journal and the operations' logs live unless told.
+pub const STATE_DIR: &str = "/var/lib/liveupdate";

@@ -23,6 +23,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ConfigCmd,
     },
+    /// The journal: the start, success or failure of every operation.
+    Log {
+        /// Where liveupdate keeps its state.
+        #[arg(long, default_value = orchestrate::STATE_DIR)]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -38,6 +44,22 @@ enum ConfigCmd {
 
 fn main() -> ExitCode {
     match Cli::parse().cmd {
+        Cmd::Log { dir } => match orchestrate::journal::Journal::at(&dir).read() {
+            Ok(read) => {
+                print!("{}", orchestrate::journal::report(&read.entries));
+                for (line, why) in read.bad {
+                    eprintln!(
+                        "liveupdate: {}: line {line}: {why}",
+                        dir.join("journal").display()
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("liveupdate: {e}");
+                ExitCode::from(1)
+            }
+        },
         Cmd::Config {
             cmd: ConfigCmd::Template,
         } => {
