@@ -148,6 +148,10 @@ pub struct FdInfo {
 pub fn read_fdinfo(pid: Pid, fd: i32) -> Result<FdInfo> {
     let path = format!("/proc/{pid}/fdinfo/{fd}");
     let text = read(&path)?;
+    parse_fdinfo(&path, text)
+}
+
+fn parse_fdinfo(path: &str, text: String) -> Result<FdInfo> {
     let mut info = FdInfo {
         text: text.clone(),
         ..FdInfo::default()
@@ -158,19 +162,76 @@ pub fn read_fdinfo(pid: Pid, fd: i32) -> Result<FdInfo> {
         };
         let v = v.trim();
         match k {
-            "pos" => info.pos = v.parse().map_err(|_| parse_err(&path, "pos", line))?,
+            "pos" => info.pos = v.parse().map_err(|_| parse_err(path, "pos", line))?,
             "flags" => {
                 info.flags =
-                    u32::from_str_radix(v, 8).map_err(|_| parse_err(&path, "flags", line))?
+                    u32::from_str_radix(v, 8).map_err(|_| parse_err(path, "flags", line))?
             }
-            "mnt_id" => info.mnt_id = v.parse().map_err(|_| parse_err(&path, "mnt_id", line))?,
-            "ino" => info.ino = v.parse().map_err(|_| parse_err(&path, "ino", line))?,
+            "mnt_id" => info.mnt_id = v.parse().map_err(|_| parse_err(path, "mnt_id", line))?,
+            "ino" => info.ino = v.parse().map_err(|_| parse_err(path, "ino", line))?,
             _ => {
                 info.extra.insert(k.to_string(), v.to_string());
             }
         }
     }
     Ok(info)
+}
+
+/// A process's /proc fd and fdinfo directories, opened once: each fd read through
+/// them costs a lookup of its number only, not a walk of /proc/PID and its
+/// permission check (a hundred sockets are read inside the freeze).
+pub struct FdDirs {
+    pid: Pid,
+    fd: std::os::fd::OwnedFd,
+    info: std::os::fd::OwnedFd,
+}
+
+impl FdDirs {
+    pub fn open(pid: Pid) -> Result<FdDirs> {
+        let dir = |name: &str| -> Result<std::os::fd::OwnedFd> {
+            let path = format!("/proc/{pid}/{name}");
+            std::fs::File::open(&path)
+                .map(std::os::fd::OwnedFd::from)
+                .map_err(|e| Error::io(&path, e))
+        };
+        Ok(FdDirs {
+            pid,
+            fd: dir("fd")?,
+            info: dir("fdinfo")?,
+        })
+    }
+
+    /// What fd `fd` points at (`/proc/PID/fd/FD`).
+    pub fn link(&self, fd: i32) -> Result<String> {
+        use std::os::fd::AsRawFd;
+        nix::fcntl::readlinkat(Some(self.fd.as_raw_fd()), fd.to_string().as_str())
+            .map(|p| p.to_string_lossy().into_owned())
+            .map_err(|e| {
+                let path = format!("/proc/{}/fd/{fd}", self.pid);
+                Error::io(&path, std::io::Error::from(e))
+            })
+    }
+
+    /// `/proc/PID/fdinfo/FD`.
+    pub fn info(&self, fd: i32) -> Result<FdInfo> {
+        use std::io::Read;
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let path = format!("/proc/{}/fdinfo/{fd}", self.pid);
+        let raw = nix::fcntl::openat(
+            Some(self.info.as_raw_fd()),
+            fd.to_string().as_str(),
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| Error::io(&path, std::io::Error::from(e)))?;
+        // SAFETY: a fresh fd openat just returned, owned by no one else.
+        let f = unsafe { std::fs::File::from_raw_fd(raw) };
+        let mut text = String::with_capacity(4096);
+        f.take(u64::MAX)
+            .read_to_string(&mut text)
+            .map_err(|e| Error::io(&path, e))?;
+        parse_fdinfo(&path, text)
+    }
 }
 
 /// The open fd numbers of `pid`, ascending.

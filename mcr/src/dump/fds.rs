@@ -43,15 +43,17 @@ pub(super) fn pty_slave_index(rdev: u64, path: &str) -> Option<u32> {
 pub fn collect(pid: Pid, shell_job: bool) -> Result<Vec<FdEntry>> {
     let raw = pid.as_raw();
     let fds = procfs::list_fds(pid).step(pid, || "listing fds".into())?;
+    let dirs = procfs::FdDirs::open(pid).step(pid, || "opening /proc/PID/fd".into())?;
     let mut out = Vec::with_capacity(fds.len());
     // Objects behind stdio: with --shell-job they belong to the caller, and so does any
     // other fd that refers to the same object.
     let mut stdio_keys = Vec::new();
     for fd in fds {
         let link_path = format!("/proc/{pid}/fd/{fd}");
-        let link = procfs::read_link(&link_path).step(pid, || format!("reading fd {fd}"))?;
-        let info =
-            procfs::read_fdinfo(pid, fd).step(pid, || format!("reading fdinfo of fd {fd}"))?;
+        let link = dirs.link(fd).step(pid, || format!("reading fd {fd}"))?;
+        let info = dirs
+            .info(fd)
+            .step(pid, || format!("reading fdinfo of fd {fd}"))?;
         // A socket or pipe is its inode, which its link names: no stat needed (a
         // service with a hundred connections has a hundred of them).
         let named = |prefix: &str, mode: u32| {
