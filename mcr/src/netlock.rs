@@ -115,6 +115,14 @@ impl Ready {
         })
     }
 
+    /// Not needed after all: its holder is told to go now (it holds nothing), and
+    /// reaped when this is dropped, by then without a wait.
+    pub fn abandon(&mut self) {
+        if let Some(c) = self.holder.as_mut() {
+            let _ = c.kill();
+        }
+    }
+
     fn stop_holder(&mut self) {
         // It holds nothing yet: no table sends it packets.
         if let Some(mut c) = self.holder.take() {

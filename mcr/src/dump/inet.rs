@@ -249,7 +249,11 @@ impl TcpCapture {
     /// freeze (kept until the capture goes if there is nothing to lock).
     pub fn lock(&mut self, root: Pid, ready: Option<crate::netlock::Ready>) -> Result<()> {
         if self.conns.is_empty() && self.waiting.is_empty() {
-            self.spare = ready;
+            // Kept to be reaped later: waiting for its end here would be in the freeze.
+            self.spare = ready.map(|mut r| {
+                r.abandon();
+                r
+            });
             return Ok(());
         }
         let conns: Vec<_> = self.tuples();
