@@ -263,18 +263,11 @@ impl std::fmt::Debug for WriteTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clone::{kill, spawn_stub, StubSpec};
+    use crate::clone::{spawn_stub, StubSpec};
     use crate::mem::{read_remote, write_remote};
     use crate::PAGE_SIZE;
 
-    /// Kills and reaps the stub however the test ends.
-    struct Stub(Pid);
-    impl Drop for Stub {
-        fn drop(&mut self) {
-            let _ = kill(self.0, libc::SIGKILL);
-            let _ = nix::sys::wait::waitpid(self.0, None);
-        }
-    }
+    use crate::inject::tests::Stub;
 
     fn injector(pid: Pid) -> Injector {
         crate::inject::tests::stub_injector(pid)

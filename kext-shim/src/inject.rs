@@ -241,7 +241,7 @@ pub(crate) mod tests {
     use crate::mem::{read_remote, ProcMem};
 
     /// Kills and reaps the stub however the test ends.
-    struct Stub(Pid);
+    pub(crate) struct Stub(pub(crate) Pid);
     impl Drop for Stub {
         fn drop(&mut self) {
             let _ = kill(self.0, libc::SIGKILL);

@@ -335,18 +335,7 @@ pub fn restore(st: &TcpState, before: impl FnOnce(&OwnedFd) -> Result<()>) -> Re
     select_queue(&sock, TCP_SEND_QUEUE)?;
     let sent = st.send_queue.len() - st.unsent as usize;
     send_all(&sock, &st.send_queue[..sent], "send")?;
-    let w: Vec<u8> = st.window.iter().flat_map(|v| v.to_ne_bytes()).collect();
-    // SAFETY: setsockopt reads the 20-byte tcp_repair_window from `w`.
-    let r = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            tcp,
-            libc::TCP_REPAIR_WINDOW,
-            w.as_ptr().cast(),
-            w.len() as libc::socklen_t,
-        )
-    };
-    check(r as libc::c_long, || "setsockopt(TCP_REPAIR_WINDOW)".into())?;
+    set_window(&sock, &st.window)?;
     if st.fin_sent && st.unsent == 0 {
         // With the send queue selected, the FIN is queued as already sent, after the
         // data; the peer acknowledges it again when it comes round once more.
@@ -449,21 +438,7 @@ pub fn requeue(st: &TcpState) -> Result<()> {
     )?;
     select_queue(&maker, TCP_NO_QUEUE)?;
     crate::inet::connect(&maker, &st.peer)?;
-    let w: Vec<u8> = [maker_recv, 65535, 65535, 65535, maker_recv]
-        .iter()
-        .flat_map(|v| v.to_ne_bytes())
-        .collect();
-    // SAFETY: setsockopt reads the 20-byte tcp_repair_window from `w`.
-    let r = unsafe {
-        libc::setsockopt(
-            maker.as_raw_fd(),
-            tcp,
-            libc::TCP_REPAIR_WINDOW,
-            w.as_ptr().cast(),
-            w.len() as libc::socklen_t,
-        )
-    };
-    check(r as libc::c_long, || "setsockopt(TCP_REPAIR_WINDOW)".into())?;
+    set_window(&maker, &[maker_recv, 65535, 65535, 65535, maker_recv])?;
     // Our FIN, queued as sent: FIN_WAIT1 without a packet.
     select_queue(&maker, TCP_SEND_QUEUE)?;
     shutdown_write(&maker)?;
@@ -576,6 +551,22 @@ fn wait_for(mut done: impl FnMut() -> Result<bool>) -> std::result::Result<(), S
             Err(e) => return Err(e.to_string()),
         }
     }
+}
+
+/// TCP_REPAIR_WINDOW: snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup.
+fn set_window(sock: &OwnedFd, window: &[u32; 5]) -> Result<()> {
+    let w: Vec<u8> = window.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    // SAFETY: setsockopt reads the 20-byte tcp_repair_window from `w`.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_REPAIR_WINDOW,
+            w.as_ptr().cast(),
+            w.len() as libc::socklen_t,
+        )
+    };
+    check(r as libc::c_long, || "setsockopt(TCP_REPAIR_WINDOW)".into()).map(|_| ())
 }
 
 fn shutdown_write(sock: &OwnedFd) -> Result<()> {
