@@ -94,8 +94,10 @@ enum Cmd {
         /// held (nftables, a packet queue) until the restore. Without it they are refused by name.
         #[arg(long)]
         tcp_established: bool,
-        /// Page compression: none, fast, or a zstd level 1..19.
-        #[arg(long, default_value = "fast", value_parser = Compression::parse)]
+        /// Page compression: none, fast, or a zstd level 1..19. None by default: the
+        /// pages are compressed while the tree is frozen, at about 300 MB/s here, which
+        /// is slower than writing them (1.4 ms of blackout for 400 KiB).
+        #[arg(long, default_value = "none", value_parser = Compression::parse)]
         compress: Compression,
         /// A pre-dump of this tree: pages not written since it was taken stay there,
         /// and the restore reads them from it.
@@ -118,6 +120,7 @@ enum Cmd {
         prev_images_dir: Option<PathBuf>,
         #[arg(long)]
         freeze_cgroup: Option<PathBuf>,
+        /// Page compression: fast by default, as a pre-dump copies while the tree runs.
         #[arg(long, default_value = "fast", value_parser = Compression::parse)]
         compress: Compression,
         #[arg(long)]

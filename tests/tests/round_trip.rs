@@ -58,7 +58,7 @@ fn nanosleep_is_not_cut_short() {
 
 #[test]
 fn compression_none_and_levels_round_trip() {
-    for level in ["none", "3"] {
+    for level in ["none", "fast", "3"] {
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut g = Guard::new();
         let p = Proc::start(&mut g, &workload_bin("memory"), &["16"], None);
