@@ -280,6 +280,28 @@ impl FileIdentity {
         let m = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         Ok(Self::of_metadata(&m))
     }
+
+    /// Room for the `struct stat` that [`FileIdentity::of_stat_bytes`] reads: what an
+    /// fstat injected into a process writes.
+    pub const STAT_LEN: usize = std::mem::size_of::<libc::stat>();
+
+    /// The identity in a `struct stat` as the kernel wrote it (None if `b` is short).
+    pub fn of_stat_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() < Self::STAT_LEN {
+            return None;
+        }
+        // SAFETY: `b` holds at least a whole `struct stat`, plain integers for which any
+        // bit pattern is valid; read_unaligned copes with the buffer's alignment.
+        let st: libc::stat = unsafe { std::ptr::read_unaligned(b.as_ptr().cast()) };
+        Some(Self {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            mode: st.st_mode,
+            rdev: st.st_rdev,
+            size: st.st_size as u64,
+            mtime_ns: st.st_mtime as i128 * 1_000_000_000 + st.st_mtime_nsec as i128,
+        })
+    }
 }
 
 /// Resource limits as /proc/PID/limits shows them, in RLIMIT_* order. Reading them this

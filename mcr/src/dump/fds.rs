@@ -1,5 +1,6 @@
 //! The fd table.
 
+use super::parasite::FdAnswer;
 use super::{DumpError, Result, StepContext};
 use crate::model::{
     EpollTarget, FdEntry, FdKind, FileLock, FileRef, InotifyWatch, LockKind, PipeImage,
@@ -40,38 +41,45 @@ pub(super) fn pty_slave_index(rdev: u64, path: &str) -> Option<u32> {
         ))
 }
 
-pub fn collect(pid: Pid, shell_job: bool) -> Result<Vec<FdEntry>> {
+pub fn collect(pid: Pid, shell_job: bool, answers: &[FdAnswer]) -> Result<Vec<FdEntry>> {
     let raw = pid.as_raw();
-    let fds = procfs::list_fds(pid).step(pid, || "listing fds".into())?;
     let dirs = procfs::FdDirs::open(pid).step(pid, || "opening /proc/PID/fd".into())?;
-    let mut out = Vec::with_capacity(fds.len());
+    let mut out = Vec::with_capacity(answers.len());
     // Objects behind stdio: with --shell-job they belong to the caller, and so does any
     // other fd that refers to the same object.
     let mut stdio_keys = Vec::new();
-    for fd in fds {
-        let link_path = format!("/proc/{pid}/fd/{fd}");
-        let link = dirs.link(fd).step(pid, || format!("reading fd {fd}"))?;
+    for a in answers {
+        let fd = a.fd;
+        let ident = a.ident;
+        // A socket's link only names its inode (an O_PATH fd of a socket file names
+        // its path); a service with a hundred connections has a hundred of them.
+        let socket =
+            ident.mode & libc::S_IFMT == libc::S_IFSOCK && a.flags & libc::O_PATH as u32 == 0;
+        let link = if socket {
+            format!("socket:[{}]", ident.ino)
+        } else {
+            dirs.link(fd).step(pid, || format!("reading fd {fd}"))?
+        };
+        // Read even for a socket or a pipe, whose fdinfo has nothing else to tell
+        // unless a lock sits on it (flock works on both): /proc/locks, which would
+        // tell once for all, costs 8 ms here (it takes file_rwsem for writing).
         let info = dirs
             .info(fd)
             .step(pid, || format!("reading fdinfo of fd {fd}"))?;
-        // A socket or pipe is its inode, which its link names: no stat needed (a
-        // service with a hundred connections has a hundred of them).
-        let named = |prefix: &str, mode: u32| {
-            let ino = link.strip_prefix(prefix)?.strip_suffix(']')?.parse().ok()?;
-            Some(FileIdentity {
-                ino,
-                mode,
+        let plain =
+            socket || ident.mode & libc::S_IFMT == libc::S_IFIFO && link.starts_with("pipe:[");
+        // The identity of a socket or pipe is its inode alone.
+        let ident = if plain {
+            FileIdentity {
+                ino: ident.ino,
+                mode: ident.mode,
                 ..FileIdentity::default()
-            })
+            }
+        } else {
+            ident
         };
-        let ident =
-            match named("socket:[", libc::S_IFSOCK).or_else(|| named("pipe:[", libc::S_IFIFO)) {
-                Some(i) => i,
-                None => FileIdentity::of_path(&link_path)
-                    .step(pid, || format!("stat of fd {fd} ({link})"))?,
-            };
-        let cloexec = info.flags & libc::O_CLOEXEC as u32 != 0;
-        let flags = info.flags & !(libc::O_CLOEXEC as u32);
+        let cloexec = a.cloexec;
+        let flags = a.flags & !(libc::O_CLOEXEC as u32);
         let unsupported = |why: &str| DumpError::Unsupported {
             pid: raw,
             what: format!("fd {fd} is {link}: {why}"),

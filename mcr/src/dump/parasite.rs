@@ -1,15 +1,16 @@
 //! What only the process itself can tell: signal actions, each thread's alternate signal
-//! stack and clear_child_tid, its brk and dumpable flag. Learned by injecting a few
-//! syscalls, with a scratch page that is gone again before the process resumes, and
-//! every signal blocked meanwhile so none is consumed.
+//! stack and clear_child_tid, its brk and dumpable flag, timers, and its fds' flags and
+//! identities. Learned by injecting syscalls, in one batch per task, with a scratch
+//! mapping that is gone again before the process resumes, and every signal blocked
+//! meanwhile so none is consumed.
 
 use super::freeze::Frozen;
 use super::{Result, StepContext};
 use crate::model::{AltStack, SigAction};
 use kext_shim::dirty::WriteTracker;
-use kext_shim::inject::{find_syscall_insn, Injector};
-use kext_shim::mem::read_remote;
-use kext_shim::procfs::MapEntry;
+use kext_shim::inject::{find_syscall_insn, Injector, BATCH_CODE, BATCH_ENTRY};
+use kext_shim::mem::{read_remote, ProcMem};
+use kext_shim::procfs::{FileIdentity, MapEntry};
 use kext_shim::{ptrace, Pid, PAGE_SIZE};
 
 /// Per-thread answers, in the order of `Frozen::threads`.
@@ -20,7 +21,19 @@ pub struct ThreadAnswers {
     pub clear_child_tid: u64,
 }
 
+/// What the process says of one of its fds (F_GETFD, F_GETFL, fstat).
+#[derive(Debug, Clone, Copy)]
+pub struct FdAnswer {
+    pub fd: i32,
+    pub cloexec: bool,
+    /// The open file description's flags, as fdinfo shows them.
+    pub flags: u32,
+    pub ident: FileIdentity,
+}
+
 pub struct Answers {
+    /// One per fd asked about, in the order asked.
+    pub fds: Vec<FdAnswer>,
     /// Index n holds signal n+1.
     pub sigactions: Vec<SigAction>,
     pub brk: u64,
@@ -54,9 +67,15 @@ pub fn syscall_ip(pid: Pid, maps: &[MapEntry]) -> Result<u64> {
 }
 
 /// `handled` is the set of signals (bit n-1 for signal n) whose action is not the default.
-pub fn ask(frozen: &Frozen, maps: &[MapEntry], handled: u64, timers: &[i32]) -> Result<Answers> {
+pub fn ask(
+    frozen: &Frozen,
+    maps: &[MapEntry],
+    handled: u64,
+    timers: &[i32],
+    fds: &[i32],
+) -> Result<Answers> {
     let ip = syscall_ip(frozen.pid, maps)?;
-    session(frozen, |_| ask_with(frozen, ip, handled, timers))
+    session(frozen, |_| ask_with(frozen, ip, handled, timers, fds))
 }
 
 /// Makes a userfaultfd inside the process that tracks its writes from now on (once its
@@ -128,132 +147,304 @@ fn back_to_our_stop(pid: Pid, tid: Pid, regs: &ptrace::Regs) -> Result<()> {
     Ok(())
 }
 
-fn ask_with(frozen: &Frozen, ip: u64, handled: u64, timers: &[i32]) -> Result<Answers> {
+/// Queries laid out for one batch: each call, what it is (for an error), and where the
+/// bytes it writes go in the data area (an offset, placed once the area is mapped).
+#[derive(Default)]
+struct Queries {
+    calls: Vec<Query>,
+    data_len: u64,
+}
+
+struct Query {
+    nr: i64,
+    args: [u64; 6],
+    /// Which argument points into the data area, and at which offset.
+    out: Option<(usize, u64)>,
+    what: &'static str,
+    of: u64,
+}
+
+impl Queries {
+    /// Adds a call whose argument `arg` points at `len` bytes of its own; returns their
+    /// offset in the data area.
+    fn with_out(
+        &mut self,
+        nr: i64,
+        args: [u64; 6],
+        arg: usize,
+        len: u64,
+        q: (&'static str, u64),
+    ) -> u64 {
+        let at = self.data_len;
+        self.data_len += len.next_multiple_of(8);
+        self.calls.push(Query {
+            nr,
+            args,
+            out: Some((arg, at)),
+            what: q.0,
+            of: q.1,
+        });
+        at
+    }
+
+    /// Adds a call answering in its result alone; returns its index.
+    fn plain(&mut self, nr: i64, args: [u64; 6], q: (&'static str, u64)) -> usize {
+        self.calls.push(Query {
+            nr,
+            args,
+            out: None,
+            what: q.0,
+            of: q.1,
+        });
+        self.calls.len() - 1
+    }
+
+    fn table_len(&self) -> u64 {
+        (self.calls.len() * BATCH_ENTRY) as u64
+    }
+
+    /// Runs every call in one stop of `inj`'s task: the table at `table`, the data area
+    /// at `data`. Returns each call's result and the data area's bytes.
+    fn run(
+        &self,
+        inj: &mut Injector,
+        mem: &ProcMem,
+        (code, table, data): (u64, u64, u64),
+    ) -> Result<(Vec<u64>, Vec<u8>)> {
+        let pid = inj.pid();
+        let calls: Vec<(i64, [u64; 6])> = self
+            .calls
+            .iter()
+            .map(|q| {
+                let mut args = q.args;
+                if let Some((i, at)) = q.out {
+                    args[i] = data + at;
+                }
+                (q.nr, args)
+            })
+            .collect();
+        let results = inj.batch(code, table, mem, &calls).step(pid, || {
+            format!("running a batch of {} queries", calls.len())
+        })?;
+        if let Some((i, &r)) = results
+            .iter()
+            .enumerate()
+            .find(|(_, &r)| (-4095..0).contains(&r))
+        {
+            let q = &self.calls[i];
+            return Err(kext_shim::Error::from(kext_shim::SysError::new(
+                format!("{} {} (injected)", q.what, q.of),
+                kext_shim::Errno::from_raw(-r as i32),
+            )))
+            .step(pid, || format!("reading {} {}", q.what, q.of));
+        }
+        let mut bytes = vec![0u8; self.data_len as usize];
+        mem.read(data, &mut bytes)
+            .step(pid, || "reading the answers of the injected queries".into())?;
+        Ok((results.into_iter().map(|r| r as u64).collect(), bytes))
+    }
+}
+
+/// The calls of the process itself, then each thread's, then back: every question is
+/// asked in one batch per task (one stop each, not one per syscall), through a scratch
+/// mapping holding the batch code, the call table and the answers.
+fn ask_with(
+    frozen: &Frozen,
+    ip: u64,
+    handled: u64,
+    timers: &[i32],
+    fds: &[i32],
+) -> Result<Answers> {
     let pid = frozen.pid;
+    let word = |b: &[u8], at: u64, i: usize| {
+        let o = at as usize + i * 8;
+        u64::from_ne_bytes(b[o..o + 8].try_into().expect("8"))
+    };
+    let mut q = Queries::default();
+    let sigs: Vec<(u64, u64)> = (1..=64u64)
+        .filter(|sig| handled & (1 << (sig - 1)) != 0)
+        .map(|sig| {
+            let at = q.with_out(
+                libc::SYS_rt_sigaction,
+                [sig, 0, 0, 8, 0, 0],
+                2,
+                32,
+                ("the action of signal", sig),
+            );
+            (sig, at)
+        })
+        .collect();
+    let brk = q.plain(libc::SYS_brk, [0; 6], ("brk", 0));
+    let dumpable = q.plain(
+        libc::SYS_prctl,
+        [libc::PR_GET_DUMPABLE as u64, 0, 0, 0, 0, 0],
+        ("the dumpable flag", 0),
+    );
+    // Both write an int where the second argument points.
+    let subreaper = q.with_out(
+        libc::SYS_prctl,
+        [libc::PR_GET_CHILD_SUBREAPER as u64, 0, 0, 0, 0, 0],
+        1,
+        4,
+        ("PR_GET_CHILD_SUBREAPER", 0),
+    );
+    let pdeathsig = q.with_out(
+        libc::SYS_prctl,
+        [libc::PR_GET_PDEATHSIG as u64, 0, 0, 0, 0, 0],
+        1,
+        4,
+        ("PR_GET_PDEATHSIG", 0),
+    );
+    let itimers: Vec<u64> = (0..3u64)
+        .map(|which| {
+            q.with_out(
+                libc::SYS_getitimer,
+                [which, 0, 0, 0, 0, 0],
+                1,
+                32,
+                ("interval timer", which),
+            )
+        })
+        .collect();
+    let ptimers: Vec<u64> = timers
+        .iter()
+        .map(|&id| {
+            q.with_out(
+                libc::SYS_timer_gettime,
+                [id as u64, 0, 0, 0, 0, 0],
+                1,
+                32,
+                ("POSIX timer", id as u64),
+            )
+        })
+        .collect();
+    // Asked here rather than read from each fdinfo: a socket or a pipe has nothing
+    // else to tell there, and a service with a hundred connections has a hundred.
+    let fd_queries: Vec<(i32, usize, usize, u64)> = fds
+        .iter()
+        .map(|&fd| {
+            let f = fd as u64;
+            let getfd = q.plain(
+                libc::SYS_fcntl,
+                [f, libc::F_GETFD as u64, 0, 0, 0, 0],
+                ("the fd flags of fd", f),
+            );
+            let getfl = q.plain(
+                libc::SYS_fcntl,
+                [f, libc::F_GETFL as u64, 0, 0, 0, 0],
+                ("the file flags of fd", f),
+            );
+            let stat = q.with_out(
+                libc::SYS_fstat,
+                [f, 0, 0, 0, 0, 0],
+                1,
+                FileIdentity::STAT_LEN as u64,
+                ("the identity of fd", f),
+            );
+            (fd, getfd, getfl, stat)
+        })
+        .collect();
+    let mut per_thread = Queries::default();
+    let altstack = per_thread.with_out(
+        libc::SYS_sigaltstack,
+        [0; 6],
+        1,
+        24,
+        ("the alternate signal stack", 0),
+    );
+    let tid_address = per_thread.with_out(
+        libc::SYS_prctl,
+        [libc::PR_GET_TID_ADDRESS as u64, 0, 0, 0, 0, 0],
+        1,
+        8,
+        ("clear_child_tid", 0),
+    );
+
+    let table_len = q
+        .table_len()
+        .max(per_thread.table_len())
+        .next_multiple_of(8);
+    let len =
+        PAGE_SIZE + (table_len + q.data_len.max(per_thread.data_len)).next_multiple_of(PAGE_SIZE);
     let mut inj = Injector::new(pid, ip, frozen.leader().regs);
     let scratch = inj
         .mmap(
             0,
-            PAGE_SIZE,
+            len,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
             -1,
             0,
         )
-        .step(pid, || "mapping a scratch page".into())?;
-    let read = |len: usize| -> Result<Vec<u8>> {
-        let mut b = vec![0u8; len];
-        read_remote(pid, scratch, &mut b).step(pid, || "reading the scratch page".into())?;
-        Ok(b)
-    };
-    let word = |b: &[u8], i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().expect("8"));
+        .step(pid, || "mapping a scratch area".into())?;
     let res = (|| {
+        let mem = ProcMem::open(pid).step(pid, || "opening /proc/PID/mem".into())?;
+        mem.write(scratch, &BATCH_CODE)
+            .step(pid, || "writing the batch code".into())?;
+        inj.mprotect(scratch, PAGE_SIZE, libc::PROT_READ | libc::PROT_EXEC)
+            .step(pid, || "protecting the batch code".into())?;
+        let at = (
+            scratch,
+            scratch + PAGE_SIZE,
+            scratch + PAGE_SIZE + table_len,
+        );
+        let (r, b) = q.run(&mut inj, &mem, at)?;
         let mut sigactions = vec![SigAction::default(); 64];
-        for sig in 1..=64u64 {
-            if handled & (1 << (sig - 1)) == 0 {
-                continue;
-            }
-            inj.call(libc::SYS_rt_sigaction, [sig, 0, scratch, 8, 0, 0], || {
-                format!("rt_sigaction({sig}) query")
-            })
-            .step(pid, || format!("reading the action of signal {sig}"))?;
-            let b = read(32)?;
+        for &(sig, o) in &sigs {
             sigactions[sig as usize - 1] = SigAction {
-                handler: word(&b, 0),
-                flags: word(&b, 1),
-                restorer: word(&b, 2),
-                mask: word(&b, 3),
+                handler: word(&b, o, 0),
+                flags: word(&b, o, 1),
+                restorer: word(&b, o, 2),
+                mask: word(&b, o, 3),
             };
         }
-        let brk = inj
-            .call(libc::SYS_brk, [0; 6], || "brk(0)".into())
-            .step(pid, || "reading brk".into())?;
-        let dumpable = inj
-            .call(
-                libc::SYS_prctl,
-                [libc::PR_GET_DUMPABLE as u64, 0, 0, 0, 0, 0],
-                || "prctl(PR_GET_DUMPABLE)".into(),
-            )
-            .step(pid, || "reading the dumpable flag".into())? as u32;
-        // Both write an int where the second argument points.
-        let mut get_int = |option: i32, what: &'static str| -> Result<i32> {
-            inj.call(
-                libc::SYS_prctl,
-                [option as u64, scratch, 0, 0, 0, 0],
-                || format!("prctl({what})"),
-            )
-            .step(pid, || format!("reading {what}"))?;
-            let b = read(4)?;
-            Ok(i32::from_ne_bytes(b[..4].try_into().expect("4 bytes")))
-        };
-        let child_subreaper = get_int(libc::PR_GET_CHILD_SUBREAPER, "PR_GET_CHILD_SUBREAPER")? != 0;
-        let pdeathsig = get_int(libc::PR_GET_PDEATHSIG, "PR_GET_PDEATHSIG")?;
-        let mut itimers = [(0u64, 0u64); 3];
-        for (which, slot) in itimers.iter_mut().enumerate() {
-            inj.call(
-                libc::SYS_getitimer,
-                [which as u64, scratch, 0, 0, 0, 0],
-                || format!("getitimer({which})"),
-            )
-            .step(pid, || format!("reading interval timer {which}"))?;
-            let b = read(32)?;
-            let us = |i: usize| word(&b, i) * 1_000_000 + word(&b, i + 1);
-            *slot = (us(0), us(2));
-        }
-        let mut posix_timers = Vec::with_capacity(timers.len());
-        for &id in timers {
-            inj.call(
-                libc::SYS_timer_gettime,
-                [id as u64, scratch, 0, 0, 0, 0],
-                || format!("timer_gettime({id})"),
-            )
-            .step(pid, || format!("reading POSIX timer {id}"))?;
-            let b = read(32)?;
-            let ns = |i: usize| word(&b, i) * 1_000_000_000 + word(&b, i + 1);
-            posix_timers.push((ns(0), ns(2)));
-        }
+        let int = |o: u64| i32::from_ne_bytes(b[o as usize..o as usize + 4].try_into().expect("4"));
+        let us = |o: u64, i: usize| word(&b, o, i) * 1_000_000 + word(&b, o, i + 1);
+        let ns = |o: u64, i: usize| word(&b, o, i) * 1_000_000_000 + word(&b, o, i + 1);
         let mut threads = Vec::with_capacity(frozen.threads.len());
         for t in &frozen.threads {
-            let tid = t.tid;
-            let mut ti = Injector::new(tid, ip, t.regs);
-            ti.call(libc::SYS_sigaltstack, [0, scratch, 0, 0, 0, 0], || {
-                "sigaltstack query".into()
-            })
-            .step(pid, || {
-                format!("reading the alternate signal stack of {tid}")
-            })?;
-            let b = read(24)?;
-            let altstack = AltStack {
-                sp: word(&b, 0),
-                flags: i32::from_ne_bytes(b[8..12].try_into().expect("4")),
-                size: word(&b, 2),
-            };
-            ti.call(
-                libc::SYS_prctl,
-                [libc::PR_GET_TID_ADDRESS as u64, scratch, 0, 0, 0, 0],
-                || "prctl(PR_GET_TID_ADDRESS)".into(),
-            )
-            .step(pid, || format!("reading clear_child_tid of {tid}"))?;
-            let clear_child_tid = word(&read(8)?, 0);
+            let mut ti = Injector::new(t.tid, ip, t.regs);
+            let (_, tb) = per_thread.run(&mut ti, &mem, at)?;
             threads.push(ThreadAnswers {
-                altstack,
-                clear_child_tid,
+                altstack: AltStack {
+                    sp: word(&tb, altstack, 0),
+                    flags: i32::from_ne_bytes(
+                        tb[altstack as usize + 8..altstack as usize + 12]
+                            .try_into()
+                            .expect("4"),
+                    ),
+                    size: word(&tb, altstack, 2),
+                },
+                clear_child_tid: word(&tb, tid_address, 0),
             });
         }
         Ok(Answers {
             sigactions,
-            brk,
-            dumpable,
-            child_subreaper,
-            pdeathsig,
-            itimers,
-            posix_timers,
+            brk: r[brk],
+            dumpable: r[dumpable] as u32,
+            child_subreaper: int(subreaper) != 0,
+            pdeathsig: int(pdeathsig),
+            itimers: [0, 1, 2].map(|i| (us(itimers[i], 0), us(itimers[i], 2))),
+            posix_timers: ptimers.iter().map(|&o| (ns(o, 0), ns(o, 2))).collect(),
             threads,
+            fds: fd_queries
+                .iter()
+                .map(|&(fd, getfd, getfl, stat)| {
+                    let o = stat as usize;
+                    FdAnswer {
+                        fd,
+                        cloexec: r[getfd] & libc::FD_CLOEXEC as u64 != 0,
+                        flags: r[getfl] as u32,
+                        ident: FileIdentity::of_stat_bytes(&b[o..o + FileIdentity::STAT_LEN])
+                            .expect("room for a whole stat"),
+                    }
+                })
+                .collect(),
         })
     })();
     let unmapped = inj
-        .munmap(scratch, PAGE_SIZE)
-        .step(pid, || "unmapping the scratch page".into());
+        .munmap(scratch, len)
+        .step(pid, || "unmapping the scratch area".into());
     let a = res?;
     unmapped?;
     Ok(a)

@@ -88,7 +88,8 @@ pub fn collect(
     .step(pid, || "reading smaps".into())?;
     let handled = status.hex("SigCgt").unwrap_or(!0) | status.hex("SigIgn").unwrap_or(!0);
     let ids: Vec<i32> = posix_timers.iter().map(|t| t.id).collect();
-    let answers = parasite::ask(frozen, &maps, handled, &ids)?;
+    let fd_numbers = procfs::list_fds(pid).step(pid, || "listing fds".into())?;
+    let answers = parasite::ask(frozen, &maps, handled, &ids, &fd_numbers)?;
     for (t, &(interval_ns, value_ns)) in posix_timers.iter_mut().zip(&answers.posix_timers) {
         t.interval_ns = interval_ns;
         t.value_ns = value_ns;
@@ -98,7 +99,7 @@ pub fn collect(
         threads.push(thread(pid, t, a)?);
     }
     let mm = mm::collect(pid, &maps, &stat, answers.brk)?;
-    let fds = fds::collect(pid, shell_job)?;
+    let fds = fds::collect(pid, shell_job, &answers.fds)?;
 
     let numbers = |k: &'static str| status.numbers(k).step(pid, || format!("parsing {k}"));
     let ids = |v: Vec<u64>| -> [u32; 4] {
