@@ -282,7 +282,7 @@ mod tests {
             assert!(st.recv_queue.is_empty(), "the packet was not held");
             drop(fd);
             drop(a);
-            let a2 = TcpStream::from(crate::tcp::restore(&st, |_| Ok(())).unwrap());
+            let a2 = TcpStream::from(crate::tcp::restore(&st, |_| Ok(()), |_| Ok(())).unwrap());
             crate::nft::disown("mcr_t").unwrap();
             assert!(crate::nft::dumping().unwrap().is_empty());
             crate::nft::open("mcr_t").unwrap();

@@ -248,8 +248,13 @@ fn send_all(sock: &OwnedFd, mut data: &[u8], what: &str) -> Result<()> {
 /// addresses, and the options negotiated at the handshake are given back. `before`
 /// runs on the socket first (the program's socket options, but SO_REUSEADDR, which
 /// repair mode overrides: set it on the result). The bytes never sent, and the peer's
-/// FIN, are left for [`finish`].
-pub fn restore(st: &TcpState, before: impl FnOnce(&OwnedFd) -> Result<()>) -> Result<OwnedFd> {
+/// FIN, are left for [`finish`]. `foreign` runs only if the local address is not this
+/// host's (yet): it makes the socket able to use it, and the bind is tried again.
+pub fn restore(
+    st: &TcpState,
+    before: impl FnOnce(&OwnedFd) -> Result<()>,
+    foreign: impl FnOnce(&OwnedFd) -> Result<()>,
+) -> Result<OwnedFd> {
     let family = match st.local {
         SocketAddr::V4(_) => libc::AF_INET,
         SocketAddr::V6(_) => libc::AF_INET6,
@@ -275,15 +280,8 @@ pub fn restore(st: &TcpState, before: impl FnOnce(&OwnedFd) -> Result<()>) -> Re
         st.rcvbuf / 2,
         "SO_RCVBUFFORCE",
     )?;
-    select_queue(&sock, TCP_RECV_QUEUE)?;
-    let seq = st.recv_seq.wrapping_sub(st.recv_queue.len() as u32);
-    set_int(
-        &sock,
-        tcp,
-        libc::TCP_QUEUE_SEQ,
-        seq as i32,
-        "TCP_QUEUE_SEQ (receive)",
-    )?;
+    // Each queue selected as few times as may be: the receive queue last, as its
+    // bytes go in first once connected.
     select_queue(&sock, TCP_SEND_QUEUE)?;
     let seq = st.send_seq.wrapping_sub(st.send_queue.len() as u32);
     set_int(
@@ -293,7 +291,16 @@ pub fn restore(st: &TcpState, before: impl FnOnce(&OwnedFd) -> Result<()>) -> Re
         seq as i32,
         "TCP_QUEUE_SEQ (send)",
     )?;
-    crate::inet::bind(&sock, &st.local)?;
+    select_queue(&sock, TCP_RECV_QUEUE)?;
+    let seq = st.recv_seq.wrapping_sub(st.recv_queue.len() as u32);
+    set_int(
+        &sock,
+        tcp,
+        libc::TCP_QUEUE_SEQ,
+        seq as i32,
+        "TCP_QUEUE_SEQ (receive)",
+    )?;
+    bind_maybe_foreign(&sock, &st.local, foreign)?;
     crate::inet::connect(&sock, &st.peer)?;
     let mut opts: Vec<[u32; 2]> = vec![[TCPOPT_MAXSEG, st.mss]];
     if st.options & TCPI_OPT_WSCALE != 0 {
@@ -330,7 +337,6 @@ pub fn restore(st: &TcpState, before: impl FnOnce(&OwnedFd) -> Result<()>) -> Re
             "TCP_TIMESTAMP",
         )?;
     }
-    select_queue(&sock, TCP_RECV_QUEUE)?;
     send_all(&sock, &st.recv_queue, "receive")?;
     select_queue(&sock, TCP_SEND_QUEUE)?;
     let sent = st.send_queue.len() - st.unsent as usize;
@@ -341,9 +347,25 @@ pub fn restore(st: &TcpState, before: impl FnOnce(&OwnedFd) -> Result<()>) -> Re
         // data; the peer acknowledges it again when it comes round once more.
         shutdown_write(&sock)?;
     }
-    select_queue(&sock, TCP_NO_QUEUE)?;
+    // The queue left selected means nothing out of repair mode.
     set_repair(&sock, false)?;
     Ok(sock)
+}
+
+/// Binds `sock` to `local`; if the address is not this host's, runs `foreign` (which
+/// lets the socket use it) and binds again.
+pub fn bind_maybe_foreign(
+    sock: &OwnedFd,
+    local: &SocketAddr,
+    foreign: impl FnOnce(&OwnedFd) -> Result<()>,
+) -> Result<()> {
+    match crate::inet::bind(sock, local) {
+        Err(e) if e.errno() == Some(crate::Errno::EADDRNOTAVAIL) => {
+            foreign(sock)?;
+            crate::inet::bind(sock, local)
+        }
+        r => r,
+    }
 }
 
 /// Whether [`finish`] has anything to do for `st`.
@@ -663,7 +685,7 @@ mod tests {
         assert_eq!(st.peer, c.local_addr().unwrap());
         drop(fd);
         drop(a);
-        let a2 = restore(&st, |_| Ok(())).unwrap();
+        let a2 = restore(&st, |_| Ok(()), |_| Ok(())).unwrap();
         finish(&a2, &st).unwrap();
         let mut a2 = TcpStream::from(a2);
         let mut got = [0u8; 13];

@@ -385,7 +385,9 @@ pub fn make(
 /// connection route, from its address before the address is there: a migration moves
 /// the service address only once the destination is ready, after its sockets were
 /// made. (IP_ANY_SOURCE allows the bind, but the connection's route lookup then fails
-/// with ENETUNREACH.) Set back to the program's own value right after.
+/// with ENETUNREACH.) Set only when a bind without it finds the address missing (two
+/// setsockopt a connection fewer in place), and back to the program's own value
+/// right after.
 const ANY_SOURCE: (i32, i32) = (libc::IPPROTO_IP, libc::IP_TRANSPARENT);
 
 /// The value the program had for an option: the image holds those it changed.
@@ -416,16 +418,27 @@ fn make_inet(
     if let Some(conn) = conn {
         // The program's options first, then the connection, in repair mode, then
         // SO_REUSEADDR, which repair mode overrode.
-        let sock = kext_shim::tcp::restore(conn, |sock| {
-            for (level, name, value) in &s.options {
-                if (*level, *name) != reuse {
-                    inet::set_option(sock, *level, *name, value)?;
+        let foreign = std::cell::Cell::new(false);
+        let sock = kext_shim::tcp::restore(
+            conn,
+            |sock| {
+                for (level, name, value) in &s.options {
+                    if (*level, *name) != reuse {
+                        inet::set_option(sock, *level, *name, value)?;
+                    }
                 }
-            }
-            inet::set_option(sock, ANY_SOURCE.0, ANY_SOURCE.1, &1i32.to_ne_bytes())
-        })
+                Ok(())
+            },
+            |sock| {
+                foreign.set(true);
+                inet::set_option(sock, ANY_SOURCE.0, ANY_SOURCE.1, &1i32.to_ne_bytes())
+            },
+        )
         .map_err(|e| err(format!("{} -> {}: {e}", conn.local, conn.peer)))?;
-        inet::set_option(&sock, ANY_SOURCE.0, ANY_SOURCE.1, &theirs(s, ANY_SOURCE)).map_err(k)?;
+        if foreign.get() {
+            inet::set_option(&sock, ANY_SOURCE.0, ANY_SOURCE.1, &theirs(s, ANY_SOURCE))
+                .map_err(k)?;
+        }
         if let Some((_, _, v)) = s.options.iter().find(|(l, n, _)| (*l, *n) == reuse) {
             inet::set_option(&sock, reuse.0, reuse.1, v).map_err(k)?;
         }
@@ -439,10 +452,17 @@ fn make_inet(
     }
     if let Some(local) = &s.local {
         inet::set_option(&sock, reuse.0, reuse.1, &1i32.to_ne_bytes()).map_err(k)?;
-        inet::set_option(&sock, ANY_SOURCE.0, ANY_SOURCE.1, &1i32.to_ne_bytes()).map_err(k)?;
-        inet::bind(&sock, local).map_err(k)?;
+        let foreign = std::cell::Cell::new(false);
+        kext_shim::tcp::bind_maybe_foreign(&sock, local, |sock| {
+            foreign.set(true);
+            inet::set_option(sock, ANY_SOURCE.0, ANY_SOURCE.1, &1i32.to_ne_bytes())
+        })
+        .map_err(k)?;
         inet::set_option(&sock, reuse.0, reuse.1, &theirs(s, reuse)).map_err(k)?;
-        inet::set_option(&sock, ANY_SOURCE.0, ANY_SOURCE.1, &theirs(s, ANY_SOURCE)).map_err(k)?;
+        if foreign.get() {
+            inet::set_option(&sock, ANY_SOURCE.0, ANY_SOURCE.1, &theirs(s, ANY_SOURCE))
+                .map_err(k)?;
+        }
     }
     if let Some(backlog) = s.listen {
         inet::listen(&sock, backlog).map_err(k)?;
