@@ -12,6 +12,7 @@ pub mod dirty;
 pub mod filemap;
 pub mod inet;
 pub mod inject;
+pub mod lazy;
 pub mod mem;
 pub mod netlink;
 pub mod nfqueue;
