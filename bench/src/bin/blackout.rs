@@ -63,8 +63,19 @@ fn one(mcr: &std::path::Path, size: usize, rate: f64, mode: &str) -> Result<Run,
     let mut cmd = Command::new(mcr);
     cmd.args(["migrate", "-t", &pid.to_string(), "--to", &dest.addr])
         .args(["--shell-job", "--json"]);
-    if mode == "stop-and-copy" {
-        cmd.args(["--max-rounds", "0"]);
+    match mode {
+        "stop-and-copy" => {
+            cmd.args(["--max-rounds", "0"]);
+        }
+        // Pre-copy rounds, then the last pages after the workload resumed.
+        "post-copy" => {
+            cmd.arg("--post-copy");
+        }
+        // No round at all: every page after the workload resumed (CRIU's lazy pages).
+        "post-copy-only" => {
+            cmd.args(["--max-rounds", "0", "--post-copy"]);
+        }
+        _ => {}
     }
     let m = cmd.output().map_err(e("running mcr migrate"))?;
     if !m.status.success() {
