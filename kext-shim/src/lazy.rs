@@ -71,6 +71,9 @@ pub enum Placed {
     Already,
     /// No registered mapping there any more, or the process is gone.
     Gone,
+    /// The process's memory is changing (a fork, a remap, a drop): read its events,
+    /// then try again. Part of a run may be in place already.
+    Retry,
 }
 
 /// A userfaultfd of another process in missing mode, with its non-cooperative events.
@@ -191,20 +194,21 @@ impl LazyFd {
         }
     }
 
-    /// Runs a placing ioctl until it is not told to try again (the mm is changing: a
-    /// fork, a remap being told to us).
+    /// Runs a placing ioctl. EAGAIN (the mm is changing until its event is read) is
+    /// the caller's to handle: looping here would wait for ourselves.
     fn place(&self, mut ioctl: impl FnMut() -> libc::c_int) -> std::result::Result<Placed, Errno> {
         loop {
             if ioctl() == 0 {
                 return Ok(Placed::Done);
             }
-            match Errno::last() {
-                Errno::EAGAIN => std::thread::yield_now(),
-                Errno::EEXIST => return Ok(Placed::Already),
+            return match Errno::last() {
+                Errno::EINTR => continue,
+                Errno::EAGAIN => Ok(Placed::Retry),
+                Errno::EEXIST => Ok(Placed::Already),
                 // No VMA, no longer registered, or the mm is gone.
-                Errno::ENOENT | Errno::ESRCH | Errno::EINVAL => return Ok(Placed::Gone),
-                e => return Err(e),
-            }
+                Errno::ENOENT | Errno::ESRCH | Errno::EINVAL => Ok(Placed::Gone),
+                e => Err(e),
+            };
         }
     }
 
@@ -279,6 +283,21 @@ impl LazyFd {
             }
         }
     }
+}
+
+/// Puts the calling thread ahead of ordinary ones (SCHED_FIFO, lowest priority): a
+/// thread serving missing pages is what the workload's touches wait for, and on a
+/// busy machine an ordinary thread may wait tens of ms for a core. It sleeps whenever
+/// there is nothing to serve.
+pub fn serve_first() -> Result<()> {
+    let p = libc::sched_param { sched_priority: 1 };
+    // SAFETY: sched_setscheduler reads one sched_param, which lives on our stack; pid 0
+    // is the calling thread.
+    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &p) };
+    check(r as libc::c_long, || {
+        "sched_setscheduler(SCHED_FIFO, 1)".into()
+    })
+    .map(|_| ())
 }
 
 impl AsFd for LazyFd {

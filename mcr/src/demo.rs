@@ -267,6 +267,7 @@ fn demo(mib: usize, dirty_mib_s: f64) -> Result<bool, Box<dyn std::error::Error>
         staging: None,
         tcp_established: false,
         at_ready: None,
+        post_copy: false,
     })?;
     child.wait()?;
     for (i, x) in r.rounds.iter().enumerate() {

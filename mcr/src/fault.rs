@@ -18,6 +18,9 @@ pub const MIGRATE_STALL_AT_READY: &str = "migrate-stall-at-ready";
 /// Not a failure: `mcr migrate` stops for good once the original is stopped for good,
 /// before it tells the destination to take over.
 pub const MIGRATE_STALL_AT_COMMIT: &str = "migrate-stall-at-commit";
+/// Not a failure: `mcr migrate --post-copy` stops handing out pages for good once the
+/// workload runs at the destination, before every page is there.
+pub const MIGRATE_STALL_IN_POST_COPY: &str = "migrate-stall-in-post-copy";
 /// Not a failure: `mcr migrate` waits for a line on its stdin after each pre-copy round
 /// went out, so that a test can change the workload between rounds.
 pub const MIGRATE_WAIT_AFTER_ROUND: &str = "migrate-wait-after-round";

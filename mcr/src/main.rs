@@ -153,6 +153,11 @@ enum Cmd {
         /// before the commit (moving the service address, say); failing, it aborts.
         #[arg(long)]
         at_ready: Option<String>,
+        /// Resume at the destination before the last pages are there (post-copy): they
+        /// come on first touch, and are pushed meanwhile; the original dies once every
+        /// page is in place.
+        #[arg(long)]
+        post_copy: bool,
         #[arg(long)]
         json: bool,
     },
@@ -333,6 +338,7 @@ fn main() -> ExitCode {
                 prev: prev_images_dir,
                 prev_held_pids: vec![],
                 vm_flags: None,
+                lazy: false,
             };
             match mcr::dump::checkpoint(&opts) {
                 Ok(r) => {
@@ -420,6 +426,7 @@ fn main() -> ExitCode {
             staging,
             tcp_established,
             at_ready,
+            post_copy,
             json,
         } => {
             let to = match two_way(&to) {
@@ -436,6 +443,7 @@ fn main() -> ExitCode {
                 staging,
                 tcp_established,
                 at_ready,
+                post_copy,
             };
             match mcr::migrate::migrate(&opts) {
                 Ok(r) => {
@@ -573,6 +581,9 @@ fn print_migration(r: &mcr::migrate::MigrateReport, json: bool) {
                 "commit_ms": ms(r.commit),
             },
             "total_ms": ms(r.total),
+            "post_copy": r.post_copy.as_ref().map(|p| serde_json::json!({
+                "pages": p.pages, "wanted": p.wanted, "sent": p.sent, "all_in_ms": ms(p.all_in),
+            })),
         });
         println!("{v}");
         return;
@@ -607,6 +618,14 @@ fn print_migration(r: &mcr::migrate::MigrateReport, json: bool) {
         r.final_pages,
         ms(r.total)
     );
+    if let Some(p) = &r.post_copy {
+        eprintln!(
+            "mcr: post-copy: {} pages left out of the last image, every one in place {:.1} ms after the workload resumed ({} asked for at first touch)",
+            p.pages,
+            ms(p.all_in),
+            p.wanted
+        );
+    }
 }
 
 /// An address a migration can talk both ways on: unix or TCP, not a file.

@@ -514,6 +514,18 @@ impl Receiver {
             .unwrap_or(-1)
     }
 
+    /// Waits for `mcr receive` to end; returns its exit code and what it said on
+    /// stderr after it began listening.
+    pub fn wait_with_stderr(&mut self) -> (i32, String) {
+        let code = self.wait();
+        let mut said = String::new();
+        while let Some(l) = self.stderr.next_line() {
+            said.push_str(&l);
+            said.push('\n');
+        }
+        (code, said)
+    }
+
     /// Once it succeeded: the migrated workload, registered with `guard`.
     pub fn workload(mut self, guard: &mut Guard) -> Proc {
         let code = self.wait();

@@ -530,3 +530,94 @@ fn a_dead_migrations_staging_is_removed_by_the_next_one() {
     g.add(parent_of(moved.pid));
     assert_pass(&moved.check());
 }
+
+#[test]
+fn post_copy_resumes_before_the_last_pages_and_every_byte_arrives() {
+    for (extra, all) in [
+        (&["--post-copy", "--json"][..], false),
+        // No round at all: every page comes after the workload resumed.
+        (&["--post-copy", "--max-rounds", "0", "--json"][..], true),
+    ] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let to = format!("unix:{}", s(&tmp.path().join("mig.sock")));
+        let mut g = Guard::new();
+        let mut p = start_churn(&mut g, tmp.path(), "32");
+        let recv = Receiver::start(&to, &tmp.path().join("pid"), &["--pidns"], &[]);
+        let out = migrate(p.pid, &to, extra);
+        assert!(
+            out.status.success(),
+            "{extra:?}: migrate failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json");
+        let pc = &report["post_copy"];
+        let pages = pc["pages"].as_u64().expect("post_copy.pages");
+        assert!(
+            pages > 0,
+            "{extra:?}: nothing was left to post-copy: {report}"
+        );
+        if all {
+            assert!(
+                pages >= 32 * 256,
+                "{extra:?}: without rounds the workload's memory is all left to it: {report}"
+            );
+        }
+        assert!(pc["sent"].as_u64().unwrap() >= pages, "{extra:?}: {report}");
+        assert_eq!(p.wait(), 128 + libc::SIGKILL, "the original was not killed");
+        let mut moved = recv.workload(&mut g);
+        g.add(parent_of(moved.pid));
+        // Every byte it wrote, before and after the freeze, is there.
+        assert_pass(&moved.check());
+    }
+}
+
+#[test]
+fn a_source_lost_during_post_copy_is_named_and_the_incomplete_workload_killed() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let to = format!("unix:{}", s(&tmp.path().join("mig.sock")));
+    let mut g = Guard::new();
+    let p = start_churn(&mut g, tmp.path(), "8");
+    let mut recv = Receiver::start(&to, &tmp.path().join("pid"), &["--pidns"], &[]);
+    let mut m = std::process::Command::new(mcr_bin())
+        .args([
+            "migrate",
+            "-t",
+            &p.pid.to_string(),
+            "--to",
+            &to,
+            "--shell-job",
+        ])
+        .args(["--post-copy", "--max-rounds", "0"])
+        .env("MCR_FAULT", "migrate-stall-in-post-copy")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("mcr migrate");
+    let mut err = Lines::new(m.stderr.take().expect("stderr"));
+    err.expect_prefix("mcr: stalled at migrate-stall-in-post-copy");
+    m.kill().expect("SIGKILL");
+    m.wait().expect("reaping mcr migrate");
+    // The destination says what it lost and does not let the workload run on with
+    // pages missing.
+    let (code, stderr) = recv.wait_with_stderr();
+    assert_eq!(code, 11, "{stderr}");
+    for want in ["post-copy lost its source", "was killed"] {
+        assert!(stderr.contains(want), "{want:?} not in {stderr:?}");
+    }
+    let moved: i32 = stderr
+        .split("the workload here (pid ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no pid named in {stderr:?}"));
+    g.add(moved);
+    wait_gone(moved);
+    // The original, stopped for good at the commit, holds the only whole copy.
+    wait_state(p.pid, 'T');
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(p.pid),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .expect("SIGCONT");
+    runs_on_untouched(p);
+}

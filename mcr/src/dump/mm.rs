@@ -162,6 +162,34 @@ pub struct PagePlan {
 }
 
 impl PagePlan {
+    /// Takes out of the plan the runs in private anonymous memory the process can
+    /// write (what post-copy hands out on first touch) and returns them as `(address,
+    /// pages)`, adjacent runs joined.
+    pub fn take_lazy(&mut self, mm: &MmImage) -> Vec<(u64, u64)> {
+        let lazy_vma = |addr: u64| {
+            mm.vmas.iter().any(|v| {
+                v.start <= addr
+                    && addr < v.end
+                    && v.kind == VmaKind::Anonymous
+                    && !v.shared
+                    && v.prot & (libc::PROT_READ | libc::PROT_WRITE)
+                        == libc::PROT_READ | libc::PROT_WRITE
+            })
+        };
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        self.jobs.retain(|j| {
+            if !j.readable || !lazy_vma(j.addr) {
+                return true;
+            }
+            match runs.last_mut() {
+                Some((a, n)) if *a + *n * PAGE_SIZE == j.addr => *n += j.pages as u64,
+                _ => runs.push((j.addr, j.pages as u64)),
+            }
+            false
+        });
+        runs
+    }
+
     pub fn bytes(&self) -> u64 {
         self.jobs.iter().map(|j| j.pages as u64 * PAGE_SIZE).sum()
     }

@@ -61,6 +61,21 @@ pub struct CheckpointOptions {
     pub prev_held_pids: Vec<i32>,
     /// VMA flags read before the freeze, to spare the blackout smaps (see `vmflags`).
     pub vm_flags: Option<std::sync::Arc<vmflags::VmFlagsAhead>>,
+    /// Post-copy: the pages of private anonymous memory are left out of the image and
+    /// listed instead ([`HeldCheckpoint::lazy`]), for whoever holds the frozen tree to
+    /// hand out on demand.
+    pub lazy: bool,
+}
+
+/// The pages a post-copy checkpoint left out of its image for one process.
+#[derive(Debug, Clone)]
+pub struct LazyPages {
+    /// The process as the image names it.
+    pub pid: i32,
+    /// The process here, where the pages are read from.
+    pub host: i32,
+    /// `(address, pages)` runs, in address order.
+    pub runs: Vec<(u64, u64)>,
 }
 
 /// What a checkpoint did and how long each step took.
@@ -211,15 +226,23 @@ pub fn checkpoint_held(opts: &CheckpointOptions) -> Result<HeldCheckpoint> {
         }
         let t = Instant::now();
         let mut inherits = false;
+        let mut lazy = Vec::new();
         for p in processes.iter_mut() {
             let host = Pid::from_raw(p.pid);
             let owner = view.as_ref().map_or(p.pid, |v| v.pid(p.pid));
-            let plan = match &prev {
+            let mut plan = match &prev {
                 // Read only: should this checkpoint fail, the next one needs the same
                 // answer.
                 Some(prev) => mm::plan_pages(host, &p.mm, &prev.written_fn(host, false)?)?,
                 None => mm::plan_pages(host, &p.mm, &|_| Ok(None))?,
             };
+            if opts.lazy {
+                lazy.push(LazyPages {
+                    pid: owner,
+                    host: p.pid,
+                    runs: plan.take_lazy(&p.mm),
+                });
+            }
             mm::copy_pages(host, owner, &plan, &writer, None)?;
             if !plan.inherited.is_empty() {
                 inherits = true;
@@ -264,11 +287,12 @@ pub fn checkpoint_held(opts: &CheckpointOptions) -> Result<HeldCheckpoint> {
             .finish(&snapshot)
             .map_err(|source| DumpError::Image { pid: raw, source })?;
         steps.push(("write image", t.elapsed()));
-        Ok((stats, snapshot.inventory.net_lock))
+        Ok((stats, snapshot.inventory.net_lock, lazy))
     })();
     // On failure `tree` is dropped here, which resumes every process untouched.
-    let (stats, net_lock) = result?;
+    let (stats, net_lock, lazy) = result?;
     Ok(HeldCheckpoint {
+        lazy,
         tcp,
         tree: Some(tree),
         prev,
@@ -291,6 +315,8 @@ pub fn checkpoint_held(opts: &CheckpointOptions) -> Result<HeldCheckpoint> {
 /// it decides whether the tree dies (its image lives on elsewhere), resumes, or stops.
 /// Dropped, it resumes the tree untouched.
 pub struct HeldCheckpoint {
+    /// With `lazy`: the pages left out of the image, still in the frozen tree.
+    pub lazy: Vec<LazyPages>,
     // Before the tree: dropped first, it lets the connections go on before the
     // processes resume.
     tcp: inet::TcpCapture,
@@ -311,6 +337,7 @@ impl HeldCheckpoint {
     /// with it when `end_tracking` (it has served); otherwise it stays for another try.
     pub fn release(self, after: AfterDump, end_tracking: bool) -> Result<CheckpointReport> {
         let HeldCheckpoint {
+            lazy: _,
             tcp,
             tree,
             prev,

@@ -13,6 +13,7 @@
 //! rounds arrive, is the next step).
 
 pub mod local;
+pub mod postcopy;
 pub mod receive;
 mod staging;
 pub mod wire;
@@ -44,6 +45,9 @@ pub struct MigrateOptions {
     /// commit: where the operator moves what mcr does not (the service address). If it
     /// fails, the migration is abandoned and the original resumes.
     pub at_ready: Option<String>,
+    /// Resume at the destination before the last pages are there: they are left
+    /// missing and handed out on first touch, and pushed meanwhile.
+    pub post_copy: bool,
 }
 
 /// One pre-copy round.
@@ -91,6 +95,22 @@ pub struct MigrateReport {
     /// source measured it (the original's end comes after).
     pub blackout: Duration,
     pub total: Duration,
+    /// With post-copy: what was left out of the last image and how it went.
+    pub post_copy: Option<PostCopyReport>,
+}
+
+/// A post-copy's pages after the blackout.
+#[derive(Debug, Clone)]
+pub struct PostCopyReport {
+    /// Left out of the last image.
+    pub pages: u64,
+    /// Sent on the destination's request (a touch that had to wait).
+    pub wanted: u64,
+    /// Sent in all (requests included).
+    pub sent: u64,
+    /// From the workload's resumption there to the destination's word that every page
+    /// is in place.
+    pub all_in: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +136,12 @@ pub enum MigrateError {
     InDoubt { pid: i32, why: String },
     #[error("{0}")]
     Restore(#[from] crate::restore::RestoreError),
+    #[error("pid {pid}: post-copy: the workload runs at the destination, but {why}; the original is left stopped (its memory is the only whole copy)")]
+    PostCopyLost { pid: i32, why: String },
+    #[error(
+        "pid {pid}: {why}; the workload here (pid {here}) was killed, as it missed pages only the source had"
+    )]
+    LostSource { pid: i32, here: i32, why: String },
 }
 
 impl MigrateError {
@@ -125,7 +151,9 @@ impl MigrateError {
             MigrateError::Restore(e) => e.exit_code(),
             MigrateError::Transport { .. } | MigrateError::Protocol { .. } => 9,
             MigrateError::Destination { .. } => 10,
-            MigrateError::InDoubt { .. } => 11,
+            MigrateError::InDoubt { .. }
+            | MigrateError::PostCopyLost { .. }
+            | MigrateError::LostSource { .. } => 11,
             MigrateError::Hook { .. } => 12,
             MigrateError::Changed { .. } => 13,
         }
@@ -150,7 +178,11 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         .try_clone()
         .map_err(tx("connecting to the destination"))?;
     let mut w = FrameWriter::new(stream, transport::Compression::Auto(1), opts.to.to_string());
-    let mut r = Answers::start(FrameReader::new(back, opts.to.to_string()));
+    let (to_server, server_rx) = std::sync::mpsc::channel();
+    let mut r = Answers::start(
+        FrameReader::new(back, opts.to.to_string()),
+        to_server.clone(),
+    );
     let staging = match &opts.staging {
         Some(d) => staging::make(d, "mcr-migrate-"),
         None => staging::make(&default_staging(), "mcr-migrate-"),
@@ -293,11 +325,29 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         prev: prev.clone(),
         prev_held_pids: trackers.iter().map(|t| t.pid().as_raw()).collect(),
         vm_flags: ahead.clone(),
+        lazy: opts.post_copy,
     })?;
     let freeze_and_dump = t_black.elapsed();
     let t = Instant::now();
+    if opts.post_copy {
+        let lazy = wire::Lazy {
+            processes: held.lazy.iter().map(|l| (l.pid, l.runs.clone())).collect(),
+        };
+        wire::send_json(&mut w, wire::LAZY, &lazy)
+            .map_err(tx("listing the pages left to post-copy"))?;
+    }
     let final_bytes = send(&mut w, &dir, "final", true)?;
     let transfer = t.elapsed();
+    // From here the writer is shared with the post-copy server, which answers the
+    // destination's first touches (even during its restore) from the frozen original.
+    let w = std::sync::Arc::new(std::sync::Mutex::new(w));
+    let server = opts.post_copy.then(|| {
+        let s = postcopy::Server::new(held.lazy.clone());
+        let pages = s.pages();
+        let w = w.clone();
+        (pages, std::thread::spawn(move || s.run(&w, server_rx)))
+    });
+
     let t = Instant::now();
     // Whole there and held: READY. Anything else and `held` resumes the original as it
     // goes, and `trackers` end its tracking.
@@ -314,9 +364,14 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
     // we die; before it, it resumes as it was (a tracer's death lets it go).
     held.stop_for_good()?;
     crate::fault::stall(crate::fault::MIGRATE_STALL_AT_COMMIT);
-    let committed = wire::send_json(&mut w, wire::COMMIT, &())
-        .map_err(tx("committing"))
-        .and_then(|_| expect(&mut r, pid, wire::RESTORED));
+    // A poisoned writer only means a thread died mid-frame: the stream says so.
+    let committed = wire::send_json(
+        &mut w.lock().unwrap_or_else(|e| e.into_inner()),
+        wire::COMMIT,
+        &(),
+    )
+    .map_err(tx("committing"))
+    .and_then(|_| expect(&mut r, pid, wire::RESTORED));
     let restored: wire::Restored = match committed {
         Ok(payload) => wire::parse(wire::RESTORED, &payload)
             .map_err(|what| MigrateError::Protocol { pid, what })?,
@@ -337,13 +392,43 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
     let restore = t.elapsed();
     // The workload runs at the destination.
     let blackout = t_black.elapsed();
+    let post_copy = match server {
+        None => None,
+        Some((pages, server)) => {
+            let t = Instant::now();
+            let _ = to_server.send(postcopy::ToServer::Push);
+            let served = server
+                .join()
+                .map_err(|_| "the page server panicked".to_string())
+                .and_then(|r| r)
+                .and_then(|s| {
+                    expect(&mut r, pid, wire::ALL_IN)
+                        .map(|_| s)
+                        .map_err(|e| e.to_string())
+                });
+            match served {
+                Ok(s) => Some(PostCopyReport {
+                    pages,
+                    wanted: s.wanted,
+                    sent: s.pages,
+                    all_in: t.elapsed(),
+                }),
+                Err(why) => {
+                    held.release(AfterDump::LeaveStopped, true)?;
+                    return Err(MigrateError::PostCopyLost { pid, why });
+                }
+            }
+        }
+    };
     let t = Instant::now();
     let final_pages = held.report.stats.pages;
     let final_steps = held.report.steps.clone();
     held.release(AfterDump::Kill, true)?;
     drop(trackers);
     let commit = t.elapsed();
-    let _ = w.finish();
+    if let Ok(w) = std::sync::Arc::try_unwrap(w) {
+        let _ = w.into_inner().map(|w| w.finish());
+    }
     Ok(MigrateReport {
         pid,
         new_pid: restored.pid,
@@ -361,6 +446,7 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         warm: restored.warm,
         cold_because: restored.cold_because,
         total: t0.elapsed(),
+        post_copy,
     })
 }
 
@@ -395,10 +481,17 @@ struct Answers {
 type Frame = (u16, Vec<u8>);
 
 impl Answers {
-    fn start(mut r: wire::Reader) -> Self {
+    /// Post-copy's requests go to `pages`, the rest to [`Answers::next`].
+    fn start(mut r: wire::Reader, pages: std::sync::mpsc::Sender<postcopy::ToServer>) -> Self {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || loop {
             let got = r.recv().map(|f| f.map(|f| (f.kind, f.payload.to_vec())));
+            if let Ok(Some((wire::PAGE_WANTED, p))) = &got {
+                if let Ok((pid, addr, _)) = wire::parse_page_header(p) {
+                    let _ = pages.send(postcopy::ToServer::Wanted(pid, addr));
+                }
+                continue;
+            }
             let more = matches!(got, Ok(Some(_)));
             if tx.send(got).is_err() || !more {
                 return;

@@ -86,24 +86,57 @@ pub fn receive(listener: &Listener, opts: &ReceiveOptions) -> Result<Restored> {
     let staging = link.then(|| PathBuf::from(&hello.staging.path));
     let warm_opts = opts.warm.then_some(&opts.restore);
     let taken = take_images(&mut r, &mut w, &root, staging.as_deref(), pid, warm_opts);
-    let result = taken.and_then(|(last, opened, warm)| {
+    let result = taken.and_then(|(last, opened, warm, lazy)| {
         let mut ro = opts.restore.clone();
         ro.dir = root.join(&last);
         let t = Instant::now();
+        // From here a thread reads the source: the commit for us, pages for the pager.
+        let w = std::sync::Arc::new(std::sync::Mutex::new(w));
+        let wake = std::sync::Arc::new(
+            nix::sys::eventfd::EventFd::from_value_and_flags(
+                0,
+                nix::sys::eventfd::EfdFlags::EFD_CLOEXEC
+                    | nix::sys::eventfd::EfdFlags::EFD_NONBLOCK,
+            )
+            .map_err(|e| protocol(pid, format!("making an eventfd: {e}")))?,
+        );
+        let (to_main, from_demux) = std::sync::mpsc::channel();
+        let (to_pager, pager_rx) = std::sync::mpsc::channel();
+        demux(r, to_main, to_pager, wake.clone());
+        let pager = lazy.map(|lazy| {
+            let (made_tx, made_rx) = std::sync::mpsc::channel();
+            ro.lazy = Some(std::sync::Arc::new(crate::restore::lazy::LazyRestore {
+                runs: lazy.processes.into_iter().collect(),
+                made: std::sync::Mutex::new(made_tx),
+                wake: wake.clone(),
+            }));
+            let pager = super::postcopy::Pager {
+                runs: ro.lazy.as_ref().expect("just set").runs.clone(),
+                made: made_rx,
+                from_source: pager_rx,
+                wake: wake.clone(),
+                w: w.clone(),
+            };
+            std::thread::spawn(move || pager.run())
+        });
+        let send = |kind: u16, v: &dyn erased::Json| {
+            let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
+            v.send(&mut w, kind)
+        };
         // Held whole until the source has stopped the original for good.
         let mut gate = || -> std::result::Result<(), String> {
-            wire::send_json(&mut w, wire::READY, &()).map_err(|e| e.to_string())?;
-            match r.recv() {
-                Ok(Some(f)) if f.kind == wire::COMMIT => Ok(()),
-                Ok(Some(f)) => Err(format!(
-                    "the source sent kind {} instead of a commit",
-                    f.kind
-                )),
-                Ok(None) => Err("the source ended the stream instead of committing".into()),
-                Err(e) => Err(format!("the source went away before committing: {e}")),
+            send(wire::READY, &()).map_err(|e| e.to_string())?;
+            match from_demux.recv() {
+                Ok(Ok(Some(k))) if k == wire::COMMIT => Ok(()),
+                Ok(Ok(Some(k))) => Err(format!("the source sent kind {k} instead of a commit")),
+                Ok(Ok(None)) | Err(_) => {
+                    Err("the source ended the stream instead of committing".into())
+                }
+                Ok(Err(e)) => Err(format!("the source went away before committing: {e}")),
             }
         };
         let restored = restore_with(&ro, opened, &mut gate, warm.tree);
+        drop(ro);
         let restored = restored.map(|mut done| {
             if done.cold_because.is_none() {
                 done.cold_because = warm.cold_because;
@@ -112,8 +145,7 @@ pub fn receive(listener: &Listener, opts: &ReceiveOptions) -> Result<Restored> {
         });
         match restored {
             Ok(done) => {
-                wire::send_json(
-                    &mut w,
+                send(
                     wire::RESTORED,
                     &wire::Restored {
                         pid: done.pid,
@@ -128,11 +160,25 @@ pub fn receive(listener: &Listener, opts: &ReceiveOptions) -> Result<Restored> {
                     },
                 )
                 .map_err(tx(pid, "telling the source the workload runs here"))?;
+                if let Some(pager) = pager {
+                    let paged = pager
+                        .join()
+                        .unwrap_or_else(|_| Err("the pager panicked".into()));
+                    if let Err(why) = paged {
+                        // It would read zeros where its pages should be: it must not
+                        // run on.
+                        kill_tree(done.child);
+                        return Err(MigrateError::LostSource {
+                            pid,
+                            here: done.pid,
+                            why,
+                        });
+                    }
+                }
                 Ok(done)
             }
             Err(e) => {
-                let _ = wire::send_json(
-                    &mut w,
+                let _ = send(
                     wire::FAILED,
                     &wire::Failed {
                         error: e.to_string(),
@@ -217,9 +263,10 @@ fn take_images(
     staging: Option<&Path>,
     pid: i32,
     warm: Option<&RestoreOptions>,
-) -> Result<(String, Vec<Image>, Warm)> {
+) -> Result<(String, Vec<Image>, Warm, Option<wire::Lazy>)> {
     let mut tree = Warm::default();
     let mut opened = Vec::new();
+    let mut lazy = None;
     let tx = |source| MigrateError::Transport {
         pid,
         step: "receiving the images".into(),
@@ -290,7 +337,7 @@ fn take_images(
                 }
                 let name = safe_name(pid, &d.image)?.to_string();
                 if d.last {
-                    return Ok((name, opened, tree));
+                    return Ok((name, opened, tree, lazy));
                 }
                 opened
                     .push(Image::open(&root.join(&name)).map_err(|e| {
@@ -314,7 +361,83 @@ fn take_images(
                     }
                 })?;
             }
+            wire::LAZY => {
+                lazy = Some(wire::parse(f.kind, f.payload).map_err(|w| protocol(pid, w))?);
+            }
             k => return Err(protocol(pid, format!("unexpected frame kind {k}"))),
+        }
+    }
+}
+
+/// Reads the source from now on: pages and their end go to the pager (waking it),
+/// every other frame's kind to the main thread (a commit); the stream's end or failure
+/// to both.
+fn demux(
+    mut r: wire::Reader,
+    to_main: std::sync::mpsc::Sender<transport::Result<Option<u16>>>,
+    to_pager: std::sync::mpsc::Sender<super::postcopy::ToPager>,
+    wake: std::sync::Arc<nix::sys::eventfd::EventFd>,
+) {
+    use super::postcopy::ToPager;
+    std::thread::spawn(move || {
+        // Pages for the pager come through here first.
+        let _ = kext_shim::lazy::serve_first();
+        loop {
+            let pager = |m: ToPager| {
+                let _ = to_pager.send(m);
+                let _ = wake.write(1);
+            };
+            match r.recv() {
+                Ok(Some(f)) if f.kind == wire::PAGES => match wire::parse_page_header(f.payload) {
+                    Ok((pid, addr, bytes)) => pager(ToPager::Pages(pid, addr, bytes.to_vec())),
+                    Err(why) => {
+                        pager(ToPager::Lost(why));
+                        return;
+                    }
+                },
+                Ok(Some(f)) if f.kind == wire::PAGES_DONE => pager(ToPager::Done),
+                Ok(Some(f)) => {
+                    let _ = to_main.send(Ok(Some(f.kind)));
+                }
+                Ok(None) => {
+                    pager(ToPager::Lost("the source ended the stream".into()));
+                    let _ = to_main.send(Ok(None));
+                    return;
+                }
+                Err(e) => {
+                    pager(ToPager::Lost(e.to_string()));
+                    let _ = to_main.send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+}
+
+/// Kills the tree restored at `root` (the init of its pid namespace, or its root).
+fn kill_tree(root: i32) {
+    let mut all = vec![root];
+    let mut i = 0;
+    while i < all.len() {
+        if let Ok(c) = kext_shim::procfs::children(kext_shim::Pid::from_raw(all[i])) {
+            all.extend(c);
+        }
+        i += 1;
+    }
+    for p in all {
+        let _ = kext_shim::clone::kill(kext_shim::Pid::from_raw(p), libc::SIGKILL);
+    }
+}
+
+/// A message that can be sent as JSON without knowing its type (the gate and the
+/// answers share one sender).
+mod erased {
+    pub trait Json {
+        fn send(&self, w: &mut super::wire::Writer, kind: u16) -> transport::Result<()>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn send(&self, w: &mut super::wire::Writer, kind: u16) -> transport::Result<()> {
+            super::wire::send_json(w, kind, self)
         }
     }
 }

@@ -30,12 +30,23 @@ pub const FAILED: u16 = 11;
 pub const READY: u16 = 12;
 /// A pre-copy round is in place at the destination.
 pub const APPLIED: u16 = 14;
+/// Post-copy, before the last image: the pages left out of it, which the destination
+/// leaves missing ([`Lazy`]).
+pub const LAZY: u16 = 15;
+/// Post-copy, source to destination: pages (`pid i32, addr u64`, then the bytes).
+pub const PAGES: u16 = 16;
+/// Post-copy, destination to source: a page it waits for (`pid i32, addr u64`).
+pub const PAGE_WANTED: u16 = 17;
+/// Post-copy: every page left out has been sent.
+pub const PAGES_DONE: u16 = 18;
+/// Post-copy: every page is in place at the destination; the original may go.
+pub const ALL_IN: u16 = 19;
 
 /// Bytes of file data per frame.
 pub const DATA_CHUNK: usize = 1 << 20;
 
 /// The version of this conversation; both ends must speak the same.
-pub const PROTOCOL: u32 = 4;
+pub const PROTOCOL: u32 = 5;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Hello {
@@ -109,6 +120,31 @@ pub struct Restored {
     pub cold_because: Option<String>,
     /// Its restore's steps, (name, ms), as `mcr restore` reports them.
     pub steps: Vec<(String, f64)>,
+}
+
+/// The pages a post-copy leaves out of its last image, by process (the image's pid):
+/// `(address, pages)` runs.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Lazy {
+    pub processes: Vec<(i32, Vec<(u64, u64)>)>,
+}
+
+/// Where a PAGES or PAGE_WANTED frame's pages are: its first 12 bytes.
+pub fn page_header(pid: i32, addr: u64) -> [u8; 12] {
+    let mut h = [0u8; 12];
+    h[..4].copy_from_slice(&pid.to_le_bytes());
+    h[4..].copy_from_slice(&addr.to_le_bytes());
+    h
+}
+
+/// The `(pid, addr)` of a PAGES or PAGE_WANTED frame, and what follows.
+pub fn parse_page_header(payload: &[u8]) -> Result<(i32, u64, &[u8]), String> {
+    if payload.len() < 12 {
+        return Err("a page frame shorter than its header".into());
+    }
+    let pid = i32::from_le_bytes(payload[..4].try_into().expect("4 bytes"));
+    let addr = u64::from_le_bytes(payload[4..12].try_into().expect("8 bytes"));
+    Ok((pid, addr, &payload[12..]))
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -300,12 +300,14 @@ pub(super) fn new_scratch(cx: &mut Ctx, used: &[(u64, u64)]) -> Result<u64> {
 }
 
 /// Rebuilds a fresh stub into `p` whole (a cold restore); returns its threads.
+#[allow(clippy::too_many_arguments)]
 pub fn rebuild(
     stub: &Stub,
     p: &ProcessImage,
     image: &Image,
     fds: &FdNumbers,
     shared: &Placement,
+    lazy: Option<&super::lazy::LazyRestore>,
     steps: &mut Vec<(&'static str, Duration)>,
     pages: &mut u64,
 ) -> Result<Vec<kext_shim::Pid>> {
@@ -330,7 +332,7 @@ pub fn rebuild(
     })?;
     let chain: Vec<&Image> = std::iter::once(image).chain(&image.parents).collect();
     *pages = cx.timed("fill memory", |cx| fill(cx, p, &chain, Scope::default()))?;
-    finish(cx, p, image, fds, scratch)
+    finish(cx, p, image, fds, scratch, lazy)
 }
 
 /// Everything but memory, once memory is in place; the scratch page goes last and the
@@ -341,6 +343,7 @@ pub(super) fn finish(
     image: &Image,
     fds: &FdNumbers,
     scratch: u64,
+    lazy: Option<&super::lazy::LazyRestore>,
 ) -> Result<Vec<kext_shim::Pid>> {
     let raw = cx.pid;
     if crate::fault::armed(crate::fault::RESTORE_AFTER_FILL) {
@@ -348,6 +351,11 @@ pub(super) fn finish(
             pid: raw,
             point: crate::fault::RESTORE_AFTER_FILL,
         });
+    }
+    if let Some(l) = lazy {
+        cx.timed("leave pages to post-copy", |cx| {
+            super::lazy::leave_missing(cx, p, l)
+        })?;
     }
     cx.timed("restore process state", |cx| {
         set_mm(cx, p, fds)?;

@@ -8,6 +8,7 @@
 
 mod build;
 mod files;
+pub mod lazy;
 mod memory;
 mod shared;
 mod sockets;
@@ -48,6 +49,8 @@ pub struct RestoreOptions {
     /// Restore into this network namespace (`/run/netns/NAME`, `/proc/PID/ns/net`):
     /// the processes live there and their sockets are made there.
     pub netns: Option<PathBuf>,
+    /// Post-copy: pages left missing, served on first touch by whoever holds this.
+    pub lazy: Option<std::sync::Arc<lazy::LazyRestore>>,
 }
 
 impl RestoreOptions {
@@ -62,6 +65,7 @@ impl RestoreOptions {
             mntns: false,
             tcp_established: false,
             netns: None,
+            lazy: None,
         }
     }
 }
@@ -252,7 +256,14 @@ pub fn restore_with(
             steps.push(("create processes", t.elapsed()));
             for ((stub, p), nums) in stubs.iter().zip(procs).zip(&numbers) {
                 threads.push(build::rebuild(
-                    stub, p, &image, nums, &placement, &mut steps, &mut pages,
+                    stub,
+                    p,
+                    &image,
+                    nums,
+                    &placement,
+                    opts.lazy.as_deref(),
+                    &mut steps,
+                    &mut pages,
                 )?);
             }
             (init, stubs, sysv)
@@ -285,6 +296,7 @@ pub fn restore_with(
                     &placement,
                     std::os::fd::AsRawFd::as_raw_fd(&pidfd),
                     &ours,
+                    opts.lazy.as_deref(),
                     &mut steps,
                     &mut n,
                 )?;

@@ -280,6 +280,7 @@ impl WarmProc {
         shared: &Placement,
         pidfd: i32,
         ours: &[i32],
+        lazy: Option<&super::lazy::LazyRestore>,
         steps: &mut Vec<(&'static str, Duration)>,
         pages: &mut u64,
     ) -> Result<(Stub, Vec<Pid>)> {
@@ -306,7 +307,7 @@ impl WarmProc {
             update(cx, &mut self, p, chain, continues, Some((fds, shared)))
         })?;
         let scratch = self.scratch;
-        let threads = build::finish(cx, p, chain[0], fds, scratch)?;
+        let threads = build::finish(cx, p, chain[0], fds, scratch, lazy)?;
         Ok((self.stub, threads))
     }
 }
