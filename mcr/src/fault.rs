@@ -21,6 +21,10 @@ pub const MIGRATE_STALL_AT_COMMIT: &str = "migrate-stall-at-commit";
 /// Not a failure: `mcr migrate --post-copy` stops handing out pages for good once the
 /// workload runs at the destination, before every page is there.
 pub const MIGRATE_STALL_IN_POST_COPY: &str = "migrate-stall-in-post-copy";
+/// Not a failure: `mcr migrate --post-copy` waits for a line on stdin once the workload
+/// runs at the destination, before it pushes the pages (those asked for still come),
+/// so that a test can have the workload change its memory while pages are missing.
+pub const MIGRATE_WAIT_IN_POST_COPY: &str = "migrate-wait-in-post-copy";
 /// Not a failure: `mcr migrate` waits for a line on its stdin after each pre-copy round
 /// went out, so that a test can change the workload between rounds.
 pub const MIGRATE_WAIT_AFTER_ROUND: &str = "migrate-wait-after-round";

@@ -514,6 +514,21 @@ impl Receiver {
             .unwrap_or(-1)
     }
 
+    /// Says `line` to the workload it runs already (a shell job's stdio are ours) and
+    /// returns its answer, the first line starting with `prefix`.
+    pub fn ask(&mut self, line: &str, prefix: &str) -> String {
+        use std::io::Write;
+        writeln!(self.stdin, "{line}").expect("writing to the workload");
+        use std::os::fd::AsFd;
+        let out = self
+            .stdout
+            .as_fd()
+            .try_clone_to_owned()
+            .expect("the workload's stdout");
+        // It answers one line a question: nothing is left behind in this reader.
+        Lines::new(out).expect_prefix(prefix)
+    }
+
     /// Waits for `mcr receive` to end; returns its exit code and what it said on
     /// stderr after it began listening.
     pub fn wait_with_stderr(&mut self) -> (i32, String) {

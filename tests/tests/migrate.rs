@@ -621,3 +621,50 @@ fn a_source_lost_during_post_copy_is_named_and_the_incomplete_workload_killed() 
     .expect("SIGCONT");
     runs_on_untouched(p);
 }
+
+#[test]
+fn a_workload_changing_its_memory_and_forking_while_pages_are_missing_loses_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let to = format!("unix:{}", s(&tmp.path().join("mig.sock")));
+    let mut g = Guard::new();
+    let mut p = start_churn(&mut g, tmp.path(), "16");
+    let mut recv = Receiver::start(&to, &tmp.path().join("pid"), &["--pidns"], &[]);
+    // Every page left to post-copy, and none pushed until we say: the workload's
+    // touches fetch what they need meanwhile.
+    let mut m = std::process::Command::new(mcr_bin())
+        .args([
+            "migrate",
+            "-t",
+            &p.pid.to_string(),
+            "--to",
+            &to,
+            "--shell-job",
+        ])
+        .args(["--post-copy", "--max-rounds", "0"])
+        .env("MCR_FAULT", "migrate-wait-in-post-copy")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("mcr migrate");
+    let mut err = Lines::new(m.stderr.take().expect("stderr"));
+    err.expect_prefix("mcr: waiting at migrate-wait-in-post-copy");
+    // Pages dropped, regions unmapped, mapped afresh and moved, the heap grown, then a
+    // fork: each told to the pager while most pages are still missing.
+    recv.ask("CHURN", "CHURNED");
+    recv.ask("CHURN", "CHURNED");
+    let forked = recv.ask("FORK", "FORKED");
+    let kid: i32 = forked
+        .trim_start_matches("FORKED ")
+        .trim()
+        .parse()
+        .expect("FORKED PID");
+    assert!(kid > 0, "{forked}");
+    writeln!(m.stdin.as_mut().expect("stdin"), "go").expect("releasing the push");
+    let st = m.wait().expect("mcr migrate");
+    assert!(st.success(), "mcr migrate: {st}");
+    assert_eq!(p.wait(), 128 + libc::SIGKILL, "the original was not killed");
+    let mut moved = recv.workload(&mut g);
+    g.add(parent_of(moved.pid));
+    assert_pass(&moved.check());
+}

@@ -396,6 +396,7 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         None => None,
         Some((pages, server)) => {
             let t = Instant::now();
+            crate::fault::wait(crate::fault::MIGRATE_WAIT_IN_POST_COPY);
             let _ = to_server.send(postcopy::ToServer::Push);
             let served = server
                 .join()
