@@ -48,6 +48,7 @@ fn checkpoint(c: &mut Criterion) {
                             prev: None,
                             prev_held_pids: vec![],
                             vm_flags: None,
+                            lazy: false,
                         };
                         let t = Instant::now();
                         mcr::dump::checkpoint(&opts).expect("checkpoint");
@@ -79,6 +80,7 @@ fn restore(c: &mut Criterion) {
             prev: None,
             prev_held_pids: vec![],
             vm_flags: None,
+            lazy: false,
         })
         .expect("checkpoint");
         let _ = w.child.wait();

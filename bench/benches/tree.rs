@@ -50,6 +50,7 @@ fn tree(c: &mut Criterion, procs: usize, threads: usize, mib: usize) {
             prev: None,
             prev_held_pids: vec![],
             vm_flags: None,
+            lazy: false,
         })
         .expect("checkpoint");
         (img, r)
