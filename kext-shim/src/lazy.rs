@@ -285,19 +285,16 @@ impl LazyFd {
     }
 }
 
-/// Puts the calling thread ahead of ordinary ones (SCHED_FIFO, lowest priority): a
-/// thread serving missing pages is what the workload's touches wait for, and on a
-/// busy machine an ordinary thread may wait tens of ms for a core. It sleeps whenever
-/// there is nothing to serve.
+/// Gives the calling thread a larger share of the cores (nice -10): a thread serving
+/// missing pages is what the workload's touches wait for, and on a busy machine an
+/// ordinary thread may wait tens of ms for a core. Not a real-time class: its pushes
+/// must not starve the workload it serves.
 pub fn serve_first() -> Result<()> {
-    let p = libc::sched_param { sched_priority: 1 };
-    // SAFETY: sched_setscheduler reads one sched_param, which lives on our stack; pid 0
-    // is the calling thread.
-    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &p) };
-    check(r as libc::c_long, || {
-        "sched_setscheduler(SCHED_FIFO, 1)".into()
-    })
-    .map(|_| ())
+    // SAFETY: gettid takes no arguments.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
+    // SAFETY: setpriority takes no pointers; `tid` names the calling thread.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, -10) };
+    check(r as libc::c_long, || "setpriority(-10)".into()).map(|_| ())
 }
 
 impl AsFd for LazyFd {

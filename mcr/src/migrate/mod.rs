@@ -8,9 +8,9 @@
 //! says so, and only then does the source kill the original. Any failure before that
 //! resumes the original as it was, its write tracking ended.
 //!
-//! Today the rounds travel as image files and the destination restores once the last
-//! one is in: its memory is filled during the blackout (warm restore, filling it as the
-//! rounds arrive, is the next step).
+//! The rounds travel as image files (by hard link on one host); the destination builds
+//! the tree from the first and fills it as the others arrive (warm restore, `receive`).
+//! With post-copy the last pages come after the workload resumed there (`postcopy`).
 
 pub mod local;
 pub mod postcopy;
