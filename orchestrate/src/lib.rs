@@ -1,9 +1,11 @@
 #![forbid(unsafe_code)]
 //! The live-update operation around mcr (issue 6): what to move where, and the operator
 //! kept informed and safe. So far: its configuration (`config`), the lock that keeps
-//! to one operation at a time (`lock`) and the operations journal (`journal`).
+//! to one operation at a time (`lock`), the operations journal (`journal`) and fix
+//! bundles (`fix`).
 
 pub mod config;
+pub mod fix;
 pub mod journal;
 pub mod lock;
 

@@ -2,7 +2,7 @@
 //! `liveupdate`: the operator's command for a live update of a running partition.
 
 use clap::{Parser, Subcommand};
-use orchestrate::config;
+use orchestrate::{config, fix};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -23,11 +23,55 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ConfigCmd,
     },
+    /// Fix bundles: make one, show one, apply one to a root, list a root's fixes.
+    Fix {
+        #[command(subcommand)]
+        cmd: FixCmd,
+    },
     /// The journal: the start, success or failure of every operation.
     Log {
         /// Where liveupdate keeps its state.
         #[arg(long, default_value = orchestrate::STATE_DIR)]
         dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum FixCmd {
+    /// Makes a bundle from files here and the paths they replace in a root.
+    Create {
+        /// The bundle to write (a .tar.zst).
+        #[arg(short = 'o', long)]
+        out: PathBuf,
+        #[arg(long)]
+        label: String,
+        #[arg(long = "abstract")]
+        summary: String,
+        /// A fix that a live update cannot apply (the kernel's own, say).
+        #[arg(long)]
+        not_lu_capable: bool,
+        /// Scripts run chrooted in the clone, before and after the files go in.
+        #[arg(long)]
+        pre: Option<PathBuf>,
+        #[arg(long)]
+        post: Option<PathBuf>,
+        /// FILE:/TARGET/PATH, one or more.
+        #[arg(required = true)]
+        files: Vec<String>,
+    },
+    /// Shows a bundle's attributes, after checking every file's checksum.
+    Show { file: PathBuf },
+    /// Applies a bundle to a root (a clone of a partition's root disk).
+    Apply {
+        file: PathBuf,
+        #[arg(long)]
+        root: PathBuf,
+    },
+    /// The fixes applied to a root, with their state codes (S stable, I being applied,
+    /// B broken).
+    List {
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
     },
 }
 
@@ -44,6 +88,13 @@ enum ConfigCmd {
 
 fn main() -> ExitCode {
     match Cli::parse().cmd {
+        Cmd::Fix { cmd } => match fix_cmd(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("liveupdate: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        },
         Cmd::Log { dir } => match orchestrate::journal::Journal::at(&dir).read() {
             Ok(read) => {
                 print!("{}", orchestrate::journal::report(&read.entries));
@@ -103,6 +154,92 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+fn fix_cmd(cmd: FixCmd) -> Result<(), fix::FixError> {
+    match cmd {
+        FixCmd::Create {
+            out,
+            label,
+            summary,
+            not_lu_capable,
+            pre,
+            post,
+            files,
+        } => {
+            let files = files
+                .iter()
+                .map(|f| match f.split_once(':') {
+                    Some((src, target)) => Ok((PathBuf::from(src), target.to_string())),
+                    None => Err(fix::FixError::Bad {
+                        what: format!("{f:?}: expected FILE:/TARGET/PATH"),
+                    }),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let m = fix::create(
+                &out,
+                &fix::NewFix {
+                    label,
+                    summary,
+                    lu_capable: !not_lu_capable,
+                    files,
+                    pre,
+                    post,
+                },
+            )?;
+            println!(
+                "liveupdate: wrote fix {} ({} files) to {}",
+                m.label,
+                m.files.len(),
+                out.display()
+            );
+        }
+        FixCmd::Show { file } => {
+            let b = fix::open(&file)?;
+            let m = &b.manifest;
+            println!("LABEL:        {}", m.label);
+            println!("ABSTRACT:     {}", m.summary);
+            println!("LU CAPABLE:   {}", yes(m.lu_capable));
+            println!("PRE SCRIPT:   {}", yes(m.pre));
+            println!("POST SCRIPT:  {}", yes(m.post));
+            println!("FILES:        {}", m.files.len());
+            for f in &m.files {
+                println!(
+                    "    {}  {:04o}  {} bytes  sha256 {}",
+                    f.target, f.mode, f.size, f.sha256
+                );
+            }
+            println!("CHECKSUMS:    verified");
+        }
+        FixCmd::Apply { file, root } => {
+            let b = fix::open(&file)?;
+            let i = fix::apply(&b, &root)?;
+            println!(
+                "liveupdate: fix {} applied to {} (state {})",
+                i.label,
+                root.display(),
+                i.state.code()
+            );
+        }
+        FixCmd::List { root } => {
+            let l = fix::list(&root)?;
+            println!("ID  STATE  LABEL             INSTALL TIME (UTC)      ABSTRACT");
+            for (n, i) in l.iter().enumerate() {
+                println!(
+                    "{:<3} {:<6} {:<17} {:<23} {}",
+                    n + 1,
+                    i.state.code(),
+                    i.label,
+                    orchestrate::journal::utc(i.time),
+                    i.summary
+                );
+            }
+            if l.is_empty() {
+                println!("(no fix applied to {})", root.display());
+            }
+        }
+    }
+    Ok(())
 }
 
 fn yes(b: bool) -> &'static str {

@@ -1,0 +1,598 @@
+//! Fix bundles: what a live update applies to the clone of the root disk.
+//!
+//! A bundle is a zstd-compressed tar (`tar --zstd -tf FIX` lists it) holding
+//! `MANIFEST.json` first: the fix's label and abstract, whether it can be applied by a
+//! live update (`lu_capable`: a fix to the kernel itself cannot), and each file with
+//! the path it replaces in the root and its SHA-256; then the files (`files/N`) and the
+//! optional scripts run in the clone before and after the files go in (`scripts/pre`,
+//! `scripts/post`). A bundle is read whole and every checksum checked before anything
+//! of it is used; a fix applied to a root is recorded under
+//! `ROOT/var/lib/liveupdate/fixes/LABEL/` with its state (AIX's emgr codes).
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+pub const MANIFEST: &str = "MANIFEST.json";
+/// Where a root keeps the record of its fixes.
+pub const RECORDS: &str = "var/lib/liveupdate/fixes";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub label: String,
+    #[serde(rename = "abstract")]
+    pub summary: String,
+    pub lu_capable: bool,
+    pub files: Vec<FileEntry>,
+    /// Run in the clone (chrooted) before the files go in, and after.
+    pub pre: bool,
+    pub post: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// The absolute path it takes in the root.
+    pub target: String,
+    pub mode: u32,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// A fix's state on a root, as AIX's `emgr -l` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// S: applied whole.
+    Stable,
+    /// I: being applied (a crash left it so).
+    Installing,
+    /// B: its application failed part way.
+    Broken,
+}
+
+impl State {
+    pub fn code(self) -> char {
+        match self {
+            State::Stable => 'S',
+            State::Installing => 'I',
+            State::Broken => 'B',
+        }
+    }
+
+    fn parse(s: &str) -> Option<State> {
+        match s.trim() {
+            "S" => Some(State::Stable),
+            "I" => Some(State::Installing),
+            "B" => Some(State::Broken),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FixError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a fix bundle: {what}")]
+    Corrupt { path: String, what: String },
+    #[error("{path}: {member} (for {target}) has SHA-256 {got}, the manifest says {want}: the bundle is damaged")]
+    Checksum {
+        path: String,
+        member: String,
+        target: String,
+        want: String,
+        got: String,
+    },
+    #[error("{what}")]
+    Bad { what: String },
+    #[error(
+        "fix {label}: the {which} script failed ({status}); the fix is marked broken (B) in {root}"
+    )]
+    Script {
+        label: String,
+        which: &'static str,
+        status: String,
+        root: String,
+    },
+}
+
+impl FixError {
+    /// 2 bad arguments, 3 a damaged bundle, 1 anything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            FixError::Bad { .. } => 2,
+            FixError::Corrupt { .. } | FixError::Checksum { .. } => 3,
+            _ => 1,
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, FixError>;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FixError + '_ {
+    move |source| FixError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn sha256(b: &[u8]) -> String {
+    Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
+/// A label names a directory of the records: letters, digits, `.`, `_`, `-`.
+fn check_label(label: &str) -> Result<()> {
+    let ok = !label.is_empty()
+        && label.len() <= 64
+        && label != "."
+        && label != ".."
+        && label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(FixError::Bad {
+            what: format!("fix label {label:?}: 1 to 64 letters, digits, '.', '_' or '-'"),
+        })
+    }
+}
+
+/// What a new bundle holds.
+pub struct NewFix {
+    pub label: String,
+    pub summary: String,
+    pub lu_capable: bool,
+    /// `(file here, absolute target path in the root)`.
+    pub files: Vec<(PathBuf, String)>,
+    pub pre: Option<PathBuf>,
+    pub post: Option<PathBuf>,
+}
+
+/// Writes the bundle `out`; returns its manifest.
+pub fn create(out: &Path, fix: &NewFix) -> Result<Manifest> {
+    use std::os::unix::fs::PermissionsExt;
+    check_label(&fix.label)?;
+    let mut files = Vec::new();
+    let mut members: Vec<(String, Vec<u8>, u32)> = Vec::new();
+    for (i, (src, target)) in fix.files.iter().enumerate() {
+        if !target.starts_with('/') || target.split('/').any(|c| c == "..") {
+            return Err(FixError::Bad {
+                what: format!("target {target:?}: an absolute path without '..'"),
+            });
+        }
+        let data = std::fs::read(src).map_err(io(src))?;
+        let mode = std::fs::metadata(src)
+            .map_err(io(src))?
+            .permissions()
+            .mode()
+            & 0o7777;
+        files.push(FileEntry {
+            target: target.clone(),
+            mode,
+            size: data.len() as u64,
+            sha256: sha256(&data),
+        });
+        members.push((format!("files/{i}"), data, mode));
+    }
+    for (name, script) in [("scripts/pre", &fix.pre), ("scripts/post", &fix.post)] {
+        if let Some(p) = script {
+            members.push((name.into(), std::fs::read(p).map_err(io(p))?, 0o755));
+        }
+    }
+    let manifest = Manifest {
+        label: fix.label.clone(),
+        summary: fix.summary.clone(),
+        lu_capable: fix.lu_capable,
+        files,
+        pre: fix.pre.is_some(),
+        post: fix.post.is_some(),
+    };
+    let json = serde_json::to_vec_pretty(&manifest).expect("plain data serializes");
+    let file = std::fs::File::create(out).map_err(io(out))?;
+    let enc = zstd::Encoder::new(file, 3).map_err(io(out))?;
+    let mut tar = tar::Builder::new(enc);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut put = |name: &str, data: &[u8], mode: u32| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(mode);
+        h.set_mtime(now);
+        h.set_cksum();
+        tar.append_data(&mut h, name, data).map_err(io(out))
+    };
+    put(MANIFEST, &json, 0o644)?;
+    for (name, data, mode) in &members {
+        put(name, data, *mode)?;
+    }
+    let enc = tar.into_inner().map_err(io(out))?;
+    enc.finish().map_err(io(out))?;
+    Ok(manifest)
+}
+
+/// A bundle read whole, every checksum checked.
+pub struct Bundle {
+    pub path: PathBuf,
+    pub manifest: Manifest,
+    /// The files' bytes, in the manifest's order.
+    pub files: Vec<Vec<u8>>,
+    pub pre: Option<Vec<u8>>,
+    pub post: Option<Vec<u8>>,
+}
+
+pub fn open(path: &Path) -> Result<Bundle> {
+    let shown = path.display().to_string();
+    let corrupt = |what: String| FixError::Corrupt {
+        path: shown.clone(),
+        what,
+    };
+    let file = std::fs::File::open(path).map_err(io(path))?;
+    let dec = zstd::Decoder::new(file).map_err(|e| corrupt(format!("not zstd: {e}")))?;
+    let mut tar = tar::Archive::new(dec);
+    let mut members: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
+    let entries = tar
+        .entries()
+        .map_err(|e| corrupt(format!("not a tar archive: {e}")))?;
+    for e in entries {
+        let mut e = e.map_err(|e| corrupt(format!("a damaged member: {e}")))?;
+        let name = e
+            .path()
+            .map_err(|e| corrupt(format!("a member's name: {e}")))?
+            .display()
+            .to_string();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data)
+            .map_err(|e| corrupt(format!("{name}: {e}")))?;
+        if members.insert(name.clone(), data).is_some() {
+            return Err(corrupt(format!("{name} twice")));
+        }
+    }
+    let json = members
+        .remove(MANIFEST)
+        .ok_or_else(|| corrupt(format!("no {MANIFEST}")))?;
+    let manifest: Manifest =
+        serde_json::from_slice(&json).map_err(|e| corrupt(format!("{MANIFEST}: {e}")))?;
+    check_label(&manifest.label).map_err(|e| corrupt(e.to_string()))?;
+    let mut files = Vec::with_capacity(manifest.files.len());
+    for (i, f) in manifest.files.iter().enumerate() {
+        let member = format!("files/{i}");
+        let data = members
+            .remove(&member)
+            .ok_or_else(|| corrupt(format!("{member} (for {}) is missing", f.target)))?;
+        let got = sha256(&data);
+        if got != f.sha256 || data.len() as u64 != f.size {
+            return Err(FixError::Checksum {
+                path: shown,
+                member,
+                target: f.target.clone(),
+                want: f.sha256.clone(),
+                got,
+            });
+        }
+        if !f.target.starts_with('/') || f.target.split('/').any(|c| c == "..") {
+            return Err(corrupt(format!("target {:?} leaves the root", f.target)));
+        }
+        files.push(data);
+    }
+    let mut script = |want: bool, name: &str| -> Result<Option<Vec<u8>>> {
+        match (want, members.remove(name)) {
+            (true, Some(s)) => Ok(Some(s)),
+            (true, None) => Err(corrupt(format!("{name} is missing"))),
+            (false, Some(_)) => Err(corrupt(format!("{name} is not in the manifest"))),
+            (false, None) => Ok(None),
+        }
+    };
+    let pre = script(manifest.pre, "scripts/pre")?;
+    let post = script(manifest.post, "scripts/post")?;
+    if let Some(extra) = members.keys().next() {
+        return Err(corrupt(format!("{extra} is not in the manifest")));
+    }
+    Ok(Bundle {
+        path: path.to_path_buf(),
+        manifest,
+        files,
+        pre,
+        post,
+    })
+}
+
+/// A fix as a root records it.
+#[derive(Debug, Clone)]
+pub struct Installed {
+    pub label: String,
+    pub summary: String,
+    pub state: State,
+    /// Seconds since the epoch, when it was applied.
+    pub time: u64,
+}
+
+fn record_dir(root: &Path, label: &str) -> PathBuf {
+    root.join(RECORDS).join(label)
+}
+
+fn set_state(dir: &Path, s: State, time: u64) -> Result<()> {
+    let path = dir.join("state");
+    let tmp = dir.join("state.new");
+    std::fs::write(&tmp, format!("{}\n{time}\n", s.code())).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))
+}
+
+/// Applies `b` to the root `root` (a clone): the pre script, the files (each written
+/// beside its target and renamed over it, with its mode), the post script; recorded
+/// as installing (I) first, then stable (S), or broken (B) if a step failed.
+pub fn apply(b: &Bundle, root: &Path) -> Result<Installed> {
+    use std::os::unix::fs::PermissionsExt;
+    let m = &b.manifest;
+    let dir = record_dir(root, &m.label);
+    if let Ok(s) = std::fs::read_to_string(dir.join("state")) {
+        if State::parse(s.lines().next().unwrap_or("")) == Some(State::Stable) {
+            return Err(FixError::Bad {
+                what: format!("fix {} is already applied to {}", m.label, root.display()),
+            });
+        }
+    }
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let manifest = dir.join(MANIFEST);
+    std::fs::write(
+        &manifest,
+        serde_json::to_vec_pretty(m).expect("plain data serializes"),
+    )
+    .map_err(io(&manifest))?;
+    set_state(&dir, State::Installing, time)?;
+    let broken = |e: FixError| {
+        let _ = set_state(&dir, State::Broken, time);
+        e
+    };
+    if let Some(s) = &b.pre {
+        run_script(root, &m.label, "pre", s).map_err(broken)?;
+    }
+    for (f, data) in m.files.iter().zip(&b.files) {
+        let target = root.join(f.target.trim_start_matches('/'));
+        let parent = target.parent().unwrap_or(root);
+        std::fs::create_dir_all(parent)
+            .map_err(io(parent))
+            .map_err(broken)?;
+        let tmp = parent.join(format!(
+            ".{}.liveupdate",
+            target
+                .file_name()
+                .map_or("new".into(), |n| n.to_string_lossy())
+        ));
+        std::fs::write(&tmp, data)
+            .map_err(io(&tmp))
+            .map_err(broken)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(f.mode))
+            .map_err(io(&tmp))
+            .map_err(broken)?;
+        std::fs::rename(&tmp, &target)
+            .map_err(io(&target))
+            .map_err(broken)?;
+    }
+    if let Some(s) = &b.post {
+        run_script(root, &m.label, "post", s).map_err(broken)?;
+    }
+    set_state(&dir, State::Stable, time)?;
+    Ok(Installed {
+        label: m.label.clone(),
+        summary: m.summary.clone(),
+        state: State::Stable,
+        time,
+    })
+}
+
+/// Runs a script chrooted in `root`, with `/bin/sh` of the root reading it on stdin.
+fn run_script(root: &Path, label: &str, which: &'static str, script: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("chroot")
+        .arg(root)
+        .args(["/bin/sh", "-s"])
+        .env("LIVEUPDATE_FIX", label)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .map_err(io(Path::new("chroot")))?;
+    let fed = child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(script)
+        .map_err(io(Path::new("chroot")));
+    let st = child.wait().map_err(io(Path::new("chroot")))?;
+    fed?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(FixError::Script {
+            label: label.into(),
+            which,
+            status: st.to_string(),
+            root: root.display().to_string(),
+        })
+    }
+}
+
+/// The fixes recorded on `root`, oldest first.
+pub fn list(root: &Path) -> Result<Vec<Installed>> {
+    let dir = root.join(RECORDS);
+    let rd = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(&dir)(e)),
+    };
+    let mut out = Vec::new();
+    for e in rd {
+        let e = e.map_err(io(&dir))?;
+        let d = e.path();
+        let m = d.join(MANIFEST);
+        let Ok(json) = std::fs::read(&m) else {
+            continue;
+        };
+        let Ok(man) = serde_json::from_slice::<Manifest>(&json) else {
+            continue;
+        };
+        let st = std::fs::read_to_string(d.join("state")).unwrap_or_default();
+        let mut lines = st.lines();
+        out.push(Installed {
+            label: man.label,
+            summary: man.summary,
+            // No state written: the application died before its first step.
+            state: lines
+                .next()
+                .and_then(State::parse)
+                .unwrap_or(State::Installing),
+            time: lines.next().and_then(|t| t.parse().ok()).unwrap_or(0),
+        });
+    }
+    out.sort_by(|a, b| (a.time, &a.label).cmp(&(b.time, &b.label)));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_fix(dir: &Path) -> NewFix {
+        std::fs::write(dir.join("lib"), b"the fixed library").unwrap();
+        std::fs::write(dir.join("conf"), b"fixed = yes\n").unwrap();
+        NewFix {
+            label: "IJ12345s1a".into(),
+            summary: "Fixes the library".into(),
+            lu_capable: true,
+            files: vec![
+                (dir.join("lib"), "/usr/lib/libfixed.so.1".into()),
+                (dir.join("conf"), "/etc/fixed.conf".into()),
+            ],
+            pre: None,
+            post: None,
+        }
+    }
+
+    #[test]
+    fn a_bundle_reads_back_as_made_and_applies_to_a_root_on_record() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fix = tmp.path().join("fix.tar.zst");
+        let made = create(&fix, &new_fix(tmp.path())).unwrap();
+        let b = open(&fix).unwrap();
+        assert_eq!(b.manifest, made);
+        assert_eq!(b.files[0], b"the fixed library");
+        let root = tmp.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        apply(&b, &root).unwrap();
+        assert_eq!(
+            std::fs::read(root.join("usr/lib/libfixed.so.1")).unwrap(),
+            b"the fixed library"
+        );
+        let l = list(&root).unwrap();
+        assert_eq!(l.len(), 1);
+        assert_eq!(
+            (l[0].label.as_str(), l[0].state),
+            ("IJ12345s1a", State::Stable)
+        );
+        // Twice is refused by name.
+        let again = apply(&b, &root).unwrap_err().to_string();
+        assert!(again.contains("already applied"), "{again}");
+    }
+
+    #[test]
+    fn a_damaged_file_in_a_bundle_is_named_before_anything_is_used() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fix = tmp.path().join("fix.tar.zst");
+        create(&fix, &new_fix(tmp.path())).unwrap();
+        // Rewrite the archive with one file's bytes changed, the manifest kept.
+        let raw = zstd::decode_all(std::fs::File::open(&fix).unwrap()).unwrap();
+        let at = raw
+            .windows(17)
+            .position(|w| w == b"the fixed library")
+            .unwrap();
+        let mut bad = raw.clone();
+        bad[at] = b'T';
+        // The tar header's own checksum covers the header, not the data.
+        std::fs::write(&fix, zstd::encode_all(&bad[..], 3).unwrap()).unwrap();
+        let e = open(&fix).err().expect("a damaged bundle");
+        assert!(matches!(e, FixError::Checksum { .. }), "{e}");
+        let said = e.to_string();
+        assert!(said.contains("/usr/lib/libfixed.so.1"), "{said}");
+        assert_eq!(e.exit_code(), 3);
+        std::fs::write(&fix, b"not a bundle").unwrap();
+        assert_eq!(open(&fix).err().unwrap().exit_code(), 3);
+    }
+
+    /// A root with a shell in it, as a clone of a real root disk has: /bin/sh and the
+    /// libraries it loads, copied from ours.
+    fn root_with_shell(root: &Path) {
+        let sh = std::fs::canonicalize("/bin/sh").unwrap();
+        let ldd = std::process::Command::new("ldd").arg(&sh).output().unwrap();
+        let mut files = vec![sh.clone()];
+        for l in String::from_utf8_lossy(&ldd.stdout).lines() {
+            if let Some(p) = l.split_whitespace().find(|w| w.starts_with('/')) {
+                files.push(PathBuf::from(p));
+            }
+        }
+        for f in files {
+            let to = root.join(f.strip_prefix("/").unwrap());
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::copy(&f, &to).unwrap();
+        }
+        std::fs::create_dir_all(root.join("bin")).unwrap();
+        if !root.join("bin/sh").exists() {
+            std::os::unix::fs::symlink(&sh, root.join("bin/sh")).unwrap();
+        }
+    }
+
+    #[test]
+    fn scripts_run_in_the_root_and_a_failing_one_marks_the_fix_broken() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        root_with_shell(&root);
+        let mut f = new_fix(tmp.path());
+        // Run chrooted: "/" is the root, and the file is there after the pre script.
+        std::fs::write(
+            tmp.path().join("pre"),
+            "echo pre $LIVEUPDATE_FIX > /pre-ran\n",
+        )
+        .unwrap();
+        std::fs::write(
+            tmp.path().join("post"),
+            "test -f /usr/lib/libfixed.so.1 && echo post > /post-ran\n",
+        )
+        .unwrap();
+        f.pre = Some(tmp.path().join("pre"));
+        f.post = Some(tmp.path().join("post"));
+        let fix = tmp.path().join("fix.tar.zst");
+        create(&fix, &f).unwrap();
+        apply(&open(&fix).unwrap(), &root).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(root.join("pre-ran")).unwrap(),
+            "pre IJ12345s1a\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("post-ran")).unwrap(),
+            "post\n"
+        );
+        // A pre script that fails: nothing of the fix goes in, and it is marked broken.
+        let root2 = tmp.path().join("root2");
+        root_with_shell(&root2);
+        std::fs::write(tmp.path().join("pre"), "exit 3\n").unwrap();
+        f.label = "IJ99999s1a".into();
+        create(&fix, &f).unwrap();
+        let e = apply(&open(&fix).unwrap(), &root2).unwrap_err();
+        assert!(matches!(e, FixError::Script { which: "pre", .. }), "{e}");
+        assert!(!root2.join("usr/lib/libfixed.so.1").exists());
+        let l = list(&root2).unwrap();
+        assert_eq!(
+            (l[0].label.as_str(), l[0].state),
+            ("IJ99999s1a", State::Broken)
+        );
+    }
+}
