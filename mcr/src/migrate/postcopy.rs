@@ -107,7 +107,29 @@ impl Server {
                 self.served.push = pushing.map(|t: Instant| t.elapsed()).unwrap_or_default();
                 return Ok(self.served);
             };
-            self.send(w, pid, host, addr, n)?;
+            // Scattered pages (a dirty set is) go many runs to a frame.
+            let mut runs = vec![(addr, n)];
+            let mut total = n;
+            while total < PUSH {
+                match self.next_unsent(&mut next) {
+                    Some((p, _, a, k)) if p == pid => {
+                        runs.push((a, k));
+                        total += k;
+                    }
+                    Some(other) => {
+                        // Another process's: the next frame's first, from there.
+                        self.send(w, pid, host, &runs)?;
+                        runs = vec![(other.2, other.3)];
+                        self.send(w, other.0, other.1, &runs)?;
+                        runs.clear();
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            if !runs.is_empty() {
+                self.send(w, pid, host, &runs)?;
+            }
         }
     }
 
@@ -165,27 +187,39 @@ impl Server {
             len += 1;
         }
         let host = l.host;
-        self.send(w, pid, host, addr, len)
+        self.send(w, pid, host, &[(addr, len)])
     }
 
+    /// Sends the runs `(addr, pages)` of `pid` (`host` here) in one frame.
     fn send(
         &mut self,
         w: &Mutex<Writer>,
         pid: i32,
         host: i32,
-        addr: u64,
-        n: u64,
+        runs: &[(u64, u64)],
     ) -> Result<(), String> {
-        let mut frame = vec![0u8; 12 + (n * PAGE_SIZE) as usize];
-        frame[..12].copy_from_slice(&wire::page_header(pid, addr));
-        kext_shim::mem::read_remote(kext_shim::Pid::from_raw(host), addr, &mut frame[12..])
-            .map_err(|e| format!("reading the pages at {addr:#x} of pid {host}: {e}"))?;
+        let mut frame = wire::pages_header(pid, runs);
+        let head = frame.len();
+        let n: u64 = runs.iter().map(|r| r.1).sum();
+        frame.resize(head + (n * PAGE_SIZE) as usize, 0);
+        let ranges: Vec<(u64, usize)> = runs
+            .iter()
+            .map(|&(a, k)| (a, (k * PAGE_SIZE) as usize))
+            .collect();
+        kext_shim::mem::read_remote_ranges(
+            kext_shim::Pid::from_raw(host),
+            &ranges,
+            &mut frame[head..],
+        )
+        .map_err(|e| format!("reading {n} pages of pid {host}: {e}"))?;
         let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
         w.send(wire::PAGES, &frame)
             .and_then(|_| w.flush())
-            .map_err(|e| format!("sending the pages at {addr:#x} of pid {pid}: {e}"))?;
-        for i in 0..n {
-            self.sent.insert((pid, addr + i * PAGE_SIZE));
+            .map_err(|e| format!("sending {n} pages of pid {pid}: {e}"))?;
+        for &(a, k) in runs {
+            for i in 0..k {
+                self.sent.insert((pid, a + i * PAGE_SIZE));
+            }
         }
         self.served.pages += n;
         Ok(())

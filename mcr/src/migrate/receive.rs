@@ -109,6 +109,7 @@ pub fn receive(listener: &Listener, opts: &ReceiveOptions) -> Result<Restored> {
                 runs: lazy.processes.into_iter().collect(),
                 made: std::sync::Mutex::new(made_tx),
                 wake: wake.clone(),
+                held: Default::default(),
             }));
             let pager = super::postcopy::Pager {
                 runs: ro.lazy.as_ref().expect("just set").runs.clone(),
@@ -136,6 +137,8 @@ pub fn receive(listener: &Listener, opts: &ReceiveOptions) -> Result<Restored> {
             }
         };
         let restored = restore_with(&ro, opened, &mut gate, warm.tree);
+        // Kept (with what the restore left in it) until every page is in place.
+        let lazy_kept = ro.lazy.take();
         drop(ro);
         let restored = restored.map(|mut done| {
             if done.cold_because.is_none() {
@@ -164,6 +167,7 @@ pub fn receive(listener: &Listener, opts: &ReceiveOptions) -> Result<Restored> {
                     let paged = pager
                         .join()
                         .unwrap_or_else(|_| Err("the pager panicked".into()));
+                    drop(lazy_kept);
                     if let Err(why) = paged {
                         // It would read zeros where its pages should be: it must not
                         // run on.
@@ -388,8 +392,13 @@ fn demux(
                 let _ = wake.write(1);
             };
             match r.recv() {
-                Ok(Some(f)) if f.kind == wire::PAGES => match wire::parse_page_header(f.payload) {
-                    Ok((pid, addr, bytes)) => pager(ToPager::Pages(pid, addr, bytes.to_vec())),
+                Ok(Some(f)) if f.kind == wire::PAGES => match wire::parse_pages(f.payload) {
+                    Ok((pid, runs)) => {
+                        for (addr, bytes) in runs {
+                            let _ = to_pager.send(ToPager::Pages(pid, addr, bytes.to_vec()));
+                        }
+                        let _ = wake.write(1);
+                    }
                     Err(why) => {
                         pager(ToPager::Lost(why));
                         return;

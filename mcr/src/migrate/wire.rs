@@ -33,7 +33,8 @@ pub const APPLIED: u16 = 14;
 /// Post-copy, before the last image: the pages left out of it, which the destination
 /// leaves missing ([`Lazy`]).
 pub const LAZY: u16 = 15;
-/// Post-copy, source to destination: pages (`pid i32, addr u64`, then the bytes).
+/// Post-copy, source to destination: pages (`pid i32, runs u32`, each run `addr u64,
+/// pages u32`, then the bytes of every run in order).
 pub const PAGES: u16 = 16;
 /// Post-copy, destination to source: a page it waits for (`pid i32, addr u64`).
 pub const PAGE_WANTED: u16 = 17;
@@ -129,7 +130,43 @@ pub struct Lazy {
     pub processes: Vec<(i32, Vec<(u64, u64)>)>,
 }
 
-/// Where a PAGES or PAGE_WANTED frame's pages are: its first 12 bytes.
+/// The head of a PAGES frame holding `runs` of `pid`.
+pub fn pages_header(pid: i32, runs: &[(u64, u64)]) -> Vec<u8> {
+    let mut h = Vec::with_capacity(8 + runs.len() * 12);
+    h.extend_from_slice(&pid.to_le_bytes());
+    h.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+    for &(a, n) in runs {
+        h.extend_from_slice(&a.to_le_bytes());
+        h.extend_from_slice(&(n as u32).to_le_bytes());
+    }
+    h
+}
+
+/// A PAGES frame as `(pid, [(addr, bytes)])`.
+pub fn parse_pages(payload: &[u8]) -> Result<(i32, Vec<(u64, &[u8])>), String> {
+    let short = || "a pages frame shorter than it says".to_string();
+    let word = |at: usize, n: usize| payload.get(at..at + n).ok_or_else(short);
+    let pid = i32::from_le_bytes(word(0, 4)?.try_into().expect("4 bytes"));
+    let k = u32::from_le_bytes(word(4, 4)?.try_into().expect("4 bytes")) as usize;
+    let mut data = 8 + k.checked_mul(12).ok_or_else(short)?;
+    let mut runs = Vec::with_capacity(k.min(1 << 16));
+    for i in 0..k {
+        let at = 8 + i * 12;
+        let addr = u64::from_le_bytes(word(at, 8)?.try_into().expect("8 bytes"));
+        let n = u32::from_le_bytes(word(at + 8, 4)?.try_into().expect("4 bytes")) as usize;
+        let len = n
+            .checked_mul(kext_shim::PAGE_SIZE as usize)
+            .ok_or_else(short)?;
+        runs.push((addr, word(data, len)?));
+        data += len;
+    }
+    if data != payload.len() {
+        return Err("a pages frame longer than it says".into());
+    }
+    Ok((pid, runs))
+}
+
+/// Where a PAGE_WANTED frame's page is: its 12 bytes.
 pub fn page_header(pid: i32, addr: u64) -> [u8; 12] {
     let mut h = [0u8; 12];
     h[..4].copy_from_slice(&pid.to_le_bytes());
@@ -137,7 +174,7 @@ pub fn page_header(pid: i32, addr: u64) -> [u8; 12] {
     h
 }
 
-/// The `(pid, addr)` of a PAGES or PAGE_WANTED frame, and what follows.
+/// The `(pid, addr)` of a PAGE_WANTED frame, and what follows.
 pub fn parse_page_header(payload: &[u8]) -> Result<(i32, u64, &[u8]), String> {
     if payload.len() < 12 {
         return Err("a page frame shorter than its header".into());

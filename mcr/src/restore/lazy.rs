@@ -21,6 +21,18 @@ pub struct LazyRestore {
     pub made: Mutex<std::sync::mpsc::Sender<Made>>,
     /// Written once one is sent, to wake the server.
     pub wake: std::sync::Arc<nix::sys::eventfd::EventFd>,
+    /// What the restore would have let go at once but must not while pages are being
+    /// placed (its images' mappings).
+    pub held: Mutex<Vec<Box<dyn Send>>>,
+}
+
+impl LazyRestore {
+    pub(super) fn keep(&self, what: Box<dyn Send>) {
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(what);
+    }
 }
 
 /// One process's missing pages, ready to be served.

@@ -361,8 +361,16 @@ pub fn restore_with(
     steps.push(("total", t0.elapsed()));
     drop(chain);
     // Unmapping the images' pages takes tens of ms at a GiB (33 ms for a 256 MiB
-    // chain here): not before the caller can say that the workload runs.
-    std::thread::spawn(move || drop(image));
+    // chain here): not before the caller can say that the workload runs. During a
+    // post-copy not at all: it holds our mmap lock that long, and the pager, whose
+    // copies read our memory, would stall with the workload waiting on it (70 ms
+    // measured at 1 GiB); the pager's owner drops it once every page is in.
+    match &opts.lazy {
+        Some(l) => l.keep(Box::new(image)),
+        None => {
+            std::thread::spawn(move || drop(image));
+        }
+    }
     Ok(Restored {
         pid: root_pid,
         child,
