@@ -142,8 +142,11 @@ pub fn pages_header(pid: i32, runs: &[(u64, u64)]) -> Vec<u8> {
     h
 }
 
-/// A PAGES frame as `(pid, [(addr, bytes)])`.
-pub fn parse_pages(payload: &[u8]) -> Result<(i32, Vec<(u64, &[u8])>), String> {
+/// The runs of a PAGES frame: `(addr, bytes)`.
+pub type PageRuns<'a> = Vec<(u64, &'a [u8])>;
+
+/// A PAGES frame as `(pid, runs)`.
+pub fn parse_pages(payload: &[u8]) -> Result<(i32, PageRuns<'_>), String> {
     let short = || "a pages frame shorter than it says".to_string();
     let word = |at: usize, n: usize| payload.get(at..at + n).ok_or_else(short);
     let pid = i32::from_le_bytes(word(0, 4)?.try_into().expect("4 bytes"));
