@@ -261,3 +261,31 @@ pub fn send_image(
     .map_err(|e| e.to_string())?;
     Ok(total)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pages_frame_reads_back_and_a_short_or_long_one_is_refused() {
+        let runs = [(0x1000u64, 1u64), (0x9000, 2)];
+        let mut f = pages_header(7, &runs);
+        f.extend((0..3 * 4096).map(|i| (i / 4096) as u8 + 1));
+        let (pid, got) = parse_pages(&f).unwrap();
+        assert_eq!(pid, 7);
+        assert_eq!(got.len(), 2);
+        assert_eq!((got[0].0, got[0].1.len(), got[0].1[0]), (0x1000, 4096, 1));
+        assert_eq!(
+            (got[1].0, got[1].1.len(), got[1].1[4096]),
+            (0x9000, 8192, 3)
+        );
+        assert!(parse_pages(&f[..f.len() - 1]).is_err());
+        let mut long = f.clone();
+        long.push(0);
+        assert!(parse_pages(&long).is_err());
+        // A run count that would not fit the frame.
+        let mut lying = pages_header(7, &runs);
+        lying[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(parse_pages(&lying).is_err());
+    }
+}
