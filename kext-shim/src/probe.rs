@@ -52,6 +52,12 @@ pub fn probe_all() -> Vec<Feature> {
         false,
         probe_uffd_wp_async(),
     ));
+    out.push(feature(
+        "userfaultfd missing (post-copy)",
+        false,
+        crate::lazy::supported()
+            .map(|f| format!("features {f:#x}; fork, remap, remove and unmap events")),
+    ));
     out.push(feature("soft-dirty", false, probe_soft_dirty()));
     out.push(feature("pidfd_open and pidfd_getfd", true, probe_pidfd()));
     out.push(feature("vDSO", true, probe_vdso()));
