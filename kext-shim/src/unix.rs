@@ -286,3 +286,75 @@ pub fn send_to(kind: i32, name: &str, messages: &[Vec<u8>]) -> Result<()> {
     }
     Ok(())
 }
+
+/// A connected pair of SOCK_SEQPACKET sockets, close-on-exec: messages keep their
+/// bounds, and a closed end reads as 0 at the other (a datagram pair never ends).
+pub fn seqpacket_pair() -> Result<(OwnedFd, OwnedFd)> {
+    nix::sys::socket::socketpair(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        None,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| SysError::new("socketpair(AF_UNIX, SOCK_SEQPACKET)", e).into())
+}
+
+/// Sends `data` with copies of `fds` (SCM_RIGHTS).
+pub fn send_with_fds(sock: &impl AsRawFd, data: &[u8], fds: &[i32]) -> Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let iov = [std::io::IoSlice::new(data)];
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
+    sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None)
+        .map(|_| ())
+        .map_err(|e| SysError::new("sendmsg(SCM_RIGHTS)", e).into())
+}
+
+/// Receives one message into `buf` and the fds that came with it (at most 16);
+/// `(0, [])` once the other end is closed.
+pub fn recv_with_fds(sock: &impl AsRawFd, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 16]);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    loop {
+        let m = match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(SysError::new("recvmsg(SCM_RIGHTS)", e).into()),
+            Ok(m) => m,
+        };
+        let mut fds = Vec::new();
+        for c in m
+            .cmsgs()
+            .map_err(|e| SysError::new("recvmsg: control data", e))?
+        {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                for f in raw {
+                    // SAFETY: the kernel installed this fd in our table for this
+                    // message as it was read; nothing else owns it.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(f) });
+                }
+            }
+        }
+        return Ok((m.bytes, fds));
+    }
+}
+
+/// Takes over fd `fd`, inherited across exec for this process alone; refused unless it
+/// is a unix socket.
+pub fn inherited_socket(fd: i32) -> Result<OwnedFd> {
+    let link = crate::procfs::read_link(&format!("/proc/self/fd/{fd}"))?;
+    if !link.starts_with("socket:[") {
+        return Err(crate::Error::Unexpected {
+            pid: Pid::this().as_raw(),
+            what: format!("inherited fd {fd} is {link}, not a socket"),
+        });
+    }
+    // SAFETY: the fd is open (its link was just read), is a socket, and was inherited
+    // for us alone: nothing else in this process owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}

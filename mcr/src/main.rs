@@ -228,6 +228,13 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         pids: Vec<i32>,
     },
+    /// Keeps a post-copy's userfaultfds for `mcr receive`, and kills the workload should
+    /// the receiver die before every page is in (started by receive, not for direct use).
+    #[command(hide = true)]
+    HoldLazy {
+        #[arg(long)]
+        fd: i32,
+    },
     /// The sample workload `demo` runs (not for direct use).
     #[command(hide = true)]
     DemoWorkload {
@@ -480,6 +487,7 @@ fn main() -> ExitCode {
             }
         }
         Cmd::HoldTracker { fds, pids } => mcr::dump::track::hold_main(&fds, &pids),
+        Cmd::HoldLazy { fd } => mcr::migrate::postcopy::watchdog_main(fd),
         Cmd::Restore { dir, how } => {
             let opts = how.options(dir);
             let r = mcr::restore::restore(&opts);

@@ -505,6 +505,11 @@ impl Receiver {
         }
     }
 
+    /// The pid of `mcr receive`.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
     /// Waits for `mcr receive` to end; returns its exit code.
     pub fn wait(&mut self) -> i32 {
         self.child

@@ -668,3 +668,81 @@ fn a_workload_changing_its_memory_and_forking_while_pages_are_missing_loses_noth
     g.add(parent_of(moved.pid));
     assert_pass(&moved.check());
 }
+
+/// The processes under `root` (itself included) whose comm is `comm`.
+fn descendants_named(root: i32, comm: &str) -> Vec<i32> {
+    let mut all = vec![root];
+    let mut i = 0;
+    while i < all.len() {
+        if let Ok(c) = kext_shim::procfs::children(kext_shim::Pid::from_raw(all[i])) {
+            all.extend(c);
+        }
+        i += 1;
+    }
+    all.into_iter()
+        .filter(|&p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .collect()
+}
+
+#[test]
+fn a_receiver_killed_during_post_copy_takes_the_incomplete_workload_with_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let to = format!("unix:{}", s(&tmp.path().join("mig.sock")));
+    let mut g = Guard::new();
+    let p = start_churn(&mut g, tmp.path(), "8");
+    let mut recv = Receiver::start(&to, &tmp.path().join("pid"), &["--pidns"], &[]);
+    let mut m = std::process::Command::new(mcr_bin())
+        .args([
+            "migrate",
+            "-t",
+            &p.pid.to_string(),
+            "--to",
+            &to,
+            "--shell-job",
+        ])
+        .args(["--post-copy", "--max-rounds", "0"])
+        .env("MCR_FAULT", "migrate-wait-in-post-copy")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("mcr migrate");
+    let mut err = Lines::new(m.stderr.take().expect("stderr"));
+    err.expect_prefix("mcr: waiting at migrate-wait-in-post-copy");
+    // The workload runs there, most of its pages still missing.
+    recv.ask("CHURN", "CHURNED");
+    let moved = descendants_named(recv.pid(), "churn");
+    assert_eq!(moved.len(), 1, "the moved workload: {moved:?}");
+    g.add(moved[0]);
+    // The receiver dies: its userfaultfds would have closed into zero pages; the
+    // watchdog holding their copies kills the workload instead.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(recv.pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("SIGKILL");
+    recv.wait();
+    wait_gone(moved[0]);
+    assert!(
+        !running(moved[0]),
+        "the workload runs on with pages missing"
+    );
+    // The source, let go, finds the destination gone and names the loss.
+    writeln!(m.stdin.as_mut().expect("stdin"), "go").expect("releasing the push");
+    let st = m.wait().expect("mcr migrate");
+    assert_eq!(st.code(), Some(11), "mcr migrate: {st}");
+    let mut said = String::new();
+    while let Some(l) = err.next_line() {
+        said.push_str(&l);
+    }
+    assert!(said.contains("post-copy"), "{said}");
+    wait_state(p.pid, 'T');
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(p.pid),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .expect("SIGCONT");
+    runs_on_untouched(p);
+}

@@ -346,6 +346,8 @@ pub struct Pager {
     /// Written to whenever something is sent on `from_source` or `made`, to wake the poll.
     pub wake: Arc<nix::sys::eventfd::EventFd>,
     pub w: Arc<Mutex<Writer>>,
+    /// Holds a copy of every userfaultfd, should we die (see [`Watchdog`]).
+    pub watchdog: Watchdog,
 }
 
 impl Pager {
@@ -368,11 +370,12 @@ impl Pager {
             let mut w = self.w.lock().unwrap_or_else(|e| e.into_inner());
             w.send(kind, payload)
                 .and_then(|_| w.flush())
-                .map_err(|e| format!("writing to the source: {e}"))
+                .map_err(|e| format!("post-copy lost its source (writing to it: {e})"))
         };
         let missing = |fds: &[Served1]| fds.iter().map(|s| s.by_here.len()).sum::<usize>();
         loop {
             while let Ok(m) = self.made.try_recv() {
+                self.watchdog.keep(m.host, &m.fd)?;
                 let runs = self.runs.get(&m.pid).map_or(&[][..], |r| &r[..]);
                 fds.push(Served1::new(m.fd, m.pid, runs));
             }
@@ -414,6 +417,7 @@ impl Pager {
                             }
                         }
                         Event::Fork(child) => {
+                            self.watchdog.keep(0, &child)?;
                             // The child misses what the parent misses now.
                             let s = Served1 {
                                 fd: child,
@@ -485,9 +489,10 @@ impl Pager {
                 }
             }
             if done && queue.is_empty() && zero_later.is_empty() && missing(&fds) == 0 {
-                // Closing them ends the registrations: from here the workload owes us
-                // nothing.
+                // Closing them, and the watchdog's copies, ends the registrations: from
+                // here the workload owes us nothing.
                 drop(fds);
+                self.watchdog.done();
                 send(wire::ALL_IN, &[])?;
                 paged.took = t0.elapsed();
                 return Ok(paged);
@@ -512,4 +517,96 @@ impl Pager {
             }
         }
     }
+}
+
+/// The destination's guard against its own death. A userfaultfd closed with pages still
+/// missing turns them into zero pages, silently: should `mcr receive` die during a
+/// post-copy, the workload would run on with holes in its memory. So a small process of
+/// ours (`mcr hold-lazy`) keeps a copy of every userfaultfd from the moment it is made:
+/// touches of missing pages then wait instead, and once it sees the receiver gone
+/// without a word that every page is in place, it kills every process it was told of,
+/// and their descendants, before its copies close.
+pub struct Watchdog {
+    sock: std::os::fd::OwnedFd,
+    child: std::process::Child,
+}
+
+impl Watchdog {
+    pub fn start() -> Result<Watchdog, String> {
+        use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+        use std::os::fd::AsRawFd;
+        let (ours, theirs) = kext_shim::unix::seqpacket_pair().map_err(|e| e.to_string())?;
+        let fd = theirs.as_raw_fd();
+        // Inherited by this one child: nothing else is spawned meanwhile.
+        fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty())).map_err(|e| e.to_string())?;
+        let child = crate::mcr_exe()
+            .and_then(|exe| {
+                std::process::Command::new(exe)
+                    .args(["hold-lazy", "--fd", &fd.to_string()])
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .current_dir("/")
+                    .spawn()
+            })
+            .map_err(|e| format!("starting mcr hold-lazy: {e}"))?;
+        drop(theirs);
+        Ok(Watchdog { sock: ours, child })
+    }
+
+    /// Hands over a copy of `fd`, the userfaultfd of `host` (a pid here; 0 for a
+    /// child forked meanwhile, found as a descendant).
+    pub fn keep(&self, host: i32, fd: &LazyFd) -> Result<(), String> {
+        use std::os::fd::AsRawFd;
+        kext_shim::unix::send_with_fds(&self.sock, &host.to_le_bytes(), &[fd.as_fd().as_raw_fd()])
+            .map_err(|e| format!("handing a userfaultfd to mcr hold-lazy: {e}"))
+    }
+
+    /// Every page is in place: it lets its copies go and ends quietly.
+    pub fn done(mut self) {
+        let _ = kext_shim::unix::send_with_fds(&self.sock, b"done", &[]);
+        let _ = self.child.wait();
+    }
+}
+
+/// `mcr hold-lazy`: keeps the userfaultfds sent on `fd` until told "done"; if the
+/// sender goes first, kills the processes they belong to, and their descendants.
+pub fn watchdog_main(fd: i32) -> std::process::ExitCode {
+    // Out of the terminal's job control: a ^C meant for mcr receive is not for us.
+    let _ = nix::unistd::setsid();
+    let sock = match kext_shim::unix::inherited_socket(fd) {
+        Ok(s) => s,
+        Err(_) => return std::process::ExitCode::from(1),
+    };
+    let mut kept = Vec::new();
+    let mut pids: Vec<i32> = Vec::new();
+    loop {
+        let mut buf = [0u8; 16];
+        let (n, fds) = kext_shim::unix::recv_with_fds(&sock, &mut buf).unwrap_or((0, Vec::new()));
+        kept.extend(fds);
+        match &buf[..n] {
+            b"done" => return std::process::ExitCode::SUCCESS,
+            [a, b, c, d] => pids.push(i32::from_le_bytes([*a, *b, *c, *d])),
+            // The receiver is gone.
+            [] => break,
+            _ => {}
+        }
+    }
+    if kept.is_empty() {
+        // Gone before post-copy began: nothing of ours to guard.
+        return std::process::ExitCode::SUCCESS;
+    }
+    let mut all: Vec<i32> = pids.into_iter().filter(|&p| p > 0).collect();
+    let mut i = 0;
+    while i < all.len() {
+        if let Ok(c) = kext_shim::procfs::children(kext_shim::Pid::from_raw(all[i])) {
+            all.extend(c);
+        }
+        i += 1;
+    }
+    for p in all {
+        let _ = kext_shim::clone::kill(kext_shim::Pid::from_raw(p), libc::SIGKILL);
+    }
+    // Our copies close last, once nothing is left to read zeros from them.
+    drop(kept);
+    std::process::ExitCode::from(1)
 }

@@ -103,7 +103,11 @@ pub fn receive(listener: &Listener, opts: &ReceiveOptions) -> Result<Restored> {
         let (to_main, from_demux) = std::sync::mpsc::channel();
         let (to_pager, pager_rx) = std::sync::mpsc::channel();
         demux(r, to_main, to_pager, wake.clone());
-        let pager = lazy.map(|lazy| {
+        let watchdog = match lazy {
+            Some(_) => Some(super::postcopy::Watchdog::start().map_err(|why| protocol(pid, why))?),
+            None => None,
+        };
+        let pager = lazy.zip(watchdog).map(|(lazy, watchdog)| {
             let (made_tx, made_rx) = std::sync::mpsc::channel();
             ro.lazy = Some(std::sync::Arc::new(crate::restore::lazy::LazyRestore {
                 runs: lazy.processes.into_iter().collect(),
@@ -117,6 +121,7 @@ pub fn receive(listener: &Listener, opts: &ReceiveOptions) -> Result<Restored> {
                 from_source: pager_rx,
                 wake: wake.clone(),
                 w: w.clone(),
+                watchdog,
             };
             std::thread::spawn(move || pager.run())
         });
