@@ -43,6 +43,62 @@ struct Api {
     ioctls: u64,
 }
 
+/// Makes a userfaultfd inside the stopped process behind `inj` (kernel-mode: the
+/// process's privilege decides), takes it out and asks it for `features`. The
+/// process's own copy is closed again before this returns, whatever happened.
+pub(crate) fn made_inside(
+    inj: &mut Injector,
+    pidfd: &OwnedFd,
+    features: u64,
+    named: &str,
+) -> Result<OwnedFd> {
+    let pid = inj.pid();
+    let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+    let remote = inj.call(libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0], || {
+        "userfaultfd(O_CLOEXEC|O_NONBLOCK)".into()
+    })? as i32;
+    let taken = pidfd::pidfd_getfd(pidfd, pid, remote);
+    let closed = inj.close(remote);
+    let uffd = taken?;
+    closed?;
+    let mut api = Api {
+        api: sys::UFFD_API,
+        features,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API reads and writes exactly one struct uffdio_api, which lives on
+    // our stack for the call.
+    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), sys::UFFDIO_API, &mut api) };
+    check(r as libc::c_long, || {
+        format!("ioctl(UFFDIO_API, {named}) on the userfaultfd of pid {pid}")
+    })?;
+    Ok(uffd)
+}
+
+/// Registers `[start, end)` of `pid`'s memory with its userfaultfd `uffd` in `mode`.
+pub(crate) fn register(
+    uffd: &OwnedFd,
+    pid: Pid,
+    (start, end): (u64, u64),
+    mode: u64,
+    named: &str,
+) -> Result<()> {
+    let mut reg = Register {
+        range: Range {
+            start,
+            len: end - start,
+        },
+        mode,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_REGISTER reads and writes one struct uffdio_register on our stack.
+    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), sys::UFFDIO_REGISTER, &mut reg) };
+    check(r as libc::c_long, || {
+        format!("ioctl(UFFDIO_REGISTER, {named}) of {start:#x}-{end:#x} in pid {pid}")
+    })?;
+    Ok(())
+}
+
 /// A userfaultfd of another process, in write-protect async mode.
 pub struct WriteTracker {
     pid: Pid,
@@ -53,27 +109,16 @@ impl WriteTracker {
     /// Makes a userfaultfd inside the stopped process behind `inj` and takes it out.
     /// The process's own copy is closed again before this returns, whatever happened.
     pub fn inject(inj: &mut Injector, pidfd: &OwnedFd) -> Result<Self> {
-        let pid = inj.pid();
-        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
-        let remote = inj.call(libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0], || {
-            "userfaultfd(O_CLOEXEC|O_NONBLOCK)".into()
-        })? as i32;
-        let taken = pidfd::pidfd_getfd(pidfd, pid, remote);
-        let closed = inj.close(remote);
-        let uffd = taken?;
-        closed?;
-        let mut api = Api {
-            api: sys::UFFD_API,
-            features: sys::UFFD_FEATURE_WP_ASYNC | sys::UFFD_FEATURE_WP_UNPOPULATED,
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_API reads and writes exactly one struct uffdio_api, which lives
-        // on our stack for the call.
-        let r = unsafe { libc::ioctl(uffd.as_raw_fd(), sys::UFFDIO_API, &mut api) };
-        check(r as libc::c_long, || {
-            format!("ioctl(UFFDIO_API, WP_ASYNC|WP_UNPOPULATED) on the userfaultfd of pid {pid}")
-        })?;
-        Ok(Self { pid, uffd })
+        let uffd = made_inside(
+            inj,
+            pidfd,
+            sys::UFFD_FEATURE_WP_ASYNC | sys::UFFD_FEATURE_WP_UNPOPULATED,
+            "WP_ASYNC|WP_UNPOPULATED",
+        )?;
+        Ok(Self {
+            pid: inj.pid(),
+            uffd,
+        })
     }
 
     /// Takes over fd `fd` of this process, inherited across exec from whoever made the
@@ -110,22 +155,13 @@ impl WriteTracker {
     /// it and write-protects every page, so the next write to any page marks it.
     /// EBUSY means another userfaultfd (the process's own) has it already.
     pub fn track(&self, start: u64, end: u64) -> Result<()> {
-        let mut reg = Register {
-            range: Range {
-                start,
-                len: end - start,
-            },
-            mode: sys::UFFDIO_REGISTER_MODE_WP,
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_REGISTER reads and writes one struct uffdio_register on our stack.
-        let r = unsafe { libc::ioctl(self.uffd.as_raw_fd(), sys::UFFDIO_REGISTER, &mut reg) };
-        check(r as libc::c_long, || {
-            format!(
-                "ioctl(UFFDIO_REGISTER, WP) of {start:#x}-{end:#x} in pid {}",
-                self.pid
-            )
-        })?;
+        register(
+            &self.uffd,
+            self.pid,
+            (start, end),
+            sys::UFFDIO_REGISTER_MODE_WP,
+            "WP",
+        )?;
         let mut wp = WriteProtect {
             range: Range {
                 start,

@@ -8,7 +8,7 @@
 //! registrations go and a missing page is an ordinary zero page again.
 
 use crate::inject::Injector;
-use crate::{check, pidfd, sys, Errno, Pid, Result};
+use crate::{check, sys, Errno, Pid, Result};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 #[repr(C)]
@@ -21,13 +21,6 @@ struct Range {
 struct Api {
     api: u64,
     features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-struct Register {
-    range: Range,
-    mode: u64,
     ioctls: u64,
 }
 
@@ -89,29 +82,19 @@ impl LazyFd {
     /// into a missing page waits for it like the process's own touch) and takes it out.
     /// The process's copy is closed again before this returns, whatever happened.
     pub fn inject(inj: &mut Injector, pidfd: &OwnedFd) -> Result<Self> {
-        let pid = inj.pid();
-        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
-        let remote = inj.call(libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0], || {
-            "userfaultfd(O_CLOEXEC|O_NONBLOCK)".into()
-        })? as i32;
-        let taken = pidfd::pidfd_getfd(pidfd, pid, remote);
-        let closed = inj.close(remote);
-        let uffd = taken?;
-        closed?;
-        let mut api = Api {
-            api: sys::UFFD_API,
-            features: sys::UFFD_FEATURE_EVENT_FORK
+        let uffd = crate::dirty::made_inside(
+            inj,
+            pidfd,
+            sys::UFFD_FEATURE_EVENT_FORK
                 | sys::UFFD_FEATURE_EVENT_REMAP
                 | sys::UFFD_FEATURE_EVENT_REMOVE
                 | sys::UFFD_FEATURE_EVENT_UNMAP,
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_API reads and writes one struct uffdio_api on our stack.
-        let r = unsafe { libc::ioctl(uffd.as_raw_fd(), sys::UFFDIO_API, &mut api) };
-        check(r as libc::c_long, || {
-            format!("ioctl(UFFDIO_API, missing mode with fork, remap, remove and unmap events) on the userfaultfd of pid {pid}")
-        })?;
-        Ok(Self { pid, uffd })
+            "missing mode with fork, remap, remove and unmap events",
+        )?;
+        Ok(Self {
+            pid: inj.pid(),
+            uffd,
+        })
     }
 
     pub fn pid(&self) -> Pid {
@@ -121,23 +104,13 @@ impl LazyFd {
     /// Registers `[start, end)` (whole private anonymous VMAs): its missing pages are
     /// ours to place from now on.
     pub fn register(&self, start: u64, end: u64) -> Result<()> {
-        let mut reg = Register {
-            range: Range {
-                start,
-                len: end - start,
-            },
-            mode: sys::UFFDIO_REGISTER_MODE_MISSING,
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_REGISTER reads and writes one struct uffdio_register on our stack.
-        let r = unsafe { libc::ioctl(self.uffd.as_raw_fd(), sys::UFFDIO_REGISTER, &mut reg) };
-        check(r as libc::c_long, || {
-            format!(
-                "ioctl(UFFDIO_REGISTER, missing) of {start:#x}-{end:#x} in pid {}",
-                self.pid
-            )
-        })?;
-        Ok(())
+        crate::dirty::register(
+            &self.uffd,
+            self.pid,
+            (start, end),
+            sys::UFFDIO_REGISTER_MODE_MISSING,
+            "missing",
+        )
     }
 
     /// Places `data` (whole pages) at `dst`, waking whoever waits on them.
@@ -363,7 +336,7 @@ mod tests {
                 0,
             )
             .unwrap();
-        let pidfd = pidfd::pidfd_open(pid).unwrap();
+        let pidfd = crate::pidfd::pidfd_open(pid).unwrap();
         let lazy = LazyFd::inject(&mut inj, &pidfd).unwrap();
         lazy.register(area, area + 2 * PAGE_SIZE).unwrap();
         let mask: u64 = 0x5a5a_0000 | 1 << (libc::SIGUSR1 - 1);

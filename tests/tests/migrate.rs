@@ -531,6 +531,28 @@ fn a_dead_migrations_staging_is_removed_by_the_next_one() {
     assert_pass(&moved.check());
 }
 
+/// `mcr migrate --post-copy --max-rounds 0` of `pid` with MCR_FAULT=`point`, its stdin
+/// ours, once it said it stopped there; with its stderr, for what it says next.
+fn post_copy_stopped_at(pid: i32, to: &str, point: &str) -> (std::process::Child, Lines) {
+    let mut m = std::process::Command::new(mcr_bin())
+        .args(["migrate", "-t", &pid.to_string(), "--to", to, "--shell-job"])
+        .args(["--post-copy", "--max-rounds", "0"])
+        .env("MCR_FAULT", point)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("mcr migrate");
+    let mut err = Lines::new(m.stderr.take().expect("stderr"));
+    let how = if point.contains("-stall-") {
+        "stalled"
+    } else {
+        "waiting"
+    };
+    err.expect_prefix(&format!("mcr: {how} at {point}"));
+    (m, err)
+}
+
 #[test]
 fn post_copy_resumes_before_the_last_pages_and_every_byte_arrives() {
     for (extra, all) in [
@@ -578,23 +600,7 @@ fn a_source_lost_during_post_copy_is_named_and_the_incomplete_workload_killed() 
     let mut g = Guard::new();
     let p = start_churn(&mut g, tmp.path(), "8");
     let mut recv = Receiver::start(&to, &tmp.path().join("pid"), &["--pidns"], &[]);
-    let mut m = std::process::Command::new(mcr_bin())
-        .args([
-            "migrate",
-            "-t",
-            &p.pid.to_string(),
-            "--to",
-            &to,
-            "--shell-job",
-        ])
-        .args(["--post-copy", "--max-rounds", "0"])
-        .env("MCR_FAULT", "migrate-stall-in-post-copy")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("mcr migrate");
-    let mut err = Lines::new(m.stderr.take().expect("stderr"));
-    err.expect_prefix("mcr: stalled at migrate-stall-in-post-copy");
+    let (mut m, _err) = post_copy_stopped_at(p.pid, &to, "migrate-stall-in-post-copy");
     m.kill().expect("SIGKILL");
     m.wait().expect("reaping mcr migrate");
     // The destination says what it lost and does not let the workload run on with
@@ -631,24 +637,7 @@ fn a_workload_changing_its_memory_and_forking_while_pages_are_missing_loses_noth
     let mut recv = Receiver::start(&to, &tmp.path().join("pid"), &["--pidns"], &[]);
     // Every page left to post-copy, and none pushed until we say: the workload's
     // touches fetch what they need meanwhile.
-    let mut m = std::process::Command::new(mcr_bin())
-        .args([
-            "migrate",
-            "-t",
-            &p.pid.to_string(),
-            "--to",
-            &to,
-            "--shell-job",
-        ])
-        .args(["--post-copy", "--max-rounds", "0"])
-        .env("MCR_FAULT", "migrate-wait-in-post-copy")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("mcr migrate");
-    let mut err = Lines::new(m.stderr.take().expect("stderr"));
-    err.expect_prefix("mcr: waiting at migrate-wait-in-post-copy");
+    let (mut m, _err) = post_copy_stopped_at(p.pid, &to, "migrate-wait-in-post-copy");
     // Pages dropped, regions unmapped, mapped afresh and moved, the heap grown, then a
     // fork: each told to the pager while most pages are still missing.
     recv.ask("CHURN", "CHURNED");
@@ -671,15 +660,8 @@ fn a_workload_changing_its_memory_and_forking_while_pages_are_missing_loses_noth
 
 /// The processes under `root` (itself included) whose comm is `comm`.
 fn descendants_named(root: i32, comm: &str) -> Vec<i32> {
-    let mut all = vec![root];
-    let mut i = 0;
-    while i < all.len() {
-        if let Ok(c) = kext_shim::procfs::children(kext_shim::Pid::from_raw(all[i])) {
-            all.extend(c);
-        }
-        i += 1;
-    }
-    all.into_iter()
+    kext_shim::procfs::descendants(kext_shim::Pid::from_raw(root))
+        .into_iter()
         .filter(|&p| {
             std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm)
         })
@@ -693,24 +675,7 @@ fn a_receiver_killed_during_post_copy_takes_the_incomplete_workload_with_it() {
     let mut g = Guard::new();
     let p = start_churn(&mut g, tmp.path(), "8");
     let mut recv = Receiver::start(&to, &tmp.path().join("pid"), &["--pidns"], &[]);
-    let mut m = std::process::Command::new(mcr_bin())
-        .args([
-            "migrate",
-            "-t",
-            &p.pid.to_string(),
-            "--to",
-            &to,
-            "--shell-job",
-        ])
-        .args(["--post-copy", "--max-rounds", "0"])
-        .env("MCR_FAULT", "migrate-wait-in-post-copy")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("mcr migrate");
-    let mut err = Lines::new(m.stderr.take().expect("stderr"));
-    err.expect_prefix("mcr: waiting at migrate-wait-in-post-copy");
+    let (mut m, mut err) = post_copy_stopped_at(p.pid, &to, "migrate-wait-in-post-copy");
     // The workload runs there, most of its pages still missing.
     recv.ask("CHURN", "CHURNED");
     let moved = descendants_named(recv.pid(), "churn");

@@ -432,6 +432,20 @@ pub fn cloexec_inherited_fds() -> Result<()> {
     Ok(())
 }
 
+/// `pid` and every process under it, parents before their children (those that went
+/// meanwhile are skipped).
+pub fn descendants(pid: Pid) -> Vec<i32> {
+    let mut all = vec![pid.as_raw()];
+    let mut i = 0;
+    while i < all.len() {
+        if let Ok(c) = children(Pid::from_raw(all[i])) {
+            all.extend(c);
+        }
+        i += 1;
+    }
+    all
+}
+
 /// Children of every thread of `pid` (from /proc/PID/task/*/children).
 pub fn children(pid: Pid) -> Result<Vec<i32>> {
     let mut out = Vec::new();

@@ -595,16 +595,10 @@ pub fn watchdog_main(fd: i32) -> std::process::ExitCode {
         // Gone before post-copy began: nothing of ours to guard.
         return std::process::ExitCode::SUCCESS;
     }
-    let mut all: Vec<i32> = pids.into_iter().filter(|&p| p > 0).collect();
-    let mut i = 0;
-    while i < all.len() {
-        if let Ok(c) = kext_shim::procfs::children(kext_shim::Pid::from_raw(all[i])) {
-            all.extend(c);
+    for root in pids.into_iter().filter(|&p| p > 0) {
+        for p in kext_shim::procfs::descendants(kext_shim::Pid::from_raw(root)) {
+            let _ = kext_shim::clone::kill(kext_shim::Pid::from_raw(p), libc::SIGKILL);
         }
-        i += 1;
-    }
-    for p in all {
-        let _ = kext_shim::clone::kill(kext_shim::Pid::from_raw(p), libc::SIGKILL);
     }
     // Our copies close last, once nothing is left to read zeros from them.
     drop(kept);

@@ -430,15 +430,7 @@ fn demux(
 
 /// Kills the tree restored at `root` (the init of its pid namespace, or its root).
 fn kill_tree(root: i32) {
-    let mut all = vec![root];
-    let mut i = 0;
-    while i < all.len() {
-        if let Ok(c) = kext_shim::procfs::children(kext_shim::Pid::from_raw(all[i])) {
-            all.extend(c);
-        }
-        i += 1;
-    }
-    for p in all {
+    for p in kext_shim::procfs::descendants(kext_shim::Pid::from_raw(root)) {
         let _ = kext_shim::clone::kill(kext_shim::Pid::from_raw(p), libc::SIGKILL);
     }
 }
