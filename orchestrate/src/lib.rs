@@ -1,13 +1,14 @@
 #![forbid(unsafe_code)]
 //! The live-update operation around mcr (issue 6): what to move where, and the operator
 //! kept informed and safe. So far: its configuration (`config`), the lock that keeps
-//! to one operation at a time (`lock`), the operations journal (`journal`) and fix
-//! bundles (`fix`).
+//! to one operation at a time (`lock`), the operations journal (`journal`), fix
+//! bundles (`fix`) and the applications told, who may refuse (`notify`).
 
 pub mod config;
 pub mod fix;
 pub mod journal;
 pub mod lock;
+pub mod notify;
 
 /// Where the lock, the journal and the operations' logs live unless told.
 pub const STATE_DIR: &str = "/var/lib/liveupdate";

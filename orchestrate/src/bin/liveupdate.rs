@@ -2,7 +2,7 @@
 //! `liveupdate`: the operator's command for a live update of a running partition.
 
 use clap::{Parser, Subcommand};
-use orchestrate::{config, fix};
+use orchestrate::{config, fix, notify};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -27,6 +27,19 @@ enum Cmd {
     Fix {
         #[command(subcommand)]
         cmd: FixCmd,
+    },
+    /// Tells the applications of a partition of an event (PREVIEW, PRE, POST) and
+    /// prints their answers; exit 4 if one refuses where it may.
+    Notify {
+        event: String,
+        /// The partition's root.
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        /// The fix, as the applications are told.
+        #[arg(long, default_value = "-")]
+        label: String,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
     },
     /// The journal: the start, success or failure of every operation.
     Log {
@@ -88,6 +101,55 @@ enum ConfigCmd {
 
 fn main() -> ExitCode {
     match Cli::parse().cmd {
+        Cmd::Notify {
+            event,
+            root,
+            label,
+            timeout_ms,
+        } => {
+            let Some(e) = notify::Event::parse(&event) else {
+                eprintln!("liveupdate: {event:?}: expected PREVIEW, PRE or POST");
+                return ExitCode::from(2);
+            };
+            let patience = std::time::Duration::from_millis(timeout_ms);
+            match notify::tell(&root, e, &label, patience) {
+                Ok(answers) => {
+                    let mut stopped = false;
+                    for (app, a) in &answers {
+                        let (verdict, said) = match a {
+                            notify::Answer::Ok => ("PASSED", "ready".to_string()),
+                            notify::Answer::Gone => {
+                                ("PASSED", "not listening any more (skipped)".into())
+                            }
+                            notify::Answer::Veto(why) => ("FAILED", format!("refuses: {why}")),
+                            notify::Answer::Silent(why) => ("FAILED", why.clone()),
+                        };
+                        let verdict = if a.stops(e) || verdict == "PASSED" {
+                            verdict
+                        } else {
+                            "NOTE"
+                        };
+                        stopped |= a.stops(e);
+                        println!("{verdict}: application {app} ({}): {said}", e.name());
+                    }
+                    if answers.is_empty() {
+                        println!(
+                            "PASSED: no application asked to be told ({})",
+                            root.join(notify::DIR).display()
+                        );
+                    }
+                    if stopped {
+                        ExitCode::from(4)
+                    } else {
+                        ExitCode::SUCCESS
+                    }
+                }
+                Err(err) => {
+                    eprintln!("liveupdate: {}: {err}", root.join(notify::DIR).display());
+                    ExitCode::from(1)
+                }
+            }
+        }
         Cmd::Fix { cmd } => match fix_cmd(cmd) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
