@@ -2,13 +2,15 @@
 //! The live-update operation around mcr (issue 6): what to move where, and the operator
 //! kept informed and safe. So far: its configuration (`config`), the lock that keeps
 //! to one operation at a time (`lock`), the operations journal (`journal`), fix
-//! bundles (`fix`) and the applications told, who may refuse (`notify`).
+//! bundles (`fix`), the applications told, who may refuse (`notify`), and the
+//! console's token (`token`).
 
 pub mod config;
 pub mod fix;
 pub mod journal;
 pub mod lock;
 pub mod notify;
+pub mod token;
 
 /// Where the lock, the journal and the operations' logs live unless told.
 pub const STATE_DIR: &str = "/var/lib/liveupdate";

@@ -2,7 +2,7 @@
 //! `liveupdate`: the operator's command for a live update of a running partition.
 
 use clap::{Parser, Subcommand};
-use orchestrate::{config, fix, notify};
+use orchestrate::{config, fix, notify, token};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -41,9 +41,32 @@ enum Cmd {
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
+    /// The console's credentials.
+    Console {
+        #[command(subcommand)]
+        cmd: ConsoleCmd,
+    },
     /// The journal: the start, success or failure of every operation.
     Log {
         /// Where liveupdate keeps its state.
+        #[arg(long, default_value = orchestrate::STATE_DIR)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConsoleCmd {
+    /// Stores a new token for USER, valid TTL seconds (0600, replacing the last one).
+    Auth {
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+        #[arg(long, default_value = orchestrate::STATE_DIR)]
+        dir: PathBuf,
+    },
+    /// Says whether the stored token is present and valid (exit 5 if not).
+    Status {
         #[arg(long, default_value = orchestrate::STATE_DIR)]
         dir: PathBuf,
     },
@@ -101,6 +124,44 @@ enum ConfigCmd {
 
 fn main() -> ExitCode {
     match Cli::parse().cmd {
+        Cmd::Console {
+            cmd:
+                ConsoleCmd::Auth {
+                    user,
+                    ttl_secs,
+                    dir,
+                },
+        } => match token::issue(&dir, &user, ttl_secs) {
+            Ok(t) => {
+                println!(
+                    "liveupdate: console token for {} stored in {}, valid until {}",
+                    t.user,
+                    dir.join(token::FILE).display(),
+                    orchestrate::journal::utc(t.expires)
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("liveupdate: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Cmd::Console {
+            cmd: ConsoleCmd::Status { dir },
+        } => match token::current(&dir) {
+            Ok(t) => {
+                println!(
+                    "PASSED: console token for {}, valid until {}",
+                    t.user,
+                    orchestrate::journal::utc(t.expires)
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                println!("FAILED: {e}");
+                ExitCode::from(5)
+            }
+        },
         Cmd::Notify {
             event,
             root,
