@@ -43,6 +43,39 @@ struct Api {
     ioctls: u64,
 }
 
+/// A userfaultfd of our own made with `flags`, and the features this kernel offers,
+/// which must include `need` (named so in the error).
+pub(crate) fn own_userfaultfd(
+    flags: libc::c_int,
+    need: u64,
+    named: &str,
+) -> std::result::Result<(OwnedFd, u64), String> {
+    // SAFETY: userfaultfd takes no pointers.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+    if fd < 0 {
+        return Err(format!("userfaultfd: {}", Errno::last()));
+    }
+    // SAFETY: a fresh fd the kernel just returned, owned by no one else.
+    let fd: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) };
+    let mut api = Api {
+        api: sys::UFFD_API,
+        features: 0,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API reads and writes exactly one struct uffdio_api.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), sys::UFFDIO_API, &mut api) };
+    if r < 0 {
+        return Err(format!("UFFDIO_API: {}", Errno::last()));
+    }
+    if api.features & need != need {
+        return Err(format!(
+            "userfaultfd features {:#x} lack {named}",
+            api.features
+        ));
+    }
+    Ok((fd, api.features))
+}
+
 /// Makes a userfaultfd inside the stopped process behind `inj` (kernel-mode: the
 /// process's privilege decides), takes it out and asks it for `features`. The
 /// process's own copy is closed again before this returns, whatever happened.
@@ -243,35 +276,16 @@ pub fn written(
 /// The userfaultfd features, if this kernel can track another process's writes this way: a userfaultfd
 /// grants WP_ASYNC and WP_UNPOPULATED, and PAGEMAP_SCAN exists.
 pub fn supported() -> std::result::Result<u64, String> {
-    // SAFETY: userfaultfd takes no pointers.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_userfaultfd,
-            libc::O_CLOEXEC | libc::O_NONBLOCK | sys::UFFD_USER_MODE_ONLY,
-        )
-    };
-    if fd < 0 {
-        return Err(format!("userfaultfd: {}", Errno::last()));
-    }
-    // SAFETY: a fresh fd the kernel just returned, owned by no one else.
-    let fd: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) };
-    let mut api = Api {
+    let (_fd, features) = own_userfaultfd(
+        libc::O_CLOEXEC | libc::O_NONBLOCK | sys::UFFD_USER_MODE_ONLY,
+        sys::UFFD_FEATURE_WP_ASYNC | sys::UFFD_FEATURE_WP_UNPOPULATED,
+        "WP_ASYNC|WP_UNPOPULATED",
+    )?;
+    let api = Api {
         api: sys::UFFD_API,
-        features: 0,
+        features,
         ioctls: 0,
     };
-    // SAFETY: UFFDIO_API reads and writes exactly one struct uffdio_api.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), sys::UFFDIO_API, &mut api) };
-    if r < 0 {
-        return Err(format!("UFFDIO_API: {}", Errno::last()));
-    }
-    let need = sys::UFFD_FEATURE_WP_ASYNC | sys::UFFD_FEATURE_WP_UNPOPULATED;
-    if api.features & need != need {
-        return Err(format!(
-            "userfaultfd features {:#x} lack WP_ASYNC|WP_UNPOPULATED",
-            api.features
-        ));
-    }
     let pm = Pagemap::open(Pid::this()).map_err(|e| e.to_string())?;
     let page = crate::PAGE_SIZE;
     let here = &api as *const Api as u64 & !(page - 1);

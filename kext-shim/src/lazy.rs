@@ -18,13 +18,6 @@ struct Range {
 }
 
 #[repr(C)]
-struct Api {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
 struct Copy {
     dst: u64,
     src: u64,
@@ -262,34 +255,15 @@ impl LazyFd {
 /// UFFDIO_API of a userfaultfd of our own what it offers (kernel-mode, as post-copy's
 /// are).
 pub fn supported() -> std::result::Result<u64, String> {
-    // SAFETY: userfaultfd takes no pointers.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-    if fd < 0 {
-        return Err(format!("userfaultfd: {}", Errno::last()));
-    }
-    // SAFETY: a fresh fd the kernel just returned, owned by no one else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let need = sys::UFFD_FEATURE_EVENT_FORK
-        | sys::UFFD_FEATURE_EVENT_REMAP
-        | sys::UFFD_FEATURE_EVENT_REMOVE
-        | sys::UFFD_FEATURE_EVENT_UNMAP;
-    let mut api = Api {
-        api: sys::UFFD_API,
-        features: 0,
-        ioctls: 0,
-    };
-    // SAFETY: UFFDIO_API reads and writes one struct uffdio_api on our stack.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), sys::UFFDIO_API, &mut api) };
-    if r < 0 {
-        return Err(format!("UFFDIO_API: {}", Errno::last()));
-    }
-    if api.features & need != need {
-        return Err(format!(
-            "userfaultfd features {:#x} lack the fork, remap, remove and unmap events",
-            api.features
-        ));
-    }
-    Ok(api.features)
+    crate::dirty::own_userfaultfd(
+        libc::O_CLOEXEC | libc::O_NONBLOCK,
+        sys::UFFD_FEATURE_EVENT_FORK
+            | sys::UFFD_FEATURE_EVENT_REMAP
+            | sys::UFFD_FEATURE_EVENT_REMOVE
+            | sys::UFFD_FEATURE_EVENT_UNMAP,
+        "the fork, remap, remove and unmap events",
+    )
+    .map(|(_, features)| features)
 }
 
 /// Gives the calling thread a larger share of the cores (nice -10): a thread serving
