@@ -166,10 +166,12 @@ impl PagePlan {
     /// write (what post-copy hands out on first touch) and returns them as `(address,
     /// pages)`, adjacent runs joined.
     pub fn take_lazy(&mut self, mm: &MmImage) -> Vec<(u64, u64)> {
+        // Inside the freeze, with a job per dirty page run: the VMAs are in address
+        // order (as maps lists them), so each is found by bisection.
         let lazy_vma = |addr: u64| {
-            mm.vmas.iter().any(|v| {
+            let i = mm.vmas.partition_point(|v| v.end <= addr);
+            mm.vmas.get(i).is_some_and(|v| {
                 v.start <= addr
-                    && addr < v.end
                     && v.kind == VmaKind::Anonymous
                     && !v.shared
                     && v.prot & (libc::PROT_READ | libc::PROT_WRITE)
