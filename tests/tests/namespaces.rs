@@ -231,6 +231,70 @@ fn a_mount_namespace_comes_back_with_its_binds_and_file_systems() {
     assert_eq!(r.wait(), 0);
 }
 
+/// A partition's way of moving onto a clone of its disk: its directory, a bind mount of
+/// itself in its own mount namespace, comes back in place from wherever the restorer
+/// sees that directory: here, a copy bound over it in the restorer's own namespace.
+#[test]
+fn a_bind_mount_of_its_own_comes_back_from_what_the_restorer_sees_there() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (disk, clone) = (tmp.path().join("disk"), tmp.path().join("clone"));
+    std::fs::create_dir(&disk).expect("mkdir");
+    let mut g = Guard::new();
+    let script = format!(
+        "mount --bind {0} {0} && exec {1} {0} --moved",
+        disk.display(),
+        workload_bin("files").display()
+    );
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+    let mut p = Proc::spawn(&mut g, cmd, Some("READY"));
+    let img = tmp.path().join("img");
+    checkpoint(p.pid, &img, &[]);
+    p.wait();
+    let shown = String::from_utf8_lossy(&mcr(&["show", "-D", img.to_str().expect("utf-8")]).stdout)
+        .into_owned();
+    let bind = format!("mount {0}: bind of {0}", disk.display());
+    assert!(shown.contains(&bind), "{shown}");
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&disk)
+        .arg(&clone)
+        .status()
+        .expect("cp");
+    assert!(st.success());
+    let enter = format!(
+        "mount --bind {} {} && exec \"$0\" \"$@\"",
+        clone.display(),
+        disk.display()
+    );
+    let prefix = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &enter,
+    ];
+    let mut r = restore_via(&mut g, &prefix, &img, &[]);
+    // What it sees at its directory is the clone now, and not the disk.
+    std::fs::write(clone.join("note"), "from the clone").expect("write");
+    let seen = std::fs::read_to_string(format!("/proc/{}/root{}/note", r.pid, disk.display()))
+        .expect("the note through its mount");
+    assert_eq!(seen, "from the clone");
+    assert!(!disk.join("note").exists());
+    assert_pass(&r.check());
+    assert_eq!(r.wait(), 0);
+    // Its log went on in the clone's copy.
+    let log = |d: &std::path::Path| std::fs::metadata(d.join("log")).expect("log").len();
+    assert!(
+        log(&clone) > log(&disk),
+        "{} vs {}",
+        log(&clone),
+        log(&disk)
+    );
+}
+
 #[test]
 fn a_tmpfs_holding_files_is_refused_and_the_workload_runs_on() {
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -337,6 +337,54 @@ pub fn rebuild(
 
 /// Everything but memory, once memory is in place; the scratch page goes last and the
 /// registers are set. Returns the threads, leader first.
+/// Our fd of its cwd was opened on a mount of our namespace. In a mount namespace of
+/// its own that mount is not its, and a process standing there cannot name where it
+/// is (getcwd fails with ENOENT). Its path from inside reaches the same directory
+/// through its own mounts: that is taken when it is the one we opened and checked
+/// (same device and inode), and the fd otherwise.
+fn set_cwd(cx: &mut Ctx, fds: &FdNumbers) -> Result<()> {
+    // In the data page: the path, then "." at DOT, then two struct stat.
+    const DOT: usize = 2040;
+    const STAT_LEN: usize = std::mem::size_of::<libc::stat>();
+    let fchdir = |cx: &mut Ctx| {
+        cx.call(libc::SYS_fchdir, [fds.cwd_fd as u64, 0, 0, 0, 0, 0], || {
+            "fchdir to cwd".into()
+        })
+        .map(drop)
+    };
+    let Some(path) = fds.cwd_inside.as_deref().filter(|p| p.len() < DOT) else {
+        return fchdir(cx);
+    };
+    let mut data = path.as_bytes().to_vec();
+    data.resize(DOT, 0);
+    data.extend_from_slice(b".\0\0\0\0\0\0\0");
+    let at = cx.put(&data)?;
+    let (dot, ours) = (at + DOT as u64, at + DOT as u64 + 8);
+    let theirs = ours + STAT_LEN as u64;
+    let what = || "checking its cwd against ours".to_string();
+    cx.call(libc::SYS_fstat, [fds.cwd_fd as u64, ours, 0, 0, 0, 0], what)?;
+    if cx
+        .inj
+        .raw(libc::SYS_chdir, [at, 0, 0, 0, 0, 0])
+        .step(cx.pid, what)?
+        != 0
+    {
+        return fchdir(cx);
+    }
+    let here = [libc::AT_FDCWD as u64, dot, theirs, 0, 0, 0];
+    cx.call(libc::SYS_newfstatat, here, what)?;
+    let mut buf = vec![0u8; 2 * STAT_LEN];
+    cx.mem
+        .read(ours, &mut buf)
+        .step(cx.pid, || "reading back the stat of its cwd".into())?;
+    // st_dev and st_ino lead struct stat on x86_64.
+    let id = |b: &[u8]| (b[..8].to_vec(), b[8..16].to_vec());
+    if id(&buf[..STAT_LEN]) != id(&buf[STAT_LEN..]) {
+        return fchdir(cx);
+    }
+    Ok(())
+}
+
 pub(super) fn finish(
     mut cx: Ctx,
     p: &ProcessImage,
@@ -359,9 +407,7 @@ pub(super) fn finish(
     }
     cx.timed("restore process state", |cx| {
         set_mm(cx, p, fds)?;
-        cx.call(libc::SYS_fchdir, [fds.cwd_fd as u64, 0, 0, 0, 0, 0], || {
-            "fchdir to cwd".into()
-        })?;
+        set_cwd(cx, fds)?;
         // Every fd number must be allowed while the table is rebuilt; the process's own
         // limits (perhaps below its highest fd) follow.
         raise_nofile(cx)?;

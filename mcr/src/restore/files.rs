@@ -1,6 +1,7 @@
 //! Reopening what the process had open or mapped, under the restore root, and checking
 //! each is the file that was dumped. Done before the stub exists, which inherits them.
 
+use super::root::RestoreRoot;
 use super::shared::Placement;
 use super::{RestoreError, Result};
 use crate::model::{
@@ -39,6 +40,9 @@ pub struct FdNumbers {
     pub map_fds: Vec<i32>,
     pub exe_fd: i32,
     pub cwd_fd: i32,
+    /// In a mount namespace made for it: its cwd as it names it from inside (see
+    /// `build::set_cwd`).
+    pub cwd_inside: Option<String>,
     pub fds: Vec<(i32, i32, bool)>,
     /// Epoll instances this process fills: (its fd number, what it watches).
     pub epolls: Vec<(i32, Vec<EpollTarget>)>,
@@ -48,6 +52,14 @@ pub struct FdNumbers {
     /// For a session leader whose controlling terminal is a pty of the image: a slave of
     /// it (our fd number, which the stub inherited) and the foreground process group.
     pub ctty: Option<(i32, i32)>,
+}
+
+/// Each process's cwd as it names it, below its own root; none outside that root.
+pub fn name_cwds_inside(numbers: &mut [FdNumbers], procs: &[ProcessImage]) {
+    for (n, p) in numbers.iter_mut().zip(procs) {
+        let rel = Path::new(&p.cwd.path).strip_prefix(&p.root).ok();
+        n.cwd_inside = rel.map(|r| Path::new("/").join(r).display().to_string());
+    }
 }
 
 impl FilePlan {
@@ -82,9 +94,7 @@ const CREATION_FLAGS: i32 =
 
 struct Ctx<'a> {
     pid: i32,
-    root: &'a Path,
-    /// Restoring in place: inode numbers must match too.
-    strict: bool,
+    root: &'a RestoreRoot,
 }
 
 impl Ctx<'_> {
@@ -98,7 +108,7 @@ impl Ctx<'_> {
     }
 
     fn open(&self, what: &str, f: &FileRef, flags: u32) -> Result<File> {
-        let path = self.root.join(f.path.trim_start_matches('/'));
+        let path = self.root.join(&f.path);
         let acc = flags as i32 & libc::O_ACCMODE;
         let mut o = OpenOptions::new();
         o.read(acc == libc::O_RDONLY || acc == libc::O_RDWR)
@@ -112,7 +122,7 @@ impl Ctx<'_> {
             .metadata()
             .map_err(|e| self.err(what, &path, e.to_string()))?;
         let now: FileIdentity = kext_shim::procfs::FileIdentity::of_metadata(&meta).into();
-        self.check_identity(what, &path, &f.identity, &now)?;
+        self.check_identity(what, &path, &f.identity, &now, self.root.in_place(&f.path))?;
         Ok(file)
     }
 
@@ -122,6 +132,7 @@ impl Ctx<'_> {
         path: &Path,
         then: &FileIdentity,
         now: &FileIdentity,
+        strict: bool,
     ) -> Result<()> {
         let changed =
             |why: String| Err(self.err(what, path, format!("changed since the checkpoint: {why}")));
@@ -149,9 +160,7 @@ impl Ctx<'_> {
             }
             _ => {}
         }
-        if self.strict
-            && then.file_type() != libc::S_IFCHR
-            && (then.dev, then.ino) != (now.dev, now.ino)
+        if strict && then.file_type() != libc::S_IFCHR && (then.dev, then.ino) != (now.dev, now.ino)
         {
             return changed(format!(
                 "inode {}:{} is now {}:{}",
@@ -168,7 +177,7 @@ impl Ctx<'_> {
 pub fn open_all(
     snap: &Snapshot,
     placement: &Placement,
-    root: &Path,
+    root: &RestoreRoot,
     shell_job: Option<[i32; 3]>,
     netns: Option<&Path>,
 ) -> Result<FilePlan> {
@@ -191,7 +200,7 @@ pub fn open_all(
     };
     let pid = procs.first().map(|p| p.pid).unwrap_or(0);
     for t in ptys {
-        let ptmx = root.join(t.ptmx.trim_start_matches('/'));
+        let ptmx = root.join(&t.ptmx);
         let err = |why: String| RestoreError::File {
             pid,
             what: format!("pty {}", t.index),
@@ -201,7 +210,7 @@ pub fn open_all(
         let master = kext_shim::pty::open_index(&ptmx.display().to_string(), t.index)
             .map_err(|e| err(e.to_string()))?;
         kext_shim::pty::set_locked(&master, false).map_err(|e| err(e.to_string()))?;
-        let slave_path = root.join(pty_slave_path(&t.ptmx, t.index).trim_start_matches('/'));
+        let slave_path = root.join(&pty_slave_path(&t.ptmx, t.index));
         let slave = OpenOptions::new()
             .read(true)
             .write(true)
@@ -253,11 +262,7 @@ pub fn open_all(
         if let Some(f) = &pipe.fifo {
             // A named pipe: opened read-write without blocking, which keeps it alive
             // (and lets the writers open without a reader), then refilled.
-            let cx = Ctx {
-                pid,
-                root,
-                strict: root == Path::new("/"),
-            };
+            let cx = Ctx { pid, root };
             let keeper = cx.open("fifo", f, (libc::O_RDWR | libc::O_NONBLOCK) as u32)?;
             kext_shim::pipe::set_capacity(&keeper, pipe.capacity as usize)
                 .map_err(|e| cx.err("fifo", Path::new(&f.path), e.to_string()))?;
@@ -324,18 +329,15 @@ fn open_process(
     procs: &[ProcessImage],
     p: &ProcessImage,
     placement: &Placement,
-    root: &Path,
+    root: &RestoreRoot,
     shell_job: Option<[i32; 3]>,
 ) -> Result<FdNumbers> {
-    let cx = Ctx {
-        pid: p.pid,
-        root,
-        strict: root == Path::new("/"),
-    };
+    let cx = Ctx { pid: p.pid, root };
     let mut nums = FdNumbers {
         map_fds: Vec::new(),
         exe_fd: -1,
         cwd_fd: -1,
+        cwd_inside: None,
         fds: Vec::new(),
         epolls: Vec::new(),
         locks: Vec::new(),
@@ -476,7 +478,7 @@ fn open_process(
                 let ino = kext_shim::anon::inotify(libc::O_NONBLOCK)
                     .map_err(|err| cx.err(&what, Path::new("inotify"), err.to_string()))?;
                 for w in watches {
-                    let path = root.join(w.path.trim_start_matches('/'));
+                    let path = root.join(&w.path);
                     let p = path.display().to_string();
                     // Descriptors are handed out in increasing order: take and drop
                     // ones until the watch gets the number it had.
@@ -542,7 +544,7 @@ fn open_process(
                 m
             }
             FdKind::PtySlave { path, .. } => {
-                let at = root.join(path.trim_start_matches('/'));
+                let at = root.join(path);
                 let acc = e.flags as i32 & libc::O_ACCMODE;
                 let f = OpenOptions::new()
                     .read(acc != libc::O_WRONLY)

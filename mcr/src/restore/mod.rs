@@ -10,6 +10,7 @@ mod build;
 mod files;
 pub mod lazy;
 mod memory;
+mod root;
 mod shared;
 mod sockets;
 mod state;
@@ -18,6 +19,8 @@ mod threads;
 mod warm;
 
 pub use warm::WarmTree;
+
+use root::RestoreRoot;
 
 use crate::image::{Image, ImageError};
 use crate::model::{MountNs, MountSource};
@@ -208,7 +211,7 @@ pub fn restore_with(
     check_tree(snap)?;
     let procs = &snap.processes;
     let p0 = &procs[0];
-    let root = restore_root(opts, p0.pid)?;
+    let root = restore_root(opts, snap)?;
     let t = Instant::now();
     // Shared memory objects and memfds first: fds of memfds are reopened from them.
     let objects = shared::prepare(&image)?;
@@ -225,7 +228,10 @@ pub fn restore_with(
     // Held open until the first stub joined it: the stubs inherit our fds.
     let netns = open_netns(opts, p0.pid)?;
     steps.push(("open files", t.elapsed()));
-    let numbers = plan.numbers();
+    let mut numbers = plan.numbers();
+    if p0.namespaces.mnt.is_some() || opts.mntns {
+        files::name_cwds_inside(&mut numbers, procs);
+    }
     memory::check_vdso_layout(p0)?;
 
     let chain: Vec<&Image> = std::iter::once(&image).chain(&image.parents).collect();
@@ -516,7 +522,7 @@ pub(crate) struct Tree {
 pub(crate) fn spawn_tree(
     opts: &RestoreOptions,
     snap: &crate::model::Snapshot,
-    root: &Path,
+    restore_root: &RestoreRoot,
     numbers: Option<&[files::FdNumbers]>,
     netns: Option<&std::fs::File>,
 ) -> Result<Tree> {
@@ -552,6 +558,7 @@ pub(crate) fn spawn_tree(
         0
     };
     let new_mntns = ns.mnt.is_some() || opts.mntns;
+    let root = restore_root.dir.as_path();
     let (flags, mounts, chroot) = if new_mntns {
         (
             flags | libc::CLONE_NEWNS as u64,
@@ -660,17 +667,23 @@ pub(crate) fn check_tree(snap: &crate::model::Snapshot) -> Result<()> {
     Ok(())
 }
 
-/// The restore root, made absolute (`/` without `--root`).
-pub(crate) fn restore_root(opts: &RestoreOptions, pid: i32) -> Result<PathBuf> {
-    match &opts.root {
+/// The restore root, made absolute (`/` without `--root`), with the external mounts.
+pub(crate) fn restore_root(
+    opts: &RestoreOptions,
+    snap: &crate::model::Snapshot,
+) -> Result<RestoreRoot> {
+    let p0 = &snap.processes[0];
+    let pid = p0.pid;
+    let dir = match &opts.root {
         Some(r) => r.canonicalize().map_err(|e| RestoreError::File {
             pid,
             what: "restore root".into(),
             path: r.display().to_string(),
             why: e.to_string(),
-        }),
-        None => Ok(PathBuf::from("/")),
-    }
+        })?,
+        None => PathBuf::from("/"),
+    };
+    Ok(RestoreRoot::new(dir, p0.namespaces.mnt.as_ref()))
 }
 
 /// The network namespace of `--netns`, opened for the first stub to join.

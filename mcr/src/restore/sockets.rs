@@ -9,7 +9,6 @@ use kext_shim::inet;
 use kext_shim::unix;
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::Path;
 
 /// Socket inode -> our socket standing for it.
 pub type Sockets = BTreeMap<u64, OwnedFd>;
@@ -176,16 +175,13 @@ pub fn make(
     procs: &[ProcessImage],
     images: &[UnixSocketImage],
     inet: &[InetSocketImage],
-    root: &Path,
+    root: &super::root::RestoreRoot,
     lock_netns: Option<u64>,
 ) -> Result<(Sockets, Connections)> {
     let pid = procs.first().map(|p| p.pid).unwrap_or(0);
     let at = |name: &str| match name.strip_prefix('@') {
         Some(_) => name.to_string(),
-        None => root
-            .join(name.trim_start_matches('/'))
-            .display()
-            .to_string(),
+        None => root.join(name).display().to_string(),
     };
     let mut made = Sockets::new();
     let mut conns = Connections::default();

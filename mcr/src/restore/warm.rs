@@ -128,7 +128,7 @@ impl WarmTree {
         memory::check_vdso_layout(p0)?;
         let pidfd = kext_shim::pidfd::pidfd_open(Pid::this())
             .step(p0.pid, || "opening a pidfd of ours for the stubs".into())?;
-        let root = restore_root(opts, p0.pid)?;
+        let root = restore_root(opts, snap)?;
         let netns = open_netns(opts, p0.pid)?;
         let Tree {
             mut init, stubs, ..
