@@ -33,6 +33,9 @@ pub struct General {
     pub mode: Mode,
     /// Refuse the operation when a loaded kernel module is not known to survive it.
     pub kext_check: bool,
+    /// Commands (`sh -c`) run before the blackout and after the workload resumed.
+    pub pre_hook: Option<String>,
+    pub post_hook: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,7 +115,15 @@ impl fmt::Display for Mode {
 
 /// The stanzas and their attributes, and which attributes must be there.
 const SCHEMA: &[(&str, &[(&str, bool)])] = &[
-    ("general", &[("mode", true), ("kext_check", false)]),
+    (
+        "general",
+        &[
+            ("mode", true),
+            ("kext_check", false),
+            ("pre_hook", false),
+            ("post_hook", false),
+        ],
+    ),
     ("disks", &[("clone", true), ("mirror", true)]),
     (
         "console",
@@ -361,7 +372,12 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             Some(user),
             Some(partition_id),
         ) if problems.is_empty() => Ok(Config {
-            general: General { mode, kext_check },
+            general: General {
+                mode,
+                kext_check,
+                pre_hook: get("general", "pre_hook").map(|w| w.value),
+                post_hook: get("general", "post_hook").map(|w| w.value),
+            },
             disks: Disks {
                 clone: clone.0,
                 mirror: mirror.0,

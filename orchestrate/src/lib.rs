@@ -6,11 +6,17 @@
 //! console's token (`token`).
 
 pub mod config;
+pub mod console;
+pub mod demo;
+pub mod disk;
+pub mod fault;
 pub mod fix;
 pub mod journal;
 pub mod lock;
 pub mod notify;
+pub mod partition;
 pub mod token;
+pub mod update;
 
 /// Where the lock, the journal and the operations' logs live unless told.
 pub const STATE_DIR: &str = "/var/lib/liveupdate";

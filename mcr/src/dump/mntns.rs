@@ -31,9 +31,39 @@ fn flags(options: &str) -> u64 {
         .fold(0, |a, f| a | f)
 }
 
+/// Mount point `m` of a tree chrooted at `top` (which its mountinfo shows relative to
+/// that root), as we name it.
+fn from_chroot(top: &str, m: &str) -> String {
+    match m {
+        "/" => top.to_string(),
+        m => format!("{}{m}", top.trim_end_matches('/')),
+    }
+}
+
+/// Whether mount point `m` is `top` or below it.
+fn at_or_below(top: &str, m: &str) -> bool {
+    top == "/" || std::path::Path::new(m).starts_with(top)
+}
+
 pub fn describe(root: Pid) -> Result<MountNs> {
-    let ours = read_mountinfo(Pid::this()).step(root, || "reading our mounts".into())?;
-    let theirs = read_mountinfo(root).step(root, || "reading its mounts".into())?;
+    let all_ours = read_mountinfo(Pid::this()).step(root, || "reading our mounts".into())?;
+    let mut theirs = read_mountinfo(root).step(root, || "reading its mounts".into())?;
+    // A tree chrooted in its namespace sees (and its mountinfo shows) only the mounts
+    // at and below its root, named from there: those are the ones that matter to it,
+    // compared with ours there.
+    let top = kext_shim::procfs::read_link(&format!("/proc/{root}/root"))
+        .step(root, || "reading its root".into())?;
+    let ours: Vec<&MountInfo> = if top == "/" {
+        all_ours.iter().collect()
+    } else {
+        for m in &mut theirs {
+            m.mount_point = from_chroot(&top, &m.mount_point);
+        }
+        all_ours
+            .iter()
+            .filter(|o| at_or_below(&top, &o.mount_point))
+            .collect()
+    };
     let refuse = |m: &MountInfo, why: &str| DumpError::Unsupported {
         pid: root.as_raw(),
         what: format!(
@@ -44,6 +74,7 @@ pub fn describe(root: Pid) -> Result<MountNs> {
     let mut out = MountNs::default();
     let gone: Vec<&MountInfo> = ours
         .iter()
+        .copied()
         .filter(|o| !theirs.iter().any(|t| key(t) == key(o)))
         .collect();
     // Only the topmost: detaching a mount takes the ones below it along.
@@ -56,7 +87,7 @@ pub fn describe(root: Pid) -> Result<MountNs> {
         .iter()
         .filter(|t| !ours.iter().any(|o| key(o) == key(t)))
     {
-        if m.mount_point == "/" {
+        if m.mount_point == "/" && top == "/" {
             return Err(refuse(
                 m,
                 "as its root: a tree that pivoted its root is not supported yet",
@@ -86,7 +117,7 @@ pub fn describe(root: Pid) -> Result<MountNs> {
         } else {
             // A bind of something we can reach: a mount of ours of the same device whose
             // root holds theirs.
-            let from = ours
+            let from = all_ours
                 .iter()
                 .filter(|o| o.dev_major == m.dev_major && o.dev_minor == m.dev_minor)
                 .find_map(|o| {
@@ -114,7 +145,18 @@ pub fn describe(root: Pid) -> Result<MountNs> {
 
 #[cfg(test)]
 mod tests {
-    use super::flags;
+    use super::{at_or_below, flags, from_chroot};
+
+    #[test]
+    fn a_chrooted_trees_mount_points_are_named_from_our_root() {
+        assert_eq!(from_chroot("/srv/p1", "/"), "/srv/p1");
+        assert_eq!(from_chroot("/srv/p1", "/proc"), "/srv/p1/proc");
+        assert!(at_or_below("/srv/p1", "/srv/p1/proc"));
+        assert!(at_or_below("/srv/p1", "/srv/p1"));
+        assert!(!at_or_below("/srv/p1", "/srv/p10"));
+        assert!(!at_or_below("/srv/p1", "/proc"));
+        assert!(at_or_below("/", "/proc"));
+    }
 
     #[test]
     fn mount_options_become_flags() {

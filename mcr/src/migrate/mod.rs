@@ -453,9 +453,17 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
 
 /// Runs the operator's command; its failure abandons the migration.
 fn run_hook(pid: i32, cmd: &str) -> Result<()> {
+    use std::os::fd::AsFd;
+    // Its output is for the operator, on stderr: our stdout may be a --json report.
+    let out = std::io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .map(std::process::Stdio::from)
+        .unwrap_or_else(|_| std::process::Stdio::null());
     let st = std::process::Command::new("sh")
         .args(["-c", cmd])
         .stdin(std::process::Stdio::null())
+        .stdout(out)
         .status()
         .map_err(|e| MigrateError::Hook {
             pid,

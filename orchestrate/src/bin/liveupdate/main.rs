@@ -6,6 +6,9 @@ use orchestrate::{config, fix, notify, token};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod operations;
+mod partitions;
+
 #[derive(Parser)]
 #[command(
     name = "liveupdate",
@@ -46,6 +49,67 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ConsoleCmd,
     },
+    /// Automated mode: clone the partition's disk, apply FIX to the clone, start the
+    /// surrogate on it, move the workload live, release the original.
+    Run {
+        /// Where the fix bundles are.
+        #[arg(short = 'd', long)]
+        fixdir: PathBuf,
+        fix: String,
+        #[command(flatten)]
+        common: operations::Common,
+    },
+    /// Moves the workload back live onto the disk the last live update kept.
+    Rollback {
+        #[command(flatten)]
+        common: operations::Common,
+    },
+    /// Builds a partition running a TCP service with a client outside that counts what
+    /// it receives, live-updates it with a sample fix, and prints what happened.
+    Demo {
+        #[arg(long, default_value = orchestrate::demo::DIR)]
+        dir: PathBuf,
+        #[arg(long)]
+        mcr: Option<PathBuf>,
+        #[arg(long, default_value = "lud0")]
+        bridge: String,
+        #[arg(long, default_value = "10.88.0.1/24")]
+        gateway: String,
+        #[arg(long, default_value_t = 20)]
+        max_blackout_ms: u64,
+    },
+    /// Partitions, through the console.
+    Partition {
+        #[command(subcommand)]
+        cmd: partitions::PartitionCmd,
+    },
+    /// Run by the console as a partition's pid 1: sets it up, then becomes COMMAND.
+    #[command(hide = true)]
+    PartitionInit {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        disk: PathBuf,
+        #[arg(long)]
+        mount_at: PathBuf,
+        #[arg(long)]
+        cgroup: PathBuf,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Root disks: clone one (reflink where the file system can), or make the sample.
+    Disk {
+        #[command(subcommand)]
+        cmd: DiskCmd,
+    },
+    /// The demo's workload: streams numbered lines with GREETING's content.
+    #[command(hide = true)]
+    DemoService {
+        #[arg(long, default_value_t = 7000)]
+        port: u16,
+        #[arg(long, default_value = "/etc/demo/greeting")]
+        greeting: PathBuf,
+    },
     /// The journal: the start, success or failure of every operation.
     Log {
         /// Where liveupdate keeps its state.
@@ -55,7 +119,18 @@ enum Cmd {
 }
 
 #[derive(Subcommand)]
+enum DiskCmd {
+    /// Clones FROM into TO (which must not exist), keeping modes, owners and mtimes.
+    Clone { from: PathBuf, to: PathBuf },
+    /// Makes the demo's sample disk at DIR: liveupdate itself, its libraries, a
+    /// /dev/null and /etc/demo/greeting.
+    Sample { dir: PathBuf },
+}
+
+#[derive(Subcommand)]
 enum ConsoleCmd {
+    /// The console service: partitions made, started, listed, renamed, destroyed.
+    Serve(partitions::Serve),
     /// Stores a new token for USER, valid TTL seconds (0600, replacing the last one).
     Auth {
         #[arg(long)]
@@ -124,6 +199,82 @@ enum ConfigCmd {
 
 fn main() -> ExitCode {
     match Cli::parse().cmd {
+        Cmd::Console {
+            cmd: ConsoleCmd::Serve(s),
+        } => partitions::serve(s),
+        Cmd::Partition { cmd } => partitions::partition(cmd),
+        Cmd::Run {
+            fixdir,
+            fix,
+            common,
+        } => operations::run(common, fixdir, fix),
+        Cmd::Rollback { common } => operations::rollback(common),
+        Cmd::Demo {
+            dir,
+            mcr,
+            bridge,
+            gateway,
+            max_blackout_ms,
+        } => operations::demo(orchestrate::demo::DemoPlan {
+            dir,
+            mcr: operations::mcr_beside(mcr),
+            bridge,
+            gateway,
+            max_blackout_ms,
+        }),
+        Cmd::Disk { cmd } => {
+            let done = match cmd {
+                DiskCmd::Clone { from, to } => orchestrate::disk::clone(&from, &to).map(|m| {
+                    let (bytes, files) = orchestrate::disk::usage(&to);
+                    println!(
+                        "liveupdate: cloned {} to {} by {} ({files} files, {bytes} bytes)",
+                        from.display(),
+                        to.display(),
+                        m.name()
+                    );
+                }),
+                DiskCmd::Sample { dir } => std::env::current_exe()
+                    .map_err(|e| orchestrate::disk::DiskError::Sample {
+                        path: dir.display().to_string(),
+                        why: e.to_string(),
+                    })
+                    .and_then(|exe| {
+                        orchestrate::disk::sample(&dir, &exe, orchestrate::demo::SAMPLE_FILES)
+                    }),
+            };
+            match done {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("liveupdate: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Cmd::DemoService { port, greeting } => match orchestrate::demo::service(port, &greeting) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("liveupdate: demo service: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Cmd::PartitionInit {
+            name,
+            disk,
+            mount_at,
+            cgroup,
+            command,
+        } => {
+            let plan = orchestrate::partition::InitPlan {
+                name: &name,
+                disk: &disk,
+                mount_at: &mount_at,
+                cgroup: &cgroup,
+                command: &command,
+            };
+            let Err(e) = orchestrate::partition::init(&plan);
+            eprintln!("liveupdate: partition-init: {e}");
+            ExitCode::from(1)
+        }
         Cmd::Console {
             cmd:
                 ConsoleCmd::Auth {

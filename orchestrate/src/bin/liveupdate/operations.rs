@@ -1,0 +1,151 @@
+//! `liveupdate run` and `liveupdate rollback`: the operation, from the command line.
+
+use orchestrate::config;
+use orchestrate::update::{self, Plan};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(clap::Args)]
+pub struct Common {
+    /// The partition whose workload moves.
+    #[arg(short = 'p', long)]
+    pub partition: String,
+    /// The operation's configuration.
+    #[arg(long, default_value = config::DEFAULT_PATH)]
+    pub config: PathBuf,
+    #[arg(long, default_value = orchestrate::STATE_DIR)]
+    pub state: PathBuf,
+    /// mcr; the one beside liveupdate, or on the PATH.
+    #[arg(long)]
+    pub mcr: Option<PathBuf>,
+    #[arg(long, default_value_t = 20)]
+    pub max_blackout_ms: u64,
+    /// How long applications have to answer a notice.
+    #[arg(long, default_value_t = 5000)]
+    pub notify_timeout_ms: u64,
+}
+
+/// mcr beside our own binary, or the PATH's.
+pub fn mcr_beside(given: Option<PathBuf>) -> PathBuf {
+    given.unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("mcr")))
+            .filter(|m| m.is_file())
+            .unwrap_or_else(|| PathBuf::from("mcr"))
+    })
+}
+
+/// FIX in FIXDIR: a bundle file, by its name or with `.tar.zst` added.
+pub fn find_fix(dir: &Path, fix: &str) -> Result<PathBuf, String> {
+    [dir.join(fix), dir.join(format!("{fix}.tar.zst"))]
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| format!("no fix {fix:?} in {}", dir.display()))
+}
+
+fn plan(c: Common, fix: Option<PathBuf>, onto: Option<PathBuf>) -> Result<Plan, String> {
+    let cfg = config::load(&c.config).map_err(|e| e.to_string())?;
+    Ok(Plan {
+        state: c.state,
+        console: cfg.console.address,
+        partition: c.partition,
+        fix,
+        onto,
+        clone_dir: cfg.disks.clone,
+        partition_id: cfg.console.partition_id,
+        mcr: mcr_beside(c.mcr),
+        max_blackout_ms: c.max_blackout_ms,
+        notify_timeout: Duration::from_millis(c.notify_timeout_ms),
+        pre_hook: cfg.general.pre_hook,
+        post_hook: cfg.general.post_hook,
+    })
+}
+
+fn command_line() -> String {
+    std::env::args().collect::<Vec<_>>().join(" ")
+}
+
+fn finish(r: Result<update::Record, update::UpdateError>) -> ExitCode {
+    match r {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("liveupdate: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+pub fn run(c: Common, fixdir: PathBuf, fix: String) -> ExitCode {
+    let p = find_fix(&fixdir, &fix).and_then(|f| plan(c, Some(f), None));
+    match p {
+        Ok(p) => finish(update::run(&p, &command_line(), false)),
+        Err(e) => {
+            eprintln!("liveupdate: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+pub fn rollback(c: Common) -> ExitCode {
+    let state = c.state.clone();
+    let last = match update::last_record(&state, &c.partition) {
+        Some(r) => r,
+        None => {
+            eprintln!(
+                "liveupdate: no live update of partition {} to roll back in {}",
+                c.partition,
+                state.join("logs").display()
+            );
+            return ExitCode::from(2);
+        }
+    };
+    println!(
+        "liveupdate: rolling partition {} back onto {} (kept by operation {})",
+        c.partition,
+        last.original_disk.display(),
+        last.id
+    );
+    match plan(c, None, Some(last.original_disk)) {
+        Ok(p) => finish(update::run(&p, &command_line(), false)),
+        Err(e) => {
+            eprintln!("liveupdate: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+pub fn demo(plan: orchestrate::demo::DemoPlan) -> ExitCode {
+    match orchestrate::demo::run(&plan) {
+        Ok(r) => {
+            let s = &r.seen;
+            println!();
+            println!("The client's view (outside the partition, connected throughout):");
+            println!("  lines received       {}", s.lines);
+            println!("  lost or repeated     {}", s.broken);
+            println!(
+                "  longest silence      {:.1} ms (one line every {} ms)",
+                s.longest_gap.as_secs_f64() * 1e3,
+                orchestrate::demo::PERIOD.as_millis()
+            );
+            println!("  greeting before      {:?}", s.first);
+            println!("  greeting after       {:?}", s.last);
+            println!(
+                "liveupdate demo: blackout {:.1} ms (mcr), total {:.2} s",
+                r.record.blackout_ms,
+                r.record.total_ms / 1e3
+            );
+            if s.broken > 0 || s.first == s.last {
+                println!("liveupdate demo: FAILED: the client saw a broken stream or no fix");
+                return ExitCode::from(1);
+            }
+            println!("liveupdate demo: PASSED");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("liveupdate demo: FAILED: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! The demo's workload and its client: a TCP service that streams numbered lines,
+//! each carrying the greeting its disk holds right then, and a client outside the
+//! partition that counts them, checks that none is lost or repeated, and measures
+//! the longest silence, which is the blackout as the client sees it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The files of the demo's disk besides liveupdate itself.
+pub const SAMPLE_FILES: &[(&str, &str)] =
+    &[("/etc/demo/greeting", "hello from the original disk\n")];
+
+/// How often the service sends a line.
+pub const PERIOD: Duration = Duration::from_millis(2);
+
+/// Serves every client that connects, each on a thread of its own, for ever.
+pub fn service(port: u16, greeting: &Path) -> std::io::Result<()> {
+    let l = TcpListener::bind(("0.0.0.0", port))?;
+    println!("demo service: listening on port {port}");
+    for c in l.incoming() {
+        let c = c?;
+        let greeting = greeting.to_path_buf();
+        std::thread::spawn(move || stream(c, &greeting));
+    }
+    Ok(())
+}
+
+fn stream(mut c: TcpStream, greeting: &Path) {
+    let _ = c.set_nodelay(true);
+    for n in 0u64.. {
+        // Read each time: a fix that changes it shows without a restart.
+        let g = std::fs::read_to_string(greeting).unwrap_or_else(|_| "-".into());
+        if writeln!(c, "{n} {}", g.trim()).is_err() {
+            return;
+        }
+        std::thread::sleep(PERIOD);
+    }
+}
+
+/// What the client saw.
+#[derive(Debug, Clone, Default)]
+pub struct Seen {
+    pub lines: u64,
+    /// Lines out of order (lost or repeated): must be 0.
+    pub broken: u64,
+    pub longest_gap: Duration,
+    /// The greeting of the first line, and of the last.
+    pub first: String,
+    pub last: String,
+}
+
+/// Reads lines from `c` until `stop` says so; counts and checks them.
+pub fn count(c: TcpStream, stop: &std::sync::atomic::AtomicBool) -> std::io::Result<Seen> {
+    count_with(c, stop, &mut |_| {})
+}
+
+/// [`count`], calling `each` with the number of lines had so far after every line.
+fn count_with(
+    c: TcpStream,
+    stop: &std::sync::atomic::AtomicBool,
+    each: &mut dyn FnMut(u64),
+) -> std::io::Result<Seen> {
+    use std::sync::atomic::Ordering;
+    let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut r = BufReader::new(c);
+    let mut seen = Seen::default();
+    let mut last = Instant::now();
+    let mut line = String::new();
+    let mut want = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) => return Err(std::io::Error::other("the service closed the connection")),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        let now = Instant::now();
+        if seen.lines > 0 {
+            seen.longest_gap = seen.longest_gap.max(now - last);
+        }
+        last = now;
+        let (n, g) = line
+            .trim_end()
+            .split_once(' ')
+            .unwrap_or((line.trim_end(), ""));
+        if n.parse::<u64>().ok() != Some(want) {
+            seen.broken += 1;
+        }
+        want = n.parse::<u64>().map_or(want + 1, |n| n + 1);
+        if seen.lines == 0 {
+            seen.first = g.to_string();
+        }
+        seen.last = g.to_string();
+        seen.lines += 1;
+        each(seen.lines);
+    }
+    Ok(seen)
+}
+
+/// Where the demo keeps everything unless told.
+pub const DIR: &str = "/var/lib/liveupdate/demo";
+
+/// What `liveupdate demo` is told.
+pub struct DemoPlan {
+    pub dir: PathBuf,
+    pub mcr: PathBuf,
+    /// The bridge and its address: the demo's own, apart from a real console's.
+    pub bridge: String,
+    pub gateway: String,
+    pub max_blackout_ms: u64,
+}
+
+/// What the demo saw.
+pub struct DemoReport {
+    pub record: crate::update::Record,
+    pub seen: Seen,
+}
+
+/// A console of the demo's own, as a child; killed when dropped.
+struct ConsoleChild(std::process::Child);
+
+impl Drop for ConsoleChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Partitions made here, destroyed when dropped (their disks stay, for a look).
+struct Made<'a> {
+    socket: &'a Path,
+    token: String,
+    names: Vec<String>,
+}
+
+impl Drop for Made<'_> {
+    fn drop(&mut self) {
+        use crate::console::Request;
+        let listed =
+            crate::console::call(self.socket, &self.token, &Request::List).unwrap_or_default();
+        for p in listed {
+            let _ =
+                crate::console::call(self.socket, &self.token, &Request::Destroy { name: p.name });
+        }
+        self.names.clear();
+    }
+}
+
+fn step<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> String + '_ {
+    move |why| format!("{what}: {why}")
+}
+
+/// Builds a partition with the demo service on a sample disk, connects a client to
+/// it from outside, live-updates it with a fix that changes the service's greeting,
+/// and reports what the client saw.
+pub fn run(plan: &DemoPlan) -> Result<DemoReport, String> {
+    use crate::console::Request;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = &plan.dir;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(step("clearing the demo's directory"))?;
+    }
+    let state = dir.join("state");
+    let socket = dir.join("console.sock");
+    let exe = std::env::current_exe().map_err(|e| format!("finding liveupdate: {e}"))?;
+    let token = crate::token::issue(&state, "demo", 3600).map_err(|e| e.to_string())?;
+    println!(
+        "liveupdate demo: console token for demo stored in {}",
+        state.display()
+    );
+
+    let mut child = std::process::Command::new(&exe)
+        .args(["console", "serve", "--socket"])
+        .arg(&socket)
+        .arg("--state")
+        .arg(&state)
+        .args(["--bridge", &plan.bridge, "--gateway", &plan.gateway])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(step("starting the console"))?;
+    let mut first = String::new();
+    let _ = BufReader::new(child.stdout.take().expect("piped")).read_line(&mut first);
+    let _console = ConsoleChild(child);
+    if !first.contains("serving") {
+        return Err("the console did not start (see its stderr above)".into());
+    }
+    let made = Made {
+        socket: &socket,
+        token: token.secret.clone(),
+        names: Vec::new(),
+    };
+    let ask = |req: &Request| {
+        crate::console::call(&socket, &token.secret, req).map_err(|e| e.to_string())
+    };
+
+    let disk = dir.join("disks/demo");
+    crate::disk::sample(&disk, &exe, SAMPLE_FILES).map_err(|e| e.to_string())?;
+    let fixes = dir.join("fixes");
+    std::fs::create_dir_all(&fixes).map_err(step("making the fix directory"))?;
+    let greeting = fixes.join("greeting");
+    std::fs::write(&greeting, "hello from the patched clone\n").map_err(step("writing the fix"))?;
+    let bundle = fixes.join("DEMO-1.tar.zst");
+    crate::fix::create(
+        &bundle,
+        &crate::fix::NewFix {
+            label: "DEMO-1".into(),
+            summary: "a new greeting for the demo service".into(),
+            lu_capable: true,
+            files: vec![(greeting, "/etc/demo/greeting".into())],
+            pre: None,
+            post: None,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+
+    let parts = ask(&Request::Create(crate::partition::NewPartition {
+        name: "demo".into(),
+        disk: disk.clone(),
+        id: None,
+        address: None,
+        mount_at: None,
+        command: Vec::new(),
+    }))?;
+    let address = parts[0].ip().to_string();
+    let port = 7000u16;
+    ask(&Request::Start {
+        name: "demo".into(),
+        command: ["/bin/liveupdate", "demo-service", "--port", "7000"]
+            .map(String::from)
+            .to_vec(),
+    })?;
+    println!(
+        "liveupdate demo: partition demo (id {}) runs the demo service at {address}:{port}",
+        parts[0].id
+    );
+
+    let conn = connect(&address, port)?;
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let client = {
+        let stop = stop.clone();
+        std::thread::spawn(move || count_and_tell(conn, &stop, tx))
+    };
+    // Some lines before the update, some after: the client's view spans both.
+    wait_lines(&rx, 100)?;
+
+    let update = crate::update::Plan {
+        state: state.clone(),
+        console: socket.clone(),
+        partition: "demo".into(),
+        fix: Some(bundle),
+        onto: None,
+        clone_dir: dir.join("clones"),
+        partition_id: None,
+        mcr: plan.mcr.clone(),
+        max_blackout_ms: plan.max_blackout_ms,
+        notify_timeout: Duration::from_secs(5),
+        pre_hook: None,
+        post_hook: None,
+    };
+    let record = crate::update::run(&update, "liveupdate demo", false).map_err(|e| e.to_string());
+    let after = record.is_ok().then(|| wait_lines(&rx, 200));
+    stop.store(true, Ordering::Relaxed);
+    let seen = client
+        .join()
+        .map_err(|_| "the client thread panicked".to_string())?
+        .map_err(step("the client"))?;
+    let record = record?;
+    if let Some(Err(e)) = after {
+        return Err(e);
+    }
+    drop(made);
+    Ok(DemoReport { record, seen })
+}
+
+fn connect(address: &str, port: u16) -> Result<TcpStream, String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match TcpStream::connect((address, port)) {
+            Ok(c) => return Ok(c),
+            // The service binds just after its partition started.
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => {
+                return Err(format!(
+                    "connecting to the demo service at {address}:{port}: {e}"
+                ))
+            }
+        }
+    }
+}
+
+/// [`count`], saying on `tx` how many lines it has had every 50.
+fn count_and_tell(
+    c: TcpStream,
+    stop: &std::sync::atomic::AtomicBool,
+    tx: std::sync::mpsc::Sender<u64>,
+) -> std::io::Result<Seen> {
+    count_with(c, stop, &mut |n| {
+        if n % 50 == 0 {
+            let _ = tx.send(n);
+        }
+    })
+}
+
+/// Waits until the client has had `n` more lines.
+fn wait_lines(rx: &std::sync::mpsc::Receiver<u64>, n: u64) -> Result<(), String> {
+    let mut got = 0;
+    while got < n {
+        rx.recv_timeout(Duration::from_secs(10))
+            .map_err(|_| "the client stopped receiving lines".to_string())?;
+        got += 50;
+    }
+    Ok(())
+}

@@ -1,0 +1,678 @@
+//! The live update itself (`liveupdate run`, and `rollback`, which is the same move
+//! back onto the kept disk): clone the partition's disk, apply the fix to the clone,
+//! make the surrogate on it, tell the applications, move the workload with mcr, and
+//! release the original.
+//!
+//! Until mcr commits, every failure puts things back as they were: the workload runs
+//! on in the original partition (mcr resumes it), whose disk was never touched; the
+//! surrogate and the clone are removed; the names are given back. After the commit
+//! the workload is the surrogate's, and what is left to do (the original's shutdown)
+//! is reported if it fails, never undone.
+
+use crate::console::{self, Request};
+use crate::journal::{Journal, Kind};
+use crate::partition::{NewPartition, Partition};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The suffix the original partition takes while the surrogate takes its name.
+pub const ORIGINAL_SUFFIX: &str = "_lu0";
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error("{phase}: {why}")]
+    Failed { phase: &'static str, why: String },
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
+}
+
+impl UpdateError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            UpdateError::Lock(_) => 3,
+            UpdateError::Failed { .. } => 1,
+        }
+    }
+}
+
+fn failed(phase: &'static str) -> impl Fn(String) -> UpdateError {
+    move |why| UpdateError::Failed { phase, why }
+}
+
+/// What to do.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// liveupdate's state: lock, journal, operation logs and records.
+    pub state: PathBuf,
+    pub console: PathBuf,
+    pub partition: String,
+    /// The fix bundle; none for a rollback.
+    pub fix: Option<PathBuf>,
+    /// The disk to move onto instead of a clone (a rollback's kept original).
+    pub onto: Option<PathBuf>,
+    /// Where clones are made (`disks: clone` of the configuration).
+    pub clone_dir: PathBuf,
+    /// The id asked for the surrogate.
+    pub partition_id: Option<u16>,
+    pub mcr: PathBuf,
+    pub max_blackout_ms: u64,
+    /// The applications' answer time.
+    pub notify_timeout: Duration,
+    /// Commands (`sh -c`) run before the blackout and after resume.
+    pub pre_hook: Option<String>,
+    pub post_hook: Option<String>,
+}
+
+/// What an operation did, for the operator and for a rollback.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    pub id: String,
+    pub partition: String,
+    pub fix: Option<String>,
+    /// The disk it ran on before, kept.
+    pub original_disk: PathBuf,
+    /// The disk it runs on now.
+    pub disk: PathBuf,
+    pub clone_method: Option<String>,
+    pub surrogate_id: u16,
+    pub blackout_ms: f64,
+    pub total_ms: f64,
+    /// mcr's report of the move.
+    pub migration: serde_json::Value,
+}
+
+/// The operation's log: every step, timestamped, in its own directory; and the
+/// phase lines the operator sees.
+pub struct Log {
+    file: std::fs::File,
+    start: Instant,
+    pub dir: PathBuf,
+    quiet: bool,
+}
+
+impl Log {
+    fn open(dir: PathBuf, quiet: bool) -> std::io::Result<Log> {
+        std::fs::create_dir_all(&dir)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("log"))?;
+        Ok(Log {
+            file,
+            start: Instant::now(),
+            dir,
+            quiet,
+        })
+    }
+
+    /// A phase line, to the operator and the log.
+    pub fn phase(&mut self, line: &str) {
+        if !self.quiet {
+            println!("{line}");
+        }
+        self.note(line);
+    }
+
+    /// A detail, to the log only.
+    pub fn note(&mut self, line: &str) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let _ = writeln!(
+            self.file,
+            "{}.{:03} +{:.3}s {line}",
+            crate::journal::utc(now.as_secs()),
+            now.subsec_millis(),
+            self.start.elapsed().as_secs_f64()
+        );
+    }
+}
+
+/// What has been made so far, undone in reverse when the operation fails before the
+/// commit.
+#[derive(Default)]
+struct Undo {
+    renamed: Option<(String, String)>,
+    surrogate: Option<String>,
+    clone: Option<PathBuf>,
+}
+
+struct Ctx<'a> {
+    plan: &'a Plan,
+    token: String,
+    log: Log,
+}
+
+impl Ctx<'_> {
+    fn ask(&self, req: &Request) -> Result<Vec<Partition>, String> {
+        console::call(&self.plan.console, &self.token, req).map_err(|e| e.to_string())
+    }
+
+    fn undo(&mut self, u: &mut Undo) {
+        if let Some(s) = u.surrogate.take() {
+            match self.ask(&Request::Destroy { name: s.clone() }) {
+                Ok(_) => self.phase(&format!("Removed the surrogate partition {s}.")),
+                Err(e) => self.phase(&format!("WARNING: the surrogate {s} is left: {e}")),
+            }
+        }
+        if let Some((now, was)) = u.renamed.take() {
+            match self.ask(&Request::Rename {
+                from: now.clone(),
+                to: was.clone(),
+            }) {
+                Ok(_) => self.log.note(&format!("renamed {now} back to {was}")),
+                Err(e) => self.phase(&format!("WARNING: partition {now} is not {was} again: {e}")),
+            }
+        }
+        if let Some(c) = u.clone.take() {
+            if let Err(e) = std::fs::remove_dir_all(&c) {
+                self.phase(&format!("WARNING: the clone {} is left: {e}", c.display()));
+            }
+        }
+    }
+
+    fn phase(&mut self, line: &str) {
+        self.log.phase(line);
+    }
+}
+
+/// The running partition called `name`.
+fn running(parts: &[Partition], name: &str) -> Result<Partition, String> {
+    let p = parts
+        .iter()
+        .find(|p| p.name == name)
+        .ok_or_else(|| format!("no partition {name:?} on the console"))?;
+    if p.init.is_none() {
+        return Err(format!("partition {name:?} runs nothing to move"));
+    }
+    Ok(p.clone())
+}
+
+fn run_hook(log: &mut Log, what: &str, cmd: &Option<String>) -> Result<(), String> {
+    let Some(cmd) = cmd else { return Ok(()) };
+    let out = Command::new("sh")
+        .args(["-c", cmd])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{what} hook {cmd:?}: {e}"))?;
+    log.note(&format!(
+        "{what} hook {cmd:?}: {} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    ));
+    if !out.status.success() {
+        return Err(format!("{what} hook {cmd:?} failed ({})", out.status));
+    }
+    Ok(())
+}
+
+/// Runs the operation; its record once the workload runs in the surrogate.
+pub fn run(plan: &Plan, command: &str, quiet: bool) -> Result<Record, UpdateError> {
+    let t0 = Instant::now();
+    let what = if plan.fix.is_some() {
+        "run"
+    } else {
+        "rollback"
+    };
+    let taken = crate::lock::OpLock::take(&plan.state, what, command)?;
+    let journal = Journal::at(&plan.state);
+    let id = journal
+        .next_id()
+        .map_err(|e| failed("journal")(e.to_string()))?;
+    let log = Log::open(plan.state.join("logs").join(&id), quiet)
+        .map_err(|e| failed("log")(e.to_string()))?;
+    let token = crate::token::current(&plan.state).map_err(|e| failed("console")(e.to_string()))?;
+    let mut cx = Ctx {
+        plan,
+        token: token.secret,
+        log,
+    };
+    if let Some(h) = taken.crashed {
+        cx.phase(&format!(
+            "NOTE: operation of pid {} ({}) died holding the lock; cleaning up after it.",
+            h.pid, h.operation
+        ));
+        recover(&mut cx);
+    }
+    let label = match &plan.fix {
+        Some(f) => crate::fix::open(f)
+            .map(|b| b.manifest.label)
+            .unwrap_or_else(|_| f.display().to_string()),
+        None => "rollback".into(),
+    };
+    let resource = format!("partition {}", plan.partition);
+    let _ = journal.record(&id, Kind::Start, &resource, &format!("{what} {label}"));
+    cx.phase(&format!(
+        "liveupdate: operation {id}: {what} of partition {} ({label})",
+        plan.partition
+    ));
+    let mut undo = Undo::default();
+    let r = move_workload(&mut cx, &id, &label, &mut undo, t0);
+    match r {
+        Ok(rec) => {
+            let _ = journal.record(
+                &id,
+                Kind::Success,
+                &resource,
+                &format!(
+                    "{what} {label}: blackout {:.1} ms, total {:.2} s",
+                    rec.blackout_ms,
+                    rec.total_ms / 1e3
+                ),
+            );
+            Ok(rec)
+        }
+        Err(e) => {
+            cx.undo(&mut undo);
+            let _ = std::fs::remove_file(current_path(&plan.state));
+            let _ = journal.record(
+                &id,
+                Kind::Failure,
+                &resource,
+                &format!("{what} {label}: {e}"),
+            );
+            cx.phase(&format!(
+                "liveupdate: operation {id} FAILED: {e}; the workload runs on in partition {}",
+                plan.partition
+            ));
+            Err(e)
+        }
+    }
+}
+
+/// The last operation that moved partition `name` (its record), if any.
+pub fn last_record(state: &Path, name: &str) -> Option<Record> {
+    let rd = std::fs::read_dir(state.join("logs")).ok()?;
+    rd.flatten()
+        .filter_map(|e| std::fs::read(e.path().join("record.json")).ok())
+        .filter_map(|b| serde_json::from_slice::<Record>(&b).ok())
+        .filter(|r| r.partition == name)
+        .max_by(|a, b| a.id.cmp(&b.id))
+}
+
+/// The half-made work of the operation under way, should liveupdate die.
+#[derive(Debug, Serialize, Deserialize)]
+struct Current {
+    partition: String,
+    original_name: String,
+    surrogate: Option<String>,
+    clone: Option<PathBuf>,
+}
+
+fn current_path(state: &Path) -> PathBuf {
+    state.join("current.json")
+}
+
+fn save_current(state: &Path, c: &Current) {
+    let tmp = state.join("current.json.new");
+    if std::fs::write(&tmp, serde_json::to_vec(c).expect("serializes")).is_ok() {
+        let _ = std::fs::rename(&tmp, current_path(state));
+    }
+}
+
+/// After a crash: if the original still runs, what the operation made goes; if the
+/// workload made it to the surrogate, the original (which mcr killed) is released.
+fn recover(cx: &mut Ctx) {
+    let path = current_path(&cx.plan.state);
+    let Ok(b) = std::fs::read(&path) else { return };
+    let Ok(cur) = serde_json::from_slice::<Current>(&b) else {
+        let _ = std::fs::remove_file(&path);
+        return;
+    };
+    let parts = cx.ask(&Request::List).unwrap_or_default();
+    let alive = |n: &str| {
+        parts
+            .iter()
+            .find(|p| p.name == n)
+            .and_then(|p| p.init)
+            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    };
+    let renamed = format!("{}{ORIGINAL_SUFFIX}", cur.original_name);
+    let mut undo = Undo::default();
+    if parts.iter().any(|p| p.name == renamed) && alive(&renamed) {
+        undo.surrogate = cur.surrogate.clone();
+        undo.renamed = Some((renamed, cur.original_name.clone()));
+        undo.clone = cur.clone.clone();
+        cx.phase("NOTE: the original partition still runs: removing the half-made surrogate.");
+    } else if alive(&cur.original_name) && cur.surrogate.as_deref() != Some(&cur.original_name) {
+        undo.surrogate = cur.surrogate.clone();
+        undo.clone = cur.clone.clone();
+    }
+    cx.undo(&mut undo);
+    let _ = std::fs::remove_file(&path);
+}
+
+fn move_workload(
+    cx: &mut Ctx,
+    id: &str,
+    label: &str,
+    undo: &mut Undo,
+    t0: Instant,
+) -> Result<Record, UpdateError> {
+    let plan = cx.plan;
+    let name = plan.partition.clone();
+    let parts = cx.ask(&Request::List).map_err(failed("console"))?;
+    let original = running(&parts, &name).map_err(failed("validation"))?;
+    let bundle = match &plan.fix {
+        Some(f) => {
+            let b = crate::fix::open(f).map_err(|e| failed("fix")(e.to_string()))?;
+            if !b.manifest.lu_capable {
+                return Err(failed("fix")(format!(
+                    "fix {} is not live-update capable (LU CAPABLE: no)",
+                    b.manifest.label
+                )));
+            }
+            Some(b)
+        }
+        None => None,
+    };
+    let mut current = Current {
+        partition: name.clone(),
+        original_name: name.clone(),
+        surrogate: None,
+        clone: None,
+    };
+    save_current(&plan.state, &current);
+
+    // The surrogate's disk.
+    let t = Instant::now();
+    let (disk, method) = match &plan.onto {
+        Some(d) => (d.clone(), None),
+        None => {
+            let to = plan.clone_dir.join(format!("{name}-{id}"));
+            cx.phase(&format!(
+                "Cloning the root disk of {name} ({}) to {} ...",
+                original.disk.display(),
+                to.display()
+            ));
+            crate::fault::point("clone").map_err(failed("clone"))?;
+            let m = crate::disk::clone(&original.disk, &to).map_err(|e| {
+                let _ = std::fs::remove_dir_all(&to);
+                failed("clone")(e.to_string())
+            })?;
+            undo.clone = Some(to.clone());
+            current.clone = Some(to.clone());
+            save_current(&plan.state, &current);
+            let (bytes, files) = crate::disk::usage(&to);
+            cx.phase(&format!(
+                "  cloned by {}: {files} files, {:.1} MiB in {:.0} ms",
+                m.name(),
+                bytes as f64 / (1 << 20) as f64,
+                t.elapsed().as_secs_f64() * 1e3
+            ));
+            (to, Some(m))
+        }
+    };
+    if let Some(b) = &bundle {
+        cx.phase(&format!("Applying fix {label} to the clone ..."));
+        crate::fault::point("fix-apply").map_err(failed("fix apply"))?;
+        let i = crate::fix::apply(b, &disk).map_err(|e| failed("fix apply")(e.to_string()))?;
+        cx.phase(&format!(
+            "  {} file(s) in place, state {}",
+            b.manifest.files.len(),
+            i.state.code()
+        ));
+    }
+
+    // The surrogate takes the name; the original is kept under another.
+    let kept = format!("{name}{ORIGINAL_SUFFIX}");
+    cx.ask(&Request::Rename {
+        from: name.clone(),
+        to: kept.clone(),
+    })
+    .map_err(failed("surrogate"))?;
+    undo.renamed = Some((kept.clone(), name.clone()));
+    current.surrogate = Some(name.clone());
+    save_current(&plan.state, &current);
+    crate::fault::point("surrogate").map_err(failed("surrogate start"))?;
+    let made = cx
+        .ask(&Request::Create(NewPartition {
+            name: name.clone(),
+            disk: disk.clone(),
+            id: plan.partition_id,
+            address: Some(original.address.clone()),
+            mount_at: Some(original.mount_at.clone()),
+            command: original.command.clone(),
+        }))
+        .map_err(failed("surrogate start"))?;
+    undo.surrogate = Some(name.clone());
+    let surrogate = made
+        .into_iter()
+        .next()
+        .ok_or_else(|| failed("surrogate start")("the console made nothing".into()))?;
+    cx.phase(&format!(
+        "Started the surrogate partition {name} (id {}) on {}; the original is now {kept} (id {}).",
+        surrogate.id,
+        disk.display(),
+        original.id
+    ));
+
+    // The applications.
+    notify(cx, &original.disk, crate::notify::Event::Pre, label)?;
+    run_hook(&mut cx.log, "pre", &plan.pre_hook).map_err(failed("notify"))?;
+
+    // The move.
+    cx.phase(&format!(
+        "Moving the workload (pid {}) to the surrogate ...",
+        original.init.unwrap_or(0)
+    ));
+    let (report, new_pid) = migrate(cx, &original, &surrogate, &kept)?;
+    // Committed: the workload is the surrogate's from here.
+    undo.surrogate = None;
+    undo.renamed = None;
+    undo.clone = None;
+    let blackout = report["blackout_ms"].as_f64().unwrap_or(0.0);
+    let rounds = report["rounds"].as_array().map_or(0, |r| r.len());
+    cx.phase(&format!(
+        "  moved: {rounds} pre-copy round(s), blackout {blackout:.1} ms (freeze and dump {:.1}, transfer {:.1}, restore {:.1}, commit {:.1}); now pid {new_pid} there",
+        report["blackout"]["freeze_and_dump_ms"].as_f64().unwrap_or(0.0),
+        report["blackout"]["transfer_ms"].as_f64().unwrap_or(0.0),
+        report["blackout"]["restore_ms"].as_f64().unwrap_or(0.0),
+        report["blackout"]["commit_ms"].as_f64().unwrap_or(0.0),
+    ));
+    if let Err(e) = cx.ask(&Request::Adopt {
+        name: name.clone(),
+        init: new_pid,
+    }) {
+        cx.phase(&format!(
+            "WARNING: the console did not take pid {new_pid} as {name}'s: {e}"
+        ));
+    }
+    let _ = std::fs::remove_file(current_path(&plan.state));
+    if let Err(e) = notify(cx, &disk, crate::notify::Event::Post, label) {
+        cx.phase(&format!("WARNING: {e}"));
+    }
+    if let Err(e) = run_hook(&mut cx.log, "post", &plan.post_hook) {
+        cx.phase(&format!("WARNING: {e}"));
+    }
+    match cx.ask(&Request::Destroy { name: kept.clone() }) {
+        Ok(_) => cx.phase(&format!(
+            "Shut down the original partition {kept}; its disk {} is kept for a rollback.",
+            original.disk.display()
+        )),
+        Err(e) => cx.phase(&format!(
+            "WARNING: the original partition {kept} is left: {e}"
+        )),
+    }
+    let total = t0.elapsed().as_secs_f64() * 1e3;
+    let rec = Record {
+        id: id.into(),
+        partition: name.clone(),
+        fix: plan.fix.as_ref().map(|_| label.to_string()),
+        original_disk: original.disk.clone(),
+        disk,
+        clone_method: method.map(|m| m.name().to_string()),
+        surrogate_id: surrogate.id,
+        blackout_ms: blackout,
+        total_ms: total,
+        migration: report,
+    };
+    let _ = std::fs::write(
+        cx.log.dir.join("record.json"),
+        serde_json::to_vec_pretty(&rec).expect("serializes"),
+    );
+    cx.phase(&format!(
+        "liveupdate: operation {id} succeeded: blackout {blackout:.1} ms, total {:.2} s; log in {}",
+        total / 1e3,
+        cx.log.dir.display()
+    ));
+    Ok(rec)
+}
+
+fn notify(
+    cx: &mut Ctx,
+    root: &Path,
+    e: crate::notify::Event,
+    label: &str,
+) -> Result<(), UpdateError> {
+    let answers = crate::notify::tell(root, e, label, cx.plan.notify_timeout)
+        .map_err(|err| failed("notify")(err.to_string()))?;
+    for (app, a) in &answers {
+        cx.log
+            .note(&format!("application {app} ({}): {a:?}", e.name()));
+        if a.stops(e) {
+            return Err(failed("notify")(format!(
+                "application {app} refuses ({}): {a:?}",
+                e.name()
+            )));
+        }
+    }
+    if !answers.is_empty() {
+        cx.phase(&format!(
+            "  {} application(s) told ({})",
+            answers.len(),
+            e.name()
+        ));
+    }
+    Ok(())
+}
+
+/// `mcr receive` in the surrogate (its network namespace and cgroup, its disk bound
+/// where the workload sees its root), `mcr migrate` from the original's network
+/// namespace, the address moved inside the blackout. mcr's report and the new pid.
+fn migrate(
+    cx: &mut Ctx,
+    original: &Partition,
+    surrogate: &Partition,
+    kept: &str,
+) -> Result<(serde_json::Value, i32), UpdateError> {
+    let plan = cx.plan;
+    let work = cx.log.dir.clone();
+    let sock = work.join("mcr.sock");
+    let pidfile = work.join("new.pid");
+    let cgroup = surrogate.cgroup.clone();
+    let setup = format!(
+        "echo 0 > {} && mount --bind {} {} && exec \"$0\" \"$@\"",
+        sh_quote(&cgroup.join("cgroup.procs").display().to_string()),
+        sh_quote(&surrogate.disk.display().to_string()),
+        sh_quote(&surrogate.mount_at.display().to_string()),
+    );
+    let recv_err = std::fs::File::create(work.join("receive.stderr"))
+        .map_err(|e| failed("pre-copy")(e.to_string()))?;
+    let mut recv = Command::new("nsenter")
+        .arg(format!("--net={}", surrogate.netns_path().display()))
+        .args([
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &setup,
+        ])
+        .arg(&plan.mcr)
+        .args(["receive", "--listen"])
+        .arg(format!("unix:{}", sock.display()))
+        .args(["--tcp-established", "-d", "--json", "--pidfile"])
+        .arg(&pidfile)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(recv_err)
+        .spawn()
+        .map_err(|e| failed("pre-copy")(format!("starting mcr receive: {e}")))?;
+    // It listens once the socket exists; gone before that, it failed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        if let Ok(Some(st)) = recv.try_wait() {
+            let err = std::fs::read_to_string(work.join("receive.stderr")).unwrap_or_default();
+            return Err(failed("pre-copy")(format!(
+                "mcr receive ended ({st}): {}",
+                err.trim()
+            )));
+        }
+        if Instant::now() > deadline {
+            let _ = recv.kill();
+            let _ = recv.wait();
+            return Err(failed("pre-copy")(
+                "mcr receive did not listen in 10 s".into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    crate::fault::point("pre-copy").map_err(|e| {
+        let _ = recv.kill();
+        let _ = recv.wait();
+        failed("pre-copy")(e)
+    })?;
+    let me = std::env::current_exe().map_err(|e| failed("pre-copy")(e.to_string()))?;
+    let at_ready = format!(
+        "{} partition take-address {} --console {} --state {}",
+        sh_quote(&me.display().to_string()),
+        sh_quote(&surrogate.name),
+        sh_quote(&plan.console.display().to_string()),
+        sh_quote(&plan.state.display().to_string()),
+    );
+    let at_ready = match crate::fault::armed("blackout") {
+        true => "exit 1".to_string(),
+        false => at_ready,
+    };
+    let init = original.init.unwrap_or(0);
+    cx.log.note(&format!(
+        "mcr migrate -t {init} (partition {kept}), at ready: {at_ready}"
+    ));
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", original.netns_path().display()))
+        .arg(&plan.mcr)
+        .args(["migrate", "-t", &init.to_string(), "--to"])
+        .arg(format!("unix:{}", sock.display()))
+        .args(["--tcp-established", "--json", "--max-blackout-ms"])
+        .arg(plan.max_blackout_ms.to_string())
+        .args(["--at-ready", &at_ready])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| failed("pre-copy")(format!("running mcr migrate: {e}")))?;
+    let recv_status = recv.wait();
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    cx.log.note(&format!("mcr migrate: {} {err}", out.status));
+    cx.log.note(&format!(
+        "mcr receive: {recv_status:?} {}",
+        std::fs::read_to_string(work.join("receive.stderr"))
+            .unwrap_or_default()
+            .trim()
+    ));
+    if !out.status.success() {
+        return Err(failed("blackout")(format!("mcr migrate: {err}")));
+    }
+    // Committed whatever its report says: from here nothing is undone.
+    let report: serde_json::Value = match serde_json::from_slice(&out.stdout) {
+        Ok(r) => r,
+        Err(e) => {
+            cx.phase(&format!(
+                "WARNING: mcr migrate's report is unreadable ({e}); it moved"
+            ));
+            serde_json::Value::Null
+        }
+    };
+    let new_pid = std::fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| report["new_pid"].as_i64().unwrap_or(0) as i32);
+    Ok((report, new_pid))
+}
+
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
