@@ -51,6 +51,10 @@ struct RestoreArgs {
     /// Restore into this network namespace (/run/netns/NAME or /proc/PID/ns/net).
     #[arg(long)]
     netns: Option<PathBuf>,
+    /// Our mount namespace was made for the tree (its own mounts in place): it
+    /// becomes the tree's, instead of a new one.
+    #[arg(long)]
+    inherit_mntns: bool,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -65,6 +69,7 @@ impl RestoreArgs {
         o.mntns = self.mntns;
         o.tcp_established = self.tcp_established;
         o.netns = self.netns.clone();
+        o.inherit_mntns = self.inherit_mntns;
         o
     }
 }

@@ -249,7 +249,7 @@ pub fn run(plan: &DemoPlan) -> Result<DemoReport, String> {
     let (tx, rx) = std::sync::mpsc::channel();
     let client = {
         let stop = stop.clone();
-        std::thread::spawn(move || count_and_tell(conn, &stop, tx))
+        std::thread::spawn(move || count_reporting(conn, &stop, tx))
     };
     // Some lines before the update, some after: the client's view spans both.
     wait_lines(&rx, 100)?;
@@ -269,7 +269,22 @@ pub fn run(plan: &DemoPlan) -> Result<DemoReport, String> {
         post_hook: None,
     };
     let record = crate::update::run(&update, "liveupdate demo", false).map_err(|e| e.to_string());
-    let after = record.is_ok().then(|| wait_lines(&rx, 200));
+    let after = record.is_ok().then(|| {
+        wait_lines(&rx, 200).map_err(|e| {
+            let show = |args: &[&str]| {
+                std::process::Command::new(args[0])
+                    .args(&args[1..])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default()
+            };
+            format!(
+                "{e}; neighbours: {}; connection: {}",
+                show(&["ip", "neigh", "show", "dev", &plan.bridge]).trim(),
+                show(&["ss", "-tnio", "dst", &address]).trim()
+            )
+        })
+    });
     stop.store(true, Ordering::Relaxed);
     let seen = client
         .join()
@@ -277,9 +292,17 @@ pub fn run(plan: &DemoPlan) -> Result<DemoReport, String> {
         .map_err(step("the client"))?;
     let record = record?;
     if let Some(Err(e)) = after {
-        return Err(e);
+        return Err(format!("{e} ({} lines in all)", seen.lines));
     }
     drop(made);
+    drop(_console);
+    // What the console made for the demo's partitions goes with it.
+    let _ = std::process::Command::new("ip")
+        .args(["link", "del", &plan.bridge])
+        .status();
+    if let Some(cg) = crate::partition::cgroup2_mount() {
+        let _ = std::fs::remove_dir(cg.join(format!("liveupdate-{}", plan.bridge)));
+    }
     Ok(DemoReport { record, seen })
 }
 
@@ -300,7 +323,7 @@ fn connect(address: &str, port: u16) -> Result<TcpStream, String> {
 }
 
 /// [`count`], saying on `tx` how many lines it has had every 50.
-fn count_and_tell(
+pub fn count_reporting(
     c: TcpStream,
     stop: &std::sync::atomic::AtomicBool,
     tx: std::sync::mpsc::Sender<u64>,

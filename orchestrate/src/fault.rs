@@ -1,6 +1,8 @@
 //! Failures on demand, for the tests of what a failed operation leaves:
 //! `LIVEUPDATE_FAULT=PHASE` makes the operation fail at that phase (clone, fix-apply,
-//! surrogate, pre-copy, blackout), as a real failure there would.
+//! surrogate, pre-copy, blackout), as a real failure there would;
+//! `LIVEUPDATE_FAULT=stall-PHASE` stops it there for good (saying `STALLED at
+//! PHASE` on stdout), for a test to kill it.
 
 const VAR: &str = "LIVEUPDATE_FAULT";
 
@@ -10,6 +12,14 @@ pub fn armed(phase: &str) -> bool {
 
 /// An error at `phase` when it is the one armed.
 pub fn point(phase: &str) -> Result<(), String> {
+    if armed(&format!("stall-{phase}")) {
+        use std::io::Write;
+        println!("STALLED at {phase}");
+        let _ = std::io::stdout().flush();
+        loop {
+            std::thread::park();
+        }
+    }
     if armed(phase) {
         Err(format!("fault injected at {phase} ({VAR})"))
     } else {

@@ -204,6 +204,25 @@ impl Host {
             "making the bridge",
             &["link", "add", br, "type", "bridge"],
         )?;
+        // A bridge takes the lowest MAC of its ports unless given one: a surrogate's
+        // port joining would change it, and every partition's cached neighbour entry
+        // for the gateway would point nowhere until it timed out.
+        let gw: std::net::Ipv4Addr = self
+            .gateway
+            .split('/')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| PartitionError::Refused {
+                name: "-".into(),
+                what: format!("gateway {:?} is not an IPv4 ADDR/PREFIX", self.gateway),
+            })?;
+        let o = gw.octets();
+        let mac = format!("02:4c:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]);
+        ip(
+            "-",
+            "giving the bridge its address",
+            &["link", "set", br, "address", &mac],
+        )?;
         ip(
             "-",
             "addressing the bridge",
@@ -734,6 +753,20 @@ pub fn init(plan: &InitPlan) -> Result<std::convert::Infallible> {
     )
     .map_err(|e| sys("binding its disk", plan.mount_at, e))?;
     nix::unistd::sethostname(name).map_err(|e| sys("setting its host name", Path::new("-"), e))?;
+    // Nothing of whoever started the console goes into the partition: every other fd
+    // closes at the exec. (Read before the chroot: there is no /proc inside.)
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        let fds: Vec<i32> = fds
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .filter(|&fd| fd > 2)
+            .collect();
+        for fd in fds {
+            use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+            // A number that closed since (the directory's own) is EBADF: no matter.
+            let _ = fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+        }
+    }
     nix::unistd::chroot(plan.mount_at).map_err(|e| sys("entering its root", plan.mount_at, e))?;
     nix::unistd::chdir("/").map_err(|e| sys("entering its root", Path::new("/"), e))?;
     // Its output goes nowhere: a file of its disk that it writes would differ from

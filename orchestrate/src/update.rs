@@ -564,8 +564,10 @@ fn migrate(
     let sock = work.join("mcr.sock");
     let pidfile = work.join("new.pid");
     let cgroup = surrogate.cgroup.clone();
+    // The receiver's mount namespace becomes the workload's (--inherit-mntns): made
+    // as a partition's is (see partition::init), with the clone at its root's path.
     let setup = format!(
-        "echo 0 > {} && mount --bind {} {} && exec \"$0\" \"$@\"",
+        "echo 0 > {} && {{ umount -l /run/netns 2>/dev/null; true; }} && mount --bind {} {} && exec \"$0\" \"$@\"",
         sh_quote(&cgroup.join("cgroup.procs").display().to_string()),
         sh_quote(&surrogate.disk.display().to_string()),
         sh_quote(&surrogate.mount_at.display().to_string()),
@@ -586,7 +588,13 @@ fn migrate(
         .arg(&plan.mcr)
         .args(["receive", "--listen"])
         .arg(format!("unix:{}", sock.display()))
-        .args(["--tcp-established", "-d", "--json", "--pidfile"])
+        .args([
+            "--tcp-established",
+            "--inherit-mntns",
+            "-d",
+            "--json",
+            "--pidfile",
+        ])
         .arg(&pidfile)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

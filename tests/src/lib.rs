@@ -21,15 +21,20 @@ pub const LINE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The `mcr` binary next to the test binary (target/<profile>/mcr).
 pub fn mcr_bin() -> PathBuf {
+    built_bin("mcr")
+}
+
+/// A binary of the workspace next to the test binary (target/<profile>/NAME).
+pub fn built_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("target/<profile>");
-    let bin = dir.join("mcr");
+    let bin = dir.join(name);
     assert!(
         bin.exists(),
-        "{} is missing: build it first (cargo build --release -p mcr)",
+        "{} is missing: build it first (cargo build --release --workspace --bins)",
         bin.display()
     );
     bin

@@ -54,6 +54,11 @@ pub struct RestoreOptions {
     pub netns: Option<PathBuf>,
     /// Post-copy: pages left missing, served on first touch by whoever holds this.
     pub lazy: Option<std::sync::Arc<lazy::LazyRestore>>,
+    /// Our mount namespace was made for the tree (by whoever runs us): it becomes
+    /// the tree's, instead of a new one with the image's differences. The files the
+    /// tree gets are then on its own mounts, which outlive us, and a later dump names
+    /// them as it sees them.
+    pub inherit_mntns: bool,
 }
 
 impl RestoreOptions {
@@ -69,6 +74,7 @@ impl RestoreOptions {
             tcp_established: false,
             netns: None,
             lazy: None,
+            inherit_mntns: false,
         }
     }
 }
@@ -229,7 +235,7 @@ pub fn restore_with(
     let netns = open_netns(opts, p0.pid)?;
     steps.push(("open files", t.elapsed()));
     let mut numbers = plan.numbers();
-    if p0.namespaces.mnt.is_some() || opts.mntns {
+    if (p0.namespaces.mnt.is_some() || opts.mntns) && !opts.inherit_mntns {
         files::name_cwds_inside(&mut numbers, procs);
     }
     memory::check_vdso_layout(p0)?;
@@ -557,7 +563,7 @@ pub(crate) fn spawn_tree(
     } else {
         0
     };
-    let new_mntns = ns.mnt.is_some() || opts.mntns;
+    let new_mntns = (ns.mnt.is_some() || opts.mntns) && !opts.inherit_mntns;
     let root = restore_root.dir.as_path();
     let (flags, mounts, chroot) = if new_mntns {
         (
@@ -683,7 +689,38 @@ pub(crate) fn restore_root(
         })?,
         None => PathBuf::from("/"),
     };
+    if opts.inherit_mntns {
+        check_inherited_mounts(pid, p0.namespaces.mnt.as_ref())?;
+    }
     Ok(RestoreRoot::new(dir, p0.namespaces.mnt.as_ref()))
+}
+
+/// With `inherit_mntns`, our namespace must have the tree's own mounts where it had
+/// them: it was made for it.
+fn check_inherited_mounts(pid: i32, mnt: Option<&MountNs>) -> Result<()> {
+    let Some(mnt) = mnt else {
+        return Err(RestoreError::Incompatible {
+            pid,
+            what: "--inherit-mntns: the tree had no mount namespace of its own".into(),
+        });
+    };
+    let ours =
+        kext_shim::procfs::read_mountinfo(Pid::this()).map_err(|e| RestoreError::Incompatible {
+            pid,
+            what: format!("--inherit-mntns: reading our mounts: {e}"),
+        })?;
+    for m in &mnt.mounts {
+        if !ours.iter().any(|o| o.mount_point == m.target) {
+            return Err(RestoreError::Incompatible {
+                pid,
+                what: format!(
+                    "--inherit-mntns: the tree had a mount at {} and our namespace has none",
+                    m.target
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The network namespace of `--netns`, opened for the first stub to join.

@@ -1,0 +1,522 @@
+#![forbid(unsafe_code)]
+//! `liveupdate`: partitions on a console of the test's own, the demo service in one,
+//! a client outside counting what it receives, and live updates that move it.
+
+use mcr_tests::*;
+use orchestrate::demo::Seen;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+static LABS: AtomicU32 = AtomicU32::new(0);
+
+/// A console with its own bridge, subnet, state and disks, all gone when dropped.
+struct Lab {
+    dir: tempfile::TempDir,
+    bridge: String,
+    subnet: u32,
+    console: Child,
+}
+
+fn liveupdate() -> Command {
+    Command::new(built_bin("liveupdate"))
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let n = LABS.fetch_add(1, Ordering::Relaxed);
+        // Apart from another run's labs and from each other: a /24 each.
+        let subnet = (std::process::id() % 40) * 6 + n;
+        let bridge = format!("lut{}{n}", std::process::id() % 10_000);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let out = liveupdate()
+            .args(["console", "auth", "--user", "tester", "--dir"])
+            .arg(&state)
+            .output()
+            .expect("liveupdate console auth");
+        assert!(out.status.success(), "{}", text(&out));
+        let mut console = liveupdate()
+            .args(["console", "serve", "--socket"])
+            .arg(dir.path().join("console.sock"))
+            .arg("--state")
+            .arg(&state)
+            .args([
+                "--bridge",
+                &bridge,
+                "--gateway",
+                &format!("10.91.{subnet}.1/24"),
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("liveupdate console serve");
+        let mut lines = Lines::new(console.stdout.take().expect("piped"));
+        lines.expect_prefix("liveupdate: console serving");
+        let lab = Lab {
+            dir,
+            bridge,
+            subnet,
+            console,
+        };
+        std::fs::write(
+            lab.config(),
+            format!(
+                "general:\n    mode = automated\n    kext_check = no\ndisks:\n    clone = {}\n    mirror = {}\nconsole:\n    address = unix:{}\n    user = tester\n",
+                lab.path("clones").display(),
+                lab.path("mirror").display(),
+                lab.path("console.sock").display()
+            ),
+        )
+        .expect("config");
+        lab
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn config(&self) -> PathBuf {
+        self.path("lvupdate.data")
+    }
+
+    /// `liveupdate ARGS` with the lab's console and state.
+    fn lu(&self, args: &[&str]) -> Output {
+        self.lu_env(args, &[])
+    }
+
+    fn lu_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut c = liveupdate();
+        // Before a `--` that ends them.
+        let k = if args[0] == "partition" { 2 } else { 1 };
+        c.args(&args[..k])
+            .args(self.reach(args[0]))
+            .args(&args[k..]);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.stdin(Stdio::null()).output().expect("liveupdate")
+    }
+
+    /// The options that say where the console and the state are, for `cmd`.
+    fn reach(&self, cmd: &str) -> Vec<String> {
+        let state = self.path("state").display().to_string();
+        match cmd {
+            "partition" => vec![
+                "--console".into(),
+                self.path("console.sock").display().to_string(),
+                "--state".into(),
+                state,
+            ],
+            "run" | "rollback" => vec![
+                "--config".into(),
+                self.config().display().to_string(),
+                "--state".into(),
+                state,
+            ],
+            "log" => vec!["--dir".into(), state],
+            _ => vec![],
+        }
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.lu(args);
+        assert!(
+            o.status.success(),
+            "liveupdate {}: {}",
+            args.join(" "),
+            text(&o)
+        );
+        text(&o)
+    }
+
+    /// The console's table, as `partition list` prints it: (name, state, init) rows.
+    fn list(&self) -> Vec<(String, String, String)> {
+        self.ok(&["partition", "list"])
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f[1].to_string(), f[2].to_string(), f[3].to_string())
+            })
+            .collect()
+    }
+
+    /// A partition running the demo service on a sample disk; its address.
+    fn service(&self, name: &str) -> String {
+        let disk = self.path(&format!("disks/{name}"));
+        let d = disk.display().to_string();
+        self.ok(&["disk", "sample", &d]);
+        self.ok(&["partition", "create", name, "--disk", &d]);
+        self.ok(&[
+            "partition",
+            "start",
+            name,
+            "--",
+            "/bin/liveupdate",
+            "demo-service",
+            "--port",
+            "7000",
+        ]);
+        format!("10.91.{}.{}", self.subnet, 11)
+    }
+
+    /// A fix bundle that changes the service's greeting; its directory.
+    fn fix(&self, label: &str, extra: &[&str]) -> PathBuf {
+        let dir = self.path("fixes");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let g = dir.join(format!("{label}.greeting"));
+        std::fs::write(&g, format!("hello from {label}\n")).expect("greeting");
+        let out = dir.join(format!("{label}.tar.zst"));
+        let mut args = vec![
+            "fix".to_string(),
+            "create".into(),
+            "-o".into(),
+            out.display().to_string(),
+            "--label".into(),
+            label.into(),
+            "--abstract".into(),
+            "a new greeting".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push(format!("{}:/etc/demo/greeting", g.display()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.ok(&refs);
+        dir
+    }
+
+    fn run(&self, fix: &str, env: &[(&str, &str)]) -> Output {
+        let dir = self.path("fixes").display().to_string();
+        self.lu_env(&["run", "-d", &dir, fix, "-p", "svc"], env)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for (name, _, _) in self.list() {
+            let _ = self.lu(&["partition", "destroy", &name]);
+        }
+        let _ = self.console.kill();
+        let _ = self.console.wait();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
+        if let Some(cg) = orchestrate::partition::cgroup2_mount() {
+            let _ = std::fs::remove_dir(cg.join(format!("liveupdate-{}", self.bridge)));
+        }
+    }
+}
+
+/// A client outside every partition, reading the service's numbered lines.
+struct Client {
+    stop: Arc<AtomicBool>,
+    got: mpsc::Receiver<u64>,
+    thread: std::thread::JoinHandle<std::io::Result<Seen>>,
+}
+
+impl Client {
+    fn connect(addr: &str) -> Client {
+        let mut c = None;
+        for _ in 0..500 {
+            match TcpStream::connect((addr, 7000)) {
+                Ok(s) => {
+                    c = Some(s);
+                    break;
+                }
+                // The service binds a moment after its partition started.
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        let c = c.unwrap_or_else(|| panic!("no demo service at {addr}:7000"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, got) = mpsc::channel();
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || orchestrate::demo::count_reporting(c, &s, tx));
+        let client = Client { stop, got, thread };
+        client.wait_lines(50);
+        client
+    }
+
+    /// Waits for `n` more lines (in fifties).
+    fn wait_lines(&self, n: u64) {
+        for _ in 0..n.div_ceil(50) {
+            if self.got.recv_timeout(Duration::from_secs(10)).is_err() {
+                let sh = |c: &str| {
+                    let o = Command::new("sh").args(["-c", c]).output().expect("sh");
+                    format!(
+                        "$ {c}\n{}{}",
+                        String::from_utf8_lossy(&o.stdout),
+                        String::from_utf8_lossy(&o.stderr)
+                    )
+                };
+                panic!(
+                    "the client stopped receiving lines\n{}\n{}\n{}\n{}",
+                    sh("ss -tnio dst 10.91.0.0/16"),
+                    sh("for n in $(ip netns list | awk '{print $1}' | grep ^lut); do echo == $n; ip -n $n -br addr; ip netns exec $n nft list ruleset; ip -n $n neigh; done"),
+                    sh("ip neigh | grep 10.91"),
+                    sh("for p in $(cat /sys/fs/cgroup/unified/liveupdate-lut*/p*/cgroup.procs); do for t in /proc/$p/task/*; do echo $t $(cat $t/stat | cut -d' ' -f3) $(cat $t/wchan) $(cat $t/syscall); done; ip netns identify $p; done; for n in $(ip netns list | awk '{print $1}' | grep ^lut); do echo == $n; ip netns exec $n ss -tnio; done")
+                );
+            }
+        }
+    }
+
+    fn finish(self) -> Seen {
+        self.wait_lines(50);
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .expect("client thread")
+            .expect("the client's connection")
+    }
+}
+
+fn journal(lab: &Lab) -> String {
+    lab.ok(&["log"])
+}
+
+#[test]
+fn a_live_update_moves_the_service_onto_the_patched_clone_and_back_by_rollback() {
+    let lab = Lab::new();
+    let addr = lab.service("svc");
+    lab.fix("FIX-1", &[]);
+    let client = Client::connect(&addr);
+    let before = lab.list();
+    let o = lab.run("FIX-1", &[]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    for phase in [
+        "Cloning the root disk of svc",
+        "Applying fix FIX-1 to the clone",
+        "Started the surrogate partition svc (id 2)",
+        "the original is now svc_lu0 (id 1)",
+        "moved:",
+        "Shut down the original partition svc_lu0",
+        "succeeded: blackout",
+    ] {
+        assert!(out.contains(phase), "no {phase:?} in {out}");
+    }
+    client.wait_lines(100);
+    let after = lab.list();
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!((&after[0].0[..], &after[0].1[..]), ("svc", "Running"));
+    assert_ne!(after[0].2, before[0].2, "a new pid 1, in the surrogate");
+    // The clone has the fix on record; the original disk has not.
+    let fixes = lab.ok(&[
+        "fix",
+        "list",
+        "--root",
+        &lab.path("clones/svc-LU0001").display().to_string(),
+    ]);
+    assert!(fixes.contains("FIX-1"), "{fixes}");
+    let j = journal(&lab);
+    assert!(j.contains("LU0001") && j.contains("FIX-1"), "{j}");
+
+    let o = lab.lu(&["rollback", "-p", "svc"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let seen = client.finish();
+    assert_eq!(seen.broken, 0, "lines lost or repeated: {seen:?}");
+    assert_eq!(seen.first, "hello from the original disk");
+    assert_eq!(seen.last, "hello from the original disk", "{seen:?}");
+    let j = journal(&lab);
+    assert!(j.contains("LU0002") && j.contains("rollback"), "{j}");
+}
+
+#[test]
+fn a_failure_at_every_phase_before_the_commit_leaves_the_workload_where_it_was() {
+    let lab = Lab::new();
+    let addr = lab.service("svc");
+    lab.fix("FIX-1", &[]);
+    let client = Client::connect(&addr);
+    let before = lab.list();
+    for phase in ["clone", "fix-apply", "surrogate", "pre-copy", "blackout"] {
+        let o = lab.run("FIX-1", &[("LIVEUPDATE_FAULT", phase)]);
+        let out = text(&o);
+        assert!(!o.status.success(), "{phase}: {out}");
+        assert!(out.contains("FAILED"), "{phase}: {out}");
+        assert!(
+            out.contains("the workload runs on in partition svc"),
+            "{out}"
+        );
+        assert_eq!(lab.list(), before, "after a failure at {phase}");
+        client.wait_lines(50);
+        let clones = lab.path("clones");
+        let left = std::fs::read_dir(&clones).map_or(0, |d| d.count());
+        assert_eq!(left, 0, "a clone is left after a failure at {phase}");
+    }
+    let j = journal(&lab);
+    assert_eq!(j.matches("fault injected at").count(), 4, "{j}");
+    assert!(
+        j.contains("mcr migrate"),
+        "the blackout's failure is mcr's: {j}"
+    );
+    // The lock went with each: the real thing runs now.
+    let o = lab.run("FIX-1", &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let seen = client.finish();
+    assert_eq!(seen.broken, 0, "{seen:?}");
+    assert_eq!(seen.last, "hello from FIX-1");
+}
+
+#[test]
+fn fixes_that_are_not_live_update_capable_or_corrupt_are_refused_and_nothing_moves() {
+    let lab = Lab::new();
+    let addr = lab.service("svc");
+    lab.fix("KERNEL-1", &["--not-lu-capable"]);
+    let dir = lab.fix("BROKEN-1", &[]);
+    // One byte of the compressed bundle changed: its checksum (or zstd's) says so.
+    let b = dir.join("BROKEN-1.tar.zst");
+    let mut bytes = std::fs::read(&b).expect("bundle");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x55;
+    std::fs::write(&b, bytes).expect("write");
+    let client = Client::connect(&addr);
+    let before = lab.list();
+    let o = lab.run("KERNEL-1", &[]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("not live-update capable"), "{}", text(&o));
+    let o = lab.run("BROKEN-1", &[]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("FAILED"), "{}", text(&o));
+    assert_eq!(lab.list(), before);
+    let seen = client.finish();
+    assert_eq!(seen.broken, 0);
+    assert_eq!(seen.last, "hello from the original disk");
+}
+
+#[test]
+fn the_console_refuses_a_wrong_or_expired_token_a_taken_id_and_a_taken_name() {
+    let lab = Lab::new();
+    let disk = lab.path("disks/a");
+    std::fs::create_dir_all(&disk).expect("mkdir");
+    let d = disk.display().to_string();
+    lab.ok(&["partition", "create", "a", "--disk", &d, "--id", "7"]);
+    let o = lab.lu(&["partition", "create", "b", "--disk", &d, "--id", "7"]);
+    assert_eq!(o.status.code(), Some(6));
+    assert!(
+        text(&o).contains("partition id 7 is taken by \"a\""),
+        "{}",
+        text(&o)
+    );
+    let o = lab.lu(&["partition", "create", "a", "--disk", &d]);
+    assert!(
+        text(&o).contains("partition name \"a\" is taken"),
+        "{}",
+        text(&o)
+    );
+    // A token made elsewhere is not the console's.
+    let other = tempfile::tempdir().expect("tempdir");
+    let out = liveupdate()
+        .args(["console", "auth", "--user", "intruder", "--dir"])
+        .arg(other.path())
+        .output()
+        .expect("auth");
+    assert!(out.status.success());
+    let o = liveupdate()
+        .args(["partition", "list", "--console"])
+        .arg(lab.path("console.sock"))
+        .arg("--state")
+        .arg(other.path())
+        .output()
+        .expect("list");
+    assert_eq!(o.status.code(), Some(6));
+    assert!(
+        text(&o).contains("refused: wrong console token"),
+        "{}",
+        text(&o)
+    );
+    // The console's own, expired.
+    let state = lab.path("state");
+    let out = liveupdate()
+        .args([
+            "console",
+            "auth",
+            "--user",
+            "tester",
+            "--ttl-secs",
+            "0",
+            "--dir",
+        ])
+        .arg(&state)
+        .output()
+        .expect("auth");
+    assert!(out.status.success());
+    let o = lab.lu(&["partition", "list"]);
+    assert_eq!(o.status.code(), Some(6));
+    assert!(text(&o).contains("expired"), "{}", text(&o));
+    let out = liveupdate()
+        .args(["console", "auth", "--user", "tester", "--dir"])
+        .arg(&state)
+        .output()
+        .expect("auth");
+    assert!(out.status.success());
+    assert_eq!(lab.list().len(), 1);
+}
+
+#[test]
+fn a_killed_liveupdate_is_cleaned_up_after_by_the_next_run() {
+    let lab = Lab::new();
+    let addr = lab.service("svc");
+    lab.fix("FIX-1", &[]);
+    let client = Client::connect(&addr);
+    let before = lab.list();
+    let dir = lab.path("fixes").display().to_string();
+    let mut c = liveupdate();
+    c.args(["run", "-d", &dir, "FIX-1", "-p", "svc"])
+        .args(lab.reach("run"))
+        .env("LIVEUPDATE_FAULT", "stall-pre-copy")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut stalled = c.spawn().expect("liveupdate run");
+    let mut lines = Lines::new(stalled.stdout.take().expect("piped"));
+    lines.expect_prefix("STALLED at pre-copy");
+    stalled.kill().expect("SIGKILL");
+    stalled.wait().expect("reaped");
+    // Half made: the surrogate under the name, the original renamed.
+    let names: Vec<String> = lab.list().into_iter().map(|p| p.0).collect();
+    assert!(names.contains(&"svc_lu0".to_string()), "{names:?}");
+    client.wait_lines(50);
+    let o = lab.run("FIX-1", &[]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("died holding the lock"), "{out}");
+    assert!(out.contains("removing the half-made surrogate"), "{out}");
+    let after = lab.list();
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].0, before[0].0);
+    let seen = client.finish();
+    assert_eq!(seen.broken, 0);
+    assert_eq!(seen.last, "hello from FIX-1");
+}
+
+#[test]
+fn the_demo_moves_its_service_live_and_its_client_sees_the_fix() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let n = LABS.fetch_add(1, Ordering::Relaxed);
+    let bridge = format!("lud{}{n}", std::process::id() % 10_000);
+    let out = liveupdate()
+        .arg("demo")
+        .arg("--dir")
+        .arg(tmp.path().join("demo"))
+        .args(["--bridge", &bridge, "--gateway", "10.92.0.1/24"])
+        .output()
+        .expect("liveupdate demo");
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("liveupdate demo: PASSED"), "{t}");
+    assert!(t.contains("lost or repeated     0"), "{t}");
+    assert!(
+        t.contains("greeting after       \"hello from the patched clone\""),
+        "{t}"
+    );
+    assert!(!Path::new(&format!("/sys/class/net/{bridge}")).exists());
+}
