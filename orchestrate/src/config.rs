@@ -457,7 +457,7 @@ extra:
             ),
             (
                 4,
-                "unknown attribute \"colour\" in stanza general: (known: mode, kext_check)",
+                "unknown attribute \"colour\" in stanza general: (known: mode, kext_check, pre_hook, post_hook)",
             ),
             (
                 6,
