@@ -81,6 +81,42 @@ fn a_workload_moves_to_the_destination_and_the_original_dies_after() {
     assert_pass(&moved.check());
 }
 
+/// A partition's tree is the init of its own pid namespace: the rounds name it as it
+/// sees itself, as the checkpoint does, so the destination builds it from them.
+#[test]
+fn the_init_of_its_own_pid_namespace_moves_warm() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let sock = tmp.path().join("mig.sock");
+    let to = format!("unix:{}", s(&sock));
+    let mut g = Guard::new();
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--pid", "--fork", "--kill-child"])
+        .arg(workload_bin("churn"))
+        .args([s(&tmp.path().join("churn-file")), "16", "4"]);
+    let mut outer = Proc::spawn(&mut g, cmd, Some("READY"));
+    let root = tree_pids(outer.pid)[1];
+    g.add(root);
+    let recv = Receiver::start(&to, &tmp.path().join("pid"), &[], &[]);
+    let out = migrate(root, &to, &["--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json");
+    assert_eq!(report["warm"], true, "{report}");
+    outer.wait();
+    let mut moved = recv.workload(&mut g);
+    let nspid = std::fs::read_to_string(format!("/proc/{}/status", moved.pid)).expect("status");
+    assert!(
+        nspid
+            .lines()
+            .any(|l| l.starts_with("NSpid:") && l.ends_with("\t1")),
+        "{nspid}"
+    );
+    assert_pass(&moved.check());
+}
+
 #[test]
 fn a_destination_that_cannot_restore_leaves_the_original_running() {
     let tmp = tempfile::tempdir().expect("tempdir");

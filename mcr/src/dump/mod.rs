@@ -247,7 +247,7 @@ pub fn checkpoint_held(opts: &CheckpointOptions) -> Result<HeldCheckpoint> {
             if !plan.inherited.is_empty() {
                 inherits = true;
                 p.mm.parent = Some(crate::model::ParentPages {
-                    pid: p.pid,
+                    pid: owner,
                     ranges: plan.inherited,
                 });
             }

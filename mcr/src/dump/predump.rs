@@ -203,6 +203,20 @@ fn run(
         // Chosen now that the next round's tracking holds: the tree may run.
         p.plan.choose_rest(p.pid, &p.mm)?;
     }
+    // A tree in a pid namespace of its own is written as it sees itself, as the
+    // checkpoint writes it (see pidns): a destination builds the tree early from this
+    // (restore::warm), and pages are found by those pids along a chain.
+    let bare: Vec<ProcessImage> = procs
+        .iter()
+        .map(|p| memory_only(p.pid.as_raw(), p.ppid, &p.comm, p.mm.clone()))
+        .collect();
+    let namespaces = super::task::namespaces(&bare)?;
+    let view = namespaces
+        .pid
+        .then(|| super::pidns::PidView::read(&bare, &[]))
+        .transpose()?;
+    drop(bare);
+    let owner = |pid: Pid| view.as_ref().map_or(pid.as_raw(), |v| v.pid(pid.as_raw()));
     for p in &procs {
         // A run the process unmapped or protected meanwhile is skipped; the next image
         // must then not count on this one for it.
@@ -212,7 +226,7 @@ fn run(
                 .untrack(j.addr, end)
                 .step(p.pid, || "giving up tracking a run that went away".into())
         };
-        mm::copy_pages(p.pid, p.pid.as_raw(), &p.plan, &writer, Some(&skip))?;
+        mm::copy_pages(p.pid, owner(p.pid), &p.plan, &writer, Some(&skip))?;
     }
     steps.push(("copy pages", t.elapsed()));
 
@@ -221,12 +235,11 @@ fn run(
         if !p.plan.inherited.is_empty() {
             inherits = true;
             p.mm.parent = Some(ParentPages {
-                pid: p.pid.as_raw(),
+                pid: owner(p.pid),
                 ranges: std::mem::take(&mut p.plan.inherited),
             });
         }
     }
-    let root = procs[0].pid.as_raw();
     let mut processes: Vec<ProcessImage> = procs
         .iter()
         .map(|p| {
@@ -241,7 +254,10 @@ fn run(
         .collect::<Result<_>>()?;
     // With the sessions and roots: what a destination needs to make the tree early
     // (see restore::warm), which the checkpoint must then match.
-    processes[0].namespaces = super::task::namespaces(&processes)?;
+    processes[0].namespaces = namespaces;
+    if let Some(v) = &view {
+        v.translate(&mut processes, &mut [], &mut []);
+    }
     let trackers: Vec<WriteTracker> = procs.into_iter().map(|p| p.tracker).collect();
     let (holder, trackers) = match keep {
         Keep::Holder => (Some(track::spawn_holder(trackers)?), Vec::new()),
@@ -252,7 +268,7 @@ fn run(
         inventory: Inventory {
             parent: prev.as_ref().filter(|_| inherits).map(|p| p.parent_ref()),
             tracker: holder.clone(),
-            ..super::new_inventory(root, {
+            ..super::new_inventory(processes[0].pid, {
                 let mut f = vec![PRE_DUMP.to_string()];
                 if inherits {
                     f.push(crate::image::PARENT_IMAGES.into());

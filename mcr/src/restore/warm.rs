@@ -72,6 +72,30 @@ struct Shape {
 }
 
 impl Shape {
+    /// What of `self` is not as `then` was, for the operator.
+    fn differs(&self, then: &Shape) -> Option<String> {
+        if self.procs != then.procs {
+            let ids = |s: &Shape| {
+                s.procs
+                    .iter()
+                    .map(|p| format!("{p:?}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            return Some(format!("processes {} were {}", ids(self), ids(then)));
+        }
+        if self.uts != then.uts {
+            return Some("its host name".into());
+        }
+        if (self.ipc, self.pid) != (then.ipc, then.pid) {
+            return Some("its ipc or pid namespace".into());
+        }
+        if self.mnt != then.mnt {
+            return Some(format!("its mounts {:?} were {:?}", self.mnt, then.mnt));
+        }
+        None
+    }
+
     fn of(snap: &Snapshot) -> Shape {
         let ns = &snap.processes[0].namespaces;
         Shape {
@@ -185,10 +209,10 @@ impl WarmTree {
     pub fn apply(&mut self, chain: &[&Image]) -> Result<u64> {
         let t = Instant::now();
         let snap = &chain[0].snapshot;
-        if Shape::of(snap) != self.shape {
+        if let Some(what) = Shape::of(snap).differs(&self.shape) {
             return Err(not_warm(
                 snap,
-                "the tree changed shape since the first round",
+                format!("the tree changed shape since the first round ({what})"),
             ));
         }
         let continues = chain
@@ -219,8 +243,10 @@ impl WarmTree {
         if let Some(why) = unwarmable(snap) {
             return Err(why);
         }
-        if Shape::of(snap) != self.shape {
-            return Err("the tree changed shape since the first round".into());
+        if let Some(what) = Shape::of(snap).differs(&self.shape) {
+            return Err(format!(
+                "the tree changed shape since the first round ({what})"
+            ));
         }
         if placement
             .iter()
