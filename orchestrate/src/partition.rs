@@ -78,6 +78,10 @@ pub struct Partition {
     /// What its pid 1 was started as (a cold restart starts it again).
     #[serde(default)]
     pub command: Vec<String>,
+    /// Its interface's MAC, which the host's neighbour entry for its address is set
+    /// to when it takes the address.
+    #[serde(default)]
+    pub mac: String,
 }
 
 impl Partition {
@@ -326,19 +330,25 @@ impl Host {
             netns: format!("{}-{id}", self.bridge),
             cgroup: self.cgroups.join(format!("p{id}")),
             command: req.command.clone(),
+            mac: String::new(),
         };
         self.ensure_bridge()?;
-        let made = self.make_sandbox(&p);
-        if let Err(e) = made {
-            self.unmake_sandbox(&p);
-            return Err(e);
+        let mut p = p;
+        match self.make_sandbox(&p) {
+            Ok(mac) => p.mac = mac,
+            Err(e) => {
+                self.unmake_sandbox(&p);
+                return Err(e);
+            }
         }
         parts.push(p.clone());
         self.save(parts)?;
         Ok(p)
     }
 
-    fn make_sandbox(&self, p: &Partition) -> Result<()> {
+    /// Its network namespace, interface on the bridge, routes and cgroup; the
+    /// interface's MAC.
+    fn make_sandbox(&self, p: &Partition) -> Result<String> {
         let (n, ns) = (p.name.as_str(), p.netns.clone());
         let outer = format!("{}h{}", self.bridge, p.id);
         ip(n, "making its network namespace", &["netns", "add", &ns])?;
@@ -394,7 +404,19 @@ impl Host {
             path: cg.display().to_string(),
             source,
         })?;
-        Ok(())
+        let link = ip(
+            n,
+            "reading its interface",
+            &["-n", &ns, "-o", "link", "show", "eth0"],
+        )?;
+        link.split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .map(String::from)
+            .ok_or_else(|| PartitionError::Refused {
+                name: n.into(),
+                what: format!("its interface has no MAC: {link}"),
+            })
     }
 
     /// Best effort: what `make_sandbox` made, gone.
@@ -403,21 +425,23 @@ impl Host {
         let _ = std::fs::remove_dir(p.cgroup.clone());
     }
 
-    /// Puts the partition's address on its interface (and takes it off wherever else
-    /// it is), and tells the bridge's neighbours to ask again who has it. At a live
-    /// update this is inside the blackout: the two sides change at once.
+    /// Puts the partition's address on its interface, takes it off wherever else it
+    /// is, and points the host's neighbour entry for it at this interface. At a live
+    /// update this is inside the blackout: the three change at once.
     pub fn take_address(&self, parts: &mut [Partition], name: &str) -> Result<()> {
         let i = find(parts, name)?;
         let p = parts[i].clone();
         let ns = p.netns.clone();
-        let mut changes = vec![(
-            name.to_string(),
-            "taking its address",
-            vec!["-n", &ns, "addr", "add", &p.address, "dev", "eth0"]
-                .into_iter()
-                .map(String::from)
-                .collect::<Vec<_>>(),
-        )];
+        let mut changes: Vec<(String, &str, Vec<String>)> = Vec::new();
+        if !p.holds_address {
+            changes.push((
+                name.to_string(),
+                "taking its address",
+                ["-n", &ns, "addr", "add", &p.address, "dev", "eth0"]
+                    .map(String::from)
+                    .to_vec(),
+            ));
+        }
         let holders: Vec<usize> = (0..parts.len())
             .filter(|&j| j != i && parts[j].holds_address && parts[j].ip() == p.ip())
             .collect();
@@ -439,6 +463,28 @@ impl Host {
                 .to_vec(),
             ));
         }
+        // The host's entry for the address names the new interface at once, rather
+        // than being flushed after the change and asked for again.
+        let neigh = if p.mac.is_empty() {
+            vec!["neigh", "flush", "dev", &self.bridge, "to", p.ip()]
+        } else {
+            vec![
+                "neigh",
+                "replace",
+                p.ip(),
+                "lladdr",
+                &p.mac,
+                "dev",
+                &self.bridge,
+                "nud",
+                "reachable",
+            ]
+        };
+        changes.push((
+            name.to_string(),
+            "pointing the host at it",
+            neigh.into_iter().map(String::from).collect(),
+        ));
         let running: Vec<_> = changes
             .iter()
             .map(|(n, step, args)| {
@@ -472,11 +518,6 @@ impl Host {
         for j in holders {
             parts[j].holds_address = false;
         }
-        let _ = ip(
-            name,
-            "-",
-            &["neigh", "flush", "dev", &self.bridge, "to", p.ip()],
-        );
         parts[i].holds_address = true;
         self.save(parts)
     }
