@@ -82,8 +82,12 @@ enum Cmd {
         #[arg(short = 't', long = "tree")]
         pid: i32,
         /// Images directory: created 0700, or an empty one.
-        #[arg(short = 'D', long = "images-dir")]
-        dir: PathBuf,
+        #[arg(short = 'D', long = "images-dir", required_unless_present = "dry_run")]
+        dir: Option<PathBuf>,
+        /// Freeze, look at everything a checkpoint would take, refuse what it would
+        /// refuse, and resume: nothing written, no connection stopped (exit 0: it can).
+        #[arg(long)]
+        dry_run: bool,
         #[arg(long, conflicts_with = "leave_stopped")]
         leave_running: bool,
         #[arg(long)]
@@ -330,6 +334,7 @@ fn main() -> ExitCode {
             tcp_established,
             prev_images_dir,
             json,
+            dry_run,
         } => {
             let after = if leave_running {
                 AfterDump::LeaveRunning
@@ -339,6 +344,25 @@ fn main() -> ExitCode {
                 AfterDump::Kill
             };
             remove_stale_tables();
+            // A dry run writes nothing; the writer still wants a place.
+            let scratch = match dir {
+                Some(_) => None,
+                None => match tempfile::Builder::new()
+                    .prefix("mcr-dry-run-")
+                    .tempdir_in("/dev/shm")
+                {
+                    Ok(t) => Some(t),
+                    Err(e) => return fail(&e, 1),
+                },
+            };
+            let dir = match (dir, &scratch) {
+                (Some(d), _) => d,
+                (None, Some(t)) => t.path().join("img"),
+                (None, None) => {
+                    eprintln!("mcr: error: pid {pid}: no images directory (-D)");
+                    return ExitCode::from(2);
+                }
+            };
             let opts = CheckpointOptions {
                 pid,
                 dir,
@@ -351,7 +375,32 @@ fn main() -> ExitCode {
                 prev_held_pids: vec![],
                 vm_flags: None,
                 lazy: false,
+                dry_run,
             };
+            if dry_run {
+                return match mcr::dump::dry_run(&opts) {
+                    Ok(r) => {
+                        let ms = r.frozen_for.as_secs_f64() * 1e3;
+                        if json {
+                            let v = serde_json::json!({
+                                "pid": r.pid, "processes": r.processes, "threads": r.threads,
+                                "fds": r.fds, "tcp_connections": r.tcp_connections,
+                                "mapped_bytes": r.mapped_bytes, "frozen_ms": ms,
+                                "steps": steps_json(&r.steps),
+                            });
+                            println!("{v}");
+                        } else {
+                            eprintln!(
+                                "mcr: pid {} can be checkpointed: {} processes, {} threads, {} fds, {} established TCP connections, {:.1} MiB mapped; frozen {ms:.2} ms to look",
+                                r.pid, r.processes, r.threads, r.fds, r.tcp_connections,
+                                r.mapped_bytes as f64 / (1 << 20) as f64
+                            );
+                        }
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(&e, e.exit_code()),
+                };
+            }
             match mcr::dump::checkpoint(&opts) {
                 Ok(r) => {
                     if json {

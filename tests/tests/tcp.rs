@@ -1510,3 +1510,48 @@ fn a_destination_failing_after_the_commit_gives_the_connection_back_to_the_origi
         );
     }
 }
+
+/// A preview's question: could it be checkpointed? Answered frozen for a moment, with
+/// nothing written and no connection stopped; refused by name as a checkpoint would be.
+#[test]
+fn a_dry_run_says_what_a_checkpoint_would_refuse_and_the_service_talks_throughout() {
+    let mut g = Guard::new();
+    let (mut p, c) = echo_service(&mut g, &["0"]);
+    let port = c.peer_addr().expect("peer").port();
+    let client = Client::start(c).wait_trips(20);
+    let pid = p.pid.to_string();
+    let out = mcr(&["checkpoint", "-t", &pid, "--dry-run", "--shell-job"]);
+    assert_fails(
+        &out,
+        5,
+        &[&format!("pid {pid}"), "only taken with --tcp-established"],
+    );
+    let out = mcr(&[
+        "checkpoint",
+        "-t",
+        &pid,
+        "--dry-run",
+        "--shell-job",
+        "--tcp-established",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json");
+    assert_eq!(v["tcp_connections"], 1, "{v}");
+    assert_eq!(v["processes"], 1, "{v}");
+    // Other tests' locks may come and go meanwhile; none may name this service.
+    let rules = ruleset();
+    let named = rules
+        .match_indices(&format!(". {port}"))
+        .any(|(i, m)| !rules[i + m.len()..].starts_with(|c: char| c.is_ascii_digit()));
+    assert!(!named, "a dry run stopped connections: {rules}");
+    let client = client.wait_trips(20);
+    let (_, _conn) = client.finish();
+    assert_pass(&p.check());
+    drop(_conn);
+    assert_eq!(p.wait(), 0);
+}

@@ -244,6 +244,11 @@ pub struct TcpCapture {
 }
 
 impl TcpCapture {
+    /// Established connections taken, and those waiting to be accepted.
+    pub fn connections(&self) -> usize {
+        self.conns.len() + self.waiting.len()
+    }
+
     /// Stops the connections on the wire: nothing reaches the sockets or leaves them
     /// until they are let go or made again. `ready`: the lock prepared before the
     /// freeze (kept until the capture goes if there is nothing to lock).

@@ -65,6 +65,25 @@ pub struct CheckpointOptions {
     /// listed instead ([`HeldCheckpoint::lazy`]), for whoever holds the frozen tree to
     /// hand out on demand.
     pub lazy: bool,
+    /// Look at everything a checkpoint would take and refuse what it would refuse,
+    /// then resume: no page is copied, no image written, no connection stopped.
+    pub dry_run: bool,
+}
+
+/// What a dry run found: the tree a checkpoint would take.
+#[derive(Debug, Clone, Default)]
+pub struct DryRunReport {
+    pub pid: i32,
+    pub processes: usize,
+    pub threads: usize,
+    pub fds: usize,
+    /// Established TCP connections (which need --tcp-established).
+    pub tcp_connections: usize,
+    /// Bytes of the private and shared VMAs a checkpoint would look at.
+    pub mapped_bytes: u64,
+    /// From the freeze to the resume.
+    pub frozen_for: Duration,
+    pub steps: Vec<(&'static str, Duration)>,
 }
 
 /// The pages a post-copy checkpoint left out of its image for one process.
@@ -113,6 +132,9 @@ pub enum DumpError {
     Unsupported { pid: i32, what: String },
     #[error("pid {pid}: fault injected at {point} (MCR_FAULT)")]
     FaultInjected { pid: i32, point: &'static str },
+    /// Not a failure: a dry run ends here, the tree resumed ([`dry_run`]).
+    #[error("pid {}: dry run: nothing written", .0.pid)]
+    DryRun(Box<DryRunReport>),
     #[error("pid {pid}: writing the image: {source}")]
     Image {
         pid: i32,
@@ -130,6 +152,7 @@ impl DumpError {
             DumpError::Unsupported { .. } => 5,
             DumpError::Image { .. } => 6,
             DumpError::Kernel { .. } | DumpError::FaultInjected { .. } => 1,
+            DumpError::DryRun(_) => 0,
         }
     }
 }
@@ -175,7 +198,7 @@ pub fn checkpoint_held(opts: &CheckpointOptions) -> Result<HeldCheckpoint> {
 
     // The wire lock's holder is started before the freeze: an exec the frozen tree
     // need not wait for.
-    let ready = opts.tcp_established.then(|| {
+    let ready = (opts.tcp_established && !opts.dry_run).then(|| {
         let tag = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -208,11 +231,30 @@ pub fn checkpoint_held(opts: &CheckpointOptions) -> Result<HeldCheckpoint> {
             opts.tcp_established,
             &unix_table,
         )?;
-        tcp.lock(pid, ready)?;
+        if !opts.dry_run {
+            tcp.lock(pid, ready)?;
+        }
         crate::fault::stall(crate::fault::DUMP_STALL_AFTER_LOCK);
         let unix = sockets::resolve(&mut processes, opts.shell_job, &unix_table)?;
         let mut ptys = pty::resolve(&mut processes, opts.shell_job)?;
         fds::number_file_descriptions(&mut processes)?;
+        if opts.dry_run {
+            steps.push(("collect state", t.elapsed()));
+            return Ok(Err(DryRunReport {
+                pid: raw,
+                processes: processes.len(),
+                threads: processes.iter().map(|p| p.threads.len()).sum(),
+                fds: processes.iter().map(|p| p.fds.len()).sum(),
+                tcp_connections: tcp.connections(),
+                mapped_bytes: processes
+                    .iter()
+                    .flat_map(|p| &p.mm.vmas)
+                    .map(|v| v.end - v.start)
+                    .sum(),
+                frozen_for: Duration::ZERO,
+                steps: Vec::new(),
+            }));
+        }
         let mut zombies = tree.zombies.clone();
         let view = processes[0]
             .namespaces
@@ -287,10 +329,19 @@ pub fn checkpoint_held(opts: &CheckpointOptions) -> Result<HeldCheckpoint> {
             .finish(&snapshot)
             .map_err(|source| DumpError::Image { pid: raw, source })?;
         steps.push(("write image", t.elapsed()));
-        Ok((stats, snapshot.inventory.net_lock, lazy))
+        Ok(Ok((stats, snapshot.inventory.net_lock, lazy)))
     })();
     // On failure `tree` is dropped here, which resumes every process untouched.
-    let (stats, net_lock, lazy) = result?;
+    let (stats, net_lock, lazy) = match result? {
+        Ok(done) => done,
+        Err(mut dry) => {
+            drop(tcp);
+            drop(tree);
+            dry.frozen_for = t_freeze.elapsed();
+            dry.steps = steps;
+            return Err(DumpError::DryRun(Box::new(dry)));
+        }
+    };
     Ok(HeldCheckpoint {
         lazy,
         tcp,
@@ -424,6 +475,23 @@ impl HeldCheckpoint {
 /// Checkpoints process `opts.pid` into `opts.dir`, then lets it go as `opts.after` says.
 pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
     checkpoint_held(opts)?.release(opts.after, true)
+}
+
+/// Freezes the tree at `opts.pid`, looks at everything a checkpoint would take,
+/// refuses what it would refuse, and resumes it: nothing is written and no connection
+/// is stopped on the wire. What a preview asks before a live update.
+pub fn dry_run(opts: &CheckpointOptions) -> Result<DryRunReport> {
+    let mut o = opts.clone();
+    o.dry_run = true;
+    match checkpoint_held(&o) {
+        Err(DumpError::DryRun(r)) => Ok(*r),
+        Err(e) => Err(e),
+        // Not reached: the tree resumes as the checkpoint is dropped.
+        Ok(_) => Err(DumpError::Unsupported {
+            pid: opts.pid,
+            what: "a dry run held a checkpoint".into(),
+        }),
+    }
 }
 
 /// Freezes the tree at `pid`, through `cgroup` or the tree's own cgroup when it is

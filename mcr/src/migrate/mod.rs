@@ -326,6 +326,7 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         prev_held_pids: trackers.iter().map(|t| t.pid().as_raw()).collect(),
         vm_flags: ahead.clone(),
         lazy: opts.post_copy,
+        dry_run: false,
     })?;
     let freeze_and_dump = t_black.elapsed();
     let t = Instant::now();
