@@ -49,6 +49,7 @@ fn checkpoint(c: &mut Criterion) {
                             prev_held_pids: vec![],
                             vm_flags: None,
                             lazy: false,
+                            dry_run: false,
                         };
                         let t = Instant::now();
                         mcr::dump::checkpoint(&opts).expect("checkpoint");
@@ -81,6 +82,7 @@ fn restore(c: &mut Criterion) {
             prev_held_pids: vec![],
             vm_flags: None,
             lazy: false,
+            dry_run: false,
         })
         .expect("checkpoint");
         let _ = w.child.wait();
