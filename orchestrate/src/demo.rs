@@ -124,6 +124,8 @@ pub struct DemoPlan {
 pub struct DemoReport {
     pub record: crate::update::Record,
     pub seen: Seen,
+    /// What the preview before it estimated.
+    pub estimates: Option<crate::preview::Estimates>,
 }
 
 /// A console of the demo's own, as a child; killed when dropped.
@@ -268,6 +270,20 @@ pub fn run(plan: &DemoPlan) -> Result<DemoReport, String> {
         pre_hook: None,
         post_hook: None,
     };
+    // As an operator would: a preview first, whose estimates the move is held to.
+    let pv = crate::preview::run(&update, plan.max_blackout_ms);
+    for c in &pv.checks {
+        println!("{}: {}", if c.passed { "PASSED" } else { "FAILED" }, c.what);
+    }
+    if !pv.passed() {
+        return Err("the preview found the live update cannot go ahead".into());
+    }
+    if let Some(e) = &pv.estimates {
+        println!(
+            "liveupdate demo: preview estimates a blackout of {:.1} ms and {:.2} s in all",
+            e.blackout_ms, e.total_s
+        );
+    }
     let record = crate::update::run(&update, "liveupdate demo", false).map_err(|e| e.to_string());
     let after = record.is_ok().then(|| {
         wait_lines(&rx, 200).map_err(|e| {
@@ -301,9 +317,13 @@ pub fn run(plan: &DemoPlan) -> Result<DemoReport, String> {
         .args(["link", "del", &plan.bridge])
         .status();
     if let Some(cg) = crate::partition::cgroup2_mount() {
-        let _ = std::fs::remove_dir(cg.join(format!("liveupdate-{}", plan.bridge)));
+        let _ = crate::partition::remove_cgroup(&cg.join(format!("liveupdate-{}", plan.bridge)));
     }
-    Ok(DemoReport { record, seen })
+    Ok(DemoReport {
+        record,
+        seen,
+        estimates: pv.estimates,
+    })
 }
 
 fn connect(address: &str, port: u16) -> Result<TcpStream, String> {

@@ -15,6 +15,7 @@ pub mod journal;
 pub mod lock;
 pub mod notify;
 pub mod partition;
+pub mod preview;
 pub mod token;
 pub mod update;
 

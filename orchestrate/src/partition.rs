@@ -704,29 +704,32 @@ impl Host {
             &["netns", "del", &p.netns.clone()],
         )?;
         let cg = p.cgroup.clone();
-        // Its last tasks may still be on their way out of it (EBUSY) a moment after
-        // they left cgroup.procs.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while cg.exists() {
-            match std::fs::remove_dir(&cg) {
-                Ok(()) => break,
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err(source) => {
-                    return Err(PartitionError::Io {
-                        name: name.into(),
-                        step: "removing its cgroup".into(),
-                        path: cg.display().to_string(),
-                        source,
-                    })
-                }
-            }
-        }
+        remove_cgroup(&cg).map_err(|source| PartitionError::Io {
+            name: name.into(),
+            step: "removing its cgroup".into(),
+            path: cg.display().to_string(),
+            source,
+        })?;
         parts.remove(i);
         self.save(parts)?;
         Ok(p)
     }
+}
+
+/// Removes an empty cgroup directory (if it is there). Its last tasks may still be
+/// on their way out of it (EBUSY) a moment after they left cgroup.procs.
+pub fn remove_cgroup(cg: &Path) -> std::io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cg.exists() {
+        match std::fs::remove_dir(cg) {
+            Ok(()) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// The network of an IPv4 `ADDR/PREFIX` (`10.88.0.1/24` is `10.88.0.0/24`).

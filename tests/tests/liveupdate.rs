@@ -118,7 +118,7 @@ impl Lab {
                 "--state".into(),
                 state,
             ],
-            "run" | "rollback" => vec![
+            "run" | "rollback" | "preview" => vec![
                 "--config".into(),
                 self.config().display().to_string(),
                 "--state".into(),
@@ -212,7 +212,9 @@ impl Drop for Lab {
             .args(["link", "del", &self.bridge])
             .status();
         if let Some(cg) = orchestrate::partition::cgroup2_mount() {
-            let _ = std::fs::remove_dir(cg.join(format!("liveupdate-{}", self.bridge)));
+            let _ = orchestrate::partition::remove_cgroup(
+                &cg.join(format!("liveupdate-{}", self.bridge)),
+            );
         }
     }
 }
@@ -519,4 +521,77 @@ fn the_demo_moves_its_service_live_and_its_client_sees_the_fix() {
         "{t}"
     );
     assert!(!Path::new(&format!("/sys/class/net/{bridge}")).exists());
+    let cg = orchestrate::partition::cgroup2_mount().expect("cgroup2");
+    assert!(
+        !cg.join(format!("liveupdate-{bridge}")).exists(),
+        "the demo left its cgroup"
+    );
+}
+
+#[test]
+fn preview_checks_everything_estimates_from_the_workload_and_changes_nothing() {
+    let lab = Lab::new();
+    let addr = lab.service("svc");
+    lab.fix("FIX-1", &[]);
+    // Replaces the very binary the service runs: the move would find it changed.
+    let dir = lab.path("fixes");
+    let exe = dir.join("liveupdate");
+    std::fs::write(&exe, b"not the same").expect("write");
+    lab.ok(&[
+        "fix",
+        "create",
+        "-o",
+        &dir.join("EXE-1.tar.zst").display().to_string(),
+        "--label",
+        "EXE-1",
+        "--abstract",
+        "x",
+        &format!("{}:/bin/liveupdate", exe.display()),
+    ]);
+    let client = Client::connect(&addr);
+    let before = lab.list();
+    let d = dir.display().to_string();
+    let o = lab.lu(&["preview", "-d", &d, "FIX-1", "-p", "svc"]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(!out.contains("FAILED"), "{out}");
+    for line in [
+        "PASSED: no other live update holds the lock",
+        "PASSED: console token for tester",
+        "PASSED: partition svc (id 1) runs",
+        "PASSED: fix FIX-1: every checksum verified",
+        "PASSED: fix FIX-1 is live-update capable",
+        "PASSED: the fix replaces no file the workload has open or mapped",
+        "PASSED: every process of the workload can be checkpointed: 1 processes",
+        "1 TCP connections",
+        "PASSED: disk: the clone needs",
+        "PASSED: memory: a second copy needs",
+        "dirty rate",
+        "copy bandwidth",
+        "blackout ",
+        "total time",
+    ] {
+        assert!(out.contains(line), "no {line:?} in {out}");
+    }
+    let o = lab.lu(&["preview", "-d", &d, "EXE-1", "-p", "svc"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("FAILED: the fix replaces /bin/liveupdate (held by pid"),
+        "{}",
+        text(&o)
+    );
+    // The surrogate's id, asked for in the configuration, is the original's.
+    let cfg = std::fs::read_to_string(lab.config()).expect("config");
+    std::fs::write(lab.config(), format!("{cfg}    partition_id = 1\n")).expect("config");
+    let o = lab.lu(&["preview", "-d", &d, "FIX-1", "-p", "svc"]);
+    assert!(
+        text(&o).contains("FAILED: partition id 1 asked for the surrogate is taken by svc"),
+        "{}",
+        text(&o)
+    );
+    // Nothing moved, nothing stopped, and no operation was recorded.
+    assert_eq!(lab.list(), before);
+    assert!(!journal(&lab).contains("LU0001"), "{}", journal(&lab));
+    let seen = client.finish();
+    assert_eq!(seen.broken, 0);
 }

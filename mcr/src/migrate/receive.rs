@@ -168,6 +168,8 @@ pub fn receive(listener: &Listener, opts: &ReceiveOptions) -> Result<Restored> {
                     },
                 )
                 .map_err(tx(pid, "telling the source the workload runs here"))?;
+                let mut done = done;
+                done.settle();
                 if let Some(pager) = pager {
                     let paged = pager
                         .join()

@@ -80,7 +80,7 @@ impl RestoreOptions {
 }
 
 /// A restored, running process (our child) and how long each step took.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Restored {
     /// The tree's root, as we see it.
     pub pid: i32,
@@ -93,6 +93,35 @@ pub struct Restored {
     pub warm_rounds: Option<u32>,
     /// A warm tree was offered and could not be used, for this reason.
     pub cold_because: Option<String>,
+    /// The connections' lock, open since before the resume, still to be removed (see
+    /// [`Restored::settle`]).
+    lock: Option<LockRelease>,
+}
+
+/// The wire lock's last step, after the workload runs: its holder told, and waited
+/// for while it delivers what it held and removes the lock.
+struct LockRelease {
+    /// Held for its drop, which does the work.
+    _release: crate::netlock::Release,
+}
+
+impl std::fmt::Debug for LockRelease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LockRelease")
+    }
+}
+
+impl Restored {
+    /// Removes the connections' lock (a step of its own: the workload runs already,
+    /// and whoever waits for it to run need not wait for this).
+    pub fn settle(&mut self) {
+        if let Some(l) = self.lock.take() {
+            let t = Instant::now();
+            drop(l);
+            self.steps
+                .push(("remove the connections' lock", t.elapsed()));
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -156,7 +185,9 @@ impl<T> StepContext<T> for kext_shim::Result<T> {
 
 /// Restores the image in `opts.dir`. The process is left running as our child.
 pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
-    restore_with(opts, Vec::new(), &mut || Ok(()), None)
+    let mut r = restore_with(opts, Vec::new(), &mut || Ok(()), None)?;
+    r.settle();
+    Ok(r)
 }
 
 /// Like [`restore`], given images of the chain already opened and checked (a
@@ -364,12 +395,13 @@ pub fn restore_with(
     connections.done = true;
     release.done();
     steps.push(("resume", t.elapsed()));
-    if snap.inventory.net_lock.is_some() {
-        // After the processes run: the lock was opened before; this removes it.
-        let t = Instant::now();
-        drop(release);
-        steps.push(("remove the connections' lock", t.elapsed()));
-    }
+    // After the processes run: the lock was opened before; removing it is the
+    // caller's, once it said the workload runs (see `Restored::settle`).
+    let lock = snap
+        .inventory
+        .net_lock
+        .is_some()
+        .then_some(LockRelease { _release: release });
     steps.push(("total", t0.elapsed()));
     drop(chain);
     // Unmapping the images' pages takes tens of ms at a GiB (33 ms for a 256 MiB
@@ -390,6 +422,7 @@ pub fn restore_with(
         steps,
         warm_rounds,
         cold_because,
+        lock,
     })
 }
 

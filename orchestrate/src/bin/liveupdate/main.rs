@@ -59,6 +59,15 @@ enum Cmd {
         #[command(flatten)]
         common: operations::Common,
     },
+    /// Checks every precondition of `run` (PASSED/FAILED lines) and estimates the
+    /// blackout, total time, disk and memory from the live workload; changes nothing.
+    Preview {
+        #[arg(short = 'd', long)]
+        fixdir: PathBuf,
+        fix: String,
+        #[command(flatten)]
+        common: operations::Common,
+    },
     /// Moves the workload back live onto the disk the last live update kept.
     Rollback {
         #[command(flatten)]
@@ -209,6 +218,11 @@ fn main() -> ExitCode {
             common,
         } => operations::run(common, fixdir, fix),
         Cmd::Rollback { common } => operations::rollback(common),
+        Cmd::Preview {
+            fixdir,
+            fix,
+            common,
+        } => operations::preview(common, fixdir, fix),
         Cmd::Demo {
             dir,
             mcr,

@@ -136,6 +136,15 @@ pub fn demo(plan: orchestrate::demo::DemoPlan) -> ExitCode {
                 r.record.blackout_ms,
                 r.record.total_ms / 1e3
             );
+            if let Some(e) = &r.estimates {
+                println!(
+                    "liveupdate demo: estimated by the preview: blackout {:.1} ms ({:+.0}%), total {:.2} s ({:+.0}%)",
+                    e.blackout_ms,
+                    (e.blackout_ms / r.record.blackout_ms - 1.0) * 100.0,
+                    e.total_s,
+                    (e.total_s * 1e3 / r.record.total_ms - 1.0) * 100.0
+                );
+            }
             if s.broken > 0 || s.first == s.last {
                 println!("liveupdate demo: FAILED: the client saw a broken stream or no fix");
                 return ExitCode::from(1);
@@ -147,5 +156,71 @@ pub fn demo(plan: orchestrate::demo::DemoPlan) -> ExitCode {
             eprintln!("liveupdate demo: FAILED: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+pub fn preview(c: Common, fixdir: PathBuf, fix: String) -> ExitCode {
+    let max = c.max_blackout_ms;
+    let p = find_fix(&fixdir, &fix).and_then(|f| plan(c, Some(f), None));
+    let p = match p {
+        Ok(p) => p,
+        Err(e) => {
+            println!("FAILED: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    println!(
+        "liveupdate preview: partition {}, fix {}",
+        p.partition,
+        p.fix
+            .as_ref()
+            .map_or("-".into(), |f| f.display().to_string())
+    );
+    let pv = orchestrate::preview::run(&p, max);
+    for c in &pv.checks {
+        println!("{}: {}", if c.passed { "PASSED" } else { "FAILED" }, c.what);
+    }
+    if let Some(e) = &pv.estimates {
+        let mib = |b: f64| b / (1 << 20) as f64;
+        println!();
+        println!("Estimates, from the live workload:");
+        println!(
+            "  resident memory        {:.1} MiB",
+            mib(e.rss_bytes as f64)
+        );
+        println!(
+            "  dirty rate             {:.1} MiB/s (sampled over a second)",
+            mib(e.dirty_bytes_per_s)
+        );
+        println!(
+            "  copy bandwidth         {:.0} MiB/s (measured)",
+            mib(e.copy_bytes_per_s)
+        );
+        println!(
+            "  processes, fds, TCP    {}, {}, {}",
+            e.processes, e.fds, e.connections
+        );
+        println!(
+            "  pre-copy               {} round(s), {:.2} MiB left for the blackout",
+            e.rounds,
+            mib(e.last_round_bytes)
+        );
+        println!("  blackout               {:.1} ms", e.blackout_ms);
+        println!("  total time             {:.2} s", e.total_s);
+        println!(
+            "  disk needed            {:.1} MiB (at most; less by reflink)",
+            mib(e.disk_bytes as f64)
+        );
+        println!(
+            "  memory needed          {:.1} MiB",
+            mib(e.memory_bytes as f64)
+        );
+    }
+    if pv.passed() {
+        println!("liveupdate preview: PASSED: the live update can go ahead");
+        ExitCode::SUCCESS
+    } else {
+        println!("liveupdate preview: FAILED: see the FAILED lines");
+        ExitCode::from(1)
     }
 }

@@ -1,0 +1,591 @@
+//! `liveupdate preview`: every precondition of a live update checked and printed as
+//! `PASSED:` or `FAILED:`, and estimates computed from the live workload, changing
+//! nothing. Measured, not assumed: the workload's resident memory; its dirty rate,
+//! sampled over a second with mcr's write tracking (two pre-dumps into a tmpfs); the
+//! copy bandwidth those pre-dumps reached; and its processes, fds and connections, as
+//! a dry-run checkpoint found them (frozen for a few milliseconds, nothing written).
+
+use crate::console::{self, Request};
+use crate::partition::Partition;
+use crate::update::Plan;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One precondition.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub passed: bool,
+    pub what: String,
+}
+
+/// What the workload looks like and what moving it should cost.
+#[derive(Debug, Clone, Default)]
+pub struct Estimates {
+    pub rss_bytes: u64,
+    pub dirty_bytes_per_s: f64,
+    pub copy_bytes_per_s: f64,
+    pub processes: u64,
+    pub fds: u64,
+    pub connections: u64,
+    /// Freeze and look at the state, as the dry run measured it.
+    pub freeze_and_collect_ms: f64,
+    pub last_round_bytes: f64,
+    pub rounds: u32,
+    pub blackout_ms: f64,
+    pub total_s: f64,
+    pub disk_bytes: u64,
+    pub memory_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Preview {
+    pub checks: Vec<Check>,
+    pub estimates: Option<Estimates>,
+}
+
+impl Preview {
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| c.passed)
+    }
+
+    fn check(&mut self, passed: bool, what: impl Into<String>) -> bool {
+        self.checks.push(Check {
+            passed,
+            what: what.into(),
+        });
+        passed
+    }
+}
+
+const MIB: f64 = (1 << 20) as f64;
+
+/// What mcr's pre-copy rounds leave for the blackout, and what the rounds cost:
+/// each round copies what the last one let be written, until a round would fit the
+/// blackout asked for, stops shrinking, or the rounds run out (as mcr decides).
+fn rounds(rss: f64, dirty: f64, bw: f64, floor_s: f64, max_blackout_s: f64) -> (u32, f64, f64) {
+    let mut size = rss;
+    let mut total = 0.0;
+    let mut n = 0;
+    // Each round takes its copy time and a fixed cost (the freeze, the tracking).
+    while n < 8 {
+        let t = size / bw + floor_s;
+        total += t;
+        n += 1;
+        let next = dirty * t;
+        if next / bw <= max_blackout_s || next >= size {
+            size = next;
+            break;
+        }
+        size = next;
+    }
+    (n, size, total)
+}
+
+fn sh_out(cmd: &mut Command) -> Result<(bool, String, String), String> {
+    let o = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())?;
+    Ok((
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).trim().to_string(),
+    ))
+}
+
+/// `field` of /proc/meminfo, in bytes.
+fn meminfo(field: &str) -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse::<u64>()
+        .ok()
+        .map(|kib| kib * 1024)
+}
+
+fn rss_of(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// The files the workload has mapped or open, as we name them.
+fn held_files(pids: &[i32]) -> Vec<(i32, String)> {
+    let mut out = Vec::new();
+    for &pid in pids {
+        if let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) {
+            for l in maps.lines() {
+                if let Some(p) = l.split_whitespace().nth(5).filter(|p| p.starts_with('/')) {
+                    out.push((pid, p.to_string()));
+                }
+            }
+        }
+        if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+            for fd in fds.flatten() {
+                if let Ok(t) = std::fs::read_link(fd.path()) {
+                    out.push((pid, t.display().to_string()));
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Free bytes of the file system holding `dir` (or its nearest existing parent).
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let mut d = dir.to_path_buf();
+    while !d.exists() {
+        d = d.parent()?.to_path_buf();
+    }
+    let s = nix::sys::statvfs::statvfs(&d).ok()?;
+    Some(s.blocks_available() as u64 * s.fragment_size() as u64)
+}
+
+/// Checks and estimates for moving partition `plan.partition` with `plan.fix`.
+pub fn run(plan: &Plan, max_blackout_ms: u64) -> Preview {
+    let mut pv = Preview::default();
+
+    // The lock: free, and held while we look, so that no operation starts meanwhile.
+    let _lock = match crate::lock::OpLock::take(&plan.state, "preview", "liveupdate preview") {
+        Ok(t) => {
+            pv.check(true, "no other live update holds the lock");
+            Some(t)
+        }
+        Err(e) => {
+            pv.check(false, e.to_string());
+            None
+        }
+    };
+
+    let token = match crate::token::current(&plan.state) {
+        Ok(t) => {
+            pv.check(
+                true,
+                format!(
+                    "console token for {}, valid until {}",
+                    t.user,
+                    crate::journal::utc(t.expires)
+                ),
+            );
+            Some(t.secret)
+        }
+        Err(e) => {
+            pv.check(false, format!("console token: {e}"));
+            None
+        }
+    };
+    let parts =
+        token
+            .as_ref()
+            .and_then(|t| match console::call(&plan.console, t, &Request::List) {
+                Ok(p) => {
+                    pv.check(
+                        true,
+                        format!(
+                            "console {} answers ({} partitions)",
+                            plan.console.display(),
+                            p.len()
+                        ),
+                    );
+                    Some(p)
+                }
+                Err(e) => {
+                    pv.check(false, e.to_string());
+                    None
+                }
+            });
+    let partition: Option<Partition> = parts.as_ref().and_then(|ps| {
+        let p = ps.iter().find(|p| p.name == plan.partition).cloned();
+        match &p {
+            Some(p) if p.init.is_some() => {
+                pv.check(
+                    true,
+                    format!(
+                        "partition {} (id {}) runs, pid {}",
+                        p.name,
+                        p.id,
+                        p.init.unwrap_or(0)
+                    ),
+                );
+            }
+            Some(p) => {
+                pv.check(false, format!("partition {} runs nothing to move", p.name));
+            }
+            None => {
+                pv.check(
+                    false,
+                    format!("no partition {:?} on the console", plan.partition),
+                );
+            }
+        }
+        p.filter(|p| p.init.is_some())
+    });
+    if let (Some(ps), Some(id)) = (&parts, plan.partition_id) {
+        match ps.iter().find(|p| p.id == id) {
+            Some(p) => pv.check(
+                false,
+                format!(
+                    "partition id {id} asked for the surrogate is taken by {}",
+                    p.name
+                ),
+            ),
+            None => pv.check(true, format!("partition id {id} is free for the surrogate")),
+        };
+    }
+
+    // The fix.
+    let bundle = match &plan.fix {
+        Some(f) => match crate::fix::open(f) {
+            Ok(b) => {
+                pv.check(
+                    true,
+                    format!("fix {}: every checksum verified", b.manifest.label),
+                );
+                pv.check(
+                    b.manifest.lu_capable,
+                    format!(
+                        "fix {} is {}live-update capable",
+                        b.manifest.label,
+                        if b.manifest.lu_capable { "" } else { "not " }
+                    ),
+                );
+                Some(b)
+            }
+            Err(e) => {
+                pv.check(false, format!("fix {}: {e}", f.display()));
+                None
+            }
+        },
+        None => None,
+    };
+
+    // The machine and mcr.
+    let (ok, out, err) = sh_out(Command::new(&plan.mcr).args(["check", "--json"])).unwrap_or((
+        false,
+        String::new(),
+        format!("running {}", plan.mcr.display()),
+    ));
+    match serde_json::from_str::<serde_json::Value>(&out) {
+        Ok(v) => {
+            let missing: Vec<String> = v["features"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|f| f["required"] == true && f["present"] != true)
+                .map(|f| f["feature"].as_str().unwrap_or("?").to_string())
+                .collect();
+            pv.check(
+                ok && missing.is_empty(),
+                if missing.is_empty() {
+                    "mcr check: every kernel feature the move needs is present".to_string()
+                } else {
+                    format!("mcr check: missing {}", missing.join(", "))
+                },
+            );
+        }
+        Err(_) => {
+            pv.check(false, format!("mcr check: {err}"));
+        }
+    }
+
+    let Some(p) = partition else {
+        return pv;
+    };
+    let init = p.init.unwrap_or(0);
+    let members = std::fs::read_to_string(p.cgroup.join("cgroup.procs"))
+        .map(|s| {
+            s.lines()
+                .filter_map(|l| l.trim().parse::<i32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_else(|_| vec![init]);
+
+    // A fix that replaces what the workload holds would be found changed at restore.
+    if let Some(b) = &bundle {
+        let held = held_files(&members);
+        let mut clash = Vec::new();
+        for f in &b.manifest.files {
+            let at = p.mount_at.join(f.target.trim_start_matches('/'));
+            let at = at.display().to_string();
+            if let Some((pid, _)) = held.iter().find(|(_, h)| *h == at) {
+                clash.push(format!("{} (held by pid {pid})", f.target));
+            }
+        }
+        pv.check(
+            clash.is_empty(),
+            if clash.is_empty() {
+                "the fix replaces no file the workload has open or mapped".to_string()
+            } else {
+                format!(
+                    "the fix replaces {} the workload has open or mapped: the move would find it changed",
+                    clash.join(", ")
+                )
+            },
+        );
+    }
+
+    // Could it be checkpointed? Asked of the live tree, from its network namespace.
+    let t = Instant::now();
+    let dry = sh_out(
+        Command::new("nsenter")
+            .arg(format!("--net={}", p.netns_path().display()))
+            .arg(&plan.mcr)
+            .args([
+                "checkpoint",
+                "-t",
+                &init.to_string(),
+                "--dry-run",
+                "--tcp-established",
+                "--json",
+            ]),
+    );
+    let dry_wall = t.elapsed();
+    let dry: Option<serde_json::Value> = match dry {
+        Ok((true, out, _)) => serde_json::from_str(&out).ok(),
+        Ok((false, _, err)) => {
+            pv.check(false, format!("the workload cannot be checkpointed: {err}"));
+            None
+        }
+        Err(e) => {
+            pv.check(false, format!("mcr checkpoint --dry-run: {e}"));
+            None
+        }
+    };
+    if let Some(d) = &dry {
+        pv.check(
+            true,
+            format!(
+                "every process of the workload can be checkpointed: {} processes, {} threads, {} fds, {} TCP connections",
+                d["processes"], d["threads"], d["fds"], d["tcp_connections"]
+            ),
+        );
+    }
+
+    // The applications.
+    match crate::notify::tell(
+        &p.mount_at,
+        crate::notify::Event::Preview,
+        &label(&bundle),
+        plan.notify_timeout,
+    ) {
+        Ok(answers) => {
+            for (app, a) in &answers {
+                let stops = a.stops(crate::notify::Event::Preview);
+                pv.check(!stops, format!("application {app}: {a:?}"));
+            }
+            if answers.is_empty() {
+                pv.check(true, "no application asked to be told");
+            }
+        }
+        Err(e) => {
+            pv.check(false, format!("telling the applications: {e}"));
+        }
+    }
+
+    // Resources for a second copy.
+    let rss: u64 = members.iter().map(|&m| rss_of(m)).sum();
+    let (disk_bytes, _) = crate::disk::usage(&p.disk);
+    let free = free_bytes(&plan.clone_dir).unwrap_or(0);
+    pv.check(
+        free > disk_bytes,
+        format!(
+            "disk: the clone needs {:.1} MiB at most (less by reflink), {:.1} MiB free at {}",
+            disk_bytes as f64 / MIB,
+            free as f64 / MIB,
+            plan.clone_dir.display()
+        ),
+    );
+    // The destination's copy, and the rounds staged in a tmpfs on the way.
+    let memory_bytes = 2 * rss;
+    let avail = meminfo("MemAvailable").unwrap_or(0);
+    pv.check(
+        avail > memory_bytes,
+        format!(
+            "memory: a second copy needs {:.1} MiB, {:.1} MiB available",
+            memory_bytes as f64 / MIB,
+            avail as f64 / MIB
+        ),
+    );
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let load: f64 = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    // The surrogate's copy runs beside the workload: refused on a machine so busy
+    // that pre-copy would stretch (and the workload with it), not on a busy one.
+    let busy = load >= 4.0 * cpus as f64;
+    pv.check(
+        !busy,
+        format!(
+            "CPU: {cpus} online, load {load:.2}{}",
+            if busy {
+                ": too busy for the surrogate's copy"
+            } else {
+                ": room for the surrogate's copy"
+            }
+        ),
+    );
+
+    // The dirty rate over a second, and the bandwidth of copying it.
+    let sample = sample_writes(plan, &p, Duration::from_secs(1));
+    let (bw, dirty) = match sample {
+        Ok(s) => s,
+        Err(e) => {
+            pv.check(false, format!("sampling the workload's writes: {e}"));
+            return pv;
+        }
+    };
+    let d = dry.unwrap_or_default();
+    let num = |k: &str| d[k].as_u64().unwrap_or(0);
+    let frozen_ms = d["frozen_ms"]
+        .as_f64()
+        .unwrap_or(dry_wall.as_secs_f64() * 1e3);
+    // A round's fixed cost: the freeze to start its tracking, and the exchange.
+    let floor_s = 0.005;
+    let (n, last, pre_s) = rounds(rss as f64, dirty, bw, floor_s, max_blackout_ms as f64 / 1e3);
+    let copy_ms = last / bw * 1e3;
+    let processes = num("processes").max(1);
+    let connections = num("tcp_connections");
+    // The blackout as mcr splits it, each part from what was measured here: the
+    // freeze and the state (the dry run), the last pages out and in (twice their copy
+    // time), the tree's state made (about what looking at it took, per process), the
+    // address moved (three ip commands at once, and a liveupdate), and the wire lock
+    // lifted when there are connections.
+    let spawn_ms = time_spawn(Command::new("ip").args(["-o", "link", "show", "lo"])) * 2.0
+        + time_spawn(
+            Command::new(std::env::current_exe().unwrap_or_else(|_| PathBuf::from("liveupdate")))
+                .arg("--help"),
+        );
+    let lock_ms = if connections > 0 { 2.0 * spawn_ms } else { 0.0 };
+    let blackout_ms = frozen_ms + 2.0 * copy_ms + frozen_ms * processes as f64 + spawn_ms + lock_ms;
+    let clone_s = disk_bytes as f64 / bw.max(1.0);
+    // Making the surrogate (eight ip commands), starting the receiver (four tools)
+    // and mcr, releasing the original, and the console's part in each: about sixteen
+    // programs started, each as long as the three timed above took apiece.
+    let partitions_s = 16.0 * spawn_ms / 3.0 / 1e3;
+    let total_s = clone_s + partitions_s + pre_s + blackout_ms / 1e3;
+    pv.estimates = Some(Estimates {
+        rss_bytes: rss,
+        dirty_bytes_per_s: dirty,
+        copy_bytes_per_s: bw,
+        processes,
+        fds: num("fds"),
+        connections,
+        freeze_and_collect_ms: frozen_ms,
+        last_round_bytes: last,
+        rounds: n,
+        blackout_ms,
+        total_s,
+        disk_bytes,
+        memory_bytes,
+    });
+    pv
+}
+
+fn label(b: &Option<crate::fix::Bundle>) -> String {
+    b.as_ref().map_or("-".into(), |b| b.manifest.label.clone())
+}
+
+/// How long starting `cmd` and its end take, in ms (the median of three).
+fn time_spawn(cmd: &mut Command) -> f64 {
+    let mut t: Vec<f64> = (0..3)
+        .map(|_| {
+            let s = Instant::now();
+            let _ = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status();
+            s.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[1]
+}
+
+/// Two pre-dumps `over` apart into a tmpfs: the bandwidth of the first (bytes a
+/// second), and the bytes a second written between them. The tracking ends with us.
+fn sample_writes(plan: &Plan, p: &Partition, over: Duration) -> Result<(f64, f64), String> {
+    let init = p.init.unwrap_or(0);
+    let tmp = tempfile::Builder::new()
+        .prefix("liveupdate-preview-")
+        .tempdir_in("/dev/shm")
+        .map_err(|e| format!("a tmpfs directory: {e}"))?;
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let pre = |dir: &Path, prev: Option<&Path>| -> Result<serde_json::Value, String> {
+        // From its network namespace, which mcr wants to be its own.
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", p.netns_path().display()))
+            .arg(&plan.mcr)
+            .args([
+                "pre-dump",
+                "-t",
+                &init.to_string(),
+                "--compress",
+                "none",
+                "--json",
+                "-D",
+            ])
+            .arg(dir);
+        if let Some(p) = prev {
+            c.arg("--prev-images-dir").arg(p);
+        }
+        match sh_out(&mut c)? {
+            (true, out, _) => serde_json::from_str(&out).map_err(|e| e.to_string()),
+            (false, _, err) => Err(err),
+        }
+    };
+    let first = pre(&a, None)?;
+    let t = Instant::now();
+    let kill_holder = |v: &serde_json::Value| {
+        if let Some(h) = v["holder_pid"].as_i64() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(h as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    };
+    std::thread::sleep(over);
+    let second = pre(&b, Some(&a));
+    let elapsed = t.elapsed().as_secs_f64();
+    kill_holder(&first);
+    let second = second?;
+    kill_holder(&second);
+    let copy_ms = first["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["step"] == "copy pages")
+        .and_then(|s| s["ms"].as_f64())
+        .unwrap_or(1.0)
+        .max(0.001);
+    let bw = first["raw_bytes"].as_f64().unwrap_or(0.0) / (copy_ms / 1e3);
+    let dirty = second["raw_bytes"].as_f64().unwrap_or(0.0) / elapsed;
+    Ok((bw.max(1.0), dirty))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rounds;
+
+    #[test]
+    fn rounds_shrink_until_the_last_fits_or_stops_shrinking() {
+        // 1 GiB at 1 GiB/s, writing 32 MiB/s: 1 s, then 32 MiB, then 1 MiB.
+        let gib = (1u64 << 30) as f64;
+        let (n, last, total) = rounds(gib, 32.0 * (1 << 20) as f64, gib, 0.0, 0.020);
+        assert_eq!(n, 2);
+        assert!((last - (1 << 20) as f64).abs() < 1.0, "{last}");
+        assert!((total - (1.0 + 1.0 / 32.0)).abs() < 1e-9, "{total}");
+        // Writing faster than it copies: it stops at once, everything left.
+        let (n, last, _) = rounds(gib, 2.0 * gib, gib, 0.0, 0.020);
+        assert_eq!(n, 1);
+        assert!(last >= gib);
+    }
+}
