@@ -15,16 +15,53 @@ pub const SAMPLE_FILES: &[(&str, &str)] =
 /// How often the service sends a line.
 pub const PERIOD: Duration = Duration::from_millis(2);
 
-/// Serves every client that connects, each on a thread of its own, for ever.
-pub fn service(port: u16, greeting: &Path) -> std::io::Result<()> {
+/// Serves every client that connects, each on a thread of its own, for ever; with
+/// `mib`, keeps that much memory and rewrites `dirty_mib_s` of it a second, as a
+/// bigger workload would.
+pub fn service(port: u16, greeting: &Path, mib: usize, dirty_mib_s: f64) -> std::io::Result<()> {
+    // Its memory is all there before it takes a client: what a preview measures then
+    // is the workload at work, not one still filling itself.
+    let mem = vec![1u8; mib << 20];
     let l = TcpListener::bind(("0.0.0.0", port))?;
     println!("demo service: listening on port {port}");
+    if mib > 0 {
+        std::thread::spawn(move || churn(mem, dirty_mib_s));
+    }
     for c in l.incoming() {
         let c = c?;
         let greeting = greeting.to_path_buf();
         std::thread::spawn(move || stream(c, &greeting));
     }
     Ok(())
+}
+
+/// Writes one byte in each of `dirty_mib_s` MiB of pages of `mem` a second, round
+/// it, a millisecond's share at a time.
+fn churn(mut mem: Vec<u8>, dirty_mib_s: f64) {
+    const PAGE: usize = 4096;
+    let pages = mem.len() / PAGE;
+    let per_ms = (dirty_mib_s * 256.0 / 1000.0).max(0.0);
+    let (mut owed, mut at, mut n) = (0.0f64, 0usize, 0u8);
+    let start = Instant::now();
+    let mut tick = 0u64;
+    loop {
+        owed += per_ms;
+        while owed >= 1.0 {
+            mem[at * PAGE] = n;
+            at = (at + 1) % pages;
+            if at == 0 {
+                n = n.wrapping_add(1);
+            }
+            owed -= 1.0;
+        }
+        tick += 1;
+        // Paced by the clock, not by the sleeps: a pause (a blackout) is not made up.
+        let next = start + Duration::from_millis(tick);
+        match next.checked_duration_since(Instant::now()) {
+            Some(d) => std::thread::sleep(d),
+            None => tick = start.elapsed().as_millis() as u64,
+        }
+    }
 }
 
 fn stream(mut c: TcpStream, greeting: &Path) {
@@ -118,6 +155,9 @@ pub struct DemoPlan {
     pub bridge: String,
     pub gateway: String,
     pub max_blackout_ms: u64,
+    /// The service's memory, and how much of it it rewrites a second.
+    pub mib: usize,
+    pub dirty_mib_s: f64,
 }
 
 /// What the demo saw.
@@ -237,9 +277,18 @@ pub fn run(plan: &DemoPlan) -> Result<DemoReport, String> {
     let port = 7000u16;
     ask(&Request::Start {
         name: "demo".into(),
-        command: ["/bin/liveupdate", "demo-service", "--port", "7000"]
-            .map(String::from)
-            .to_vec(),
+        command: [
+            "/bin/liveupdate",
+            "demo-service",
+            "--port",
+            "7000",
+            "--mib",
+            &plan.mib.to_string(),
+            "--dirty-mib-s",
+            &plan.dirty_mib_s.to_string(),
+        ]
+        .map(String::from)
+        .to_vec(),
     })?;
     println!(
         "liveupdate demo: partition demo (id {}) runs the demo service at {address}:{port}",
@@ -279,9 +328,17 @@ pub fn run(plan: &DemoPlan) -> Result<DemoReport, String> {
         return Err("the preview found the live update cannot go ahead".into());
     }
     if let Some(e) = &pv.estimates {
+        let mib = |b: f64| b / (1 << 20) as f64;
         println!(
-            "liveupdate demo: preview estimates a blackout of {:.1} ms and {:.2} s in all",
-            e.blackout_ms, e.total_s
+            "liveupdate demo: preview measured {:.1} MiB resident, {:.1} MiB/s written, {:.0} MiB/s copied, {:.2} ms to freeze and look; estimates {} round(s) leaving {:.2} MiB, a blackout of {:.1} ms and {:.2} s in all",
+            mib(e.rss_bytes as f64),
+            mib(e.dirty_bytes_per_s),
+            mib(e.copy_bytes_per_s),
+            e.freeze_and_collect_ms,
+            e.rounds,
+            mib(e.last_round_bytes),
+            e.blackout_ms,
+            e.total_s
         );
     }
     let record = crate::update::run(&update, "liveupdate demo", false).map_err(|e| e.to_string());

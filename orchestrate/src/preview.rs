@@ -60,26 +60,27 @@ impl Preview {
 
 const MIB: f64 = (1 << 20) as f64;
 
-/// What mcr's pre-copy rounds leave for the blackout, and what the rounds cost:
-/// each round copies what the last one let be written, until a round would fit the
-/// blackout asked for, stops shrinking, or the rounds run out (as mcr decides).
+/// What mcr's pre-copy rounds leave for the blackout, and what the rounds cost, as
+/// mcr decides (migrate::converged): the first round copies everything; each next
+/// one what was written during the last; it stops after a round (past the first)
+/// that took no longer than the blackout asked for, or that did not shrink by a
+/// fifth, or at eight. Returns (rounds, bytes left for the blackout, seconds).
 fn rounds(rss: f64, dirty: f64, bw: f64, floor_s: f64, max_blackout_s: f64) -> (u32, f64, f64) {
     let mut size = rss;
     let mut total = 0.0;
     let mut n = 0;
-    // Each round takes its copy time and a fixed cost (the freeze, the tracking).
-    while n < 8 {
+    loop {
+        // A round's copy, and its fixed cost (the freeze, the tracking).
         let t = size / bw + floor_s;
         total += t;
         n += 1;
         let next = dirty * t;
-        if next / bw <= max_blackout_s || next >= size {
-            size = next;
-            break;
+        let shrank_not = n > 1 && next * 5.0 > size * 4.0;
+        if (n > 1 && t <= max_blackout_s) || shrank_not || n == 8 {
+            return (n, next, total);
         }
         size = next;
     }
-    (n, size, total)
 }
 
 fn sh_out(cmd: &mut Command) -> Result<(bool, String, String), String> {
@@ -457,24 +458,40 @@ pub fn run(plan: &Plan, max_blackout_ms: u64) -> Preview {
     let copy_ms = last / bw * 1e3;
     let processes = num("processes").max(1);
     let connections = num("tcp_connections");
-    // The blackout as mcr splits it, each part from what was measured here: the
-    // freeze and the state (the dry run), the last pages out and in (twice their copy
-    // time), the tree's state made (about what looking at it took, per process), the
-    // address moved (three ip commands at once, and a liveupdate), and the wire lock
-    // lifted when there are connections.
+    // The blackout, each part from what was measured here: mcr's own fixed cost (a
+    // probe moved below), the workload's freeze and state (the dry run, once per
+    // process for their making again), the last pages out and in (twice their copy
+    // time), and the address moved (timed below). The wire lock comes off after the
+    // resume: not part of it.
     let spawn_ms = time_spawn(Command::new("ip").args(["-o", "link", "show", "lo"])) * 2.0
         + time_spawn(
             Command::new(std::env::current_exe().unwrap_or_else(|_| PathBuf::from("liveupdate")))
                 .arg("--help"),
         );
-    let lock_ms = if connections > 0 { 2.0 * spawn_ms } else { 0.0 };
-    let blackout_ms = frozen_ms + 2.0 * copy_ms + frozen_ms * processes as f64 + spawn_ms + lock_ms;
+    // The address move inside the blackout, timed for real: the very command mcr
+    // runs then, for the partition that holds the address (which changes nothing but
+    // the host's neighbour entry, set to what it is).
+    let me = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("liveupdate"));
+    let go_ms = time_spawn(Command::new("sh").arg("-c").arg(format!(
+        "'{}' partition take-address '{}' --console '{}' --state '{}'",
+        me.display(),
+        p.name,
+        plan.console.display(),
+        plan.state.display()
+    )))
+    .max(spawn_ms);
+    // What mcr's own blackout costs on this machine now, moving a process that has
+    // next to nothing: measured by moving one (a sleep of ours) through mcr receive.
+    let engine_ms = probe_blackout(plan).unwrap_or(frozen_ms * 2.0);
+    let blackout_ms = engine_ms + frozen_ms * processes as f64 + 2.0 * copy_ms + go_ms;
     let clone_s = disk_bytes as f64 / bw.max(1.0);
     // Making the surrogate (eight ip commands), starting the receiver (four tools)
     // and mcr, releasing the original, and the console's part in each: about sixteen
     // programs started, each as long as the three timed above took apiece.
     let partitions_s = 16.0 * spawn_ms / 3.0 / 1e3;
-    let total_s = clone_s + partitions_s + pre_s + blackout_ms / 1e3;
+    // The destination puts the first round in place as it comes: about one more copy.
+    let first_fill_s = rss as f64 / bw;
+    let total_s = clone_s + partitions_s + pre_s + first_fill_s + blackout_ms / 1e3;
     pv.estimates = Some(Estimates {
         rss_bytes: rss,
         dirty_bytes_per_s: dirty,
@@ -491,6 +508,56 @@ pub fn run(plan: &Plan, max_blackout_ms: u64) -> Preview {
         memory_bytes,
     });
     pv
+}
+
+/// mcr's blackout moving a sleep of ours, in ms: the engine's fixed cost here, now.
+fn probe_blackout(plan: &Plan) -> Option<f64> {
+    let tmp = tempfile::Builder::new()
+        .prefix("liveupdate-probe-")
+        .tempdir()
+        .ok()?;
+    let sock = tmp.path().join("probe.sock");
+    let pidfile = tmp.path().join("probe.pid");
+    let mut recv = Command::new(&plan.mcr)
+        .args(["receive", "--pidns", "-d", "--pidfile"])
+        .arg(&pidfile)
+        .arg("--listen")
+        .arg(format!("unix:{}", sock.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let mut sleeper = Command::new("sleep")
+        .arg("60")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !sock.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let out = Command::new(&plan.mcr)
+        .args(["migrate", "-t", &sleeper.id().to_string(), "--json", "--to"])
+        .arg(format!("unix:{}", sock.display()))
+        .stdin(Stdio::null())
+        .output();
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    let _ = recv.wait();
+    if let Some(pid) = std::fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.ok()?.stdout).ok()?;
+    v["blackout_ms"].as_f64()
 }
 
 fn label(b: &Option<crate::fix::Bundle>) -> String {
@@ -577,15 +644,19 @@ mod tests {
 
     #[test]
     fn rounds_shrink_until_the_last_fits_or_stops_shrinking() {
-        // 1 GiB at 1 GiB/s, writing 32 MiB/s: 1 s, then 32 MiB, then 1 MiB.
-        let gib = (1u64 << 30) as f64;
-        let (n, last, total) = rounds(gib, 32.0 * (1 << 20) as f64, gib, 0.0, 0.020);
+        let (gib, mib) = ((1u64 << 30) as f64, (1u64 << 20) as f64);
+        // 1 GiB at 1 GiB/s, writing 32 MiB/s: 1 s; 32 MiB (31 ms, too long); 1 MiB
+        // (1 ms, fits), leaving what was written during it.
+        let (n, last, total) = rounds(gib, 32.0 * mib, gib, 0.0, 0.020);
+        assert_eq!(n, 3);
+        assert!((last - 32.0 * 1024.0).abs() < 1.0, "{last}");
+        assert!(
+            (total - (1.0 + 1.0 / 32.0 + 1.0 / 1024.0)).abs() < 1e-9,
+            "{total}"
+        );
+        // Writing as fast as it copies: the second round does not shrink; it stops.
+        let (n, last, _) = rounds(gib, gib, gib, 0.0, 0.020);
         assert_eq!(n, 2);
-        assert!((last - (1 << 20) as f64).abs() < 1.0, "{last}");
-        assert!((total - (1.0 + 1.0 / 32.0)).abs() < 1e-9, "{total}");
-        // Writing faster than it copies: it stops at once, everything left.
-        let (n, last, _) = rounds(gib, 2.0 * gib, gib, 0.0, 0.020);
-        assert_eq!(n, 1);
         assert!(last >= gib);
     }
 }

@@ -82,7 +82,8 @@ fn a_workload_moves_to_the_destination_and_the_original_dies_after() {
 }
 
 /// A partition's tree is the init of its own pid namespace: the rounds name it as it
-/// sees itself, as the checkpoint does, so the destination builds it from them.
+/// sees itself, as the checkpoint does, so the destination builds it from them, and
+/// its writes are followed from one round to the next by those names.
 #[test]
 fn the_init_of_its_own_pid_namespace_moves_warm() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -105,6 +106,15 @@ fn the_init_of_its_own_pid_namespace_moves_warm() {
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json");
     assert_eq!(report["warm"], true, "{report}");
+    // Its writes were tracked from round to round: the last image holds only those.
+    let first = report["rounds"][0]["pages"]
+        .as_u64()
+        .expect("a first round");
+    assert!(first >= 16 * 256, "{report}");
+    assert!(
+        report["final_pages"].as_u64().expect("final pages") < first / 4,
+        "every round copied it all: {report}"
+    );
     outer.wait();
     let mut moved = recv.workload(&mut g);
     let nspid = std::fs::read_to_string(format!("/proc/{}/status", moved.pid)).expect("status");

@@ -483,6 +483,12 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
 pub fn dry_run(opts: &CheckpointOptions) -> Result<DryRunReport> {
     let mut o = opts.clone();
     o.dry_run = true;
+    // As a migration does: the VMA flags read while the tree runs, so that the freeze
+    // is as long as a migration's last one would be.
+    if o.vm_flags.is_none() {
+        let pids = freeze::descendants(Pid::from_raw(opts.pid));
+        o.vm_flags = Some(std::sync::Arc::new(vmflags::VmFlagsAhead::read(&pids)));
+    }
     match checkpoint_held(&o) {
         Err(DumpError::DryRun(r)) => Ok(*r),
         Err(e) => Err(e),

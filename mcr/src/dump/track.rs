@@ -109,13 +109,15 @@ impl Previous {
     /// For process `pid` (as the host sees it): the runs of each VMA written since this
     /// image, or None for a VMA to copy whole. `reprotect` starts a new round at once.
     pub fn written_fn(&self, pid: Pid, reprotect: bool) -> Result<Box<WrittenSince<'_>>> {
+        // The image names the process as it sees itself (in its own pid namespace,
+        // its number there).
+        let seen_as = kext_shim::procfs::Status::read(pid)
+            .ok()
+            .and_then(|st| st.numbers("NSpid").ok()?.last().copied())
+            .map_or(pid.as_raw(), |n| n as i32);
         let tracked = self.live
             && self.pids.contains(&pid.as_raw())
-            && self
-                .snapshot
-                .processes
-                .iter()
-                .any(|p| p.pid == pid.as_raw());
+            && self.snapshot.processes.iter().any(|p| p.pid == seen_as);
         let pagemap = Pagemap::open(pid).step(pid, || "opening pagemap".into())?;
         Ok(Box::new(move |v: &Vma| {
             if !tracked || !v.private_anonymous() {

@@ -86,6 +86,12 @@ enum Cmd {
         gateway: String,
         #[arg(long, default_value_t = 20)]
         max_blackout_ms: u64,
+        /// Memory the demo service keeps, in MiB (0: only what it needs).
+        #[arg(long, default_value_t = 0)]
+        mib: usize,
+        /// How much of it the service rewrites a second, in MiB.
+        #[arg(long, default_value_t = 0.0)]
+        dirty_mib_s: f64,
     },
     /// Partitions, through the console.
     Partition {
@@ -118,6 +124,12 @@ enum Cmd {
         port: u16,
         #[arg(long, default_value = "/etc/demo/greeting")]
         greeting: PathBuf,
+        /// Memory to keep, in MiB.
+        #[arg(long, default_value_t = 0)]
+        mib: usize,
+        /// How much of it to rewrite a second, in MiB.
+        #[arg(long, default_value_t = 0.0)]
+        dirty_mib_s: f64,
     },
     /// The journal: the start, success or failure of every operation.
     Log {
@@ -229,12 +241,16 @@ fn main() -> ExitCode {
             bridge,
             gateway,
             max_blackout_ms,
+            mib,
+            dirty_mib_s,
         } => operations::demo(orchestrate::demo::DemoPlan {
             dir,
             mcr: operations::mcr_beside(mcr),
             bridge,
             gateway,
             max_blackout_ms,
+            mib,
+            dirty_mib_s,
         }),
         Cmd::Disk { cmd } => {
             let done = match cmd {
@@ -264,7 +280,12 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::DemoService { port, greeting } => match orchestrate::demo::service(port, &greeting) {
+        Cmd::DemoService {
+            port,
+            greeting,
+            mib,
+            dirty_mib_s,
+        } => match orchestrate::demo::service(port, &greeting, mib, dirty_mib_s) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("liveupdate: demo service: {e}");
