@@ -684,3 +684,88 @@ fn migrate(
 fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
+
+/// A cold rollback: the partition's workload is stopped and started again from the
+/// beginning on `onto` (the disk a live update kept), under the same name, address
+/// and command. What the workload held in memory is lost, as with a reboot.
+pub fn cold_rollback(plan: &Plan, onto: &Path, command: &str) -> Result<Partition, UpdateError> {
+    let _taken = crate::lock::OpLock::take(&plan.state, "rollback --cold", command)?;
+    let journal = Journal::at(&plan.state);
+    let id = journal
+        .next_id()
+        .map_err(|e| failed("journal")(e.to_string()))?;
+    let resource = format!("partition {}", plan.partition);
+    let _ = journal.record(&id, Kind::Start, &resource, "cold rollback");
+    let r = (|| {
+        let token =
+            crate::token::current(&plan.state).map_err(|e| failed("console")(e.to_string()))?;
+        let ask = |req: &Request| {
+            console::call(&plan.console, &token.secret, req).map_err(|e| e.to_string())
+        };
+        let parts = ask(&Request::List).map_err(failed("console"))?;
+        let p = parts
+            .iter()
+            .find(|p| p.name == plan.partition)
+            .cloned()
+            .ok_or_else(|| failed("validation")(format!("no partition {:?}", plan.partition)))?;
+        if p.command.is_empty() {
+            return Err(failed("validation")(format!(
+                "partition {} has no command on record to start again",
+                p.name
+            )));
+        }
+        println!(
+            "liveupdate: operation {id}: cold rollback of partition {} onto {}",
+            p.name,
+            onto.display()
+        );
+        ask(&Request::Destroy {
+            name: p.name.clone(),
+        })
+        .map_err(failed("stop"))?;
+        println!(
+            "Stopped partition {} (pid {}).",
+            p.name,
+            p.init.unwrap_or(0)
+        );
+        ask(&Request::Create(NewPartition {
+            name: p.name.clone(),
+            disk: onto.to_path_buf(),
+            id: Some(p.id),
+            address: Some(p.address.clone()),
+            mount_at: Some(p.mount_at.clone()),
+            command: p.command.clone(),
+        }))
+        .map_err(failed("restart"))?;
+        let started = ask(&Request::Start {
+            name: p.name.clone(),
+            command: p.command.clone(),
+        })
+        .map_err(failed("restart"))?;
+        let s = started
+            .into_iter()
+            .next()
+            .ok_or_else(|| failed("restart")("the console started nothing".into()))?;
+        println!(
+            "Started partition {} again on {}: pid {}.",
+            s.name,
+            onto.display(),
+            s.init.unwrap_or(0)
+        );
+        Ok(s)
+    })();
+    match &r {
+        Ok(_) => {
+            let _ = journal.record(&id, Kind::Success, &resource, "cold rollback");
+        }
+        Err(e) => {
+            let _ = journal.record(
+                &id,
+                Kind::Failure,
+                &resource,
+                &format!("cold rollback: {e}"),
+            );
+        }
+    }
+    r
+}

@@ -589,9 +589,120 @@ fn preview_checks_everything_estimates_from_the_workload_and_changes_nothing() {
         "{}",
         text(&o)
     );
-    // Nothing moved, nothing stopped, and no operation was recorded.
+    // Run refuses it too, at the surrogate, and puts everything back.
+    let o = lab.run("FIX-1", &[]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("partition id 1 is taken by \"svc_lu0\""),
+        "{}",
+        text(&o)
+    );
     assert_eq!(lab.list(), before);
-    assert!(!journal(&lab).contains("LU0001"), "{}", journal(&lab));
+    std::fs::write(lab.config(), &cfg).expect("config");
+    // A token the console does not know: refused in preview and in run.
+    let other = tempfile::tempdir().expect("tempdir");
+    let auth = liveupdate()
+        .args(["console", "auth", "--user", "intruder", "--dir"])
+        .arg(other.path())
+        .output()
+        .expect("auth");
+    assert!(auth.status.success());
+    let config = lab.config().display().to_string();
+    let as_other = |cmd: &str, fix: &str| {
+        liveupdate()
+            .args([
+                cmd, "-d", &d, fix, "-p", "svc", "--config", &config, "--state",
+            ])
+            .arg(other.path())
+            .output()
+            .expect("liveupdate")
+    };
+    let o = as_other("preview", "FIX-1");
+    assert!(text(&o).contains("FAILED: console"), "{}", text(&o));
+    assert!(text(&o).contains("wrong console token"), "{}", text(&o));
+    let o = as_other("run", "FIX-1");
+    assert!(!o.status.success());
+    assert!(text(&o).contains("wrong console token"), "{}", text(&o));
+    // Nothing moved, nothing stopped.
+    assert_eq!(lab.list(), before);
+    let j = journal(&lab);
+    assert!(j.contains("partition id 1 is taken"), "{j}");
     let seen = client.finish();
     assert_eq!(seen.broken, 0);
+    assert_eq!(seen.last, "hello from the original disk");
+}
+
+#[test]
+fn a_full_disk_is_refused_in_preview_and_in_run_and_nothing_moves() {
+    let lab = Lab::new();
+    let addr = lab.service("svc");
+    lab.fix("FIX-1", &[]);
+    // A clone directory with room for far less than the disk (30 MiB of liveupdate).
+    let clones = lab.path("clones");
+    std::fs::create_dir_all(&clones).expect("mkdir");
+    let mnt = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "small"])
+        .arg(&clones)
+        .status()
+        .expect("mount");
+    assert!(mnt.success());
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(clones.clone());
+    let client = Client::connect(&addr);
+    let before = lab.list();
+    let d = lab.path("fixes").display().to_string();
+    let o = lab.lu(&["preview", "-d", &d, "FIX-1", "-p", "svc"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("FAILED: disk: the clone needs"),
+        "{}",
+        text(&o)
+    );
+    let o = lab.run("FIX-1", &[]);
+    assert!(!o.status.success());
+    let out = text(&o);
+    assert!(
+        out.contains("clone") && out.contains("No space left on device"),
+        "{out}"
+    );
+    assert!(
+        out.contains("the workload runs on in partition svc"),
+        "{out}"
+    );
+    assert_eq!(lab.list(), before);
+    assert_eq!(
+        std::fs::read_dir(&clones).expect("clones").count(),
+        0,
+        "a clone is left"
+    );
+    let seen = client.finish();
+    assert_eq!(seen.broken, 0);
+}
+
+#[test]
+fn a_cold_rollback_starts_the_workload_again_on_the_kept_disk() {
+    let lab = Lab::new();
+    let addr = lab.service("svc");
+    lab.fix("FIX-1", &[]);
+    let o = lab.run("FIX-1", &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let moved = lab.list();
+    let o = lab.lu(&["rollback", "-p", "svc", "--cold"]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("cold rollback of partition svc"), "{out}");
+    let after = lab.list();
+    assert_eq!(after.len(), 1);
+    assert_eq!((&after[0].0[..], &after[0].1[..]), ("svc", "Running"));
+    assert_ne!(after[0].2, moved[0].2, "started again: another pid");
+    // A new client: the service of the kept disk, from the start.
+    let seen = Client::connect(&addr).finish();
+    assert_eq!(seen.broken, 0);
+    assert_eq!(seen.first, "hello from the original disk");
+    assert!(journal(&lab).contains("cold rollback"), "{}", journal(&lab));
 }

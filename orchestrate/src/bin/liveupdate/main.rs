@@ -68,8 +68,11 @@ enum Cmd {
         #[command(flatten)]
         common: operations::Common,
     },
-    /// Moves the workload back live onto the disk the last live update kept.
+    /// Moves the workload back live onto the disk the last live update kept; with
+    /// --cold, stops it and starts it again there instead.
     Rollback {
+        #[arg(long)]
+        cold: bool,
         #[command(flatten)]
         common: operations::Common,
     },
@@ -229,7 +232,7 @@ fn main() -> ExitCode {
             fix,
             common,
         } => operations::run(common, fixdir, fix),
-        Cmd::Rollback { common } => operations::rollback(common),
+        Cmd::Rollback { cold, common } => operations::rollback(common, cold),
         Cmd::Preview {
             fixdir,
             fix,

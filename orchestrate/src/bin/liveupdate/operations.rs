@@ -88,7 +88,7 @@ pub fn run(c: Common, fixdir: PathBuf, fix: String) -> ExitCode {
     }
 }
 
-pub fn rollback(c: Common) -> ExitCode {
+pub fn rollback(c: Common, cold: bool) -> ExitCode {
     let state = c.state.clone();
     let last = match update::last_record(&state, &c.partition) {
         Some(r) => r,
@@ -102,12 +102,20 @@ pub fn rollback(c: Common) -> ExitCode {
         }
     };
     println!(
-        "liveupdate: rolling partition {} back onto {} (kept by operation {})",
+        "liveupdate: rolling partition {} back{} onto {} (kept by operation {})",
         c.partition,
+        if cold { ", cold," } else { " live" },
         last.original_disk.display(),
         last.id
     );
-    match plan(c, None, Some(last.original_disk)) {
+    match plan(c, None, Some(last.original_disk.clone())) {
+        Ok(p) if cold => match update::cold_rollback(&p, &last.original_disk, &command_line()) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("liveupdate: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        },
         Ok(p) => finish(update::run(&p, &command_line(), false)),
         Err(e) => {
             eprintln!("liveupdate: {e}");
