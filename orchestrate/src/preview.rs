@@ -440,7 +440,11 @@ pub fn run(plan: &Plan, max_blackout_ms: u64) -> Preview {
 
     // The dirty rate over a second, and the bandwidth of copying it.
     let sample = sample_writes(plan, &p, Duration::from_secs(1));
-    let (bw, dirty) = match sample {
+    let Sample {
+        bandwidth: bw,
+        dirty,
+        scan_ms,
+    } = match sample {
         Ok(s) => s,
         Err(e) => {
             pv.check(false, format!("sampling the workload's writes: {e}"));
@@ -460,8 +464,8 @@ pub fn run(plan: &Plan, max_blackout_ms: u64) -> Preview {
     let connections = num("tcp_connections");
     // The blackout, each part from what was measured here: mcr's own fixed cost (a
     // probe moved below), the workload's freeze and state (the dry run, once per
-    // process for their making again), the last pages out and in (twice their copy
-    // time), and the address moved (timed below). The wire lock comes off after the
+    // process for their making again), the last dump's scan of its writes, the last
+    // pages out and in (twice their copy time), and the address moved (timed below). The wire lock comes off after the
     // resume: not part of it.
     let spawn_ms = time_spawn(Command::new("ip").args(["-o", "link", "show", "lo"])) * 2.0
         + time_spawn(
@@ -483,15 +487,24 @@ pub fn run(plan: &Plan, max_blackout_ms: u64) -> Preview {
     // What mcr's own blackout costs on this machine now, moving a process that has
     // next to nothing: measured by moving one (a sleep of ours) through mcr receive.
     let engine_ms = probe_blackout(plan).unwrap_or(frozen_ms * 2.0);
-    let blackout_ms = engine_ms + frozen_ms * processes as f64 + 2.0 * copy_ms + go_ms;
+    // The last dump reads back the writes to all the tracked memory, as the second
+    // pre-dump did, without protecting them again: about a quarter of its time (here,
+    // 5 to 14 ms at 1 GiB against its 52).
+    let final_scan_ms = scan_ms / 4.0;
+    let blackout_ms =
+        engine_ms + frozen_ms * processes as f64 + final_scan_ms + 2.0 * copy_ms + go_ms;
     let clone_s = disk_bytes as f64 / bw.max(1.0);
     // Making the surrogate (eight ip commands), starting the receiver (four tools)
-    // and mcr, releasing the original, and the console's part in each: about sixteen
-    // programs started, each as long as the three timed above took apiece.
-    let partitions_s = 16.0 * spawn_ms / 3.0 / 1e3;
+    // and mcr, the notices, releasing the original, and the console's part in each:
+    // about two dozen programs started, each as long as the three timed above took
+    // apiece.
+    let partitions_s = 24.0 * spawn_ms / 3.0 / 1e3;
     // The destination puts the first round in place as it comes: about one more copy.
     let first_fill_s = rss as f64 / bw;
-    let total_s = clone_s + partitions_s + pre_s + first_fill_s + blackout_ms / 1e3;
+    // The original's end frees its memory before mcr returns: about 10 GiB a second
+    // here (95 ms at 1 GiB).
+    let teardown_s = rss as f64 / (10.0 * (1u64 << 30) as f64);
+    let total_s = clone_s + partitions_s + pre_s + first_fill_s + blackout_ms / 1e3 + teardown_s;
     pv.estimates = Some(Estimates {
         rss_bytes: rss,
         dirty_bytes_per_s: dirty,
@@ -579,7 +592,17 @@ fn time_spawn(cmd: &mut Command) -> f64 {
 
 /// Two pre-dumps `over` apart into a tmpfs: the bandwidth of the first (bytes a
 /// second), and the bytes a second written between them. The tracking ends with us.
-fn sample_writes(plan: &Plan, p: &Partition, over: Duration) -> Result<(f64, f64), String> {
+/// What two pre-dumps a second apart measured.
+struct Sample {
+    /// Bytes a second the first copied.
+    bandwidth: f64,
+    /// Bytes a second written between them.
+    dirty: f64,
+    /// How long the second took to read the writes back (and protect them again).
+    scan_ms: f64,
+}
+
+fn sample_writes(plan: &Plan, p: &Partition, over: Duration) -> Result<Sample, String> {
     let init = p.init.unwrap_or(0);
     let tmp = tempfile::Builder::new()
         .prefix("liveupdate-preview-")
@@ -635,7 +658,18 @@ fn sample_writes(plan: &Plan, p: &Partition, over: Duration) -> Result<(f64, f64
         .max(0.001);
     let bw = first["raw_bytes"].as_f64().unwrap_or(0.0) / (copy_ms / 1e3);
     let dirty = second["raw_bytes"].as_f64().unwrap_or(0.0) / elapsed;
-    Ok((bw.max(1.0), dirty))
+    let scan_ms = second["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["step"] == "track writes")
+        .and_then(|s| s["ms"].as_f64())
+        .unwrap_or(0.0);
+    Ok(Sample {
+        bandwidth: bw.max(1.0),
+        dirty,
+        scan_ms,
+    })
 }
 
 #[cfg(test)]
