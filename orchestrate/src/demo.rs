@@ -164,8 +164,6 @@ pub struct DemoPlan {
 pub struct DemoReport {
     pub record: crate::update::Record,
     pub seen: Seen,
-    /// What the preview before it estimated.
-    pub estimates: Option<crate::preview::Estimates>,
 }
 
 /// A console of the demo's own, as a child; killed when dropped.
@@ -319,28 +317,6 @@ pub fn run(plan: &DemoPlan) -> Result<DemoReport, String> {
         pre_hook: None,
         post_hook: None,
     };
-    // As an operator would: a preview first, whose estimates the move is held to.
-    let pv = crate::preview::run(&update, plan.max_blackout_ms);
-    for c in &pv.checks {
-        println!("{}: {}", if c.passed { "PASSED" } else { "FAILED" }, c.what);
-    }
-    if !pv.passed() {
-        return Err("the preview found the live update cannot go ahead".into());
-    }
-    if let Some(e) = &pv.estimates {
-        let mib = |b: f64| b / (1 << 20) as f64;
-        println!(
-            "liveupdate demo: preview measured {:.1} MiB resident, {:.1} MiB/s written, {:.0} MiB/s copied, {:.2} ms to freeze and look; estimates {} round(s) leaving {:.2} MiB, a blackout of {:.1} ms and {:.2} s in all",
-            mib(e.rss_bytes as f64),
-            mib(e.dirty_bytes_per_s),
-            mib(e.copy_bytes_per_s),
-            e.freeze_and_collect_ms,
-            e.rounds,
-            mib(e.last_round_bytes),
-            e.blackout_ms,
-            e.total_s
-        );
-    }
     let record = crate::update::run(&update, "liveupdate demo", false).map_err(|e| e.to_string());
     let after = record.is_ok().then(|| {
         wait_lines(&rx, 200).map_err(|e| {
@@ -376,11 +352,7 @@ pub fn run(plan: &DemoPlan) -> Result<DemoReport, String> {
     if let Some(cg) = crate::partition::cgroup2_mount() {
         let _ = crate::partition::remove_cgroup(&cg.join(format!("liveupdate-{}", plan.bridge)));
     }
-    Ok(DemoReport {
-        record,
-        seen,
-        estimates: pv.estimates,
-    })
+    Ok(DemoReport { record, seen })
 }
 
 fn connect(address: &str, port: u16) -> Result<TcpStream, String> {

@@ -698,6 +698,14 @@ impl Host {
         self.stop(parts, name)?;
         let i = find(parts, name)?;
         let p = parts[i].clone();
+        // Its interface goes at once; the namespace's own end goes with the namespace,
+        // which the kernel tears down later: a partition made next with the same id
+        // would meet the old name.
+        let _ = ip(
+            name,
+            "removing its interface",
+            &["link", "del", &format!("{}h{}", self.bridge, p.id)],
+        );
         ip(
             name,
             "removing its network namespace",

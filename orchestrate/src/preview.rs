@@ -156,7 +156,6 @@ fn free_bytes(dir: &Path) -> Option<u64> {
 /// Checks and estimates for moving partition `plan.partition` with `plan.fix`.
 pub fn run(plan: &Plan, max_blackout_ms: u64) -> Preview {
     let mut pv = Preview::default();
-
     // The lock: free, and held while we look, so that no operation starts meanwhile.
     let _lock = match crate::lock::OpLock::take(&plan.state, "preview", "liveupdate preview") {
         Ok(t) => {
@@ -168,7 +167,17 @@ pub fn run(plan: &Plan, max_blackout_ms: u64) -> Preview {
             None
         }
     };
+    look(plan, max_blackout_ms, pv)
+}
 
+/// The checks and estimates of [`run`], for an operation that holds the lock.
+pub fn within(plan: &Plan, max_blackout_ms: u64) -> Preview {
+    let mut pv = Preview::default();
+    pv.check(true, "this operation holds the lock");
+    look(plan, max_blackout_ms, pv)
+}
+
+fn look(plan: &Plan, max_blackout_ms: u64, mut pv: Preview) -> Preview {
     let token = match crate::token::current(&plan.state) {
         Ok(t) => {
             pv.check(
@@ -398,15 +407,22 @@ pub fn run(plan: &Plan, max_blackout_ms: u64) -> Preview {
     let rss: u64 = members.iter().map(|&m| rss_of(m)).sum();
     let (disk_bytes, _) = crate::disk::usage(&p.disk);
     let free = free_bytes(&plan.clone_dir).unwrap_or(0);
-    pv.check(
-        free > disk_bytes,
-        format!(
-            "disk: the clone needs {:.1} MiB at most (less by reflink), {:.1} MiB free at {}",
-            disk_bytes as f64 / MIB,
-            free as f64 / MIB,
-            plan.clone_dir.display()
-        ),
-    );
+    if let Some(onto) = &plan.onto {
+        pv.check(
+            onto.is_dir(),
+            format!("disk: the move goes onto {}, kept", onto.display()),
+        );
+    } else {
+        pv.check(
+            free > disk_bytes,
+            format!(
+                "disk: the clone needs {:.1} MiB at most (less by reflink), {:.1} MiB free at {}",
+                disk_bytes as f64 / MIB,
+                free as f64 / MIB,
+                plan.clone_dir.display()
+            ),
+        );
+    }
     // The destination's copy, and the rounds staged in a tmpfs on the way.
     let memory_bytes = 2 * rss;
     let avail = meminfo("MemAvailable").unwrap_or(0);

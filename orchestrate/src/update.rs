@@ -82,6 +82,11 @@ pub struct Record {
     pub total_ms: f64,
     /// mcr's report of the move.
     pub migration: serde_json::Value,
+    /// What the preview before it estimated.
+    #[serde(default)]
+    pub estimated_blackout_ms: Option<f64>,
+    #[serde(default)]
+    pub estimated_total_s: Option<f64>,
 }
 
 /// The operation's log: every step, timestamped, in its own directory; and the
@@ -211,7 +216,6 @@ fn run_hook(log: &mut Log, what: &str, cmd: &Option<String>) -> Result<(), Strin
 
 /// Runs the operation; its record once the workload runs in the surrogate.
 pub fn run(plan: &Plan, command: &str, quiet: bool) -> Result<Record, UpdateError> {
-    let t0 = Instant::now();
     let what = if plan.fix.is_some() {
         "run"
     } else {
@@ -249,8 +253,52 @@ pub fn run(plan: &Plan, command: &str, quiet: bool) -> Result<Record, UpdateErro
         "liveupdate: operation {id}: {what} of partition {} ({label})",
         plan.partition
     ));
+    // As AIX's automated mode does: every check of a preview first, and its
+    // estimates, which the measured move is then printed beside.
+    cx.phase("Checking the preconditions and estimating (as liveupdate preview) ...");
+    let pv = crate::preview::within(plan, plan.max_blackout_ms);
+    for c in &pv.checks {
+        let line = format!(
+            "  {}: {}",
+            if c.passed { "PASSED" } else { "FAILED" },
+            c.what
+        );
+        if c.passed {
+            cx.log.note(&line);
+        } else {
+            cx.phase(&line);
+        }
+    }
+    if let Some(e) = &pv.estimates {
+        cx.phase(&format!(
+            "  estimated: {} pre-copy round(s), blackout {:.1} ms, total {:.2} s",
+            e.rounds, e.blackout_ms, e.total_s
+        ));
+    }
     let mut undo = Undo::default();
-    let r = move_workload(&mut cx, &id, &label, &mut undo, t0);
+    let r = match pv.checks.iter().find(|c| !c.passed) {
+        Some(c) => Err(failed("preview")(c.what.clone())),
+        // Timed from here, as the estimate is.
+        None => move_workload(&mut cx, &id, &label, &mut undo, Instant::now()),
+    };
+    let r = r.map(|mut rec| {
+        if let Some(e) = &pv.estimates {
+            rec.estimated_blackout_ms = Some(e.blackout_ms);
+            rec.estimated_total_s = Some(e.total_s);
+            cx.phase(&format!(
+                "liveupdate: measured against the estimates: blackout {:.1} ms (estimated {:.1}), total {:.2} s (estimated {:.2})",
+                rec.blackout_ms,
+                e.blackout_ms,
+                rec.total_ms / 1e3,
+                e.total_s
+            ));
+            let _ = std::fs::write(
+                cx.log.dir.join("record.json"),
+                serde_json::to_vec_pretty(&rec).expect("serializes"),
+            );
+        }
+        rec
+    });
     match r {
         Ok(rec) => {
             let _ = journal.record(
@@ -509,6 +557,8 @@ fn move_workload(
         blackout_ms: blackout,
         total_ms: total,
         migration: report,
+        estimated_blackout_ms: None,
+        estimated_total_s: None,
     };
     let _ = std::fs::write(
         cx.log.dir.join("record.json"),

@@ -589,11 +589,11 @@ fn preview_checks_everything_estimates_from_the_workload_and_changes_nothing() {
         "{}",
         text(&o)
     );
-    // Run refuses it too, at the surrogate, and puts everything back.
+    // Run refuses it too (its own preview), and nothing is made.
     let o = lab.run("FIX-1", &[]);
     assert!(!o.status.success());
     assert!(
-        text(&o).contains("partition id 1 is taken by \"svc_lu0\""),
+        text(&o).contains("partition id 1 asked for the surrogate is taken by svc"),
         "{}",
         text(&o)
     );
@@ -626,7 +626,10 @@ fn preview_checks_everything_estimates_from_the_workload_and_changes_nothing() {
     // Nothing moved, nothing stopped.
     assert_eq!(lab.list(), before);
     let j = journal(&lab);
-    assert!(j.contains("partition id 1 is taken"), "{j}");
+    assert!(
+        j.contains("partition id 1 asked for the surrogate is taken"),
+        "{j}"
+    );
     let seen = client.finish();
     assert_eq!(seen.broken, 0);
     assert_eq!(seen.last, "hello from the original disk");
@@ -666,10 +669,7 @@ fn a_full_disk_is_refused_in_preview_and_in_run_and_nothing_moves() {
     let o = lab.run("FIX-1", &[]);
     assert!(!o.status.success());
     let out = text(&o);
-    assert!(
-        out.contains("clone") && out.contains("No space left on device"),
-        "{out}"
-    );
+    assert!(out.contains("FAILED: disk: the clone needs"), "{out}");
     assert!(
         out.contains("the workload runs on in partition svc"),
         "{out}"

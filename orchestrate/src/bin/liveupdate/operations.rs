@@ -144,13 +144,14 @@ pub fn demo(plan: orchestrate::demo::DemoPlan) -> ExitCode {
                 r.record.blackout_ms,
                 r.record.total_ms / 1e3
             );
-            if let Some(e) = &r.estimates {
+            if let (Some(b), Some(t)) = (r.record.estimated_blackout_ms, r.record.estimated_total_s)
+            {
                 println!(
                     "liveupdate demo: estimated by the preview: blackout {:.1} ms ({:+.0}%), total {:.2} s ({:+.0}%)",
-                    e.blackout_ms,
-                    (e.blackout_ms / r.record.blackout_ms - 1.0) * 100.0,
-                    e.total_s,
-                    (e.total_s * 1e3 / r.record.total_ms - 1.0) * 100.0
+                    b,
+                    (b / r.record.blackout_ms - 1.0) * 100.0,
+                    t,
+                    (t * 1e3 / r.record.total_ms - 1.0) * 100.0
                 );
             }
             if s.broken > 0 || s.first == s.last {
