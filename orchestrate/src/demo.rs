@@ -176,11 +176,10 @@ impl Drop for ConsoleChild {
     }
 }
 
-/// Partitions made here, destroyed when dropped (their disks stay, for a look).
+/// The console's partitions, destroyed when dropped (their disks stay, for a look).
 struct Made<'a> {
     socket: &'a Path,
     token: String,
-    names: Vec<String>,
 }
 
 impl Drop for Made<'_> {
@@ -192,7 +191,6 @@ impl Drop for Made<'_> {
             let _ =
                 crate::console::call(self.socket, &self.token, &Request::Destroy { name: p.name });
         }
-        self.names.clear();
     }
 }
 
@@ -237,7 +235,6 @@ pub fn run(plan: &DemoPlan) -> Result<DemoReport, String> {
     let made = Made {
         socket: &socket,
         token: token.secret.clone(),
-        names: Vec::new(),
     };
     let ask = |req: &Request| {
         crate::console::call(&socket, &token.secret, req).map_err(|e| e.to_string())
