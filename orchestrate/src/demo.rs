@@ -83,6 +83,11 @@ pub struct Seen {
     /// Lines out of order (lost or repeated): must be 0.
     pub broken: u64,
     pub longest_gap: Duration,
+    /// When that silence ended (wall clock), to set beside the operation's log.
+    pub gap_ended: Option<std::time::SystemTime>,
+    /// Every silence of more than four periods: (when it ended, ms since the epoch;
+    /// how long).
+    pub silences: Vec<(u64, Duration)>,
     /// The greeting of the first line, and of the last.
     pub first: String,
     pub last: String,
@@ -123,7 +128,16 @@ fn count_with(
         }
         let now = Instant::now();
         if seen.lines > 0 {
-            seen.longest_gap = seen.longest_gap.max(now - last);
+            if now - last > 4 * PERIOD {
+                let end = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                seen.silences.push((end, now - last));
+            }
+            if now - last > seen.longest_gap {
+                seen.longest_gap = now - last;
+                seen.gap_ended = Some(std::time::SystemTime::now());
+            }
         }
         last = now;
         let (n, g) = line
@@ -390,4 +404,20 @@ fn wait_lines(rx: &std::sync::mpsc::Receiver<u64>, n: u64) -> Result<(), String>
         got += 50;
     }
     Ok(())
+}
+
+impl Seen {
+    /// The longest silence that ended between `from` and `to` (ms since the epoch),
+    /// or that began before `to` and ended up to a second after it.
+    pub fn longest_within(&self, from: u64, to: u64) -> Duration {
+        self.silences
+            .iter()
+            .filter(|(end, d)| {
+                let start = end.saturating_sub(d.as_millis() as u64);
+                *end >= from && start <= to
+            })
+            .map(|(_, d)| *d)
+            .max()
+            .unwrap_or_default()
+    }
 }

@@ -87,6 +87,10 @@ pub struct Record {
     pub estimated_blackout_ms: Option<f64>,
     #[serde(default)]
     pub estimated_total_s: Option<f64>,
+    /// When the move began and ended (ms since the epoch, wall clock), to tell what a
+    /// client saw during it from what it saw during the preview before.
+    #[serde(default)]
+    pub moved_between_ms: (u64, u64),
 }
 
 /// The operation's log: every step, timestamped, in its own directory; and the
@@ -279,7 +283,13 @@ pub fn run(plan: &Plan, command: &str, quiet: bool) -> Result<Record, UpdateErro
     let r = match pv.checks.iter().find(|c| !c.passed) {
         Some(c) => Err(failed("preview")(c.what.clone())),
         // Timed from here, as the estimate is.
-        None => move_workload(&mut cx, &id, &label, &mut undo, Instant::now()),
+        None => {
+            let from = epoch_ms();
+            move_workload(&mut cx, &id, &label, &mut undo, Instant::now()).map(|mut rec| {
+                rec.moved_between_ms = (from, epoch_ms());
+                rec
+            })
+        }
     };
     let r = r.map(|mut rec| {
         if let Some(e) = &pv.estimates {
@@ -329,6 +339,12 @@ pub fn run(plan: &Plan, command: &str, quiet: bool) -> Result<Record, UpdateErro
             Err(e)
         }
     }
+}
+
+fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The last operation that moved partition `name` (its record), if any.
@@ -559,6 +575,7 @@ fn move_workload(
         migration: report,
         estimated_blackout_ms: None,
         estimated_total_s: None,
+        moved_between_ms: (0, 0),
     };
     let _ = std::fs::write(
         cx.log.dir.join("record.json"),

@@ -137,6 +137,14 @@ pub fn demo(plan: orchestrate::demo::DemoPlan) -> ExitCode {
                 s.longest_gap.as_secs_f64() * 1e3,
                 orchestrate::demo::PERIOD.as_millis()
             );
+            let (from, to) = r.record.moved_between_ms;
+            println!(
+                "  during the move      {:.1} ms at the longest (before it, the preview's samples freeze it too)",
+                s.longest_within(from, to)
+                    .max(orchestrate::demo::PERIOD)
+                    .as_secs_f64()
+                    * 1e3
+            );
             println!("  greeting before      {:?}", s.first);
             println!("  greeting after       {:?}", s.last);
             println!(
