@@ -135,6 +135,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// How much of the tree at PID was written since a pre-dump began tracking it
+    /// (its holder still running), read without freezing it.
+    Written {
+        #[arg(short = 't', long = "tree")]
+        pid: i32,
+        #[arg(long)]
+        json: bool,
+    },
     /// Move a running tree to `mcr receive` elsewhere: pre-copy rounds while it runs,
     /// then a short freeze; the original is killed once it runs at the destination.
     Migrate {
@@ -471,6 +479,28 @@ fn main() -> ExitCode {
                             r.holder_pid.unwrap_or(0),
                             steps_text(&r.steps)
                         );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e, e.exit_code()),
+            }
+        }
+        Cmd::Written { pid, json } => {
+            match mcr::dump::track::written_now(kext_shim::Pid::from_raw(pid)) {
+                Ok(w) => {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"pid": pid, "written_bytes": w.written, "tracked_bytes": w.tracked, "untracked_bytes": w.untracked})
+                        );
+                    } else {
+                        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+                        eprintln!(
+                        "mcr: pid {pid}: {:.1} MiB written of {:.1} MiB tracked ({:.1} MiB untracked)",
+                        mib(w.written),
+                        mib(w.tracked),
+                        mib(w.untracked)
+                    );
                     }
                     ExitCode::SUCCESS
                 }

@@ -1,9 +1,10 @@
 //! `liveupdate preview`: every precondition of a live update checked and printed as
 //! `PASSED:` or `FAILED:`, and estimates computed from the live workload, changing
 //! nothing. Measured, not assumed: the workload's resident memory; its dirty rate,
-//! sampled over a second with mcr's write tracking (two pre-dumps into a tmpfs); the
-//! copy bandwidth those pre-dumps reached; and its processes, fds and connections, as
-//! a dry-run checkpoint found them (frozen for a few milliseconds, nothing written).
+//! sampled over a second with mcr's write tracking (a pre-dump into a tmpfs, then
+//! `mcr written`, which reads the writes back without freezing it); the copy
+//! bandwidth the pre-dump reached; and its processes, fds and connections, as a
+//! dry-run checkpoint found them (frozen for a few milliseconds, nothing written).
 
 use crate::console::{self, Request};
 use crate::partition::Partition;
@@ -503,9 +504,9 @@ fn look(plan: &Plan, max_blackout_ms: u64, mut pv: Preview) -> Preview {
     // What mcr's own blackout costs on this machine now, moving a process that has
     // next to nothing: measured by moving one (a sleep of ours) through mcr receive.
     let engine_ms = probe_blackout(plan).unwrap_or(frozen_ms * 2.0);
-    // The last dump reads back the writes to all the tracked memory, as the second
-    // pre-dump did, without protecting them again: about a quarter of its time (here,
-    // 5 to 14 ms at 1 GiB against its 52).
+    // The last dump walks the page tables of all the tracked memory, frozen, to read
+    // its writes back without protecting them again: about a quarter of the walks that
+    // protected it (measured here: 5 to 14 ms at 1 GiB, against 40).
     let final_scan_ms = scan_ms / 4.0;
     let blackout_ms =
         engine_ms + frozen_ms * processes as f64 + final_scan_ms + 2.0 * copy_ms + go_ms;
@@ -614,7 +615,7 @@ struct Sample {
     bandwidth: f64,
     /// Bytes a second written between them.
     dirty: f64,
-    /// How long the second took to read the writes back (and protect them again).
+    /// How long the pre-dump's walks to protect the memory took.
     scan_ms: f64,
 }
 
@@ -624,11 +625,12 @@ fn sample_writes(plan: &Plan, p: &Partition, over: Duration) -> Result<Sample, S
         .prefix("liveupdate-preview-")
         .tempdir_in("/dev/shm")
         .map_err(|e| format!("a tmpfs directory: {e}"))?;
-    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    let pre = |dir: &Path, prev: Option<&Path>| -> Result<serde_json::Value, String> {
-        // From its network namespace, which mcr wants to be its own.
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", p.netns_path().display()))
+    // Tracking starts with the pre-dump's freeze, a moment after this.
+    let t = Instant::now();
+    // From its network namespace, which mcr wants to be its own.
+    let first = match sh_out(
+        Command::new("nsenter")
+            .arg(format!("--net={}", p.netns_path().display()))
             .arg(&plan.mcr)
             .args([
                 "pre-dump",
@@ -639,31 +641,40 @@ fn sample_writes(plan: &Plan, p: &Partition, over: Duration) -> Result<Sample, S
                 "--json",
                 "-D",
             ])
-            .arg(dir);
-        if let Some(p) = prev {
-            c.arg("--prev-images-dir").arg(p);
+            .arg(tmp.path().join("a")),
+    )? {
+        (true, out, _) => {
+            serde_json::from_str::<serde_json::Value>(&out).map_err(|e| e.to_string())?
         }
-        match sh_out(&mut c)? {
-            (true, out, _) => serde_json::from_str(&out).map_err(|e| e.to_string()),
-            (false, _, err) => Err(err),
-        }
-    };
-    let first = pre(&a, None)?;
-    let t = Instant::now();
-    let kill_holder = |v: &serde_json::Value| {
-        if let Some(h) = v["holder_pid"].as_i64() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(h as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
+        (false, _, err) => return Err(err),
     };
     std::thread::sleep(over);
-    let second = pre(&b, Some(&a));
+    // Its writes since, read while it runs: nothing frozen, nothing protected again.
+    let written =
+        sh_out(Command::new(&plan.mcr).args(["written", "-t", &init.to_string(), "--json"]));
+    // The pre-dump's walks of the page tables to protect them (frozen for some, the
+    // rest once it ran on).
+    let step = |name: &str| {
+        first["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["step"] == name)
+            .and_then(|s| s["ms"].as_f64())
+            .unwrap_or(0.0)
+    };
+    let scan_ms = step("track writes") + step("track the rest");
     let elapsed = t.elapsed().as_secs_f64();
-    kill_holder(&first);
-    let second = second?;
-    kill_holder(&second);
+    if let Some(h) = first["holder_pid"].as_i64() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(h as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let written: serde_json::Value = match written? {
+        (true, out, _) => serde_json::from_str(&out).map_err(|e| e.to_string())?,
+        (false, _, err) => return Err(err),
+    };
     let copy_ms = first["steps"]
         .as_array()
         .into_iter()
@@ -673,14 +684,10 @@ fn sample_writes(plan: &Plan, p: &Partition, over: Duration) -> Result<Sample, S
         .unwrap_or(1.0)
         .max(0.001);
     let bw = first["raw_bytes"].as_f64().unwrap_or(0.0) / (copy_ms / 1e3);
-    let dirty = second["raw_bytes"].as_f64().unwrap_or(0.0) / elapsed;
-    let scan_ms = second["steps"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|s| s["step"] == "track writes")
-        .and_then(|s| s["ms"].as_f64())
-        .unwrap_or(0.0);
+    // Untracked memory would be copied whole every round: as good as all written.
+    let dirty = (written["written_bytes"].as_f64().unwrap_or(0.0)
+        + written["untracked_bytes"].as_f64().unwrap_or(0.0))
+        / elapsed;
     Ok(Sample {
         bandwidth: bw.max(1.0),
         dirty,
