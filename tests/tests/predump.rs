@@ -220,3 +220,69 @@ fn pre_dump_of_a_missing_pid_and_on_a_non_tracking_image_are_refused() {
     assert_fails(&out, 4, &["write tracking", "mcr pre-dump"]);
     assert_pass(&p.check());
 }
+
+fn written(pid: i32) -> serde_json::Value {
+    let out = mcr(&["written", "-t", &pid.to_string(), "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("written --json")
+}
+
+/// What a preview samples a dirty rate with: the writes since a pre-dump, read while
+/// the workload runs, nothing protected again; and nothing to read once the tracking
+/// is gone.
+#[test]
+fn the_writes_since_a_pre_dump_are_read_while_it_runs() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut g = Guard::new();
+    let mut cmd = Command::new(built_bin("liveupdate"));
+    cmd.args([
+        "demo-service",
+        "--port",
+        "0",
+        "--mib",
+        "64",
+        "--dirty-mib-s",
+        "64",
+    ]);
+    let p = Proc::spawn(&mut g, cmd, Some("demo service: listening"));
+    let first = pre_dump(p.pid, &tmp.path().join("a"), &["--compress", "none"]);
+    let holder = first["holder_pid"].as_i64().expect("a holder") as i32;
+    // It writes 64 MiB a second; a few must show within the minute.
+    let deadline = std::time::Instant::now() + LINE_TIMEOUT;
+    let w = loop {
+        let w = written(p.pid);
+        if w["written_bytes"].as_u64().unwrap_or(0) >= 1 << 20 {
+            break w;
+        }
+        assert!(std::time::Instant::now() < deadline, "no writes seen: {w}");
+    };
+    let tracked = w["tracked_bytes"].as_u64().expect("tracked");
+    assert!(tracked >= 64 << 20, "{w}");
+    assert!(
+        w["written_bytes"].as_u64().expect("written") <= tracked,
+        "{w}"
+    );
+    // Read, not re-armed: what was written stays written.
+    let again = written(p.pid);
+    assert!(
+        again["written_bytes"].as_u64() >= w["written_bytes"].as_u64(),
+        "{again}"
+    );
+    assert_ne!(proc_state(p.pid), Some('t'), "left stopped");
+    // The tracking ends with its holder: nothing tracked, all of it unknown.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(holder),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    wait_gone(holder);
+    let after = written(p.pid);
+    assert_eq!(after["tracked_bytes"], 0, "{after}");
+    assert!(
+        after["untracked_bytes"].as_u64().expect("untracked") >= 64 << 20,
+        "{after}"
+    );
+}
