@@ -569,13 +569,27 @@ fn probe_blackout(plan: &Plan) -> Option<f64> {
     while !sock.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
-    let out = Command::new(&plan.mcr)
+    if !sock.exists() {
+        eprintln!("liveupdate: preview: the probe's mcr receive did not listen in 5 s");
+        let _ = (recv.kill(), recv.wait(), sleeper.kill(), sleeper.wait());
+        return None;
+    }
+    // Bounded: a preview must not hang on its probe.
+    let out = Command::new("timeout")
+        .arg("10")
+        .arg(&plan.mcr)
         .args(["migrate", "-t", &sleeper.id().to_string(), "--json", "--to"])
         .arg(format!("unix:{}", sock.display()))
         .stdin(Stdio::null())
         .output();
     let _ = sleeper.kill();
     let _ = sleeper.wait();
+    // Done, it has returned (-d) or is about to; failed, it may wait for ever.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while matches!(recv.try_wait(), Ok(None)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = recv.kill();
     let _ = recv.wait();
     if let Some(pid) = std::fs::read_to_string(&pidfile)
         .ok()
@@ -586,7 +600,17 @@ fn probe_blackout(plan: &Plan) -> Option<f64> {
             nix::sys::signal::Signal::SIGKILL,
         );
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.ok()?.stdout).ok()?;
+    let out = out.ok()?;
+    if !out.status.success() {
+        // The estimate does without it (see the caller); the operator is told why.
+        eprintln!(
+            "liveupdate: preview: the probe's move failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     v["blackout_ms"].as_f64()
 }
 
