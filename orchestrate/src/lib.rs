@@ -16,6 +16,7 @@ pub mod lock;
 pub mod notify;
 pub mod partition;
 pub mod preview;
+pub mod reap;
 pub mod token;
 pub mod update;
 

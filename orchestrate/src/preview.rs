@@ -585,12 +585,7 @@ fn probe_blackout(plan: &Plan) -> Option<f64> {
     let _ = sleeper.kill();
     let _ = sleeper.wait();
     // Done, it has returned (-d) or is about to; failed, it may wait for ever.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while matches!(recv.try_wait(), Ok(None)) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let _ = recv.kill();
-    let _ = recv.wait();
+    let _ = crate::reap::end_within(&mut recv, Duration::from_secs(2));
     if let Some(pid) = std::fs::read_to_string(&pidfile)
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok())

@@ -721,14 +721,8 @@ fn migrate(
         .map_err(|e| failed("pre-copy")(format!("running mcr migrate: {e}")))?;
     // Moved, it has returned or is about to (-d). Refused before it connected (or
     // lost), it would wait for a connection for ever: what it made dies with it.
-    let deadline = Instant::now() + Duration::from_secs(if out.status.success() { 30 } else { 2 });
-    while matches!(recv.try_wait(), Ok(None)) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    if matches!(recv.try_wait(), Ok(None)) {
-        let _ = recv.kill();
-    }
-    let recv_status = recv.wait();
+    let within = Duration::from_secs(if out.status.success() { 30 } else { 2 });
+    let recv_status = crate::reap::end_within(&mut recv, within);
     let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
     cx.log.note(&format!("mcr migrate: {} {err}", out.status));
     cx.log.note(&format!(
