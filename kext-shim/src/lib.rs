@@ -7,6 +7,7 @@
 //! `// SAFETY:` comment.
 
 pub mod anon;
+pub mod btf;
 pub mod clone;
 pub mod dirty;
 pub mod filemap;
@@ -28,6 +29,7 @@ pub mod sys;
 pub mod sysv;
 pub mod tcp;
 pub mod unix;
+pub mod vmaiter;
 
 pub use nix::errno::Errno;
 pub use nix::unistd::Pid;

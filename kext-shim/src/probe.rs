@@ -59,6 +59,13 @@ pub fn probe_all() -> Vec<Feature> {
             .map(|f| format!("features {f:#x}; fork, remap, remove and unmap events")),
     ));
     out.push(feature("soft-dirty", false, probe_soft_dirty()));
+    out.push(feature(
+        "BPF task_vma iterator",
+        false,
+        crate::vmaiter::shared()
+            .map(|_| "VMA flags without a page-table walk; read like smaps here".to_string())
+            .map_err(str::to_string),
+    ));
     out.push(feature("pidfd_open and pidfd_getfd", true, probe_pidfd()));
     out.push(feature("vDSO", true, probe_vdso()));
     out.push(feature("cgroup v2 freezer", false, probe_cgroup_freeze()));

@@ -37,6 +37,10 @@ pub const DUMP_WAIT_AFTER_FREEZE: &str = "dump-wait-after-freeze";
 /// flags, just before the blackout's freeze.
 pub const MIGRATE_WAIT_BEFORE_FREEZE: &str = "migrate-wait-before-freeze";
 
+/// Not a failure: VMA flags come from smaps, as on a kernel without the BPF reader
+/// (see `dump::vmflags`), so that tests reach that path here too.
+pub const VMA_ITER_UNAVAILABLE: &str = "vma-iter-unavailable";
+
 /// Waits for a line on stdin (or its end) if `point` was asked for, saying so on stderr
 /// first.
 pub fn wait(point: &str) {

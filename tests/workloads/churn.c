@@ -261,7 +261,7 @@ int main(int argc, char **argv)
         if (strcmp(line, "DONTFORK") == 0) {
             if (madvise(guarded.base, guarded.pages * pg, MADV_DONTFORK))
                 FAIL("madvise(DONTFORK): %s", strerror(errno));
-            say("MARKED\n");
+            say("MARKED %p\n", (void *)guarded.base);
             continue;
         }
         if (strcmp(line, "FORK") == 0) {

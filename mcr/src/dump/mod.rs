@@ -204,6 +204,8 @@ pub fn checkpoint_held(opts: &CheckpointOptions) -> Result<HeldCheckpoint> {
             .map_or(0, |d| d.as_millis() as u64);
         crate::netlock::Ready::new(tag)
     });
+    // Loaded before the freeze, not in it.
+    vmflags::fast();
     let t_freeze = Instant::now();
     let (mut tree, freezer) = freeze_tree(pid, opts.freeze_cgroup.as_deref())?;
     steps.push(("freeze", t_freeze.elapsed()));
@@ -485,7 +487,7 @@ pub fn dry_run(opts: &CheckpointOptions) -> Result<DryRunReport> {
     o.dry_run = true;
     // As a migration does: the VMA flags read while the tree runs, so that the freeze
     // is as long as a migration's last one would be.
-    if o.vm_flags.is_none() {
+    if o.vm_flags.is_none() && vmflags::fast().is_none() {
         let pids = freeze::descendants(Pid::from_raw(opts.pid));
         o.vm_flags = Some(std::sync::Arc::new(vmflags::VmFlagsAhead::read(&pids)));
     }

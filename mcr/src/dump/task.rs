@@ -81,11 +81,8 @@ pub fn collect(
 
     let shared_pending = ptrace::peek_siginfo(pid, true)
         .step(pid, || "reading process-wide pending signals".into())?;
-    let maps = match ahead {
-        Some(a) => a.maps_of(pid),
-        None => procfs::read_maps(pid),
-    }
-    .step(pid, || "reading smaps".into())?;
+    let maps = super::vmflags::maps_of(pid, ahead)
+        .step(pid, || "reading its VMAs and their flags".into())?;
     let handled = status.hex("SigCgt").unwrap_or(!0) | status.hex("SigIgn").unwrap_or(!0);
     let ids: Vec<i32> = posix_timers.iter().map(|t| t.id).collect();
     let fd_numbers = procfs::list_fds(pid).step(pid, || "listing fds".into())?;

@@ -173,6 +173,8 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
             source,
         }
     };
+    // Loaded while the tree runs: the blackout then reads the VMA flags in microseconds.
+    crate::dump::vmflags::fast();
     let stream = Stream::connect(&opts.to).map_err(tx("connecting to the destination"))?;
     let back = stream
         .try_clone()
@@ -305,8 +307,9 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         note_applied(&mut rounds, &mut applied, a);
     }
 
-    // Read while the tree runs, confirmed while it is frozen and the destination works.
-    let ahead = (!trackers.is_empty()).then(|| {
+    // Without the BPF reader: read while the tree runs, confirmed while it is frozen
+    // and the destination works.
+    let ahead = (!trackers.is_empty() && crate::dump::vmflags::fast().is_none()).then(|| {
         let pids: Vec<_> = trackers.iter().map(|t| t.pid()).collect();
         std::sync::Arc::new(crate::dump::vmflags::VmFlagsAhead::read(&pids))
     });
