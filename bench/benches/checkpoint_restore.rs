@@ -49,6 +49,7 @@ fn checkpoint(c: &mut Criterion) {
                             prev_held_pids: vec![],
                             vm_flags: None,
                             lazy: false,
+                            hot: Vec::new(),
                             dry_run: false,
                         };
                         let t = Instant::now();
@@ -82,6 +83,7 @@ fn restore(c: &mut Criterion) {
             prev_held_pids: vec![],
             vm_flags: None,
             lazy: false,
+            hot: Vec::new(),
             dry_run: false,
         })
         .expect("checkpoint");

@@ -51,6 +51,7 @@ fn tree(c: &mut Criterion, procs: usize, threads: usize, mib: usize) {
             prev_held_pids: vec![],
             vm_flags: None,
             lazy: false,
+            hot: Vec::new(),
             dry_run: false,
         })
         .expect("checkpoint");

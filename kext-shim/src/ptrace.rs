@@ -10,6 +10,9 @@ pub type Regs = libc::user_regs_struct;
 /// Number of 64-bit words in [`Regs`], in declaration order.
 pub const REGS_WORDS: usize = 27;
 
+/// Where `rsp` is among [`regs_to_words`]'s words.
+pub const RSP_WORD: usize = 19;
+
 /// Flattens registers into words, in the kernel's `user_regs_struct` order.
 pub fn regs_to_words(r: &Regs) -> [u64; REGS_WORDS] {
     [

@@ -383,6 +383,7 @@ fn main() -> ExitCode {
                 prev_held_pids: vec![],
                 vm_flags: None,
                 lazy: false,
+                hot: Vec::new(),
                 dry_run,
             };
             if dry_run {

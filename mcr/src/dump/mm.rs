@@ -161,11 +161,31 @@ pub struct PagePlan {
     rest: Vec<usize>,
 }
 
+/// Post-copy leaves to first touch only VMAs of at least this many pages (1 MiB).
+pub const LAZY_MIN_VMA_PAGES: u64 = 256;
+
+/// How much of a thread's stack above its stack pointer post-copy sends in the
+/// blackout: the frames it returns into first.
+const HOT_STACK_BYTES: u64 = 64 * PAGE_SIZE;
+
 impl PagePlan {
     /// Takes out of the plan the runs in private anonymous memory the process can
     /// write (what post-copy hands out on first touch) and returns them as `(address,
     /// pages)`, adjacent runs joined.
-    pub fn take_lazy(&mut self, mm: &MmImage) -> Vec<(u64, u64)> {
+    ///
+    /// Not the pages it is sure to touch first, each of which would cost the resumed
+    /// workload a round trip to the source: those near a thread's stack pointer
+    /// (`stack_pointers`), any of a VMA smaller than [`LAZY_MIN_VMA_PAGES`] (its
+    /// globals, TLS, a small heap), and those the last pre-copy round saw written too
+    /// (`hot`, sorted): written in both intervals, a page is hot (a counter, an index),
+    /// where a page of a large area written once is touched again only by chance.
+    /// What is left to first touch is that chance.
+    pub fn take_lazy(
+        &mut self,
+        mm: &MmImage,
+        stack_pointers: &[u64],
+        hot: &[(u64, u64)],
+    ) -> Vec<(u64, u64)> {
         // Inside the freeze, with a job per dirty page run: the VMAs are in address
         // order (as maps lists them), so each is found by bisection.
         let lazy_vma = |addr: u64| {
@@ -176,11 +196,24 @@ impl PagePlan {
                     && !v.shared
                     && v.prot & (libc::PROT_READ | libc::PROT_WRITE)
                         == libc::PROT_READ | libc::PROT_WRITE
+                    && v.len() >= LAZY_MIN_VMA_PAGES * PAGE_SIZE
             })
+        };
+        let rewritten = |start: u64, end: u64| {
+            let i = hot.partition_point(|r| r.1 <= start);
+            hot.get(i).is_some_and(|r| r.0 < end)
+        };
+        let sure_to_touch = |j: &Job| {
+            let end = j.addr + j.pages as u64 * PAGE_SIZE;
+            rewritten(j.addr, end)
+                || stack_pointers.iter().any(|&sp| {
+                    let low = (sp & !(PAGE_SIZE - 1)).saturating_sub(PAGE_SIZE);
+                    j.addr < sp.saturating_add(HOT_STACK_BYTES) && low < end
+                })
         };
         let mut runs: Vec<(u64, u64)> = Vec::new();
         self.jobs.retain(|j| {
-            if !j.readable || !lazy_vma(j.addr) {
+            if !j.readable || !lazy_vma(j.addr) || sure_to_touch(j) {
                 return true;
             }
             match runs.last_mut() {
@@ -497,4 +530,61 @@ pub fn dump_shared_memory(procs: &[ProcessImage], w: &ImageWriter) -> Result<Vec
         }
     }
     Ok(objects)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: u64 = PAGE_SIZE;
+
+    fn anon(start: u64, pages: u64) -> Vma {
+        Vma {
+            start,
+            end: start + pages * P,
+            prot: libc::PROT_READ | libc::PROT_WRITE,
+            shared: false,
+            kind: VmaKind::Anonymous,
+            offset: 0,
+            advice: VmaAdvice::default(),
+        }
+    }
+
+    #[test]
+    fn post_copy_leaves_only_cold_pages_of_large_areas_to_first_touch() {
+        let (big, small, stack) = (
+            anon(0x10_0000, 1024),
+            anon(0x100_0000, 16),
+            anon(0x7f00_0000_0000, 512),
+        );
+        let mm = MmImage {
+            vmas: vec![big.clone(), small.clone(), stack.clone()],
+            fields: MmFields::default(),
+            auxv: vec![],
+            exe: FileRef {
+                path: "/bin/x".into(),
+                identity: Default::default(),
+            },
+            files: vec![],
+            parent: None,
+        };
+        let page = |v: &Vma, i: u64| (v.start + i * P, v.start + (i + 1) * P);
+        let written = |v: &Vma| -> Result<Option<Vec<(u64, u64)>>> {
+            Ok(Some(match v.start {
+                s if s == big.start => vec![page(&big, 1), page(&big, 10)],
+                s if s == small.start => vec![page(&small, 0)],
+                _ => vec![page(&stack, 100), page(&stack, 300)],
+            }))
+        };
+        let mut plan = plan_written(&mm, &written).unwrap();
+        let sp = stack.start + 100 * P + 0x80;
+        // Page 10 of the big area was written in the last round too.
+        let lazy = plan.take_lazy(&mm, &[sp], &[page(&big, 10)]);
+        assert_eq!(lazy, vec![(big.start + P, 1), (stack.start + 300 * P, 1)]);
+        let eager: Vec<u64> = plan.jobs.iter().map(|j| j.addr).collect();
+        assert_eq!(
+            eager,
+            vec![big.start + 10 * P, small.start, stack.start + 100 * P]
+        );
+    }
 }

@@ -65,6 +65,10 @@ pub struct CheckpointOptions {
     /// listed instead ([`HeldCheckpoint::lazy`]), for whoever holds the frozen tree to
     /// hand out on demand.
     pub lazy: bool,
+    /// For `lazy`: pages the last pre-copy round found written, per process (as the
+    /// image names it), sorted: written again since, a page is hot and goes in the
+    /// blackout rather than on first touch (see `mm::PagePlan::take_lazy`).
+    pub hot: Vec<(i32, Vec<(u64, u64)>)>,
     /// Look at everything a checkpoint would take and refuse what it would refuse,
     /// then resume: no page is copied, no image written, no connection stopped.
     pub dry_run: bool,
@@ -284,7 +288,17 @@ pub fn checkpoint_held(opts: &CheckpointOptions) -> Result<HeldCheckpoint> {
                 lazy.push(LazyPages {
                     pid: owner,
                     host: p.pid,
-                    runs: plan.take_lazy(&p.mm),
+                    runs: plan.take_lazy(
+                        &p.mm,
+                        &p.threads
+                            .iter()
+                            .filter_map(|t| t.regs.get(kext_shim::ptrace::RSP_WORD).copied())
+                            .collect::<Vec<_>>(),
+                        opts.hot
+                            .iter()
+                            .find(|h| h.0 == owner)
+                            .map_or(&[][..], |h| h.1.as_slice()),
+                    ),
                 });
             }
             mm::copy_pages(host, owner, &plan, &writer, None)?;

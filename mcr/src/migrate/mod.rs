@@ -313,6 +313,12 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         let pids: Vec<_> = trackers.iter().map(|t| t.pid()).collect();
         std::sync::Arc::new(crate::dump::vmflags::VmFlagsAhead::read(&pids))
     });
+    // Post-copy sends in the blackout what the last round saw written (a first round
+    // took everything, so not then): read now, while the tree runs.
+    let hot = match &prev {
+        Some(dir) if opts.post_copy && rounds.len() > 1 => written_in(dir),
+        _ => Vec::new(),
+    };
     crate::fault::wait(crate::fault::MIGRATE_WAIT_BEFORE_FREEZE);
     // The blackout.
     let t_black = Instant::now();
@@ -329,6 +335,7 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         prev_held_pids: trackers.iter().map(|t| t.pid().as_raw()).collect(),
         vm_flags: ahead.clone(),
         lazy: opts.post_copy,
+        hot,
         dry_run: false,
     })?;
     let freeze_and_dump = t_black.elapsed();
@@ -456,6 +463,38 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
 }
 
 /// Runs the operator's command; its failure abandons the migration.
+/// The pages each process of the round image in `dir` holds, sorted and joined; none if
+/// it cannot be read (then post-copy only leaves more pages to first touch).
+fn written_in(dir: &std::path::Path) -> Vec<(i32, Vec<(u64, u64)>)> {
+    let image = match crate::image::Image::open(dir) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::debug!("the last round, for its hot pages: {e}");
+            return Vec::new();
+        }
+    };
+    image
+        .snapshot
+        .processes
+        .iter()
+        .map(|p| {
+            let mut runs: Vec<(u64, u64)> = image
+                .chunks_of(p.pid)
+                .map(|c| (c.addr, c.addr + c.len_bytes() as u64))
+                .collect();
+            runs.sort_unstable();
+            let mut joined: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+            for (s, e) in runs {
+                match joined.last_mut() {
+                    Some(last) if last.1 >= s => last.1 = last.1.max(e),
+                    _ => joined.push((s, e)),
+                }
+            }
+            (p.pid, joined)
+        })
+        .collect()
+}
+
 fn run_hook(pid: i32, cmd: &str) -> Result<()> {
     use std::os::fd::AsFd;
     // Its output is for the operator, on stderr: our stdout may be a --json report.
