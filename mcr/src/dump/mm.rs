@@ -164,6 +164,10 @@ pub struct PagePlan {
 /// Post-copy leaves to first touch only VMAs of at least this many pages (1 MiB).
 pub const LAZY_MIN_VMA_PAGES: u64 = 256;
 
+/// At most this many pages (2 MiB) of those written in both intervals go in the
+/// blackout; more, and none do (see `take_lazy`).
+const HOT_MAX_PAGES: usize = 512;
+
 /// How much of a thread's stack above its stack pointer post-copy sends in the
 /// blackout: the frames it returns into first.
 const HOT_STACK_BYTES: u64 = 64 * PAGE_SIZE;
@@ -179,7 +183,8 @@ impl PagePlan {
     /// globals, TLS, a small heap), and those the last pre-copy round saw written too
     /// (`hot`, sorted): written in both intervals, a page is hot (a counter, an index),
     /// where a page of a large area written once is touched again only by chance.
-    /// What is left to first touch is that chance.
+    /// What is left to first touch is that chance. More than [`HOT_MAX_PAGES`] such
+    /// pages are no hot few: then none is sent for being one.
     pub fn take_lazy(
         &mut self,
         mm: &MmImage,
@@ -199,10 +204,20 @@ impl PagePlan {
                     && v.len() >= LAZY_MIN_VMA_PAGES * PAGE_SIZE
             })
         };
-        let rewritten = |start: u64, end: u64| {
+        let in_hot = |start: u64, end: u64| {
             let i = hot.partition_point(|r| r.1 <= start);
             hot.get(i).is_some_and(|r| r.0 < end)
         };
+        // A workload that rewrites much of its memory has no few hot pages: then the
+        // pages of both intervals are many (1 GiB at 256 MiB/s: a blackout of 1.4 s
+        // copying them), and go to first touch like the rest.
+        let hot_pages: usize = self
+            .jobs
+            .iter()
+            .filter(|j| in_hot(j.addr, j.addr + j.pages as u64 * PAGE_SIZE))
+            .map(|j| j.pages)
+            .sum();
+        let rewritten = |start: u64, end: u64| hot_pages <= HOT_MAX_PAGES && in_hot(start, end);
         let sure_to_touch = |j: &Job| {
             let end = j.addr + j.pages as u64 * PAGE_SIZE;
             rewritten(j.addr, end)
@@ -586,5 +601,31 @@ mod tests {
             eager,
             vec![big.start + 10 * P, small.start, stack.start + 100 * P]
         );
+    }
+
+    #[test]
+    fn a_workload_rewriting_much_has_no_hot_pages() {
+        let big = anon(0x10_0000, 4096);
+        let mm = MmImage {
+            vmas: vec![big.clone()],
+            fields: MmFields::default(),
+            auxv: vec![],
+            exe: FileRef {
+                path: "/bin/x".into(),
+                identity: Default::default(),
+            },
+            files: vec![],
+            parent: None,
+        };
+        // Every other page written, in the last round and since.
+        let runs: Vec<(u64, u64)> = (0..4096)
+            .step_by(2)
+            .map(|i| (big.start + i * P, big.start + (i + 1) * P))
+            .collect();
+        let written = |_: &Vma| -> Result<Option<Vec<(u64, u64)>>> { Ok(Some(runs.clone())) };
+        let mut plan = plan_written(&mm, &written).unwrap();
+        let lazy = plan.take_lazy(&mm, &[], &runs);
+        assert_eq!(lazy.len(), 2048, "all of them left to first touch");
+        assert!(plan.jobs.is_empty());
     }
 }
