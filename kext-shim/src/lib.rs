@@ -24,6 +24,7 @@ pub mod probe;
 pub mod procfs;
 pub mod ptrace;
 pub mod pty;
+pub mod rtnl;
 pub mod sockdiag;
 pub mod sys;
 pub mod sysv;

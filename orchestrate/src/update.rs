@@ -693,8 +693,9 @@ fn migrate(
         failed("pre-copy")(e)
     })?;
     let me = std::env::current_exe().map_err(|e| failed("pre-copy")(e.to_string()))?;
+    // `exec`: the shell mcr runs it with becomes it, a fork less in the blackout.
     let at_ready = format!(
-        "{} partition take-address {} --console {} --state {}",
+        "exec {} partition take-address {} --console {} --state {}",
         sh_quote(&me.display().to_string()),
         sh_quote(&surrogate.name),
         sh_quote(&plan.console.display().to_string()),
