@@ -492,7 +492,7 @@ fn main() -> ExitCode {
                     if json {
                         println!(
                             "{}",
-                            serde_json::json!({"pid": pid, "written_bytes": w.written, "tracked_bytes": w.tracked, "untracked_bytes": w.untracked})
+                            serde_json::json!({"pid": pid, "written_bytes": w.written, "tracked_bytes": w.tracked, "untracked_bytes": w.untracked, "scan_ms": w.scan.as_secs_f64() * 1e3})
                         );
                     } else {
                         let mib = |b: u64| b as f64 / (1 << 20) as f64;

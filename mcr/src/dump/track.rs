@@ -349,6 +349,9 @@ pub struct WrittenNow {
     pub tracked: u64,
     /// Bytes of private anonymous memory not tracked (new since, or given up).
     pub untracked: u64,
+    /// How long the walks of the page tables took: what a checkpoint's reading of the
+    /// same writes costs it while frozen.
+    pub scan: std::time::Duration,
 }
 
 /// Reads, without freezing anything, how much of the tree at `pid` was written since
@@ -364,7 +367,10 @@ pub fn written_now(pid: Pid) -> Result<WrittenNow> {
             !m.shared && m.write && (m.path.is_empty() || m.path == "[heap]" || m.path == "[stack]")
         }) {
             let len = m.end - m.start;
-            match dirty::written(&pagemap, m.start, m.end, false) {
+            let t = std::time::Instant::now();
+            let found = dirty::written(&pagemap, m.start, m.end, false);
+            out.scan += t.elapsed();
+            match found {
                 Ok(Some(runs)) => {
                     out.tracked += len;
                     out.written += runs.iter().map(|(s, e)| e - s).sum::<u64>();
