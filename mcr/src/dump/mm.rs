@@ -565,15 +565,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn post_copy_leaves_only_cold_pages_of_large_areas_to_first_touch() {
-        let (big, small, stack) = (
-            anon(0x10_0000, 1024),
-            anon(0x100_0000, 16),
-            anon(0x7f00_0000_0000, 512),
-        );
-        let mm = MmImage {
-            vmas: vec![big.clone(), small.clone(), stack.clone()],
+    fn mm_of(vmas: Vec<Vma>) -> MmImage {
+        MmImage {
+            vmas,
             fields: MmFields::default(),
             auxv: vec![],
             exe: FileRef {
@@ -582,7 +576,17 @@ mod tests {
             },
             files: vec![],
             parent: None,
-        };
+        }
+    }
+
+    #[test]
+    fn post_copy_leaves_only_cold_pages_of_large_areas_to_first_touch() {
+        let (big, small, stack) = (
+            anon(0x10_0000, 1024),
+            anon(0x100_0000, 16),
+            anon(0x7f00_0000_0000, 512),
+        );
+        let mm = mm_of(vec![big.clone(), small.clone(), stack.clone()]);
         let page = |v: &Vma, i: u64| (v.start + i * P, v.start + (i + 1) * P);
         let written = |v: &Vma| -> Result<Option<Vec<(u64, u64)>>> {
             Ok(Some(match v.start {
@@ -606,17 +610,7 @@ mod tests {
     #[test]
     fn a_workload_rewriting_much_has_no_hot_pages() {
         let big = anon(0x10_0000, 4096);
-        let mm = MmImage {
-            vmas: vec![big.clone()],
-            fields: MmFields::default(),
-            auxv: vec![],
-            exe: FileRef {
-                path: "/bin/x".into(),
-                identity: Default::default(),
-            },
-            files: vec![],
-            parent: None,
-        };
+        let mm = mm_of(vec![big.clone()]);
         // Every other page written, in the last round and since.
         let runs: Vec<(u64, u64)> = (0..4096)
             .step_by(2)
