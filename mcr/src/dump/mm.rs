@@ -243,6 +243,20 @@ impl PagePlan {
     pub fn bytes(&self) -> u64 {
         self.jobs.iter().map(|j| j.pages as u64 * PAGE_SIZE).sum()
     }
+
+    /// The pages planned, as sorted `[start, end)` runs, adjacent ones joined.
+    pub fn runs(&self) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for j in &self.jobs {
+            let end = j.addr + j.pages as u64 * PAGE_SIZE;
+            match runs.last_mut() {
+                Some(last) if last.1 == j.addr => last.1 = end,
+                _ => runs.push((j.addr, end)),
+            }
+        }
+        runs.sort_unstable();
+        runs
+    }
 }
 
 /// The runs of a VMA written since the parent image, or None to take all it holds.

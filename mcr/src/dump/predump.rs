@@ -41,6 +41,9 @@ pub struct PreDumpReport {
     pub untracked_vmas: usize,
     /// The process keeping the tracking, unless the caller does.
     pub holder_pid: Option<i32>,
+    /// The pages it copied, per process as the image names it, as sorted runs: what a
+    /// migration's post-copy takes for hot when written again (see `take_lazy`).
+    pub copied: Vec<(i32, Vec<(u64, u64)>)>,
 }
 
 /// One process between the freeze and the copy.
@@ -229,6 +232,10 @@ fn run(
         mm::copy_pages(p.pid, owner(p.pid), &p.plan, &writer, Some(&skip))?;
     }
     steps.push(("copy pages", t.elapsed()));
+    let copied = procs
+        .iter()
+        .map(|p| (owner(p.pid), p.plan.runs()))
+        .collect();
 
     let mut inherits = false;
     for p in procs.iter_mut() {
@@ -308,6 +315,7 @@ fn run(
             tracked_vmas,
             untracked_vmas,
             holder_pid: holder.map(|h| h.holder_pid),
+            copied,
         },
         trackers,
     ))

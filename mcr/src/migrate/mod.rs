@@ -236,6 +236,7 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
     // How many of them the destination has put in place.
     let mut applied = 0;
     let mut prev: Option<PathBuf> = None;
+    let mut last_copied = None;
     while (rounds.len() as u32) < opts.max_rounds {
         // One round in flight at most: a source far ahead of the destination would
         // wait for it all at the end, and what was written meanwhile would make a big
@@ -249,7 +250,7 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         let name = format!("round-{}", rounds.len());
         let dir = staging.path().join(&name);
         let t = Instant::now();
-        let (rep, kept) = pre_dump_round(
+        let (mut rep, kept) = pre_dump_round(
             &PreDumpOptions {
                 pid,
                 dir: dir.clone(),
@@ -261,6 +262,7 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         )?;
         trackers = kept;
         let dump = t.elapsed();
+        last_copied = Some(std::mem::take(&mut rep.copied));
         let t = Instant::now();
         let bytes = send(&mut w, &dir, &name, false)?;
         let send_time = t.elapsed();
@@ -313,10 +315,10 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         let pids: Vec<_> = trackers.iter().map(|t| t.pid()).collect();
         std::sync::Arc::new(crate::dump::vmflags::VmFlagsAhead::read(&pids))
     });
-    // Post-copy sends in the blackout what the last round saw written (a first round
-    // took everything, so not then): read now, while the tree runs.
-    let hot = match &prev {
-        Some(dir) if opts.post_copy && rounds.len() > 1 => written_in(dir),
+    // Post-copy sends in the blackout what the last round saw written again (a first
+    // round took everything: not then).
+    let hot = match last_copied {
+        Some(c) if opts.post_copy && rounds.len() > 1 => c,
         _ => Vec::new(),
     };
     crate::fault::wait(crate::fault::MIGRATE_WAIT_BEFORE_FREEZE);
@@ -463,38 +465,6 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
 }
 
 /// Runs the operator's command; its failure abandons the migration.
-/// The pages each process of the round image in `dir` holds, sorted and joined; none if
-/// it cannot be read (then post-copy only leaves more pages to first touch).
-fn written_in(dir: &std::path::Path) -> Vec<(i32, Vec<(u64, u64)>)> {
-    let image = match crate::image::Image::open(dir) {
-        Ok(i) => i,
-        Err(e) => {
-            tracing::debug!("the last round, for its hot pages: {e}");
-            return Vec::new();
-        }
-    };
-    image
-        .snapshot
-        .processes
-        .iter()
-        .map(|p| {
-            let mut runs: Vec<(u64, u64)> = image
-                .chunks_of(p.pid)
-                .map(|c| (c.addr, c.addr + c.len_bytes() as u64))
-                .collect();
-            runs.sort_unstable();
-            let mut joined: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
-            for (s, e) in runs {
-                match joined.last_mut() {
-                    Some(last) if last.1 >= s => last.1 = last.1.max(e),
-                    _ => joined.push((s, e)),
-                }
-            }
-            (p.pid, joined)
-        })
-        .collect()
-}
-
 fn run_hook(pid: i32, cmd: &str) -> Result<()> {
     use std::os::fd::AsFd;
     // Its output is for the operator, on stderr: our stdout may be a --json report.
