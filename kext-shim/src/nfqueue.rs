@@ -280,8 +280,8 @@ mod tests {
             crate::tcp::set_repair(&fd, true).unwrap();
             let st = crate::tcp::read_state(&fd).unwrap();
             assert!(st.recv_queue.is_empty(), "the packet was not held");
-            drop(fd);
             drop(a);
+            crate::tcp::forget(fd).unwrap();
             let a2 = TcpStream::from(crate::tcp::restore(&st, |_| Ok(()), |_| Ok(())).unwrap());
             crate::nft::disown("mcr_t").unwrap();
             assert!(crate::nft::dumping().unwrap().is_empty());

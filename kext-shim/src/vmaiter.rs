@@ -352,9 +352,15 @@ impl VmaIter {
         Ok(layout)
     }
 
-    /// Makes a VMA for each of [`FLAGS`] that an madvise sets, then compares, VMA by
-    /// VMA of this process, what the iterator reads with what smaps prints. Every flag
-    /// must have been seen set at least once (`gd` on our stack, `pf io` on [vvar]).
+    /// Makes a VMA for each of [`FLAGS`] that an madvise sets, then compares what the
+    /// iterator reads of this process's VMAs with what smaps prints. Every flag must
+    /// have been seen set at least once (`gd` on our stack, `pf io` on [vvar]).
+    ///
+    /// Only the VMAs no other thread of ours can change are compared: the test VMAs,
+    /// the stack and [vvar]. Our other threads map, unmap and madvise all the while
+    /// (mcr's copy workers, or the other tests), and a VMA of theirs that changed
+    /// between the two reads would fail the check for a reason that is not the
+    /// kernel's.
     fn check_against_smaps(&self) -> Result<()> {
         let advice = [
             libc::MADV_HUGEPAGE,
@@ -364,42 +370,64 @@ impl VmaIter {
             libc::MADV_WIPEONFORK,
             libc::MADV_MERGEABLE,
         ];
+        let page = crate::PAGE_SIZE as usize;
         let mut made = Vec::new();
         for a in advice {
-            let mut m = memmap2::MmapMut::map_anon(2 * crate::PAGE_SIZE as usize)
+            let mut m = memmap2::MmapMut::map_anon(4 * page)
                 .map_err(|e| unavailable(format!("mapping a test VMA: {e}")))?;
-            // SAFETY: the range is the mapping just made, owned by `m`; the advice
-            // changes only flags of it, never what it holds or where.
-            let r = unsafe { libc::madvise(m.as_mut_ptr().cast(), m.len(), a) };
+            let base = m.as_mut_ptr();
+            // A page of no access on each side, so that the VMA advised cannot merge
+            // with a neighbour another thread advised the same way.
+            // SAFETY: the first and last pages of the mapping just made, owned by `m`
+            // and never touched.
+            let fenced = unsafe {
+                libc::mprotect(base.cast(), page, libc::PROT_NONE) == 0
+                    && libc::mprotect(base.add(3 * page).cast(), page, libc::PROT_NONE) == 0
+            };
+            if !fenced {
+                return Err(unavailable(format!(
+                    "fencing a test VMA: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+            // SAFETY: the two middle pages of the mapping owned by `m`; the advice
+            // changes only flags of them, never what they hold or where.
+            let r = unsafe { libc::madvise(base.add(page).cast(), 2 * page, a) };
             // Without KSM or THP in this kernel that flag is never seen: fine.
             if r == 0 {
                 made.push(m);
             }
         }
         let me = Pid::this();
-        // Our other threads may map or unmap between the reads: then again.
-        let mut tries = 0;
-        let (smaps, ours) = loop {
-            let smaps = procfs::read_maps(me)?;
-            match self.maps(me) {
-                Ok(ours) => break (smaps, ours),
-                Err(_) if tries < 20 => tries += 1,
-                Err(e) => return Err(e),
-            }
+        let smaps = procfs::read_maps(me)?;
+        let vmas = self.vmas(me)?;
+        let test_vma = |m: &MapEntry| {
+            made.iter().any(|t| {
+                let at = t.as_ptr() as u64 + page as u64;
+                (m.start, m.end) == (at, at + 2 * page as u64)
+            })
         };
-        drop(made);
+        let mut checked = 0;
         let mut seen = [false; FLAGS.len()];
         for m in &smaps {
-            let Some(o) = ours.iter().find(|o| (o.start, o.end) == (m.start, m.end)) else {
-                // A thread's stack that came or went between the two reads.
+            let ours = test_vma(m);
+            if !(ours || m.path == "[stack]" || m.path.starts_with("[vvar")) {
                 continue;
+            }
+            let Some(v) = vmas.iter().find(|v| (v.start, v.end) == (m.start, m.end)) else {
+                return Err(unavailable(format!(
+                    "the VMA iterator does not list {:#x}-{:#x} ({}), which smaps does",
+                    m.start, m.end, m.path
+                )));
             };
+            checked += usize::from(ours);
+            let got = mnemonics(v.flags);
             for (i, (name, _)) in FLAGS.iter().enumerate() {
-                let (want, got) = (m.has_flag(name), o.has_flag(name));
-                if want != got {
+                let (want, has) = (m.has_flag(name), got.iter().any(|g| g == name));
+                if want != has {
                     return Err(unavailable(format!(
                         "the VMA iterator reads {name} {} for {:#x}-{:#x}, smaps says {}: this kernel's vm_flags bits are not the ones known here",
-                        if got { "set" } else { "clear" },
+                        if has { "set" } else { "clear" },
                         m.start,
                         m.end,
                         m.flags.join(" ")
@@ -408,6 +436,13 @@ impl VmaIter {
                 seen[i] |= want;
             }
         }
+        if checked != made.len() {
+            return Err(unavailable(format!(
+                "smaps lists {checked} of the {} test VMAs",
+                made.len()
+            )));
+        }
+        drop(made);
         let unseen: Vec<&str> = FLAGS
             .iter()
             .zip(seen)
@@ -438,6 +473,14 @@ pub fn shared() -> std::result::Result<&'static VmaIter, &'static str> {
 mod tests {
     use super::*;
 
+    /// Held by each test here: the one that makes 3000 VMAs would otherwise change
+    /// our layout under the others for as long as it runs.
+    static LAYOUT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn layout() -> std::sync::MutexGuard<'static, ()> {
+        LAYOUT.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Our own maps through the iterator: the other tests' threads map and unmap
     /// meanwhile, which `maps` reports as a changed layout.
     fn own_maps(it: &VmaIter) -> Vec<MapEntry> {
@@ -453,6 +496,7 @@ mod tests {
 
     #[test]
     fn loads_and_reads_like_smaps_here() {
+        let _layout = layout();
         let it = VmaIter::load().unwrap();
         let me = Pid::this();
         let fast = own_maps(&it);
@@ -469,8 +513,39 @@ mod tests {
         }
     }
 
+    /// mcr loads the iterator while its copy workers map and unmap: their churn is
+    /// no reason to fall back to smaps.
+    #[test]
+    fn loads_while_another_thread_maps_and_unmaps() {
+        let _layout = layout();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let churn = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut rounds = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut m = memmap2::MmapMut::map_anon(3 * crate::PAGE_SIZE as usize).unwrap();
+                    // SAFETY: our own fresh mapping; only its flags change.
+                    let r = unsafe {
+                        libc::madvise(m.as_mut_ptr().cast(), m.len(), libc::MADV_DONTFORK)
+                    };
+                    assert_eq!(r, 0);
+                    drop(m);
+                    rounds += 1;
+                }
+                rounds
+            })
+        };
+        for _ in 0..10 {
+            VmaIter::load().unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(churn.join().unwrap() > 0);
+    }
+
     #[test]
     fn a_flag_set_after_load_is_read_at_once() {
+        let _layout = layout();
         let it = shared().unwrap();
         let mut m = memmap2::MmapMut::map_anon(4 * crate::PAGE_SIZE as usize).unwrap();
         let at = m.as_ptr() as u64;
@@ -487,6 +562,7 @@ mod tests {
 
     #[test]
     fn no_such_task_is_an_error_not_an_empty_list() {
+        let _layout = layout();
         let it = shared().unwrap();
         // Beyond pid_max: no task has it.
         assert!(it.maps(Pid::from_raw(1 << 30)).is_err());
@@ -494,6 +570,7 @@ mod tests {
 
     #[test]
     fn a_list_longer_than_one_read_comes_whole_and_once() {
+        let _layout = layout();
         // 3000 VMAs: 72 KB of records, more than the kernel hands out in one read.
         let it = shared().unwrap();
         let pages = 6000;
