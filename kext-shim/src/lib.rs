@@ -14,6 +14,7 @@ pub mod filemap;
 pub mod inet;
 pub mod inject;
 pub mod lazy;
+pub mod loopdev;
 pub mod mem;
 pub mod netlink;
 pub mod nfqueue;

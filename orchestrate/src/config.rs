@@ -48,7 +48,7 @@ pub enum Mode {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Disks {
-    /// Where the surrogate's root is cloned: a directory or a block device.
+    /// The directory the surrogate's root is cloned in (a tree or an image file).
     pub clone: PathBuf,
     /// Where the mirror of the original root is kept.
     pub mirror: PathBuf,

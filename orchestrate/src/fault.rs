@@ -1,5 +1,6 @@
 //! Failures on demand, for the tests of what a failed operation leaves:
-//! `LIVEUPDATE_FAULT=PHASE` makes the operation fail at that phase (clone, fix-apply,
+//! `LIVEUPDATE_FAULT=PHASE` makes the operation fail at that phase (clone,
+//! clone-frozen: while the original image is frozen for its copy, fix-apply,
 //! surrogate, pre-copy, blackout), as a real failure there would;
 //! `LIVEUPDATE_FAULT=stall-PHASE` stops it there for good (saying `STALLED at
 //! PHASE` on stdout), for a test to kill it.

@@ -1,7 +1,8 @@
 //! Partitions: Linux sandboxes a workload runs in and moves between.
 //!
 //! A partition has its own mount, pid, uts, ipc and network namespaces and a cgroup
-//! (v2) of its own, a root disk (a directory tree) and an address on the console's
+//! (v2) of its own, a root disk (a directory tree or an image, see `disk.rs`) and an
+//! address on the console's
 //! bridge. The address belongs to the partition, not to its sandbox: a live update
 //! moves it to the surrogate with the workload.
 //!
@@ -310,12 +311,15 @@ impl Host {
                 .find(|i| !parts.iter().any(|p| p.id == *i))
                 .expect("fewer than 65535 partitions"),
         };
-        if !req.disk.is_dir() {
-            return Err(PartitionError::Refused {
-                name: name.clone(),
-                what: format!("its disk {} is not a directory", req.disk.display()),
-            });
-        }
+        let image = match crate::disk::kind(&req.disk) {
+            Ok(k) => k == crate::disk::Kind::Image,
+            Err(e) => {
+                return Err(PartitionError::Refused {
+                    name: name.clone(),
+                    what: e.to_string(),
+                })
+            }
+        };
         let address = match &req.address {
             Some(a) => a.clone(),
             None => self.address_for(id)?,
@@ -331,14 +335,18 @@ impl Host {
                 });
             }
         }
+        let disk = req.disk.canonicalize().unwrap_or_else(|_| req.disk.clone());
+        // An image's processes see it where it is mounted, unless told otherwise.
+        let mount_at = match &req.mount_at {
+            Some(m) => m.clone(),
+            None if image => crate::disk::root_point(&disk),
+            None => disk.clone(),
+        };
         let p = Partition {
             id,
             name: name.clone(),
-            disk: req.disk.canonicalize().unwrap_or_else(|_| req.disk.clone()),
-            mount_at: req
-                .mount_at
-                .clone()
-                .unwrap_or_else(|| req.disk.canonicalize().unwrap_or_else(|_| req.disk.clone())),
+            disk,
+            mount_at,
             address,
             state: State::Defined,
             init: None,
@@ -520,7 +528,17 @@ impl Host {
                 what: "no command to start".into(),
             });
         };
-        let inside = p.disk.join(first.trim_start_matches('/'));
+        let files = crate::disk::files(&p.disk).map_err(|e| PartitionError::Refused {
+            name: name.into(),
+            what: e.to_string(),
+        })?;
+        let inside = files.join(first.trim_start_matches('/'));
+        std::fs::create_dir_all(&p.mount_at).map_err(|source| PartitionError::Io {
+            name: name.into(),
+            step: "making the place its root is seen at".into(),
+            path: p.mount_at.display().to_string(),
+            source,
+        })?;
         if !inside.is_file() {
             return Err(PartitionError::Refused {
                 name: name.into(),
@@ -551,7 +569,7 @@ impl Host {
             .arg("--name")
             .arg(&p.name)
             .arg("--disk")
-            .arg(&p.disk)
+            .arg(&files)
             .arg("--mount-at")
             .arg(&p.mount_at)
             .arg("--cgroup")
@@ -695,6 +713,19 @@ impl Host {
         })?;
         parts.remove(i);
         self.save(parts)?;
+        // An image no partition uses any more is unmounted (its namespaces ended
+        // with its processes); one another partition still runs on stays.
+        if p.mount_at.starts_with(crate::disk::ROOTS)
+            && !parts.iter().any(|o| o.mount_at == p.mount_at)
+        {
+            let _ = std::fs::remove_dir(&p.mount_at);
+        }
+        if !parts.iter().any(|o| o.disk == p.disk) {
+            crate::disk::release(&p.disk).map_err(|e| PartitionError::Refused {
+                name: name.into(),
+                what: e.to_string(),
+            })?;
+        }
         Ok(p)
     }
 }

@@ -384,8 +384,11 @@ fn look(plan: &Plan, max_blackout_ms: u64, mut pv: Preview) -> Preview {
     }
 
     // The applications.
+    // The disk's files as the host sees them: `mount_at` is where the partition's
+    // processes see them, which on the host is the original's disk after an update.
+    let root = crate::disk::files(&p.disk).unwrap_or_else(|_| p.mount_at.clone());
     match crate::notify::tell(
-        &p.mount_at,
+        &root,
         crate::notify::Event::Preview,
         &label(&bundle),
         plan.notify_timeout,
@@ -410,7 +413,7 @@ fn look(plan: &Plan, max_blackout_ms: u64, mut pv: Preview) -> Preview {
     let free = free_bytes(&plan.clone_dir).unwrap_or(0);
     if let Some(onto) = &plan.onto {
         pv.check(
-            onto.is_dir(),
+            crate::disk::kind(onto).is_ok(),
             format!("disk: the move goes onto {}, kept", onto.display()),
         );
     } else {

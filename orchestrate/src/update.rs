@@ -177,7 +177,7 @@ impl Ctx<'_> {
             }
         }
         if let Some(c) = u.clone.take() {
-            if let Err(e) = std::fs::remove_dir_all(&c) {
+            if let Err(e) = crate::disk::remove(&c) {
                 self.phase(&format!("WARNING: the clone {} is left: {e}", c.display()));
             }
         }
@@ -395,6 +395,21 @@ fn recover(cx: &mut Ctx) {
             .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
     };
     let renamed = format!("{}{ORIGINAL_SUFFIX}", cur.original_name);
+    // Killed while it copied the original's image: its writers wait on the freeze.
+    for p in parts
+        .iter()
+        .filter(|p| p.name == cur.original_name || p.name == renamed)
+    {
+        match crate::disk::thaw(&p.disk) {
+            Ok(true) => cx.phase(&format!(
+                "NOTE: the file system of {}'s disk {} was left frozen: thawed.",
+                p.name,
+                p.disk.display()
+            )),
+            Ok(false) => {}
+            Err(e) => cx.phase(&format!("WARNING: {e}")),
+        }
+    }
     let mut undo = Undo::default();
     if parts.iter().any(|p| p.name == renamed) && alive(&renamed) {
         undo.surrogate = cur.surrogate.clone();
@@ -453,27 +468,40 @@ fn move_workload(
                 to.display()
             ));
             crate::fault::point("clone").map_err(failed("clone"))?;
-            let m = crate::disk::clone(&original.disk, &to).map_err(|e| {
-                let _ = std::fs::remove_dir_all(&to);
+            // Named before it exists: a crash while the original is frozen for it
+            // leaves the next run both to thaw and to remove.
+            current.clone = Some(to.clone());
+            save_current(&plan.state, &current);
+            let c = crate::disk::clone(&original.disk, &to).map_err(|e| {
+                let _ = crate::disk::remove(&to);
                 failed("clone")(e.to_string())
             })?;
             undo.clone = Some(to.clone());
-            current.clone = Some(to.clone());
-            save_current(&plan.state, &current);
             let (bytes, files) = crate::disk::usage(&to);
+            let what = match crate::disk::kind(&to) {
+                Ok(crate::disk::Kind::Image) => "an image".to_string(),
+                _ => format!("{files} files"),
+            };
+            let frozen = c.frozen.map_or(String::new(), |f| {
+                format!(
+                    ", the original's file system frozen for {:.0} ms",
+                    f.as_secs_f64() * 1e3
+                )
+            });
             cx.phase(&format!(
-                "  cloned by {}: {files} files, {:.1} MiB in {:.0} ms",
-                m.name(),
+                "  cloned by {}: {what}, {:.1} MiB in {:.0} ms{frozen}",
+                c.method.name(),
                 bytes as f64 / (1 << 20) as f64,
                 t.elapsed().as_secs_f64() * 1e3
             ));
-            (to, Some(m))
+            (to, Some(c.method))
         }
     };
     if let Some(b) = &bundle {
         cx.phase(&format!("Applying fix {label} to the clone ..."));
         crate::fault::point("fix-apply").map_err(failed("fix apply"))?;
-        let i = crate::fix::apply(b, &disk).map_err(|e| failed("fix apply")(e.to_string()))?;
+        let root = crate::disk::files(&disk).map_err(|e| failed("fix apply")(e.to_string()))?;
+        let i = crate::fix::apply(b, &root).map_err(|e| failed("fix apply")(e.to_string()))?;
         cx.phase(&format!(
             "  {} file(s) in place, state {}",
             b.manifest.files.len(),
@@ -515,7 +543,7 @@ fn move_workload(
     ));
 
     // The applications.
-    notify(cx, &original.disk, crate::notify::Event::Pre, label)?;
+    notify(cx, &original, crate::notify::Event::Pre, label)?;
     run_hook(&mut cx.log, "pre", &plan.pre_hook).map_err(failed("notify"))?;
 
     // The move.
@@ -546,7 +574,7 @@ fn move_workload(
         ));
     }
     let _ = std::fs::remove_file(current_path(&plan.state));
-    if let Err(e) = notify(cx, &disk, crate::notify::Event::Post, label) {
+    if let Err(e) = notify(cx, &surrogate, crate::notify::Event::Post, label) {
         cx.phase(&format!("WARNING: {e}"));
     }
     if let Err(e) = run_hook(&mut cx.log, "post", &plan.post_hook) {
@@ -591,11 +619,12 @@ fn move_workload(
 
 fn notify(
     cx: &mut Ctx,
-    root: &Path,
+    p: &Partition,
     e: crate::notify::Event,
     label: &str,
 ) -> Result<(), UpdateError> {
-    let answers = crate::notify::tell(root, e, label, cx.plan.notify_timeout)
+    let root = crate::disk::files(&p.disk).map_err(|err| failed("notify")(err.to_string()))?;
+    let answers = crate::notify::tell(&root, e, label, cx.plan.notify_timeout)
         .map_err(|err| failed("notify")(err.to_string()))?;
     for (app, a) in &answers {
         cx.log
@@ -633,10 +662,12 @@ fn migrate(
     let cgroup = surrogate.cgroup.clone();
     // The receiver's mount namespace becomes the workload's (--inherit-mntns): made
     // as a partition's is (see partition::init), with the clone at its root's path.
+    let files =
+        crate::disk::files(&surrogate.disk).map_err(|e| failed("pre-copy")(e.to_string()))?;
     let setup = format!(
         "echo 0 > {} && {{ umount -l /run/netns 2>/dev/null; true; }} && mount --bind {} {} && exec \"$0\" \"$@\"",
         sh_quote(&cgroup.join("cgroup.procs").display().to_string()),
-        sh_quote(&surrogate.disk.display().to_string()),
+        sh_quote(&files.display().to_string()),
         sh_quote(&surrogate.mount_at.display().to_string()),
     );
     let recv_err = std::fs::File::create(work.join("receive.stderr"))

@@ -157,7 +157,19 @@ impl Lab {
         let disk = self.path(&format!("disks/{name}"));
         let d = disk.display().to_string();
         self.ok(&["disk", "sample", &d]);
-        self.ok(&["partition", "create", name, "--disk", &d]);
+        self.start_service(name, &d)
+    }
+
+    /// The same on a sample disk that is an ext4 image.
+    fn service_on_image(&self, name: &str) -> (String, PathBuf) {
+        let disk = self.path(&format!("disks/{name}.img"));
+        let d = disk.display().to_string();
+        self.ok(&["disk", "sample", "--image", &d]);
+        (self.start_service(name, &d), disk)
+    }
+
+    fn start_service(&self, name: &str, d: &str) -> String {
+        self.ok(&["partition", "create", name, "--disk", d]);
         self.ok(&[
             "partition",
             "start",
@@ -331,6 +343,76 @@ fn a_live_update_moves_the_service_onto_the_patched_clone_and_back_by_rollback()
     assert_eq!(seen.last, "hello from the original disk", "{seen:?}");
     let j = journal(&lab);
     assert!(j.contains("LU0002") && j.contains("rollback"), "{j}");
+}
+
+/// An image disk: mounted from a loop device while a partition uses it, frozen while
+/// it is copied (a run killed then leaves it frozen, and the next run thaws it), and
+/// unmounted once no partition uses it.
+#[test]
+fn a_partition_on_an_image_disk_moves_onto_a_copy_made_frozen_and_back() {
+    let lab = Lab::new();
+    let (addr, img) = lab.service_on_image("svc");
+    let at = orchestrate::disk::mounted_at(&img).expect("the image mounted");
+    lab.fix("FIX-1", &[]);
+    let client = Client::connect(&addr);
+    let dir = lab.path("fixes").display().to_string();
+    let mut c = liveupdate();
+    c.args(["run", "-d", &dir, "FIX-1", "-p", "svc"])
+        .args(lab.reach("run"))
+        .env("LIVEUPDATE_FAULT", "stall-clone-frozen")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut stalled = c.spawn().expect("liveupdate run");
+    let mut lines = Lines::new(stalled.stdout.take().expect("piped"));
+    lines.expect_prefix("STALLED at clone-frozen");
+    stalled.kill().expect("SIGKILL");
+    stalled.wait().expect("reaped");
+    // A writer of the original's disk waits on the freeze the killed run left...
+    let (wrote, written) = mpsc::channel();
+    let file = at.join("tmp/written-while-frozen");
+    std::thread::spawn(move || {
+        let _ = wrote.send(std::fs::write(&file, "after the thaw").is_ok());
+    });
+    let o = lab.run("FIX-1", &[]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    // ...until the next run thaws it.
+    assert!(out.contains("was left frozen: thawed"), "{out}");
+    assert_eq!(written.recv_timeout(Duration::from_secs(10)), Ok(true));
+    assert!(
+        out.contains("cloned by ") && out.contains(": an image,") && out.contains("frozen for"),
+        "{out}"
+    );
+    client.wait_lines(100);
+    // LU0001 was the run killed.
+    let clone = lab.path("clones/svc-LU0002");
+    assert!(clone.is_file(), "the clone is an image too");
+    let fixes = lab.ok(&["fix", "list", "--root", &clone.display().to_string()]);
+    assert!(fixes.contains("FIX-1"), "{fixes}");
+    // The original partition is gone: its image is no longer mounted, and it has
+    // what was written before the copy, never the fix.
+    assert_eq!(orchestrate::disk::mounted_at(&img), None);
+    let fixes = lab.ok(&["fix", "list", "--root", &img.display().to_string()]);
+    assert!(!fixes.contains("FIX-1"), "{fixes}");
+    assert_eq!(
+        orchestrate::disk::mounted_at(&img),
+        None,
+        "fix list left it"
+    );
+
+    let o = lab.lu(&["rollback", "-p", "svc"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let seen = client.finish();
+    assert_eq!(seen.broken, 0, "lines lost or repeated: {seen:?}");
+    assert_eq!(seen.last, "hello from the original disk", "{seen:?}");
+    assert_eq!(orchestrate::disk::mounted_at(&clone), None);
+    let back = orchestrate::disk::mounted_at(&img).expect("the original mounted again");
+    assert_eq!(
+        std::fs::read_to_string(back.join("tmp/written-while-frozen")).expect("written"),
+        "after the thaw"
+    );
+    lab.ok(&["partition", "destroy", "svc"]);
+    assert_eq!(orchestrate::disk::mounted_at(&img), None);
 }
 
 #[test]

@@ -144,11 +144,16 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum DiskCmd {
-    /// Clones FROM into TO (which must not exist), keeping modes, owners and mtimes.
+    /// Clones FROM into TO (which must not exist), keeping modes, owners and mtimes;
+    /// an image in use is frozen while it is copied.
     Clone { from: PathBuf, to: PathBuf },
-    /// Makes the demo's sample disk at DIR: liveupdate itself, its libraries, a
-    /// /dev/null and /etc/demo/greeting.
-    Sample { dir: PathBuf },
+    /// Makes the demo's sample disk at PATH: liveupdate itself, its libraries, a
+    /// /dev/null and /etc/demo/greeting; a directory, or with --image an ext4 image.
+    Sample {
+        path: PathBuf,
+        #[arg(long)]
+        image: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -196,14 +201,15 @@ enum FixCmd {
     },
     /// Shows a bundle's attributes, after checking every file's checksum.
     Show { file: PathBuf },
-    /// Applies a bundle to a root (a clone of a partition's root disk).
+    /// Applies a bundle to a root (a clone of a partition's root disk: a directory or
+    /// an image).
     Apply {
         file: PathBuf,
         #[arg(long)]
         root: PathBuf,
     },
-    /// The fixes applied to a root, with their state codes (S stable, I being applied,
-    /// B broken).
+    /// The fixes applied to a root (a directory or an image), with their state codes
+    /// (S stable, I being applied, B broken).
     List {
         #[arg(long, default_value = "/")]
         root: PathBuf,
@@ -257,22 +263,30 @@ fn main() -> ExitCode {
         }),
         Cmd::Disk { cmd } => {
             let done = match cmd {
-                DiskCmd::Clone { from, to } => orchestrate::disk::clone(&from, &to).map(|m| {
+                DiskCmd::Clone { from, to } => orchestrate::disk::clone(&from, &to).map(|c| {
                     let (bytes, files) = orchestrate::disk::usage(&to);
+                    let frozen = c.frozen.map_or(String::new(), |f| {
+                        format!(", frozen {:.0} ms", f.as_secs_f64() * 1e3)
+                    });
                     println!(
-                        "liveupdate: cloned {} to {} by {} ({files} files, {bytes} bytes)",
+                        "liveupdate: cloned {} to {} by {} ({files} files, {bytes} bytes{frozen})",
                         from.display(),
                         to.display(),
-                        m.name()
+                        c.method.name()
                     );
                 }),
-                DiskCmd::Sample { dir } => std::env::current_exe()
+                DiskCmd::Sample { path, image } => std::env::current_exe()
                     .map_err(|e| orchestrate::disk::DiskError::Sample {
-                        path: dir.display().to_string(),
+                        path: path.display().to_string(),
                         why: e.to_string(),
                     })
                     .and_then(|exe| {
-                        orchestrate::disk::sample(&dir, &exe, orchestrate::demo::SAMPLE_FILES)
+                        let files = orchestrate::demo::SAMPLE_FILES;
+                        if image {
+                            orchestrate::disk::sample_image(&path, &exe, files)
+                        } else {
+                            orchestrate::disk::sample(&path, &exe, files)
+                        }
                     }),
             };
             match done {
@@ -525,7 +539,7 @@ fn fix_cmd(cmd: FixCmd) -> Result<(), fix::FixError> {
         }
         FixCmd::Apply { file, root } => {
             let b = fix::open(&file)?;
-            let i = fix::apply(&b, &root)?;
+            let i = on_files(&root, |files| fix::apply(&b, files))?;
             println!(
                 "liveupdate: fix {} applied to {} (state {})",
                 i.label,
@@ -534,7 +548,7 @@ fn fix_cmd(cmd: FixCmd) -> Result<(), fix::FixError> {
             );
         }
         FixCmd::List { root } => {
-            let l = fix::list(&root)?;
+            let l = on_files(&root, fix::list)?;
             println!("ID  STATE  LABEL             INSTALL TIME (UTC)      ABSTRACT");
             for (n, i) in l.iter().enumerate() {
                 println!(
@@ -552,6 +566,25 @@ fn fix_cmd(cmd: FixCmd) -> Result<(), fix::FixError> {
         }
     }
     Ok(())
+}
+
+/// `f` on the files of `root`: a directory, or an image mounted for the while (and
+/// left mounted if it was).
+fn on_files<T>(
+    root: &std::path::Path,
+    f: impl FnOnce(&std::path::Path) -> Result<T, fix::FixError>,
+) -> Result<T, fix::FixError> {
+    use orchestrate::disk;
+    let bad = |e: disk::DiskError| fix::FixError::Bad {
+        what: e.to_string(),
+    };
+    let mounted = disk::mounted_at(root).is_some();
+    let files = disk::files(root).map_err(bad)?;
+    let r = f(&files);
+    if !mounted {
+        disk::release(root).map_err(bad)?;
+    }
+    r
 }
 
 fn yes(b: bool) -> &'static str {

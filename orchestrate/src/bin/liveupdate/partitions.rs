@@ -40,7 +40,8 @@ pub enum PartitionCmd {
     /// Makes a partition (network namespace on the bridge, cgroup) on a root disk.
     Create {
         name: String,
-        /// Its root disk: a directory tree.
+        /// Its root disk: a directory tree, or a file holding an ext4, xfs or btrfs
+        /// image (mounted from a loop device while a partition uses it).
         #[arg(long)]
         disk: PathBuf,
         #[arg(long)]
