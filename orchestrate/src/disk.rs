@@ -44,7 +44,14 @@ pub const ROOTS: &str = "/run/liveupdate/roots";
 pub enum Kind {
     Tree,
     Image,
+    /// A clone of a tree as an overlay on it: a directory holding [`OVERLAY_MARK`]
+    /// (the tree's path), the `upper` and `work` directories, and `merged`, where the
+    /// overlay is mounted.
+    Overlay,
 }
+
+/// The file that makes a directory an overlay clone; it holds the lower tree's path.
+pub const OVERLAY_MARK: &str = "liveupdate-overlay";
 
 /// What `disk` is, or why it is neither.
 pub fn kind(disk: &Path) -> Result<Kind, DiskError> {
@@ -54,7 +61,9 @@ pub fn kind(disk: &Path) -> Result<Kind, DiskError> {
         why,
     };
     let m = std::fs::metadata(disk).map_err(|e| err(e.to_string()))?;
-    if m.is_dir() {
+    if m.is_dir() && disk.join(OVERLAY_MARK).is_file() {
+        Ok(Kind::Overlay)
+    } else if m.is_dir() {
         Ok(Kind::Tree)
     } else if m.is_file() {
         Ok(Kind::Image)
@@ -117,31 +126,42 @@ fn place_name(image: &Path) -> String {
     format!("{name}-{:02x}{:02x}{:02x}{:02x}", h[0], h[1], h[2], h[3])
 }
 
-/// Where `image`'s file system is mounted in our mount namespace, if it is (at its
-/// place of [`mount_point`], from a loop device showing it).
-pub fn mounted_at(image: &Path) -> Option<PathBuf> {
-    let image = image.canonicalize().ok()?;
-    let at = mount_point(&image);
+/// Where an image's or an overlay's file system is mounted in our mount namespace,
+/// if it is: for an image at its place of [`mount_point`] from a loop device showing
+/// it, for an overlay at its `merged` with its `upper`. None for a tree.
+pub fn mounted_at(disk: &Path) -> Option<PathBuf> {
+    let kind = kind(disk).ok()?;
+    let disk = disk.canonicalize().ok()?;
+    let at = match kind {
+        Kind::Tree => return None,
+        Kind::Image => mount_point(&disk),
+        Kind::Overlay => disk.join("merged"),
+    };
     let mounts = kext_shim::procfs::read_mountinfo(kext_shim::Pid::this()).ok()?;
-    mounts
+    let m = mounts
         .iter()
         .rev()
-        .find(|m| Path::new(&m.mount_point) == at)
-        .filter(|m| {
-            kext_shim::loopdev::backing_file(Path::new(&m.source)).as_deref()
-                == Some(image.as_path())
-        })
-        .map(|_| at)
+        .find(|m| Path::new(&m.mount_point) == at)?;
+    let ours = match kind {
+        Kind::Image => {
+            kext_shim::loopdev::backing_file(Path::new(&m.source)).as_deref() == Some(&disk)
+        }
+        _ => {
+            let upper = format!("upperdir={}", disk.join("upper").display());
+            m.fs_type == "overlay" && m.super_options.split(',').any(|o| o == upper)
+        }
+    };
+    ours.then_some(at)
 }
 
-/// The directory `disk`'s files are at: the tree itself, or its image's file system,
-/// mounted if it is not yet.
+/// The directory `disk`'s files are at: the tree itself, or its image's or overlay's
+/// file system, mounted if it is not yet.
 pub fn files(disk: &Path) -> Result<PathBuf, DiskError> {
-    if kind(disk)? == Kind::Tree {
-        return Ok(disk.to_path_buf());
-    }
-    if let Some(at) = mounted_at(disk) {
-        return Ok(at);
+    match kind(disk)? {
+        Kind::Tree => return Ok(disk.to_path_buf()),
+        _ if mounted_at(disk).is_some() => return Ok(mounted_at(disk).expect("mounted")),
+        Kind::Overlay => return mount_overlay(disk),
+        Kind::Image => {}
     }
     let err = |step: &'static str, why: String| DiskError::Image {
         path: disk.display().to_string(),
@@ -176,12 +196,57 @@ pub fn files(disk: &Path) -> Result<PathBuf, DiskError> {
     Ok(at)
 }
 
-/// Unmounts an image's file system from the host, if it is mounted; nothing for a
-/// tree. Partitions' namespaces that still bind it keep it until they end.
-pub fn release(disk: &Path) -> Result<(), DiskError> {
-    if kind(disk)? == Kind::Tree {
-        return Ok(());
+/// Mounts overlay clone `disk` at its `merged`.
+fn mount_overlay(disk: &Path) -> Result<PathBuf, DiskError> {
+    let err = |step: &'static str, why: String| DiskError::Image {
+        path: disk.display().to_string(),
+        step,
+        why,
+    };
+    let d = disk
+        .canonicalize()
+        .map_err(|e| err("finding it", e.to_string()))?;
+    let lower = std::fs::read_to_string(d.join(OVERLAY_MARK))
+        .map_err(|e| err("reading which tree it is over", e.to_string()))?;
+    let lower = Path::new(lower.trim_end_matches('\n'));
+    let (upper, work, merged) = (d.join("upper"), d.join("work"), d.join("merged"));
+    let mut options = Vec::new();
+    for (name, dir) in [
+        ("lowerdir", lower),
+        ("upperdir", &upper),
+        ("workdir", &work),
+    ] {
+        let text = dir.display().to_string();
+        // The option string's own separators, which mount(2) does not let us escape.
+        if text.contains([',', ':', '\\']) || !dir.is_absolute() {
+            return Err(err(
+                "mounting it",
+                format!("{name} {text}: a path with ',', ':' or '\\' cannot be an overlay's layer"),
+            ));
+        }
+        options.push(format!("{name}={text}"));
     }
+    nix::mount::mount(
+        Some("overlay"),
+        &merged,
+        Some("overlay"),
+        nix::mount::MsFlags::MS_NOATIME,
+        Some(options.join(",").as_str()),
+    )
+    .map_err(|e| {
+        err(
+            "mounting it",
+            format!("overlay {} at {}: {e}", options.join(","), merged.display()),
+        )
+    })?;
+    Ok(merged)
+}
+
+/// Unmounts an image's or overlay's file system from the host, if it is mounted;
+/// nothing for a tree. Partitions' namespaces that still bind it keep it until they
+/// end.
+pub fn release(disk: &Path) -> Result<(), DiskError> {
+    let kind = kind(disk)?;
     let Some(at) = mounted_at(disk) else {
         return Ok(());
     };
@@ -190,7 +255,9 @@ pub fn release(disk: &Path) -> Result<(), DiskError> {
         step: "unmounting it",
         why: format!("{}: {e}", at.display()),
     })?;
-    let _ = std::fs::remove_dir(&at);
+    if kind == Kind::Image {
+        let _ = std::fs::remove_dir(&at);
+    }
     Ok(())
 }
 
@@ -198,6 +265,9 @@ pub fn release(disk: &Path) -> Result<(), DiskError> {
 pub enum Method {
     /// Blocks shared with the original until either side writes them.
     Reflink,
+    /// An overlay on the original tree: what the clone writes goes to its own layer,
+    /// and until then it sees the original's files as they are, written or not.
+    Overlay,
     Copy,
 }
 
@@ -205,17 +275,20 @@ impl Method {
     pub fn name(self) -> &'static str {
         match self {
             Method::Reflink => "reflink",
+            Method::Overlay => "overlayfs",
             Method::Copy => "copy",
         }
     }
 }
 
-/// What a disk takes: for a tree, the bytes in its regular files and how many files;
-/// for an image, the bytes its file holds (holes left out), and 1.
+/// What a copy of a disk takes: for a tree, the bytes in its regular files and how
+/// many files; for an image, the bytes its file holds (holes left out), and 1; for an
+/// overlay, what it shows (only its own layer while it is not mounted).
 pub fn usage(disk: &Path) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
-    match std::fs::metadata(disk) {
-        Ok(m) if m.is_file() => (m.blocks() * 512, 1),
+    match kind(disk) {
+        Ok(Kind::Image) => std::fs::metadata(disk).map_or((0, 0), |m| (m.blocks() * 512, 1)),
+        Ok(Kind::Overlay) => tree_usage(&mounted_at(disk).unwrap_or_else(|| disk.join("upper"))),
         _ => tree_usage(disk),
     }
 }
@@ -252,6 +325,10 @@ pub fn remove(disk: &Path) -> Result<(), DiskError> {
             release(disk)?;
             std::fs::remove_file(disk)
         }
+        Ok(Kind::Overlay) => {
+            release(disk)?;
+            std::fs::remove_dir_all(disk)
+        }
         Err(_) if !disk.exists() => Ok(()),
         Err(e) => return Err(e),
     };
@@ -261,6 +338,9 @@ pub fn remove(disk: &Path) -> Result<(), DiskError> {
 /// Thaws an image's file system that a clone froze and a crash left frozen: whether
 /// it was frozen.
 pub fn thaw(disk: &Path) -> Result<bool, DiskError> {
+    if kind(disk)? != Kind::Image {
+        return Ok(false);
+    }
     match mounted_at(disk) {
         Some(at) => kext_shim::loopdev::thaw(&at).map_err(|e| DiskError::Image {
             path: disk.display().to_string(),
@@ -272,15 +352,19 @@ pub fn thaw(disk: &Path) -> Result<bool, DiskError> {
 }
 
 /// How a clone was made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cloned {
     pub method: Method,
     /// How long the original's file system was frozen for it (an image in use).
     pub frozen: Option<std::time::Duration>,
+    /// Why a tree copied was not made an overlay.
+    pub no_overlay: Option<String>,
 }
 
-/// Clones `from` into `to` (which must not exist): a tree into a tree, an image into
-/// an image file.
+/// Clones `from` into `to` (which must not exist). A tree is reflinked where the file
+/// system can, else made an overlay on it, else copied; an image is copied (reflinked
+/// where it can) into an image file, frozen meanwhile if it is in use; an overlay
+/// clone is copied into a tree, its files as they are now.
 pub fn clone(from: &Path, to: &Path) -> Result<Cloned, DiskError> {
     let err = |why: String| DiskError::Clone {
         from: from.display().to_string(),
@@ -296,36 +380,63 @@ pub fn clone(from: &Path, to: &Path) -> Result<Cloned, DiskError> {
     }
     let gone = || {
         let _ = match kind {
-            Kind::Tree => std::fs::remove_dir_all(to),
             Kind::Image => std::fs::remove_file(to),
+            _ => std::fs::remove_dir_all(to),
         };
     };
-    let copy = || -> Result<Method, DiskError> {
-        for (method, flag) in [
-            (Method::Reflink, "--reflink=always"),
-            (Method::Copy, "--reflink=never"),
-        ] {
-            let out = Command::new("cp")
-                .args(["-a", "--sparse=always", "--no-target-directory", flag])
-                .arg(from)
-                .arg(to)
-                .output()
-                .map_err(|e| err(format!("running cp: {e}")))?;
-            if out.status.success() {
-                return Ok(method);
-            }
-            gone();
-            if method == Method::Copy {
-                return Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
-            }
+    // cp -a of `source` to `to`, blocks shared or not.
+    let cp = |source: &Path, reflink: bool| -> Result<(), DiskError> {
+        let out = Command::new("cp")
+            .args(["-a", "--sparse=always", "--no-target-directory"])
+            .arg(if reflink {
+                "--reflink=always"
+            } else {
+                "--reflink=never"
+            })
+            .arg(source)
+            .arg(to)
+            .output()
+            .map_err(|e| err(format!("running cp: {e}")))?;
+        if out.status.success() {
+            return Ok(());
         }
-        unreachable!("the copy either succeeds or is an error")
+        gone();
+        Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()))
+    };
+    let done = |method| Cloned {
+        method,
+        frozen: None,
+        no_overlay: None,
+    };
+    match kind {
+        Kind::Overlay => {
+            let files = files(from)?;
+            return cp(&files, false).map(|()| done(Method::Copy));
+        }
+        Kind::Tree => {
+            if cp(from, true).is_ok() {
+                return Ok(done(Method::Reflink));
+            }
+            let why = match overlay(from, to) {
+                Ok(()) => return Ok(done(Method::Overlay)),
+                Err(why) => why,
+            };
+            gone();
+            return cp(from, false).map(|()| Cloned {
+                method: Method::Copy,
+                frozen: None,
+                no_overlay: Some(why),
+            });
+        }
+        Kind::Image => {}
+    }
+    let copy = || {
+        cp(from, true)
+            .map(|()| Method::Reflink)
+            .or_else(|_| cp(from, false).map(|()| Method::Copy))
     };
     let Some(at) = mounted_at(from) else {
-        return copy().map(|method| Cloned {
-            method,
-            frozen: None,
-        });
+        return copy().map(done);
     };
     let frozen = kext_shim::loopdev::freeze(&at).map_err(|e| err(e.to_string()))?;
     let since = std::time::Instant::now();
@@ -340,7 +451,32 @@ pub fn clone(from: &Path, to: &Path) -> Result<Cloned, DiskError> {
     made.map(|method| Cloned {
         method,
         frozen: Some(held),
+        no_overlay: None,
     })
+}
+
+/// Makes `to` an overlay clone of tree `from`, and mounts it once to know it works
+/// (the file system under `to` may be one an overlay's upper layer cannot be on).
+fn overlay(from: &Path, to: &Path) -> Result<(), String> {
+    let lower = from.canonicalize().map_err(|e| e.to_string())?;
+    for d in ["upper", "work", "merged"] {
+        std::fs::create_dir_all(to.join(d)).map_err(|e| e.to_string())?;
+    }
+    // The top of the clone is the original's: its mode and owner.
+    let top = std::fs::metadata(&lower).map_err(|e| e.to_string())?;
+    {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::set_permissions(to.join("upper"), top.permissions()).map_err(|e| e.to_string())?;
+        nix::unistd::chown(
+            &to.join("upper"),
+            Some(nix::unistd::Uid::from_raw(top.uid())),
+            Some(nix::unistd::Gid::from_raw(top.gid())),
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    std::fs::write(to.join(OVERLAY_MARK), format!("{}\n", lower.display()))
+        .map_err(|e| e.to_string())?;
+    mount_overlay(to).map(drop).map_err(|e| e.to_string())
 }
 
 /// The shared libraries `exe` needs, as `ldd` lists them (absolute paths).
@@ -488,6 +624,54 @@ mod tests {
         let c = clone(&img, &copy).unwrap();
         assert_eq!(c.frozen, None);
         remove(&copy).unwrap();
+    }
+
+    /// A tree on a file system without reflinks (ext4, tmpfs) is cloned as an overlay:
+    /// at once, seeing the original's writes until it writes the file itself.
+    #[test]
+    fn a_tree_is_cloned_as_an_overlay_that_sees_the_original_until_it_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("root");
+        sample(&tree, Path::new("/bin/true"), &[("/etc/greeting", "hi\n")]).unwrap();
+        let copy = dir.path().join("clones/root-1");
+        struct Release<'a>(&'a Path);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                let _ = release(self.0);
+            }
+        }
+        let _release = Release(&copy);
+        let c = clone(&tree, &copy).unwrap();
+        if c.method == Method::Reflink {
+            // This file system shares blocks: no overlay to test here.
+            return;
+        }
+        assert_eq!(c.method, Method::Overlay, "{c:?}");
+        assert_eq!(kind(&copy).unwrap(), Kind::Overlay);
+        let at = files(&copy).unwrap();
+        assert_eq!(mounted_at(&copy).as_deref(), Some(at.as_path()));
+        let greeting = |root: &Path| std::fs::read_to_string(root.join("etc/greeting")).unwrap();
+        assert_eq!(greeting(&at), "hi\n");
+        std::fs::write(tree.join("etc/greeting"), "written by the original\n").unwrap();
+        assert_eq!(greeting(&at), "written by the original\n");
+        std::fs::write(at.join("etc/greeting"), "the clone's\n").unwrap();
+        assert_eq!(greeting(&tree), "written by the original\n");
+        assert_eq!(greeting(&at), "the clone's\n");
+        assert_eq!(
+            tree_usage(&copy.join("upper")).1,
+            1,
+            "only the file it wrote is its own"
+        );
+        // Released, it mounts again from what it keeps; cloned, it is copied whole.
+        release(&copy).unwrap();
+        assert_eq!(mounted_at(&copy), None);
+        assert_eq!(greeting(&files(&copy).unwrap()), "the clone's\n");
+        let second = dir.path().join("clones/root-2");
+        assert_eq!(clone(&copy, &second).unwrap().method, Method::Copy);
+        assert_eq!(kind(&second).unwrap(), Kind::Tree);
+        assert_eq!(greeting(&second), "the clone's\n");
+        remove(&copy).unwrap();
+        assert!(!copy.exists());
     }
 
     #[test]

@@ -420,7 +420,7 @@ fn look(plan: &Plan, max_blackout_ms: u64, mut pv: Preview) -> Preview {
         pv.check(
             free > disk_bytes,
             format!(
-                "disk: the clone needs {:.1} MiB at most (less by reflink), {:.1} MiB free at {}",
+                "disk: the clone needs {:.1} MiB at most (less by reflink or overlayfs), {:.1} MiB free at {}",
                 disk_bytes as f64 / MIB,
                 free as f64 / MIB,
                 plan.clone_dir.display()

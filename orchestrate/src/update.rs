@@ -477,23 +477,29 @@ fn move_workload(
                 failed("clone")(e.to_string())
             })?;
             undo.clone = Some(to.clone());
+            if let Some(why) = &c.no_overlay {
+                cx.log.note(&format!("no overlay clone: {why}"));
+            }
             let (bytes, files) = crate::disk::usage(&to);
-            let what = match crate::disk::kind(&to) {
-                Ok(crate::disk::Kind::Image) => "an image".to_string(),
-                _ => format!("{files} files"),
-            };
-            let frozen = c.frozen.map_or(String::new(), |f| {
-                format!(
-                    ", the original's file system frozen for {:.0} ms",
-                    f.as_secs_f64() * 1e3
-                )
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            let mib = bytes as f64 / (1 << 20) as f64;
+            cx.phase(&match crate::disk::kind(&to) {
+                Ok(crate::disk::Kind::Overlay) => format!(
+                    "  cloned by overlayfs on the original in {ms:.0} ms: {files} files, {mib:.1} MiB, its own writes in a layer of its own"
+                ),
+                Ok(crate::disk::Kind::Image) => format!(
+                    "  cloned by {}: an image, {mib:.1} MiB in {ms:.0} ms{}",
+                    c.method.name(),
+                    c.frozen.map_or(String::new(), |f| format!(
+                        ", the original's file system frozen for {:.0} ms",
+                        f.as_secs_f64() * 1e3
+                    ))
+                ),
+                _ => format!(
+                    "  cloned by {}: {files} files, {mib:.1} MiB in {ms:.0} ms",
+                    c.method.name()
+                ),
             });
-            cx.phase(&format!(
-                "  cloned by {}: {what}, {:.1} MiB in {:.0} ms{frozen}",
-                c.method.name(),
-                bytes as f64 / (1 << 20) as f64,
-                t.elapsed().as_secs_f64() * 1e3
-            ));
             (to, Some(c.method))
         }
     };

@@ -115,7 +115,7 @@ enum Cmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
-    /// Root disks: clone one (reflink where the file system can), or make the sample.
+    /// Root disks: clone one (reflink, overlayfs or a copy), or make the sample.
     Disk {
         #[command(subcommand)]
         cmd: DiskCmd,
@@ -144,8 +144,9 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum DiskCmd {
-    /// Clones FROM into TO (which must not exist), keeping modes, owners and mtimes;
-    /// an image in use is frozen while it is copied.
+    /// Clones FROM into TO (which must not exist), keeping modes, owners and mtimes:
+    /// a tree by reflink, else as an overlay on it (mounted at TO/merged), else a
+    /// copy; an image by a copy of its file, frozen meanwhile if it is in use.
     Clone { from: PathBuf, to: PathBuf },
     /// Makes the demo's sample disk at PATH: liveupdate itself, its libraries, a
     /// /dev/null and /etc/demo/greeting; a directory, or with --image an ext4 image.
