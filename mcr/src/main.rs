@@ -51,8 +51,9 @@ struct RestoreArgs {
     /// Restore into this network namespace (/run/netns/NAME or /proc/PID/ns/net).
     #[arg(long)]
     netns: Option<PathBuf>,
-    /// Our mount namespace was made for the tree (its own mounts in place): it
-    /// becomes the tree's, instead of a new one.
+    /// Our mount namespace was made for the tree (its own binds in place): it
+    /// becomes the tree's, instead of a new one. What the tree had made fresh (its
+    /// proc, an empty tmpfs) the tree's first process mounts there.
     #[arg(long)]
     inherit_mntns: bool,
     /// Print the report as JSON on stdout.

@@ -812,7 +812,7 @@ pub fn init(plan: &InitPlan) -> Result<std::convert::Infallible> {
     .map_err(|e| sys("binding its disk", plan.mount_at, e))?;
     nix::unistd::sethostname(name).map_err(|e| sys("setting its host name", Path::new("-"), e))?;
     // Nothing of whoever started the console goes into the partition: every other fd
-    // closes at the exec. (Read before the chroot: there is no /proc inside.)
+    // closes at the exec. (Read before the chroot: its disk may have no /proc.)
     if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
         let fds: Vec<i32> = fds
             .flatten()
@@ -827,6 +827,18 @@ pub fn init(plan: &InitPlan) -> Result<std::convert::Infallible> {
     }
     nix::unistd::chroot(plan.mount_at).map_err(|e| sys("entering its root", plan.mount_at, e))?;
     nix::unistd::chdir("/").map_err(|e| sys("entering its root", Path::new("/"), e))?;
+    // A proc of its own pid namespace, where its disk has a place for one: mounted by
+    // its pid 1, in its mount namespace, so the host's /proc is never in there.
+    if Path::new("/proc").is_dir() {
+        mount(
+            Some("proc"),
+            "/proc",
+            Some("proc"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )
+        .map_err(|e| sys("mounting its /proc", Path::new("/proc"), e))?;
+    }
     // Its output goes nowhere: a file of its disk that it writes would differ from
     // the kept original's, and a live rollback onto that disk would be refused.
     let null = std::fs::OpenOptions::new()

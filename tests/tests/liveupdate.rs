@@ -305,6 +305,12 @@ fn a_live_update_moves_the_service_onto_the_patched_clone_and_back_by_rollback()
     lab.fix("FIX-1", &[]);
     let client = Client::connect(&addr);
     let before = lab.list();
+    // Its /proc is its pid namespace's: its pid 1 is the service.
+    let own_proc = |init: &str| {
+        let inside = format!("/proc/{init}/root/proc/1/cmdline");
+        std::fs::read_to_string(&inside).unwrap_or_else(|e| panic!("{inside}: {e}"))
+    };
+    assert!(own_proc(&before[0].2).contains("demo-service"));
     let o = lab.run("FIX-1", &[]);
     let out = text(&o);
     assert!(o.status.success(), "{out}");
@@ -324,6 +330,10 @@ fn a_live_update_moves_the_service_onto_the_patched_clone_and_back_by_rollback()
     assert_eq!(after.len(), 1, "{after:?}");
     assert_eq!((&after[0].0[..], &after[0].1[..]), ("svc", "Running"));
     assert_ne!(after[0].2, before[0].2, "a new pid 1, in the surrogate");
+    assert!(
+        own_proc(&after[0].2).contains("demo-service"),
+        "no /proc moved"
+    );
     // The clone has the fix on record; the original disk has not.
     let fixes = lab.ok(&[
         "fix",

@@ -426,6 +426,44 @@ pub fn restore_with(
     })
 }
 
+fn fresh_mount(
+    root: &Path,
+    target: &str,
+    fs_type: &str,
+    device: &str,
+    flags: u64,
+    options: &str,
+) -> MountOp {
+    MountOp::Mount {
+        source: Some(device.to_string()),
+        target: root
+            .join(target.trim_start_matches('/'))
+            .display()
+            .to_string(),
+        fs_type: Some(fs_type.to_string()),
+        flags,
+        data: (!options.is_empty()).then(|| options.to_string()),
+    }
+}
+
+/// The tree's file systems made fresh (proc, an empty tmpfs...), for a first stub in
+/// a namespace that has the rest.
+fn fresh_mounts(root: &Path, mnt: Option<&MountNs>) -> Vec<MountOp> {
+    mnt.into_iter()
+        .flat_map(|n| &n.mounts)
+        .filter_map(|m| match &m.source {
+            MountSource::Fresh {
+                fs_type,
+                device,
+                options,
+            } => Some(fresh_mount(
+                root, &m.target, fs_type, device, m.flags, options,
+            )),
+            MountSource::Bind { .. } => None,
+        })
+        .collect()
+}
+
 /// How the first stub makes its new mount namespace: nothing of it propagates back to
 /// ours; the tree's mounts are made again under `root` (binds from under `root` too, as
 /// files are reopened there), with a proc of its own for a new pid namespace; then
@@ -471,12 +509,8 @@ fn mount_plan(root: &Path, mnt: Option<&MountNs>, fresh_proc: bool) -> Vec<Mount
                     options,
                 } => {
                     has_proc |= fs_type == "proc" && m.target == "/proc";
-                    ops.push(mount(
-                        Some(device),
-                        under(&m.target),
-                        Some(fs_type),
-                        m.flags,
-                        Some(options),
+                    ops.push(fresh_mount(
+                        root, &m.target, fs_type, device, m.flags, options,
                     ));
                 }
                 MountSource::Bind { from } => {
@@ -604,6 +638,14 @@ pub(crate) fn spawn_tree(
             mount_plan(root, ns.mnt.as_ref(), new_pidns),
             // Pivoted into the restore root: only the process's own chroot is left.
             chroot_dir(Path::new("/"), &p0.root),
+        )
+    } else if opts.inherit_mntns {
+        // The namespace was made for the tree, its binds in place; a file system made
+        // fresh for it (the proc of its pid namespace) only its first process can make.
+        (
+            flags,
+            fresh_mounts(root, ns.mnt.as_ref()),
+            chroot_dir(root, &p0.root),
         )
     } else {
         (flags, Vec::new(), chroot_dir(root, &p0.root))
@@ -742,7 +784,12 @@ fn check_inherited_mounts(pid: i32, mnt: Option<&MountNs>) -> Result<()> {
             pid,
             what: format!("--inherit-mntns: reading our mounts: {e}"),
         })?;
-    for m in &mnt.mounts {
+    // What is made fresh for it, the first stub makes (see `fresh_mounts`).
+    for m in mnt
+        .mounts
+        .iter()
+        .filter(|m| matches!(m.source, MountSource::Bind { .. }))
+    {
         if !ours.iter().any(|o| o.mount_point == m.target) {
             return Err(RestoreError::Incompatible {
                 pid,
