@@ -169,8 +169,13 @@ enum Cmd {
         tcp_established: bool,
         /// A shell command run once the destination is ready and the original frozen,
         /// before the commit (moving the service address, say); failing, it aborts.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "at_ready_fd")]
         at_ready: Option<String>,
+        /// The same, told to whoever holds the other end of unix socket FD (which we
+        /// inherited): we write `READY\n` and go on at `GO\n`; anything else, or
+        /// nothing within 30 s, aborts. No program starts inside the blackout.
+        #[arg(long, value_name = "FD")]
+        at_ready_fd: Option<i32>,
         /// Resume at the destination before the last pages are there (post-copy): they
         /// come on first touch, and are pushed meanwhile; the original dies once every
         /// page is in place.
@@ -519,12 +524,21 @@ fn main() -> ExitCode {
             staging,
             tcp_established,
             at_ready,
+            at_ready_fd,
             post_copy,
             json,
         } => {
             let to = match two_way(&to) {
                 Ok(a) => a,
                 Err(e) => return fail(&e, 2),
+            };
+            let at_ready = match (at_ready, at_ready_fd) {
+                (Some(c), _) => Some(mcr::migrate::AtReady::Command(c)),
+                (None, Some(fd)) => match mcr::migrate::AtReady::peer_fd(fd) {
+                    Ok(a) => Some(a),
+                    Err(e) => return fail(&std::io::Error::other(e), 2),
+                },
+                (None, None) => None,
             };
             let opts = mcr::migrate::MigrateOptions {
                 pid,

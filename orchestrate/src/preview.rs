@@ -492,17 +492,19 @@ fn look(plan: &Plan, max_blackout_ms: u64, mut pv: Preview) -> Preview {
             Command::new(std::env::current_exe().unwrap_or_else(|_| PathBuf::from("liveupdate")))
                 .arg("--help"),
         );
-    // The address move inside the blackout, timed for real: the very command mcr
-    // runs then, for the partition that holds the address (which changes nothing but
-    // the host's neighbour entry, set to what it is).
-    let me = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("liveupdate"));
-    let go_ms = time_spawn(Command::new("sh").arg("-c").arg(format!(
-        "exec '{}' partition take-address '{}' --console '{}' --state '{}'",
-        me.display(),
-        p.name,
-        plan.console.display(),
-        plan.state.display()
-    )));
+    // The address move inside the blackout, timed for real: the very request the
+    // operation makes of the console then, for the partition that holds the address
+    // (which changes nothing but the host's neighbour entry, set to what it is).
+    let go_ms = token.as_ref().map_or(0.0, |t| {
+        let at = Instant::now();
+        let req = Request::TakeAddress {
+            name: p.name.clone(),
+        };
+        match console::call(&plan.console, t, &req) {
+            Ok(_) => at.elapsed().as_secs_f64() * 1e3,
+            Err(_) => 0.0,
+        }
+    });
     // What mcr's own blackout costs on this machine now, moving a process that has
     // next to nothing: measured by moving one (a sleep of ours) through mcr receive.
     // Three times, the middle one: a single move of a sleep varied by half here.

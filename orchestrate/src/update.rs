@@ -557,7 +557,19 @@ fn move_workload(
         "Moving the workload (pid {}) to the surrogate ...",
         original.init.unwrap_or(0)
     ));
-    let (report, new_pid) = migrate(cx, &original, &surrogate, &kept)?;
+    let (report, new_pid) = match migrate(cx, &original, &surrogate, &kept) {
+        Err(e) if found_changed(&e) => {
+            // A file the fix replaced, open in the workload for the instant of the
+            // freeze (a configuration read again, say): the original ran on, and will
+            // most likely not be holding it at the next freeze.
+            cx.phase(&format!("  {e}"));
+            cx.phase(
+                "  the workload held a file the clone has changed, for a moment: once more ...",
+            );
+            migrate(cx, &original, &surrogate, &kept)?
+        }
+        r => r?,
+    };
     // Committed: the workload is the surrogate's from here.
     undo.surrogate = None;
     undo.renamed = None;
@@ -665,6 +677,9 @@ fn migrate(
     let work = cx.log.dir.clone();
     let sock = work.join("mcr.sock");
     let pidfile = work.join("new.pid");
+    // Left by a try before this one.
+    let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_file(&pidfile);
     let cgroup = surrogate.cgroup.clone();
     // The receiver's mount namespace becomes the workload's (--inherit-mntns): made
     // as a partition's is (see partition::init), with the clone at its root's path.
@@ -729,22 +744,50 @@ fn migrate(
         let _ = recv.wait();
         failed("pre-copy")(e)
     })?;
-    let me = std::env::current_exe().map_err(|e| failed("pre-copy")(e.to_string()))?;
-    // `exec`: the shell mcr runs it with becomes it, a fork less in the blackout.
-    let at_ready = format!(
-        "exec {} partition take-address {} --console {} --state {}",
-        sh_quote(&me.display().to_string()),
-        sh_quote(&surrogate.name),
-        sh_quote(&plan.console.display().to_string()),
-        sh_quote(&plan.state.display().to_string()),
-    );
-    let at_ready = match crate::fault::armed("blackout") {
-        true => "exit 1".to_string(),
-        false => at_ready,
+    // Inside the blackout mcr says READY on this socket, and goes on at GO: the
+    // console moves the address meanwhile, asked from here. No program starts in the
+    // blackout (a `liveupdate partition take-address` was 2-4 ms of it).
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+        .map_err(|e| failed("pre-copy")(format!("a socket for mcr: {e}")))?;
+    // The one fd of ours mcr keeps across its exec, at the number it is told.
+    nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(&theirs),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .map_err(|e| failed("pre-copy")(format!("a socket for mcr: {e}")))?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
+    let mover = {
+        let (console, token) = (plan.console.clone(), cx.token.clone());
+        let name = surrogate.name.clone();
+        let fault = crate::fault::armed("blackout");
+        std::thread::spawn(move || -> Result<Option<Duration>, String> {
+            use std::io::{BufRead, Write};
+            let mut line = String::new();
+            std::io::BufReader::new(&ours)
+                .read_line(&mut line)
+                .map_err(|e| format!("reading mcr's READY: {e}"))?;
+            // mcr ended before the blackout: it says why.
+            if line != "READY\n" {
+                return Ok(None);
+            }
+            let t = Instant::now();
+            let answer = match fault {
+                true => "NO LIVEUPDATE_FAULT=blackout\n".to_string(),
+                false => match console::call(&console, &token, &Request::TakeAddress { name }) {
+                    Ok(_) => "GO\n".to_string(),
+                    Err(e) => format!("NO the console did not move the address: {e}\n"),
+                },
+            };
+            (&ours)
+                .write_all(answer.as_bytes())
+                .map_err(|e| format!("answering mcr: {e}"))?;
+            Ok(Some(t.elapsed()))
+        })
     };
     let init = original.init.unwrap_or(0);
     cx.log.note(&format!(
-        "mcr migrate -t {init} (partition {kept}), at ready: {at_ready}"
+        "mcr migrate -t {init} (partition {kept}), at ready: the console moves the address of {}",
+        surrogate.name
     ));
     let out = Command::new("nsenter")
         .arg(format!("--net={}", original.netns_path().display()))
@@ -753,10 +796,21 @@ fn migrate(
         .arg(format!("unix:{}", sock.display()))
         .args(["--tcp-established", "--json", "--max-blackout-ms"])
         .arg(plan.max_blackout_ms.to_string())
-        .args(["--at-ready", &at_ready])
+        .args(["--at-ready-fd", &fd.to_string()])
         .stdin(Stdio::null())
-        .output()
-        .map_err(|e| failed("pre-copy")(format!("running mcr migrate: {e}")))?;
+        .output();
+    // Its end closed: a mover still waiting for READY sees the end.
+    drop(theirs);
+    match mover.join() {
+        Ok(Ok(Some(took))) => cx.log.note(&format!(
+            "at ready: the address moved in {:.2} ms",
+            took.as_secs_f64() * 1e3
+        )),
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => cx.log.note(&format!("at ready: {e}")),
+        Err(_) => cx.log.note("at ready: the mover panicked"),
+    }
+    let out = out.map_err(|e| failed("pre-copy")(format!("running mcr migrate: {e}")))?;
     // Moved, it has returned or is about to (-d). Refused before it connected (or
     // lost), it would wait for a connection for ever: what it made dies with it.
     let within = Duration::from_secs(if out.status.success() { 30 } else { 2 });
@@ -787,6 +841,12 @@ fn migrate(
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or_else(|| report["new_pid"].as_i64().unwrap_or(0) as i32);
     Ok((report, new_pid))
+}
+
+/// Whether the move failed because the destination found a file the workload had
+/// open changed (mcr's words for it), which is worth a second try.
+fn found_changed(e: &UpdateError) -> bool {
+    e.to_string().contains("changed since the checkpoint")
 }
 
 fn sh_quote(s: &str) -> String {

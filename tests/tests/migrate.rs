@@ -327,6 +327,66 @@ fn migrate_killed_before_the_commit_point_leaves_the_original_running() {
     }
 }
 
+/// The program that started mcr, told at ready on a socket it gave (`--at-ready-fd`),
+/// decides inside the blackout: GO moves the workload; anything else, or a socket
+/// closed unanswered, abandons the move and the original runs on.
+#[test]
+fn the_peer_told_at_ready_decides_whether_the_move_goes_on() {
+    for answer in ["NO not now\n", "", "GO\n"] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let to = format!("unix:{}", s(&tmp.path().join("mig.sock")));
+        let mut g = Guard::new();
+        let mut p = start_churn(&mut g, tmp.path(), "8");
+        let mut recv = Receiver::start(&to, &tmp.path().join("pid"), &["--pidns"], &[]);
+        let (ours, theirs) = UnixStream::pair().expect("socketpair");
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
+        nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )
+        .expect("inheritable");
+        let peer = std::thread::spawn(move || {
+            let mut ours = ours;
+            let mut told = [0u8; 6];
+            ours.read_exact(&mut told).expect("READY");
+            assert_eq!(&told, b"READY\n");
+            ours.write_all(answer.as_bytes()).expect("answer");
+        });
+        let out = migrate(p.pid, &to, &["--at-ready-fd", &fd.to_string()]);
+        drop(theirs);
+        peer.join().expect("peer");
+        let err = String::from_utf8_lossy(&out.stderr);
+        if answer == "GO\n" {
+            assert!(out.status.success(), "migrate failed: {err}");
+            assert_eq!(p.wait(), 128 + libc::SIGKILL);
+            let mut moved = recv.workload(&mut g);
+            g.add(parent_of(moved.pid));
+            assert_pass(&moved.check());
+            continue;
+        }
+        assert!(!out.status.success(), "{answer:?}: it moved");
+        let why = match answer {
+            "" => "closed the socket without an answer".to_string(),
+            a => format!("answered {:?}", a.trim_end()),
+        };
+        assert!(err.contains(&why), "{answer:?}: {err}");
+        assert_ne!(recv.wait(), 0, "{answer:?}: the destination went on alone");
+        wait_running(p.pid);
+        runs_on_untouched(p);
+    }
+    // Not a socket: refused before anything happens.
+    let out = mcr(&[
+        "migrate",
+        "-t",
+        "1",
+        "--to",
+        "unix:/nonexistent",
+        "--at-ready-fd",
+        "0",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
 #[test]
 fn migrate_killed_after_the_commit_point_leaves_the_original_stopped_not_lost() {
     let tmp = tempfile::tempdir().expect("tempdir");
