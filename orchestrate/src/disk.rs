@@ -455,6 +455,63 @@ pub fn clone(from: &Path, to: &Path) -> Result<Cloned, DiskError> {
     })
 }
 
+/// How [`clone`] would clone `from` into `dir` now, found out without copying it: a
+/// reflink of one of its files (the image itself), then an overlay on it, each made
+/// in a scratch directory in `dir` and removed.
+pub fn probe(from: &Path, dir: &Path) -> Method {
+    let Ok(kind) = kind(from) else {
+        return Method::Copy;
+    };
+    if std::fs::create_dir_all(dir).is_err() {
+        return Method::Copy;
+    }
+    let Ok(scratch) = tempfile::Builder::new().prefix(".probe-").tempdir_in(dir) else {
+        return Method::Copy;
+    };
+    let sample = match kind {
+        Kind::Image => Some(from.to_path_buf()),
+        Kind::Tree => first_file(from),
+        // Its clone is a copy of what it shows.
+        Kind::Overlay => return Method::Copy,
+    };
+    let reflinks = sample.is_some_and(|f| {
+        Command::new("cp")
+            .arg("--reflink=always")
+            .arg(&f)
+            .arg(scratch.path().join("reflink"))
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if reflinks {
+        return Method::Reflink;
+    }
+    if kind == Kind::Tree {
+        let o = scratch.path().join("overlay");
+        let made = overlay(from, &o).is_ok();
+        let _ = release(&o);
+        if made {
+            return Method::Overlay;
+        }
+    }
+    Method::Copy
+}
+
+/// A regular file somewhere under `dir`.
+fn first_file(dir: &Path) -> Option<PathBuf> {
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let m = e.path().symlink_metadata().ok()?;
+        if m.is_file() {
+            return Some(e.path());
+        }
+        if m.is_dir() {
+            if let Some(f) = first_file(&e.path()) {
+                return Some(f);
+            }
+        }
+    }
+    None
+}
+
 /// Makes `to` an overlay clone of tree `from`, and mounts it once to know it works
 /// (the file system under `to` may be one an overlay's upper layer cannot be on).
 fn overlay(from: &Path, to: &Path) -> Result<(), String> {
@@ -647,6 +704,14 @@ mod tests {
             return;
         }
         assert_eq!(c.method, Method::Overlay, "{c:?}");
+        assert_eq!(probe(&tree, &dir.path().join("clones")), Method::Overlay);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("clones"))
+                .unwrap()
+                .count(),
+            1,
+            "the probe left something"
+        );
         assert_eq!(kind(&copy).unwrap(), Kind::Overlay);
         let at = files(&copy).unwrap();
         assert_eq!(mounted_at(&copy).as_deref(), Some(at.as_path()));

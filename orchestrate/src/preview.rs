@@ -410,6 +410,11 @@ fn look(plan: &Plan, max_blackout_ms: u64, mut pv: Preview) -> Preview {
     // Resources for a second copy.
     let rss: u64 = members.iter().map(|&m| rss_of(m)).sum();
     let (disk_bytes, _) = crate::disk::usage(&p.disk);
+    // None for a move onto a kept disk: no clone.
+    let clone_method = match &plan.onto {
+        Some(_) => None,
+        None => Some(crate::disk::probe(&p.disk, &plan.clone_dir)),
+    };
     let free = free_bytes(&plan.clone_dir).unwrap_or(0);
     if let Some(onto) = &plan.onto {
         pv.check(
@@ -417,6 +422,14 @@ fn look(plan: &Plan, max_blackout_ms: u64, mut pv: Preview) -> Preview {
             format!("disk: the move goes onto {}, kept", onto.display()),
         );
     } else {
+        pv.check(
+            true,
+            format!(
+                "disk: the clone will be made by {} (tried in {})",
+                clone_method.map_or("-", crate::disk::Method::name),
+                plan.clone_dir.display()
+            ),
+        );
         pv.check(
             free > disk_bytes,
             format!(
@@ -520,7 +533,12 @@ fn look(plan: &Plan, max_blackout_ms: u64, mut pv: Preview) -> Preview {
     let final_scan_ms = scan_ms;
     let blackout_ms =
         engine_ms + frozen_ms * processes as f64 + final_scan_ms + 2.0 * copy_ms + go_ms;
-    let clone_s = disk_bytes as f64 / bw.max(1.0);
+    // A copy goes at the copy bandwidth; a reflink or an overlay is a few ms.
+    let clone_s = match clone_method {
+        Some(crate::disk::Method::Copy) => disk_bytes as f64 / bw.max(1.0),
+        Some(_) => 0.005,
+        None => 0.0,
+    };
     // Making the surrogate (eight ip commands), starting the receiver (four tools)
     // and mcr, the notices, releasing the original, and the console's part in each:
     // about two dozen programs started, each as long as the three timed above took
