@@ -172,6 +172,8 @@ pub struct DemoPlan {
     /// The service's memory, and how much of it it rewrites a second.
     pub mib: usize,
     pub dirty_mib_s: f64,
+    /// The partition's disk an ext4 image, not a directory tree.
+    pub image: bool,
 }
 
 /// What the demo saw.
@@ -220,6 +222,14 @@ pub fn run(plan: &DemoPlan) -> Result<DemoReport, String> {
     use std::sync::atomic::{AtomicBool, Ordering};
     let dir = &plan.dir;
     if dir.exists() {
+        // A run that died may have left its clones mounted.
+        for d in ["clones", "disks"] {
+            if let Ok(rd) = std::fs::read_dir(dir.join(d)) {
+                for e in rd.flatten() {
+                    let _ = crate::disk::release(&e.path());
+                }
+            }
+        }
         std::fs::remove_dir_all(dir).map_err(step("clearing the demo's directory"))?;
     }
     let state = dir.join("state");
@@ -254,8 +264,15 @@ pub fn run(plan: &DemoPlan) -> Result<DemoReport, String> {
         crate::console::call(&socket, &token.secret, req).map_err(|e| e.to_string())
     };
 
-    let disk = dir.join("disks/demo");
-    crate::disk::sample(&disk, &exe, SAMPLE_FILES).map_err(|e| e.to_string())?;
+    let disk = if plan.image {
+        let disk = dir.join("disks/demo.img");
+        crate::disk::sample_image(&disk, &exe, SAMPLE_FILES).map_err(|e| e.to_string())?;
+        disk
+    } else {
+        let disk = dir.join("disks/demo");
+        crate::disk::sample(&disk, &exe, SAMPLE_FILES).map_err(|e| e.to_string())?;
+        disk
+    };
     let fixes = dir.join("fixes");
     std::fs::create_dir_all(&fixes).map_err(step("making the fix directory"))?;
     let greeting = fixes.join("greeting");

@@ -95,6 +95,9 @@ enum Cmd {
         /// How much of it the service rewrites a second, in MiB.
         #[arg(long, default_value_t = 0.0)]
         dirty_mib_s: f64,
+        /// The partition's disk an ext4 image on a loop device, not a directory.
+        #[arg(long)]
+        image: bool,
     },
     /// Partitions, through the console.
     Partition {
@@ -253,6 +256,7 @@ fn main() -> ExitCode {
             max_blackout_ms,
             mib,
             dirty_mib_s,
+            image,
         } => operations::demo(orchestrate::demo::DemoPlan {
             dir,
             mcr: operations::mcr_beside(mcr),
@@ -261,6 +265,7 @@ fn main() -> ExitCode {
             max_blackout_ms,
             mib,
             dirty_mib_s,
+            image,
         }),
         Cmd::Disk { cmd } => {
             let done = match cmd {
