@@ -465,6 +465,13 @@ pub fn probe(from: &Path, dir: &Path) -> Method {
     if std::fs::create_dir_all(dir).is_err() {
         return Method::Copy;
     }
+    // A probe killed half-way leaves its scratch, perhaps with an overlay mounted.
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with(".probe-") {
+            let _ = release(&e.path().join("overlay"));
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
     let Ok(scratch) = tempfile::Builder::new().prefix(".probe-").tempdir_in(dir) else {
         return Method::Copy;
     };

@@ -600,8 +600,12 @@ fn move_workload(
     }
     match cx.ask(&Request::Destroy { name: kept.clone() }) {
         Ok(_) => cx.phase(&format!(
-            "Shut down the original partition {kept}; its disk {} is kept for a rollback.",
-            original.disk.display()
+            "Shut down the original partition {kept}; its disk {} is kept for a rollback{}.",
+            original.disk.display(),
+            match method {
+                Some(crate::disk::Method::Overlay) => ", and the clone is an overlay on it",
+                _ => "",
+            }
         )),
         Err(e) => cx.phase(&format!(
             "WARNING: the original partition {kept} is left: {e}"
