@@ -157,20 +157,17 @@ pub fn mounted_at(disk: &Path) -> Option<PathBuf> {
 /// The directory `disk`'s files are at: the tree itself, or its image's or overlay's
 /// file system, mounted if it is not yet.
 pub fn files(disk: &Path) -> Result<PathBuf, DiskError> {
-    match kind(disk)? {
-        Kind::Tree => return Ok(disk.to_path_buf()),
-        _ if mounted_at(disk).is_some() => return Ok(mounted_at(disk).expect("mounted")),
-        Kind::Overlay => return mount_overlay(disk),
-        Kind::Image => {}
+    let kind = kind(disk)?;
+    if kind == Kind::Tree {
+        return Ok(disk.to_path_buf());
     }
-    let err = |step: &'static str, why: String| DiskError::Image {
-        path: disk.display().to_string(),
-        step,
-        why,
-    };
-    let image = disk
-        .canonicalize()
-        .map_err(|e| err("finding it", e.to_string()))?;
+    if let Some(at) = mounted_at(disk) {
+        return Ok(at);
+    }
+    if kind == Kind::Overlay {
+        return mount_overlay(disk);
+    }
+    let (image, err) = located(disk)?;
     let fs = fs_type(&image).map_err(|why| err("reading its superblock", why))?;
     let at = mount_point(&image);
     std::fs::create_dir_all(&at).map_err(|e| err("making its mount point", e.to_string()))?;
@@ -196,16 +193,24 @@ pub fn files(disk: &Path) -> Result<PathBuf, DiskError> {
     Ok(at)
 }
 
-/// Mounts overlay clone `disk` at its `merged`.
-fn mount_overlay(disk: &Path) -> Result<PathBuf, DiskError> {
-    let err = |step: &'static str, why: String| DiskError::Image {
+/// `disk`'s canonical path, and how to say what failed at a step of mounting it.
+fn located(
+    disk: &Path,
+) -> Result<(PathBuf, impl Fn(&'static str, String) -> DiskError + '_), DiskError> {
+    let err = move |step: &'static str, why: String| DiskError::Image {
         path: disk.display().to_string(),
         step,
         why,
     };
-    let d = disk
+    let at = disk
         .canonicalize()
         .map_err(|e| err("finding it", e.to_string()))?;
+    Ok((at, err))
+}
+
+/// Mounts overlay clone `disk` at its `merged`.
+fn mount_overlay(disk: &Path) -> Result<PathBuf, DiskError> {
+    let (d, err) = located(disk)?;
     let lower = std::fs::read_to_string(d.join(OVERLAY_MARK))
         .map_err(|e| err("reading which tree it is over", e.to_string()))?;
     let lower = Path::new(lower.trim_end_matches('\n'));

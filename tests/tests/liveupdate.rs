@@ -207,6 +207,22 @@ impl Lab {
         dir
     }
 
+    /// `liveupdate run` of FIX-1 on svc, stopped at `phase` and killed there (SIGKILL).
+    fn killed_at(&self, phase: &str) {
+        let dir = self.path("fixes").display().to_string();
+        let mut c = liveupdate();
+        c.args(["run", "-d", &dir, "FIX-1", "-p", "svc"])
+            .args(self.reach("run"))
+            .env("LIVEUPDATE_FAULT", format!("stall-{phase}"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut stalled = c.spawn().expect("liveupdate run");
+        let mut lines = Lines::new(stalled.stdout.take().expect("piped"));
+        lines.expect_prefix(&format!("STALLED at {phase}"));
+        stalled.kill().expect("SIGKILL");
+        stalled.wait().expect("reaped");
+    }
+
     fn run(&self, fix: &str, env: &[(&str, &str)]) -> Output {
         let dir = self.path("fixes").display().to_string();
         self.lu_env(&["run", "-d", &dir, fix, "-p", "svc"], env)
@@ -365,18 +381,7 @@ fn a_partition_on_an_image_disk_moves_onto_a_copy_made_frozen_and_back() {
     let at = orchestrate::disk::mounted_at(&img).expect("the image mounted");
     lab.fix("FIX-1", &[]);
     let client = Client::connect(&addr);
-    let dir = lab.path("fixes").display().to_string();
-    let mut c = liveupdate();
-    c.args(["run", "-d", &dir, "FIX-1", "-p", "svc"])
-        .args(lab.reach("run"))
-        .env("LIVEUPDATE_FAULT", "stall-clone-frozen")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut stalled = c.spawn().expect("liveupdate run");
-    let mut lines = Lines::new(stalled.stdout.take().expect("piped"));
-    lines.expect_prefix("STALLED at clone-frozen");
-    stalled.kill().expect("SIGKILL");
-    stalled.wait().expect("reaped");
+    lab.killed_at("clone-frozen");
     // A writer of the original's disk waits on the freeze the killed run left...
     let (wrote, written) = mpsc::channel();
     let file = at.join("tmp/written-while-frozen");
@@ -563,18 +568,7 @@ fn a_killed_liveupdate_is_cleaned_up_after_by_the_next_run() {
     lab.fix("FIX-1", &[]);
     let client = Client::connect(&addr);
     let before = lab.list();
-    let dir = lab.path("fixes").display().to_string();
-    let mut c = liveupdate();
-    c.args(["run", "-d", &dir, "FIX-1", "-p", "svc"])
-        .args(lab.reach("run"))
-        .env("LIVEUPDATE_FAULT", "stall-pre-copy")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut stalled = c.spawn().expect("liveupdate run");
-    let mut lines = Lines::new(stalled.stdout.take().expect("piped"));
-    lines.expect_prefix("STALLED at pre-copy");
-    stalled.kill().expect("SIGKILL");
-    stalled.wait().expect("reaped");
+    lab.killed_at("pre-copy");
     // Half made: the surrogate under the name, the original renamed.
     let names: Vec<String> = lab.list().into_iter().map(|p| p.0).collect();
     assert!(names.contains(&"svc_lu0".to_string()), "{names:?}");
