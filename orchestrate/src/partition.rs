@@ -2,9 +2,8 @@
 //!
 //! A partition has its own mount, pid, uts, ipc and network namespaces and a cgroup
 //! (v2) of its own, a root disk (a directory tree or an image, see `disk.rs`) and an
-//! address on the console's
-//! bridge. The address belongs to the partition, not to its sandbox: a live update
-//! moves it to the surrogate with the workload.
+//! address on the console's bridge. The address belongs to the partition, not to its
+//! sandbox: a live update moves it to the surrogate with the workload.
 //!
 //! Its processes see their root at `mount_at`, a bind mount of the disk in their own
 //! mount namespace. A surrogate binds its clone there, so the workload keeps every
