@@ -71,6 +71,13 @@ impl AtReady {
     pub fn peer_fd(fd: i32) -> std::result::Result<AtReady, String> {
         let own =
             kext_shim::sys::dup_above(fd, 3).map_err(|e| format!("--at-ready-fd {fd}: {e}"))?;
+        // The number inherited stays open, owned by no one: no child of ours may keep
+        // the peer's socket alive after we are gone.
+        nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(|e| format!("--at-ready-fd {fd}: {e}"))?;
         let s = std::os::unix::net::UnixStream::from(own);
         s.set_read_timeout(Some(AT_READY_PATIENCE))
             .map_err(|e| format!("--at-ready-fd {fd}: not a unix socket ({e})"))?;
