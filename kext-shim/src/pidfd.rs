@@ -40,3 +40,11 @@ pub fn same_file_description(pid1: Pid, fd1: i32, pid2: Pid, fd2: i32) -> Result
         format!("kcmp fd {fd1} of pid {pid1} with fd {fd2} of pid {pid2}")
     })? == 0)
 }
+
+/// Whether the process behind `pidfd` has ended (a zombie too): its pidfd polls readable.
+pub fn exited(pidfd: &OwnedFd) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+}

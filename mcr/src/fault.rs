@@ -29,6 +29,11 @@ pub const MIGRATE_WAIT_IN_POST_COPY: &str = "migrate-wait-in-post-copy";
 /// went out, so that a test can change the workload between rounds.
 pub const MIGRATE_WAIT_AFTER_ROUND: &str = "migrate-wait-after-round";
 
+/// Not a failure: `mcr receive` waits for a line on stdin before it builds the tree
+/// from the first round, so that a test can change the workload between a round and
+/// the destination's reading of the pages it left in the workload.
+pub const RECEIVE_WAIT_BEFORE_WARM: &str = "receive-wait-before-warm";
+
 /// Not a failure: the dump waits for a line on stdin once the tree is frozen, before
 /// it looks at anything, so that a test can act on the frozen tree (connect to it).
 pub const DUMP_WAIT_AFTER_FREEZE: &str = "dump-wait-after-freeze";

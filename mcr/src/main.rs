@@ -181,6 +181,10 @@ enum Cmd {
         /// page is in place.
         #[arg(long)]
         post_copy: bool,
+        /// Copy each pre-copy round's pages into staging, as for another host, even
+        /// when the destination here can read them from the workload itself; to compare.
+        #[arg(long)]
+        copy_rounds: bool,
         #[arg(long)]
         json: bool,
     },
@@ -459,6 +463,7 @@ fn main() -> ExitCode {
                 prev: prev_images_dir,
                 compression: compress,
                 freeze_cgroup,
+                pages_in_source: false,
             };
             match mcr::dump::predump::pre_dump(&opts) {
                 Ok(r) => {
@@ -526,6 +531,7 @@ fn main() -> ExitCode {
             at_ready,
             at_ready_fd,
             post_copy,
+            copy_rounds,
             json,
         } => {
             let to = match two_way(&to) {
@@ -551,6 +557,7 @@ fn main() -> ExitCode {
                 tcp_established,
                 at_ready,
                 post_copy,
+                copy_rounds,
             };
             match mcr::migrate::migrate(&opts) {
                 Ok(r) => {
@@ -682,6 +689,8 @@ fn print_migration(r: &mcr::migrate::MigrateReport, json: bool) {
             "destination_steps": r.destination_steps,
             "warm": r.warm,
             "cold_because": r.cold_because,
+            "pages_in_source": r.pages_in_source,
+            "gone_from_source": r.gone_from_source,
             "blackout": {
                 "freeze_and_dump_ms": ms(r.freeze_and_dump),
                 "transfer_ms": ms(r.transfer),
@@ -697,6 +706,17 @@ fn print_migration(r: &mcr::migrate::MigrateReport, json: bool) {
         return;
     }
     for (i, x) in r.rounds.iter().enumerate() {
+        if r.pages_in_source {
+            eprintln!(
+                "mcr: round {i}: {} pages ({:.1} MiB) left in the workload, listed in {:.1} ms, read from it and in place there in {:.1} ms, frozen {:.2} ms",
+                x.pages,
+                (x.pages * kext_shim::PAGE_SIZE) as f64 / (1 << 20) as f64,
+                ms(x.dump),
+                ms(x.apply),
+                ms(x.frozen)
+            );
+            continue;
+        }
         eprintln!(
             "mcr: round {i}: {} pages ({:.1} MiB) copied in {:.1} ms, sent in {:.1} ms, in place there in {:.1} ms, frozen {:.2} ms",
             x.pages,
@@ -713,6 +733,12 @@ fn print_migration(r: &mcr::migrate::MigrateReport, json: bool) {
         }
         Some(why) => eprintln!("mcr: restored cold: {why}"),
         None => {}
+    }
+    if r.gone_from_source > 0 {
+        eprintln!(
+            "mcr: {} runs of pages were unmapped in the workload before the destination read them; the next round said what is there now",
+            r.gone_from_source
+        );
     }
     eprintln!(
         "mcr: migrated pid {} (now pid {} there): blackout {:.1} ms (freeze and dump {:.1}, transfer {:.1}, restore {:.1}, commit {:.1}); last round {} pages; total {:.1} ms",

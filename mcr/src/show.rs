@@ -107,6 +107,18 @@ pub fn text(image: &Image) -> String {
             p.image_id, p.dir
         );
     }
+    if let Some(at) = &inv.pages_in_source {
+        let procs: Vec<String> = at
+            .procs
+            .iter()
+            .map(|p| format!("{} (pid {} here)", p.pid, p.host_pid))
+            .collect();
+        let _ = writeln!(
+            o,
+            "its pages are not stored but listed: they are in the memory of processes {}, a migration's source, while they live",
+            procs.join(", ")
+        );
+    }
     if let Some(t) = &inv.tracker {
         let _ = writeln!(
             o,

@@ -524,6 +524,12 @@ impl Receiver {
             .unwrap_or(-1)
     }
 
+    /// Writes `line` on its stdin: what lets it go on at a wait point (MCR_FAULT).
+    pub fn tell(&mut self, line: &str) {
+        use std::io::Write;
+        writeln!(self.stdin, "{line}").expect("writing to mcr receive");
+    }
+
     /// Says `line` to the workload it runs already (a shell job's stdio are ours) and
     /// returns its answer, the first line starting with `prefix`.
     pub fn ask(&mut self, line: &str, prefix: &str) -> String {

@@ -10,6 +10,9 @@
 //! cargo run --release -p mcr-bench --bin blackout -- [--sizes 16,64,256,1024]
 //!     [--rates 0,32] [--modes stop-and-copy,pre-copy] [--runs 5] [--out DIR]
 //! ```
+//!
+//! Modes: stop-and-copy, pre-copy, post-copy, post-copy-only; `MODE-staged` is MODE
+//! with the rounds' pages copied into staging as for another host (`--copy-rounds`).
 
 use clap::Parser;
 use mcr::migrate::local::{line_starting, reported_pause_ms, LocalDestination};
@@ -63,6 +66,15 @@ fn one(mcr: &std::path::Path, size: usize, rate: f64, mode: &str) -> Result<Run,
     let mut cmd = Command::new(mcr);
     cmd.args(["migrate", "-t", &pid.to_string(), "--to", &dest.addr])
         .args(["--shell-job", "--json"]);
+    // The rounds' pages copied into staging, as for another host, instead of read by
+    // the destination from the workload: for comparison.
+    let mode = match mode.strip_suffix("-staged") {
+        Some(m) => {
+            cmd.arg("--copy-rounds");
+            m
+        }
+        None => mode,
+    };
     match mode {
         "stop-and-copy" => {
             cmd.args(["--max-rounds", "0"]);
@@ -198,14 +210,15 @@ fn main() -> std::process::ExitCode {
     let mut failures = Vec::new();
     let mut cells = Vec::new();
     let mut rows = Vec::new();
-    for mode in &args.modes {
-        for &rate in &args.rates {
-            let mut pts = Vec::new();
-            for &size in &args.sizes {
-                let mut these = Vec::new();
-                for _ in 0..args.runs {
+    // The modes take turns, run by run, so that a slow spell of the machine falls on
+    // all of them and their ratios hold.
+    let mut done: std::collections::HashMap<(usize, usize, usize), Vec<Run>> = Default::default();
+    for (ri, &rate) in args.rates.iter().enumerate() {
+        for (si, &size) in args.sizes.iter().enumerate() {
+            for _ in 0..args.runs {
+                for (mi, mode) in args.modes.iter().enumerate() {
                     match one(&mcr, size, rate, mode) {
-                        Ok(r) => these.push(r),
+                        Ok(r) => done.entry((mi, ri, si)).or_default().push(r),
                         // Recorded, and the grid goes on: one cell the machine cannot
                         // hold (4 GiB rewritten fast) says nothing about the others.
                         Err(e) => {
@@ -217,6 +230,14 @@ fn main() -> std::process::ExitCode {
                         }
                     }
                 }
+            }
+        }
+    }
+    for (mi, mode) in args.modes.iter().enumerate() {
+        for (ri, &rate) in args.rates.iter().enumerate() {
+            let mut pts = Vec::new();
+            for (si, &size) in args.sizes.iter().enumerate() {
+                let these = done.remove(&(mi, ri, si)).unwrap_or_default();
                 if these.is_empty() {
                     continue;
                 }

@@ -245,6 +245,14 @@ pub fn list_fds(pid: Pid) -> Result<Vec<i32>> {
     Ok(fds)
 }
 
+/// This boot's id (/proc/sys/kernel/random/boot_id), empty if unreadable: a pid or a
+/// start time means something only on the boot that gave it.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
 /// The target of a /proc symlink (`exe`, `cwd`, `root`, `fd/N`).
 pub fn read_link(path: &str) -> Result<String> {
     std::fs::read_link(path)

@@ -245,6 +245,12 @@ impl PagePlan {
     }
 
     /// The pages planned, as sorted `[start, end)` runs, adjacent ones joined.
+    /// The planned runs as chunks would hold them: (address, pages), each at most
+    /// [`CHUNK_PAGES`].
+    pub fn chunks(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.jobs.iter().map(|j| (j.addr, j.pages as u32))
+    }
+
     pub fn runs(&self) -> Vec<(u64, u64)> {
         let mut runs: Vec<(u64, u64)> = Vec::new();
         for j in &self.jobs {

@@ -604,5 +604,6 @@ pub(crate) fn new_inventory(root_pid: i32, features: Vec<String>) -> Inventory {
         image_id: new_image_id(),
         parent: None,
         tracker: None,
+        pages_in_source: None,
     }
 }

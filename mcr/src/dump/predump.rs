@@ -11,7 +11,8 @@ use super::track::{self, Previous};
 use super::{freeze_tree, parasite, AfterDump, DumpError, Result, StepContext};
 use crate::image::{Compression, ImageWriter, WriteStats, PRE_DUMP};
 use crate::model::{
-    Creds, FileRef, Inventory, MmImage, Namespaces, ParentPages, ProcessImage, Snapshot,
+    Creds, FileRef, Inventory, MmImage, Namespaces, PagesInSource, ParentPages, ProcessImage,
+    Snapshot, SourceProcess,
 };
 use kext_shim::dirty::WriteTracker;
 use kext_shim::procfs::{self, Stat};
@@ -27,6 +28,10 @@ pub struct PreDumpOptions {
     pub prev: Option<PathBuf>,
     pub compression: Compression,
     pub freeze_cgroup: Option<PathBuf>,
+    /// Copy no page: the image says which are to be read from the tree's memory, by a
+    /// migration's destination on this host while the tree runs on (one copy of each
+    /// page instead of two, and no staging memory for it).
+    pub pages_in_source: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -49,6 +54,7 @@ pub struct PreDumpReport {
 /// One process between the freeze and the copy.
 struct Proc {
     pid: Pid,
+    start: u64,
     ppid: i32,
     pgid: i32,
     sid: i32,
@@ -168,6 +174,7 @@ fn run(
             }
             procs.push(Proc {
                 pid: f.pid,
+                start: stat.field(22),
                 ppid: stat.field(4) as i32,
                 pgid: stat.field(5) as i32,
                 sid: stat.field(6) as i32,
@@ -229,9 +236,28 @@ fn run(
                 .untrack(j.addr, end)
                 .step(p.pid, || "giving up tracking a run that went away".into())
         };
-        mm::copy_pages(p.pid, owner(p.pid), &p.plan, &writer, Some(&skip))?;
+        if opts.pages_in_source {
+            for (addr, pages) in p.plan.chunks() {
+                writer
+                    .write_in_source(owner(p.pid), addr, pages)
+                    .map_err(|source| DumpError::Image { pid: raw, source })?;
+            }
+        } else {
+            mm::copy_pages(p.pid, owner(p.pid), &p.plan, &writer, Some(&skip))?;
+        }
     }
     steps.push(("copy pages", t.elapsed()));
+    let pages_in_source = opts.pages_in_source.then(|| PagesInSource {
+        boot_id: kext_shim::procfs::boot_id(),
+        procs: procs
+            .iter()
+            .map(|p| SourceProcess {
+                pid: owner(p.pid),
+                host_pid: p.pid.as_raw(),
+                start: p.start,
+            })
+            .collect(),
+    });
     let copied = procs
         .iter()
         .map(|p| (owner(p.pid), p.plan.runs()))
@@ -275,6 +301,7 @@ fn run(
         inventory: Inventory {
             parent: prev.as_ref().filter(|_| inherits).map(|p| p.parent_ref()),
             tracker: holder.clone(),
+            pages_in_source,
             ..super::new_inventory(processes[0].pid, {
                 let mut f = vec![PRE_DUMP.to_string()];
                 if inherits {
@@ -282,6 +309,9 @@ fn run(
                 }
                 if opts.compression != Compression::None {
                     f.push("zstd-pages".into());
+                }
+                if opts.pages_in_source {
+                    f.push(crate::image::PAGES_IN_SOURCE.into());
                 }
                 f
             })

@@ -21,14 +21,15 @@ mod read;
 mod write;
 
 pub use frame::{FrameKind, FILE_CORE, FILE_INVENTORY, FILE_PAGES};
-pub use pages::{Compression, PageChunk};
+pub use pages::{Codec, Compression, PageChunk};
 pub use read::Image;
 pub use write::{ImageWriter, WriteStats, CHUNK_PREFIX};
 
 /// The format this build writes and the newest it reads.
 /// 2: images can be chained (a parent image, tracked writes) and be pre-dumps.
 /// 3: a TCP listener carries the connections waiting in its queue.
-pub const FORMAT_VERSION: u16 = 3;
+/// 4: a migration's round may leave its pages in the source's memory.
+pub const FORMAT_VERSION: u16 = 4;
 
 /// Image features this build understands (see `Inventory::features`).
 pub const KNOWN_FEATURES: &[&str] = &[
@@ -37,12 +38,16 @@ pub const KNOWN_FEATURES: &[&str] = &[
     "zstd-pages",
     PRE_DUMP,
     PARENT_IMAGES,
+    PAGES_IN_SOURCE,
 ];
 
 /// The image holds memory only, as a base for a later one: it cannot be restored.
 pub const PRE_DUMP: &str = "pre-dump";
 /// Some of the image's pages are in its parent image (and maybe further up).
 pub const PARENT_IMAGES: &str = "parent-images";
+/// Some of the image's pages are not in it but in the memory of the processes it was
+/// made of, which run on ([`crate::model::PagesInSource`]).
+pub const PAGES_IN_SOURCE: &str = "pages-in-source";
 
 /// What went wrong with an image, naming the file and where.
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +165,14 @@ mod tests {
                     holder_start: 6,
                     pids: vec![pid],
                 }),
+                pages_in_source: Some(crate::model::PagesInSource {
+                    boot_id: "b".into(),
+                    procs: vec![crate::model::SourceProcess {
+                        pid,
+                        host_pid: 8,
+                        start: 9,
+                    }],
+                }),
             },
             processes: vec![process(pid)],
             pipes: vec![PipeImage {
@@ -246,6 +259,31 @@ mod tests {
             }
             assert_eq!(out, pages);
         }
+    }
+
+    #[test]
+    fn pages_left_in_the_source_are_listed_but_not_held() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("img");
+        let w = ImageWriter::create(&dir, Compression::None).unwrap();
+        w.write_in_source(7, 0x10000, 3).unwrap();
+        w.write_in_source(7, 0x1c000, 1).unwrap();
+        let stats = w.finish(&snapshot(7)).unwrap();
+        assert_eq!((stats.pages, stats.stored_bytes), (4, 0));
+        let img = Image::open(&dir).unwrap();
+        let got: Vec<_> = img
+            .chunks_of(7)
+            .map(|c| (c.addr, c.n_pages, c.codec, c.data.len()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (0x10000, 3, Codec::InSource, 0),
+                (0x1c000, 1, Codec::InSource, 0)
+            ]
+        );
+        let c = img.chunks_of(7).next().unwrap();
+        assert!(c.pages(&mut Vec::new()).is_err());
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! ```text
 //! chunk := pid i32 | codec u16 | reserved u16 | addr u64 | n_pages u32 | reserved u32 | data
 //! ```
-//! `data` is `n_pages * 4096` bytes when raw, a zstd frame otherwise. Zero and absent
-//! pages are never stored: restore leaves them to the kernel's zero fill or to the file.
+//! `data` is `n_pages * 4096` bytes when raw, a zstd frame otherwise, and nothing when
+//! the pages are left in the source's memory (a same-host migration's round, see
+//! [`crate::model::PagesInSource`]). Zero and absent pages are never stored: restore
+//! leaves them to the kernel's zero fill or to the file.
 
 use super::frame::corrupt;
 use super::Result;
@@ -17,6 +19,16 @@ pub const CHUNK_PAGES: usize = 256;
 
 const CODEC_RAW: u16 = 0;
 const CODEC_ZSTD: u16 = 1;
+const CODEC_IN_SOURCE: u16 = 2;
+
+/// How a chunk holds its pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    Raw,
+    Zstd,
+    /// Not at all: they are in the source's memory.
+    InSource,
+}
 
 /// How page data is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +60,7 @@ pub struct PageChunk<'a> {
     pub pid: i32,
     pub addr: u64,
     pub n_pages: u32,
-    pub compressed: bool,
+    pub codec: Codec,
     pub data: &'a [u8],
 }
 
@@ -59,8 +71,12 @@ impl PageChunk<'_> {
 
     /// The raw page bytes: borrowed when stored raw, decompressed into `buf` otherwise.
     pub fn pages<'b>(&'b self, buf: &'b mut Vec<u8>) -> std::result::Result<&'b [u8], String> {
-        if !self.compressed {
-            return Ok(self.data);
+        match self.codec {
+            Codec::Raw => return Ok(self.data),
+            Codec::Zstd => {}
+            Codec::InSource => {
+                return Err("its pages are not in the image but in the source's memory".into())
+            }
         }
         thread_local! {
             // As for compression: a context per chunk cost more than small chunks.
@@ -91,10 +107,14 @@ impl PageChunk<'_> {
 }
 
 /// Encodes a chunk header.
-pub fn chunk_header(pid: i32, addr: u64, n_pages: u32, compressed: bool) -> [u8; CHUNK_HEADER_LEN] {
+pub fn chunk_header(pid: i32, addr: u64, n_pages: u32, codec: Codec) -> [u8; CHUNK_HEADER_LEN] {
     let mut h = [0u8; CHUNK_HEADER_LEN];
     h[..4].copy_from_slice(&pid.to_le_bytes());
-    let codec = if compressed { CODEC_ZSTD } else { CODEC_RAW };
+    let codec = match codec {
+        Codec::Raw => CODEC_RAW,
+        Codec::Zstd => CODEC_ZSTD,
+        Codec::InSource => CODEC_IN_SOURCE,
+    };
     h[4..6].copy_from_slice(&codec.to_le_bytes());
     h[8..16].copy_from_slice(&addr.to_le_bytes());
     h[16..20].copy_from_slice(&n_pages.to_le_bytes());
@@ -144,20 +164,25 @@ pub fn parse_chunk<'a>(path: &str, offset: u64, payload: &'a [u8]) -> Result<Pag
     let addr = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
     let n_pages = u32::from_le_bytes(h[16..20].try_into().expect("4 bytes"));
     let data = &payload[CHUNK_HEADER_LEN..];
+    let codec = match codec {
+        CODEC_RAW => Codec::Raw,
+        CODEC_ZSTD => Codec::Zstd,
+        CODEC_IN_SOURCE => Codec::InSource,
+        _ => {
+            return Err(corrupt(
+                path,
+                offset,
+                &format!("unknown page codec {codec}"),
+            ))
+        }
+    };
     let chunk = PageChunk {
         pid,
         addr,
         n_pages,
-        compressed: codec == CODEC_ZSTD,
+        codec,
         data,
     };
-    if codec != CODEC_RAW && codec != CODEC_ZSTD {
-        return Err(corrupt(
-            path,
-            offset,
-            &format!("unknown page codec {codec}"),
-        ));
-    }
     if addr % PAGE_SIZE != 0
         || n_pages == 0
         || addr.checked_add(n_pages as u64 * PAGE_SIZE).is_none()
@@ -168,11 +193,19 @@ pub fn parse_chunk<'a>(path: &str, offset: u64, payload: &'a [u8]) -> Result<Pag
             &format!("bad page run {addr:#x} x {n_pages}"),
         ));
     }
-    if !chunk.compressed && data.len() != chunk.len_bytes() {
+    let holds = match codec {
+        Codec::Raw => chunk.len_bytes(),
+        Codec::InSource => 0,
+        Codec::Zstd => data.len(),
+    };
+    if data.len() != holds {
         return Err(corrupt(
             path,
             offset,
-            &format!("raw chunk holds {} bytes for {n_pages} pages", data.len()),
+            &format!(
+                "{codec:?} chunk holds {} bytes for {n_pages} pages",
+                data.len()
+            ),
         ));
     }
     Ok(chunk)

@@ -4,7 +4,7 @@ use super::frame::{
     file_header, frame_header, FrameKind, FILE_CORE, FILE_HEADER_LEN, FILE_INVENTORY, FILE_PAGES,
     FRAME_HEADER_LEN,
 };
-use super::pages::{chunk_header, compress, Compression, CHUNK_HEADER_LEN, CHUNK_PAGES};
+use super::pages::{chunk_header, compress, Codec, Compression, CHUNK_HEADER_LEN, CHUNK_PAGES};
 use super::{codec, ImageError, Result};
 use crate::model::Snapshot;
 use kext_shim::PAGE_SIZE;
@@ -135,7 +135,12 @@ impl ImageWriter {
         let packed = compress(&buf[CHUNK_PREFIX..], self.compression);
         let path = self.dir.join(FILE_PAGES.0);
         let f = self.pages.as_ref().expect("pages file open until finish");
-        let ch = chunk_header(pid, addr, n, packed.is_some());
+        let codec = if packed.is_some() {
+            Codec::Zstd
+        } else {
+            Codec::Raw
+        };
+        let ch = chunk_header(pid, addr, n, codec);
         let stored = match &packed {
             Some(body) => {
                 let fh = frame_header(FrameKind::PageChunk, 0, &[&ch, body]);
@@ -164,6 +169,26 @@ impl ImageWriter {
         st.raw_bytes += raw_len as u64;
         st.stored_bytes += stored as u64;
         st.compressed_chunks += packed.is_some() as u64;
+        Ok(())
+    }
+
+    /// Records that `n_pages` pages at `addr` of `pid` are in the source's memory,
+    /// not in the image (see [`crate::model::PagesInSource`]).
+    pub fn write_in_source(&self, pid: i32, addr: u64, n_pages: u32) -> Result<()> {
+        let path = self.dir.join(FILE_PAGES.0);
+        let f = self.pages.as_ref().expect("pages file open until finish");
+        let ch = chunk_header(pid, addr, n_pages, Codec::InSource);
+        let fh = frame_header(FrameKind::PageChunk, 0, &[&ch]);
+        let mut frame = [0u8; CHUNK_PREFIX];
+        frame[..FRAME_HEADER_LEN].copy_from_slice(&fh);
+        frame[FRAME_HEADER_LEN..].copy_from_slice(&ch);
+        let at = self.reserve(frame.len());
+        f.write_all_at(&frame, at).map_err(|e| io(&path, e))?;
+        self.pages_frames.fetch_add(1, Ordering::Relaxed);
+        let mut st = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        st.chunks += 1;
+        st.pages += n_pages as u64;
+        st.raw_bytes += n_pages as u64 * PAGE_SIZE;
         Ok(())
     }
 

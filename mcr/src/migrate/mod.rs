@@ -48,6 +48,10 @@ pub struct MigrateOptions {
     /// Resume at the destination before the last pages are there: they are left
     /// missing and handed out on first touch, and pushed meanwhile.
     pub post_copy: bool,
+    /// Copy the pre-copy rounds' pages into staging even when the destination could
+    /// read them from the workload itself (on this host): to compare, or to keep each
+    /// round a whole image.
+    pub copy_rounds: bool,
 }
 
 /// Who is told, inside the blackout, that the destination is ready.
@@ -158,6 +162,10 @@ pub struct MigrateReport {
     /// cold, for this reason.
     pub warm: bool,
     pub cold_because: Option<String>,
+    /// The rounds left their pages in the workload for the destination to read.
+    pub pages_in_source: bool,
+    /// See [`wire::Restored::gone_from_source`].
+    pub gone_from_source: u64,
     /// From the freeze to the destination's word that the workload runs there, as the
     /// source measured it (the original's end comes after).
     pub blackout: Duration,
@@ -270,7 +278,7 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
             path: staging.path().display().to_string(),
             dev: m.dev(),
             ino: m.ino(),
-            boot_id: wire::boot_id(),
+            boot_id: kext_shim::procfs::boot_id(),
         }
     };
     wire::send_json(
@@ -280,6 +288,8 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
             protocol: wire::PROTOCOL,
             tool_version: env!("CARGO_PKG_VERSION").into(),
             root_pid: pid,
+            root_start: kext_shim::procfs::Stat::read(kext_shim::Pid::from_raw(pid))
+                .map_or(0, |s| s.field(22)),
             staging: here,
         },
     )
@@ -289,6 +299,9 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
     let welcome: wire::Welcome = wire::parse(wire::WELCOME, &expect(&mut r, pid, wire::WELCOME)?)
         .map_err(|what| MigrateError::Protocol { pid, what })?;
     let link = welcome.link;
+    // On one host the rounds leave their pages where they are, for the destination to
+    // read once from the workload: no staging copy, no staging memory.
+    let in_source = welcome.read_source && !opts.copy_rounds;
     let send = |w: &mut wire::Writer, dir: &Path, name: &str, last: bool| {
         wire::send_image(w, dir, name, last, link).map_err(|what| MigrateError::Protocol {
             pid,
@@ -324,6 +337,7 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
                 prev: prev.clone(),
                 compression: Compression::None,
                 freeze_cgroup: opts.freeze_cgroup.clone(),
+                pages_in_source: in_source,
             },
             std::mem::take(&mut trackers),
         )?;
@@ -526,6 +540,8 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         destination_steps: restored.steps,
         warm: restored.warm,
         cold_because: restored.cold_because,
+        pages_in_source: in_source,
+        gone_from_source: restored.gone_from_source,
         total: t0.elapsed(),
         post_copy,
     })

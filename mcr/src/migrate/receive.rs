@@ -81,7 +81,8 @@ pub fn receive(listener: &Listener, opts: &ReceiveOptions) -> Result<Restored> {
         }
     };
     let link = sees(&hello.staging, &root);
-    wire::send_json(&mut w, wire::WELCOME, &wire::Welcome { link })
+    let read_source = reads(&hello);
+    wire::send_json(&mut w, wire::WELCOME, &wire::Welcome { link, read_source })
         .map_err(tx(pid, "welcoming the source"))?;
     let staging = link.then(|| PathBuf::from(&hello.staging.path));
     let warm_opts = opts.warm.then_some(&opts.restore);
@@ -160,6 +161,7 @@ pub fn receive(listener: &Listener, opts: &ReceiveOptions) -> Result<Restored> {
                         restore_ms: t.elapsed().as_secs_f64() * 1e3,
                         warm: done.warm_rounds.is_some(),
                         cold_because: done.cold_because.clone(),
+                        gone_from_source: done.gone_from_source,
                         steps: done
                             .steps
                             .iter()
@@ -213,9 +215,20 @@ fn sees(s: &wire::Staging, workdir: &Path) -> bool {
         return false;
     };
     !s.boot_id.is_empty()
-        && s.boot_id == wire::boot_id()
+        && s.boot_id == kext_shim::procfs::boot_id()
         && (dir.dev(), dir.ino()) == (s.dev, s.ino)
         && work.dev() == s.dev
+}
+
+/// Whether this process sees the source's root process itself (on this boot, in this
+/// pid namespace) and may read its memory.
+fn reads(h: &wire::Hello) -> bool {
+    let pid = kext_shim::Pid::from_raw(h.root_pid);
+    !h.staging.boot_id.is_empty()
+        && h.staging.boot_id == kext_shim::procfs::boot_id()
+        && kext_shim::procfs::Stat::read(pid).is_ok_and(|s| s.field(22) == h.root_start)
+        // The access process_vm_readv asks for, as opening /proc/PID/mem does.
+        && std::fs::File::open(format!("/proc/{}/mem", h.root_pid)).is_ok()
 }
 
 /// The tree built from the rounds so far, or why there is none.
@@ -237,7 +250,10 @@ impl Warm {
         let chain = chain_of(newest, opened);
         let done = match self.tree.as_mut() {
             Some(tree) => tree.apply(&chain).map(|_| ()),
-            None => WarmTree::start(opts, &chain).map(|t| self.tree = Some(t)),
+            None => {
+                crate::fault::wait(crate::fault::RECEIVE_WAIT_BEFORE_WARM);
+                WarmTree::start(opts, &chain).map(|t| self.tree = Some(t))
+            }
         };
         if let Err(e) = done {
             tracing::info!("restoring cold: {e}");

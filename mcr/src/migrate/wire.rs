@@ -47,13 +47,16 @@ pub const ALL_IN: u16 = 19;
 pub const DATA_CHUNK: usize = 1 << 20;
 
 /// The version of this conversation; both ends must speak the same.
-pub const PROTOCOL: u32 = 5;
+pub const PROTOCOL: u32 = 6;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Hello {
     pub protocol: u32,
     pub tool_version: String,
     pub root_pid: i32,
+    /// Field 22 of the root's /proc/PID/stat: with the staging's boot id, what tells
+    /// a destination that it sees the very process at `root_pid`.
+    pub root_start: u64,
     /// Where the source makes its images, should the destination see the same files.
     pub staging: Staging,
 }
@@ -73,12 +76,10 @@ pub struct Welcome {
     /// The destination sees the source's staging directory, on its own work
     /// directory's filesystem: files come as hard links, not bytes.
     pub link: bool,
-}
-
-pub fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    /// The destination sees the source's processes, and may read their memory: the
+    /// pre-copy rounds leave their pages there (see `PagesInSource`).
+    #[serde(default)]
+    pub read_source: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -119,6 +120,10 @@ pub struct Restored {
     /// It finished the tree built from the rounds (rather than making it anew).
     pub warm: bool,
     pub cold_because: Option<String>,
+    /// Runs of pages left in the source that were unmapped there by the time they
+    /// were read (the next round said what is there).
+    #[serde(default)]
+    pub gone_from_source: u64,
     /// Its restore's steps, (name, ms), as `mcr restore` reports them.
     pub steps: Vec<(String, f64)>,
 }

@@ -55,6 +55,32 @@ pub struct Inventory {
     /// What keeps tracking the tree's writes since this image was taken, for the next
     /// image to hold only the pages written since.
     pub tracker: Option<TrackerImage>,
+    /// A same-host migration's pre-copy round whose pages were not copied: they are
+    /// read where they are, in the source's memory (see `PagesInSource`).
+    pub pages_in_source: Option<PagesInSource>,
+}
+
+/// The processes whose memory holds an image's pages ([`PAGES_IN_SOURCE`] chunks).
+/// They run on while it is read: what it gets is at least as new as the round, and a
+/// write since is tracked for the next one, as when the round copies while they run.
+/// Such an image is good only while they live, on this boot, in this pid namespace.
+///
+/// [`PAGES_IN_SOURCE`]: crate::image::PAGES_IN_SOURCE
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PagesInSource {
+    /// /proc/sys/kernel/random/boot_id when the round was made.
+    pub boot_id: String,
+    pub procs: Vec<SourceProcess>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceProcess {
+    /// As the image names it.
+    pub pid: i32,
+    /// As the pid namespace of the mcr that made the image sees it.
+    pub host_pid: i32,
+    /// Field 22 of its /proc/PID/stat, in clock ticks since boot.
+    pub start: u64,
 }
 
 /// Where an image's parent is and which one it must be.

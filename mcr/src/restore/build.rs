@@ -331,7 +331,9 @@ pub fn rebuild(
         Ok(scratch)
     })?;
     let chain: Vec<&Image> = std::iter::once(image).chain(&image.parents).collect();
-    *pages = cx.timed("fill memory", |cx| fill(cx, p, &chain, Scope::default()))?;
+    *pages = cx.timed("fill memory", |cx| {
+        fill(cx, p, &chain, Scope::default()).map(|f| f.pages)
+    })?;
     finish(cx, p, image, fds, scratch, lazy)
 }
 

@@ -4,8 +4,9 @@
 use super::build::{find_gap, Ctx, Later, SCRATCH_PAGES};
 use super::files::FdNumbers;
 use super::shared::{Backing, Placement};
+use super::source::{Read, SourceMemory};
 use super::{RestoreError, Result, StepContext};
-use crate::image::Image;
+use crate::image::{Codec, Image};
 use crate::model::{ProcessImage, Vma, VmaKind};
 use kext_shim::mem::write_remote_ranges;
 use kext_shim::procfs::{self, MapEntry};
@@ -284,16 +285,35 @@ pub(super) struct Scope<'a> {
     pub newest: Option<&'a [(u64, u64)]>,
     /// Where the older images' pages go (None: wherever the chain says they hold).
     pub older: Option<&'a [(u64, u64)]>,
+    /// Pages left in a running source and unmapped there since are no error: they are
+    /// returned as [`Filled::gone`] (a pre-copy round's; the next one says what is
+    /// there now).
+    pub gone_ok: bool,
+}
+
+/// What [`fill`] wrote.
+#[derive(Debug, Default)]
+pub(super) struct Filled {
+    pub pages: u64,
+    /// Runs of pages it could not read, as they were unmapped in the source since
+    /// (see [`Scope::gone_ok`]).
+    pub gone: Vec<(u64, u64)>,
 }
 
 /// Copies the newest image's pages in, and those its parents (`chain[1..]`, parent
 /// first) hold for it: each parent's only where every image below it says the pages
 /// are the parent's, and where no newer image had the page, so every page is written
 /// once, from its newest copy.
-pub(super) fn fill(cx: &mut Ctx, p: &ProcessImage, chain: &[&Image], scope: Scope) -> Result<u64> {
+pub(super) fn fill(
+    cx: &mut Ctx,
+    p: &ProcessImage,
+    chain: &[&Image],
+    scope: Scope,
+) -> Result<Filled> {
     let Some((&image, parents)) = chain.split_first() else {
-        return Ok(0);
+        return Ok(Filled::default());
     };
+    let gone = scope.gone_ok.then(|| std::sync::Mutex::new(Vec::new()));
     let mut layers: Vec<Layer> = vec![(image, p.pid, scope.newest.map(<[_]>::to_vec))];
     let mut mm = &p.mm;
     let mut allowed: Option<Vec<(u64, u64)>> = None;
@@ -342,10 +362,16 @@ pub(super) fn fill(cx: &mut Ctx, p: &ProcessImage, chain: &[&Image], scope: Scop
             Some(a) => Some(subtract(&intersect(&mine, a), &covered)),
             None => None,
         };
-        pages += fill_layer(cx, p, img, *owner, here.as_deref())?;
+        pages += fill_layer(cx, p, img, *owner, here.as_deref(), gone.as_ref())?;
         covered = merge([covered, mine].concat());
     }
-    Ok(pages)
+    let gone = gone.map_or_else(Vec::new, |g| {
+        g.into_inner().unwrap_or_else(|e| e.into_inner())
+    });
+    Ok(Filled {
+        pages,
+        gone: merge(gone),
+    })
 }
 
 /// The pages of `v` that the newest image of a chain says are neither its own nor
@@ -423,13 +449,15 @@ pub(super) fn intersect(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
 /// Copies in the pages `owner` has in `image` (within `allowed`, when given):
 /// process_vm_writev where the mapping is writable, /proc/PID/mem (which ignores
 /// protections) where it is not, on every core: the cost is the first touch of the new
-/// pages, which scales with cores.
+/// pages, which scales with cores. Pages the image left in the source are read from
+/// there; those unmapped there since go to `gone`, if given.
 fn fill_layer(
     cx: &mut Ctx,
     p: &ProcessImage,
     image: &Image,
     owner: i32,
     allowed: Option<&[(u64, u64)]>,
+    gone: Option<&std::sync::Mutex<Vec<(u64, u64)>>>,
 ) -> Result<u64> {
     let pid = kext_shim::Pid::from_raw(cx.pid);
     let raw = cx.pid;
@@ -441,6 +469,7 @@ fn fill_layer(
         })
         .collect();
     let pages: u64 = chunks.iter().map(|c| c.n_pages as u64).sum();
+    let source = SourceMemory::of(image, owner)?;
     let mem = &cx.mem;
     let corrupt = |what: String| {
         RestoreError::Image(crate::image::ImageError::Corrupt {
@@ -452,12 +481,16 @@ fn fill_layer(
     crate::par::for_each(
         &chunks,
         crate::par::workers_for(pages * PAGE_SIZE),
-        Vec::new,
-        |buf, c| {
+        || (Vec::new(), Vec::new()),
+        |(buf, read), c| {
             let end = c.addr + c.len_bytes() as u64;
-            let data = c
-                .pages(buf)
-                .map_err(|e| corrupt(format!("chunk at {:#x}: {e}", c.addr)))?;
+            let data = match c.codec {
+                Codec::InSource => None,
+                _ => Some(
+                    c.pages(buf)
+                        .map_err(|e| corrupt(format!("chunk at {:#x}: {e}", c.addr)))?,
+                ),
+            };
             let whole = [(c.addr, end)];
             let pieces = match allowed {
                 None => whole.to_vec(),
@@ -474,7 +507,34 @@ fn fill_layer(
                                 p.pid
                             ))
                         })?;
-                let piece = &data[(s - c.addr) as usize..(e - c.addr) as usize];
+                let piece = match (data, &source) {
+                    (Some(d), _) => &d[(s - c.addr) as usize..(e - c.addr) as usize],
+                    (None, Some(src)) => {
+                        read.resize((e - s) as usize, 0);
+                        match (src.read(s, read)?, gone) {
+                            (Read::Whole, _) => &read[..],
+                            (Read::Gone, Some(g)) => {
+                                g.lock().unwrap_or_else(|e| e.into_inner()).push((s, e));
+                                continue;
+                            }
+                            (Read::Gone, None) => {
+                                return Err(RestoreError::Incompatible {
+                                    pid: p.pid,
+                                    what: format!(
+                                        "pages {s:#x}..{e:#x} of image {} are no longer mapped in the source",
+                                        image.dir.display()
+                                    ),
+                                })
+                            }
+                        }
+                    }
+                    (None, None) => {
+                        return Err(corrupt(format!(
+                            "chunk at {:#x} leaves its pages in a source the image does not name",
+                            c.addr
+                        )))
+                    }
+                };
                 if v.writable() {
                     write_remote_ranges(pid, &[(s, piece)])
                 } else {
@@ -485,6 +545,9 @@ fn fill_layer(
             Ok::<(), RestoreError>(())
         },
     )?;
+    if let Some(src) = &source {
+        src.confirm()?;
+    }
     Ok(pages)
 }
 

@@ -13,6 +13,7 @@ mod memory;
 mod root;
 mod shared;
 mod sockets;
+mod source;
 mod state;
 mod stub;
 mod threads;
@@ -93,6 +94,8 @@ pub struct Restored {
     pub warm_rounds: Option<u32>,
     /// A warm tree was offered and could not be used, for this reason.
     pub cold_because: Option<String>,
+    /// See [`WarmTree::gone_from_source`].
+    pub gone_from_source: u64,
     /// The connections' lock, open since before the resume, still to be removed (see
     /// [`Restored::settle`]).
     lock: Option<LockRelease>,
@@ -283,6 +286,7 @@ pub fn restore_with(
         }
     });
     let warm_rounds = warm.as_ref().map(|w| w.rounds);
+    let gone_from_source = warm.as_ref().map_or(0, |w| w.gone_from_source());
 
     let t = Instant::now();
     let mut pages = 0;
@@ -422,6 +426,7 @@ pub fn restore_with(
         steps,
         warm_rounds,
         cold_because,
+        gone_from_source,
         lock,
     })
 }

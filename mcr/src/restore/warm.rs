@@ -56,6 +56,8 @@ pub(super) struct WarmProc {
     /// Through its scratch page; out while a `Ctx` has it.
     inj: Option<Injector>,
     anon: Vec<Vma>,
+    /// Runs of pages a round left in the source that were unmapped there when read.
+    gone: u64,
     /// Where its vDSO parts went (they cannot move again).
     vdso: Vec<(VmaKind, u64)>,
 }
@@ -188,6 +190,7 @@ impl WarmTree {
                 scratch,
                 inj,
                 anon: Vec::new(),
+                gone: 0,
                 vdso: vdso_of(p),
             });
         }
@@ -264,6 +267,12 @@ impl WarmTree {
             }
         }
         Ok(())
+    }
+
+    /// Runs of pages a round left in the source that were unmapped there by the time
+    /// they were read, in all rounds (the next round said what is there).
+    pub fn gone_from_source(&self) -> u64 {
+        self.procs.iter().map(|p| p.gone).sum()
     }
 
     pub(super) fn into_parts(self) -> (Option<(Stub, Injector)>, Vec<WarmProc>, OwnedFd, u64) {
@@ -433,15 +442,29 @@ fn update(
     };
     cx.run(&mut later)?;
     fresh.sort_unstable();
-    let pages = fill(
+    let filled = fill(
         cx,
         p,
         chain,
         Scope {
             newest: newest.as_deref(),
             older: Some(&fresh),
+            // The last image's pages are those of a frozen source: all must be there.
+            gone_ok: rest.is_none(),
         },
     )?;
+    // What the pages there should be comes with the next round: a run unmapped in the
+    // source (or moved) since took its VMA's write tracking along (mremap drops the
+    // registration too), so whatever is at that place at the next round is new to the
+    // tracking and sent whole, or is no VMA and is unmapped here.
+    if !filled.gone.is_empty() {
+        tracing::debug!(
+            pid = p.pid,
+            runs = filled.gone.len(),
+            "pages unmapped in the source since their round"
+        );
+    }
+    w.gone += filled.gone.len() as u64;
     w.anon = want.into_iter().cloned().collect();
-    Ok(pages)
+    Ok(filled.pages)
 }
