@@ -6,6 +6,7 @@ use super::files::FdNumbers;
 use super::shared::{Backing, Placement};
 use super::source::{Read, SourceMemory};
 use super::{RestoreError, Result, StepContext};
+use crate::image::pages::CHUNK_PAGES;
 use crate::image::{Codec, Image};
 use crate::model::{ProcessImage, Vma, VmaKind};
 use kext_shim::mem::write_remote_ranges;
@@ -450,7 +451,7 @@ pub(super) fn intersect(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
 /// process_vm_writev where the mapping is writable, /proc/PID/mem (which ignores
 /// protections) where it is not, on every core: the cost is the first touch of the new
 /// pages, which scales with cores. Pages the image left in the source are read from
-/// there; those unmapped there since go to `gone`, if given.
+/// there, many runs a call; those unmapped there since go to `gone`, if given.
 fn fill_layer(
     cx: &mut Ctx,
     p: &ProcessImage,
@@ -461,14 +462,38 @@ fn fill_layer(
 ) -> Result<u64> {
     let pid = kext_shim::Pid::from_raw(cx.pid);
     let raw = cx.pid;
-    let chunks: Vec<_> = image
-        .chunks_of(owner)
-        .filter(|c| {
-            let end = c.addr + c.len_bytes() as u64;
-            allowed.is_none_or(|a| a.iter().any(|&(s, e)| s < end && c.addr < e))
-        })
-        .collect();
-    let pages: u64 = chunks.iter().map(|c| c.n_pages as u64).sum();
+    let pieces_of = |addr: u64, end: u64| match allowed {
+        None => vec![(addr, end)],
+        Some(a) => intersect(&[(addr, end)], a),
+    };
+    let mut pages = 0u64;
+    let mut work: Vec<Work> = Vec::new();
+    let mut batch: Vec<(u64, u64)> = Vec::new();
+    let mut batch_pages = 0;
+    for c in image.chunks_of(owner) {
+        let end = c.addr + c.len_bytes() as u64;
+        if !allowed.is_none_or(|a| a.iter().any(|&(s, e)| s < end && c.addr < e)) {
+            continue;
+        }
+        pages += c.n_pages as u64;
+        if c.codec != Codec::InSource {
+            work.push(Work::Stored(c));
+            continue;
+        }
+        // A later round's pages are often single ones all over: a few syscalls for
+        // a thousand of them, not two each.
+        for piece in pieces_of(c.addr, end) {
+            if batch.len() == kext_shim::mem::MAX_IOV || batch_pages >= CHUNK_PAGES {
+                work.push(Work::InSource(std::mem::take(&mut batch)));
+                batch_pages = 0;
+            }
+            batch_pages += ((piece.1 - piece.0) / PAGE_SIZE) as usize;
+            batch.push(piece);
+        }
+    }
+    if !batch.is_empty() {
+        work.push(Work::InSource(batch));
+    }
     let source = SourceMemory::of(image, owner)?;
     let mem = &cx.mem;
     let corrupt = |what: String| {
@@ -478,77 +503,104 @@ fn fill_layer(
             what,
         })
     };
+    // Thousands of runs a call, in processes of thousands of VMAs: looked up by halves.
+    let mut vmas: Vec<&Vma> = p.mm.vmas.iter().collect();
+    vmas.sort_unstable_by_key(|v| v.start);
+    let vma_of = |s: u64, e: u64| {
+        vmas.get(vmas.partition_point(|v| v.end <= s))
+            .filter(|v| v.start <= s && e <= v.end)
+            .ok_or_else(|| {
+                corrupt(format!(
+                    "pages {s:#x}..{e:#x} lie outside pid {}'s VMAs",
+                    p.pid
+                ))
+            })
+    };
+    let put = |ranges: &[(u64, &[u8])]| -> Result<()> {
+        let mut writable = Vec::with_capacity(ranges.len());
+        for &(s, piece) in ranges {
+            if vma_of(s, s + piece.len() as u64)?.writable() {
+                writable.push((s, piece));
+            } else {
+                mem.write(s, piece)
+                    .step(raw, || format!("writing pages at {s:#x}"))?;
+            }
+        }
+        write_remote_ranges(pid, &writable).step(raw, || {
+            format!(
+                "writing {} runs of pages from {:#x}",
+                writable.len(),
+                writable.first().map_or(0, |w| w.0)
+            )
+        })
+    };
     crate::par::for_each(
-        &chunks,
+        &work,
         crate::par::workers_for(pages * PAGE_SIZE),
         || (Vec::new(), Vec::new()),
-        |(buf, read), c| {
-            let end = c.addr + c.len_bytes() as u64;
-            let data = match c.codec {
-                Codec::InSource => None,
-                _ => Some(
-                    c.pages(buf)
-                        .map_err(|e| corrupt(format!("chunk at {:#x}: {e}", c.addr)))?,
-                ),
-            };
-            let whole = [(c.addr, end)];
-            let pieces = match allowed {
-                None => whole.to_vec(),
-                Some(a) => intersect(&whole, a),
-            };
-            for (s, e) in pieces {
-                let v =
-                    p.mm.vmas
-                        .iter()
-                        .find(|v| v.start <= s && e <= v.end)
-                        .ok_or_else(|| {
-                            corrupt(format!(
-                                "pages {s:#x}..{e:#x} lie outside pid {}'s VMAs",
-                                p.pid
-                            ))
-                        })?;
-                let piece = match (data, &source) {
-                    (Some(d), _) => &d[(s - c.addr) as usize..(e - c.addr) as usize],
-                    (None, Some(src)) => {
-                        read.resize((e - s) as usize, 0);
-                        match (src.read(s, read)?, gone) {
-                            (Read::Whole, _) => &read[..],
-                            (Read::Gone, Some(g)) => {
-                                g.lock().unwrap_or_else(|e| e.into_inner()).push((s, e));
-                                continue;
-                            }
-                            (Read::Gone, None) => {
-                                return Err(RestoreError::Incompatible {
-                                    pid: p.pid,
-                                    what: format!(
-                                        "pages {s:#x}..{e:#x} of image {} are no longer mapped in the source",
-                                        image.dir.display()
-                                    ),
-                                })
-                            }
-                        }
-                    }
-                    (None, None) => {
-                        return Err(corrupt(format!(
-                            "chunk at {:#x} leaves its pages in a source the image does not name",
-                            c.addr
-                        )))
-                    }
-                };
-                if v.writable() {
-                    write_remote_ranges(pid, &[(s, piece)])
-                } else {
-                    mem.write(s, piece)
+        |(buf, read), w| {
+            let pieces = match w {
+                Work::Stored(c) => {
+                    let data = c
+                        .pages(buf)
+                        .map_err(|e| corrupt(format!("chunk at {:#x}: {e}", c.addr)))?;
+                    let end = c.addr + c.len_bytes() as u64;
+                    let ranges: Vec<(u64, &[u8])> = pieces_of(c.addr, end)
+                        .into_iter()
+                        .map(|(s, e)| (s, &data[(s - c.addr) as usize..(e - c.addr) as usize]))
+                        .collect();
+                    return put(&ranges);
                 }
-                .step(raw, || format!("writing pages at {s:#x}"))?;
+                Work::InSource(pieces) => pieces,
+            };
+            let Some(src) = &source else {
+                return Err(corrupt(format!(
+                    "pages at {:#x} are left in a source the image does not name",
+                    pieces[0].0
+                )));
+            };
+            let lens: Vec<(u64, usize)> =
+                pieces.iter().map(|&(s, e)| (s, (e - s) as usize)).collect();
+            read.resize(lens.iter().map(|l| l.1).sum(), 0);
+            let whole = src.read_many(&lens, read)?;
+            let mut ranges: Vec<(u64, &[u8])> = Vec::with_capacity(pieces.len());
+            let mut rest = &mut read[..];
+            for &(s, len) in &lens {
+                let (piece, tail) = rest.split_at_mut(len);
+                rest = tail;
+                // One run of them could not be read: each is read alone.
+                if !whole && src.read(s, piece)? == Read::Gone {
+                    let Some(g) = gone else {
+                        return Err(RestoreError::Incompatible {
+                            pid: p.pid,
+                            what: format!(
+                                "pages {s:#x}..{:#x} of image {} are no longer mapped in the source",
+                                s + len as u64,
+                                image.dir.display()
+                            ),
+                        });
+                    };
+                    g.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((s, s + len as u64));
+                    continue;
+                }
+                ranges.push((s, piece));
             }
-            Ok::<(), RestoreError>(())
+            put(&ranges)
         },
     )?;
     if let Some(src) = &source {
         src.confirm()?;
     }
     Ok(pages)
+}
+
+/// What one worker of [`fill_layer`] does at a time.
+enum Work<'a> {
+    Stored(crate::image::PageChunk<'a>),
+    /// Runs of pages to read from the source.
+    InSource(Vec<(u64, u64)>),
 }
 
 /// PR_SET_MM_MAP: code/data/brk/stack/arg/env bounds, auxv and the exe link at once.

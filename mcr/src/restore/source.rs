@@ -10,7 +10,7 @@
 use super::{RestoreError, Result, StepContext};
 use crate::image::Image;
 use crate::model::SourceProcess;
-use kext_shim::mem::{read_remote, ProcMem};
+use kext_shim::mem::{read_remote, read_remote_ranges, ProcMem};
 use kext_shim::{procfs, Errno, Pid};
 use std::os::fd::OwnedFd;
 
@@ -97,6 +97,16 @@ impl SourceMemory {
             Ok(()) => Ok(Read::Whole),
             Err(_) if !kext_shim::pidfd::exited(&self.pidfd) => Ok(Read::Gone),
             Err(e) => Err(e).step(raw, || format!("reading its pages at {addr:#x}")),
+        }
+    }
+
+    /// Reads each (address, length) run into `buf`, one after the other, in a few
+    /// calls; false if one of them could not be read (see [`Self::read`] for which).
+    pub fn read_many(&self, runs: &[(u64, usize)], buf: &mut [u8]) -> Result<bool> {
+        match read_remote_ranges(self.pid, runs, buf) {
+            Ok(()) => Ok(true),
+            Err(e) if e.errno() == Some(Errno::ESRCH) => Err(self.ended()),
+            Err(_) => Ok(false),
         }
     }
 
