@@ -51,6 +51,7 @@ fn checkpoint(c: &mut Criterion) {
                             lazy: false,
                             hot: Vec::new(),
                             dry_run: false,
+                            pages_in_source: false,
                         };
                         let t = Instant::now();
                         mcr::dump::checkpoint(&opts).expect("checkpoint");
@@ -85,6 +86,7 @@ fn restore(c: &mut Criterion) {
             lazy: false,
             hot: Vec::new(),
             dry_run: false,
+            pages_in_source: false,
         })
         .expect("checkpoint");
         let _ = w.child.wait();

@@ -53,6 +53,7 @@ fn tree(c: &mut Criterion, procs: usize, threads: usize, mib: usize) {
             lazy: false,
             hot: Vec::new(),
             dry_run: false,
+            pages_in_source: false,
         })
         .expect("checkpoint");
         (img, r)

@@ -268,7 +268,7 @@ fn demo(mib: usize, dirty_mib_s: f64) -> Result<bool, Box<dyn std::error::Error>
         tcp_established: false,
         at_ready: None,
         post_copy: false,
-        copy_rounds: false,
+        copy_pages: false,
     })?;
     child.wait()?;
     for (i, x) in r.rounds.iter().enumerate() {

@@ -181,10 +181,11 @@ enum Cmd {
         /// page is in place.
         #[arg(long)]
         post_copy: bool,
-        /// Copy each pre-copy round's pages into staging, as for another host, even
-        /// when the destination here can read them from the workload itself; to compare.
+        /// Copy the pages into staging (each round's and the last image's), as for
+        /// another host, even when the destination here can read them from the
+        /// workload itself; to compare.
         #[arg(long)]
-        copy_rounds: bool,
+        copy_pages: bool,
         #[arg(long)]
         json: bool,
     },
@@ -395,6 +396,7 @@ fn main() -> ExitCode {
                 lazy: false,
                 hot: Vec::new(),
                 dry_run,
+                pages_in_source: false,
             };
             if dry_run {
                 return match mcr::dump::dry_run(&opts) {
@@ -531,7 +533,7 @@ fn main() -> ExitCode {
             at_ready,
             at_ready_fd,
             post_copy,
-            copy_rounds,
+            copy_pages,
             json,
         } => {
             let to = match two_way(&to) {
@@ -557,7 +559,7 @@ fn main() -> ExitCode {
                 tcp_established,
                 at_ready,
                 post_copy,
-                copy_rounds,
+                copy_pages,
             };
             match mcr::migrate::migrate(&opts) {
                 Ok(r) => {

@@ -250,7 +250,7 @@ fn a_corrupted_frame_is_caught_and_the_original_runs_on() {
     );
     let relay = corrupting_relay(&front, &back, 1 << 20);
     // Pages in the stream, not left in the workload for the destination to read.
-    let out = migrate(p.pid, &format!("unix:{}", s(&front)), &["--copy-rounds"]);
+    let out = migrate(p.pid, &format!("unix:{}", s(&front)), &["--copy-pages"]);
     assert!(!out.status.success(), "a corrupted migration succeeded");
     assert_eq!(recv.wait(), 9);
     let err = recv.stderr.expect_prefix("mcr: error");

@@ -12,7 +12,7 @@
 //! ```
 //!
 //! Modes: stop-and-copy, pre-copy, post-copy, post-copy-only; `MODE-staged` is MODE
-//! with the rounds' pages copied into staging as for another host (`--copy-rounds`).
+//! with the pages copied into staging as for another host (`--copy-pages`).
 
 use clap::Parser;
 use mcr::migrate::local::{line_starting, reported_pause_ms, LocalDestination};
@@ -66,11 +66,11 @@ fn one(mcr: &std::path::Path, size: usize, rate: f64, mode: &str) -> Result<Run,
     let mut cmd = Command::new(mcr);
     cmd.args(["migrate", "-t", &pid.to_string(), "--to", &dest.addr])
         .args(["--shell-job", "--json"]);
-    // The rounds' pages copied into staging, as for another host, instead of read by
-    // the destination from the workload: for comparison.
+    // The pages copied into staging, as for another host, instead of read by the
+    // destination from the workload: for comparison.
     let mode = match mode.strip_suffix("-staged") {
         Some(m) => {
-            cmd.arg("--copy-rounds");
+            cmd.arg("--copy-pages");
             m
         }
         None => mode,

@@ -72,6 +72,10 @@ pub struct CheckpointOptions {
     /// Look at everything a checkpoint would take and refuse what it would refuse,
     /// then resume: no page is copied, no image written, no connection stopped.
     pub dry_run: bool,
+    /// Copy no page of the processes' own memory: the image lists them, for a
+    /// migration's destination on this host to read from the tree while whoever holds
+    /// it keeps it frozen (see `PagesInSource`). Shared memory is stored as ever.
+    pub pages_in_source: bool,
 }
 
 /// What a dry run found: the tree a checkpoint would take.
@@ -275,6 +279,7 @@ pub fn checkpoint_held(opts: &CheckpointOptions) -> Result<HeldCheckpoint> {
         let t = Instant::now();
         let mut inherits = false;
         let mut lazy = Vec::new();
+        let mut in_source = Vec::new();
         for p in processes.iter_mut() {
             let host = Pid::from_raw(p.pid);
             let owner = view.as_ref().map_or(p.pid, |v| v.pid(p.pid));
@@ -301,7 +306,22 @@ pub fn checkpoint_held(opts: &CheckpointOptions) -> Result<HeldCheckpoint> {
                     ),
                 });
             }
-            mm::copy_pages(host, owner, &plan, &writer, None)?;
+            if opts.pages_in_source {
+                for (addr, pages) in plan.chunks() {
+                    writer
+                        .write_in_source(owner, addr, pages)
+                        .map_err(|source| DumpError::Image { pid: raw, source })?;
+                }
+                in_source.push(crate::model::SourceProcess {
+                    pid: owner,
+                    host_pid: p.pid,
+                    start: kext_shim::procfs::Stat::read(host)
+                        .step(host, || "reading stat".into())?
+                        .field(22),
+                });
+            } else {
+                mm::copy_pages(host, owner, &plan, &writer, None)?;
+            }
             if !plan.inherited.is_empty() {
                 inherits = true;
                 p.mm.parent = Some(crate::model::ParentPages {
@@ -330,6 +350,15 @@ pub fn checkpoint_held(opts: &CheckpointOptions) -> Result<HeldCheckpoint> {
         if let Some(prev) = prev.as_ref().filter(|_| inherits) {
             inventory.parent = Some(prev.parent_ref());
             inventory.features.push(crate::image::PARENT_IMAGES.into());
+        }
+        if opts.pages_in_source {
+            inventory.pages_in_source = Some(crate::model::PagesInSource {
+                boot_id: kext_shim::procfs::boot_id(),
+                procs: in_source,
+            });
+            inventory
+                .features
+                .push(crate::image::PAGES_IN_SOURCE.into());
         }
         let snapshot = Snapshot {
             inventory,

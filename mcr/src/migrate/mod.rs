@@ -48,10 +48,10 @@ pub struct MigrateOptions {
     /// Resume at the destination before the last pages are there: they are left
     /// missing and handed out on first touch, and pushed meanwhile.
     pub post_copy: bool,
-    /// Copy the pre-copy rounds' pages into staging even when the destination could
-    /// read them from the workload itself (on this host): to compare, or to keep each
-    /// round a whole image.
-    pub copy_rounds: bool,
+    /// Copy the pages into staging (the rounds' and the last image's) even when the
+    /// destination could read them from the workload itself (on this host): to
+    /// compare, or to keep each image whole.
+    pub copy_pages: bool,
 }
 
 /// Who is told, inside the blackout, that the destination is ready.
@@ -301,7 +301,7 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
     let link = welcome.link;
     // On one host the rounds leave their pages where they are, for the destination to
     // read once from the workload: no staging copy, no staging memory.
-    let in_source = welcome.read_source && !opts.copy_rounds;
+    let in_source = welcome.read_source && !opts.copy_pages;
     let send = |w: &mut wire::Writer, dir: &Path, name: &str, last: bool| {
         wire::send_image(w, dir, name, last, link).map_err(|what| MigrateError::Protocol {
             pid,
@@ -425,6 +425,9 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         lazy: opts.post_copy,
         hot,
         dry_run: false,
+        // Read by the destination from the frozen original, which stays frozen until
+        // the destination has it all.
+        pages_in_source: in_source,
     })?;
     let freeze_and_dump = t_black.elapsed();
     let t = Instant::now();
