@@ -152,6 +152,8 @@ fn verified_workload(mib: usize, dirty_mib_s: Option<f64>) -> ExitCode {
     let stdin = std::io::stdin();
     let (mut x, mut iterations) = (0x2545_f491_4f6c_dd1du64, 0u64);
     let (mut gap_rt, mut gap_mono) = (Duration::ZERO, Duration::ZERO);
+    // When the longest of them ended, on the wall clock: to set beside a migration's.
+    let mut gap_ended = SystemTime::UNIX_EPOCH;
     let (mut last_rt, mut last_mono) = (SystemTime::now(), Instant::now());
     // Pages a second, and where the paced writes stand.
     let rate = dirty_mib_s.map(|r| r * 256.0);
@@ -183,6 +185,13 @@ fn verified_workload(mib: usize, dirty_mib_s: Option<f64>) -> ExitCode {
             iterations += 1;
         }
         let (rt, mono) = (SystemTime::now(), Instant::now());
+        let gap = rt
+            .duration_since(last_rt)
+            .unwrap_or_default()
+            .max(mono - last_mono);
+        if gap > gap_rt.max(gap_mono) {
+            gap_ended = rt;
+        }
         gap_rt = gap_rt.max(rt.duration_since(last_rt).unwrap_or_default());
         gap_mono = gap_mono.max(mono - last_mono);
         (last_rt, last_mono) = (rt, mono);
@@ -199,10 +208,13 @@ fn verified_workload(mib: usize, dirty_mib_s: Option<f64>) -> ExitCode {
     let verdict = if bad == 0 { "PASS" } else { "FAIL" };
     let _ = writeln!(
         out,
-        "{verdict} {pages} pages verified ({bad} wrong), {iterations} page writes, longest pause {:.2} ms (realtime {:.2} ms, monotonic {:.2} ms)",
+        "{verdict} {pages} pages verified ({bad} wrong), {iterations} page writes, longest pause {:.2} ms (realtime {:.2} ms, monotonic {:.2} ms), ended at {} ms since the epoch",
         gap_rt.max(gap_mono).as_secs_f64() * 1e3,
         gap_rt.as_secs_f64() * 1e3,
-        gap_mono.as_secs_f64() * 1e3
+        gap_mono.as_secs_f64() * 1e3,
+        gap_ended
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
     );
     let _ = out.flush();
     if bad == 0 {

@@ -687,6 +687,9 @@ fn print_migration(r: &mcr::migrate::MigrateReport, json: bool) {
             "final_bytes": r.final_bytes,
             "final_steps": r.final_steps.iter().map(|(k, d)| ((*k).to_string(), serde_json::json!(ms(*d)))).collect::<serde_json::Map<_, _>>(),
             "blackout_ms": ms(r.blackout),
+            "blackout_began_ms": r.blackout_began
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
             "linked": r.linked,
             "destination_steps": r.destination_steps,
             "warm": r.warm,

@@ -15,7 +15,9 @@
 //! with the pages copied into staging as for another host (`--copy-pages`).
 
 use clap::Parser;
-use mcr::migrate::local::{line_starting, reported_pause_ms, LocalDestination};
+use mcr::migrate::local::{
+    line_starting, reported_pause_end_ms, reported_pause_ms, LocalDestination,
+};
 use std::io::BufReader;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -45,6 +47,11 @@ struct Run {
     mode: String,
     /// What the workload saw.
     pause_ms: f64,
+    /// Whether that pause overlapped mcr's blackout (from the freeze to the
+    /// destination's word), or fell elsewhere in the migration.
+    in_blackout: Option<bool>,
+    /// When it ended, in ms after the blackout began (negative: before).
+    ended_after_ms: Option<f64>,
     /// What the source measured, and its report.
     report: serde_json::Value,
 }
@@ -108,11 +115,23 @@ fn one(mcr: &std::path::Path, size: usize, rate: f64, mode: &str) -> Result<Run,
         return Err(format!("the workload says: {verdict} (exit {code:?})"));
     }
     let pause_ms = reported_pause_ms(&verdict).ok_or(format!("no pause in {verdict:?}"))?;
+    let ended_after_ms = reported_pause_end_ms(&verdict)
+        .zip(report["blackout_began_ms"].as_f64())
+        .map(|(end, began)| end as f64 - began);
+    let in_blackout = reported_pause_end_ms(&verdict).and_then(|end| {
+        let began = report["blackout_began_ms"].as_f64()?;
+        let blackout = report["blackout_ms"].as_f64()?;
+        let end = end as f64;
+        // Both on this host's wall clock, to the millisecond.
+        Some(end - pause_ms <= began + blackout + 1.0 && end + 1.0 >= began)
+    });
     Ok(Run {
         size,
         rate,
         mode: mode.into(),
         pause_ms,
+        in_blackout,
+        ended_after_ms,
         report,
     })
 }
@@ -267,15 +286,24 @@ fn main() -> std::process::ExitCode {
                     .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
                         (a.min(x), b.max(x))
                     });
+                let blackout = median(
+                    these
+                        .iter()
+                        .filter_map(|r| r.report["blackout_ms"].as_f64())
+                        .collect(),
+                );
+                let inside = these.iter().filter(|r| r.in_blackout == Some(true)).count();
                 println!(
-                    "{mode:>13} {size:>5} MiB {rate:>6} MiB/s: pause {pause:8.1} ms ({lo:.1}-{hi:.1}); source's parts: dump {dump:.1}, transfer {transfer:.1}, restore {restore:.1}; total {total:.0} ms"
+                    "{mode:>13} {size:>5} MiB {rate:>6} MiB/s: pause {pause:8.1} ms ({lo:.1}-{hi:.1}), in the blackout in {inside} of {}; the source's blackout {blackout:.1} ms (dump {dump:.1}, transfer {transfer:.1}, restore {restore:.1}); total {total:.0} ms",
+                    these.len()
                 );
                 rows.push(serde_json::json!({
                     "mode": mode, "size_mib": size, "rate_mib_s": rate, "runs": these.len(),
                     "median_pause_ms": pause, "min_pause_ms": lo, "max_pause_ms": hi,
                     "median_total_ms": total,
                     "median_freeze_and_dump_ms": dump, "median_transfer_ms": transfer,
-                    "median_restore_ms": restore,
+                    "median_restore_ms": restore, "median_blackout_ms": blackout,
+                    "pauses_in_blackout": inside,
                 }));
                 pts.push((size, pause));
                 runs.extend(these);
@@ -291,7 +319,9 @@ fn main() -> std::process::ExitCode {
         .map(|r| {
             serde_json::json!({
                 "mode": r.mode, "size_mib": r.size, "rate_mib_s": r.rate,
-                "pause_ms": r.pause_ms, "report": r.report,
+                "pause_ms": r.pause_ms, "pause_in_blackout": r.in_blackout,
+                "pause_ended_after_blackout_began_ms": r.ended_after_ms,
+                "report": r.report,
             })
         })
         .collect();

@@ -123,6 +123,17 @@ impl MovedWorkload {
     }
 }
 
+/// When the longest pause a demo workload reported ended, in ms since the epoch.
+pub fn reported_pause_end_ms(verdict: &str) -> Option<u64> {
+    verdict
+        .split("ended at ")
+        .nth(1)?
+        .split(" ms")
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// The longest pause a demo workload reported in its verdict, in ms.
 pub fn reported_pause_ms(verdict: &str) -> Option<f64> {
     verdict
@@ -132,4 +143,20 @@ pub fn reported_pause_ms(verdict: &str) -> Option<f64> {
         .next()?
         .parse()
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_verdict_says_how_long_its_longest_pause_was_and_when_it_ended() {
+        let v = "PASS 256 pages verified (0 wrong), 10 page writes, longest pause 4.25 ms (realtime 4.25 ms, monotonic 4.10 ms), ended at 1796176681546 ms since the epoch";
+        assert_eq!(reported_pause_ms(v), Some(4.25));
+        assert_eq!(reported_pause_end_ms(v), Some(1_796_176_681_546));
+        assert_eq!(
+            reported_pause_end_ms("PASS ... longest pause 4.25 ms"),
+            None
+        );
+    }
 }

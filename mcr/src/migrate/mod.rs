@@ -169,6 +169,8 @@ pub struct MigrateReport {
     /// From the freeze to the destination's word that the workload runs there, as the
     /// source measured it (the original's end comes after).
     pub blackout: Duration,
+    /// When it began, on the wall clock.
+    pub blackout_began: std::time::SystemTime,
     pub total: Duration,
     /// With post-copy: what was left out of the last image and how it went.
     pub post_copy: Option<PostCopyReport>,
@@ -410,6 +412,7 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
     crate::fault::wait(crate::fault::MIGRATE_WAIT_BEFORE_FREEZE);
     // The blackout.
     let t_black = Instant::now();
+    let blackout_began = std::time::SystemTime::now();
     let dir = staging.path().join("final");
     let mut held = checkpoint_held(&CheckpointOptions {
         pid,
@@ -544,6 +547,7 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         restore,
         commit,
         blackout,
+        blackout_began,
         linked: link,
         destination_steps: restored.steps,
         warm: restored.warm,
