@@ -275,8 +275,11 @@ pub fn run(plan: &Plan, command: &str, quiet: bool) -> Result<Record, UpdateErro
     }
     if let Some(e) = &pv.estimates {
         cx.phase(&format!(
-            "  estimated: {} pre-copy round(s), blackout {:.1} ms, total {:.2} s",
-            e.rounds, e.blackout_ms, e.total_s
+            "  estimated: {} pre-copy round(s), blackout {:.1} ms ({}), total {:.2} s",
+            e.rounds,
+            e.blackout_ms,
+            e.parts_text(),
+            e.total_s
         ));
     }
     let mut undo = Undo::default();

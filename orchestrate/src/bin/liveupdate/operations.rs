@@ -222,7 +222,11 @@ pub fn preview(c: Common, fixdir: PathBuf, fix: String) -> ExitCode {
             e.rounds,
             mib(e.last_round_bytes)
         );
-        println!("  blackout               {:.1} ms", e.blackout_ms);
+        println!(
+            "  blackout               {:.1} ms ({})",
+            e.blackout_ms,
+            e.parts_text()
+        );
         println!("  total time             {:.2} s", e.total_s);
         println!(
             "  disk needed            {:.1} MiB (at most; less by reflink)",
