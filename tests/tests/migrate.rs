@@ -545,8 +545,8 @@ fn the_tree_built_from_the_rounds_follows_its_memory_changing_shape() {
 fn pages_a_round_left_in_the_workload_and_unmapped_before_they_were_read_come_again() {
     // On one host a round's pages stay in the workload until the destination reads
     // them. Here it reshapes its memory (regions unmapped, moved, remapped) after the
-    // first round and before the destination reads it: what is gone must be made again
-    // from the next round, and the tree stays warm.
+    // first round and before the destination reads it: what is gone there is left to
+    // the next round, the tree stays warm, and the workload's own check passes.
     let tmp = tempfile::tempdir().expect("tempdir");
     let to = format!("unix:{}", s(&tmp.path().join("mig.sock")));
     let mut g = Guard::new();
