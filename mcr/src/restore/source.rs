@@ -7,7 +7,7 @@
 //! next round says what is there now (see `warm::update`). Anything else (another
 //! process at the pid, a dead source, another boot) is an error.
 
-use super::{RestoreError, Result, StepContext};
+use super::{RestoreError, Result};
 use crate::image::Image;
 use crate::model::SourceProcess;
 use kext_shim::mem::{read_remote, read_remote_ranges, ProcMem};
@@ -19,8 +19,8 @@ pub struct SourceMemory {
     pid: Pid,
     /// Held so that its end shows, whatever the pid becomes afterwards.
     pidfd: OwnedFd,
-    /// For pages process_vm_readv may not read (protected since).
-    mem: std::sync::OnceLock<Option<ProcMem>>,
+    /// For pages process_vm_readv may not read (protected since), opened at the first.
+    mem: std::sync::OnceLock<std::result::Result<ProcMem, String>>,
     image: String,
 }
 
@@ -89,14 +89,26 @@ impl SourceMemory {
         }
         // Unreadable to process_vm_readv: protected since, or unmapped. /proc/PID/mem
         // reads through protections.
-        let mem = self.mem.get_or_init(|| ProcMem::open(self.pid).ok());
-        let Some(mem) = mem else {
-            return Err(self.ended());
+        let mem = match self
+            .mem
+            .get_or_init(|| ProcMem::open(self.pid).map_err(|e| e.to_string()))
+        {
+            Ok(m) => m,
+            Err(_) if kext_shim::pidfd::exited(&self.pidfd) => return Err(self.ended()),
+            Err(why) => {
+                return Err(RestoreError::Incompatible {
+                    pid: raw,
+                    what: format!(
+                        "reading its pages at {addr:#x} (image {}): {why}",
+                        self.image
+                    ),
+                })
+            }
         };
         match mem.read(addr, buf) {
             Ok(()) => Ok(Read::Whole),
             Err(_) if !kext_shim::pidfd::exited(&self.pidfd) => Ok(Read::Gone),
-            Err(e) => Err(e).step(raw, || format!("reading its pages at {addr:#x}")),
+            Err(_) => Err(self.ended()),
         }
     }
 
