@@ -52,6 +52,10 @@ struct Run {
     in_blackout: Option<bool>,
     /// When it ended, in ms after the blackout began (negative: before).
     ended_after_ms: Option<f64>,
+    /// The most time any one vCPU of this VM was ready but not run by the host during
+    /// the migration (/proc/stat steal, 10 ms ticks): a pause outside the blackout
+    /// with as much steal is the host's.
+    steal_ms: Option<f64>,
     /// What the source measured, and its report.
     report: serde_json::Value,
 }
@@ -70,6 +74,7 @@ fn one(mcr: &std::path::Path, size: usize, rate: f64, mode: &str) -> Result<Run,
     let mut out = BufReader::new(w.stdout.take().ok_or("no stdout")?);
     line_starting(&mut out, "READY").map_err(e("waiting for the workload"))?;
     let dest = LocalDestination::start(mcr).map_err(e("starting mcr receive"))?;
+    let steal_before = steal_ms();
     let mut cmd = Command::new(mcr);
     cmd.args(["migrate", "-t", &pid.to_string(), "--to", &dest.addr])
         .args(["--shell-job", "--json"]);
@@ -97,6 +102,9 @@ fn one(mcr: &std::path::Path, size: usize, rate: f64, mode: &str) -> Result<Run,
         _ => {}
     }
     let m = cmd.output().map_err(e("running mcr migrate"))?;
+    let steal = steal_ms()
+        .zip(steal_before)
+        .map(|(a, b)| a.iter().zip(&b).map(|(a, b)| a - b).fold(0.0, f64::max));
     if !m.status.success() {
         dest.abandon();
         let _ = w.kill();
@@ -132,8 +140,22 @@ fn one(mcr: &std::path::Path, size: usize, rate: f64, mode: &str) -> Result<Run,
         pause_ms,
         in_blackout,
         ended_after_ms,
+        steal_ms: steal,
         report,
     })
+}
+
+/// Each CPU's steal time so far, in ms (/proc/stat `cpuN` lines, eighth field).
+fn steal_ms() -> Option<Vec<f64>> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let tick_ms = 1e3 / nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()?? as f64;
+    Some(
+        stat.lines()
+            .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
+            .filter_map(|l| l.split_whitespace().nth(8)?.parse::<f64>().ok())
+            .map(|t| t * tick_ms)
+            .collect(),
+    )
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -293,8 +315,9 @@ fn main() -> std::process::ExitCode {
                         .collect(),
                 );
                 let inside = these.iter().filter(|r| r.in_blackout == Some(true)).count();
+                let steal = these.iter().filter_map(|r| r.steal_ms).fold(0.0, f64::max);
                 println!(
-                    "{mode:>13} {size:>5} MiB {rate:>6} MiB/s: pause {pause:8.1} ms ({lo:.1}-{hi:.1}), in the blackout in {inside} of {}; the source's blackout {blackout:.1} ms (dump {dump:.1}, transfer {transfer:.1}, restore {restore:.1}); total {total:.0} ms",
+                    "{mode:>13} {size:>5} MiB {rate:>6} MiB/s: pause {pause:8.1} ms ({lo:.1}-{hi:.1}), in the blackout in {inside} of {}; the source's blackout {blackout:.1} ms (dump {dump:.1}, transfer {transfer:.1}, restore {restore:.1}); total {total:.0} ms; host steal up to {steal:.0} ms",
                     these.len()
                 );
                 rows.push(serde_json::json!({
@@ -303,7 +326,7 @@ fn main() -> std::process::ExitCode {
                     "median_total_ms": total,
                     "median_freeze_and_dump_ms": dump, "median_transfer_ms": transfer,
                     "median_restore_ms": restore, "median_blackout_ms": blackout,
-                    "pauses_in_blackout": inside,
+                    "pauses_in_blackout": inside, "max_steal_ms": steal,
                 }));
                 pts.push((size, pause));
                 runs.extend(these);
@@ -321,6 +344,7 @@ fn main() -> std::process::ExitCode {
                 "mode": r.mode, "size_mib": r.size, "rate_mib_s": r.rate,
                 "pause_ms": r.pause_ms, "pause_in_blackout": r.in_blackout,
                 "pause_ended_after_blackout_began_ms": r.ended_after_ms,
+                "steal_ms": r.steal_ms,
                 "report": r.report,
             })
         })
