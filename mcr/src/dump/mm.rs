@@ -355,6 +355,19 @@ impl PagePlan {
 /// (None) fail.
 pub type OnFault<'a> = Option<&'a (dyn Fn(&Job) -> Result<()> + Sync)>;
 
+/// Lists the planned pages in the image without copying them: they stay in `pid`'s
+/// memory, for a destination on this host to read (see `PagesInSource`).
+pub fn list_pages(pid: Pid, owner: i32, plan: &PagePlan, w: &ImageWriter) -> Result<()> {
+    for (addr, pages) in plan.chunks() {
+        w.write_in_source(owner, addr, pages)
+            .map_err(|source| DumpError::Image {
+                pid: pid.as_raw(),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
 /// Copies the planned pages into the image, reading and writing on every core.
 /// `owner` names the process in the image (its pid as the tree sees it).
 pub fn copy_pages(

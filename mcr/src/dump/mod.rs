@@ -307,11 +307,7 @@ pub fn checkpoint_held(opts: &CheckpointOptions) -> Result<HeldCheckpoint> {
                 });
             }
             if opts.pages_in_source {
-                for (addr, pages) in plan.chunks() {
-                    writer
-                        .write_in_source(owner, addr, pages)
-                        .map_err(|source| DumpError::Image { pid: raw, source })?;
-                }
+                mm::list_pages(host, owner, &plan, &writer)?;
                 in_source.push(crate::model::SourceProcess {
                     pid: owner,
                     host_pid: p.pid,

@@ -237,11 +237,7 @@ fn run(
                 .step(p.pid, || "giving up tracking a run that went away".into())
         };
         if opts.pages_in_source {
-            for (addr, pages) in p.plan.chunks() {
-                writer
-                    .write_in_source(owner(p.pid), addr, pages)
-                    .map_err(|source| DumpError::Image { pid: raw, source })?;
-            }
+            mm::list_pages(p.pid, owner(p.pid), &p.plan, &writer)?;
         } else {
             mm::copy_pages(p.pid, owner(p.pid), &p.plan, &writer, Some(&skip))?;
         }
