@@ -12,6 +12,7 @@ pub mod migrate;
 pub mod model;
 pub mod netlock;
 mod par;
+pub mod ranges;
 pub mod restore;
 pub mod show;
 

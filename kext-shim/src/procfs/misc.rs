@@ -248,9 +248,14 @@ pub fn list_fds(pid: Pid) -> Result<Vec<i32>> {
 /// This boot's id (/proc/sys/kernel/random/boot_id), empty if unreadable: a pid or a
 /// start time means something only on the boot that gave it.
 pub fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    // Fixed until the next boot, and asked in every blackout: read once.
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    })
+    .clone()
 }
 
 /// The target of a /proc symlink (`exe`, `cwd`, `root`, `fd/N`).

@@ -17,6 +17,9 @@ pub struct Image {
     pages: Mmap,
     /// (payload offset, payload length) of each page chunk, in file order.
     chunks: Vec<(usize, usize)>,
+    /// Where each process's chunks lie, sorted and merged: asked for every layer of a
+    /// chain in the blackout, found once.
+    runs: Vec<(i32, Vec<(u64, u64)>)>,
     /// The images this one builds on, its parent first, once [`load_parents`]
     /// (Self::load_parents) ran.
     pub parents: Vec<Image>,
@@ -43,6 +46,7 @@ impl Image {
             source: std::io::Error::other(e.to_string()),
         })?;
         let mut chunks = Vec::new();
+        let mut runs: Vec<(i32, Vec<(u64, u64)>)> = Vec::new();
         for f in check_file(
             &p,
             &pages,
@@ -99,12 +103,20 @@ impl Image {
                 ));
             }
             chunks.push((f.offset as usize, f.payload.len()));
+            match runs.iter_mut().find(|r| r.0 == c.pid) {
+                Some(r) => r.1.push((c.addr, end)),
+                None => runs.push((c.pid, vec![(c.addr, end)])),
+            }
+        }
+        for r in &mut runs {
+            r.1 = crate::ranges::merge(std::mem::take(&mut r.1));
         }
         Ok(Self {
             dir: dir.to_path_buf(),
             snapshot,
             pages,
             chunks,
+            runs,
             parents: Vec::new(),
         })
     }
@@ -290,6 +302,14 @@ impl Image {
             parse_chunk(&p, off as u64, &self.pages[off..off + len])
                 .expect("chunks were checked when the image was opened")
         })
+    }
+
+    /// Where the pages of process `pid` lie in this image: sorted, merged ranges.
+    pub fn runs_of(&self, pid: i32) -> &[(u64, u64)] {
+        self.runs
+            .iter()
+            .find(|r| r.0 == pid)
+            .map_or(&[][..], |r| &r.1)
     }
 
     /// Page chunks of one process.

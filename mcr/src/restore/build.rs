@@ -93,9 +93,19 @@ impl Ctx<'_> {
         calls: &[(i64, [u64; 6])],
         what: impl Fn(usize) -> String,
     ) -> Result<()> {
+        self.batch_results(calls, what).map(drop)
+    }
+
+    /// [`batch`](Self::batch), returning what each call returned.
+    pub(super) fn batch_results(
+        &mut self,
+        calls: &[(i64, [u64; 6])],
+        what: impl Fn(usize) -> String,
+    ) -> Result<Vec<u64>> {
         use kext_shim::inject::BATCH_ENTRY;
         let scratch = self.data - PAGE_SIZE;
         let per = PAGE_SIZE as usize / BATCH_ENTRY;
+        let mut out = Vec::with_capacity(calls.len());
         for (n, chunk) in calls.chunks(per).enumerate() {
             let done = self
                 .inj
@@ -113,8 +123,9 @@ impl Ctx<'_> {
                     .into(),
                 });
             }
+            out.extend(done.into_iter().map(|r| r as u64));
         }
-        Ok(())
+        Ok(out)
     }
 
     /// Runs the calls `later` holds, in one batch, and empties it.

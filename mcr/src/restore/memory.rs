@@ -9,6 +9,7 @@ use super::{RestoreError, Result, StepContext};
 use crate::image::pages::CHUNK_PAGES;
 use crate::image::{Codec, Image};
 use crate::model::{ProcessImage, Vma, VmaKind};
+use crate::ranges::{intersect, merge, subtract, union};
 use kext_shim::mem::write_remote_ranges;
 use kext_shim::procfs::{self, MapEntry};
 use kext_shim::{sys, PAGE_SIZE};
@@ -286,10 +287,10 @@ pub(super) struct Scope<'a> {
     pub newest: Option<&'a [(u64, u64)]>,
     /// Where the older images' pages go (None: wherever the chain says they hold).
     pub older: Option<&'a [(u64, u64)]>,
-    /// Pages left in a running source and unmapped there since are no error: they are
-    /// returned as [`Filled::gone`] (a pre-copy round's; the next one says what is
-    /// there now).
-    pub gone_ok: bool,
+    /// The source runs meanwhile (a pre-copy round's pages): pages left in it and
+    /// unmapped there since are no error, they are returned as [`Filled::gone`] (the
+    /// next round says what is there now).
+    pub source_runs: bool,
 }
 
 /// What [`fill`] wrote.
@@ -297,7 +298,7 @@ pub(super) struct Scope<'a> {
 pub(super) struct Filled {
     pub pages: u64,
     /// Runs of pages it could not read, as they were unmapped in the source since
-    /// (see [`Scope::gone_ok`]).
+    /// (see [`Scope::source_runs`]).
     pub gone: Vec<(u64, u64)>,
 }
 
@@ -314,7 +315,7 @@ pub(super) fn fill(
     let Some((&image, parents)) = chain.split_first() else {
         return Ok(Filled::default());
     };
-    let gone = scope.gone_ok.then(|| std::sync::Mutex::new(Vec::new()));
+    let gone = scope.source_runs.then(|| std::sync::Mutex::new(Vec::new()));
     let mut layers: Vec<Layer> = vec![(image, p.pid, scope.newest.map(<[_]>::to_vec))];
     let mut mm = &p.mm;
     let mut allowed: Option<Vec<(u64, u64)>> = None;
@@ -350,21 +351,24 @@ pub(super) fn fill(
     // What newer layers wrote, sorted and merged.
     let mut covered: Vec<(u64, u64)> = Vec::new();
     for (i, (img, owner, allowed)) in layers.iter().enumerate() {
-        let mut mine: Vec<(u64, u64)> = img
-            .chunks_of(*owner)
-            .map(|c| (c.addr, c.addr + c.len_bytes() as u64))
-            .collect();
-        mine.sort_unstable();
-        let mine = merge(mine);
+        let mine = img.runs_of(*owner);
         let here = match allowed {
             // The newest image's pages go wherever it is allowed.
-            Some(a) if i == 0 => Some(intersect(&mine, a)),
+            Some(a) if i == 0 => Some(intersect(mine, a)),
             // A parent's where no newer image had them.
-            Some(a) => Some(subtract(&intersect(&mine, a), &covered)),
+            Some(a) => Some(subtract(&intersect(mine, a), &covered)),
             None => None,
         };
-        pages += fill_layer(cx, p, img, *owner, here.as_deref(), gone.as_ref())?;
-        covered = merge([covered, mine].concat());
+        if here.as_ref().is_none_or(|h| !h.is_empty()) {
+            pages += fill_layer(cx, p, img, *owner, here.as_deref(), gone.as_ref())?;
+        }
+        // Each parent's allowed ranges lie within those of the layer before it (from
+        // the first parent on): what is covered matters there only, which keeps this
+        // short where a chain of thousands of runs meets a few new VMAs.
+        covered = match allowed {
+            Some(a) if i > 0 => union(&covered, &intersect(mine, a)),
+            _ => union(&covered, mine),
+        };
     }
     let gone = gone.map_or_else(Vec::new, |g| {
         g.into_inner().unwrap_or_else(|e| e.into_inner())
@@ -379,73 +383,16 @@ pub(super) fn fill(
 /// left to its parent: written since, then dropped, so they must read as zero.
 pub(super) fn dropped_since(p: &ProcessImage, image: &Image, v: &Vma) -> Vec<(u64, u64)> {
     let whole = [(v.start, v.end)];
-    let mut kept: Vec<(u64, u64)> = image
-        .chunks_of(p.pid)
-        .map(|c| (c.addr, c.addr + c.len_bytes() as u64))
-        .collect();
-    if let Some(pp) = &p.mm.parent {
-        kept.extend(intersect(&pp.ranges, &whole));
-    }
-    subtract(&whole, &merge(kept))
-}
-
-/// Sorted ranges merged where they touch or overlap.
-pub(super) fn merge(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    v.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
-    for (s, e) in v {
-        match out.last_mut() {
-            Some(last) if s <= last.1 => last.1 = last.1.max(e),
-            _ => out.push((s, e)),
-        }
-    }
-    out
-}
-
-/// The parts of sorted disjoint `a` outside sorted disjoint `b`.
-pub(super) fn subtract(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
-    let mut out = Vec::new();
-    let mut j = 0;
-    for &(s, e) in a {
-        let mut at = s;
-        while j < b.len() && b[j].1 <= at {
-            j += 1;
-        }
-        let mut k = j;
-        while k < b.len() && b[k].0 < e {
-            if b[k].0 > at {
-                out.push((at, b[k].0));
-            }
-            at = at.max(b[k].1);
-            k += 1;
-        }
-        if at < e {
-            out.push((at, e));
-        }
-    }
-    out
+    let mine = intersect(image.runs_of(p.pid), &whole);
+    let kept = match &p.mm.parent {
+        Some(pp) => union(&mine, &intersect(&pp.ranges, &whole)),
+        None => mine,
+    };
+    subtract(&whole, &kept)
 }
 
 /// An image, the pid whose pages there are wanted, and where they may go (None: all).
 type Layer<'a> = (&'a Image, i32, Option<Vec<(u64, u64)>>);
-
-/// Sorted disjoint ranges in both `a` and `b`.
-pub(super) fn intersect(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
-    let (mut i, mut j) = (0, 0);
-    let mut out = Vec::new();
-    while i < a.len() && j < b.len() {
-        let (s, e) = (a[i].0.max(b[j].0), a[i].1.min(b[j].1));
-        if s < e {
-            out.push((s, e));
-        }
-        if a[i].1 < b[j].1 {
-            i += 1;
-        } else {
-            j += 1;
-        }
-    }
-    out
-}
 
 /// Copies in the pages `owner` has in `image` (within `allowed`, when given):
 /// process_vm_writev where the mapping is writable, /proc/PID/mem (which ignores
@@ -494,7 +441,12 @@ fn fill_layer(
     if !batch.is_empty() {
         work.push(Work::InSource(batch));
     }
-    let source = SourceMemory::of(image, owner)?;
+    // Checked once per layer that has pages there, not for every layer.
+    let source = if work.iter().any(|w| matches!(w, Work::InSource(_))) {
+        SourceMemory::of(image, owner)?
+    } else {
+        None
+    };
     let mem = &cx.mem;
     let corrupt = |what: String| {
         RestoreError::Image(crate::image::ImageError::Corrupt {
@@ -534,9 +486,10 @@ fn fill_layer(
             )
         })
     };
+    let workers = crate::par::workers_for(pages * PAGE_SIZE);
     crate::par::for_each(
         &work,
-        crate::par::workers_for(pages * PAGE_SIZE),
+        workers,
         || (Vec::new(), Vec::new()),
         |(buf, read), w| {
             let pieces = match w {
@@ -648,26 +601,4 @@ pub(super) fn set_mm(cx: &mut Ctx, p: &ProcessImage, fds: &FdNumbers) -> Result<
         },
     )?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn range_arithmetic() {
-        let a = [(0, 10), (20, 30), (40, 50)];
-        let b = [(5, 25), (45, 60)];
-        assert_eq!(intersect(&a, &b), vec![(5, 10), (20, 25), (45, 50)]);
-        assert_eq!(subtract(&a, &b), vec![(0, 5), (25, 30), (40, 45)]);
-        assert_eq!(subtract(&a, &[]), a.to_vec());
-        assert_eq!(
-            subtract(&[(0, 100)], &[(10, 20), (30, 40)]),
-            vec![(0, 10), (20, 30), (40, 100)]
-        );
-        assert_eq!(
-            merge(vec![(20, 30), (0, 10), (10, 15), (25, 40)]),
-            vec![(0, 15), (20, 40)]
-        );
-    }
 }

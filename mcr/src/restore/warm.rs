@@ -320,24 +320,7 @@ impl WarmProc {
         pages: &mut u64,
     ) -> Result<(Stub, Vec<Pid>)> {
         let mut cx = self.ctx(steps)?;
-        cx.timed("take the files", |cx| {
-            for &n in ours {
-                let got = cx.call(
-                    libc::SYS_pidfd_getfd,
-                    [pidfd as u64, n as u64, 0, 0, 0, 0],
-                    || format!("pidfd_getfd of our fd {n}"),
-                )?;
-                if got != n as u64 {
-                    cx.call(libc::SYS_dup3, [got, n as u64, 0, 0, 0, 0], || {
-                        format!("dup3 to fd {n}")
-                    })?;
-                    cx.inj
-                        .close(got as i32)
-                        .step(cx.pid, || format!("closing fd {got}"))?;
-                }
-            }
-            Ok(())
-        })?;
+        cx.timed("take the files", |cx| take_files(cx, pidfd, ours))?;
         *pages = cx.timed("bring memory up to date", |cx| {
             update(cx, &mut self, p, chain, continues, Some((fds, shared)))
         })?;
@@ -345,6 +328,59 @@ impl WarmProc {
         let threads = build::finish(cx, p, chain[0], fds, scratch, lazy)?;
         Ok((self.stub, threads))
     }
+}
+
+/// Our fds `ours` taken into the stub at the same numbers: a pidfd_getfd each, then a
+/// dup3 and a close where it landed elsewhere, all in one batch. Where each lands is
+/// known beforehand (the lowest free number, and the stub does nothing meanwhile), and
+/// checked afterwards.
+fn take_files(cx: &mut Ctx, pidfd: i32, ours: &[i32]) -> Result<()> {
+    let open = procfs::list_fds(Pid::from_raw(cx.pid)).step(cx.pid, || "listing its fds".into())?;
+    let mut calls = Vec::new();
+    let mut what = Vec::new();
+    let mut expect = Vec::new();
+    for (n, got) in landings(&open, ours) {
+        expect.push((calls.len(), got));
+        calls.push((libc::SYS_pidfd_getfd, [pidfd as u64, n as u64, 0, 0, 0, 0]));
+        what.push(format!("pidfd_getfd of our fd {n}"));
+        if got != n {
+            calls.push((libc::SYS_dup3, [got as u64, n as u64, 0, 0, 0, 0]));
+            what.push(format!("dup3 of fd {got} to fd {n}"));
+            calls.push((libc::SYS_close, [got as u64, 0, 0, 0, 0, 0]));
+            what.push(format!("closing fd {got}"));
+        }
+    }
+    let results = cx.batch_results(&calls, |i| what[i].clone())?;
+    for (i, got) in expect {
+        if results[i] != got as u64 {
+            return Err(RestoreError::Kernel {
+                pid: cx.pid,
+                step: "taking our files in".into(),
+                source: kext_shim::Error::Unexpected {
+                    pid: cx.pid,
+                    what: format!(
+                        "{} landed on fd {}, not on fd {got}: its fds changed meanwhile",
+                        what[i], results[i]
+                    ),
+                },
+            });
+        }
+    }
+    Ok(())
+}
+
+/// For each fd of `ours` in turn, where pidfd_getfd puts it in a process whose fds are
+/// `open`: the lowest number free then. A copy that lands elsewhere is moved to its
+/// number, which frees the place it landed on.
+fn landings(open: &[i32], ours: &[i32]) -> Vec<(i32, i32)> {
+    let mut used: std::collections::BTreeSet<i32> = open.iter().copied().collect();
+    let mut out = Vec::with_capacity(ours.len());
+    for &n in ours {
+        let got = (0..).find(|f| !used.contains(f)).expect("a free fd number");
+        used.insert(n);
+        out.push((n, got));
+    }
+    out
 }
 
 fn vdso_of(p: &ProcessImage) -> Vec<(VmaKind, u64)> {
@@ -450,7 +486,7 @@ fn update(
             newest: newest.as_deref(),
             older: Some(&fresh),
             // The last image's pages are those of a frozen source: all must be there.
-            gone_ok: rest.is_none(),
+            source_runs: rest.is_none(),
         },
     )?;
     // What the pages there should be comes with the next round: a run unmapped in the
@@ -467,4 +503,21 @@ fn update(
     w.gone += filled.gone.len() as u64;
     w.anon = want.into_iter().cloned().collect();
     Ok(filled.pages)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::landings;
+
+    #[test]
+    fn each_fd_taken_lands_on_the_lowest_free_number_and_frees_it_when_moved() {
+        // The stub holds our pidfd at 5; we hand it 0, 1, 2, 11 and 3.
+        assert_eq!(
+            landings(&[5], &[0, 1, 2, 11, 3]),
+            vec![(0, 0), (1, 1), (2, 2), (11, 3), (3, 3)]
+        );
+        // Numbers it holds already are skipped; a move onto one of them replaces it.
+        assert_eq!(landings(&[0, 1], &[1, 4]), vec![(1, 2), (4, 2)]);
+        assert_eq!(landings(&[], &[]), vec![]);
+    }
 }
