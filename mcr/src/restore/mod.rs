@@ -291,7 +291,7 @@ pub fn restore_with(
     let t = Instant::now();
     let mut pages = 0;
     let mut threads = Vec::new();
-    let (init, stubs, sysv) = match warm {
+    let (mut init, stubs, sysv) = match warm {
         None => {
             let tree = spawn_tree(opts, snap, &root, Some(&numbers), netns.as_ref())?;
             drop(netns);
@@ -379,21 +379,22 @@ pub fn restore_with(
     release.open();
     connections.finish()?;
     let root_pid = stubs[0].pid.as_raw();
+    if let Some((init, inj)) = &mut init {
+        let inherited: Vec<(u64, u64)> = placement
+            .iter()
+            .filter_map(|placed| match placed.at {
+                shared::Backing::Region { base, len } => Some((base, len)),
+                _ => None,
+            })
+            .collect();
+        init.prepare_init(inj, &inherited)?;
+    }
     // Children first: a parent never runs while a child of its is still half-made.
     for (stub, th) in stubs.into_iter().zip(threads).rev() {
         stub.release(&th)?;
     }
     let child = match init {
-        Some((init, mut inj)) => {
-            let inherited: Vec<(u64, u64)> = placement
-                .iter()
-                .filter_map(|placed| match placed.at {
-                    shared::Backing::Region { base, len } => Some((base, len)),
-                    _ => None,
-                })
-                .collect();
-            init.run_as_init(&mut inj, p0.pid, &inherited)?.as_raw()
-        }
+        Some((init, _)) => init.start_init(p0.pid)?.as_raw(),
         None => root_pid,
     };
     connections.done = true;

@@ -306,17 +306,12 @@ impl Stub {
 
 impl Stub {
     /// Turns this fresh stub, pid 1 of the tree's new pid namespace and parent of its
-    /// root, into the namespace's init: it lets go of everything it inherited from us
-    /// (fds, shared objects, the parent-death signal) and reaps until the root, pid
-    /// `root` in the namespace, ends, then ends the same way.
-    pub fn run_as_init(
-        mut self,
-        inj: &mut Injector,
-        root: i32,
-        inherited: &[(u64, u64)],
-    ) -> Result<Pid> {
-        let pid = self.pid;
-        let raw = pid.as_raw();
+    /// root, into the namespace's init, in two steps: here it lets go of everything it
+    /// inherited from us (fds, shared objects, the parent-death signal), by syscalls
+    /// made inside it, which need a core: done before the tree is released, they do not
+    /// wait for one behind the workload. [`Self::start_init`] then sets it reaping.
+    pub fn prepare_init(&self, inj: &mut Injector, inherited: &[(u64, u64)]) -> Result<()> {
+        let raw = self.pid.as_raw();
         inj.call(
             libc::SYS_close_range,
             [0, u32::MAX as u64, 0, 0, 0, 0],
@@ -335,6 +330,15 @@ impl Stub {
             || "clearing the parent-death signal".into(),
         )
         .step(raw, || "letting the namespace init outlive us".into())?;
+        Ok(())
+    }
+
+    /// Once [`Self::prepare_init`] ran, starts the init: it reaps until the root, pid
+    /// `root` in the namespace, ends, then ends the same way. Ptrace alone, which the
+    /// init need not run for.
+    pub fn start_init(mut self, root: i32) -> Result<Pid> {
+        let pid = self.pid;
+        let raw = pid.as_raw();
         ptrace::set_sigmask(pid, 0).step(raw, || "unblocking signals".into())?;
         let mut regs = ptrace::get_regs(pid).step(raw, || "reading registers".into())?;
         regs.rip = kext_shim::clone::pidns_init_entry();
