@@ -16,6 +16,18 @@ pub fn workers_for(bytes: u64) -> usize {
         .min(4)
 }
 
+/// [`workers_for`], for a copy made while the workload runs: at most one per core
+/// but one. A copy thread that shares a core with a busy workload thread takes whole
+/// ticks of it in turn (4 ms at HZ=250), which the workload sees as pauses: measured
+/// here, a 1 GiB first round filled on both cores paused a workload that dirties 32
+/// MiB/s for 4 ms every 8 ms. (SCHED_IDLE copiers fared worse: a new thread of that
+/// class still takes one whole tick, and one starved beside the workload holds its
+/// piece of the copy back.)
+pub fn beside_workload(bytes: u64) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    workers_for(bytes).min(cores.saturating_sub(1)).max(1)
+}
+
 /// Runs `f` on every item, spread over `workers` threads, each with its own state made
 /// by `init`. Stops at the first error and returns it.
 pub fn for_each<T, S, E>(

@@ -404,9 +404,14 @@ pub fn copy_pages(
         batches.push(&jobs[i..end]);
         i = end;
     }
+    // A round's copy (the one told what to do with runs gone) is made while the tree runs.
+    let workers = match on_fault {
+        Some(_) => par::beside_workload(plan.bytes()),
+        None => par::workers_for(plan.bytes()),
+    };
     par::for_each(
         &batches,
-        par::workers_for(plan.bytes()),
+        workers,
         || vec![0u8; BATCH_JOBS * CHUNK_PREFIX + CHUNK_PAGES * PAGE_SIZE as usize],
         |buf, batch| {
             // Each run's pages right after room for its chunk's header.

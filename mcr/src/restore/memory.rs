@@ -289,7 +289,8 @@ pub(super) struct Scope<'a> {
     pub older: Option<&'a [(u64, u64)]>,
     /// The source runs meanwhile (a pre-copy round's pages): pages left in it and
     /// unmapped there since are no error, they are returned as [`Filled::gone`] (the
-    /// next round says what is there now).
+    /// next round says what is there now); and the copy leaves the workload a core
+    /// (see [`crate::par::beside_workload`]).
     pub source_runs: bool,
 }
 
@@ -398,7 +399,8 @@ type Layer<'a> = (&'a Image, i32, Option<Vec<(u64, u64)>>);
 /// process_vm_writev where the mapping is writable, /proc/PID/mem (which ignores
 /// protections) where it is not, on every core: the cost is the first touch of the new
 /// pages, which scales with cores. Pages the image left in the source are read from
-/// there, many runs a call; those unmapped there since go to `gone`, if given.
+/// there, many runs a call; those unmapped there since go to `gone`, if given (a
+/// round's, while the workload runs: then on every core but one).
 fn fill_layer(
     cx: &mut Ctx,
     p: &ProcessImage,
@@ -486,7 +488,11 @@ fn fill_layer(
             )
         })
     };
-    let workers = crate::par::workers_for(pages * PAGE_SIZE);
+    let workers = match gone {
+        // A round's: the workload runs meanwhile.
+        Some(_) => crate::par::beside_workload(pages * PAGE_SIZE),
+        None => crate::par::workers_for(pages * PAGE_SIZE),
+    };
     crate::par::for_each(
         &work,
         workers,
