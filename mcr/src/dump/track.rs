@@ -123,7 +123,7 @@ impl Previous {
             if !tracked || !v.private_anonymous() {
                 return Ok(None);
             }
-            dirty::written(&pagemap, v.start, v.end, reprotect).step(pid, || {
+            written_on_every_core(&pagemap, v.start, v.end, reprotect).step(pid, || {
                 format!("reading the writes to {:#x}-{:#x}", v.start, v.end)
             })
         }))
@@ -134,6 +134,62 @@ impl Previous {
     pub fn end(&self) -> Result<()> {
         self.holder.as_ref().map_or(Ok(()), end_holder)
     }
+}
+
+/// What [`dirty::written`] says of a range.
+type Written = Option<Vec<(u64, u64)>>;
+
+/// From how big a range [`written_on_every_core`] splits its scan.
+const SPLIT_SCAN_AT: u64 = 128 << 20;
+
+/// [`dirty::written`], in one piece per core for a big range: the page-table walk costs
+/// 0.7-0.9 ms a GiB here whatever was written, and the tree is frozen meanwhile (in
+/// the blackout, for the last one); on two cores 0.4-0.7 ms. Each piece is a walk of
+/// its own under the mmap lock, which walks only read.
+fn written_on_every_core(
+    pm: &Pagemap,
+    start: u64,
+    end: u64,
+    reprotect: bool,
+) -> kext_shim::Result<Written> {
+    let workers = crate::par::workers_for(end - start) as u64;
+    if end - start < SPLIT_SCAN_AT || workers < 2 {
+        return dirty::written(pm, start, end, reprotect);
+    }
+    let piece = ((end - start) / workers).next_multiple_of(kext_shim::PAGE_SIZE);
+    let pieces: Vec<(u64, u64)> = (0..workers)
+        .map(|i| (start + i * piece, (start + (i + 1) * piece).min(end)))
+        .filter(|(s, e)| s < e)
+        .collect();
+    let found: Vec<kext_shim::Result<Written>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = pieces[1..]
+            .iter()
+            .map(|&(s, e)| scope.spawn(move || dirty::written(pm, s, e, reprotect)))
+            .collect();
+        let first = dirty::written(pm, pieces[0].0, pieces[0].1, reprotect);
+        std::iter::once(first)
+            .chain(handles.into_iter().map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(kext_shim::Error::Unexpected {
+                        pid: 0,
+                        what: "a scan of written pages panicked".into(),
+                    })
+                })
+            }))
+            .collect()
+    });
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for f in found {
+        // Untracked anywhere: the whole range is copied, as one scan would say.
+        let Some(more) = f? else { return Ok(None) };
+        for r in more {
+            match runs.last_mut() {
+                Some(last) if last.1 == r.0 => last.1 = r.1,
+                _ => runs.push(r),
+            }
+        }
+    }
+    Ok(Some(runs))
 }
 
 /// How an image in `new_dir` names its parent in `prev`.
