@@ -293,6 +293,7 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
             root_start: kext_shim::procfs::Stat::read(kext_shim::Pid::from_raw(pid))
                 .map_or(0, |s| s.field(22)),
             staging: here,
+            post_copy: opts.post_copy,
         },
     )
     .map_err(tx("greeting the destination"))?;

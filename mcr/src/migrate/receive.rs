@@ -85,6 +85,11 @@ pub fn receive(listener: &Listener, opts: &ReceiveOptions) -> Result<Restored> {
     wire::send_json(&mut w, wire::WELCOME, &wire::Welcome { link, read_source })
         .map_err(tx(pid, "welcoming the source"))?;
     let staging = link.then(|| PathBuf::from(&hello.staging.path));
+    // Started now, not in the blackout: a process takes 0.3 ms or more to start here.
+    let mut early_watchdog = match hello.post_copy {
+        true => Some(super::postcopy::Watchdog::start().map_err(|why| protocol(pid, why))?),
+        false => None,
+    };
     let warm_opts = opts.warm.then_some(&opts.restore);
     let taken = take_images(&mut r, &mut w, &root, staging.as_deref(), pid, warm_opts);
     let result = taken.and_then(|(last, opened, warm, lazy)| {
@@ -104,9 +109,17 @@ pub fn receive(listener: &Listener, opts: &ReceiveOptions) -> Result<Restored> {
         let (to_main, from_demux) = std::sync::mpsc::channel();
         let (to_pager, pager_rx) = std::sync::mpsc::channel();
         demux(r, to_main, to_pager, wake.clone());
-        let watchdog = match lazy {
-            Some(_) => Some(super::postcopy::Watchdog::start().map_err(|why| protocol(pid, why))?),
-            None => None,
+        let watchdog = match (lazy.is_some(), early_watchdog.take()) {
+            (true, Some(w)) => Some(w),
+            (true, None) => {
+                Some(super::postcopy::Watchdog::start().map_err(|why| protocol(pid, why))?)
+            }
+            (false, w) => {
+                if let Some(w) = w {
+                    w.done();
+                }
+                None
+            }
         };
         let pager = lazy.zip(watchdog).map(|(lazy, watchdog)| {
             let (made_tx, made_rx) = std::sync::mpsc::channel();

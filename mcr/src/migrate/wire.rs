@@ -59,6 +59,10 @@ pub struct Hello {
     pub root_start: u64,
     /// Where the source makes its images, should the destination see the same files.
     pub staging: Staging,
+    /// The last image will leave pages to post-copy: the destination readies what that
+    /// needs (its watchdog process) before the blackout, not in it.
+    #[serde(default)]
+    pub post_copy: bool,
 }
 
 /// A directory, and what proves another process sees the very same one.
