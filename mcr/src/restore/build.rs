@@ -430,32 +430,34 @@ pub(super) fn finish(
         fill_epolls(cx, fds)?;
         take_locks(cx, fds)?;
         set_rlimits(cx, p)?;
-        cx.call(libc::SYS_umask, [p.umask as u64, 0, 0, 0, 0, 0], || {
-            "umask".into()
-        })?;
-        cx.call(
-            libc::SYS_personality,
-            [p.personality as u64, 0, 0, 0, 0, 0],
-            || "personality".into(),
-        )?;
         set_signals(cx, p)?;
         // The stub's own (set so that it dies with us) goes; a process of the tree
         // gets its own back, but not the root, whose parent is the restorer: it would
         // be signalled as soon as `mcr restore -d` exits.
         let is_root = image.snapshot.processes.first().map(|q| q.pid) == Some(p.pid);
         let pdeathsig = if is_root { 0 } else { p.pdeathsig };
-        cx.call(
-            libc::SYS_prctl,
-            [libc::PR_SET_PDEATHSIG as u64, pdeathsig as u64, 0, 0, 0, 0],
-            || format!("prctl(PR_SET_PDEATHSIG, {pdeathsig})"),
-        )?;
+        // In one batch: each call alone waits for the process to run.
+        let mut calls = vec![
+            (libc::SYS_umask, [p.umask as u64, 0, 0, 0, 0, 0]),
+            (libc::SYS_personality, [p.personality as u64, 0, 0, 0, 0, 0]),
+            (
+                libc::SYS_prctl,
+                [libc::PR_SET_PDEATHSIG as u64, pdeathsig as u64, 0, 0, 0, 0],
+            ),
+        ];
+        let mut what = vec![
+            "umask".to_string(),
+            "personality".into(),
+            format!("prctl(PR_SET_PDEATHSIG, {pdeathsig})"),
+        ];
         if p.child_subreaper {
-            cx.call(
+            calls.push((
                 libc::SYS_prctl,
                 [libc::PR_SET_CHILD_SUBREAPER as u64, 1, 0, 0, 0, 0],
-                || "prctl(PR_SET_CHILD_SUBREAPER)".into(),
-            )?;
+            ));
+            what.push("prctl(PR_SET_CHILD_SUBREAPER)".into());
         }
+        cx.batch(&calls, |i| what[i].clone())?;
         // Threads are cloned from the leader, so they share what it has set so far;
         // per-thread state follows in each, then credentials (after which clone3 could
         // no longer choose tids).

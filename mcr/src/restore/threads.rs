@@ -92,39 +92,48 @@ pub(super) fn create_threads(cx: &mut Ctx, p: &ProcessImage) -> Result<()> {
 }
 
 /// Per-thread kernel state: robust list, clear_child_tid, alternate stack, rseq, name.
+/// The thread's own kernel state (robust list, clear-tid address, signal stack, rseq,
+/// name), in one batch of injected calls: each alone waits for the thread to run.
 pub(super) fn set_thread_state(cx: &mut Ctx, t: &ThreadImage) -> Result<()> {
     let tid = t.tid;
+    // The arguments that are buffers share the data page: the signal stack, then the
+    // name.
+    let mut data = altstack_arg(t);
+    let name_at = data.len().next_multiple_of(8);
+    data.resize(name_at, 0);
+    data.extend_from_slice(&t.comm.as_bytes()[..t.comm.len().min(15)]);
+    data.push(0);
+    let at = cx.put(&data)?;
     // Always set: the leader inherited ours, which point into memory that is gone.
     let (head, len) = t.robust_list;
     let len = if len == 0 { 24 } else { len };
-    cx.call(libc::SYS_set_robust_list, [head, len, 0, 0, 0, 0], || {
-        format!("set_robust_list of thread {tid}")
-    })?;
-    cx.call(
-        libc::SYS_set_tid_address,
-        [t.clear_child_tid, 0, 0, 0, 0, 0],
-        || format!("set_tid_address of thread {tid}"),
-    )?;
-    set_altstack(cx, t)?;
+    let mut calls = vec![
+        (libc::SYS_set_robust_list, [head, len, 0, 0, 0, 0]),
+        (libc::SYS_set_tid_address, [t.clear_child_tid, 0, 0, 0, 0, 0]),
+        (libc::SYS_sigaltstack, [at, 0, 0, 0, 0, 0]),
+        (
+            libc::SYS_prctl,
+            [libc::PR_SET_NAME as u64, at + name_at as u64, 0, 0, 0, 0],
+        ),
+    ];
+    let mut what = vec![
+        format!("set_robust_list of thread {tid}"),
+        format!("set_tid_address of thread {tid}"),
+        format!("sigaltstack of thread {tid}"),
+        format!("prctl(PR_SET_NAME) of thread {tid}"),
+    ];
     if let Some(r) = t.rseq {
-        cx.call(
+        calls.push((
             libc::SYS_rseq,
             [r.area, r.size as u64, 0, r.signature as u64, 0, 0],
-            || format!("rseq register at {:#x} for thread {tid}", r.area),
-        )?;
+        ));
+        what.push(format!("rseq register at {:#x} for thread {tid}", r.area));
     }
-    let mut comm = t.comm.as_bytes()[..t.comm.len().min(15)].to_vec();
-    comm.push(0);
-    let addr = cx.put(&comm)?;
-    cx.call(
-        libc::SYS_prctl,
-        [libc::PR_SET_NAME as u64, addr, 0, 0, 0, 0],
-        || format!("prctl(PR_SET_NAME) of thread {tid}"),
-    )?;
-    Ok(())
+    cx.batch(&calls, |i| what[i].clone())
 }
 
-pub(super) fn set_altstack(cx: &mut Ctx, t: &ThreadImage) -> Result<()> {
+/// sigaltstack's argument for the stack the thread had.
+fn altstack_arg(t: &ThreadImage) -> Vec<u8> {
     let s = t.altstack;
     let disabled = s.flags & libc::SS_DISABLE != 0;
     let mut b = Vec::with_capacity(24);
@@ -138,9 +147,5 @@ pub(super) fn set_altstack(cx: &mut Ctx, t: &ThreadImage) -> Result<()> {
     b.extend_from_slice(&flags.to_ne_bytes());
     b.extend_from_slice(&0u32.to_ne_bytes());
     b.extend_from_slice(&(if disabled { 0 } else { s.size }).to_ne_bytes());
-    let addr = cx.put(&b)?;
-    cx.call(libc::SYS_sigaltstack, [addr, 0, 0, 0, 0, 0], || {
-        format!("sigaltstack of thread {}", t.tid)
-    })?;
-    Ok(())
+    b
 }
