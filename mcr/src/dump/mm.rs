@@ -17,6 +17,9 @@ use std::os::unix::fs::FileExt;
 pub fn collect(pid: Pid, maps: &[MapEntry], stat: &Stat, brk: u64) -> Result<MmImage> {
     let raw = pid.as_raw();
     let mut files: Vec<FileRef> = Vec::new();
+    // A file is mapped by several VMAs (text, data, relro...): stat'ed once, by its
+    // device and inode in maps, in the blackout as elsewhere.
+    let mut seen: Vec<((u32, u32, u64), FileIdentity)> = Vec::new();
     let mut vmas = Vec::with_capacity(maps.len());
     for m in maps {
         let unsupported = |why: &str| DumpError::Unsupported {
@@ -46,12 +49,20 @@ pub fn collect(pid: Pid, maps: &[MapEntry], stat: &Stat, brk: u64) -> Result<MmI
                 return Err(unsupported("the mapped file was deleted"))
             }
             _ => {
-                let link = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
-                let ident = FileIdentity::of_path(&link)
-                    .step(pid, || format!("stat of mapped file {}", m.path))?;
-                if ident.ino != m.inode {
-                    return Err(unsupported("the file changed while being dumped"));
-                }
+                let key = (m.dev_major, m.dev_minor, m.inode);
+                let ident = match seen.iter().find(|s| s.0 == key) {
+                    Some(s) => s.1,
+                    None => {
+                        let link = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+                        let ident = FileIdentity::of_path(&link)
+                            .step(pid, || format!("stat of mapped file {}", m.path))?;
+                        if ident.ino != m.inode {
+                            return Err(unsupported("the file changed while being dumped"));
+                        }
+                        seen.push((key, ident));
+                        ident
+                    }
+                };
                 match ident.mode & libc::S_IFMT {
                     libc::S_IFREG => {}
                     // A private /dev/zero mapping is plain anonymous memory.
@@ -519,6 +530,10 @@ pub fn dump_shared_memory(procs: &[ProcessImage], w: &ImageWriter) -> Result<Vec
         }
     }
     let mut objects: Vec<ShmemObject> = Vec::new();
+    if sources.is_empty() {
+        // No MiB of buffer to map and unmap in the blackout for nothing.
+        return Ok(objects);
+    }
     let mut buf = vec![0u8; CHUNK_PREFIX + CHUNK_PAGES * PAGE_SIZE as usize];
     for src in &sources {
         if objects.iter().any(|o| o.ino == src.ino) {
