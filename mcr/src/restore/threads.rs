@@ -109,7 +109,10 @@ pub(super) fn set_thread_state(cx: &mut Ctx, t: &ThreadImage) -> Result<()> {
     let len = if len == 0 { 24 } else { len };
     let mut calls = vec![
         (libc::SYS_set_robust_list, [head, len, 0, 0, 0, 0]),
-        (libc::SYS_set_tid_address, [t.clear_child_tid, 0, 0, 0, 0, 0]),
+        (
+            libc::SYS_set_tid_address,
+            [t.clear_child_tid, 0, 0, 0, 0, 0],
+        ),
         (libc::SYS_sigaltstack, [at, 0, 0, 0, 0, 0]),
         (
             libc::SYS_prctl,
