@@ -89,7 +89,7 @@ pub fn parse_maps_line(line: &str) -> Option<MapEntry> {
 /// tables of every VMA: ~30 ms for 1 GiB resident here. See [`read_layout`].
 pub fn read_maps(pid: Pid) -> Result<Vec<MapEntry>> {
     let path = format!("/proc/{pid}/smaps");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let text = super::read_text(&path, 256 << 10)?;
     parse_smaps(&text).map_err(|line| Error::Parse {
         path,
         what: "smaps line",
@@ -101,7 +101,7 @@ pub fn read_maps(pid: Pid) -> Result<Vec<MapEntry>> {
 /// layout alone, in microseconds whatever the process's size.
 pub fn read_layout(pid: Pid) -> Result<Vec<MapEntry>> {
     let path = format!("/proc/{pid}/maps");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let text = super::read_text(&path, 32 << 10)?;
     parse_smaps(&text).map_err(|line| Error::Parse {
         path,
         what: "maps line",

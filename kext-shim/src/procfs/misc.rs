@@ -5,16 +5,32 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 
 /// A /proc file, whole. Not std::fs::read_to_string, which asks a file's size and
-/// position first (statx, lseek) to size its buffer: /proc says 0, and these reads
+/// position first (statx, lseek) to size its buffer: /proc says 0, so it reads 32
+/// bytes, then 32, 64, 128... (nine reads for a small process's maps), and these reads
 /// happen inside the freeze, a few per fd.
 fn read(path: &str) -> Result<String> {
+    read_text(path, 4096)
+}
+
+/// A /proc (or sysfs, cgroupfs) file, whole, into a buffer of `hint` bytes to begin
+/// with: one read where it is big enough (see [`read`] for why not std's).
+pub fn read_text(path: &str, hint: usize) -> Result<String> {
+    String::from_utf8(read_bytes(path, hint)?).map_err(|_| Error::Parse {
+        path: path.to_string(),
+        what: "text",
+        line: String::new(),
+    })
+}
+
+/// [`read_text`] for bytes.
+pub fn read_bytes(path: &str, hint: usize) -> Result<Vec<u8>> {
     use std::io::Read;
     let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut s = String::with_capacity(4096);
+    let mut b = Vec::with_capacity(hint);
     f.take(u64::MAX)
-        .read_to_string(&mut s)
+        .read_to_end(&mut b)
         .map_err(|e| Error::io(path, e))?;
-    Ok(s)
+    Ok(b)
 }
 
 fn parse_err(path: &str, what: &'static str, line: &str) -> Error {
@@ -346,7 +362,7 @@ pub fn read_limits(pid: Pid) -> Result<Vec<(u64, u64)>> {
 /// The auxiliary vector the task was started with, as (type, value) words.
 pub fn read_auxv(pid: Pid) -> Result<Vec<u64>> {
     let path = format!("/proc/{pid}/auxv");
-    let raw = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let raw = read_bytes(&path, 1024)?;
     Ok(raw
         .chunks_exact(8)
         .map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")))

@@ -158,7 +158,7 @@ fn thread(pid: Pid, t: &FrozenThread, a: &ThreadAnswers) -> Result<ThreadImage> 
     let tid = t.tid;
     let step = |what: &str| format!("reading the {what} of thread {tid}");
     let rseq = ptrace::rseq_config(tid).step(pid, || step("rseq registration"))?;
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+    let comm = procfs::read_text(&format!("/proc/{pid}/task/{tid}/comm"), 64)
         .map(|c| c.trim_end_matches('\n').to_string())
         .unwrap_or_default();
     Ok(ThreadImage {
@@ -186,7 +186,7 @@ fn thread(pid: Pid, t: &FrozenThread, a: &ThreadAnswers) -> Result<ThreadImage> 
 /// /proc/PID/timers: `ID:`, `signal: SIGNO/VALUE`, `notify: KIND/pid.N`, `ClockID:`.
 fn read_posix_timers(pid: Pid) -> Result<Vec<PosixTimer>> {
     let path = format!("/proc/{pid}/timers");
-    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let text = procfs::read_text(&path, 4096).unwrap_or_default();
     let mut out: Vec<PosixTimer> = Vec::new();
     let bad = |line: &str| DumpError::Kernel {
         pid: pid.as_raw(),
