@@ -368,6 +368,13 @@ pub struct ScanQuery {
 /// or None when pagemap hides PFNs from us (no CAP_SYS_ADMIN). Anonymous pages that were
 /// only ever read map it and need not be dumped.
 pub fn zero_pfn() -> Option<u64> {
+    // The same page until the next boot, and asked in every blackout (a mapping, a
+    // pagemap opened and read, an unmapping): found once.
+    static PFN: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *PFN.get_or_init(find_zero_pfn)
+}
+
+fn find_zero_pfn() -> Option<u64> {
     // SAFETY: a fresh private anonymous page that nothing else refers to; we read it once
     // (which maps the zero page) and unmap it before returning.
     unsafe {

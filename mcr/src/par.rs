@@ -10,10 +10,14 @@ pub fn workers_for(bytes: u64) -> usize {
     if bytes < 8 << 20 {
         return 1;
     }
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(4)
+    cores().min(4)
+}
+
+/// The cores this process may use. std reads the cgroup's CPU quota files to say so,
+/// each time (0.1 ms, asked in the blackout): read once.
+fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// [`workers_for`], for a copy made while the workload runs: at most one per core
@@ -24,8 +28,7 @@ pub fn workers_for(bytes: u64) -> usize {
 /// class still takes one whole tick, and one starved beside the workload holds its
 /// piece of the copy back.)
 pub fn beside_workload(bytes: u64) -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    workers_for(bytes).min(cores.saturating_sub(1)).max(1)
+    workers_for(bytes).min(cores().saturating_sub(1)).max(1)
 }
 
 /// Runs `f` on every item, spread over `workers` threads, each with its own state made

@@ -331,12 +331,42 @@ impl PagePlan {
     pub fn choose_rest(&mut self, pid: Pid, mm: &MmImage) -> Result<()> {
         let pagemap = Pagemap::open(pid).step(pid, || "opening pagemap".into())?;
         let zero = zero_pfn();
-        for i in std::mem::take(&mut self.rest) {
+        let rest = std::mem::take(&mut self.rest);
+        // VMAs side by side (a library's text, data, relro...) are read in one go: a
+        // read a VMA was most of this in the blackout.
+        let mut spans: Vec<(u64, u64, Vec<PagemapEntry>)> = Vec::new();
+        let mut k = 0;
+        while k < rest.len() {
+            let mut end = k + 1;
+            while end < rest.len() && mm.vmas[rest[end]].start == mm.vmas[rest[end - 1]].end {
+                end += 1;
+            }
+            let (s, e) = (mm.vmas[rest[k]].start, mm.vmas[rest[end - 1]].end);
+            let entries = pagemap
+                .read(s, e)
+                .step(pid, || format!("reading pagemap of {s:#x}-{e:#x}"))?;
+            spans.push((s, e, entries));
+            k = end;
+        }
+        for i in rest {
             let v = &mm.vmas[i];
             let readable = v.prot & libc::PROT_READ != 0;
-            let entries = pagemap.read(v.start, v.end).step(pid, || {
-                format!("reading pagemap of {:#x}-{:#x}", v.start, v.end)
-            })?;
+            let span = spans
+                .iter()
+                .find(|sp| sp.0 <= v.start && v.end <= sp.1)
+                .expect("every VMA of the rest lies in a span read above");
+            let from = ((v.start - span.0) / PAGE_SIZE) as usize;
+            let entries = span
+                .2
+                .get(from..from + (v.len() / PAGE_SIZE) as usize)
+                .ok_or_else(|| DumpError::Kernel {
+                    pid: pid.as_raw(),
+                    step: format!("reading pagemap of {:#x}-{:#x}", v.start, v.end),
+                    source: kext_shim::Error::Unexpected {
+                        pid: pid.as_raw(),
+                        what: "pagemap gave fewer entries than pages".into(),
+                    },
+                })?;
             let mut i = 0usize;
             while i < entries.len() {
                 if !page_needed(v.kind, v.shared, entries[i], zero) {
