@@ -62,18 +62,7 @@ pub(super) fn leave_missing(cx: &mut Ctx, p: &ProcessImage, lazy: &LazyRestore) 
         return Ok(());
     };
     let pid = cx.pid;
-    let calls: Vec<(i64, [u64; 6])> = runs
-        .iter()
-        .map(|&(addr, n)| {
-            (
-                libc::SYS_madvise,
-                [addr, n * PAGE_SIZE, libc::MADV_DONTNEED as u64, 0, 0, 0],
-            )
-        })
-        .collect();
-    cx.batch(&calls, |i| {
-        format!("dropping the pages left to post-copy at {:#x}", runs[i].0)
-    })?;
+    drop_runs(cx, runs)?;
     let pidfd = kext_shim::pidfd::pidfd_open(kext_shim::Pid::from_raw(pid))
         .step(pid, || "opening a pidfd".into())?;
     let fd = LazyFd::inject(&mut cx.inj, &pidfd).step(pid, || {
@@ -109,5 +98,60 @@ pub(super) fn leave_missing(cx: &mut Ctx, p: &ProcessImage, lazy: &LazyRestore) 
             what: "post-copy: the page server is gone".into(),
         })?;
     let _ = lazy.wake.write(1);
+    Ok(())
+}
+
+/// Drops the pages of `runs` in the stub: 256 runs a process_madvise where the kernel
+/// takes MADV_DONTNEED that way (measured here: 80k runs in 39 ms against 127 ms one
+/// madvise each, the stops to inject them aside), else one madvise a run.
+fn drop_runs(cx: &mut Ctx, runs: &[(u64, u64)]) -> Result<()> {
+    let what = |at: u64| format!("dropping the pages left to post-copy at {at:#x}");
+    if !kext_shim::mem::dontneed_many_at_once() {
+        let calls: Vec<(i64, [u64; 6])> = runs
+            .iter()
+            .map(|&(addr, n)| {
+                (
+                    libc::SYS_madvise,
+                    [addr, n * PAGE_SIZE, libc::MADV_DONTNEED as u64, 0, 0, 0],
+                )
+            })
+            .collect();
+        return cx.batch(&calls, |i| what(runs[i].0));
+    }
+    // An iovec is 16 bytes: a data page holds 256.
+    const PER_CALL: usize = PAGE_SIZE as usize / 16;
+    for part in runs.chunks(PER_CALL) {
+        let iovecs: Vec<u8> = part
+            .iter()
+            .flat_map(|&(addr, n)| [addr, n * PAGE_SIZE])
+            .flat_map(u64::to_ne_bytes)
+            .collect();
+        let at = cx.put(&iovecs)?;
+        let call = (
+            libc::SYS_process_madvise,
+            [
+                kext_shim::mem::PIDFD_SELF as i64 as u64,
+                at,
+                part.len() as u64,
+                libc::MADV_DONTNEED as u64,
+                0,
+                0,
+            ],
+        );
+        let done = cx.batch_results(&[call], |_| what(part[0].0))?;
+        // It stops at the first run it cannot drop and says how much it dropped: each
+        // page left behind would read its old round's bytes instead of waiting.
+        let want: u64 = part.iter().map(|r| r.1 * PAGE_SIZE).sum();
+        if done.first() != Some(&want) {
+            return Err(super::RestoreError::Incompatible {
+                pid: cx.pid,
+                what: format!(
+                    "{}: {} of {want} bytes dropped",
+                    what(part[0].0),
+                    done.first().copied().unwrap_or(0)
+                ),
+            });
+        }
+    }
     Ok(())
 }
