@@ -423,13 +423,13 @@ pub(super) fn finish(
         set_cwd(cx, fds)?;
         // Every fd number must be allowed while the table is rebuilt; the process's own
         // limits (perhaps below its highest fd) follow.
-        raise_nofile(cx)?;
+        let limits = raise_nofile(cx)?;
         // While the stub still has our fds: a slave of its terminal to act on it with.
         set_foreground(cx, fds)?;
         set_fds(cx, fds)?;
         fill_epolls(cx, fds)?;
         take_locks(cx, fds)?;
-        set_rlimits(cx, p)?;
+        set_rlimits(cx, p, &limits)?;
         set_signals(cx, p)?;
         // The stub's own (set so that it dies with us) goes; a process of the tree
         // gets its own back, but not the root, whose parent is the restorer: it would

@@ -8,7 +8,9 @@ use crate::model::{LockKind, ProcessImage};
 use kext_shim::inject::Injector;
 use kext_shim::procfs::{self, Status};
 
-pub(super) fn raise_nofile(cx: &mut Ctx) -> Result<()> {
+/// Returns the stub's limits as they were read, hard ones untouched since: for
+/// [`set_rlimits`], which need not read them again.
+pub(super) fn raise_nofile(cx: &mut Ctx) -> Result<Vec<(u64, u64)>> {
     let ours = procfs::read_limits(kext_shim::Pid::from_raw(cx.pid))
         .step(cx.pid, || "reading limits".into())?;
     let hard = ours[libc::RLIMIT_NOFILE as usize].1;
@@ -19,12 +21,11 @@ pub(super) fn raise_nofile(cx: &mut Ctx) -> Result<()> {
         [0, libc::RLIMIT_NOFILE as u64, addr, 0, 0, 0],
         || "raising RLIMIT_NOFILE for the fd table".into(),
     )?;
-    Ok(())
+    Ok(ours)
 }
 
-pub(super) fn set_rlimits(cx: &mut Ctx, p: &ProcessImage) -> Result<()> {
-    let ours = procfs::read_limits(kext_shim::Pid::from_raw(cx.pid))
-        .step(cx.pid, || "reading limits".into())?;
+/// `ours`: the stub's limits, whose hard ones bound what can be set.
+pub(super) fn set_rlimits(cx: &mut Ctx, p: &ProcessImage, ours: &[(u64, u64)]) -> Result<()> {
     let mut calls = Vec::new();
     for (res, (&(soft, hard), &(_, cur_hard))) in p.rlimits.iter().zip(ours.iter()).enumerate() {
         // Without CAP_SYS_RESOURCE a hard limit can only go down.
