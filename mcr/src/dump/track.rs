@@ -123,7 +123,7 @@ impl Previous {
             if !tracked || !v.private_anonymous() {
                 return Ok(None);
             }
-            written_on_every_core(&pagemap, v.start, v.end, reprotect).step(pid, || {
+            written_on_every_core(pid, &pagemap, v.start, v.end, reprotect).step(pid, || {
                 format!("reading the writes to {:#x}-{:#x}", v.start, v.end)
             })
         }))
@@ -147,6 +147,7 @@ const SPLIT_SCAN_AT: u64 = 128 << 20;
 /// the blackout, for the last one); on two cores 0.4-0.7 ms. Each piece is a walk of
 /// its own under the mmap lock, which walks only read.
 fn written_on_every_core(
+    pid: Pid,
     pm: &Pagemap,
     start: u64,
     end: u64,
@@ -171,7 +172,7 @@ fn written_on_every_core(
             .chain(handles.into_iter().map(|h| {
                 h.join().unwrap_or_else(|_| {
                     Err(kext_shim::Error::Unexpected {
-                        pid: 0,
+                        pid: pid.as_raw(),
                         what: "a scan of written pages panicked".into(),
                     })
                 })
@@ -182,12 +183,8 @@ fn written_on_every_core(
     for f in found {
         // Untracked anywhere: the whole range is copied, as one scan would say.
         let Some(more) = f? else { return Ok(None) };
-        for r in more {
-            match runs.last_mut() {
-                Some(last) if last.1 == r.0 => last.1 = r.1,
-                _ => runs.push(r),
-            }
-        }
+        // A run across a boundary between pieces is one again.
+        runs = crate::ranges::union(&runs, &more);
     }
     Ok(Some(runs))
 }
