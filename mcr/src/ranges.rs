@@ -38,19 +38,21 @@ pub fn subtract(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
     out
 }
 
-/// Sorted disjoint ranges in both `a` and `b`.
+/// Sorted disjoint ranges in both `a` and `b`. Each range of the shorter list is looked
+/// up in the longer by halves: a fill asks this once per chunk of a round, one range
+/// against a hundred thousand, and a walk from the start made that quadratic (7 s of a
+/// 4 GiB round's 145k pages were spent here).
 pub fn intersect(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
-    let (mut i, mut j) = (0, 0);
+    let (short, long) = if a.len() <= b.len() { (a, b) } else { (b, a) };
     let mut out = Vec::new();
-    while i < a.len() && j < b.len() {
-        let (s, e) = (a[i].0.max(b[j].0), a[i].1.min(b[j].1));
-        if s < e {
-            out.push((s, e));
-        }
-        if a[i].1 < b[j].1 {
-            i += 1;
-        } else {
-            j += 1;
+    let mut from = 0;
+    for &(s, e) in short {
+        from += long[from..].partition_point(|r| r.1 <= s);
+        for &(x, y) in long[from..].iter().take_while(|r| r.0 < e) {
+            let (x, y) = (x.max(s), y.min(e));
+            if x < y {
+                out.push((x, y));
+            }
         }
     }
     out
@@ -102,5 +104,44 @@ mod tests {
         );
         assert_eq!(union(&[], &b), b.to_vec());
         assert_eq!(union(&a, &b), merge([&a[..], &b[..]].concat()));
+    }
+
+    /// Against the page-by-page answer, on lists of every shape (one range against
+    /// many, many against one, interleaved, touching).
+    #[test]
+    fn intersect_agrees_with_pages() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for _ in 0..300 {
+            let mut lists = [(); 2].map(|_| {
+                let n = [1, 2, 40][next(3) as usize];
+                let v: Vec<(u64, u64)> = (0..n)
+                    .map(|_| {
+                        let s = next(200);
+                        (s, s + 1 + next(12))
+                    })
+                    .collect();
+                merge(v)
+            });
+            let [a, b] = std::mem::take(&mut lists);
+            let pages =
+                |v: &[(u64, u64)]| -> Vec<u64> { v.iter().flat_map(|&(s, e)| s..e).collect() };
+            let got = intersect(&a, &b);
+            let want: Vec<u64> = pages(&a)
+                .into_iter()
+                .filter(|p| b.iter().any(|&(s, e)| s <= *p && *p < e))
+                .collect();
+            assert_eq!(pages(&got), want, "{a:?} and {b:?}");
+            assert!(
+                got.windows(2).all(|w| w[0].1 <= w[1].0),
+                "{got:?} sorted, disjoint"
+            );
+            assert_eq!(got, intersect(&b, &a));
+        }
     }
 }

@@ -420,8 +420,8 @@ fn fill_layer(
     let mut batch: Vec<(u64, u64)> = Vec::new();
     let mut batch_pages = 0;
     for c in image.chunks_of(owner) {
-        let end = c.addr + c.len_bytes() as u64;
-        if !allowed.is_none_or(|a| a.iter().any(|&(s, e)| s < end && c.addr < e)) {
+        let pieces = pieces_of(c.addr, c.addr + c.len_bytes() as u64);
+        if pieces.is_empty() {
             continue;
         }
         pages += c.n_pages as u64;
@@ -431,7 +431,7 @@ fn fill_layer(
         }
         // A later round's pages are often single ones all over: a few syscalls for
         // a thousand of them, not two each.
-        for piece in pieces_of(c.addr, end) {
+        for piece in pieces {
             if batch.len() == kext_shim::mem::MAX_IOV || batch_pages >= CHUNK_PAGES {
                 work.push(Work::InSource(std::mem::take(&mut batch)));
                 batch_pages = 0;
