@@ -49,6 +49,7 @@ fn tree(c: &mut Criterion, procs: usize, threads: usize, mib: usize) {
             tcp_established: false,
             prev: None,
             prev_held_pids: vec![],
+            seen: Vec::new(),
             vm_flags: None,
             lazy: false,
             hot: Vec::new(),

@@ -392,6 +392,7 @@ fn main() -> ExitCode {
                 tcp_established,
                 prev: prev_images_dir,
                 prev_held_pids: vec![],
+                seen: Vec::new(),
                 vm_flags: None,
                 lazy: false,
                 hot: Vec::new(),
@@ -466,6 +467,7 @@ fn main() -> ExitCode {
                 compression: compress,
                 freeze_cgroup,
                 pages_in_source: false,
+                seen: Vec::new(),
             };
             match mcr::dump::predump::pre_dump(&opts) {
                 Ok(r) => {
@@ -675,7 +677,7 @@ fn print_migration(r: &mcr::migrate::MigrateReport, json: bool) {
                 serde_json::json!({
                     "pages": x.pages, "bytes": x.bytes, "dump_ms": ms(x.dump),
                     "send_ms": ms(x.send), "frozen_ms": ms(x.frozen),
-                    "apply_ms": ms(x.apply), "waited_ms": ms(x.waited),
+                    "apply_ms": ms(x.apply), "waited_ms": ms(x.waited), "scans": x.scans,
                 })
             })
             .collect();
@@ -711,9 +713,16 @@ fn print_migration(r: &mcr::migrate::MigrateReport, json: bool) {
         return;
     }
     for (i, x) in r.rounds.iter().enumerate() {
+        let waited = match x.scans {
+            0 => String::new(),
+            n => format!(
+                " (waited {:.0} ms for the destination, scanning the writes {n} times)",
+                ms(x.waited)
+            ),
+        };
         if r.pages_in_source {
             eprintln!(
-                "mcr: round {i}: {} pages ({:.1} MiB) left in the workload, listed in {:.1} ms, read from it and in place there in {:.1} ms, frozen {:.2} ms",
+                "mcr: round {i}: {} pages ({:.1} MiB) left in the workload, listed in {:.1} ms, read from it and in place there in {:.1} ms, frozen {:.2} ms{waited}",
                 x.pages,
                 (x.pages * kext_shim::PAGE_SIZE) as f64 / (1 << 20) as f64,
                 ms(x.dump),
@@ -723,7 +732,7 @@ fn print_migration(r: &mcr::migrate::MigrateReport, json: bool) {
             continue;
         }
         eprintln!(
-            "mcr: round {i}: {} pages ({:.1} MiB) copied in {:.1} ms, sent in {:.1} ms, in place there in {:.1} ms, frozen {:.2} ms",
+            "mcr: round {i}: {} pages ({:.1} MiB) copied in {:.1} ms, sent in {:.1} ms, in place there in {:.1} ms, frozen {:.2} ms{waited}",
             x.pages,
             x.bytes as f64 / (1 << 20) as f64,
             ms(x.dump),

@@ -599,6 +599,70 @@ fn pages_a_round_left_in_the_workload_and_unmapped_before_they_were_read_come_ag
     assert_pass(&moved.check());
 }
 
+/// While the destination is busy (held here before it takes the first round), the
+/// source scans the running workload's writes every 250 ms, protecting them again as
+/// it reads them, so that its next round's frozen scan finds only what came since.
+/// The workload reshapes its memory between those scans (pages dropped, regions
+/// unmapped and mapped again at the same place, moved) while it rewrites pages: every
+/// write still arrives. The pages are copied at each round, as for another host: left
+/// in the workload, they would be read after the hold, and a write the scans protected
+/// and then forgot would come along all the same.
+#[test]
+fn writes_scanned_while_the_destination_is_busy_all_arrive() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let to = format!("unix:{}", s(&tmp.path().join("mig.sock")));
+    let mut g = Guard::new();
+    let mut p = start_churn(&mut g, tmp.path(), "16");
+    let mut recv = Receiver::start(
+        &to,
+        &tmp.path().join("pid"),
+        &["--pidns"],
+        &[("MCR_FAULT", "receive-wait-before-warm")],
+    );
+    let mut m = std::process::Command::new(mcr_bin())
+        .args(["migrate", "-t", &p.pid.to_string(), "--to", &to])
+        .args(["--shell-job", "--json", "--max-rounds", "4", "--copy-pages"])
+        .env("MCR_LOG", "mcr=debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("mcr migrate");
+    let mut err = Lines::new(m.stderr.take().expect("stderr"));
+    let mut scanned = || loop {
+        match err.next_line() {
+            Some(l) if l.contains("of the writes while waiting for the destination") => break,
+            Some(_) => continue,
+            None => panic!("mcr migrate ended before it scanned while waiting"),
+        }
+    };
+    recv.stderr
+        .expect_prefix("mcr: waiting at receive-wait-before-warm");
+    for _ in 0..3 {
+        scanned();
+        p.send("CHURN");
+        p.lines.expect_prefix("CHURNED");
+    }
+    scanned();
+    recv.tell("");
+    let drain = std::thread::spawn(move || while err.next_line().is_some() {});
+    let out = m.wait_with_output().expect("mcr migrate");
+    drain.join().expect("stderr");
+    assert!(out.status.success(), "mcr migrate failed");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json");
+    let scans: u64 = report["rounds"]
+        .as_array()
+        .expect("rounds")
+        .iter()
+        .filter_map(|r| r["scans"].as_u64())
+        .sum();
+    assert!(scans >= 4, "{report}");
+    assert_eq!(report["warm"], true, "{report}");
+    assert_eq!(p.wait(), 128 + libc::SIGKILL, "the original was not killed");
+    let mut moved = recv.workload(&mut g);
+    g.add(parent_of(moved.pid));
+    assert_pass(&moved.check());
+}
+
 #[test]
 fn a_tree_that_forks_between_rounds_is_restored_cold_and_whole() {
     let tmp = tempfile::tempdir().expect("tempdir");

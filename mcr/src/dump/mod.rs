@@ -59,6 +59,9 @@ pub struct CheckpointOptions {
     /// The pids whose tracking since `prev` the caller holds (a migration's rounds);
     /// empty when a holder process keeps it (`mcr pre-dump`).
     pub prev_held_pids: Vec<i32>,
+    /// Per process (its host pid): runs found written since `prev` by scans made while
+    /// the tree ran, which protected them again (see [`track::scan_running`]).
+    pub seen: Vec<(i32, Vec<(u64, u64)>)>,
     /// VMA flags read before the freeze, to spare the blackout smaps (see `vmflags`).
     pub vm_flags: Option<std::sync::Arc<vmflags::VmFlagsAhead>>,
     /// Post-copy: the pages of private anonymous memory are left out of the image and
@@ -286,7 +289,11 @@ pub fn checkpoint_held(opts: &CheckpointOptions) -> Result<HeldCheckpoint> {
             let mut plan = match &prev {
                 // Read only: should this checkpoint fail, the next one needs the same
                 // answer.
-                Some(prev) => mm::plan_pages(host, &p.mm, &prev.written_fn(host, false)?)?,
+                Some(prev) => {
+                    let seen = opts.seen.iter().find(|s| s.0 == host.as_raw());
+                    let seen = seen.map_or(&[][..], |s| &s.1[..]);
+                    mm::plan_pages(host, &p.mm, &prev.written_fn(host, false, seen)?)?
+                }
                 None => mm::plan_pages(host, &p.mm, &|_| Ok(None))?,
             };
             if opts.lazy {

@@ -32,6 +32,9 @@ pub struct PreDumpOptions {
     /// migration's destination on this host while the tree runs on (one copy of each
     /// page instead of two, and no staging memory for it).
     pub pages_in_source: bool,
+    /// Per process (its host pid): runs found written since `prev` by scans made while
+    /// it ran, which protected them again (see [`track::scan_running`]).
+    pub seen: Vec<(i32, Vec<(u64, u64)>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -130,7 +133,11 @@ fn run(
             // What the previous image's tracking saw, read before it ends (or, when it
             // goes on, protected again in the same walk).
             let plan = match &prev {
-                Some(prev) => mm::plan_written(&mm, &prev.written_fn(p, reprotect)?)?,
+                Some(prev) => {
+                    let seen = opts.seen.iter().find(|s| s.0 == p.as_raw());
+                    let seen = seen.map_or(&[][..], |s| &s.1[..]);
+                    mm::plan_written(&mm, &prev.written_fn(p, reprotect, seen)?)?
+                }
                 None => mm::plan_written(&mm, &|_| Ok(None))?,
             };
             found.push((f, maps, stat, mm, plan));

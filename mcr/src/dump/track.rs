@@ -15,8 +15,10 @@ use super::mm::WrittenSince;
 use super::{DumpError, Result, StepContext};
 use crate::image::Image;
 use crate::model::{ParentImage, Snapshot, TrackerImage, Vma};
+use crate::ranges::{intersect, union};
 use kext_shim::dirty::{self, WriteTracker};
 use kext_shim::mem::Pagemap;
+use kext_shim::procfs::MapEntry;
 use kext_shim::Pid;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::os::fd::AsFd;
@@ -108,7 +110,15 @@ impl Previous {
 
     /// For process `pid` (as the host sees it): the runs of each VMA written since this
     /// image, or None for a VMA to copy whole. `reprotect` starts a new round at once.
-    pub fn written_fn(&self, pid: Pid, reprotect: bool) -> Result<Box<WrittenSince<'_>>> {
+    /// `seen` are runs that scans of the running process found written since this
+    /// image (see [`scan_running`]): protected again by those scans, they are part of
+    /// the answer.
+    pub fn written_fn<'a>(
+        &'a self,
+        pid: Pid,
+        reprotect: bool,
+        seen: &'a [(u64, u64)],
+    ) -> Result<Box<WrittenSince<'a>>> {
         // The image names the process as it sees itself (in its own pid namespace,
         // its number there).
         let seen_as = kext_shim::procfs::Status::read(pid)
@@ -123,9 +133,14 @@ impl Previous {
             if !tracked || !v.private_anonymous() {
                 return Ok(None);
             }
-            written_on_every_core(pid, &pagemap, v.start, v.end, reprotect).step(pid, || {
-                format!("reading the writes to {:#x}-{:#x}", v.start, v.end)
-            })
+            let found = written_on_every_core(pid, &pagemap, v.start, v.end, reprotect)
+                .step(pid, || {
+                    format!("reading the writes to {:#x}-{:#x}", v.start, v.end)
+                })?;
+            Ok(found.map(|runs| match seen {
+                [] => runs,
+                seen => union(&runs, &intersect(seen, &[(v.start, v.end)])),
+            }))
         }))
     }
 
@@ -184,7 +199,7 @@ fn written_on_every_core(
         // Untracked anywhere: the whole range is copied, as one scan would say.
         let Some(more) = f? else { return Ok(None) };
         // A run across a boundary between pieces is one again.
-        runs = crate::ranges::union(&runs, &more);
+        runs = union(&runs, &more);
     }
     Ok(Some(runs))
 }
@@ -407,6 +422,49 @@ pub struct WrittenNow {
     pub scan: std::time::Duration,
 }
 
+/// The maps a pre-dump tracks: private, writable, anonymous.
+fn tracked_maps(maps: &[MapEntry]) -> impl Iterator<Item = &MapEntry> {
+    maps.iter().filter(|m| {
+        !m.shared && m.write && (m.path.is_empty() || m.path == "[heap]" || m.path == "[stack]")
+    })
+}
+
+/// What process `p` wrote since the last scan of its tracking (a round's, or one of
+/// these), read while it runs and protected again in the same walk. A write racing
+/// with the walk is reported now or marks its page for the next scan: the kernel
+/// reports and protects each page under its page table lock. A migration scans this
+/// way while it waits for its destination, so that the next round's scan, made
+/// frozen, finds only what was written since the last of these however long the wait
+/// was (a 4 GiB round after the first one's 8 s fill froze the workload for 21 ms).
+///
+/// The layout may change under the walk. A walk that fails part way may have
+/// protected pages it could not report (a VMA unmapped and mapped again untracked in
+/// its range makes it EPERM): such a map is returned whole, as written.
+pub fn scan_running(p: Pid) -> Result<Vec<(u64, u64)>> {
+    let maps = kext_shim::procfs::read_layout(p).step(p, || "reading its maps".into())?;
+    let pagemap = Pagemap::open(p).step(p, || "opening pagemap".into())?;
+    let mut found = Vec::new();
+    for m in tracked_maps(&maps) {
+        match dirty::written(&pagemap, m.start, m.end, true) {
+            Ok(Some(runs)) => found.extend(runs),
+            Ok(None) => found.push((m.start, m.end)),
+            Err(e) if e.errno() == Some(kext_shim::Errno::ESRCH) => {
+                return Err(e).step(p, || "reading its writes while it runs".into())
+            }
+            Err(e) => {
+                tracing::debug!(
+                    pid = p.as_raw(),
+                    "{:#x}-{:#x} taken whole: {e}",
+                    m.start,
+                    m.end
+                );
+                found.push((m.start, m.end));
+            }
+        }
+    }
+    Ok(crate::ranges::merge(found))
+}
+
 /// Reads, without freezing anything, how much of the tree at `pid` was written since
 /// a pre-dump started tracking it (whose holder must still hold it): the written bits
 /// alone, nothing protected again. What a preview samples a dirty rate with, with no
@@ -416,9 +474,7 @@ pub fn written_now(pid: Pid) -> Result<WrittenNow> {
     for p in super::freeze::descendants(pid) {
         let maps = kext_shim::procfs::read_layout(p).step(p, || "reading its maps".into())?;
         let pagemap = Pagemap::open(p).step(p, || "opening pagemap".into())?;
-        for m in maps.iter().filter(|m| {
-            !m.shared && m.write && (m.path.is_empty() || m.path == "[heap]" || m.path == "[stack]")
-        }) {
+        for m in tracked_maps(&maps) {
             let len = m.end - m.start;
             let t = std::time::Instant::now();
             let found = dirty::written(&pagemap, m.start, m.end, false);

@@ -19,7 +19,7 @@ mod staging;
 pub mod wire;
 
 use crate::dump::predump::{pre_dump_round, PreDumpOptions};
-use crate::dump::{checkpoint_held, AfterDump, CheckpointOptions, DumpError};
+use crate::dump::{checkpoint_held, track, AfterDump, CheckpointOptions, DumpError};
 use crate::image::Compression;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -135,6 +135,8 @@ pub struct Round {
     pub apply: Duration,
     /// How long it waited, before it began, for the destination to catch up.
     pub waited: Duration,
+    /// How many times it scanned the running tree's writes meanwhile.
+    pub scans: u32,
 }
 
 /// What a migration did, with its blackout split into its parts.
@@ -322,14 +324,21 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
     let mut last_copied = None;
     // Waited for the destination after the round before, when it seemed to fit.
     let mut waited_then = Duration::ZERO;
+    // What scans of the running tree found while waiting, for the next image.
+    let mut seen = Seen::default();
     while (rounds.len() as u32) < opts.max_rounds {
         // One round in flight at most: a source far ahead of the destination would
         // wait for it all at the end, and what was written meanwhile would make a big
         // last round (measured: 1 GiB at 256 MiB/s, rounds down to 6 MiB, then 540).
+        // Scanned meanwhile, so that this round, frozen, finds only what was written
+        // since the last scan: the freeze then depends on the dirty rate, not on how
+        // long the destination took.
         let t = Instant::now();
         while applied + 1 < rounds.len() {
-            let a = r.applied(pid, true)?.expect("blocking");
-            note_applied(&mut rounds, &mut applied, a);
+            match r.applied(pid, Wait::Up(SCAN_WHILE_WAITING))? {
+                Some(a) => note_applied(&mut rounds, &mut applied, a),
+                None => seen.scan(&trackers),
+            }
         }
         let waited = t.elapsed() + std::mem::take(&mut waited_then);
         let name = format!("round-{}", rounds.len());
@@ -343,6 +352,7 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
                 compression: Compression::None,
                 freeze_cgroup: opts.freeze_cgroup.clone(),
                 pages_in_source: in_source,
+                seen: std::mem::take(&mut seen.runs),
             },
             std::mem::take(&mut trackers),
         )?;
@@ -366,10 +376,11 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
             frozen: rep.frozen_for,
             apply: Duration::ZERO,
             waited,
+            scans: std::mem::take(&mut seen.scans),
         });
         // The next round begins while the destination puts this one in place: its
         // answers are taken as they come.
-        while let Some(a) = r.applied(pid, false)? {
+        while let Some(a) = r.applied(pid, Wait::No)? {
             note_applied(&mut rounds, &mut applied, a);
         }
         prev = Some(dir);
@@ -382,8 +393,10 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
             // the rounds were converging.
             let t = Instant::now();
             while applied < rounds.len() {
-                let a = r.applied(pid, true)?.expect("blocking");
-                note_applied(&mut rounds, &mut applied, a);
+                match r.applied(pid, Wait::Up(SCAN_WHILE_WAITING))? {
+                    Some(a) => note_applied(&mut rounds, &mut applied, a),
+                    None => seen.scan(&trackers),
+                }
             }
             if verdict == Converged::GivesUp || t.elapsed() <= opts.max_blackout {
                 break;
@@ -394,8 +407,10 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         }
     }
     while applied < rounds.len() {
-        let a = r.applied(pid, true)?.expect("blocking");
-        note_applied(&mut rounds, &mut applied, a);
+        match r.applied(pid, Wait::Up(SCAN_WHILE_WAITING))? {
+            Some(a) => note_applied(&mut rounds, &mut applied, a),
+            None => seen.scan(&trackers),
+        }
     }
 
     // Without the BPF reader: read while the tree runs, confirmed while it is frozen
@@ -425,6 +440,7 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport> {
         tcp_established: opts.tcp_established,
         prev: prev.clone(),
         prev_held_pids: trackers.iter().map(|t| t.pid().as_raw()).collect(),
+        seen: std::mem::take(&mut seen.runs),
         vm_flags: ahead.clone(),
         lazy: opts.post_copy,
         hot,
@@ -598,6 +614,58 @@ struct Answers {
 /// A frame's kind and payload, owned.
 type Frame = (u16, Vec<u8>);
 
+/// How long to wait for an answer.
+#[derive(Clone, Copy)]
+enum Wait {
+    No,
+    Up(Duration),
+    Forever,
+}
+
+/// How often the source scans the running tree's writes while it waits for the
+/// destination (see [`track::scan_running`]): at 32 MiB/s, a few thousand pages a
+/// scan, where a 4 GiB round after the first one's 8 s fill found 256k.
+const SCAN_WHILE_WAITING: Duration = Duration::from_millis(250);
+
+/// What the scans made while waiting found, for the next round.
+#[derive(Default)]
+struct Seen {
+    /// Per host pid, sorted runs.
+    runs: Vec<(i32, Vec<(u64, u64)>)>,
+    scans: u32,
+}
+
+impl Seen {
+    fn scan(&mut self, trackers: &[kext_shim::dirty::WriteTracker]) {
+        let mut pages = 0;
+        for t in trackers {
+            let p = t.pid();
+            // Gone, or gone since the maps were read: its tracker ends with the next
+            // round, which does not find it.
+            let found = match track::scan_running(p) {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::debug!(pid = p.as_raw(), "not scanned while waiting: {e}");
+                    continue;
+                }
+            };
+            pages += found
+                .iter()
+                .map(|r| (r.1 - r.0) / kext_shim::PAGE_SIZE)
+                .sum::<u64>();
+            match self.runs.iter_mut().find(|r| r.0 == p.as_raw()) {
+                Some(r) => r.1 = crate::ranges::union(&r.1, &found),
+                None => self.runs.push((p.as_raw(), found)),
+            }
+        }
+        self.scans += 1;
+        tracing::debug!(
+            "scan {} of the writes while waiting for the destination: {pages} pages",
+            self.scans
+        );
+    }
+}
+
 impl Answers {
     /// Post-copy's requests go to `pages`, the rest to [`Answers::next`].
     fn start(mut r: wire::Reader, pages: std::sync::mpsc::Sender<postcopy::ToServer>) -> Self {
@@ -618,16 +686,21 @@ impl Answers {
         Self { rx }
     }
 
-    /// The next answer; None when `block` is false and none has come yet.
-    fn next(&self, pid: i32, block: bool) -> Result<Option<Frame>> {
-        let got = if block {
-            self.rx.recv().ok()
-        } else {
-            match self.rx.try_recv() {
+    /// The next answer; None when none came in the time `wait` allows.
+    fn next(&self, pid: i32, wait: Wait) -> Result<Option<Frame>> {
+        use std::sync::mpsc::RecvTimeoutError;
+        let got = match wait {
+            Wait::Forever => self.rx.recv().ok(),
+            Wait::No => match self.rx.try_recv() {
                 Ok(got) => Some(got),
                 Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(None),
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
-            }
+            },
+            Wait::Up(d) => match self.rx.recv_timeout(d) {
+                Ok(got) => Some(got),
+                Err(RecvTimeoutError::Timeout) => return Ok(None),
+                Err(RecvTimeoutError::Disconnected) => None,
+            },
         };
         match got {
             Some(Ok(Some(f))) => Ok(Some(f)),
@@ -643,10 +716,10 @@ impl Answers {
         }
     }
 
-    /// The destination's word that the next round is in place, if it came (or, with
-    /// `block`, once it comes).
-    fn applied(&self, pid: i32, block: bool) -> Result<Option<wire::Applied>> {
-        let Some((kind, payload)) = self.next(pid, block)? else {
+    /// The destination's word that the next round is in place, if it came in the
+    /// time `wait` allows.
+    fn applied(&self, pid: i32, wait: Wait) -> Result<Option<wire::Applied>> {
+        let Some((kind, payload)) = self.next(pid, wait)? else {
             return Ok(None);
         };
         let payload = answer(pid, wire::APPLIED, kind, payload)?;
@@ -665,7 +738,7 @@ fn note_applied(rounds: &mut [Round], applied: &mut usize, a: wire::Applied) {
 
 /// Reads the destination's next answer, which must be of `kind`; returns its payload.
 fn expect(r: &mut Answers, pid: i32, kind: u16) -> Result<Vec<u8>> {
-    let (got, payload) = r.next(pid, true)?.expect("blocking");
+    let (got, payload) = r.next(pid, Wait::Forever)?.expect("blocking");
     answer(pid, kind, got, payload)
 }
 
@@ -764,6 +837,7 @@ mod tests {
             frozen: Duration::ZERO,
             apply: Duration::from_millis(apply_ms),
             waited: Duration::from_millis(waited_ms),
+            scans: 0,
         }
     }
 
