@@ -638,6 +638,7 @@ struct Seen {
 impl Seen {
     fn scan(&mut self, trackers: &[kext_shim::dirty::WriteTracker]) {
         let mut pages = 0;
+        let t0 = Instant::now();
         for t in trackers {
             let p = t.pid();
             // Gone, or gone since the maps were read: its tracker ends with the next
@@ -660,8 +661,9 @@ impl Seen {
         }
         self.scans += 1;
         tracing::debug!(
-            "scan {} of the writes while waiting for the destination: {pages} pages",
-            self.scans
+            "scan {} of the writes while waiting for the destination: {pages} pages in {:?}",
+            self.scans,
+            t0.elapsed()
         );
     }
 }

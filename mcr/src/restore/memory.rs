@@ -322,9 +322,14 @@ pub(super) fn fill(
     let mut allowed: Option<Vec<(u64, u64)>> = None;
     for (&parent, &child) in parents.iter().zip(chain) {
         let Some(pp) = &mm.parent else { break };
-        let next = match &allowed {
-            None => pp.ranges.clone(),
-            Some(a) => intersect(a, &pp.ranges),
+        // Narrowed to `older` from the first parent on: a warm update's is a few
+        // fresh VMAs, where the chain below is a list of every page a round did not
+        // write (150k runs at 4 GiB after a long wait), walked once per parent in the
+        // blackout otherwise.
+        let next = match (&allowed, scope.older) {
+            (None, None) => pp.ranges.clone(),
+            (None, Some(o)) => intersect(&pp.ranges, o),
+            (Some(a), _) => intersect(a, &pp.ranges),
         };
         if next.is_empty() {
             break;
@@ -340,11 +345,7 @@ pub(super) fn fill(
                 ),
             }));
         };
-        let wanted = match scope.older {
-            Some(o) => intersect(&next, o),
-            None => next.clone(),
-        };
-        layers.push((parent, pp.pid, Some(wanted)));
+        layers.push((parent, pp.pid, Some(next.clone())));
         allowed = Some(next);
         mm = &q.mm;
     }
