@@ -16,7 +16,8 @@
 
 use clap::Parser;
 use mcr::migrate::local::{
-    line_starting, reported_pause_end_ms, reported_pause_ms, LocalDestination,
+    line_starting, reported_own_pause_ms, reported_pause_end_ms, reported_pause_ms,
+    LocalDestination,
 };
 use std::io::BufReader;
 use std::path::PathBuf;
@@ -47,6 +48,11 @@ struct Run {
     mode: String,
     /// What the workload saw.
     pause_ms: f64,
+    /// The same with the host's steal taken out of each gap of the workload's loop: a
+    /// gap in which its thread was never switched out counts only the time it ran.
+    own_pause_ms: Option<f64>,
+    own_in_blackout: Option<bool>,
+    own_ended_after_ms: Option<f64>,
     /// Whether that pause overlapped mcr's blackout (from the freeze to the
     /// destination's word), or fell elsewhere in the migration.
     in_blackout: Option<bool>,
@@ -123,26 +129,45 @@ fn one(mcr: &std::path::Path, size: usize, rate: f64, mode: &str) -> Result<Run,
         return Err(format!("the workload says: {verdict} (exit {code:?})"));
     }
     let pause_ms = reported_pause_ms(&verdict).ok_or(format!("no pause in {verdict:?}"))?;
-    let ended_after_ms = reported_pause_end_ms(&verdict)
-        .zip(report["blackout_began_ms"].as_f64())
-        .map(|(end, began)| end as f64 - began);
-    let in_blackout = reported_pause_end_ms(&verdict).and_then(|end| {
-        let began = report["blackout_began_ms"].as_f64()?;
-        let blackout = report["blackout_ms"].as_f64()?;
-        let end = end as f64;
-        // Both on this host's wall clock, to the millisecond.
-        Some(end - pause_ms <= began + blackout + 1.0 && end + 1.0 >= began)
-    });
+    let pause_end = reported_pause_end_ms(&verdict);
+    let (ended_after_ms, in_blackout) = placed(pause_end, pause_ms, &report);
+    let own = reported_own_pause_ms(&verdict);
+    let (own_ended_after_ms, own_in_blackout) =
+        placed(own.map(|o| o.1), own.map_or(0.0, |o| o.0), &report);
     Ok(Run {
         size,
         rate,
         mode: mode.into(),
         pause_ms,
+        own_pause_ms: own.map(|o| o.0),
+        own_in_blackout,
+        own_ended_after_ms,
         in_blackout,
         ended_after_ms,
         steal_ms: steal,
         report,
     })
+}
+
+/// Where a pause of the workload ended, in ms after mcr's blackout began, and whether
+/// it overlapped the blackout (from the freeze to the destination's word).
+fn placed(
+    end: Option<u64>,
+    pause_ms: f64,
+    report: &serde_json::Value,
+) -> (Option<f64>, Option<bool>) {
+    let (Some(end), Some(began), Some(blackout)) = (
+        end.map(|e| e as f64),
+        report["blackout_began_ms"].as_f64(),
+        report["blackout_ms"].as_f64(),
+    ) else {
+        return (None, None);
+    };
+    // Both on this host's wall clock, to the millisecond.
+    (
+        Some(end - began),
+        Some(end - pause_ms <= began + blackout + 1.0 && end + 1.0 >= began),
+    )
 }
 
 /// Each CPU's steal time so far, in ms (/proc/stat `cpuN` lines, eighth field).
@@ -314,15 +339,29 @@ fn main() -> std::process::ExitCode {
                         .filter_map(|r| r.report["blackout_ms"].as_f64())
                         .collect(),
                 );
+                let own: Vec<f64> = these.iter().filter_map(|r| r.own_pause_ms).collect();
+                let (own_lo, own_hi) = own
+                    .iter()
+                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
+                        (a.min(x), b.max(x))
+                    });
+                let own = median(own);
+                let own_inside = these
+                    .iter()
+                    .filter(|r| r.own_in_blackout == Some(true))
+                    .count();
                 let inside = these.iter().filter(|r| r.in_blackout == Some(true)).count();
                 let steal = these.iter().filter_map(|r| r.steal_ms).fold(0.0, f64::max);
                 println!(
-                    "{mode:>13} {size:>5} MiB {rate:>6} MiB/s: pause {pause:8.1} ms ({lo:.1}-{hi:.1}), in the blackout in {inside} of {}; the source's blackout {blackout:.1} ms (dump {dump:.1}, transfer {transfer:.1}, restore {restore:.1}); total {total:.0} ms; host steal up to {steal:.0} ms",
+                    "{mode:>13} {size:>5} MiB {rate:>6} MiB/s: pause {pause:8.1} ms ({lo:.1}-{hi:.1}), without the host's steal {own:.1} ms ({own_lo:.1}-{own_hi:.1}), in the blackout in {inside} and {own_inside} of {}; the source's blackout {blackout:.1} ms (dump {dump:.1}, transfer {transfer:.1}, restore {restore:.1}); total {total:.0} ms; host steal up to {steal:.0} ms",
                     these.len()
                 );
                 rows.push(serde_json::json!({
                     "mode": mode, "size_mib": size, "rate_mib_s": rate, "runs": these.len(),
                     "median_pause_ms": pause, "min_pause_ms": lo, "max_pause_ms": hi,
+                    "median_pause_without_steal_ms": own, "min_pause_without_steal_ms": own_lo,
+                    "max_pause_without_steal_ms": own_hi,
+                    "pauses_without_steal_in_blackout": own_inside,
                     "median_total_ms": total,
                     "median_freeze_and_dump_ms": dump, "median_transfer_ms": transfer,
                     "median_restore_ms": restore, "median_blackout_ms": blackout,
@@ -342,7 +381,10 @@ fn main() -> std::process::ExitCode {
         .map(|r| {
             serde_json::json!({
                 "mode": r.mode, "size_mib": r.size, "rate_mib_s": r.rate,
-                "pause_ms": r.pause_ms, "pause_in_blackout": r.in_blackout,
+                "pause_ms": r.pause_ms, "pause_without_steal_ms": r.own_pause_ms,
+                "pause_without_steal_in_blackout": r.own_in_blackout,
+                "pause_without_steal_ended_after_blackout_began_ms": r.own_ended_after_ms,
+                "pause_in_blackout": r.in_blackout,
                 "pause_ended_after_blackout_began_ms": r.ended_after_ms,
                 "steal_ms": r.steal_ms,
                 "report": r.report,
