@@ -196,6 +196,13 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The smallest and the largest.
+fn range(v: impl Iterator<Item = f64>) -> (f64, f64) {
+    v.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
+        (a.min(x), b.max(x))
+    })
+}
+
 /// One line of the plot: a mode at a rate, (size MiB, median pause ms) per size.
 struct Line {
     name: String,
@@ -327,12 +334,7 @@ fn main() -> std::process::ExitCode {
                     part("transfer_ms"),
                     part("restore_ms"),
                 );
-                let (lo, hi) = these
-                    .iter()
-                    .map(|r| r.pause_ms)
-                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
-                        (a.min(x), b.max(x))
-                    });
+                let (lo, hi) = range(these.iter().map(|r| r.pause_ms));
                 let blackout = median(
                     these
                         .iter()
@@ -340,11 +342,7 @@ fn main() -> std::process::ExitCode {
                         .collect(),
                 );
                 let own: Vec<f64> = these.iter().filter_map(|r| r.own_pause_ms).collect();
-                let (own_lo, own_hi) = own
-                    .iter()
-                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
-                        (a.min(x), b.max(x))
-                    });
+                let (own_lo, own_hi) = range(own.iter().copied());
                 let own = median(own);
                 let own_inside = these
                     .iter()
