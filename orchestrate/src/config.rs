@@ -48,9 +48,10 @@ pub enum Mode {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Disks {
-    /// The directory the surrogate's root is cloned in (a tree or an image file).
+    /// The directory the root is cloned in for the fix (a tree or an image file).
     pub clone: PathBuf,
-    /// Where the mirror of the original root is kept.
+    /// The directory the mirror of the original root, which the workload resumes
+    /// on, is made in.
     pub mirror: PathBuf,
 }
 

@@ -222,8 +222,8 @@ pub fn run(plan: &DemoPlan) -> Result<DemoReport, String> {
     use std::sync::atomic::{AtomicBool, Ordering};
     let dir = &plan.dir;
     if dir.exists() {
-        // A run that died may have left its clones mounted.
-        for d in ["clones", "disks"] {
+        // A run that died may have left its disks mounted, mirrors (on the rest) first.
+        for d in ["mirrors", "clones", "disks"] {
             if let Ok(rd) = std::fs::read_dir(dir.join(d)) {
                 for e in rd.flatten() {
                     let _ = crate::disk::release(&e.path());
@@ -276,7 +276,7 @@ pub fn run(plan: &DemoPlan) -> Result<DemoReport, String> {
     let fixes = dir.join("fixes");
     std::fs::create_dir_all(&fixes).map_err(step("making the fix directory"))?;
     let greeting = fixes.join("greeting");
-    std::fs::write(&greeting, "hello from the patched clone\n").map_err(step("writing the fix"))?;
+    std::fs::write(&greeting, "hello after fix DEMO-1\n").map_err(step("writing the fix"))?;
     let bundle = fixes.join("DEMO-1.tar.zst");
     crate::fix::create(
         &bundle,
@@ -338,6 +338,7 @@ pub fn run(plan: &DemoPlan) -> Result<DemoReport, String> {
         fix: Some(bundle),
         onto: None,
         clone_dir: dir.join("clones"),
+        mirror_dir: dir.join("mirrors"),
         partition_id: None,
         mcr: plan.mcr.clone(),
         max_blackout_ms: plan.max_blackout_ms,

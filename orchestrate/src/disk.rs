@@ -1,4 +1,5 @@
-//! Root disks: clones for the surrogate, and the sample disk of the demo.
+//! Root disks: clones to apply a fix to, mirrors for the workload to resume on, and
+//! the sample disk of the demo.
 //!
 //! A disk is a directory tree, or an image: a file holding a file system (ext4,
 //! xfs or btrfs), which [`files`] attaches to a loop device and mounts under
@@ -44,13 +45,14 @@ pub const ROOTS: &str = "/run/liveupdate/roots";
 pub enum Kind {
     Tree,
     Image,
-    /// A clone of a tree as an overlay on it: a directory holding [`OVERLAY_MARK`]
-    /// (the tree's path), the `upper` and `work` directories, and `merged`, where the
-    /// overlay is mounted.
+    /// A disk as an overlay on another (a clone of a tree, or a mirror): a directory
+    /// holding [`OVERLAY_MARK`] (the disk under it), the `upper` and `work`
+    /// directories, and `merged`, where the overlay is mounted.
     Overlay,
 }
 
-/// The file that makes a directory an overlay clone; it holds the lower tree's path.
+/// The file that makes a directory an overlay; it holds the path of the disk under it
+/// (a tree, an image, or an overlay whose layers it then sees through).
 pub const OVERLAY_MARK: &str = "liveupdate-overlay";
 
 /// What `disk` is, or why it is neither.
@@ -208,29 +210,81 @@ fn located(
     Ok((at, err))
 }
 
-/// Mounts overlay clone `disk` at its `merged`.
-fn mount_overlay(disk: &Path) -> Result<PathBuf, DiskError> {
+/// The disk overlay `disk` is on, as its mark says.
+fn under(disk: &Path) -> Result<PathBuf, DiskError> {
     let (d, err) = located(disk)?;
     let lower = std::fs::read_to_string(d.join(OVERLAY_MARK))
-        .map_err(|e| err("reading which tree it is over", e.to_string()))?;
-    let lower = Path::new(lower.trim_end_matches('\n'));
+        .map_err(|e| err("reading which disk it is over", e.to_string()))?;
+    Ok(PathBuf::from(lower.trim_end_matches('\n')))
+}
+
+/// The disks overlay `disk` rests on, nearest first: what must stay (and stay
+/// mounted, for an image) while it is used. Nothing for a tree or an image.
+pub fn rests_on(disk: &Path) -> Vec<PathBuf> {
+    let mut all = Vec::new();
+    let mut at = disk.to_path_buf();
+    while kind(&at).ok() == Some(Kind::Overlay) {
+        let Ok(d) = under(&at) else { break };
+        if all.contains(&d) || all.len() > 64 {
+            break;
+        }
+        all.push(d.clone());
+        at = d;
+    }
+    all
+}
+
+/// The lower layers of overlay `disk`, top first. An overlay on an overlay takes
+/// that one's layer and what is under it, not its mount: stacked mounts stop at a
+/// depth of two, a list of layers does not.
+fn lower_layers(disk: &Path) -> Result<Vec<PathBuf>, DiskError> {
+    let mut layers = Vec::new();
+    let mut at = under(disk)?;
+    loop {
+        match kind(&at)? {
+            Kind::Overlay => {
+                layers.push(at.canonicalize().unwrap_or(at.clone()).join("upper"));
+                at = under(&at)?;
+            }
+            _ => {
+                layers.push(files(&at)?);
+                return Ok(layers);
+            }
+        }
+        if layers.len() > 64 {
+            return Err(DiskError::Image {
+                path: disk.display().to_string(),
+                step: "finding its layers",
+                why: "more than 64 overlays under it: a loop?".into(),
+            });
+        }
+    }
+}
+
+/// Mounts overlay `disk` at its `merged`.
+fn mount_overlay(disk: &Path) -> Result<PathBuf, DiskError> {
+    let (d, err) = located(disk)?;
+    let lowers = lower_layers(&d)?;
     let (upper, work, merged) = (d.join("upper"), d.join("work"), d.join("merged"));
-    let mut options = Vec::new();
-    for (name, dir) in [
-        ("lowerdir", lower),
-        ("upperdir", &upper),
-        ("workdir", &work),
-    ] {
+    for dir in lowers.iter().chain([&upper, &work]) {
         let text = dir.display().to_string();
         // The option string's own separators, which mount(2) does not let us escape.
         if text.contains([',', ':', '\\']) || !dir.is_absolute() {
             return Err(err(
                 "mounting it",
-                format!("{name} {text}: a path with ',', ':' or '\\' cannot be an overlay's layer"),
+                format!("{text}: a path with ',', ':' or '\\' cannot be an overlay's layer"),
             ));
         }
-        options.push(format!("{name}={text}"));
     }
+    let shown = |d: &PathBuf| d.display().to_string();
+    let options = [
+        format!(
+            "lowerdir={}",
+            lowers.iter().map(shown).collect::<Vec<_>>().join(":")
+        ),
+        format!("upperdir={}", shown(&upper)),
+        format!("workdir={}", shown(&work)),
+    ];
     nix::mount::mount(
         Some("overlay"),
         &merged,
@@ -470,13 +524,7 @@ pub fn probe(from: &Path, dir: &Path) -> Method {
     if std::fs::create_dir_all(dir).is_err() {
         return Method::Copy;
     }
-    // A probe killed half-way leaves its scratch, perhaps with an overlay mounted.
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if e.file_name().to_string_lossy().starts_with(".probe-") {
-            let _ = release(&e.path().join("overlay"));
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
+    clear_probes(dir);
     let Ok(scratch) = tempfile::Builder::new().prefix(".probe-").tempdir_in(dir) else {
         return Method::Copy;
     };
@@ -508,6 +556,17 @@ pub fn probe(from: &Path, dir: &Path) -> Method {
     Method::Copy
 }
 
+/// What a probe killed half-way left in `dir`: its scratch, perhaps with an overlay
+/// mounted.
+fn clear_probes(dir: &Path) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with(".probe-") {
+            let _ = release(&e.path().join("overlay"));
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// A regular file somewhere under `dir`.
 fn first_file(dir: &Path) -> Option<PathBuf> {
     for e in std::fs::read_dir(dir).ok()?.flatten() {
@@ -524,15 +583,57 @@ fn first_file(dir: &Path) -> Option<PathBuf> {
     None
 }
 
-/// Makes `to` an overlay clone of tree `from`, and mounts it once to know it works
-/// (the file system under `to` may be one an overlay's upper layer cannot be on).
+/// Makes `at` a mirror of disk `of` (a tree, an image or an overlay): an overlay
+/// that shows `of`'s files as they are, written or not, and keeps what is written
+/// through it in a layer of its own, so that `of` is left as it was.
+pub fn mirror(of: &Path, at: &Path) -> Result<(), DiskError> {
+    let err = |why: String| DiskError::Clone {
+        from: of.display().to_string(),
+        to: at.display().to_string(),
+        why,
+    };
+    if at.exists() {
+        return Err(err("the target exists".into()));
+    }
+    overlay(of, at).map_err(|why| {
+        let _ = release(at);
+        let _ = std::fs::remove_dir_all(at);
+        err(why)
+    })
+}
+
+/// Whether a mirror of `of` can be made in `dir`: one made in a scratch directory
+/// there, mounted, and removed.
+pub fn can_mirror(of: &Path, dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    clear_probes(dir);
+    let scratch = tempfile::Builder::new()
+        .prefix(".probe-")
+        .tempdir_in(dir)
+        .map_err(|e| e.to_string())?;
+    let at = scratch.path().join("overlay");
+    let made = mirror(of, &at).map_err(|e| e.to_string());
+    let _ = release(&at);
+    made
+}
+
+/// Makes `to` an overlay on disk `from`, and mounts it once to know it works (the
+/// file system under `to` may be one an overlay's upper layer cannot be on).
 fn overlay(from: &Path, to: &Path) -> Result<(), String> {
     let lower = from.canonicalize().map_err(|e| e.to_string())?;
     for d in ["upper", "work", "merged"] {
         std::fs::create_dir_all(to.join(d)).map_err(|e| e.to_string())?;
     }
-    // The top of the clone is the original's: its mode and owner.
-    let top = std::fs::metadata(&lower).map_err(|e| e.to_string())?;
+    // The top of the overlay is the original's: its mode and owner.
+    let top = files(&lower)
+        .and_then(|f| {
+            std::fs::metadata(&f).map_err(|e| DiskError::Image {
+                path: f.display().to_string(),
+                step: "looking at it",
+                why: e.to_string(),
+            })
+        })
+        .map_err(|e| e.to_string())?;
     {
         use std::os::unix::fs::MetadataExt;
         std::fs::set_permissions(to.join("upper"), top.permissions()).map_err(|e| e.to_string())?;
@@ -749,6 +850,81 @@ mod tests {
         assert_eq!(greeting(&second), "the clone's\n");
         remove(&copy).unwrap();
         assert!(!copy.exists());
+    }
+
+    /// A mirror of an image shows what is written to the image, keeps what is written
+    /// through it to itself, and a mirror of that mirror sees both through one overlay
+    /// (its layers listed, not its mount stacked).
+    #[test]
+    fn a_mirror_shows_its_originals_writes_and_keeps_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("root.img");
+        sample_image(&img, Path::new("/bin/true"), &[("/etc/greeting", "hi\n")]).unwrap();
+        let img = img.canonicalize().unwrap();
+        let (m1, m2) = (dir.path().join("mirror/1"), dir.path().join("mirror/2"));
+        struct Release(Vec<PathBuf>);
+        impl Drop for Release {
+            fn drop(&mut self) {
+                for d in &self.0 {
+                    let _ = release(d);
+                }
+            }
+        }
+        let _release = Release(vec![m2.clone(), m1.clone(), img.clone()]);
+        assert!(can_mirror(&img, &dir.path().join("mirror")).is_ok());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("mirror"))
+                .unwrap()
+                .count(),
+            0,
+            "the probe left something"
+        );
+        mirror(&img, &m1).unwrap();
+        assert!(mirror(&img, &m1).is_err(), "made twice");
+        assert_eq!(kind(&m1).unwrap(), Kind::Overlay);
+        assert_eq!(rests_on(&m1), vec![img.clone()]);
+        let (o, a) = (files(&img).unwrap(), files(&m1).unwrap());
+        let read = |root: &Path, f: &str| std::fs::read_to_string(root.join(f)).ok();
+        std::fs::write(o.join("etc/greeting"), "written by the original\n").unwrap();
+        std::fs::write(o.join("tmp/new"), "made by the original\n").unwrap();
+        assert_eq!(
+            read(&a, "etc/greeting").unwrap(),
+            "written by the original\n"
+        );
+        assert_eq!(read(&a, "tmp/new").unwrap(), "made by the original\n");
+        std::fs::write(a.join("tmp/mirrors"), "the mirror's\n").unwrap();
+        assert_eq!(
+            read(&o, "tmp/mirrors"),
+            None,
+            "the original is left as it was"
+        );
+
+        mirror(&m1, &m2).unwrap();
+        assert_eq!(rests_on(&m2), vec![m1.canonicalize().unwrap(), img.clone()]);
+        let b = files(&m2).unwrap();
+        assert_eq!(read(&b, "tmp/mirrors").unwrap(), "the mirror's\n");
+        assert_eq!(read(&b, "tmp/new").unwrap(), "made by the original\n");
+        let mounts = kext_shim::procfs::read_mountinfo(kext_shim::Pid::this()).unwrap();
+        let m = mounts
+            .iter()
+            .find(|m| Path::new(&m.mount_point) == b)
+            .expect("mounted");
+        let lower = format!(
+            "lowerdir={}:{}",
+            m1.canonicalize().unwrap().join("upper").display(),
+            o.display()
+        );
+        assert!(
+            m.super_options.split(',').any(|x| x == lower),
+            "{}",
+            m.super_options
+        );
+        for d in [&m2, &m1] {
+            remove(d).unwrap();
+            assert!(!d.exists());
+        }
+        release(&img).unwrap();
+        assert_eq!(mounted_at(&img), None);
     }
 
     #[test]

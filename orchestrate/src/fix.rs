@@ -330,7 +330,81 @@ fn set_state(dir: &Path, s: State, time: u64) -> Result<()> {
 /// beside its target and renamed over it, with its mode), the post script; recorded
 /// as installing (I) first, then stable (S), or broken (B) if a step failed.
 pub fn apply(b: &Bundle, root: &Path) -> Result<Installed> {
-    use std::os::unix::fs::PermissionsExt;
+    stage(b, root)?.commit()
+}
+
+/// Writes `b`'s files into the root `root` beside their targets, recorded as
+/// installing; [`Staged::commit`] then does the rest of [`apply`]. In a running
+/// workload's root, that is how a package manager updates a live system: a process
+/// that holds a target keeps the file it had, and the next open gets the fix's.
+pub fn stage(b: &Bundle, root: &Path) -> Result<Staged> {
+    let (dir, time) = begin(b, root)?;
+    write_beside(b, root, dir.clone(), time).inspect_err(|_| {
+        let _ = set_state(&dir, State::Broken, time);
+    })
+}
+
+/// A fix's files beside their targets, not yet in place, nor its scripts run.
+#[derive(Debug)]
+pub struct Staged {
+    root: PathBuf,
+    label: String,
+    summary: String,
+    pre: Option<Vec<u8>>,
+    post: Option<Vec<u8>>,
+    record: PathBuf,
+    time: u64,
+    /// Each file written, and the target it goes over.
+    moves: Vec<(PathBuf, PathBuf)>,
+}
+
+impl Staged {
+    /// The pre script, every file in place, the post script: recorded stable, or
+    /// broken if a step failed.
+    pub fn commit(self) -> Result<Installed> {
+        let steps = || -> Result<()> {
+            if let Some(s) = &self.pre {
+                run_script(&self.root, &self.label, "pre", s)?;
+            }
+            self.put_in_place()?;
+            if let Some(s) = &self.post {
+                run_script(&self.root, &self.label, "post", s)?;
+            }
+            Ok(())
+        };
+        if let Err(e) = steps() {
+            let _ = set_state(&self.record, State::Broken, self.time);
+            // What did not go in is not left beside its target.
+            for (tmp, _) in &self.moves {
+                let _ = std::fs::remove_file(tmp);
+            }
+            return Err(e);
+        }
+        set_state(&self.record, State::Stable, self.time)?;
+        Ok(Installed {
+            label: self.label,
+            summary: self.summary,
+            state: State::Stable,
+            time: self.time,
+        })
+    }
+
+    /// How many files it puts in place.
+    pub fn files(&self) -> usize {
+        self.moves.len()
+    }
+
+    fn put_in_place(&self) -> Result<()> {
+        for (tmp, target) in &self.moves {
+            std::fs::rename(tmp, target).map_err(io(target))?;
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a fix `root` has applied already, and records it there as installing: its
+/// record's directory and the time.
+fn begin(b: &Bundle, root: &Path) -> Result<(PathBuf, u64)> {
     let m = &b.manifest;
     let dir = record_dir(root, &m.label);
     if let Ok(s) = std::fs::read_to_string(dir.join("state")) {
@@ -351,44 +425,47 @@ pub fn apply(b: &Bundle, root: &Path) -> Result<Installed> {
     )
     .map_err(io(&manifest))?;
     set_state(&dir, State::Installing, time)?;
-    let broken = |e: FixError| {
-        let _ = set_state(&dir, State::Broken, time);
-        e
-    };
-    if let Some(s) = &b.pre {
-        run_script(root, &m.label, "pre", s).map_err(broken)?;
-    }
-    for (f, data) in m.files.iter().zip(&b.files) {
+    Ok((dir, time))
+}
+
+/// Each of `b`'s files written beside its target, with its mode; none of them, if
+/// one could not be (a full disk, say).
+fn write_beside(b: &Bundle, root: &Path, record: PathBuf, time: u64) -> Result<Staged> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut moves: Vec<(PathBuf, PathBuf)> = Vec::new();
+    for (f, data) in b.manifest.files.iter().zip(&b.files) {
         let target = root.join(f.target.trim_start_matches('/'));
         let parent = target.parent().unwrap_or(root);
-        std::fs::create_dir_all(parent)
-            .map_err(io(parent))
-            .map_err(broken)?;
         let tmp = parent.join(format!(
             ".{}.liveupdate",
             target
                 .file_name()
                 .map_or("new".into(), |n| n.to_string_lossy())
         ));
-        std::fs::write(&tmp, data)
-            .map_err(io(&tmp))
-            .map_err(broken)?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(f.mode))
-            .map_err(io(&tmp))
-            .map_err(broken)?;
-        std::fs::rename(&tmp, &target)
-            .map_err(io(&target))
-            .map_err(broken)?;
+        let written = std::fs::create_dir_all(parent)
+            .map_err(io(parent))
+            .and_then(|()| std::fs::write(&tmp, data).map_err(io(&tmp)))
+            .and_then(|()| {
+                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(f.mode))
+                    .map_err(io(&tmp))
+            });
+        moves.push((tmp, target));
+        if let Err(e) = written {
+            for (tmp, _) in &moves {
+                let _ = std::fs::remove_file(tmp);
+            }
+            return Err(e);
+        }
     }
-    if let Some(s) = &b.post {
-        run_script(root, &m.label, "post", s).map_err(broken)?;
-    }
-    set_state(&dir, State::Stable, time)?;
-    Ok(Installed {
-        label: m.label.clone(),
-        summary: m.summary.clone(),
-        state: State::Stable,
+    Ok(Staged {
+        root: root.to_path_buf(),
+        label: b.manifest.label.clone(),
+        summary: b.manifest.summary.clone(),
+        pre: b.pre.clone(),
+        post: b.post.clone(),
+        record,
         time,
+        moves,
     })
 }
 
@@ -476,6 +553,77 @@ mod tests {
             pre: None,
             post: None,
         }
+    }
+
+    /// Staged in a running root, a fix is installing until it commits; then a file
+    /// held open across the commit is still the one it was, and the next open is the
+    /// fix's.
+    #[test]
+    fn a_staged_fix_goes_in_at_commit_and_what_is_held_stays_as_it_was() {
+        use std::io::Read;
+        let tmp = tempfile::tempdir().unwrap();
+        let fix = tmp.path().join("fix.tar.zst");
+        create(&fix, &new_fix(tmp.path())).unwrap();
+        let b = open(&fix).unwrap();
+        let root = tmp.path().join("root");
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::write(root.join("etc/fixed.conf"), b"fixed = no\n").unwrap();
+        let mut held = std::fs::File::open(root.join("etc/fixed.conf")).unwrap();
+        let staged = stage(&b, &root).unwrap();
+        assert_eq!(staged.files(), 2);
+        let state = || list(&root).unwrap()[0].state;
+        assert_eq!(state(), State::Installing);
+        assert_eq!(
+            std::fs::read(root.join("etc/fixed.conf")).unwrap(),
+            b"fixed = no\n",
+            "in place before the commit"
+        );
+        assert!(!root.join("usr/lib/libfixed.so.1").exists());
+        assert_eq!(staged.commit().unwrap().state, State::Stable);
+        assert_eq!(state(), State::Stable);
+        assert_eq!(
+            std::fs::read(root.join("etc/fixed.conf")).unwrap(),
+            b"fixed = yes\n"
+        );
+        let mut was = Vec::new();
+        held.read_to_end(&mut was).unwrap();
+        assert_eq!(was, b"fixed = no\n");
+        assert!(stage(&b, &root).is_err(), "applied already");
+        let leftovers: Vec<_> = std::fs::read_dir(root.join("etc"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".liveupdate"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    /// Staged, a fix's scripts wait for the commit too: the pre script then sees the
+    /// root as it was, the post script the fix in place.
+    #[test]
+    fn a_staged_fixs_scripts_run_at_its_commit_around_its_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        root_with_shell(&root);
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::write(root.join("etc/fixed.conf"), "fixed = no\n").unwrap();
+        let mut f = new_fix(tmp.path());
+        for (which, to) in [("pre", "/pre-saw"), ("post", "/post-saw")] {
+            std::fs::write(
+                tmp.path().join(which),
+                format!("read l < /etc/fixed.conf; echo \"$l\" > {to}\n"),
+            )
+            .unwrap();
+        }
+        f.pre = Some(tmp.path().join("pre"));
+        f.post = Some(tmp.path().join("post"));
+        let fix = tmp.path().join("fix.tar.zst");
+        create(&fix, &f).unwrap();
+        let staged = stage(&open(&fix).unwrap(), &root).unwrap();
+        assert!(!root.join("pre-saw").exists(), "run at the stage");
+        staged.commit().unwrap();
+        let read = |f: &str| std::fs::read_to_string(root.join(f)).unwrap();
+        assert_eq!(read("pre-saw"), "fixed = no\n");
+        assert_eq!(read("post-saw"), "fixed = yes\n");
     }
 
     #[test]
@@ -589,6 +737,7 @@ mod tests {
         let e = apply(&open(&fix).unwrap(), &root2).unwrap_err();
         assert!(matches!(e, FixError::Script { which: "pre", .. }), "{e}");
         assert!(!root2.join("usr/lib/libfixed.so.1").exists());
+        assert!(!root2.join("usr/lib/.libfixed.so.1.liveupdate").exists());
         let l = list(&root2).unwrap();
         assert_eq!(
             (l[0].label.as_str(), l[0].state),

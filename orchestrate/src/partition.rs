@@ -6,9 +6,10 @@
 //! sandbox: a live update moves it to the surrogate with the workload.
 //!
 //! Its processes see their root at `mount_at`, a bind mount of the disk in their own
-//! mount namespace. A surrogate binds its clone there, so the workload keeps every
-//! path it had, served by the clone (mcr restores a tree's own binds from what the
-//! restorer sees there).
+//! mount namespace. A surrogate's disk is a mirror of the original's (an overlay on
+//! it, see `disk::mirror`), bound there, so the workload keeps every path it had and
+//! every file it holds (mcr restores a tree's own binds from what the restorer sees
+//! there).
 //!
 //! Everything here goes through tools (`ip`, `nsenter`, `unshare`) and cgroupfs; the
 //! console (`console.rs`) is the one that calls it.
@@ -719,8 +720,17 @@ impl Host {
         {
             let _ = std::fs::remove_dir(&p.mount_at);
         }
-        if !parts.iter().any(|o| o.disk == p.disk) {
-            crate::disk::release(&p.disk).map_err(|e| PartitionError::Refused {
+        // So is what it rested on (the original root under a mirror), unless it is
+        // still used or rested on.
+        let used = |d: &Path| {
+            parts
+                .iter()
+                .any(|o| o.disk == d || crate::disk::rests_on(&o.disk).iter().any(|u| u == d))
+        };
+        let mut disks = vec![p.disk.clone()];
+        disks.extend(crate::disk::rests_on(&p.disk));
+        for d in disks.iter().filter(|d| !used(d)) {
+            crate::disk::release(d).map_err(|e| PartitionError::Refused {
                 name: name.into(),
                 what: e.to_string(),
             })?;

@@ -353,25 +353,27 @@ fn look(plan: &Plan, max_blackout_ms: u64, mut pv: Preview) -> Preview {
         })
         .unwrap_or_else(|_| vec![init]);
 
-    // A fix that replaces what the workload holds would be found changed at restore.
+    // The workload resumes on a mirror of its root and the fix's files are put in
+    // place after: what it holds, it keeps as it was. Said, for the operator to know
+    // that such a process runs the old file until it opens it again.
     if let Some(b) = &bundle {
         let held = held_files(&members);
-        let mut clash = Vec::new();
+        let mut kept = Vec::new();
         for f in &b.manifest.files {
             let at = p.mount_at.join(f.target.trim_start_matches('/'));
             let at = at.display().to_string();
             if let Some((pid, _)) = held.iter().find(|(_, h)| *h == at) {
-                clash.push(format!("{} (held by pid {pid})", f.target));
+                kept.push(format!("{} (pid {pid})", f.target));
             }
         }
         pv.check(
-            clash.is_empty(),
-            if clash.is_empty() {
+            true,
+            if kept.is_empty() {
                 "the fix replaces no file the workload has open or mapped".to_string()
             } else {
                 format!(
-                    "the fix replaces {} the workload has open or mapped: the move would find it changed",
-                    clash.join(", ")
+                    "the fix replaces {}, which the workload has open or mapped: it keeps the file it has until it opens it again",
+                    kept.join(", ")
                 )
             },
         );
@@ -469,6 +471,20 @@ fn look(plan: &Plan, max_blackout_ms: u64, mut pv: Preview) -> Preview {
                 free as f64 / MIB,
                 plan.clone_dir.display()
             ),
+        );
+        let mirrors = crate::disk::can_mirror(&p.disk, &plan.mirror_dir);
+        pv.check(
+            mirrors.is_ok(),
+            match mirrors {
+                Ok(()) => format!(
+                    "disk: the mirror of the original root can be made in {} (an overlay: only what the workload writes after the freeze is its own)",
+                    plan.mirror_dir.display()
+                ),
+                Err(e) => format!(
+                    "disk: no mirror of the original root in {}: {e}",
+                    plan.mirror_dir.display()
+                ),
+            },
         );
     }
     // The destination's copy, and the rounds staged in a tmpfs on the way.

@@ -55,6 +55,8 @@ pub struct Plan {
     pub onto: Option<PathBuf>,
     /// Where clones are made (`disks: clone` of the configuration).
     pub clone_dir: PathBuf,
+    /// Where mirrors of the original root are made (`disks: mirror`).
+    pub mirror_dir: PathBuf,
     /// The id asked for the surrogate.
     pub partition_id: Option<u16>,
     pub mcr: PathBuf,
@@ -74,8 +76,12 @@ pub struct Record {
     pub fix: Option<String>,
     /// The disk it ran on before, kept.
     pub original_disk: PathBuf,
-    /// The disk it runs on now.
+    /// The disk it runs on now: the mirror of the original root (a rollback's: that
+    /// root itself).
     pub disk: PathBuf,
+    /// The patched clone the surrogate was started from.
+    #[serde(default)]
+    pub clone: Option<PathBuf>,
     pub clone_method: Option<String>,
     pub surrogate_id: u16,
     pub blackout_ms: f64,
@@ -147,6 +153,7 @@ struct Undo {
     renamed: Option<(String, String)>,
     surrogate: Option<String>,
     clone: Option<PathBuf>,
+    mirror: Option<PathBuf>,
 }
 
 struct Ctx<'a> {
@@ -179,6 +186,11 @@ impl Ctx<'_> {
         if let Some(c) = u.clone.take() {
             if let Err(e) = crate::disk::remove(&c) {
                 self.phase(&format!("WARNING: the clone {} is left: {e}", c.display()));
+            }
+        }
+        if let Some(m) = u.mirror.take() {
+            if let Err(e) = crate::disk::remove(&m) {
+                self.phase(&format!("WARNING: the mirror {} is left: {e}", m.display()));
             }
         }
     }
@@ -367,6 +379,8 @@ struct Current {
     original_name: String,
     surrogate: Option<String>,
     clone: Option<PathBuf>,
+    #[serde(default)]
+    mirror: Option<PathBuf>,
 }
 
 fn current_path(state: &Path) -> PathBuf {
@@ -418,10 +432,12 @@ fn recover(cx: &mut Ctx) {
         undo.surrogate = cur.surrogate.clone();
         undo.renamed = Some((renamed, cur.original_name.clone()));
         undo.clone = cur.clone.clone();
+        undo.mirror = cur.mirror.clone();
         cx.phase("NOTE: the original partition still runs: removing the half-made surrogate.");
     } else if alive(&cur.original_name) && cur.surrogate.as_deref() != Some(&cur.original_name) {
         undo.surrogate = cur.surrogate.clone();
         undo.clone = cur.clone.clone();
+        undo.mirror = cur.mirror.clone();
     }
     cx.undo(&mut undo);
     let _ = std::fs::remove_file(&path);
@@ -456,6 +472,7 @@ fn move_workload(
         original_name: name.clone(),
         surrogate: None,
         clone: None,
+        mirror: None,
     };
     save_current(&plan.state, &current);
 
@@ -517,6 +534,39 @@ fn move_workload(
             i.state.code()
         ));
     }
+    // The workload's root on the surrogate: a mirror of the original's, which shows
+    // every write made to it up to the freeze (nothing the workload wrote during the
+    // move is left behind, and every file it holds is the one it had), with the
+    // fix's files beside their targets, put in place once it runs there. A rollback
+    // moves onto the kept original itself.
+    let (root_disk, staged) = match &bundle {
+        None => (disk.clone(), None),
+        Some(b) => {
+            // The clone has shown the fix applies; mounted for that, it goes down.
+            let _ = crate::disk::release(&disk);
+            let to = plan.mirror_dir.join(format!("{name}-{id}"));
+            cx.phase(&format!(
+                "Mirroring the root disk of {name} to {} ...",
+                to.display()
+            ));
+            crate::fault::point("mirror").map_err(failed("mirror"))?;
+            current.mirror = Some(to.clone());
+            save_current(&plan.state, &current);
+            let t = Instant::now();
+            crate::disk::mirror(&original.disk, &to)
+                .map_err(|e| failed("mirror")(e.to_string()))?;
+            undo.mirror = Some(to.clone());
+            let root = crate::disk::files(&to).map_err(|e| failed("mirror")(e.to_string()))?;
+            let staged =
+                crate::fix::stage(b, &root).map_err(|e| failed("mirror")(e.to_string()))?;
+            cx.phase(&format!(
+                "  mirrored by overlayfs in {:.0} ms: the original's files as they are, until the freeze; {} file(s) of fix {label} beside their targets",
+                t.elapsed().as_secs_f64() * 1e3,
+                staged.files()
+            ));
+            (to, Some(staged))
+        }
+    };
 
     // The surrogate takes the name; the original is kept under another.
     let kept = format!("{name}{ORIGINAL_SUFFIX}");
@@ -532,7 +582,7 @@ fn move_workload(
     let made = cx
         .ask(&Request::Create(NewPartition {
             name: name.clone(),
-            disk: disk.clone(),
+            disk: root_disk.clone(),
             id: plan.partition_id,
             address: Some(original.address.clone()),
             mount_at: Some(original.mount_at.clone()),
@@ -545,9 +595,15 @@ fn move_workload(
         .next()
         .ok_or_else(|| failed("surrogate start")("the console made nothing".into()))?;
     cx.phase(&format!(
-        "Started the surrogate partition {name} (id {}) on {}; the original is now {kept} (id {}).",
+        "Started the surrogate partition {name} (id {}) {}; the original is now {kept} (id {}).",
         surrogate.id,
-        disk.display(),
+        match &staged {
+            Some(_) => format!(
+                "from the clone {}, the workload's root there the mirror",
+                disk.display()
+            ),
+            None => format!("on {}", disk.display()),
+        },
         original.id
     ));
 
@@ -560,23 +616,12 @@ fn move_workload(
         "Moving the workload (pid {}) to the surrogate ...",
         original.init.unwrap_or(0)
     ));
-    let (report, new_pid) = match migrate(cx, &original, &surrogate, &kept) {
-        Err(e) if found_changed(&e) => {
-            // A file the fix replaced, open in the workload for the instant of the
-            // freeze (a configuration read again, say): the original ran on, and will
-            // most likely not be holding it at the next freeze.
-            cx.phase(&format!("  {e}"));
-            cx.phase(
-                "  the workload held a file the clone has changed, for a moment: once more ...",
-            );
-            migrate(cx, &original, &surrogate, &kept)?
-        }
-        r => r?,
-    };
+    let (report, new_pid) = migrate(cx, &original, &surrogate, &kept)?;
     // Committed: the workload is the surrogate's from here.
     undo.surrogate = None;
     undo.renamed = None;
     undo.clone = None;
+    undo.mirror = None;
     let blackout = report["blackout_ms"].as_f64().unwrap_or(0.0);
     let rounds = report["rounds"].as_array().map_or(0, |r| r.len());
     cx.phase(&format!(
@@ -595,6 +640,25 @@ fn move_workload(
         ));
     }
     let _ = std::fs::remove_file(current_path(&plan.state));
+    if let Some(s) = staged {
+        match s.commit() {
+            Ok(i) => cx.phase(&format!(
+                "Installed fix {label} on the mirror: {} file(s) in place{}, state {}; a file the workload holds stays the one it had until it opens it again.",
+                bundle.as_ref().map_or(0, |b| b.manifest.files.len()),
+                match bundle.as_ref().map(|b| (b.pre.is_some(), b.post.is_some())) {
+                    Some((true, true)) => " between its pre and post scripts",
+                    Some((true, false)) => " after its pre script",
+                    Some((false, true)) => " before its post script",
+                    _ => "",
+                },
+                i.state.code()
+            )),
+            Err(e) => cx.phase(&format!(
+                "WARNING: fix {label} is not in place on the mirror ({e}); the clone {} has it",
+                disk.display()
+            )),
+        }
+    }
     if let Err(e) = notify(cx, &surrogate, crate::notify::Event::Post, label) {
         cx.phase(&format!("WARNING: {e}"));
     }
@@ -605,9 +669,9 @@ fn move_workload(
         Ok(_) => cx.phase(&format!(
             "Shut down the original partition {kept}; its disk {} is kept for a rollback{}.",
             original.disk.display(),
-            match method {
-                Some(crate::disk::Method::Overlay) => ", and the clone is an overlay on it",
-                _ => "",
+            match bundle {
+                Some(_) => ", under the mirror the workload runs on",
+                None => "",
             }
         )),
         Err(e) => cx.phase(&format!(
@@ -620,7 +684,8 @@ fn move_workload(
         partition: name.clone(),
         fix: plan.fix.as_ref().map(|_| label.to_string()),
         original_disk: original.disk.clone(),
-        disk,
+        disk: root_disk,
+        clone: bundle.as_ref().map(|_| disk),
         clone_method: method.map(|m| m.name().to_string()),
         surrogate_id: surrogate.id,
         blackout_ms: blackout,
@@ -848,12 +913,6 @@ fn migrate(
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or_else(|| report["new_pid"].as_i64().unwrap_or(0) as i32);
     Ok((report, new_pid))
-}
-
-/// Whether the move failed because the destination found a file the workload had
-/// open changed (mcr's words for it), which is worth a second try.
-fn found_changed(e: &UpdateError) -> bool {
-    e.to_string().contains("changed since the checkpoint")
 }
 
 fn sh_quote(s: &str) -> String {

@@ -315,7 +315,7 @@ fn journal(lab: &Lab) -> String {
 }
 
 #[test]
-fn a_live_update_moves_the_service_onto_the_patched_clone_and_back_by_rollback() {
+fn a_live_update_moves_the_service_onto_a_mirror_of_its_root_with_the_fix_and_back_by_rollback() {
     let lab = Lab::new();
     let addr = lab.service("svc");
     lab.fix("FIX-1", &[]);
@@ -333,9 +333,12 @@ fn a_live_update_moves_the_service_onto_the_patched_clone_and_back_by_rollback()
     for phase in [
         "Cloning the root disk of svc",
         "Applying fix FIX-1 to the clone",
-        "Started the surrogate partition svc (id 2)",
+        "Mirroring the root disk of svc",
+        "1 file(s) of fix FIX-1 beside their targets",
+        "Started the surrogate partition svc (id 2) from the clone",
         "the original is now svc_lu0 (id 1)",
         "moved:",
+        "Installed fix FIX-1 on the mirror: 1 file(s) in place, state S",
         "Shut down the original partition svc_lu0",
         "succeeded: blackout",
     ] {
@@ -350,32 +353,68 @@ fn a_live_update_moves_the_service_onto_the_patched_clone_and_back_by_rollback()
         own_proc(&after[0].2).contains("demo-service"),
         "no /proc moved"
     );
-    // The clone has the fix on record; the original disk has not.
+    // The clone and the mirror the workload runs on have the fix on record; the
+    // original disk has not.
+    for root in ["clones/svc-LU0001", "mirror/svc-LU0001"] {
+        let fixes = lab.ok(&[
+            "fix",
+            "list",
+            "--root",
+            &lab.path(root).display().to_string(),
+        ]);
+        assert!(
+            fixes.contains("FIX-1") && fixes.contains(" S"),
+            "{root}: {fixes}"
+        );
+    }
     let fixes = lab.ok(&[
         "fix",
         "list",
         "--root",
-        &lab.path("clones/svc-LU0001").display().to_string(),
+        &lab.path("disks/svc").display().to_string(),
     ]);
-    assert!(fixes.contains("FIX-1"), "{fixes}");
+    assert!(!fixes.contains("FIX-1"), "{fixes}");
     let j = journal(&lab);
     assert!(j.contains("LU0001") && j.contains("FIX-1"), "{j}");
 
+    // Again, from the mirror: its own mirror is one overlay over both layers.
+    lab.fix("FIX-2", &[]);
+    let o = lab.run("FIX-2", &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    client.wait_lines(100);
+    let fixes = lab.ok(&[
+        "fix",
+        "list",
+        "--root",
+        &lab.path("mirror/svc-LU0002").display().to_string(),
+    ]);
+    assert!(
+        fixes.contains("FIX-1") && fixes.contains("FIX-2"),
+        "{fixes}"
+    );
+    // Back onto the first mirror, which the second one kept as it was.
     let o = lab.lu(&["rollback", "-p", "svc"]);
     assert!(o.status.success(), "{}", text(&o));
     let seen = client.finish();
     assert_eq!(seen.broken, 0, "lines lost or repeated: {seen:?}");
     assert_eq!(seen.first, "hello from the original disk");
-    assert_eq!(seen.last, "hello from the original disk", "{seen:?}");
+    assert_eq!(seen.last, "hello from FIX-1", "{seen:?}");
     let j = journal(&lab);
-    assert!(j.contains("LU0002") && j.contains("rollback"), "{j}");
+    assert!(j.contains("LU0003") && j.contains("rollback"), "{j}");
+    assert_eq!(
+        orchestrate::disk::mounted_at(&lab.path("mirror/svc-LU0002")),
+        None,
+        "the mirror rolled back from is left mounted"
+    );
 }
 
 /// An image disk: mounted from a loop device while a partition uses it, frozen while
-/// it is copied (a run killed then leaves it frozen, and the next run thaws it), and
-/// unmounted once no partition uses it.
+/// it is copied into the clone (a run killed then leaves it frozen, and the next run
+/// thaws it). The workload resumes on a mirror of it: what was written to it during
+/// the move is there, what is written after stays in the mirror, and the image is
+/// unmounted once no partition uses it or rests on it.
 #[test]
-fn a_partition_on_an_image_disk_moves_onto_a_copy_made_frozen_and_back() {
+fn a_partition_on_an_image_disk_moves_onto_a_mirror_with_every_write_and_back() {
     let lab = Lab::new();
     let (addr, img) = lab.service_on_image("svc");
     let at = orchestrate::disk::mounted_at(&img).expect("the image mounted");
@@ -388,6 +427,21 @@ fn a_partition_on_an_image_disk_moves_onto_a_copy_made_frozen_and_back() {
     std::thread::spawn(move || {
         let _ = wrote.send(std::fs::write(&file, "after the thaw").is_ok());
     });
+    // ...and a write to it after the clone and the mirror are made, as the workload's
+    // own would be, just before the blackout.
+    let cfg = std::fs::read_to_string(lab.config()).expect("config");
+    let late = at.join("tmp/written-during-the-move");
+    std::fs::write(
+        lab.config(),
+        cfg.replace(
+            "kext_check = no\n",
+            &format!(
+                "kext_check = no\n    pre_hook = echo late > {}\n",
+                late.display()
+            ),
+        ),
+    )
+    .expect("config");
     let o = lab.run("FIX-1", &[]);
     let out = text(&o);
     assert!(o.status.success(), "{out}");
@@ -402,26 +456,41 @@ fn a_partition_on_an_image_disk_moves_onto_a_copy_made_frozen_and_back() {
     // LU0001 was the run killed.
     let clone = lab.path("clones/svc-LU0002");
     assert!(clone.is_file(), "the clone is an image too");
+    assert_eq!(orchestrate::disk::mounted_at(&clone), None, "left mounted");
     let fixes = lab.ok(&["fix", "list", "--root", &clone.display().to_string()]);
     assert!(fixes.contains("FIX-1"), "{fixes}");
-    // The original partition is gone: its image is no longer mounted, and it has
-    // what was written before the copy, never the fix.
-    assert_eq!(orchestrate::disk::mounted_at(&img), None);
+    // The workload's root is the mirror: the late write is there (the clone, made
+    // before, has not got it), and so is the fix.
+    let mirror = lab.path("mirror/svc-LU0002");
+    let root = orchestrate::disk::mounted_at(&mirror).expect("the mirror mounted");
+    assert_eq!(
+        std::fs::read_to_string(root.join("tmp/written-during-the-move")).expect("late"),
+        "late\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/demo/greeting")).expect("greeting"),
+        "hello from FIX-1\n"
+    );
+    let fixes = lab.ok(&["fix", "list", "--root", &mirror.display().to_string()]);
+    assert!(fixes.contains("FIX-1"), "{fixes}");
+    // The original partition is gone, but the mirror rests on its image: mounted
+    // still, with what was written to it, never the fix, nor what the mirror writes.
+    assert_eq!(
+        orchestrate::disk::mounted_at(&img).as_deref(),
+        Some(at.as_path())
+    );
+    std::fs::write(root.join("tmp/after"), "the mirror's").expect("write");
+    assert!(!at.join("tmp/after").exists());
     let fixes = lab.ok(&["fix", "list", "--root", &img.display().to_string()]);
     assert!(!fixes.contains("FIX-1"), "{fixes}");
-    assert_eq!(
-        orchestrate::disk::mounted_at(&img),
-        None,
-        "fix list left it"
-    );
 
     let o = lab.lu(&["rollback", "-p", "svc"]);
     assert!(o.status.success(), "{}", text(&o));
     let seen = client.finish();
     assert_eq!(seen.broken, 0, "lines lost or repeated: {seen:?}");
     assert_eq!(seen.last, "hello from the original disk", "{seen:?}");
-    assert_eq!(orchestrate::disk::mounted_at(&clone), None);
-    let back = orchestrate::disk::mounted_at(&img).expect("the original mounted again");
+    assert_eq!(orchestrate::disk::mounted_at(&mirror), None);
+    let back = orchestrate::disk::mounted_at(&img).expect("the original mounted still");
     assert_eq!(
         std::fs::read_to_string(back.join("tmp/written-while-frozen")).expect("written"),
         "after the thaw"
@@ -437,7 +506,14 @@ fn a_failure_at_every_phase_before_the_commit_leaves_the_workload_where_it_was()
     lab.fix("FIX-1", &[]);
     let client = Client::connect(&addr);
     let before = lab.list();
-    for phase in ["clone", "fix-apply", "surrogate", "pre-copy", "blackout"] {
+    for phase in [
+        "clone",
+        "fix-apply",
+        "mirror",
+        "surrogate",
+        "pre-copy",
+        "blackout",
+    ] {
         let o = lab.run("FIX-1", &[("LIVEUPDATE_FAULT", phase)]);
         let out = text(&o);
         assert!(!o.status.success(), "{phase}: {out}");
@@ -448,12 +524,13 @@ fn a_failure_at_every_phase_before_the_commit_leaves_the_workload_where_it_was()
         );
         assert_eq!(lab.list(), before, "after a failure at {phase}");
         client.wait_lines(50);
-        let clones = lab.path("clones");
-        let left = std::fs::read_dir(&clones).map_or(0, |d| d.count());
-        assert_eq!(left, 0, "a clone is left after a failure at {phase}");
+        for made in ["clones", "mirror"] {
+            let left = std::fs::read_dir(lab.path(made)).map_or(0, |d| d.count());
+            assert_eq!(left, 0, "{made}: left after a failure at {phase}");
+        }
     }
     let j = journal(&lab);
-    assert_eq!(j.matches("fault injected at").count(), 4, "{j}");
+    assert_eq!(j.matches("fault injected at").count(), 5, "{j}");
     assert!(
         j.contains("mcr migrate"),
         "the blackout's failure is mcr's: {j}"
@@ -581,6 +658,10 @@ fn a_killed_liveupdate_is_cleaned_up_after_by_the_next_run() {
     let after = lab.list();
     assert_eq!(after.len(), 1);
     assert_eq!(after[0].0, before[0].0);
+    // The killed run's clone and mirror went; this run's are the workload's.
+    assert!(!lab.path("clones/svc-LU0001").exists());
+    assert!(!lab.path("mirror/svc-LU0001").exists());
+    assert!(lab.path("mirror/svc-LU0002").exists());
     let seen = client.finish();
     assert_eq!(seen.broken, 0);
     assert_eq!(seen.last, "hello from FIX-1");
@@ -603,7 +684,7 @@ fn the_demo_moves_its_service_live_and_its_client_sees_the_fix() {
     assert!(t.contains("liveupdate demo: PASSED"), "{t}");
     assert!(t.contains("lost or repeated     0"), "{t}");
     assert!(
-        t.contains("greeting after       \"hello from the patched clone\""),
+        t.contains("greeting after       \"hello after fix DEMO-1\""),
         "{t}"
     );
     assert!(!Path::new(&format!("/sys/class/net/{bridge}")).exists());
@@ -619,7 +700,7 @@ fn preview_checks_everything_estimates_from_the_workload_and_changes_nothing() {
     let lab = Lab::new();
     let addr = lab.service("svc");
     lab.fix("FIX-1", &[]);
-    // Replaces the very binary the service runs: the move would find it changed.
+    // Replaces the very binary the service runs: said, not refused.
     let dir = lab.path("fixes");
     let exe = dir.join("liveupdate");
     std::fs::write(&exe, b"not the same").expect("write");
@@ -660,9 +741,10 @@ fn preview_checks_everything_estimates_from_the_workload_and_changes_nothing() {
         assert!(out.contains(line), "no {line:?} in {out}");
     }
     let o = lab.lu(&["preview", "-d", &d, "EXE-1", "-p", "svc"]);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(o.status.success(), "{}", text(&o));
     assert!(
-        text(&o).contains("FAILED: the fix replaces /bin/liveupdate (held by pid"),
+        text(&o).contains("PASSED: the fix replaces /bin/liveupdate (pid")
+            && text(&o).contains("it keeps the file it has until it opens it again"),
         "{}",
         text(&o)
     );
@@ -719,6 +801,47 @@ fn preview_checks_everything_estimates_from_the_workload_and_changes_nothing() {
     let seen = client.finish();
     assert_eq!(seen.broken, 0);
     assert_eq!(seen.last, "hello from the original disk");
+}
+
+/// A fix may replace the very binary the workload runs: the workload resumes on the
+/// mirror with the binary it had mapped, and the fix is in place beside it after.
+#[test]
+fn a_fix_of_the_binary_the_workload_runs_goes_in_and_the_workload_keeps_its_own() {
+    let lab = Lab::new();
+    let addr = lab.service("svc");
+    let dir = lab.path("fixes");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let new_exe = dir.join("liveupdate");
+    std::fs::write(&new_exe, b"the fixed binary").expect("write");
+    lab.ok(&[
+        "fix",
+        "create",
+        "-o",
+        &dir.join("EXE-1.tar.zst").display().to_string(),
+        "--label",
+        "EXE-1",
+        "--abstract",
+        "x",
+        &format!("{}:/bin/liveupdate", new_exe.display()),
+    ]);
+    let client = Client::connect(&addr);
+    let o = lab.run("EXE-1", &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    client.wait_lines(100);
+    let pid = lab.list()[0].2.clone();
+    let running = std::fs::read(format!("/proc/{pid}/exe")).expect("its binary");
+    let had = std::fs::read(lab.path("disks/svc/bin/liveupdate")).expect("the original's");
+    assert!(
+        running == had,
+        "the workload's binary is not the one it had"
+    );
+    let root = orchestrate::disk::mounted_at(&lab.path("mirror/svc-LU0001")).expect("mounted");
+    assert_eq!(
+        std::fs::read(root.join("bin/liveupdate")).expect("the mirror's"),
+        b"the fixed binary"
+    );
+    let seen = client.finish();
+    assert_eq!(seen.broken, 0, "{seen:?}");
 }
 
 #[test]
