@@ -207,6 +207,26 @@ impl Lab {
         dir
     }
 
+    /// Fix EXE-1, which replaces the binary the service runs with `exe`; its directory.
+    fn exe_fix(&self, exe: &[u8]) -> PathBuf {
+        let dir = self.path("fixes");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let file = dir.join("liveupdate");
+        std::fs::write(&file, exe).expect("write");
+        self.ok(&[
+            "fix",
+            "create",
+            "-o",
+            &dir.join("EXE-1.tar.zst").display().to_string(),
+            "--label",
+            "EXE-1",
+            "--abstract",
+            "a new binary for the service",
+            &format!("{}:/bin/liveupdate", file.display()),
+        ]);
+        dir
+    }
+
     /// `liveupdate run` of FIX-1 on svc, stopped at `phase` and killed there (SIGKILL).
     fn killed_at(&self, phase: &str) {
         let dir = self.path("fixes").display().to_string();
@@ -528,6 +548,17 @@ fn a_failure_at_every_phase_before_the_commit_leaves_the_workload_where_it_was()
             let left = std::fs::read_dir(lab.path(made)).map_or(0, |d| d.count());
             assert_eq!(left, 0, "{made}: left after a failure at {phase}");
         }
+        // The original root as it was: nothing of the fix in it, staged or on record.
+        let etc: Vec<_> = std::fs::read_dir(lab.path("disks/svc/etc/demo"))
+            .expect("etc/demo")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(etc, ["greeting"], "after a failure at {phase}");
+        assert!(
+            !lab.path("disks/svc/var/lib/liveupdate").exists(),
+            "{phase}"
+        );
     }
     let j = journal(&lab);
     assert_eq!(j.matches("fault injected at").count(), 5, "{j}");
@@ -701,20 +732,7 @@ fn preview_checks_everything_estimates_from_the_workload_and_changes_nothing() {
     let addr = lab.service("svc");
     lab.fix("FIX-1", &[]);
     // Replaces the very binary the service runs: said, not refused.
-    let dir = lab.path("fixes");
-    let exe = dir.join("liveupdate");
-    std::fs::write(&exe, b"not the same").expect("write");
-    lab.ok(&[
-        "fix",
-        "create",
-        "-o",
-        &dir.join("EXE-1.tar.zst").display().to_string(),
-        "--label",
-        "EXE-1",
-        "--abstract",
-        "x",
-        &format!("{}:/bin/liveupdate", exe.display()),
-    ]);
+    let dir = lab.exe_fix(b"not the same");
     let client = Client::connect(&addr);
     let before = lab.list();
     let d = dir.display().to_string();
@@ -809,21 +827,7 @@ fn preview_checks_everything_estimates_from_the_workload_and_changes_nothing() {
 fn a_fix_of_the_binary_the_workload_runs_goes_in_and_the_workload_keeps_its_own() {
     let lab = Lab::new();
     let addr = lab.service("svc");
-    let dir = lab.path("fixes");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let new_exe = dir.join("liveupdate");
-    std::fs::write(&new_exe, b"the fixed binary").expect("write");
-    lab.ok(&[
-        "fix",
-        "create",
-        "-o",
-        &dir.join("EXE-1.tar.zst").display().to_string(),
-        "--label",
-        "EXE-1",
-        "--abstract",
-        "x",
-        &format!("{}:/bin/liveupdate", new_exe.display()),
-    ]);
+    lab.exe_fix(b"the fixed binary");
     let client = Client::connect(&addr);
     let o = lab.run("EXE-1", &[]);
     assert!(o.status.success(), "{}", text(&o));
