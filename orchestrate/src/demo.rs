@@ -15,10 +15,34 @@ pub const SAMPLE_FILES: &[(&str, &str)] =
 /// How often the service sends a line.
 pub const PERIOD: Duration = Duration::from_millis(2);
 
+/// What the demo service is to be.
+#[derive(Debug, Clone)]
+pub struct Service {
+    pub port: u16,
+    /// The file each line's greeting is read from.
+    pub greeting: PathBuf,
+    /// Memory to keep, and how much of it to rewrite a second.
+    pub mib: usize,
+    pub dirty_mib_s: f64,
+    /// A file to append each line's number to, held open for it, as a service that
+    /// logs to its disk does.
+    pub log: Option<PathBuf>,
+}
+
 /// Serves every client that connects, each on a thread of its own, for ever; with
 /// `mib`, keeps that much memory and rewrites `dirty_mib_s` of it a second, as a
 /// bigger workload would.
-pub fn service(port: u16, greeting: &Path, mib: usize, dirty_mib_s: f64) -> std::io::Result<()> {
+pub fn service(s: &Service) -> std::io::Result<()> {
+    let (port, mib, dirty_mib_s) = (s.port, s.mib, s.dirty_mib_s);
+    let log = match &s.log {
+        Some(p) => Some(std::sync::Arc::new(std::sync::Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)?,
+        ))),
+        None => None,
+    };
     // Its memory is all there before it takes a client: what a preview measures then
     // is the workload at work, not one still filling itself.
     let mem = vec![1u8; mib << 20];
@@ -29,8 +53,8 @@ pub fn service(port: u16, greeting: &Path, mib: usize, dirty_mib_s: f64) -> std:
     }
     for c in l.incoming() {
         let c = c?;
-        let greeting = greeting.to_path_buf();
-        std::thread::spawn(move || stream(c, &greeting));
+        let (greeting, log) = (s.greeting.clone(), log.clone());
+        std::thread::spawn(move || stream(c, &greeting, log.as_deref()));
     }
     Ok(())
 }
@@ -64,13 +88,17 @@ fn churn(mut mem: Vec<u8>, dirty_mib_s: f64) {
     }
 }
 
-fn stream(mut c: TcpStream, greeting: &Path) {
+fn stream(mut c: TcpStream, greeting: &Path, log: Option<&std::sync::Mutex<std::fs::File>>) {
     let _ = c.set_nodelay(true);
     for n in 0u64.. {
         // Read each time: a fix that changes it shows without a restart.
         let g = std::fs::read_to_string(greeting).unwrap_or_else(|_| "-".into());
         if writeln!(c, "{n} {}", g.trim()).is_err() {
             return;
+        }
+        if let Some(l) = log {
+            let mut f = l.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = writeln!(f, "{n}");
         }
         std::thread::sleep(PERIOD);
     }

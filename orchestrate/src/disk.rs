@@ -422,8 +422,9 @@ pub struct Cloned {
 
 /// Clones `from` into `to` (which must not exist). A tree is reflinked where the file
 /// system can, else made an overlay on it, else copied; an image is copied (reflinked
-/// where it can) into an image file, frozen meanwhile if it is in use; an overlay
-/// clone is copied into a tree, its files as they are now.
+/// where it can) into an image file, frozen meanwhile if it is in use; an overlay is
+/// cloned as an overlay on the same layers (else copied into a tree, its files as
+/// they are now).
 pub fn clone(from: &Path, to: &Path) -> Result<Cloned, DiskError> {
     let err = |why: String| DiskError::Clone {
         from: from.display().to_string(),
@@ -468,9 +469,20 @@ pub fn clone(from: &Path, to: &Path) -> Result<Cloned, DiskError> {
         no_overlay: None,
     };
     match kind {
+        // Over its layers, flattened: as cheap as the first, at any depth.
         Kind::Overlay => {
+            let why = match overlay(from, to) {
+                Ok(()) => return Ok(done(Method::Overlay)),
+                Err(why) => why,
+            };
+            let _ = release(to);
+            gone();
             let files = files(from)?;
-            return cp(&files, false).map(|()| done(Method::Copy));
+            return cp(&files, false).map(|()| Cloned {
+                method: Method::Copy,
+                frozen: None,
+                no_overlay: Some(why),
+            });
         }
         Kind::Tree => {
             if cp(from, true).is_ok() {
@@ -531,8 +543,8 @@ pub fn probe(from: &Path, dir: &Path) -> Method {
     let sample = match kind {
         Kind::Image => Some(from.to_path_buf()),
         Kind::Tree => first_file(from),
-        // Its clone is a copy of what it shows.
-        Kind::Overlay => return Method::Copy,
+        // Its clone is an overlay on its layers, or a copy.
+        Kind::Overlay => None,
     };
     let reflinks = sample.is_some_and(|f| {
         Command::new("cp")
@@ -545,7 +557,7 @@ pub fn probe(from: &Path, dir: &Path) -> Method {
     if reflinks {
         return Method::Reflink;
     }
-    if kind == Kind::Tree {
+    if kind != Kind::Image {
         let o = scratch.path().join("overlay");
         let made = overlay(from, &o).is_ok();
         let _ = release(&o);
@@ -615,6 +627,27 @@ pub fn can_mirror(of: &Path, dir: &Path) -> Result<(), String> {
     let made = mirror(of, &at).map_err(|e| e.to_string());
     let _ = release(&at);
     made
+}
+
+/// Bytes a second a file is copied into `dir` and made durable, as an overlay copies
+/// a file up into its layer there: 16 MiB timed from a file in the page cache.
+pub fn copy_rate(dir: &Path) -> Result<f64, String> {
+    const SIZE: usize = 16 << 20;
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let scratch = tempfile::Builder::new()
+        .prefix(".probe-")
+        .tempdir_in(dir)
+        .map_err(|e| e.to_string())?;
+    let (from, to) = (scratch.path().join("from"), scratch.path().join("to"));
+    // Not zeros: a file system may store those as holes.
+    let data: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&from, &data).map_err(|e| e.to_string())?;
+    let t = std::time::Instant::now();
+    std::fs::copy(&from, &to).map_err(|e| e.to_string())?;
+    std::fs::File::open(&to)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| e.to_string())?;
+    Ok(SIZE as f64 / t.elapsed().as_secs_f64().max(1e-6))
 }
 
 /// Makes `to` an overlay on disk `from`, and mounts it once to know it works (the
@@ -840,14 +873,17 @@ mod tests {
             1,
             "only the file it wrote is its own"
         );
-        // Released, it mounts again from what it keeps; cloned, it is copied whole.
+        // Released, it mounts again from what it keeps; cloned, it is an overlay on
+        // both layers, which sees what the first had written.
         release(&copy).unwrap();
         assert_eq!(mounted_at(&copy), None);
         assert_eq!(greeting(&files(&copy).unwrap()), "the clone's\n");
         let second = dir.path().join("clones/root-2");
-        assert_eq!(clone(&copy, &second).unwrap().method, Method::Copy);
-        assert_eq!(kind(&second).unwrap(), Kind::Tree);
-        assert_eq!(greeting(&second), "the clone's\n");
+        assert_eq!(probe(&copy, &dir.path().join("clones")), Method::Overlay);
+        assert_eq!(clone(&copy, &second).unwrap().method, Method::Overlay);
+        assert_eq!(kind(&second).unwrap(), Kind::Overlay);
+        assert_eq!(greeting(&files(&second).unwrap()), "the clone's\n");
+        remove(&second).unwrap();
         remove(&copy).unwrap();
         assert!(!copy.exists());
     }

@@ -175,6 +175,59 @@ fn held_files_now(pids: &[i32]) -> Vec<(i32, String)> {
     out
 }
 
+/// The regular files on the workload's root (`root`, as the host sees it) that its
+/// processes hold open for writing or map shared and writable, each once with its
+/// size: the mirror copies each up when the restore opens it so, in the blackout.
+fn written_files(pids: &[i32], root: &Path) -> Vec<(PathBuf, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    // (the path the workload knows it by, one to stat it through from here): the
+    // path resolved here may be another file, the one under the partition's bind.
+    let mut found: Vec<(PathBuf, PathBuf)> = Vec::new();
+    for &pid in pids {
+        if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+            for fd in fds.flatten() {
+                let flags = std::fs::read_to_string(format!(
+                    "/proc/{pid}/fdinfo/{}",
+                    fd.file_name().to_string_lossy()
+                ))
+                .ok()
+                .and_then(|t| {
+                    let l = t.lines().find(|l| l.starts_with("flags:"))?;
+                    u32::from_str_radix(l["flags:".len()..].trim(), 8).ok()
+                });
+                let writes =
+                    flags.is_some_and(|f| f & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32);
+                if let (true, Ok(t)) = (writes, std::fs::read_link(fd.path())) {
+                    found.push((t, fd.path()));
+                }
+            }
+        }
+        if let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) {
+            for l in maps.lines() {
+                let mut w = l.split_whitespace();
+                let (range, perms) = (w.next().unwrap_or(""), w.next().unwrap_or(""));
+                if perms.as_bytes().get(1) == Some(&b'w') && perms.ends_with('s') {
+                    if let Some(p) = w.nth(3).filter(|p| p.starts_with('/')) {
+                        found.push((
+                            PathBuf::from(p),
+                            PathBuf::from(format!("/proc/{pid}/map_files/{range}")),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    found
+        .into_iter()
+        .filter(|(p, _)| p.starts_with(root))
+        .filter_map(|(p, through)| {
+            let m = std::fs::metadata(&through).ok()?;
+            (m.is_file() && seen.insert((m.dev(), m.ino()))).then_some((p, m.len()))
+        })
+        .collect()
+}
+
 /// Free bytes of the file system holding `dir` (or its nearest existing parent).
 fn free_bytes(dir: &Path) -> Option<u64> {
     let mut d = dir.to_path_buf();
@@ -531,6 +584,51 @@ fn look(plan: &Plan, max_blackout_ms: u64, mut pv: Preview) -> Preview {
             return pv;
         }
     };
+    // Each file the workload writes through is copied up into the mirror's layer
+    // when the restore opens it, frozen: at the rate a copy into that layer goes.
+    let written = match plan.onto {
+        Some(_) => Vec::new(),
+        None => written_files(&members, &p.mount_at),
+    };
+    let copy_up_bytes: u64 = written.iter().map(|w| w.1).sum();
+    let copy_up_ms = if copy_up_bytes == 0 {
+        0.0
+    } else {
+        match crate::disk::copy_rate(&plan.mirror_dir) {
+            Ok(rate) => copy_up_bytes as f64 / rate * 1e3,
+            Err(e) => {
+                pv.check(
+                    false,
+                    format!("disk: timing a copy in {}: {e}", plan.mirror_dir.display()),
+                );
+                0.0
+            }
+        }
+    };
+    if plan.onto.is_none() {
+        let within = copy_up_ms <= max_blackout_ms as f64;
+        let mut files: Vec<String> = written
+            .iter()
+            .take(5)
+            .map(|(f, b)| {
+                let f = f.strip_prefix(&p.mount_at).unwrap_or(f);
+                format!("/{} {:.1} MiB", f.display(), *b as f64 / MIB)
+            })
+            .collect();
+        if written.len() > files.len() {
+            files.push("...".into());
+        }
+        let what = match (written.is_empty(), within) {
+            (true, _) => "the workload writes through no file of its root: the mirror copies nothing in the blackout".to_string(),
+            (false, ok) => format!(
+                "the workload writes through {} file(s) of its root ({}): the mirror copies them into its layer in the blackout, about {copy_up_ms:.1} ms{}",
+                written.len(),
+                files.join(", "),
+                if ok { String::new() } else { format!(", more than the {max_blackout_ms} ms allowed") }
+            ),
+        };
+        pv.check(within, what);
+    }
     let d = dry.unwrap_or_default();
     let num = |k: &str| d[k].as_u64().unwrap_or(0);
     let frozen_ms = d["frozen_ms"]
@@ -578,15 +676,22 @@ fn look(plan: &Plan, max_blackout_ms: u64, mut pv: Preview) -> Preview {
     // its writes back without protecting them again: that walk, timed by `mcr
     // written` (0.6-0.9 ms at 1 GiB here).
     let final_scan_ms = scan_ms;
-    let blackout_ms =
-        engine_ms + frozen_ms * processes as f64 + final_scan_ms + 2.0 * copy_ms + go_ms;
-    let blackout_parts = vec![
+    let blackout_ms = engine_ms
+        + frozen_ms * processes as f64
+        + final_scan_ms
+        + 2.0 * copy_ms
+        + go_ms
+        + copy_up_ms;
+    let mut blackout_parts = vec![
         ("mcr", engine_ms),
         ("freeze and state", frozen_ms * processes as f64),
         ("scan", final_scan_ms),
         ("last pages", 2.0 * copy_ms),
         ("address", go_ms),
     ];
+    if copy_up_ms > 0.0 {
+        blackout_parts.push(("files into the mirror", copy_up_ms));
+    }
     // A copy goes at the copy bandwidth; a reflink or an overlay is a few ms.
     let clone_s = match clone_method {
         Some(crate::disk::Method::Copy) => disk_bytes as f64 / bw.max(1.0),

@@ -136,6 +136,9 @@ enum Cmd {
         /// How much of it to rewrite a second, in MiB.
         #[arg(long, default_value_t = 0.0)]
         dirty_mib_s: f64,
+        /// A file to append each line's number to, held open (a log on its disk).
+        #[arg(long)]
+        log: Option<PathBuf>,
     },
     /// The journal: the start, success or failure of every operation.
     Log {
@@ -308,7 +311,14 @@ fn main() -> ExitCode {
             greeting,
             mib,
             dirty_mib_s,
-        } => match orchestrate::demo::service(port, &greeting, mib, dirty_mib_s) {
+            log,
+        } => match orchestrate::demo::service(&orchestrate::demo::Service {
+            port,
+            greeting,
+            mib,
+            dirty_mib_s,
+            log,
+        }) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("liveupdate: demo service: {e}");
