@@ -764,14 +764,35 @@ fn probe_blackout(plan: &Plan) -> Option<f64> {
         let _ = (recv.kill(), recv.wait(), sleeper.kill(), sleeper.wait());
         return None;
     }
+    // Moved as the operation moves the workload: told READY inside the blackout, it
+    // goes on at our GO (the address's move is timed on its own).
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().ok()?;
+    nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(&theirs),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .ok()?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&theirs).to_string();
+    let goer = std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(&ours).read_line(&mut line);
+        if line == "READY\n" {
+            let _ = (&ours).write_all(b"GO\n");
+        }
+    });
     // Bounded: a preview must not hang on its probe.
     let out = Command::new("timeout")
         .arg("10")
         .arg(&plan.mcr)
         .args(["migrate", "-t", &sleeper.id().to_string(), "--json", "--to"])
         .arg(format!("unix:{}", sock.display()))
+        .args(["--at-ready-fd", &fd])
         .stdin(Stdio::null())
         .output();
+    // Its end closed: a goer still waiting for READY sees the end.
+    drop(theirs);
+    let _ = goer.join();
     let _ = sleeper.kill();
     let _ = sleeper.wait();
     // Done, it has returned (-d) or is about to; failed, it may wait for ever.
