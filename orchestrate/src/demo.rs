@@ -364,6 +364,7 @@ pub fn run(plan: &DemoPlan) -> Result<DemoReport, String> {
         console: socket.clone(),
         partition: "demo".into(),
         fix: Some(bundle),
+        remove_fix: None,
         onto: None,
         clone_dir: dir.join("clones"),
         mirror_dir: dir.join("mirrors"),

@@ -48,6 +48,8 @@ pub enum State {
     Installing,
     /// B: its application failed part way.
     Broken,
+    /// R: being removed.
+    Removing,
 }
 
 impl State {
@@ -56,6 +58,7 @@ impl State {
             State::Stable => 'S',
             State::Installing => 'I',
             State::Broken => 'B',
+            State::Removing => 'R',
         }
     }
 
@@ -64,6 +67,7 @@ impl State {
             "S" => Some(State::Stable),
             "I" => Some(State::Installing),
             "B" => Some(State::Broken),
+            "R" => Some(State::Removing),
             _ => None,
         }
     }
@@ -354,8 +358,7 @@ pub struct Staged {
     post: Option<Vec<u8>>,
     record: PathBuf,
     time: u64,
-    /// Each file written, and the target it goes over.
-    moves: Vec<(PathBuf, PathBuf)>,
+    moves: Moves,
 }
 
 impl Staged {
@@ -374,10 +377,7 @@ impl Staged {
         };
         if let Err(e) = steps() {
             let _ = set_state(&self.record, State::Broken, self.time);
-            // What did not go in is not left beside its target.
-            for (tmp, _) in &self.moves {
-                let _ = std::fs::remove_file(tmp);
-            }
+            self.moves.discard();
             return Err(e);
         }
         set_state(&self.record, State::Stable, self.time)?;
@@ -391,15 +391,128 @@ impl Staged {
 
     /// How many files it puts in place.
     pub fn files(&self) -> usize {
-        self.moves.len()
+        self.moves.0.len()
     }
 
     fn put_in_place(&self) -> Result<()> {
-        for (tmp, target) in &self.moves {
-            std::fs::rename(tmp, target).map_err(io(target))?;
+        self.moves.put_in_place()
+    }
+}
+
+/// Stages the removal of fix `label` from the root `root` (a running workload's): each
+/// file it put in written beside its target as the file `originals` (the root it was
+/// applied over) has there, or, where that has none, the target to be removed;
+/// recorded as removing (R). [`Removal::commit`] puts them in place, as [`stage`]'s
+/// commit does, and takes the fix off the record. Its scripts are not undone.
+pub fn stage_removal(label: &str, root: &Path, originals: &Path) -> Result<Removal> {
+    let record = record_dir(root, label);
+    let m: Manifest = std::fs::read(record.join(MANIFEST))
+        .ok()
+        .and_then(|j| serde_json::from_slice(&j).ok())
+        .ok_or_else(|| FixError::Bad {
+            what: format!("fix {label} is not on record in {}", root.display()),
+        })?;
+    let time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    set_state(&record, State::Removing, time)?;
+    let mut moves = Moves::default();
+    for f in &m.files {
+        let inside = f.target.trim_start_matches('/');
+        let target = root.join(inside);
+        let was = originals.join(inside);
+        match std::fs::symlink_metadata(&was) {
+            Ok(meta) if meta.is_file() => {
+                // Its mode with it (copy keeps the permissions).
+                let tmp = beside(&target);
+                let copied = std::fs::copy(&was, &tmp).map(drop).map_err(io(&was));
+                moves.0.push(Move::Put { tmp, target });
+                if let Err(e) = copied {
+                    moves.discard();
+                    return Err(e);
+                }
+            }
+            _ => moves.0.push(Move::Remove(target)),
+        }
+    }
+    Ok(Removal {
+        record,
+        time,
+        moves,
+    })
+}
+
+/// A fix's removal, staged.
+#[derive(Debug)]
+pub struct Removal {
+    record: PathBuf,
+    time: u64,
+    moves: Moves,
+}
+
+impl Removal {
+    /// Puts every original back, and the fix off the record.
+    pub fn commit(self) -> Result<()> {
+        if let Err(e) = self.moves.put_in_place() {
+            let _ = set_state(&self.record, State::Broken, self.time);
+            self.moves.discard();
+            return Err(e);
+        }
+        std::fs::remove_dir_all(&self.record).map_err(io(&self.record))
+    }
+
+    /// How many files it puts back or removes.
+    pub fn files(&self) -> usize {
+        self.moves.0.len()
+    }
+}
+
+/// What goes in place at a commit.
+#[derive(Debug)]
+enum Move {
+    /// A file written beside its target, renamed over it.
+    Put { tmp: PathBuf, target: PathBuf },
+    /// A target the root had not: removed.
+    Remove(PathBuf),
+}
+
+#[derive(Debug, Default)]
+struct Moves(Vec<Move>);
+
+impl Moves {
+    fn put_in_place(&self) -> Result<()> {
+        for m in &self.0 {
+            match m {
+                Move::Put { tmp, target } => std::fs::rename(tmp, target).map_err(io(target))?,
+                Move::Remove(target) => match std::fs::remove_file(target) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(io(target)(e))
+                    }
+                    _ => {}
+                },
+            }
         }
         Ok(())
     }
+
+    /// What did not go in is not left beside its target.
+    fn discard(&self) {
+        for m in &self.0 {
+            if let Move::Put { tmp, .. } = m {
+                let _ = std::fs::remove_file(tmp);
+            }
+        }
+    }
+}
+
+/// Where a file to go over `target` is written first.
+fn beside(target: &Path) -> PathBuf {
+    target.with_file_name(format!(
+        ".{}.liveupdate",
+        target
+            .file_name()
+            .map_or("new".into(), |n| n.to_string_lossy())
+    ))
 }
 
 /// Refuses a fix `root` has applied already, and records it there as installing: its
@@ -432,16 +545,11 @@ fn begin(b: &Bundle, root: &Path) -> Result<(PathBuf, u64)> {
 /// one could not be (a full disk, say).
 fn write_beside(b: &Bundle, root: &Path, record: PathBuf, time: u64) -> Result<Staged> {
     use std::os::unix::fs::PermissionsExt;
-    let mut moves: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let mut moves = Moves::default();
     for (f, data) in b.manifest.files.iter().zip(&b.files) {
         let target = root.join(f.target.trim_start_matches('/'));
         let parent = target.parent().unwrap_or(root);
-        let tmp = parent.join(format!(
-            ".{}.liveupdate",
-            target
-                .file_name()
-                .map_or("new".into(), |n| n.to_string_lossy())
-        ));
+        let tmp = beside(&target);
         let written = std::fs::create_dir_all(parent)
             .map_err(io(parent))
             .and_then(|()| std::fs::write(&tmp, data).map_err(io(&tmp)))
@@ -449,11 +557,9 @@ fn write_beside(b: &Bundle, root: &Path, record: PathBuf, time: u64) -> Result<S
                 std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(f.mode))
                     .map_err(io(&tmp))
             });
-        moves.push((tmp, target));
+        moves.0.push(Move::Put { tmp, target });
         if let Err(e) = written {
-            for (tmp, _) in &moves {
-                let _ = std::fs::remove_file(tmp);
-            }
+            moves.discard();
             return Err(e);
         }
     }
@@ -624,6 +730,45 @@ mod tests {
         let read = |f: &str| std::fs::read_to_string(root.join(f)).unwrap();
         assert_eq!(read("pre-saw"), "fixed = no\n");
         assert_eq!(read("post-saw"), "fixed = yes\n");
+    }
+
+    /// Removed from a root, a fix puts back each file it replaced as the root it was
+    /// applied over has it, removes the ones that root had not, and is off the record:
+    /// all at the commit.
+    #[test]
+    fn a_fix_removed_puts_back_what_it_replaced_at_the_commit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fix = tmp.path().join("fix.tar.zst");
+        create(&fix, &new_fix(tmp.path())).unwrap();
+        let (before, root) = (tmp.path().join("before"), tmp.path().join("root"));
+        for r in [&before, &root] {
+            std::fs::create_dir_all(r.join("etc")).unwrap();
+            std::fs::write(r.join("etc/fixed.conf"), b"fixed = no\n").unwrap();
+        }
+        apply(&open(&fix).unwrap(), &root).unwrap();
+        std::fs::write(root.join("etc/other"), b"written since").unwrap();
+        let r = stage_removal("IJ12345s1a", &root, &before).unwrap();
+        assert_eq!(r.files(), 2);
+        assert_eq!(list(&root).unwrap()[0].state, State::Removing);
+        assert!(
+            root.join("usr/lib/libfixed.so.1").exists(),
+            "removed at the stage"
+        );
+        r.commit().unwrap();
+        assert_eq!(
+            std::fs::read(root.join("etc/fixed.conf")).unwrap(),
+            b"fixed = no\n"
+        );
+        assert!(!root.join("usr/lib/libfixed.so.1").exists());
+        assert_eq!(
+            std::fs::read(root.join("etc/other")).unwrap(),
+            b"written since"
+        );
+        assert!(list(&root).unwrap().is_empty());
+        let e = stage_removal("IJ12345s1a", &root, &before)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not on record"), "{e}");
     }
 
     #[test]

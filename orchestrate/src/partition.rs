@@ -722,10 +722,13 @@ impl Host {
         }
         // So is what it rested on (the original root under a mirror), unless it is
         // still used or rested on.
+        // (An overlay rests on another's layer, not on its mount: only an image under
+        // a mirror must stay mounted.)
         let used = |d: &Path| {
-            parts
-                .iter()
-                .any(|o| o.disk == d || crate::disk::rests_on(&o.disk).iter().any(|u| u == d))
+            let image = crate::disk::kind(d).ok() == Some(crate::disk::Kind::Image);
+            parts.iter().any(|o| {
+                o.disk == d || (image && crate::disk::rests_on(&o.disk).iter().any(|u| u == d))
+            })
         };
         let mut disks = vec![p.disk.clone()];
         disks.extend(crate::disk::rests_on(&p.disk));

@@ -505,7 +505,10 @@ fn look(plan: &Plan, max_blackout_ms: u64, mut pv: Preview) -> Preview {
     if let Some(onto) = &plan.onto {
         pv.check(
             crate::disk::kind(onto).is_ok(),
-            format!("disk: the move goes onto {}, kept", onto.display()),
+            format!(
+                "disk: the fix's files are taken back from {}, kept",
+                onto.display()
+            ),
         );
     } else {
         pv.check(
@@ -525,21 +528,21 @@ fn look(plan: &Plan, max_blackout_ms: u64, mut pv: Preview) -> Preview {
                 plan.clone_dir.display()
             ),
         );
-        let mirrors = crate::disk::can_mirror(&p.disk, &plan.mirror_dir);
-        pv.check(
-            mirrors.is_ok(),
-            match mirrors {
-                Ok(()) => format!(
-                    "disk: the mirror of the original root can be made in {} (an overlay: only what the workload writes after the freeze is its own)",
-                    plan.mirror_dir.display()
-                ),
-                Err(e) => format!(
-                    "disk: no mirror of the original root in {}: {e}",
-                    plan.mirror_dir.display()
-                ),
-            },
-        );
     }
+    let mirrors = crate::disk::can_mirror(&p.disk, &plan.mirror_dir);
+    pv.check(
+        mirrors.is_ok(),
+        match mirrors {
+            Ok(()) => format!(
+                "disk: the mirror of the original root can be made in {} (an overlay: only what the workload writes after the freeze is its own)",
+                plan.mirror_dir.display()
+            ),
+            Err(e) => format!(
+                "disk: no mirror of the original root in {}: {e}",
+                plan.mirror_dir.display()
+            ),
+        },
+    );
     // The destination's copy, and the rounds staged in a tmpfs on the way.
     let memory_bytes = 2 * rss;
     let avail = meminfo("MemAvailable").unwrap_or(0);
@@ -586,10 +589,7 @@ fn look(plan: &Plan, max_blackout_ms: u64, mut pv: Preview) -> Preview {
     };
     // Each file the workload writes through is copied up into the mirror's layer
     // when the restore opens it, frozen: at the rate a copy into that layer goes.
-    let written = match plan.onto {
-        Some(_) => Vec::new(),
-        None => written_files(&members, &p.mount_at),
-    };
+    let written = written_files(&members, &p.mount_at);
     let copy_up_bytes: u64 = written.iter().map(|w| w.1).sum();
     let copy_up_ms = if copy_up_bytes == 0 {
         0.0
@@ -605,7 +605,7 @@ fn look(plan: &Plan, max_blackout_ms: u64, mut pv: Preview) -> Preview {
             }
         }
     };
-    if plan.onto.is_none() {
+    {
         let within = copy_up_ms <= max_blackout_ms as f64;
         let mut files: Vec<String> = written
             .iter()

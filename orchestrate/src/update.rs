@@ -51,8 +51,11 @@ pub struct Plan {
     pub partition: String,
     /// The fix bundle; none for a rollback.
     pub fix: Option<PathBuf>,
-    /// The disk to move onto instead of a clone (a rollback's kept original).
+    /// A rollback's kept original: the root the fix was applied over, where the files
+    /// it replaced are taken back from.
     pub onto: Option<PathBuf>,
+    /// A rollback's fix, to take off a mirror of the workload's root.
+    pub remove_fix: Option<String>,
     /// Where clones are made (`disks: clone` of the configuration).
     pub clone_dir: PathBuf,
     /// Where mirrors of the original root are made (`disks: mirror`).
@@ -144,6 +147,13 @@ impl Log {
             self.start.elapsed().as_secs_f64()
         );
     }
+}
+
+/// What goes in on the mirror once the workload runs there.
+enum Pending {
+    Fix(crate::fix::Staged),
+    /// A rollback's: the fix's label, its removal.
+    Removal(String, crate::fix::Removal),
 }
 
 /// What has been made so far, undone in reverse when the operation fails before the
@@ -539,34 +549,55 @@ fn move_workload(
     // move is left behind, and every file it holds is the one it had), with the
     // fix's files beside their targets, put in place once it runs there. A rollback
     // moves onto the kept original itself.
-    let (root_disk, staged) = match &bundle {
-        None => (disk.clone(), None),
-        Some(b) => {
-            // The clone has shown the fix applies; mounted for that, it goes down.
+    let to = plan.mirror_dir.join(format!("{name}-{id}"));
+    match &bundle {
+        // The clone has shown the fix applies; mounted for that, it goes down.
+        Some(_) => {
             let _ = crate::disk::release(&disk);
-            let to = plan.mirror_dir.join(format!("{name}-{id}"));
-            cx.phase(&format!(
-                "Mirroring the root disk of {name} to {} ...",
-                to.display()
-            ));
-            crate::fault::point("mirror").map_err(failed("mirror"))?;
-            current.mirror = Some(to.clone());
-            save_current(&plan.state, &current);
-            let t = Instant::now();
-            crate::disk::mirror(&original.disk, &to)
-                .map_err(|e| failed("mirror")(e.to_string()))?;
-            undo.mirror = Some(to.clone());
-            let root = crate::disk::files(&to).map_err(|e| failed("mirror")(e.to_string()))?;
+        }
+        None if plan.remove_fix.is_none() => {
+            return Err(failed("validation")(
+                "a rollback names the fix to take off".into(),
+            ))
+        }
+        None => {}
+    }
+    cx.phase(&format!(
+        "Mirroring the root disk of {name} to {} ...",
+        to.display()
+    ));
+    crate::fault::point("mirror").map_err(failed("mirror"))?;
+    current.mirror = Some(to.clone());
+    save_current(&plan.state, &current);
+    let t = Instant::now();
+    crate::disk::mirror(&original.disk, &to).map_err(|e| failed("mirror")(e.to_string()))?;
+    undo.mirror = Some(to.clone());
+    let root = crate::disk::files(&to).map_err(|e| failed("mirror")(e.to_string()))?;
+    let mirrored_ms = t.elapsed().as_secs_f64() * 1e3;
+    let pending = match (&bundle, &plan.remove_fix) {
+        (Some(b), _) => {
             let staged =
                 crate::fix::stage(b, &root).map_err(|e| failed("mirror")(e.to_string()))?;
             cx.phase(&format!(
-                "  mirrored by overlayfs in {:.0} ms: the original's files as they are, until the freeze; {} file(s) of fix {label} beside their targets",
-                t.elapsed().as_secs_f64() * 1e3,
+                "  mirrored by overlayfs in {mirrored_ms:.0} ms: the original's files as they are, until the freeze; {} file(s) of fix {label} beside their targets",
                 staged.files()
             ));
-            (to, Some(staged))
+            Pending::Fix(staged)
         }
+        (None, Some(fix)) => {
+            let kept = crate::disk::files(&disk).map_err(|e| failed("mirror")(e.to_string()))?;
+            let removal = crate::fix::stage_removal(fix, &root, &kept)
+                .map_err(|e| failed("mirror")(e.to_string()))?;
+            cx.phase(&format!(
+                "  mirrored by overlayfs in {mirrored_ms:.0} ms: the workload's files as they are, until the freeze; {} file(s) of fix {fix} to be put back as {} has them",
+                removal.files(),
+                disk.display()
+            ));
+            Pending::Removal(fix.clone(), removal)
+        }
+        (None, None) => unreachable!("refused above"),
     };
+    let root_disk = to;
 
     // The surrogate takes the name; the original is kept under another.
     let kept = format!("{name}{ORIGINAL_SUFFIX}");
@@ -597,12 +628,12 @@ fn move_workload(
     cx.phase(&format!(
         "Started the surrogate partition {name} (id {}) {}; the original is now {kept} (id {}).",
         surrogate.id,
-        match &staged {
-            Some(_) => format!(
+        match &pending {
+            Pending::Fix(_) => format!(
                 "from the clone {}, the workload's root there the mirror",
                 disk.display()
             ),
-            None => format!("on {}", disk.display()),
+            Pending::Removal(..) => "on the mirror".to_string(),
         },
         original.id
     ));
@@ -640,8 +671,8 @@ fn move_workload(
         ));
     }
     let _ = std::fs::remove_file(current_path(&plan.state));
-    if let Some(s) = staged {
-        match s.commit() {
+    match pending {
+        Pending::Fix(s) => match s.commit() {
             Ok(i) => cx.phase(&format!(
                 "Installed fix {label} on the mirror: {} file(s) in place{}, state {}; a file the workload holds stays the one it had until it opens it again.",
                 bundle.as_ref().map_or(0, |b| b.manifest.files.len()),
@@ -657,6 +688,18 @@ fn move_workload(
                 "WARNING: fix {label} is not in place on the mirror ({e}); the clone {} has it",
                 disk.display()
             )),
+        },
+        Pending::Removal(fix, r) => {
+            let n = r.files();
+            match r.commit() {
+                Ok(()) => cx.phase(&format!(
+                    "Removed fix {fix} from the mirror: {n} file(s) put back as {} has them.",
+                    disk.display()
+                )),
+                Err(e) => cx.phase(&format!(
+                    "WARNING: fix {fix} is not all taken off the mirror ({e}); it is on record there as broken"
+                )),
+            }
         }
     }
     if let Err(e) = notify(cx, &surrogate, crate::notify::Event::Post, label) {
@@ -669,10 +712,7 @@ fn move_workload(
         Ok(_) => cx.phase(&format!(
             "Shut down the original partition {kept}; its disk {} is kept for a rollback{}.",
             original.disk.display(),
-            match bundle {
-                Some(_) => ", under the mirror the workload runs on",
-                None => "",
-            }
+            ", under the mirror the workload runs on"
         )),
         Err(e) => cx.phase(&format!(
             "WARNING: the original partition {kept} is left: {e}"

@@ -419,9 +419,33 @@ fn a_live_update_moves_the_service_onto_a_mirror_of_its_root_with_the_fix_and_ba
         fixes.contains("FIX-1") && fixes.contains("FIX-2"),
         "{fixes}"
     );
-    // Back onto the first mirror, which the second one kept as it was.
+    // Rolled back: FIX-2 comes off a mirror of the second one, its file as the first
+    // mirror (the root it went over) has it.
     let o = lab.lu(&["rollback", "-p", "svc"]);
-    assert!(o.status.success(), "{}", text(&o));
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains("Removed fix FIX-2 from the mirror: 1 file(s) put back"),
+        "{out}"
+    );
+    let fixes = lab.ok(&[
+        "fix",
+        "list",
+        "--root",
+        &lab.path("mirror/svc-LU0003").display().to_string(),
+    ]);
+    assert!(
+        fixes.contains("FIX-1") && !fixes.contains("FIX-2"),
+        "{fixes}"
+    );
+    // Nothing to roll back after a rollback.
+    let o = lab.lu(&["rollback", "-p", "svc"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("applied no fix: nothing to roll back"),
+        "{}",
+        text(&o)
+    );
     let seen = client.finish();
     assert_eq!(seen.broken, 0, "lines lost or repeated: {seen:?}");
     assert_eq!(seen.first, "hello from the original disk");
@@ -511,12 +535,19 @@ fn a_partition_on_an_image_disk_moves_onto_a_mirror_with_every_write_and_back() 
     let fixes = lab.ok(&["fix", "list", "--root", &img.display().to_string()]);
     assert!(!fixes.contains("FIX-1"), "{fixes}");
 
+    // Rolled back live, onto a mirror of the mirror with the fix off: the greeting is
+    // the original's again, and what was written on the first mirror is there still.
     let o = lab.lu(&["rollback", "-p", "svc"]);
     assert!(o.status.success(), "{}", text(&o));
     let seen = client.finish();
     assert_eq!(seen.broken, 0, "lines lost or repeated: {seen:?}");
     assert_eq!(seen.last, "hello from the original disk", "{seen:?}");
     assert_eq!(orchestrate::disk::mounted_at(&mirror), None);
+    let now = orchestrate::disk::mounted_at(&lab.path("mirror/svc-LU0003")).expect("mounted");
+    assert_eq!(
+        std::fs::read_to_string(now.join("tmp/after")).expect("kept"),
+        "the mirror's"
+    );
     let back = orchestrate::disk::mounted_at(&img).expect("the original mounted still");
     assert_eq!(
         std::fs::read_to_string(back.join("tmp/written-while-frozen")).expect("written"),
@@ -910,6 +941,37 @@ fn a_service_logging_to_its_disk_moves_with_every_line_of_its_log() {
         "{} then {}",
         before.len(),
         log.len()
+    );
+
+    // Rolled back live: the log it holds comes along again, every line in it.
+    let client = Client::connect(&addr);
+    let o = lab.lu(&["rollback", "-p", "svc"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let seen = client.finish();
+    assert_eq!(
+        (seen.broken, &seen.last[..]),
+        (0, "hello from the original disk"),
+        "{seen:?}"
+    );
+    let root = orchestrate::disk::mounted_at(&lab.path("mirror/svc-LU0002")).expect("mounted");
+    let after = numbers(&root.join("var/log/demo.log"));
+    assert_eq!(
+        after.iter().filter(|&&n| n == 0).count(),
+        2,
+        "a run of lines for each client"
+    );
+    let second = after.iter().rposition(|&n| n == 0).expect("a second run");
+    assert_eq!(
+        &after[..log.len()],
+        &log[..],
+        "the first client's lines kept"
+    );
+    assert!(
+        after[second..]
+            .iter()
+            .copied()
+            .eq(0..(after.len() - second) as u64),
+        "lines of the second client missing or out of order"
     );
 
     // 64 MiB more: copying that into the next mirror does not fit in 20 ms.

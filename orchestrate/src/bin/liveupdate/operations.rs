@@ -45,7 +45,12 @@ pub fn find_fix(dir: &Path, fix: &str) -> Result<PathBuf, String> {
         .ok_or_else(|| format!("no fix {fix:?} in {}", dir.display()))
 }
 
-fn plan(c: Common, fix: Option<PathBuf>, onto: Option<PathBuf>) -> Result<Plan, String> {
+fn plan(
+    c: Common,
+    fix: Option<PathBuf>,
+    onto: Option<PathBuf>,
+    remove_fix: Option<String>,
+) -> Result<Plan, String> {
     let cfg = config::load(&c.config).map_err(|e| e.to_string())?;
     Ok(Plan {
         state: c.state,
@@ -53,6 +58,7 @@ fn plan(c: Common, fix: Option<PathBuf>, onto: Option<PathBuf>) -> Result<Plan, 
         partition: c.partition,
         fix,
         onto,
+        remove_fix,
         clone_dir: cfg.disks.clone,
         mirror_dir: cfg.disks.mirror,
         partition_id: cfg.console.partition_id,
@@ -79,7 +85,7 @@ fn finish(r: Result<update::Record, update::UpdateError>) -> ExitCode {
 }
 
 pub fn run(c: Common, fixdir: PathBuf, fix: String) -> ExitCode {
-    let p = find_fix(&fixdir, &fix).and_then(|f| plan(c, Some(f), None));
+    let p = find_fix(&fixdir, &fix).and_then(|f| plan(c, Some(f), None, None));
     match p {
         Ok(p) => finish(update::run(&p, &command_line(), false)),
         Err(e) => {
@@ -102,14 +108,32 @@ pub fn rollback(c: Common, cold: bool) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    println!(
-        "liveupdate: rolling partition {} back{} onto {} (kept by operation {})",
-        c.partition,
-        if cold { ", cold," } else { " live" },
-        last.original_disk.display(),
-        last.id
-    );
-    match plan(c, None, Some(last.original_disk.clone())) {
+    // Live, the fix comes off a mirror of the root the workload has now, which keeps
+    // what it wrote since; the kept root itself would not (mcr would find a file it
+    // holds changed, or it would lose it). Cold, it starts again on the kept root.
+    let Some(fix) = last.fix.clone() else {
+        eprintln!(
+            "liveupdate: the last operation on partition {} ({}) applied no fix: nothing to roll back",
+            c.partition, last.id
+        );
+        return ExitCode::from(2);
+    };
+    if cold {
+        println!(
+            "liveupdate: rolling partition {} back, cold, onto {} (kept by operation {})",
+            c.partition,
+            last.original_disk.display(),
+            last.id
+        );
+    } else {
+        println!(
+            "liveupdate: rolling partition {} back live: fix {fix} off, its files as {} (kept by operation {}) has them",
+            c.partition,
+            last.original_disk.display(),
+            last.id
+        );
+    }
+    match plan(c, None, Some(last.original_disk.clone()), Some(fix)) {
         Ok(p) if cold => match update::cold_rollback(&p, &last.original_disk, &command_line()) {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => {
@@ -179,7 +203,7 @@ pub fn demo(plan: orchestrate::demo::DemoPlan) -> ExitCode {
 
 pub fn preview(c: Common, fixdir: PathBuf, fix: String) -> ExitCode {
     let max = c.max_blackout_ms;
-    let p = find_fix(&fixdir, &fix).and_then(|f| plan(c, Some(f), None));
+    let p = find_fix(&fixdir, &fix).and_then(|f| plan(c, Some(f), None, None));
     let p = match p {
         Ok(p) => p,
         Err(e) => {
