@@ -707,9 +707,9 @@ fn look(plan: &Plan, max_blackout_ms: u64, mut pv: Preview) -> Preview {
     // as each round lists them (on one host, as here), so the first round's copy in
     // `pre_s` is its fill. (Copied into staging first, it was one copy more: 1 GiB
     // was estimated at 1.05-1.27 s against 0.59-0.64 s measured, 5 runs.)
-    // The original's end frees its memory before mcr returns: about 10 GiB a second
-    // here (95 ms at 1 GiB).
-    let teardown_s = rss as f64 / (10.0 * (1u64 << 30) as f64);
+    // The original's end frees its memory before mcr returns, mcr helping its exit
+    // (process_mrelease): about 15 GiB a second here (60-70 ms at 1 GiB, 250-310 at 4).
+    let teardown_s = rss as f64 / (15.0 * (1u64 << 30) as f64);
     let total_s = clone_s + partitions_s + pre_s + blackout_ms / 1e3 + teardown_s;
     pv.estimates = Some(Estimates {
         rss_bytes: rss,

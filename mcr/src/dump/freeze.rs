@@ -158,6 +158,11 @@ impl Frozen {
                     .step(pid, || "sending SIGSTOP".into())?;
                 self.detach_all()?;
                 kext_shim::clone::kill(pid, libc::SIGKILL).step(pid, || "killing it".into())?;
+                // Only hastens what its exit does anyway (the wait below is what tells
+                // it is gone): a refusal changes nothing but the time.
+                if let Err(e) = kext_shim::pidfd::release_memory(&pidfd, pid) {
+                    tracing::debug!(pid = pid.as_raw(), "its memory left to its exit: {e}");
+                }
                 // A pidfd turns readable once the process has exited.
                 let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
                 loop {
