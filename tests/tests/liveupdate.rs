@@ -140,6 +140,11 @@ impl Lab {
         text(&o)
     }
 
+    /// `fix list` of a root: the fixes on record there with their states.
+    fn fixes_on(&self, root: &Path) -> String {
+        self.ok(&["fix", "list", "--root", &root.display().to_string()])
+    }
+
     /// The console's table, as `partition list` prints it: (name, state, init) rows.
     fn list(&self) -> Vec<(String, String, String)> {
         self.ok(&["partition", "list"])
@@ -383,23 +388,13 @@ fn a_live_update_moves_the_service_onto_a_mirror_of_its_root_with_the_fix_and_ba
     // The clone and the mirror the workload runs on have the fix on record; the
     // original disk has not.
     for root in ["clones/svc-LU0001", "mirror/svc-LU0001"] {
-        let fixes = lab.ok(&[
-            "fix",
-            "list",
-            "--root",
-            &lab.path(root).display().to_string(),
-        ]);
+        let fixes = lab.fixes_on(&lab.path(root));
         assert!(
             fixes.contains("FIX-1") && fixes.contains(" S"),
             "{root}: {fixes}"
         );
     }
-    let fixes = lab.ok(&[
-        "fix",
-        "list",
-        "--root",
-        &lab.path("disks/svc").display().to_string(),
-    ]);
+    let fixes = lab.fixes_on(&lab.path("disks/svc"));
     assert!(!fixes.contains("FIX-1"), "{fixes}");
     let j = journal(&lab);
     assert!(j.contains("LU0001") && j.contains("FIX-1"), "{j}");
@@ -409,12 +404,7 @@ fn a_live_update_moves_the_service_onto_a_mirror_of_its_root_with_the_fix_and_ba
     let o = lab.run("FIX-2", &[]);
     assert!(o.status.success(), "{}", text(&o));
     client.wait_lines(100);
-    let fixes = lab.ok(&[
-        "fix",
-        "list",
-        "--root",
-        &lab.path("mirror/svc-LU0002").display().to_string(),
-    ]);
+    let fixes = lab.fixes_on(&lab.path("mirror/svc-LU0002"));
     assert!(
         fixes.contains("FIX-1") && fixes.contains("FIX-2"),
         "{fixes}"
@@ -428,12 +418,7 @@ fn a_live_update_moves_the_service_onto_a_mirror_of_its_root_with_the_fix_and_ba
         out.contains("Removed fix FIX-2 from the mirror: 1 file(s) put back"),
         "{out}"
     );
-    let fixes = lab.ok(&[
-        "fix",
-        "list",
-        "--root",
-        &lab.path("mirror/svc-LU0003").display().to_string(),
-    ]);
+    let fixes = lab.fixes_on(&lab.path("mirror/svc-LU0003"));
     assert!(
         fixes.contains("FIX-1") && !fixes.contains("FIX-2"),
         "{fixes}"
@@ -508,7 +493,7 @@ fn a_partition_on_an_image_disk_moves_onto_a_mirror_with_every_write_and_back() 
     let clone = lab.path("clones/svc-LU0002");
     assert!(clone.is_file(), "the clone is an image too");
     assert_eq!(orchestrate::disk::mounted_at(&clone), None, "left mounted");
-    let fixes = lab.ok(&["fix", "list", "--root", &clone.display().to_string()]);
+    let fixes = lab.fixes_on(&clone);
     assert!(fixes.contains("FIX-1"), "{fixes}");
     // The workload's root is the mirror: the late write is there (the clone, made
     // before, has not got it), and so is the fix.
@@ -522,7 +507,7 @@ fn a_partition_on_an_image_disk_moves_onto_a_mirror_with_every_write_and_back() 
         std::fs::read_to_string(root.join("etc/demo/greeting")).expect("greeting"),
         "hello from FIX-1\n"
     );
-    let fixes = lab.ok(&["fix", "list", "--root", &mirror.display().to_string()]);
+    let fixes = lab.fixes_on(&mirror);
     assert!(fixes.contains("FIX-1"), "{fixes}");
     // The original partition is gone, but the mirror rests on its image: mounted
     // still, with what was written to it, never the fix, nor what the mirror writes.
@@ -532,7 +517,7 @@ fn a_partition_on_an_image_disk_moves_onto_a_mirror_with_every_write_and_back() 
     );
     std::fs::write(root.join("tmp/after"), "the mirror's").expect("write");
     assert!(!at.join("tmp/after").exists());
-    let fixes = lab.ok(&["fix", "list", "--root", &img.display().to_string()]);
+    let fixes = lab.fixes_on(&img);
     assert!(!fixes.contains("FIX-1"), "{fixes}");
 
     // Rolled back live, onto a mirror of the mirror with the fix off: the greeting is
