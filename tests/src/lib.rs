@@ -557,12 +557,17 @@ impl Receiver {
         (code, said)
     }
 
-    /// Once it succeeded: the migrated workload, registered with `guard`.
+    /// Once it succeeded: the migrated workload, registered with `guard`, and so is
+    /// the init of the pid namespace it was restored into, if it is not that init.
     pub fn workload(mut self, guard: &mut Guard) -> Proc {
         let code = self.wait();
         assert_eq!(code, 0, "mcr receive failed");
         let pid = read_pidfile(&self.pidfile);
         guard.add(pid);
+        let init = parent_of(pid);
+        if init != std::process::id() as i32 {
+            guard.add(init);
+        }
         Proc {
             pid,
             stdin: self.stdin,

@@ -77,7 +77,6 @@ fn a_workload_moves_to_the_destination_and_the_original_dies_after() {
     let mut moved = recv.workload(&mut g);
     assert_ne!(moved.pid, p.pid);
     assert_eq!(report["new_pid"].as_i64().unwrap() as i32, moved.pid);
-    g.add(parent_of(moved.pid));
     assert_pass(&moved.check());
 }
 
@@ -377,7 +376,6 @@ fn the_peer_told_at_ready_decides_whether_the_move_goes_on() {
             assert!(out.status.success(), "migrate failed: {err}");
             assert_eq!(p.wait(), 128 + libc::SIGKILL);
             let mut moved = recv.workload(&mut g);
-            g.add(parent_of(moved.pid));
             assert_pass(&moved.check());
             continue;
         }
@@ -453,7 +451,6 @@ fn twenty_migrations_in_a_row_lose_not_one_write() {
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json");
         assert_eq!(report["linked"], i % 2 == 1, "{report}");
         let moved = recv.workload(&mut g);
-        g.add(parent_of(moved.pid));
         // It kept its pid, as it sees it, through every move.
         let nspid = std::fs::read_to_string(format!("/proc/{}/status", moved.pid))
             .expect("status")
@@ -553,7 +550,6 @@ fn the_tree_built_from_the_rounds_follows_its_memory_changing_shape() {
     assert_eq!(report["warm"], true, "{report}");
     assert_eq!(p.wait(), 128 + libc::SIGKILL, "the original was not killed");
     let mut moved = recv.workload(&mut g);
-    g.add(parent_of(moved.pid));
     assert_pass(&moved.check());
 }
 
@@ -595,7 +591,6 @@ fn pages_a_round_left_in_the_workload_and_unmapped_before_they_were_read_come_ag
     );
     assert_eq!(p.wait(), 128 + libc::SIGKILL, "the original was not killed");
     let mut moved = recv.workload(&mut g);
-    g.add(parent_of(moved.pid));
     assert_pass(&moved.check());
 }
 
@@ -659,7 +654,6 @@ fn writes_scanned_while_the_destination_is_busy_all_arrive() {
     assert_eq!(report["warm"], true, "{report}");
     assert_eq!(p.wait(), 128 + libc::SIGKILL, "the original was not killed");
     let mut moved = recv.workload(&mut g);
-    g.add(parent_of(moved.pid));
     assert_pass(&moved.check());
 }
 
@@ -680,7 +674,6 @@ fn a_tree_that_forks_between_rounds_is_restored_cold_and_whole() {
     let why = report["cold_because"].as_str().unwrap_or_default();
     assert!(why.contains("changed shape"), "{report}");
     let mut moved = recv.workload(&mut g);
-    g.add(parent_of(moved.pid));
     // The child came along: the tree is whole.
     assert_eq!(tree_pids(moved.pid).len(), 2, "{report}");
     assert_pass(&moved.check());
@@ -811,7 +804,6 @@ fn a_dead_migrations_staging_is_removed_by_the_next_one() {
     assert!(alive.exists(), "a live one's staging was removed");
     assert_eq!(p.wait(), 128 + libc::SIGKILL);
     let mut moved = recv.workload(&mut g);
-    g.add(parent_of(moved.pid));
     assert_pass(&moved.check());
 }
 
@@ -871,7 +863,6 @@ fn post_copy_resumes_before_the_last_pages_and_every_byte_arrives() {
         assert!(pc["sent"].as_u64().unwrap() >= pages, "{extra:?}: {report}");
         assert_eq!(p.wait(), 128 + libc::SIGKILL, "the original was not killed");
         let mut moved = recv.workload(&mut g);
-        g.add(parent_of(moved.pid));
         // Every byte it wrote, before and after the freeze, is there.
         assert_pass(&moved.check());
     }
@@ -938,7 +929,6 @@ fn a_workload_changing_its_memory_and_forking_while_pages_are_missing_loses_noth
     assert!(st.success(), "mcr migrate: {st}");
     assert_eq!(p.wait(), 128 + libc::SIGKILL, "the original was not killed");
     let mut moved = recv.workload(&mut g);
-    g.add(parent_of(moved.pid));
     assert_pass(&moved.check());
 }
 

@@ -1402,7 +1402,6 @@ fn connections_waiting_to_be_accepted_follow_a_live_migration_to_another_namespa
     );
     assert_eq!(p.wait(), 128 + libc::SIGKILL);
     let mut moved = recv.workload(&mut g);
-    g.add(parent_of(moved.pid));
     echoed(&mut clients);
     assert_pass(&moved.check());
     for i in 0..2 {
@@ -1463,7 +1462,6 @@ fn a_service_migrates_live_to_another_network_namespace_and_its_client_keeps_tal
     );
     assert_eq!(p.wait(), 128 + libc::SIGKILL);
     let mut moved = recv.workload(&mut g);
-    g.add(parent_of(moved.pid));
     let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&b).expect("B"));
     assert_eq!(
         std::fs::read_link(format!("/proc/{}/ns/net", moved.pid)).expect("its netns"),
