@@ -97,6 +97,14 @@ impl Partition {
         Path::new("/run/netns").join(&self.netns)
     }
 
+    /// `nsenter` into its network namespace, the program and its arguments to follow:
+    /// mcr wants the workload's own namespace, and so do the partition's processes.
+    pub fn in_netns(&self) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.netns_path().display()));
+        cmd
+    }
+
     /// The address without its prefix length.
     pub fn ip(&self) -> &str {
         self.address.split('/').next().unwrap_or(&self.address)
@@ -552,33 +560,32 @@ impl Host {
             path: "/proc/self/exe".into(),
             source,
         })?;
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", p.netns_path().display()))
-            .args([
-                "unshare",
-                "--mount",
-                "--propagation",
-                "private",
-                "--uts",
-                "--ipc",
-                "--pid",
-                "--fork",
-            ])
-            .arg(me)
-            .arg("partition-init")
-            .arg("--name")
-            .arg(&p.name)
-            .arg("--disk")
-            .arg(&files)
-            .arg("--mount-at")
-            .arg(&p.mount_at)
-            .arg("--cgroup")
-            .arg(p.cgroup.clone())
-            .arg("--")
-            .args(command)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        let mut cmd = p.in_netns();
+        cmd.args([
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--uts",
+            "--ipc",
+            "--pid",
+            "--fork",
+        ])
+        .arg(me)
+        .arg("partition-init")
+        .arg("--name")
+        .arg(&p.name)
+        .arg("--disk")
+        .arg(&files)
+        .arg("--mount-at")
+        .arg(&p.mount_at)
+        .arg("--cgroup")
+        .arg(p.cgroup.clone())
+        .arg("--")
+        .args(command)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
         let mut child = cmd.spawn().map_err(|e| PartitionError::Tool {
             name: name.into(),
             step: "starting its init".into(),

@@ -441,19 +441,14 @@ fn look(plan: &Plan, max_blackout_ms: u64, mut pv: Preview) -> Preview {
     let mut collect: Vec<f64> = Vec::new();
     for _ in 0..3 {
         let t = Instant::now();
-        let out = sh_out(
-            Command::new("nsenter")
-                .arg(format!("--net={}", p.netns_path().display()))
-                .arg(&plan.mcr)
-                .args([
-                    "checkpoint",
-                    "-t",
-                    &init.to_string(),
-                    "--dry-run",
-                    "--tcp-established",
-                    "--json",
-                ]),
-        );
+        let out = sh_out(p.in_netns().arg(&plan.mcr).args([
+            "checkpoint",
+            "-t",
+            &init.to_string(),
+            "--dry-run",
+            "--tcp-established",
+            "--json",
+        ]));
         let wall_ms = t.elapsed().as_secs_f64() * 1e3;
         match out {
             Ok((true, out, _)) => {
@@ -899,8 +894,7 @@ fn sample_writes(plan: &Plan, p: &Partition, over: Duration) -> Result<Sample, S
     let t = Instant::now();
     // From its network namespace, which mcr wants to be its own.
     let first = match sh_out(
-        Command::new("nsenter")
-            .arg(format!("--net={}", p.netns_path().display()))
+        p.in_netns()
             .arg(&plan.mcr)
             .args([
                 "pre-dump",

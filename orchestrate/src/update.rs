@@ -805,8 +805,8 @@ fn migrate(
     );
     let recv_err = std::fs::File::create(work.join("receive.stderr"))
         .map_err(|e| failed("pre-copy")(e.to_string()))?;
-    let mut recv = Command::new("nsenter")
-        .arg(format!("--net={}", surrogate.netns_path().display()))
+    let mut recv = surrogate
+        .in_netns()
         .args([
             "unshare",
             "--mount",
@@ -901,8 +901,8 @@ fn migrate(
         "mcr migrate -t {init} (partition {kept}), at ready: the console moves the address of {}",
         surrogate.name
     ));
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", original.netns_path().display()))
+    let out = original
+        .in_netns()
         .arg(&plan.mcr)
         .args(["migrate", "-t", &init.to_string(), "--to"])
         .arg(format!("unix:{}", sock.display()))
