@@ -149,6 +149,65 @@ fn check_label(label: &str) -> Result<()> {
     }
 }
 
+/// Targets a fix may have: absolute paths without `..`, each once (two entries of one
+/// target would share the file staged beside it).
+fn check_targets<'a>(
+    targets: impl IntoIterator<Item = &'a str>,
+) -> std::result::Result<(), String> {
+    let mut seen = std::collections::BTreeSet::new();
+    for t in targets {
+        if !t.starts_with('/') || t.split('/').any(|c| c == "..") || t.trim_matches('/').is_empty()
+        {
+            return Err(format!("target {t:?}: an absolute path without '..'"));
+        }
+        if !seen.insert(t.trim_end_matches('/')) {
+            return Err(format!("target {t:?} twice"));
+        }
+    }
+    Ok(())
+}
+
+/// `target` (absolute) inside `root`, the directories on the way resolved as if
+/// `root` were `/` (a link to `/usr/lib` means the root's, and `..` stops at it): in
+/// a running workload's root (a mirror) the workload may have made any link, and the
+/// host must not follow one out of the root. The last part is not followed: a fix
+/// replaces a link with its file.
+fn inside(root: &Path, target: &str) -> Result<PathBuf> {
+    let mut todo: Vec<String> = target.split('/').rev().map(String::from).collect();
+    let mut at: Vec<String> = Vec::new();
+    let mut links = 0;
+    while let Some(c) = todo.pop() {
+        match c.as_str() {
+            "" | "." => continue,
+            ".." => {
+                at.pop();
+                continue;
+            }
+            _ => at.push(c),
+        }
+        if todo.iter().all(|c| c.is_empty() || c == ".") {
+            break;
+        }
+        let here: PathBuf = at.iter().fold(root.to_path_buf(), |p, c| p.join(c));
+        let Ok(link) = std::fs::read_link(&here) else {
+            continue;
+        };
+        links += 1;
+        if links > 40 {
+            return Err(FixError::Bad {
+                what: format!("{}: too many links on the way to {target}", here.display()),
+            });
+        }
+        at.pop();
+        if link.is_absolute() {
+            at.clear();
+        }
+        let link = link.to_string_lossy().into_owned();
+        todo.extend(link.split('/').rev().map(String::from));
+    }
+    Ok(at.iter().fold(root.to_path_buf(), |p, c| p.join(c)))
+}
+
 /// What a new bundle holds.
 pub struct NewFix {
     pub label: String,
@@ -166,12 +225,9 @@ pub fn create(out: &Path, fix: &NewFix) -> Result<Manifest> {
     check_label(&fix.label)?;
     let mut files = Vec::new();
     let mut members: Vec<(String, Vec<u8>, u32)> = Vec::new();
+    check_targets(fix.files.iter().map(|(_, t)| t.as_str()))
+        .map_err(|what| FixError::Bad { what })?;
     for (i, (src, target)) in fix.files.iter().enumerate() {
-        if !target.starts_with('/') || target.split('/').any(|c| c == "..") {
-            return Err(FixError::Bad {
-                what: format!("target {target:?}: an absolute path without '..'"),
-            });
-        }
         let data = std::fs::read(src).map_err(io(src))?;
         let mode = std::fs::metadata(src)
             .map_err(io(src))?
@@ -282,11 +338,9 @@ pub fn open(path: &Path) -> Result<Bundle> {
                 got,
             });
         }
-        if !f.target.starts_with('/') || f.target.split('/').any(|c| c == "..") {
-            return Err(corrupt(format!("target {:?} leaves the root", f.target)));
-        }
         files.push(data);
     }
+    check_targets(manifest.files.iter().map(|f| f.target.as_str())).map_err(corrupt)?;
     let mut script = |want: bool, name: &str| -> Result<Option<Vec<u8>>> {
         match (want, members.remove(name)) {
             (true, Some(s)) => Ok(Some(s)),
@@ -405,6 +459,7 @@ impl Staged {
 /// recorded as removing (R). [`Removal::commit`] puts them in place, as [`stage`]'s
 /// commit does, and takes the fix off the record. Its scripts are not undone.
 pub fn stage_removal(label: &str, root: &Path, originals: &Path) -> Result<Removal> {
+    check_label(label)?;
     let record = record_dir(root, label);
     let m: Manifest = std::fs::read(record.join(MANIFEST))
         .ok()
@@ -412,20 +467,29 @@ pub fn stage_removal(label: &str, root: &Path, originals: &Path) -> Result<Remov
         .ok_or_else(|| FixError::Bad {
             what: format!("fix {label} is not on record in {}", root.display()),
         })?;
+    // A record the workload could have written: its targets checked as a bundle's.
+    check_targets(m.files.iter().map(|f| f.target.as_str())).map_err(|what| FixError::Bad {
+        what: format!("fix {label}'s record in {}: {what}", root.display()),
+    })?;
     let time = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     set_state(&record, State::Removing, time)?;
     let mut moves = Moves::default();
     for f in &m.files {
-        let inside = f.target.trim_start_matches('/');
-        let target = root.join(inside);
-        let was = originals.join(inside);
+        let (target, was) = match (inside(root, &f.target), inside(originals, &f.target)) {
+            (Ok(t), Ok(w)) => (t, w),
+            (Err(e), _) | (_, Err(e)) => {
+                moves.discard();
+                return Err(e);
+            }
+        };
         match std::fs::symlink_metadata(&was) {
-            Ok(meta) if meta.is_file() => {
-                // Its mode with it (copy keeps the permissions).
+            Ok(meta) if meta.is_file() || meta.file_type().is_symlink() => {
+                // As it was: a symlink as a symlink, a file with its owner, mode,
+                // times and attributes.
                 let tmp = beside(&target);
-                let copied = std::fs::copy(&was, &tmp).map(drop).map_err(io(&was));
+                let copied = copy_as_is(&was, &tmp);
                 moves.0.push(Move::Put { tmp, target });
                 if let Err(e) = copied {
                     moves.discard();
@@ -439,6 +503,28 @@ pub fn stage_removal(label: &str, root: &Path, originals: &Path) -> Result<Remov
         record,
         time,
         moves,
+    })
+}
+
+/// `from` copied to `to` with everything it has, a symlink not followed (`cp -a`).
+fn copy_as_is(from: &Path, to: &Path) -> Result<()> {
+    let out = std::process::Command::new("cp")
+        .arg("-a")
+        .arg("--")
+        .arg(from)
+        .arg(to)
+        .output()
+        .map_err(io(from))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(FixError::Bad {
+        what: format!(
+            "copying {} to {}: {}",
+            from.display(),
+            to.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
     })
 }
 
@@ -547,7 +633,13 @@ fn write_beside(b: &Bundle, root: &Path, record: PathBuf, time: u64) -> Result<S
     use std::os::unix::fs::PermissionsExt;
     let mut moves = Moves::default();
     for (f, data) in b.manifest.files.iter().zip(&b.files) {
-        let target = root.join(f.target.trim_start_matches('/'));
+        let target = match inside(root, &f.target) {
+            Ok(t) => t,
+            Err(e) => {
+                moves.discard();
+                return Err(e);
+            }
+        };
         let parent = target.parent().unwrap_or(root);
         let tmp = beside(&target);
         let written = std::fs::create_dir_all(parent)
@@ -769,6 +861,79 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not on record"), "{e}");
+    }
+
+    #[test]
+    fn a_removal_puts_a_link_back_as_a_link_and_a_file_with_its_owner() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let fix = tmp.path().join("fix.tar.zst");
+        create(&fix, &new_fix(tmp.path())).unwrap();
+        let (before, root) = (tmp.path().join("before"), tmp.path().join("root"));
+        for r in [&before, &root] {
+            std::fs::create_dir_all(r.join("etc")).unwrap();
+            std::fs::create_dir_all(r.join("usr/lib")).unwrap();
+            std::fs::write(r.join("etc/fixed.conf"), b"fixed = no\n").unwrap();
+            std::os::unix::fs::chown(r.join("etc/fixed.conf"), Some(4321), Some(4322)).unwrap();
+            std::os::unix::fs::symlink("libfixed.so.1.2", r.join("usr/lib/libfixed.so.1")).unwrap();
+        }
+        apply(&open(&fix).unwrap(), &root).unwrap();
+        assert!(root.join("usr/lib/libfixed.so.1").is_file());
+        stage_removal("IJ12345s1a", &root, &before)
+            .unwrap()
+            .commit()
+            .unwrap();
+        assert_eq!(
+            std::fs::read_link(root.join("usr/lib/libfixed.so.1")).unwrap(),
+            Path::new("libfixed.so.1.2")
+        );
+        let m = std::fs::metadata(root.join("etc/fixed.conf")).unwrap();
+        assert_eq!((m.uid(), m.gid()), (4321, 4322));
+    }
+
+    #[test]
+    fn a_link_on_the_way_is_followed_inside_the_root_never_out_of_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        std::fs::create_dir_all(root.join("usr/lib")).unwrap();
+        std::os::unix::fs::symlink("/usr/lib", root.join("lib")).unwrap();
+        std::os::unix::fs::symlink("../../../../..", root.join("up")).unwrap();
+        std::os::unix::fs::symlink("loop", root.join("loop")).unwrap();
+        assert_eq!(inside(&root, "/lib/x").unwrap(), root.join("usr/lib/x"));
+        assert_eq!(inside(&root, "/up/etc/x").unwrap(), root.join("etc/x"));
+        // The last part is the target itself: replaced, not followed.
+        assert_eq!(inside(&root, "/lib").unwrap(), root.join("lib"));
+        let e = inside(&root, "/loop/x").unwrap_err().to_string();
+        assert!(e.contains("too many links"), "{e}");
+    }
+
+    #[test]
+    fn a_target_twice_or_a_record_that_leaves_the_root_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut f = new_fix(tmp.path());
+        f.files
+            .push((tmp.path().join("conf"), "/etc/fixed.conf".into()));
+        let e = create(&tmp.path().join("fix.tar.zst"), &f)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("twice"), "{e}");
+        // A record in a running root that the workload rewrote.
+        let fix = tmp.path().join("ok.tar.zst");
+        create(&fix, &new_fix(tmp.path())).unwrap();
+        let root = tmp.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        apply(&open(&fix).unwrap(), &root).unwrap();
+        let rec = record_dir(&root, "IJ12345s1a").join(MANIFEST);
+        let j = std::fs::read_to_string(&rec).unwrap();
+        std::fs::write(&rec, j.replace("/etc/fixed.conf", "/../../etc/passwd")).unwrap();
+        let e = stage_removal("IJ12345s1a", &root, tmp.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("without '..'"), "{e}");
+        let e = stage_removal("../x", &root, tmp.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fix label"), "{e}");
     }
 
     #[test]
