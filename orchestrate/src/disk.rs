@@ -284,6 +284,11 @@ fn mount_overlay(disk: &Path) -> Result<PathBuf, DiskError> {
         ),
         format!("upperdir={}", shown(&upper)),
         format!("workdir={}", shown(&work)),
+        // A mirror's lower is another mirror's upper, in use while the workload runs
+        // on the first: a kernel whose overlays index by default (overlay.index=Y)
+        // refuses that with EBUSY, and the index is no use here (no hard links are
+        // copied up apart).
+        "index=off".to_string(),
     ];
     nix::mount::mount(
         Some("overlay"),

@@ -773,6 +773,11 @@ fn probe_blackout(plan: &Plan) -> Option<f64> {
         .ok()?;
     let sock = tmp.path().join("probe.sock");
     let pidfile = tmp.path().join("probe.pid");
+    // Moved as the operation moves the workload: told READY inside the blackout, it
+    // goes on at our GO (the address's move is timed on its own). Made before the
+    // processes, so that a failure here leaves none behind; close-on-exec until mcr
+    // migrate, as the sleep must not hold it.
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().ok()?;
     let mut recv = Command::new(&plan.mcr)
         .args(["receive", "--pidns", "-d", "--pidfile"])
         .arg(&pidfile)
@@ -783,13 +788,19 @@ fn probe_blackout(plan: &Plan) -> Option<f64> {
         .stderr(Stdio::null())
         .spawn()
         .ok()?;
-    let mut sleeper = Command::new("sleep")
+    let mut sleeper = match Command::new("sleep")
         .arg("60")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .ok()?;
+    {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = (recv.kill(), recv.wait());
+            return None;
+        }
+    };
     let deadline = Instant::now() + Duration::from_secs(5);
     while !sock.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
@@ -799,14 +810,15 @@ fn probe_blackout(plan: &Plan) -> Option<f64> {
         let _ = (recv.kill(), recv.wait(), sleeper.kill(), sleeper.wait());
         return None;
     }
-    // Moved as the operation moves the workload: told READY inside the blackout, it
-    // goes on at our GO (the address's move is timed on its own).
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair().ok()?;
-    nix::fcntl::fcntl(
+    if nix::fcntl::fcntl(
         std::os::fd::AsRawFd::as_raw_fd(&theirs),
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
     )
-    .ok()?;
+    .is_err()
+    {
+        let _ = (recv.kill(), recv.wait(), sleeper.kill(), sleeper.wait());
+        return None;
+    }
     let fd = std::os::fd::AsRawFd::as_raw_fd(&theirs).to_string();
     let goer = std::thread::spawn(move || {
         use std::io::{BufRead, Write};

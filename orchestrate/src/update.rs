@@ -79,10 +79,12 @@ pub struct Record {
     pub fix: Option<String>,
     /// The disk it ran on before, kept.
     pub original_disk: PathBuf,
-    /// The disk it runs on now: the mirror of the original root (a rollback's: that
-    /// root itself).
+    /// The disk it runs on now: a mirror of the root it ran on (a live rollback's
+    /// too, the fix taken off there; a cold rollback's: the kept root itself).
     pub disk: PathBuf,
-    /// The patched clone the surrogate was started from.
+    /// The patched clone, where the fix was applied first (its scripts run, its
+    /// failures caught before any blackout); nothing boots from it, the kernel being
+    /// the host's, and it is kept.
     #[serde(default)]
     pub clone: Option<PathBuf>,
     pub clone_method: Option<String>,
@@ -547,8 +549,10 @@ fn move_workload(
     // The workload's root on the surrogate: a mirror of the original's, which shows
     // every write made to it up to the freeze (nothing the workload wrote during the
     // move is left behind, and every file it holds is the one it had), with the
-    // fix's files beside their targets, put in place once it runs there. A rollback
-    // moves onto the kept original itself.
+    // fix's files beside their targets, put in place once it runs there. A live
+    // rollback's is a mirror of the current root too, the fix's files to be put back
+    // as the kept root has them (moving onto that root itself would lose what the
+    // workload wrote since).
     let to = plan.mirror_dir.join(format!("{name}-{id}"));
     match &bundle {
         // The clone has shown the fix applies; mounted for that, it goes down.
@@ -585,9 +589,16 @@ fn move_workload(
             Pending::Fix(staged)
         }
         (None, Some(fix)) => {
+            // Read, not run on: mounted for the reading only, if it was not.
+            let was_mounted = crate::disk::mounted_at(&disk).is_some();
             let kept = crate::disk::files(&disk).map_err(|e| failed("mirror")(e.to_string()))?;
-            let removal = crate::fix::stage_removal(fix, &root, &kept)
-                .map_err(|e| failed("mirror")(e.to_string()))?;
+            let removal = crate::fix::stage_removal(fix, &root, &kept);
+            if !was_mounted {
+                if let Err(e) = crate::disk::release(&disk) {
+                    cx.log.note(&format!("releasing {}: {e}", disk.display()));
+                }
+            }
+            let removal = removal.map_err(|e| failed("mirror")(e.to_string()))?;
             cx.phase(&format!(
                 "  mirrored by overlayfs in {mirrored_ms:.0} ms: the workload's files as they are, until the freeze; {} file(s) of fix {fix} to be put back as {} has them",
                 removal.files(),
@@ -697,7 +708,7 @@ fn move_workload(
                     disk.display()
                 )),
                 Err(e) => cx.phase(&format!(
-                    "WARNING: fix {fix} is not all taken off the mirror ({e}); it is on record there as broken"
+                    "WARNING: fix {fix} is not all taken off the mirror ({e}); see its state in `liveupdate fix list`"
                 )),
             }
         }
