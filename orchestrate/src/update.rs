@@ -102,6 +102,9 @@ pub struct Record {
     /// client saw during it from what it saw during the preview before.
     #[serde(default)]
     pub moved_between_ms: (u64, u64),
+    /// What went otherwise after the commit point (the workload moved all the same).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 /// The operation's log: every step, timestamped, in its own directory; and the
@@ -343,9 +346,17 @@ pub fn run(plan: &Plan, command: &str, quiet: bool) -> Result<Record, UpdateErro
                 Kind::Success,
                 &resource,
                 &format!(
-                    "{what} {label}: blackout {:.1} ms, total {:.2} s",
+                    "{what} {label}: blackout {:.1} ms, total {:.2} s{}",
                     rec.blackout_ms,
-                    rec.total_ms / 1e3
+                    rec.total_ms / 1e3,
+                    match rec.warnings.first() {
+                        None => String::new(),
+                        Some(w) => format!(
+                            "; {} warning(s): {w}{}",
+                            rec.warnings.len(),
+                            if rec.warnings.len() > 1 { "; ..." } else { "" }
+                        ),
+                    }
                 ),
             );
             Ok(rec)
@@ -673,14 +684,48 @@ fn move_workload(
         report["blackout"]["restore_ms"].as_f64().unwrap_or(0.0),
         report["blackout"]["commit_ms"].as_f64().unwrap_or(0.0),
     ));
+    // What went otherwise after the commit point: the workload runs there all the
+    // same, and the operation says so (on record, in the journal, in its exit code).
+    let mut warnings: Vec<String> = Vec::new();
+    let mut warn = |cx: &mut Ctx, what: String| {
+        cx.phase(&format!("WARNING: {what}"));
+        warnings.push(what);
+    };
     if let Err(e) = cx.ask(&Request::Adopt {
         name: name.clone(),
         init: new_pid,
     }) {
-        cx.phase(&format!(
-            "WARNING: the console did not take pid {new_pid} as {name}'s: {e}"
-        ));
+        warn(
+            cx,
+            format!("the console did not take pid {new_pid} as {name}'s: {e}"),
+        );
     }
+    let mut rec = Record {
+        id: id.into(),
+        partition: name.clone(),
+        fix: plan.fix.as_ref().map(|_| label.to_string()),
+        original_disk: original.disk.clone(),
+        disk: root_disk,
+        clone: bundle.as_ref().map(|_| disk.clone()),
+        clone_method: method.map(|m| m.name().to_string()),
+        surrogate_id: surrogate.id,
+        blackout_ms: blackout,
+        total_ms: t0.elapsed().as_secs_f64() * 1e3,
+        migration: report,
+        estimated_blackout_ms: None,
+        estimated_total_s: None,
+        moved_between_ms: (0, 0),
+        warnings: Vec::new(),
+    };
+    // On record before the half-made work's note goes: a crash from here on leaves
+    // the workload moved, and the next rollback must start from this operation.
+    let write_record = |cx: &Ctx, rec: &Record| {
+        let _ = std::fs::write(
+            cx.log.dir.join("record.json"),
+            serde_json::to_vec_pretty(rec).expect("serializes"),
+        );
+    };
+    write_record(cx, &rec);
     let _ = std::fs::remove_file(current_path(&plan.state));
     match pending {
         Pending::Fix(s) => match s.commit() {
@@ -695,10 +740,13 @@ fn move_workload(
                 },
                 i.state.code()
             )),
-            Err(e) => cx.phase(&format!(
-                "WARNING: fix {label} is not in place on the mirror ({e}); the clone {} has it",
-                disk.display()
-            )),
+            Err(e) => warn(
+                cx,
+                format!(
+                    "fix {label} is not in place on the mirror ({e}); the clone {} has it",
+                    disk.display()
+                ),
+            ),
         },
         Pending::Removal(fix, r) => {
             let n = r.files();
@@ -707,17 +755,20 @@ fn move_workload(
                     "Removed fix {fix} from the mirror: {n} file(s) put back as {} has them.",
                     disk.display()
                 )),
-                Err(e) => cx.phase(&format!(
-                    "WARNING: fix {fix} is not all taken off the mirror ({e}); see its state in `liveupdate fix list`"
-                )),
+                Err(e) => warn(
+                    cx,
+                    format!(
+                        "fix {fix} is not all taken off the mirror ({e}); see its state in `liveupdate fix list`"
+                    ),
+                ),
             }
         }
     }
     if let Err(e) = notify(cx, &surrogate, crate::notify::Event::Post, label) {
-        cx.phase(&format!("WARNING: {e}"));
+        warn(cx, e.to_string());
     }
     if let Err(e) = run_hook(&mut cx.log, "post", &plan.post_hook) {
-        cx.phase(&format!("WARNING: {e}"));
+        warn(cx, e.to_string());
     }
     match cx.ask(&Request::Destroy { name: kept.clone() }) {
         Ok(_) => cx.phase(&format!(
@@ -725,33 +776,18 @@ fn move_workload(
             original.disk.display(),
             ", under the mirror the workload runs on"
         )),
-        Err(e) => cx.phase(&format!(
-            "WARNING: the original partition {kept} is left: {e}"
-        )),
+        Err(e) => warn(cx, format!("the original partition {kept} is left: {e}")),
     }
     let total = t0.elapsed().as_secs_f64() * 1e3;
-    let rec = Record {
-        id: id.into(),
-        partition: name.clone(),
-        fix: plan.fix.as_ref().map(|_| label.to_string()),
-        original_disk: original.disk.clone(),
-        disk: root_disk,
-        clone: bundle.as_ref().map(|_| disk),
-        clone_method: method.map(|m| m.name().to_string()),
-        surrogate_id: surrogate.id,
-        blackout_ms: blackout,
-        total_ms: total,
-        migration: report,
-        estimated_blackout_ms: None,
-        estimated_total_s: None,
-        moved_between_ms: (0, 0),
-    };
-    let _ = std::fs::write(
-        cx.log.dir.join("record.json"),
-        serde_json::to_vec_pretty(&rec).expect("serializes"),
-    );
+    rec.total_ms = total;
+    rec.warnings = warnings;
+    write_record(cx, &rec);
     cx.phase(&format!(
-        "liveupdate: operation {id} succeeded: blackout {blackout:.1} ms, total {:.2} s; log in {}",
+        "liveupdate: operation {id} succeeded{}: blackout {blackout:.1} ms, total {:.2} s; log in {}",
+        match rec.warnings.len() {
+            0 => String::new(),
+            n => format!(" with {n} warning(s) above"),
+        },
         total / 1e3,
         cx.log.dir.display()
     ));

@@ -871,6 +871,44 @@ fn a_fix_of_the_binary_the_workload_runs_goes_in_and_the_workload_keeps_its_own(
     assert_eq!(seen.broken, 0, "{seen:?}");
 }
 
+/// What fails after the commit point (here the post hook) leaves the workload moved:
+/// the operation says so in a WARNING line, on record, in the journal and by exit 5.
+#[test]
+fn a_failure_after_the_commit_point_is_a_warning_and_the_workload_moved() {
+    let lab = Lab::new();
+    let addr = lab.service("svc");
+    lab.fix("FIX-1", &[]);
+    let cfg = std::fs::read_to_string(lab.config()).expect("config");
+    std::fs::write(
+        lab.config(),
+        cfg.replace(
+            "kext_check = no\n",
+            "kext_check = no\n    post_hook = false\n",
+        ),
+    )
+    .expect("config");
+    let client = Client::connect(&addr);
+    let o = lab.run("FIX-1", &[]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(5), "{out}");
+    assert!(
+        out.contains("WARNING: post hook \"false\" failed")
+            && out.contains("succeeded with 1 warning(s)")
+            && out.contains("Installed fix FIX-1 on the mirror"),
+        "{out}"
+    );
+    client.wait_lines(100);
+    let rec: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(lab.path("state/logs/LU0001/record.json")).expect("record"),
+    )
+    .expect("json");
+    assert_eq!(rec["warnings"].as_array().map(Vec::len), Some(1), "{rec}");
+    let j = journal(&lab);
+    assert!(j.contains("1 warning(s): post hook"), "{j}");
+    let seen = client.finish();
+    assert_eq!(seen.broken, 0, "{seen:?}");
+}
+
 /// A service that logs to its own disk: every line it logged, while the move ran too,
 /// is in the log on the mirror, in order, none missing. Grown past what the blackout
 /// has room to copy into the mirror, the log is refused in preview.

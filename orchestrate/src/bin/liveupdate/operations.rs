@@ -74,8 +74,11 @@ fn command_line() -> String {
     std::env::args().collect::<Vec<_>>().join(" ")
 }
 
+/// Exit 5: the workload moved, but not all went as asked after that (a fix not in
+/// place, an original not shut down, ...: the WARNING lines, on record).
 fn finish(r: Result<update::Record, update::UpdateError>) -> ExitCode {
     match r {
+        Ok(rec) if !rec.warnings.is_empty() => ExitCode::from(5),
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("liveupdate: {e}");
