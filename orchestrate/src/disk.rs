@@ -255,7 +255,10 @@ fn lower_layers(disk: &Path) -> Result<Vec<PathBuf>, DiskError> {
             return Err(DiskError::Image {
                 path: disk.display().to_string(),
                 step: "finding its layers",
-                why: "more than 64 overlays under it: a loop?".into(),
+                why: "more than 64 overlays under it (each live update on it adds one, and \
+                      a mount's options hold a page of text, about 64 layers' paths): copy \
+                      its files to a directory and start a partition on that"
+                    .into(),
             });
         }
     }
