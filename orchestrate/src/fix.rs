@@ -737,6 +737,12 @@ pub fn list(root: &Path) -> Result<Vec<Installed>> {
 mod tests {
     use super::*;
 
+    fn removal_refused(label: &str, root: &Path, originals: &Path) -> String {
+        stage_removal(label, root, originals)
+            .unwrap_err()
+            .to_string()
+    }
+
     fn new_fix(dir: &Path) -> NewFix {
         std::fs::write(dir.join("lib"), b"the fixed library").unwrap();
         std::fs::write(dir.join("conf"), b"fixed = yes\n").unwrap();
@@ -857,9 +863,7 @@ mod tests {
             b"written since"
         );
         assert!(list(&root).unwrap().is_empty());
-        let e = stage_removal("IJ12345s1a", &root, &before)
-            .unwrap_err()
-            .to_string();
+        let e = removal_refused("IJ12345s1a", &root, &before);
         assert!(e.contains("not on record"), "{e}");
     }
 
@@ -926,13 +930,9 @@ mod tests {
         let rec = record_dir(&root, "IJ12345s1a").join(MANIFEST);
         let j = std::fs::read_to_string(&rec).unwrap();
         std::fs::write(&rec, j.replace("/etc/fixed.conf", "/../../etc/passwd")).unwrap();
-        let e = stage_removal("IJ12345s1a", &root, tmp.path())
-            .unwrap_err()
-            .to_string();
+        let e = removal_refused("IJ12345s1a", &root, tmp.path());
         assert!(e.contains("without '..'"), "{e}");
-        let e = stage_removal("../x", &root, tmp.path())
-            .unwrap_err()
-            .to_string();
+        let e = removal_refused("../x", &root, tmp.path());
         assert!(e.contains("fix label"), "{e}");
     }
 
