@@ -743,6 +743,13 @@ mod tests {
             .to_string()
     }
 
+    /// The bundle of [`new_fix`], made in `dir`.
+    fn bundle(dir: &Path) -> PathBuf {
+        let fix = dir.join("fix.tar.zst");
+        create(&fix, &new_fix(dir)).unwrap();
+        fix
+    }
+
     fn new_fix(dir: &Path) -> NewFix {
         std::fs::write(dir.join("lib"), b"the fixed library").unwrap();
         std::fs::write(dir.join("conf"), b"fixed = yes\n").unwrap();
@@ -766,8 +773,7 @@ mod tests {
     fn a_staged_fix_goes_in_at_commit_and_what_is_held_stays_as_it_was() {
         use std::io::Read;
         let tmp = tempfile::tempdir().unwrap();
-        let fix = tmp.path().join("fix.tar.zst");
-        create(&fix, &new_fix(tmp.path())).unwrap();
+        let fix = bundle(tmp.path());
         let b = open(&fix).unwrap();
         let root = tmp.path().join("root");
         std::fs::create_dir_all(root.join("etc")).unwrap();
@@ -836,8 +842,7 @@ mod tests {
     #[test]
     fn a_fix_removed_puts_back_what_it_replaced_at_the_commit() {
         let tmp = tempfile::tempdir().unwrap();
-        let fix = tmp.path().join("fix.tar.zst");
-        create(&fix, &new_fix(tmp.path())).unwrap();
+        let fix = bundle(tmp.path());
         let (before, root) = (tmp.path().join("before"), tmp.path().join("root"));
         for r in [&before, &root] {
             std::fs::create_dir_all(r.join("etc")).unwrap();
@@ -871,8 +876,7 @@ mod tests {
     fn a_removal_puts_a_link_back_as_a_link_and_a_file_with_its_owner() {
         use std::os::unix::fs::MetadataExt;
         let tmp = tempfile::tempdir().unwrap();
-        let fix = tmp.path().join("fix.tar.zst");
-        create(&fix, &new_fix(tmp.path())).unwrap();
+        let fix = bundle(tmp.path());
         let (before, root) = (tmp.path().join("before"), tmp.path().join("root"));
         for r in [&before, &root] {
             std::fs::create_dir_all(r.join("etc")).unwrap();
@@ -965,8 +969,7 @@ mod tests {
     #[test]
     fn a_damaged_file_in_a_bundle_is_named_before_anything_is_used() {
         let tmp = tempfile::tempdir().unwrap();
-        let fix = tmp.path().join("fix.tar.zst");
-        create(&fix, &new_fix(tmp.path())).unwrap();
+        let fix = bundle(tmp.path());
         // Rewrite the archive with one file's bytes changed, the manifest kept.
         let raw = zstd::decode_all(std::fs::File::open(&fix).unwrap()).unwrap();
         let at = raw

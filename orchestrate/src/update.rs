@@ -107,6 +107,17 @@ pub struct Record {
     pub warnings: Vec<String>,
 }
 
+impl Record {
+    /// Written as `record.json` in the operation's log directory, where
+    /// [`last_record`] finds it.
+    fn save(&self, dir: &Path) {
+        let _ = std::fs::write(
+            dir.join("record.json"),
+            serde_json::to_vec_pretty(self).expect("serializes"),
+        );
+    }
+}
+
 /// The operation's log: every step, timestamped, in its own directory; and the
 /// phase lines the operator sees.
 pub struct Log {
@@ -332,10 +343,7 @@ pub fn run(plan: &Plan, command: &str, quiet: bool) -> Result<Record, UpdateErro
                 rec.total_ms / 1e3,
                 e.total_s
             ));
-            let _ = std::fs::write(
-                cx.log.dir.join("record.json"),
-                serde_json::to_vec_pretty(&rec).expect("serializes"),
-            );
+            rec.save(&cx.log.dir);
         }
         rec
     });
@@ -719,13 +727,7 @@ fn move_workload(
     };
     // On record before the half-made work's note goes: a crash from here on leaves
     // the workload moved, and the next rollback must start from this operation.
-    let write_record = |cx: &Ctx, rec: &Record| {
-        let _ = std::fs::write(
-            cx.log.dir.join("record.json"),
-            serde_json::to_vec_pretty(rec).expect("serializes"),
-        );
-    };
-    write_record(cx, &rec);
+    rec.save(&cx.log.dir);
     let _ = std::fs::remove_file(current_path(&plan.state));
     match pending {
         Pending::Fix(s) => match s.commit() {
@@ -781,7 +783,7 @@ fn move_workload(
     let total = t0.elapsed().as_secs_f64() * 1e3;
     rec.total_ms = total;
     rec.warnings = warnings;
-    write_record(cx, &rec);
+    rec.save(&cx.log.dir);
     cx.phase(&format!(
         "liveupdate: operation {id} succeeded{}: blackout {blackout:.1} ms, total {:.2} s; log in {}",
         match rec.warnings.len() {
